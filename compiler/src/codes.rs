@@ -178,10 +178,19 @@ mod tests {
     #[test]
     fn codes_are_unique_ordered_and_prefixed_by_severity() {
         for pair in ALL.windows(2) {
-            assert!(pair[0].id < pair[1].id, "{} before {}", pair[0].id, pair[1].id);
+            assert!(
+                pair[0].id < pair[1].id,
+                "{} before {}",
+                pair[0].id,
+                pair[1].id
+            );
         }
         for code in ALL {
-            let prefix = if code.severity == Severity::Error { 'E' } else { 'W' };
+            let prefix = if code.severity == Severity::Error {
+                'E'
+            } else {
+                'W'
+            };
             assert!(code.id.starts_with(prefix), "{}", code.id);
         }
         assert_eq!(lookup("e0004").map(|c| c.id), Some("E0004"));

@@ -31,7 +31,10 @@ impl Diagnostic {
         Diagnostic {
             code,
             message: message.into(),
-            primary: Label { span, message: String::new() },
+            primary: Label {
+                span,
+                message: String::new(),
+            },
             secondary: Vec::new(),
             help: None,
         }
@@ -47,7 +50,10 @@ impl Diagnostic {
     }
 
     pub fn secondary(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
-        self.secondary.push(Label { span, message: message.into() });
+        self.secondary.push(Label {
+            span,
+            message: message.into(),
+        });
         self
     }
 
@@ -78,13 +84,17 @@ impl Diagnostics {
     }
 
     pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items.sort_by_key(|d| (d.primary.span.file, d.primary.span.start));
+        self.items
+            .sort_by_key(|d| (d.primary.span.file, d.primary.span.start));
         self.items
     }
 }
 
 /// "did you mean `x`?" for the closest candidate, if any is close enough.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
@@ -99,8 +109,14 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("instnaces", ["instances", "name"]).as_deref(), Some("did you mean `instances`?"));
-        assert_eq!(did_you_mean("wroker", ["worker", "daemon"]).as_deref(), Some("did you mean `worker`?"));
+        assert_eq!(
+            did_you_mean("instnaces", ["instances", "name"]).as_deref(),
+            Some("did you mean `instances`?")
+        );
+        assert_eq!(
+            did_you_mean("wroker", ["worker", "daemon"]).as_deref(),
+            Some("did you mean `worker`?")
+        );
         assert_eq!(did_you_mean("zzz", ["worker", "daemon"]), None);
     }
 }

@@ -144,7 +144,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn kinds(text: &str) -> Vec<(Tok, &str)> {
-        lex(text).iter().filter(|t| !t.kind.is_trivia()).map(|t| (t.kind, &text[t.range()])).collect()
+        lex(text)
+            .iter()
+            .filter(|t| !t.kind.is_trivia())
+            .map(|t| (t.kind, &text[t.range()]))
+            .collect()
     }
 
     #[test]
@@ -182,7 +186,10 @@ mod tests {
 
     #[test]
     fn unterminated_strings_run_to_the_end() {
-        assert_eq!(kinds("a x\"b;\n c"), vec![(Tok::Word, "a"), (Tok::Unterminated, "x\"b;\n c")]);
+        assert_eq!(
+            kinds("a x\"b;\n c"),
+            vec![(Tok::Word, "a"), (Tok::Unterminated, "x\"b;\n c")]
+        );
         assert_eq!(unclosed_quote("x\"b;\n c"), 1);
         assert_eq!(unclosed_quote("'a'\"b\\\"c"), 3);
     }

@@ -57,8 +57,19 @@ pub enum Item {
 /// What the grammar produces: spans only, turned into a tree with text by `build`.
 #[derive(Clone, Debug)]
 enum Raw {
-    Stmt { key: SimpleSpan, values: Vec<(Tok, SimpleSpan)>, terminated: bool, span: SimpleSpan },
-    Block { name: SimpleSpan, open: SimpleSpan, items: Vec<Raw>, closed: bool, span: SimpleSpan },
+    Stmt {
+        key: SimpleSpan,
+        values: Vec<(Tok, SimpleSpan)>,
+        terminated: bool,
+        span: SimpleSpan,
+    },
+    Block {
+        name: SimpleSpan,
+        open: SimpleSpan,
+        items: Vec<Raw>,
+        closed: bool,
+        span: SimpleSpan,
+    },
     StrayClose(SimpleSpan),
     Nothing,
 }
@@ -88,14 +99,25 @@ where
     let stmt = word
         .then(values)
         .then(terminator)
-        .map_with(|((key, values), terminated), e| Raw::Stmt { key, values, terminated, span: e.span() });
+        .map_with(|((key, values), terminated), e| Raw::Stmt {
+            key,
+            values,
+            terminated,
+            span: e.span(),
+        });
 
     let item = recursive(|item| {
         let block = word
             .then(just(Tok::LBrace).map_with(|_, e| e.span()))
             .then(item.repeated().collect::<Vec<_>>())
             .then(just(Tok::RBrace).to(true).or(end().to(false)))
-            .map_with(|(((name, open), items), closed), e| Raw::Block { name, open, items, closed, span: e.span() });
+            .map_with(|(((name, open), items), closed), e| Raw::Block {
+                name,
+                open,
+                items,
+                closed,
+                span: e.span(),
+            });
         choice((block, stmt, just(Tok::Semi).to(Raw::Nothing))).recover_with(skip_until(
             any().and_is(just(Tok::RBrace).not()).ignored(),
             just(Tok::Semi).ignored(),
@@ -125,8 +147,12 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
                 )
             }
             Tok::Error => diags.push(
-                Diagnostic::new(&codes::UNEXPECTED_CHAR, span, format!("unexpected character `{}`", &text[token.range()]))
-                    .help("quote the value that contains it"),
+                Diagnostic::new(
+                    &codes::UNEXPECTED_CHAR,
+                    span,
+                    format!("unexpected character `{}`", &text[token.range()]),
+                )
+                .help("quote the value that contains it"),
             ),
             _ => {}
         }
@@ -136,17 +162,28 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
     }
 
     let eoi = SimpleSpan::from(text.len()..text.len());
-    let (raw, errors) = grammar().parse(significant.as_slice().split_token_span(eoi)).into_output_errors();
+    let (raw, errors) = grammar()
+        .parse(significant.as_slice().split_token_span(eoi))
+        .into_output_errors();
     for error in errors {
         diags.push(syntax_error(file, text, &significant, &error));
     }
-    let builder = Builder { file, text, tokens: &significant };
+    let builder = Builder {
+        file,
+        text,
+        tokens: &significant,
+    };
     let mut items = Vec::new();
     builder.build(raw.unwrap_or_default(), &mut items, diags);
     items
 }
 
-fn syntax_error(file: FileId, text: &str, tokens: &[(Tok, SimpleSpan)], error: &Rich<'_, Tok>) -> Diagnostic {
+fn syntax_error(
+    file: FileId,
+    text: &str,
+    tokens: &[(Tok, SimpleSpan)],
+    error: &Rich<'_, Tok>,
+) -> Diagnostic {
     let span = Span::new(file, error.span().into_range());
     let found = match error.found() {
         Some(Tok::Word) => format!("`{}`", &text[span.range()]),
@@ -156,9 +193,14 @@ fn syntax_error(file: FileId, text: &str, tokens: &[(Tok, SimpleSpan)], error: &
     let mut expected: Vec<String> = error.expected().map(|p| p.to_string()).collect();
     expected.sort();
     expected.dedup();
-    let after = tokens.iter().rev().find(|(_, s)| s.end <= span.start as usize);
+    let after = tokens
+        .iter()
+        .rev()
+        .find(|(_, s)| s.end <= span.start as usize);
     let message = match after {
-        Some((Tok::RBrace | Tok::Semi, _)) | None => format!("unexpected {found}, expected a key or a block"),
+        Some((Tok::RBrace | Tok::Semi, _)) | None => {
+            format!("unexpected {found}, expected a key or a block")
+        }
         Some(_) => format!("unexpected {found}"),
     };
     Diagnostic::new(&codes::SYNTAX, span, message)
@@ -178,19 +220,31 @@ impl Builder<'_> {
     }
 
     fn word(&self, s: SimpleSpan) -> Word {
-        Word { text: self.text[s.into_range()].to_owned(), span: self.span(s) }
+        Word {
+            text: self.text[s.into_range()].to_owned(),
+            span: self.span(s),
+        }
     }
 
     fn build(&self, raws: Vec<Raw>, out: &mut Vec<Item>, diags: &mut Diagnostics) {
         for raw in raws {
             match raw {
-                Raw::Stmt { key, values, terminated, span } => {
+                Raw::Stmt {
+                    key,
+                    values,
+                    terminated,
+                    span,
+                } => {
                     let mut key = self.word(key);
                     let mut values: Vec<Value> = values
                         .into_iter()
                         .map(|(_, s)| {
                             let raw = &self.text[s.into_range()];
-                            Value { text: lexer::unquote(raw), span: self.span(s), quoted: lexer::is_quoted(raw) }
+                            Value {
+                                text: lexer::unquote(raw),
+                                span: self.span(s),
+                                quoted: lexer::is_quoted(raw),
+                            }
                         })
                         .collect();
                     // `key: value;` — the colon is optional, glued to the key or alone.
@@ -205,17 +259,31 @@ impl Builder<'_> {
                     }
                     out.push(Item::Stmt(Stmt { key, values, span }));
                 }
-                Raw::Block { name, open, items, closed, span } => {
+                Raw::Block {
+                    name,
+                    open,
+                    items,
+                    closed,
+                    span,
+                } => {
                     if !closed {
                         diags.push(
-                            Diagnostic::new(&codes::UNCLOSED_BLOCK, self.span(open), "this block is never closed")
-                                .label("opened here")
-                                .help("add `}` where the block should end"),
+                            Diagnostic::new(
+                                &codes::UNCLOSED_BLOCK,
+                                self.span(open),
+                                "this block is never closed",
+                            )
+                            .label("opened here")
+                            .help("add `}` where the block should end"),
                         );
                     }
                     let mut children = Vec::new();
                     self.build(items, &mut children, diags);
-                    out.push(Item::Block(Block { name: self.word(name), items: children, span: self.span(span) }));
+                    out.push(Item::Block(Block {
+                        name: self.word(name),
+                        items: children,
+                        span: self.span(span),
+                    }));
                 }
                 Raw::StrayClose(s) => diags.push(
                     Diagnostic::new(&codes::UNEXPECTED_CLOSE, self.span(s), "unexpected `}`")
@@ -249,7 +317,14 @@ mod tests {
     fn parse_str(text: &str) -> (Vec<Item>, Vec<(&'static str, usize)>) {
         let mut diags = Diagnostics::default();
         let items = parse(FileId(0), text, &mut diags);
-        (items, diags.into_sorted().iter().map(|d| (d.code.id, d.primary.span.start as usize)).collect())
+        (
+            items,
+            diags
+                .into_sorted()
+                .iter()
+                .map(|d| (d.code.id, d.primary.span.start as usize))
+                .collect(),
+        )
     }
 
     fn shape(items: &[Item]) -> String {
@@ -268,9 +343,14 @@ mod tests {
 
     #[test]
     fn parses_statements_blocks_and_values() {
-        let (items, errors) = parse_str("daemon { gui_port: 6789; }\nworker {\n name : api;\n env A=1, B=\"x y\";\n vanguard { ban_ip 1.2.3.4; }\n}\n;");
+        let (items, errors) = parse_str(
+            "daemon { gui_port: 6789; }\nworker {\n name : api;\n env A=1, B=\"x y\";\n vanguard { ban_ip 1.2.3.4; }\n}\n;",
+        );
         assert_eq!(errors, vec![]);
-        assert_eq!(shape(&items), "daemon{gui_port=[6789]} worker{name=[api] env=[A=1|B=x y] vanguard{ban_ip=[1.2.3.4]}}");
+        assert_eq!(
+            shape(&items),
+            "daemon{gui_port=[6789]} worker{name=[api] env=[A=1|B=x y] vanguard{ban_ip=[1.2.3.4]}}"
+        );
     }
 
     #[test]
@@ -283,7 +363,10 @@ mod tests {
     #[test]
     fn reports_every_independent_error() {
         let (items, errors) = parse_str("worker { { bad; name a; }\n}\nworker { exec x;");
-        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec!["E0005", "E0007", "E0006"]);
+        assert_eq!(
+            errors.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec!["E0005", "E0007", "E0006"]
+        );
         assert_eq!(shape(&items), "worker{name=[a]} worker{exec=[x]}");
     }
 }

@@ -1,0 +1,360 @@
+//! Include expansion: `include <path-or-glob>;` at any block level is
+//! replaced by the statements of each file it names, in filename order.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use crate::codes;
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::loader::SourceLoader;
+use crate::source::{FileId, SourceMap, Span};
+use crate::syntax::{self, Item, Stmt};
+use crate::values::expand_env;
+
+/// Deeper than this is a symlink loop the lexical cycle check cannot see.
+const MAX_DEPTH: usize = 64;
+
+pub struct Expander<'a> {
+    loader: &'a dyn SourceLoader,
+    sources: &'a mut SourceMap,
+    diags: &'a mut Diagnostics,
+    parsed: HashMap<FileId, Vec<Item>>,
+    /// The chain of files being expanded, root first, to detect cycles.
+    stack: Vec<PathBuf>,
+}
+
+impl<'a> Expander<'a> {
+    pub fn new(
+        loader: &'a dyn SourceLoader,
+        sources: &'a mut SourceMap,
+        diags: &'a mut Diagnostics,
+    ) -> Self {
+        Expander {
+            loader,
+            sources,
+            diags,
+            parsed: HashMap::new(),
+            stack: Vec::new(),
+        }
+    }
+
+    /// Reads, parses and expands the root file. Only a root that cannot be
+    /// read is an `Err`; everything else becomes a diagnostic.
+    pub fn expand_root(&mut self, path: &Path) -> io::Result<(FileId, Vec<Item>)> {
+        let path = normalize(path);
+        let bytes = self.loader.read(&path)?;
+        let file = self.add_file(path.clone(), bytes);
+        self.stack.push(path);
+        let items = self.parsed(file);
+        let items = self.expand(items);
+        self.stack.pop();
+        Ok((file, items))
+    }
+
+    fn add_file(&mut self, path: PathBuf, bytes: Vec<u8>) -> FileId {
+        match String::from_utf8(bytes) {
+            Ok(text) => {
+                let file = self.sources.add(path, text);
+                let items = syntax::parse(file, &self.sources.get(file).text, self.diags);
+                self.parsed.insert(file, items);
+                file
+            }
+            Err(error) => {
+                let bad = error.utf8_error().valid_up_to();
+                let text = String::from_utf8_lossy(error.as_bytes()).into_owned();
+                let replacement = text[bad..].chars().next().map_or(0, char::len_utf8);
+                let file = self.sources.add(path, text);
+                self.diags.push(
+                    Diagnostic::new(
+                        &codes::INVALID_UTF8,
+                        Span::new(file, bad..bad + replacement),
+                        "file is not valid UTF-8",
+                    )
+                    .label("first invalid byte")
+                    .help("save the file as UTF-8; the rest of this file was not read"),
+                );
+                self.parsed.insert(file, Vec::new());
+                file
+            }
+        }
+    }
+
+    fn parsed(&self, file: FileId) -> Vec<Item> {
+        self.parsed.get(&file).cloned().unwrap_or_default()
+    }
+
+    fn expand(&mut self, items: Vec<Item>) -> Vec<Item> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Item::Stmt(stmt) if stmt.key.text == "include" => self.include(&stmt, &mut out),
+                Item::Stmt(stmt) => out.push(Item::Stmt(stmt)),
+                Item::Block(mut block) => {
+                    block.items = self.expand(std::mem::take(&mut block.items));
+                    out.push(Item::Block(block));
+                }
+            }
+        }
+        out
+    }
+
+    fn include(&mut self, stmt: &Stmt, out: &mut Vec<Item>) {
+        if stmt.values.is_empty() {
+            self.diags.push(
+                Diagnostic::new(
+                    &codes::MISSING_VALUE,
+                    stmt.key.span,
+                    "`include` without a path",
+                )
+                .help("write `include path/to/file.conf;` or `include conf.d/*.conf;`"),
+            );
+        }
+        let base = self
+            .sources
+            .path(stmt.span.file)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        for value in &stmt.values {
+            let pattern = match expand_env(&value.text, self.loader) {
+                Ok(p) => p,
+                Err(name) => {
+                    self.diags
+                        .push(crate::values::unset_variable(value.span, &name));
+                    continue;
+                }
+            };
+            let pattern = normalize(&base.join(pattern));
+            let paths = if is_glob(&pattern) {
+                match self.glob(&pattern) {
+                    Ok(paths) => paths,
+                    Err(message) => {
+                        self.diags.push(
+                            Diagnostic::new(&codes::INCLUDE_FAILED, value.span, message)
+                                .label("in this pattern"),
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                vec![pattern]
+            };
+            for path in paths {
+                self.include_file(path, value.span, out);
+            }
+        }
+    }
+
+    fn include_file(&mut self, path: PathBuf, at: Span, out: &mut Vec<Item>) {
+        if let Some(start) = self.stack.iter().position(|p| *p == path) {
+            let chain: Vec<String> = self.stack[start..]
+                .iter()
+                .chain([&path])
+                .map(|p| self.display(p))
+                .collect();
+            self.diags.push(
+                Diagnostic::new(
+                    &codes::INCLUDE_CYCLE,
+                    at,
+                    format!("include cycle: {}", chain.join(" → ")),
+                )
+                .label("this include closes the cycle")
+                .help("remove one of the includes in the chain"),
+            );
+            return;
+        }
+        if self.stack.len() >= MAX_DEPTH {
+            self.diags.push(Diagnostic::new(
+                &codes::INCLUDE_FAILED,
+                at,
+                format!(
+                    "includes nested more than {MAX_DEPTH} deep at {}",
+                    self.display(&path)
+                ),
+            ));
+            return;
+        }
+        let file = match self.sources.find(&path) {
+            Some(file) => file,
+            None => match self.loader.read(&path) {
+                Ok(bytes) => self.add_file(path.clone(), bytes),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                    self.diags.push(
+                        Diagnostic::new(
+                            &codes::INCLUDE_NOT_FOUND,
+                            at,
+                            format!("included file `{}` not found", self.display(&path)),
+                        )
+                        .label("included here")
+                        .help("paths are relative to the file that includes them; use a glob such as `conf.d/*.conf` when the files may be absent"),
+                    );
+                    return;
+                }
+                Err(error) => {
+                    self.diags.push(
+                        Diagnostic::new(
+                            &codes::INCLUDE_FAILED,
+                            at,
+                            format!(
+                                "cannot read included file `{}`: {error}",
+                                self.display(&path)
+                            ),
+                        )
+                        .label("included here"),
+                    );
+                    return;
+                }
+            },
+        };
+        self.stack.push(path);
+        let items = self.parsed(file);
+        out.extend(self.expand(items));
+        self.stack.pop();
+    }
+
+    /// Files matching a pattern whose components may hold wildcards, sorted.
+    /// A directory that does not exist matches nothing.
+    fn glob(&self, pattern: &Path) -> Result<Vec<PathBuf>, String> {
+        let components: Vec<Component> = pattern.components().collect();
+        let mut current = vec![PathBuf::new()];
+        for (i, component) in components.iter().enumerate() {
+            let last = i == components.len() - 1;
+            let name = component.as_os_str().to_string_lossy();
+            if !is_glob(Path::new(name.as_ref())) {
+                current.iter_mut().for_each(|p| p.push(component));
+                continue;
+            }
+            let matcher = globset::GlobBuilder::new(&name)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| format!("invalid include pattern: {e}"))?
+                .compile_matcher();
+            let mut next = Vec::new();
+            for dir in &current {
+                let entries = match self.loader.list_dir(dir) {
+                    Ok(entries) => entries,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                        ) =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(format!("cannot list `{}`: {e}", self.display(dir))),
+                };
+                for (path, is_dir) in entries {
+                    let Some(file_name) =
+                        path.file_name().map(|n| n.to_string_lossy().into_owned())
+                    else {
+                        continue;
+                    };
+                    let hidden = file_name.starts_with('.') && !name.starts_with('.');
+                    if !hidden && matcher.is_match(&file_name) && (is_dir != last) {
+                        next.push(path);
+                    }
+                }
+            }
+            current = next;
+        }
+        current.sort();
+        Ok(current)
+    }
+
+    /// Paths in messages are shown relative to the root file's directory.
+    fn display(&self, path: &Path) -> String {
+        let root_dir = self.stack.first().and_then(|p| p.parent());
+        match root_dir.and_then(|dir| path.strip_prefix(dir).ok()) {
+            Some(relative) if !relative.as_os_str().is_empty() => relative.display().to_string(),
+            _ => path.display().to_string(),
+        }
+    }
+}
+
+fn is_glob(path: &Path) -> bool {
+    path.to_string_lossy().contains(['*', '?', '[', '{'])
+}
+
+/// Removes `.` and resolves `..` lexically, so that one file reached by two
+/// spellings is recognised in the cycle check.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::MemLoader;
+
+    fn expand(loader: &MemLoader) -> (Vec<String>, Vec<String>) {
+        let mut sources = SourceMap::default();
+        let mut diags = Diagnostics::default();
+        let (_, items) = Expander::new(loader, &mut sources, &mut diags)
+            .expand_root(Path::new("/c/apm.conf"))
+            .unwrap();
+        let keys = items
+            .iter()
+            .map(|i| match i {
+                Item::Stmt(s) => s.key.text.clone(),
+                Item::Block(b) => format!("{}{{{}}}", b.name.text, b.items.len()),
+            })
+            .collect();
+        (
+            keys,
+            diags
+                .into_sorted()
+                .iter()
+                .map(|d| format!("{} {}", d.code.id, d.message))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn globs_expand_in_filename_order_and_may_match_nothing() {
+        let loader = MemLoader::new()
+            .file(
+                "/c/apm.conf",
+                "include d/*.conf;\ninclude none/*.conf;\nworker { include w.part; }",
+            )
+            .file("/c/d/b.conf", "b;")
+            .file("/c/d/a.conf", "a;")
+            .file("/c/d/.hidden.conf", "hidden;")
+            .file("/c/d/c.txt", "c;")
+            .file("/c/w.part", "x; y;");
+        assert_eq!(
+            expand(&loader),
+            (vec!["a".into(), "b".into(), "worker{2}".into()], vec![])
+        );
+    }
+
+    #[test]
+    fn cycles_show_the_chain_and_missing_literals_are_errors() {
+        let loader = MemLoader::new()
+            .file(
+                "/c/apm.conf",
+                "include ./sub/a.conf;\ninclude missing.conf;",
+            )
+            .file("/c/sub/a.conf", "include ../apm.conf;");
+        let (_, diags) = expand(&loader);
+        assert_eq!(
+            diags,
+            vec![
+                "E0008 included file `missing.conf` not found",
+                "E0009 include cycle: apm.conf → sub/a.conf → apm.conf",
+            ]
+        );
+    }
+}

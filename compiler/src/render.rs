@@ -1,0 +1,245 @@
+//! Rendering compilations: ariadne snippets and a summary for people, one
+//! JSON object for programs, workflow commands for GitHub Actions.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value as Json, json};
+
+use crate::Compilation;
+use crate::diag::{Diagnostic, Label, Severity};
+use crate::ir::WorkerSpec;
+use crate::source::{SourceMap, Span};
+
+/// How many workers the human summary lists before it says "and N more".
+const SUMMARY_WORKERS: usize = 20;
+
+fn file_name(sources: &SourceMap, span: Span) -> String {
+    sources.path(span.file).display().to_string()
+}
+
+/// The span as a byte range on character boundaries, which ariadne needs.
+fn ariadne_span(sources: &SourceMap, span: Span) -> (String, std::ops::Range<usize>) {
+    let text = &sources.get(span.file).text;
+    let snap = |mut i: usize| {
+        i = i.min(text.len());
+        while !text.is_char_boundary(i) {
+            i += 1;
+        }
+        i
+    };
+    (
+        file_name(sources, span),
+        snap(span.start as usize)..snap(span.end as usize),
+    )
+}
+
+fn render_diagnostic(sources: &SourceMap, diagnostic: &Diagnostic, color: bool, out: &mut Vec<u8>) {
+    use ariadne::{Color, Config, IndexType, Label as AriadneLabel, Report, ReportKind};
+    let (kind, accent) = match diagnostic.severity() {
+        Severity::Error => (ReportKind::Error, Color::Red),
+        Severity::Warning => (ReportKind::Warning, Color::Yellow),
+    };
+    let primary = &diagnostic.primary;
+    let mut report = Report::build(kind, ariadne_span(sources, primary.span))
+        .with_config(
+            Config::default()
+                .with_color(color)
+                .with_index_type(IndexType::Byte),
+        )
+        .with_code(diagnostic.code.id)
+        .with_message(&diagnostic.message)
+        .with_label(
+            AriadneLabel::new(ariadne_span(sources, primary.span))
+                .with_message(&primary.message)
+                .with_color(accent)
+                .with_order(0),
+        );
+    for (i, label) in diagnostic.secondary.iter().enumerate() {
+        report = report.with_label(
+            AriadneLabel::new(ariadne_span(sources, label.span))
+                .with_message(&label.message)
+                .with_color(Color::Blue)
+                .with_order(i as i32 + 1),
+        );
+    }
+    if let Some(help) = &diagnostic.help {
+        report = report.with_help(help);
+    }
+    let cache = ariadne::sources(
+        sources
+            .files()
+            .map(|(id, f)| (file_name(sources, Span::new(id, 0..0)), f.text.clone())),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = report.finish().write(cache, &mut *out);
+}
+
+/// The human rendering: every diagnostic as a source snippet, then a
+/// one-screen summary of what the config defines.
+pub fn human(compilation: &Compilation, color: bool) -> String {
+    let mut bytes = Vec::new();
+    for diagnostic in &compilation.diagnostics {
+        render_diagnostic(&compilation.sources, diagnostic, color, &mut bytes);
+    }
+    let mut out = String::from_utf8_lossy(&bytes).into_owned();
+    out.push_str(&summary(compilation));
+    out
+}
+
+fn plural(n: usize, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}
+
+fn summary(compilation: &Compilation) -> String {
+    let root = compilation
+        .sources
+        .files()
+        .next()
+        .map(|(_, f)| f.path.display().to_string())
+        .unwrap_or_default();
+    let errors = compilation.count(Severity::Error);
+    let warnings = compilation.count(Severity::Warning);
+    let workers = &compilation.config.workers;
+    let mut out = String::new();
+    if errors > 0 {
+        let _ = writeln!(
+            out,
+            "✗ {root}: {}, {}; nothing can be applied",
+            plural(errors, "error"),
+            plural(warnings, "warning")
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "✓ {root}: {}, {}",
+        plural(workers.len(), "worker"),
+        plural(warnings, "warning")
+    );
+    let daemon = &compilation.config.daemon;
+    if daemon.gui_port.value != 0 {
+        let _ = writeln!(
+            out,
+            "  daemon: GUI on {}:{}",
+            daemon.gui_bind.value, daemon.gui_port.value
+        );
+    }
+    let rows: Vec<[String; 3]> = workers
+        .iter()
+        .take(SUMMARY_WORKERS)
+        .map(summary_row)
+        .collect();
+    let widths: [usize; 2] =
+        [0, 1].map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0));
+    for [name, command, listeners] in &rows {
+        let line = format!(
+            "  {name:<w0$}  {command:<w1$}  {listeners}",
+            w0 = widths[0],
+            w1 = widths[1]
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    if workers.len() > SUMMARY_WORKERS {
+        let _ = writeln!(out, "  … and {} more", workers.len() - SUMMARY_WORKERS);
+    }
+    out
+}
+
+fn summary_row(spec: &WorkerSpec) -> [String; 3] {
+    let mut command = format!("{} × {}", spec.instances.value, spec.exec.value);
+    for param in &spec.params {
+        command.push(' ');
+        command.push_str(&param.value);
+    }
+    const MAX_COMMAND: usize = 40;
+    if command.chars().count() > MAX_COMMAND {
+        command = command.chars().take(MAX_COMMAND - 1).collect::<String>() + "…";
+    }
+    let listeners: Vec<String> = spec.server.iter().map(|s| s.value.to_string()).collect();
+    [spec.name.value.clone(), command, listeners.join(", ")]
+}
+
+fn position(sources: &SourceMap, label: &Label) -> Json {
+    let start = sources.start(label.span);
+    json!({
+        "file": file_name(sources, label.span),
+        "line": start.line,
+        "column": start.column,
+        "message": label.message,
+    })
+}
+
+/// The JSON rendering documented for `apm check --format json`.
+pub fn json(compilation: &Compilation) -> Json {
+    let sources = &compilation.sources;
+    let diagnostics: Vec<Json> = compilation
+        .diagnostics
+        .iter()
+        .map(|d| {
+            let span = d.primary.span;
+            let (start, end) = (sources.start(span), sources.end(span));
+            json!({
+                "severity": d.severity(),
+                "code": d.code.id,
+                "message": d.message,
+                "file": file_name(sources, span),
+                "line": start.line,
+                "column": start.column,
+                "end_line": end.line,
+                "end_column": end.column,
+                "labels": std::iter::once(&d.primary).chain(&d.secondary).map(|l| position(sources, l)).collect::<Vec<_>>(),
+                "help": d.help,
+            })
+        })
+        .collect();
+    let errors = compilation.count(Severity::Error);
+    json!({
+        "ok": errors == 0,
+        "errors": errors,
+        "warnings": compilation.count(Severity::Warning),
+        "diagnostics": diagnostics,
+        "config": if errors == 0 { serde_json::to_value(&compilation.config).unwrap_or(Json::Null) } else { Json::Null },
+    })
+}
+
+/// Escapes for workflow command data and properties (per the runner's rules).
+fn escape_data(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+fn escape_property(s: &str) -> String {
+    escape_data(s).replace(':', "%3A").replace(',', "%2C")
+}
+
+/// One GitHub Actions workflow command per diagnostic.
+pub fn github(compilation: &Compilation) -> String {
+    let sources = &compilation.sources;
+    let mut out = String::new();
+    for d in &compilation.diagnostics {
+        let span = d.primary.span;
+        let (start, end) = (sources.start(span), sources.end(span));
+        let command = match d.severity() {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        let mut message = d.message.clone();
+        if let Some(help) = &d.help {
+            message.push_str("\nhelp: ");
+            message.push_str(help);
+        }
+        let _ = writeln!(
+            out,
+            "::{command} file={},line={},col={},endLine={},endColumn={},title={}::{}",
+            escape_property(&file_name(sources, span)),
+            start.line,
+            start.column,
+            end.line,
+            end.column,
+            d.code.id,
+            escape_data(&message),
+        );
+    }
+    out
+}

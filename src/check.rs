@@ -1,0 +1,83 @@
+//! `apm check` and `apm explain`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use apm_compiler::{FsLoader, Severity, codes, compile, render};
+
+use crate::exit;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Source snippets and a summary, for people.
+    #[default]
+    Human,
+    /// One JSON object, for programs.
+    Json,
+    /// GitHub Actions workflow commands, to annotate pull requests.
+    Github,
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// The config file to check.
+    file: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+    /// Shorthand for `--format json`.
+    #[arg(long, conflicts_with = "format")]
+    json: bool,
+    /// Exit 1 on warnings too.
+    #[arg(long)]
+    deny_warnings: bool,
+}
+
+pub fn run(args: &CheckArgs) -> u8 {
+    let compilation = match compile(&args.file, &FsLoader) {
+        Ok(compilation) => compilation,
+        Err(error) => {
+            eprintln!("apm: cannot read `{}`: {error}", args.file.display());
+            return exit::USAGE;
+        }
+    };
+    let format = if args.json { Format::Json } else { args.format };
+    let output = match format {
+        Format::Human => {
+            let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            render::human(&compilation, color)
+        }
+        Format::Json => format!("{:#}\n", render::json(&compilation)),
+        Format::Github => render::github(&compilation),
+    };
+    // A closed pipe (`apm check … | head`) is not an error of the config.
+    let _ = std::io::stdout().lock().write_all(output.as_bytes());
+    let failed = compilation.has_errors()
+        || (args.deny_warnings && compilation.count(Severity::Warning) > 0);
+    if failed { exit::FAILED } else { exit::OK }
+}
+
+pub fn explain(code: Option<&str>) -> u8 {
+    let Some(code) = code else {
+        for code in codes::ALL {
+            println!("{}  {}", code.id, code.title);
+        }
+        return exit::OK;
+    };
+    match codes::lookup(code) {
+        Some(code) => {
+            let severity = match code.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            };
+            println!(
+                "{} ({severity}): {}\n\n{}",
+                code.id, code.title, code.explanation
+            );
+            exit::OK
+        }
+        None => {
+            eprintln!("apm: unknown code `{code}`; `apm explain` lists them all");
+            exit::USAGE
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The `apm` binary run as users run it, on real files.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn apm(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_apm"))
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn write(dir: &Path, path: &str, text: &str) {
+    let path = dir.join(path);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn check_valid_file_with_includes_prints_a_summary_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "apm.conf",
+        "include conf.d/*.conf;\nworker { name api; exec node; params server.js; instances 4; server http://127.0.0.1:3000; }\n",
+    );
+    write(
+        dir.path(),
+        "conf.d/b.conf",
+        "worker { exec python3; params b.py; }\n",
+    );
+    write(
+        dir.path(),
+        "conf.d/a.conf",
+        "worker { name a; exec ./a.sh; }\n",
+    );
+    let output = apm(&["check", "apm.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(
+        text.starts_with("✓ apm.conf: 3 workers, 0 warnings\n"),
+        "{text}"
+    );
+    // Filename order: a.conf, b.conf, then the worker after the include.
+    let order: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(order, ["a", "python3", "api"]);
+    assert!(
+        text.contains("4 × node server.js") && text.contains("http://127.0.0.1:3000"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_json_reports_positions_and_nulls_the_config_on_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "apm.conf",
+        "worker {\n  name api\n  exec node;\n}\nworker { exec x; instnaces 2; }\n",
+    );
+    let output = apm(&["check", "--format", "json", "apm.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["config"], serde_json::Value::Null);
+    let diagnostics = report["diagnostics"].as_array().unwrap();
+    let codes: Vec<&str> = diagnostics
+        .iter()
+        .map(|d| d["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["E0014", "E0013", "W0001"]);
+    let missing_semi = &diagnostics[1];
+    assert_eq!(
+        (
+            missing_semi["file"].as_str(),
+            missing_semi["line"].as_u64(),
+            missing_semi["column"].as_u64()
+        ),
+        (Some("apm.conf"), Some(2), Some(11))
+    );
+    assert!(
+        missing_semi["help"]
+            .as_str()
+            .unwrap()
+            .contains("add `;` at the end of line 2")
+    );
+    assert_eq!(report["errors"], 2);
+    assert_eq!(report["warnings"], 1);
+    assert_eq!(diagnostics[2]["help"], "did you mean `instances`?");
+}
+
+#[test]
+fn check_json_carries_the_ir_when_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "apm.conf",
+        "worker { exec node; kill_timeout 3s; server https://0.0.0.0:8443; tls on; tls_cert c.pem; tls_key k.pem; trust_proxy false; }\n",
+    );
+    write(dir.path(), "c.pem", "cert");
+    write(dir.path(), "k.pem", "key");
+    let output = apm(&["check", "apm.conf", "--json"], dir.path());
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let worker = &report["config"]["workers"][0];
+    assert_eq!(worker["kill_timeout"], 3000);
+    assert_eq!(
+        worker["server"][0],
+        serde_json::json!({"scheme": "https", "host": "0.0.0.0", "port": 8443})
+    );
+    assert_eq!(worker["tls_cert"], "c.pem");
+}
+
+#[test]
+fn check_github_format_annotates_and_warnings_can_fail_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "apm.conf",
+        "worker { exec node; colour red; }\n",
+    );
+    let output = apm(&["check", "--format=github", "apm.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(
+        stdout(&output),
+        "::warning file=apm.conf,line=1,col=21,endLine=1,endColumn=27,title=W0001::unknown key `colour` in `worker { }`; it is ignored\n"
+    );
+    let denied = apm(&["check", "--deny-warnings", "apm.conf"], dir.path());
+    assert_eq!(denied.status.code(), Some(1));
+}
+
+#[test]
+fn check_reports_a_missing_file_in_one_line_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = apm(&["check", "nope.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "apm: cannot read `nope.conf`: No such file or directory (os error 2)\n"
+    );
+    assert!(output.stdout.is_empty());
+    let usage = apm(&["check", "--format", "yaml", "x.conf"], dir.path());
+    assert_eq!(usage.status.code(), Some(2));
+}
+
+#[test]
+fn check_rejects_invalid_utf8_at_the_first_bad_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("apm.conf"),
+        b"worker { exec node; }\n# caf\xe9\n",
+    )
+    .unwrap();
+    let output = apm(&["check", "--json", "apm.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let d = &report["diagnostics"][0];
+    assert_eq!(
+        (d["code"].as_str(), d["line"].as_u64(), d["column"].as_u64()),
+        (Some("E0001"), Some(2), Some(6))
+    );
+}
+
+#[test]
+fn check_does_not_start_a_daemon_or_need_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "apm.conf", "worker { exec node; }\n");
+    let home = dir.path().join("home");
+    let output = Command::new(env!("CARGO_BIN_EXE_apm"))
+        .args(["check", "apm.conf"])
+        .current_dir(dir.path())
+        .env("APM_HOME", &home)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(!home.exists(), "apm check must not create daemon state");
+}
+
+#[test]
+fn explain_prints_the_long_text_of_a_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = apm(&["explain", "e0004"], dir.path());
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        stdout(&output).starts_with("E0004 (error): missing `;`\n\nEvery statement ends with `;`")
+    );
+    let list = apm(&["explain"], dir.path());
+    assert!(stdout(&list).lines().any(|l| l.starts_with("W0007")));
+    assert_eq!(
+        apm(&["explain", "E9999"], dir.path()).status.code(),
+        Some(2)
+    );
+}

@@ -1,0 +1,4 @@
+//! apm's integration tests, one binary so that they link once.
+
+mod cli;
+mod corpus;

@@ -243,3 +243,32 @@ pub fn github(compilation: &Compilation) -> String {
     }
     out
 }
+
+/// The key reference in Markdown, generated from the schema table so the
+/// docs cannot drift from the code (`docs/keys.md`; a test keeps it current).
+pub fn key_reference() -> String {
+    use crate::schema::Scope;
+    let mut out = String::from(
+        "# Config keys\n\n<!-- Generated from the schema table in compiler/src/ir.rs; `BLESS=1 cargo test --test it docs` regenerates it. -->\n",
+    );
+    for scope in Scope::ALL {
+        let title = match scope.block_name() {
+            None => "Top level".to_owned(),
+            Some(block) => format!("`{block} {{ }}`"),
+        };
+        let _ = write!(out, "\n## {title}\n\n| key | value | many | default | since | description |\n|---|---|---|---|---|---|\n");
+        for key in scope.keys() {
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} | {} |",
+                key.name,
+                key.kind.describe().replace('|', "\\|"),
+                if key.many { "yes" } else { "" },
+                key.default.map(|d| format!("`{d}`")).unwrap_or_default(),
+                key.since,
+                key.doc.replace('|', "\\|"),
+            );
+        }
+    }
+    out
+}

@@ -227,7 +227,27 @@ impl Builder<'_> {
     }
 
     fn build(&self, raws: Vec<Raw>, out: &mut Vec<Item>, diags: &mut Diagnostics) {
-        for raw in raws {
+        let mut raws = raws.into_iter().peekable();
+        while let Some(raw) = raws.next() {
+            // `worker api { … }`: a block keyword, a word, then a block. Read it as
+            // the `worker` block, so its contents are still checked.
+            if let Raw::Stmt { key, values, terminated: false, .. } = &raw
+                && values.is_empty()
+                && crate::schema::Scope::for_block(&self.text[key.into_range()]).is_some()
+                && let Some(Raw::Block { name, open, items, closed, span }) = raws.peek().cloned()
+            {
+                raws.next();
+                let keyword = self.word(*key);
+                let label = self.word(name);
+                diags.push(
+                    Diagnostic::new(&codes::SYNTAX, label.span, format!("`{}` takes no name after the keyword", keyword.text))
+                        .label("unexpected word before `{`")
+                        .help(format!("write `{} {{` and put `name {};` inside the block", keyword.text, label.text)),
+                );
+                let block = Raw::Block { name: *key, open, items, closed, span: SimpleSpan::from(key.start..span.end) };
+                self.build(vec![block], out, diags);
+                continue;
+            }
             match raw {
                 Raw::Stmt {
                     key,
@@ -358,6 +378,13 @@ mod tests {
         let (items, errors) = parse_str("worker {\n name api\n vanguard { rate_limit 5 }\n}");
         assert_eq!(shape(&items), "worker{name=[api] vanguard{rate_limit=[5]}}");
         assert_eq!(errors, vec![("E0004", 18), ("E0004", 43)]);
+    }
+
+    #[test]
+    fn a_named_block_header_is_one_error_and_keeps_the_block() {
+        let (items, errors) = parse_str("worker api {\n exec node;\n}");
+        assert_eq!(shape(&items), "worker{exec=[node]}");
+        assert_eq!(errors, vec![("E0005", 7)]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Stable diagnostic codes. A code never changes meaning once released; its
-//! explanation is what `apm explain CODE` prints.
+//! explanation is what `apm explain CODE` prints. Retired numbers are not
+//! reused (E0003 and E0026 were dropped before the first release).
 
 use crate::diag::Severity;
 
@@ -34,9 +35,6 @@ the rest of that file is not read. Re-save the file as UTF-8 (for example with \
     UNTERMINATED_STRING = "E0002" Error "unterminated quoted string"
 "A value opened with `\"`, `'` or a backtick runs to the end of the file without its \
 closing quote. Add the closing quote; inside double quotes, write `\\\"` for a literal quote.";
-
-    UNEXPECTED_CHAR = "E0003" Error "unexpected character"
-"The lexer met a character that cannot start a token. Quote the value that contains it.";
 
     MISSING_SEMICOLON = "E0004" Error "missing `;`"
 "Every statement ends with `;`, as in `instances 4;`. Without it the next line is read as \
@@ -104,7 +102,8 @@ dropping it would let traffic through that the config meant to stop.";
 PEM files.";
 
     UNKNOWN_USER = "E0019" Error "unknown user"
-"`user` names an account that does not exist on this machine. Create it or fix the name.";
+"`user` names an account that does not exist on this machine, or is empty. Create the \
+account or fix the name.";
 
     INVALID_SERVER = "E0020" Error "invalid server URL"
 "A `server` value must be `SCHEME://HOST:PORT` with scheme `http`, `https`, `ws`, `wss` or \
@@ -129,10 +128,6 @@ start. The message shows the cycle; remove one of its edges.";
     UNSET_VARIABLE = "E0025" Error "unset environment variable"
 "A path refers to `$VAR` or `${VAR}`, and that variable is not set in the environment apm \
 runs in. Set it, or write the path out.";
-
-    INVALID_STRICT_VALUE = "E0026" Error "invalid value"
-"This key's value could not be understood, and falling back to a default would be unsafe \
-or surprising, so it is an error.";
 
     UNKNOWN_KEY = "W0001" Warning "unknown key"
 "The key is not an apm option and is ignored. Check its spelling against the suggestion; \

@@ -84,8 +84,9 @@ impl Diagnostics {
     }
 
     pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items
-            .sort_by_key(|d| (d.primary.span.file, d.primary.span.start));
+        self.items.sort_by_key(|d| (d.primary.span.file, d.primary.span.start));
+        // A file included in two places reports a problem of its own once.
+        self.items.dedup();
         self.items
     }
 }
@@ -98,7 +99,7 @@ pub fn did_you_mean<'a>(
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
-        .filter(|&(distance, c)| distance <= (c.len() / 3).max(1) + usize::from(c.len() > 8))
+        .filter(|&(distance, c)| distance <= (c.len() / 4).max(1))
         .min_by_key(|&(distance, _)| distance)
         .map(|(_, c)| format!("did you mean `{c}`?"))
 }
@@ -118,5 +119,7 @@ mod tests {
             Some("did you mean `worker`?")
         );
         assert_eq!(did_you_mean("zzz", ["worker", "daemon"]), None);
+        assert_eq!(did_you_mean("autorestart", ["max_restarts"]), None);
+        assert_eq!(did_you_mean("log_file", ["log_max_files"]), None);
     }
 }

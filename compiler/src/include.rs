@@ -72,7 +72,7 @@ impl<'a> Expander<'a> {
                         "file is not valid UTF-8",
                     )
                     .label("first invalid byte")
-                    .help("save the file as UTF-8; the rest of this file was not read"),
+                    .help("save the file as UTF-8; nothing in this file was read"),
                 );
                 self.parsed.insert(file, Vec::new());
                 file
@@ -80,8 +80,17 @@ impl<'a> Expander<'a> {
         }
     }
 
-    fn parsed(&self, file: FileId) -> Vec<Item> {
-        self.parsed.get(&file).cloned().unwrap_or_default()
+    /// The items of a parsed file. The first use takes them; a file included
+    /// again is parsed again, so the common case copies nothing. Its syntax
+    /// errors were reported the first time.
+    fn parsed(&mut self, file: FileId) -> Vec<Item> {
+        match self.parsed.remove(&file) {
+            Some(items) => items,
+            None => {
+                let mut ignored = Diagnostics::default();
+                syntax::parse(file, &self.sources.get(file).text, &mut ignored)
+            }
+        }
     }
 
     fn expand(&mut self, items: Vec<Item>) -> Vec<Item> {
@@ -192,16 +201,20 @@ impl<'a> Expander<'a> {
                     return;
                 }
                 Err(error) => {
+                    let help = match error.kind() {
+                        io::ErrorKind::IsADirectory => {
+                            format!("to include the files of a directory, use a glob: `{}/*.conf`", self.display(&path))
+                        }
+                        _ => "check that apm may read the file".to_owned(),
+                    };
                     self.diags.push(
                         Diagnostic::new(
                             &codes::INCLUDE_FAILED,
                             at,
-                            format!(
-                                "cannot read included file `{}`: {error}",
-                                self.display(&path)
-                            ),
+                            format!("cannot read included file `{}`: {error}", self.display(&path)),
                         )
-                        .label("included here"),
+                        .label("included here")
+                        .help(help),
                     );
                     return;
                 }
@@ -218,13 +231,19 @@ impl<'a> Expander<'a> {
     fn glob(&self, pattern: &Path) -> Result<Vec<PathBuf>, String> {
         let components: Vec<Component> = pattern.components().collect();
         let mut current = vec![PathBuf::new()];
+        let mut after_wildcard = false;
+        // Literal components after a wildcard may not exist under every match.
+        let mut unchecked = false;
         for (i, component) in components.iter().enumerate() {
             let last = i == components.len() - 1;
             let name = component.as_os_str().to_string_lossy();
             if !is_glob(Path::new(name.as_ref())) {
                 current.iter_mut().for_each(|p| p.push(component));
+                unchecked |= after_wildcard;
                 continue;
             }
+            after_wildcard = true;
+            unchecked = false;
             let matcher = globset::GlobBuilder::new(&name)
                 .literal_separator(true)
                 .build()
@@ -258,6 +277,14 @@ impl<'a> Expander<'a> {
             }
             current = next;
         }
+        if unchecked {
+            current.retain(|path| {
+                let parent = path.parent().unwrap_or(Path::new(""));
+                self.loader
+                    .list_dir(parent)
+                    .is_ok_and(|entries| entries.iter().any(|(p, is_dir)| p == path && !is_dir))
+            });
+        }
         current.sort();
         Ok(current)
     }
@@ -290,6 +317,9 @@ pub fn normalize(path: &Path) -> PathBuf {
             }
             other => out.push(other),
         }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
     }
     out
 }

@@ -121,6 +121,10 @@ schema_block! {
         /// The `worker` keyword that opened the block.
         #[serde(skip)]
         span: Option<Span>,
+        /// Keys that were written with values that were rejected (reported
+        /// already), so that passes do not also call them missing.
+        #[serde(skip)]
+        rejected: Vec<&'static str>,
     }
 }
 

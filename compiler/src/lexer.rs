@@ -5,7 +5,10 @@ use logos::Logos;
 
 #[derive(Logos, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tok {
+    /// A byte-order mark counts as whitespace, so files saved by editors
+    /// that write one read like any other.
     #[regex(r"\s+")]
+    #[token("\u{feff}")]
     Whitespace,
     /// `#` and `//` start a comment only where a token starts, so `api#2` and
     /// `http://host` stay words (the longer word match wins inside a word).
@@ -13,11 +16,13 @@ pub enum Tok {
     Comment,
     /// A value: plain characters and quoted parts, glued together as in a
     /// shell (`B="x y"` is the one value `B=x y`). Outside quotes a word ends
-    /// at whitespace, `;`, `,`, `{` or `}`.
-    #[regex(r#"([^\s;,{}"'`]|"([^"\\]|\\[^\n]|\\\n)*"|'[^']*'|`[^`]*`)+"#)]
+    /// at whitespace, `;`, `,`, `{` or `}`; `${VAR}` is part of a word. Quotes
+    /// close on the line they open, so a stray apostrophe cannot swallow the
+    /// rest of the file.
+    #[regex(r#"([^\s;,{}"'`\u{FEFF}]|\$\{[A-Za-z0-9_]*\}|"([^"\\\n]|\\[^\n])*"|'[^'\n]*'|`[^`\n]*`)+"#)]
     Word,
-    /// A word whose last quote is never closed: it runs to the end of the file.
-    #[regex(r#"([^\s;,{}"'`]|"([^"\\]|\\[^\n]|\\\n)*"|'[^']*'|`[^`]*`)*("([^"\\]|\\[^\n]|\\\n)*\\?|'[^']*|`[^`]*)"#, allow_greedy = true)]
+    /// A word whose last quote is not closed on its line.
+    #[regex(r#"([^\s;,{}"'`\u{FEFF}]|\$\{[A-Za-z0-9_]*\}|"([^"\\\n]|\\[^\n])*"|'[^'\n]*'|`[^`\n]*`)*("([^"\\\n]|\\[^\n])*\\?|'[^'\n]*|`[^`\n]*)"#)]
     Unterminated,
     #[token(";")]
     Semi,
@@ -69,18 +74,17 @@ impl Token {
     }
 }
 
+/// The tokens of a text, trivia included.
+pub fn tokens(text: &str) -> impl Iterator<Item = Token> + '_ {
+    Tok::lexer(text).spanned().map(|(result, span)| Token {
+        kind: result.unwrap_or(Tok::Error),
+        start: span.start as u32,
+        end: span.end as u32,
+    })
+}
+
 pub fn lex(text: &str) -> Vec<Token> {
-    let mut lexer = Tok::lexer(text);
-    let mut tokens = Vec::with_capacity(text.len() / 4);
-    while let Some(result) = lexer.next() {
-        let span = lexer.span();
-        tokens.push(Token {
-            kind: result.unwrap_or(Tok::Error),
-            start: span.start as u32,
-            end: span.end as u32,
-        });
-    }
-    tokens
+    tokens(text).collect()
 }
 
 /// The value a word stands for: quotes stripped, escapes applied inside
@@ -185,12 +189,15 @@ mod tests {
     }
 
     #[test]
-    fn unterminated_strings_run_to_the_end() {
+    fn unterminated_quotes_end_at_the_end_of_their_line() {
         assert_eq!(
-            kinds("a x\"b;\n c"),
-            vec![(Tok::Word, "a"), (Tok::Unterminated, "x\"b;\n c")]
+            kinds("a x\"b;\n c;"),
+            vec![(Tok::Word, "a"), (Tok::Unterminated, "x\"b;"), (Tok::Word, "c"), (Tok::Semi, ";")]
         );
-        assert_eq!(unclosed_quote("x\"b;\n c"), 1);
+        assert_eq!(kinds("p Don't do;\n"), vec![(Tok::Word, "p"), (Tok::Unterminated, "Don't do;")]);
+        assert_eq!(kinds("log ${HOME}/x;"), vec![(Tok::Word, "log"), (Tok::Word, "${HOME}/x"), (Tok::Semi, ";")]);
+        assert_eq!(kinds("\u{feff}a;"), vec![(Tok::Word, "a"), (Tok::Semi, ";")]);
+        assert_eq!(unclosed_quote("x\"b;"), 1);
         assert_eq!(unclosed_quote("'a'\"b\\\"c"), 3);
     }
 

@@ -25,6 +25,9 @@ pub struct LowerCx<'a> {
     pub diags: &'a mut Diagnostics,
     /// The root file's directory, against which defaults are resolved.
     pub root_dir: PathBuf,
+    /// Keys whose written values were rejected since the last worker was
+    /// built, so passes do not also report them as missing.
+    pub rejected: Vec<&'static str>,
     dirs: Vec<PathBuf>,
 }
 
@@ -44,6 +47,7 @@ impl<'a> LowerCx<'a> {
             sources,
             diags,
             root_dir,
+            rejected: Vec::new(),
             dirs,
         }
     }
@@ -246,6 +250,7 @@ pub fn lower(items: Vec<Item>, cx: &mut LowerCx) -> Config {
 }
 
 fn lower_worker(block: Block, cx: &mut LowerCx) -> WorkerSpec {
+    cx.rejected.clear();
     let mut keys = Collector::new(Scope::Worker);
     let mut vanguard: Option<Collector> = None;
     let mut statsd: Option<Collector> = None;
@@ -275,9 +280,18 @@ fn lower_worker(block: Block, cx: &mut LowerCx) -> WorkerSpec {
     });
     let statsd =
         statsd.map(|mut collector| StatsdConfig::from_occurrences(&mut collector.slots, cx));
-    let mut spec =
-        WorkerSpec::from_occurrences(&mut keys.slots, cx, vanguard, statsd, Some(block.name.span));
-    if !spec.name.is_explicit() {
+    let mut spec = WorkerSpec::from_occurrences(
+        &mut keys.slots,
+        cx,
+        vanguard,
+        statsd,
+        Some(block.name.span),
+        Vec::new(),
+    );
+    spec.rejected = std::mem::take(&mut cx.rejected);
+    // A name that was written but rejected is not replaced by the exec name,
+    // which could clash with another worker and report a second, false error.
+    if !spec.name.is_explicit() && !spec.rejected.contains(&"name") {
         spec.name.value = default_name(spec.exec_name());
     }
     spec

@@ -33,43 +33,31 @@ fn ariadne_span(sources: &SourceMap, span: Span) -> (String, std::ops::Range<usi
     )
 }
 
-fn render_diagnostic(sources: &SourceMap, diagnostic: &Diagnostic, color: bool, out: &mut Vec<u8>) {
+fn render_diagnostic(
+    sources: &SourceMap,
+    diagnostic: &Diagnostic,
+    color: bool,
+    cache: &mut impl ariadne::Cache<String>,
+    out: &mut Vec<u8>,
+) {
     use ariadne::{Color, Config, IndexType, Label as AriadneLabel, Report, ReportKind};
     let (kind, accent) = match diagnostic.severity() {
         Severity::Error => (ReportKind::Error, Color::Red),
         Severity::Warning => (ReportKind::Warning, Color::Yellow),
     };
-    let primary = &diagnostic.primary;
-    let mut report = Report::build(kind, ariadne_span(sources, primary.span))
-        .with_config(
-            Config::default()
-                .with_color(color)
-                .with_index_type(IndexType::Byte),
-        )
+    let label = |label: &Label, color: Color| {
+        let ariadne_label = AriadneLabel::new(ariadne_span(sources, label.span)).with_color(color);
+        if label.message.is_empty() { ariadne_label } else { ariadne_label.with_message(&label.message) }
+    };
+    let mut report = Report::build(kind, ariadne_span(sources, diagnostic.primary.span))
+        .with_config(Config::default().with_color(color).with_index_type(IndexType::Byte))
         .with_code(diagnostic.code.id)
         .with_message(&diagnostic.message)
-        .with_label(
-            AriadneLabel::new(ariadne_span(sources, primary.span))
-                .with_message(&primary.message)
-                .with_color(accent)
-                .with_order(0),
-        );
-    for (i, label) in diagnostic.secondary.iter().enumerate() {
-        report = report.with_label(
-            AriadneLabel::new(ariadne_span(sources, label.span))
-                .with_message(&label.message)
-                .with_color(Color::Blue)
-                .with_order(i as i32 + 1),
-        );
-    }
+        .with_label(label(&diagnostic.primary, accent))
+        .with_labels(diagnostic.secondary.iter().map(|l| label(l, Color::Blue)));
     if let Some(help) = &diagnostic.help {
         report = report.with_help(help);
     }
-    let cache = ariadne::sources(
-        sources
-            .files()
-            .map(|(id, f)| (file_name(sources, Span::new(id, 0..0)), f.text.clone())),
-    );
     // Writing into a Vec cannot fail.
     let _ = report.finish().write(cache, &mut *out);
 }
@@ -77,9 +65,20 @@ fn render_diagnostic(sources: &SourceMap, diagnostic: &Diagnostic, color: bool, 
 /// The human rendering: every diagnostic as a source snippet, then a
 /// one-screen summary of what the config defines.
 pub fn human(compilation: &Compilation, color: bool) -> String {
+    let sources = &compilation.sources;
+    let mut cited: Vec<_> = compilation
+        .diagnostics
+        .iter()
+        .flat_map(|d| std::iter::once(&d.primary).chain(&d.secondary).map(|l| l.span.file))
+        .collect();
+    cited.sort();
+    cited.dedup();
+    let mut cache = ariadne::sources(
+        cited.into_iter().map(|file| (file_name(sources, Span::new(file, 0..0)), sources.get(file).text.clone())),
+    );
     let mut bytes = Vec::new();
     for diagnostic in &compilation.diagnostics {
-        render_diagnostic(&compilation.sources, diagnostic, color, &mut bytes);
+        render_diagnostic(sources, diagnostic, color, &mut cache, &mut bytes);
     }
     let mut out = String::from_utf8_lossy(&bytes).into_owned();
     out.push_str(&summary(compilation));
@@ -120,8 +119,8 @@ fn summary(compilation: &Compilation) -> String {
     if daemon.gui_port.value != 0 {
         let _ = writeln!(
             out,
-            "  daemon: GUI on {}:{}",
-            daemon.gui_bind.value, daemon.gui_port.value
+            "  daemon: GUI on {}",
+            std::net::SocketAddr::new(daemon.gui_bind.value.0, daemon.gui_port.value)
         );
     }
     let rows: Vec<[String; 3]> = workers

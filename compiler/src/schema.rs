@@ -176,20 +176,13 @@ fn parse_one<T: FromValue>(
 ) -> Option<T> {
     let parsed = {
         let base_dir = span.map_or(cx.root_dir.as_path(), |s| cx.dir_of(s));
-        T::from_value(
-            text,
-            &def.kind,
-            &ValueCx {
-                loader: cx.loader,
-                base_dir,
-                span,
-            },
-        )
+        T::from_value(text, &def.kind, &ValueCx { loader: cx.loader, base_dir, span })
     };
     match (parsed, span) {
         (Ok(value), _) => Some(value),
         (Err(problem), Some(span)) => {
             cx.diags.push(bad_value(def, span, problem));
+            cx.rejected.push(def.name);
             None
         }
         // Defaults are checked by a test over the whole table.
@@ -204,27 +197,30 @@ fn bad_value(def: &KeyDef, span: Span, problem: Problem) -> Diagnostic {
     let help = problem
         .help
         .unwrap_or_else(|| format!("`{}` takes {}", def.name, def.kind.describe()));
-    if def.kind.strict() {
-        Diagnostic::new(
-            &codes::INVALID_STRICT_VALUE,
-            span,
-            format!("invalid `{}`: {}", def.name, problem.message),
-        )
-        .label("here")
-        .help(help)
-    } else {
-        let fallback = match def.default {
-            Some(default) => format!("the default ({default}) is used"),
-            None => "it is ignored".to_owned(),
-        };
-        Diagnostic::new(
-            &codes::INVALID_VALUE,
-            span,
-            format!("invalid `{}`: {}; {fallback}", def.name, problem.message),
-        )
-        .label("here")
-        .help(help)
+    if let Some(code) = def.kind.strict_code() {
+        return Diagnostic::new(code, span, format!("invalid `{}`: {}", def.name, problem.message))
+            .label(format!("invalid {}", def.name))
+            .help(help);
     }
+    let fallback = match (def.default, def.kind) {
+        (Some(default), Kind::Duration) => format!("the default ({default} ms) is used"),
+        (Some(default), _) => format!("the default ({default}) is used"),
+        (None, _) => "it is ignored".to_owned(),
+    };
+    Diagnostic::new(
+        &codes::INVALID_VALUE,
+        span,
+        format!("invalid `{}`: {}; {fallback}", def.name, problem.message),
+    )
+    .label(format!("invalid {}", def.name))
+    .help(help)
+}
+
+fn missing_value(def: &KeyDef, key: Span, many: bool) -> Diagnostic {
+    let count = if many { ", one or more" } else { "" };
+    Diagnostic::new(&codes::MISSING_VALUE, key, format!("`{}` has no value and is ignored", def.name))
+        .label("key without a value")
+        .help(format!("`{}` takes {}{count}", def.name, def.kind.describe()))
 }
 
 /// The single value of a one-value key, after reporting extra or missing values.
@@ -236,20 +232,14 @@ fn single<'o>(
     match occurrence.values.as_slice() {
         [] if def.kind == Kind::Bool => Some(("true", occurrence.key)),
         [] => {
-            cx.diags.push(
-                Diagnostic::new(
-                    &codes::MISSING_VALUE,
-                    occurrence.key,
-                    format!("`{}` has no value and is ignored", def.name),
-                )
-                .help(format!("`{}` takes {}", def.name, def.kind.describe())),
-            );
+            cx.diags.push(missing_value(def, occurrence.key, false));
+            cx.rejected.push(def.name);
             None
         }
         [one] => Some((one.text.as_str(), one.span)),
         [first, second, ..] => {
-            cx.diags
-                .push(cx.too_many_values(def, occurrence, first.span, second.span));
+            cx.diags.push(cx.too_many_values(def, occurrence, first.span, second.span));
+            cx.rejected.push(def.name);
             None
         }
     }
@@ -264,10 +254,7 @@ impl<T: FromValue + Default> Slot for Setting<T> {
         {
             return Setting::new(value, Some(span));
         }
-        let value = def
-            .default
-            .and_then(|d| parse_one(def, d, None, cx))
-            .unwrap_or_default();
+        let value = def.default.and_then(|d| parse_one(def, d, None, cx)).unwrap_or_default();
         Setting::new(value, None)
     }
 }
@@ -284,29 +271,15 @@ impl<T: FromValue> Slot for Option<Setting<T>> {
 impl<T: FromValue> Slot for Vec<Setting<T>> {
     const MANY: bool = true;
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
-        let Some(occurrence) = occurrence else {
-            return Vec::new();
-        };
+        let Some(occurrence) = occurrence else { return Vec::new() };
         if occurrence.values.is_empty() {
-            cx.diags.push(
-                Diagnostic::new(
-                    &codes::MISSING_VALUE,
-                    occurrence.key,
-                    format!("`{}` has no value and is ignored", def.name),
-                )
-                .help(format!(
-                    "`{}` takes {}, one or more",
-                    def.name,
-                    def.kind.describe()
-                )),
-            );
+            cx.diags.push(missing_value(def, occurrence.key, true));
         }
         occurrence
             .values
             .iter()
             .filter_map(|v| {
-                parse_one(def, &v.text, Some(v.span), cx)
-                    .map(|value| Setting::new(value, Some(v.span)))
+                parse_one(def, &v.text, Some(v.span), cx).map(|value| Setting::new(value, Some(v.span)))
             })
             .collect()
     }

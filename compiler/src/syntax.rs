@@ -7,11 +7,13 @@
 //! item  = block | stmt | ";"
 //! block = WORD "{" item* "}"
 //! stmt  = WORD (value ","?)* ";"
-//! value = WORD | STRING          (a WORD directly followed by "{" starts a block instead)
+//! value = WORD                   (a WORD directly followed by "{" starts a block instead)
 //! ```
-//! A missing `;` before `}`, before a block or at the end of the file, and a
-//! missing `}` at the end of the file, are parsed as if they were there and
-//! reported by name; anything else unexpected skips to the next `;`.
+//! Common mistakes are parsed as if corrected and reported by name: a missing
+//! `;` before `}`, before a block, at the end of the file or before a line
+//! that starts with a known key; a missing `}` at the end of the file; a
+//! block keyword with a name (`worker api {`).
+//! Anything else unexpected skips to the next `;`.
 
 use chumsky::input::ValueInput;
 use chumsky::prelude::*;
@@ -19,7 +21,8 @@ use chumsky::prelude::*;
 use crate::codes;
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::lexer::{self, Tok};
-use crate::source::{FileId, Span};
+use crate::schema::Scope;
+use crate::source::{FileId, SourceFile, Span};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Word {
@@ -54,27 +57,16 @@ pub enum Item {
     Block(Block),
 }
 
-/// What the grammar produces: spans only, turned into a tree with text by `build`.
+/// What the grammar produces: spans only, turned into a tree with text by `Builder`.
 #[derive(Clone, Debug)]
 enum Raw {
-    Stmt {
-        key: SimpleSpan,
-        values: Vec<(Tok, SimpleSpan)>,
-        terminated: bool,
-        span: SimpleSpan,
-    },
-    Block {
-        name: SimpleSpan,
-        open: SimpleSpan,
-        items: Vec<Raw>,
-        closed: bool,
-        span: SimpleSpan,
-    },
+    Stmt { key: SimpleSpan, values: Vec<(Tok, SimpleSpan)>, terminated: bool, span: SimpleSpan },
+    Block { name: SimpleSpan, open: SimpleSpan, items: Vec<Raw>, closed: bool, span: SimpleSpan },
     StrayClose(SimpleSpan),
     Nothing,
 }
 
-fn grammar<'t, I>() -> impl Parser<'t, I, Vec<Raw>, extra::Err<Rich<'t, Tok>>>
+fn grammar<'t, I>() -> impl Parser<'t, I, Vec<Raw>, extra::Err<Simple<'t, Tok>>>
 where
     I: ValueInput<'t, Token = Tok, Span = SimpleSpan>,
 {
@@ -89,35 +81,21 @@ where
         .allow_leading()
         .allow_trailing()
         .collect::<Vec<_>>();
-    let terminator = just(Tok::Semi).to(true).or(choice((
-        just(Tok::RBrace).ignored(),
-        end(),
-        block_start.clone(),
-    ))
-    .rewind()
-    .to(false));
+    let terminator = just(Tok::Semi)
+        .to(true)
+        .or(choice((just(Tok::RBrace).ignored(), end(), block_start.clone())).rewind().to(false));
     let stmt = word
         .then(values)
         .then(terminator)
-        .map_with(|((key, values), terminated), e| Raw::Stmt {
-            key,
-            values,
-            terminated,
-            span: e.span(),
-        });
+        .map_with(|((key, values), terminated), e| Raw::Stmt { key, values, terminated, span: e.span() });
+    let close = just(Tok::RBrace).to(true).or(end().to(false));
 
     let item = recursive(|item| {
         let block = word
             .then(just(Tok::LBrace).map_with(|_, e| e.span()))
-            .then(item.repeated().collect::<Vec<_>>())
-            .then(just(Tok::RBrace).to(true).or(end().to(false)))
-            .map_with(|(((name, open), items), closed), e| Raw::Block {
-                name,
-                open,
-                items,
-                closed,
-                span: e.span(),
-            });
+            .then(item.clone().repeated().collect::<Vec<_>>())
+            .then(close.clone())
+            .map_with(|(((name, open), items), closed), e| Raw::Block { name, open, items, closed, span: e.span() });
         choice((block, stmt, just(Tok::Semi).to(Raw::Nothing))).recover_with(skip_until(
             any().and_is(just(Tok::RBrace).not()).ignored(),
             just(Tok::Semi).ignored(),
@@ -133,79 +111,47 @@ where
 /// Parses one file. Never fails: problems become diagnostics and the tree
 /// holds whatever could be recovered.
 pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
-    let tokens = lexer::lex(text);
-    let mut significant = Vec::with_capacity(tokens.len() / 2);
-    for token in &tokens {
-        let span = Span::new(file, token.range());
-        match token.kind {
-            Tok::Unterminated => {
-                let quote = token.start as usize + lexer::unclosed_quote(&text[token.range()]);
-                diags.push(
-                    Diagnostic::new(&codes::UNTERMINATED_STRING, Span::new(file, quote..quote + 1), "unterminated quoted string")
-                        .label("this quote is never closed")
-                        .help("add the closing quote; to use an apostrophe in a value, put the value in double quotes"),
-                )
-            }
-            Tok::Error => diags.push(
-                Diagnostic::new(
-                    &codes::UNEXPECTED_CHAR,
-                    span,
-                    format!("unexpected character `{}`", &text[token.range()]),
-                )
-                .help("quote the value that contains it"),
-            ),
-            _ => {}
+    let mut significant = Vec::with_capacity(text.len() / 8);
+    for token in lexer::tokens(text) {
+        if token.kind == Tok::Unterminated {
+            diags.push(unterminated(file, text, token.range()));
         }
         if !token.kind.is_trivia() {
             significant.push((token.kind, SimpleSpan::from(token.range())));
         }
     }
-
     let eoi = SimpleSpan::from(text.len()..text.len());
-    let (raw, errors) = grammar()
-        .parse(significant.as_slice().split_token_span(eoi))
-        .into_output_errors();
+    let (raw, errors) = grammar().parse(significant.as_slice().split_token_span(eoi)).into_output_errors();
+    let builder = Builder { file, text, tokens: &significant };
     for error in errors {
-        diags.push(syntax_error(file, text, &significant, &error));
+        diags.push(builder.syntax_error(error.span().into_range(), error.found()));
     }
-    let builder = Builder {
-        file,
-        text,
-        tokens: &significant,
-    };
     let mut items = Vec::new();
     builder.build(raw.unwrap_or_default(), &mut items, diags);
     items
 }
 
-fn syntax_error(
-    file: FileId,
-    text: &str,
-    tokens: &[(Tok, SimpleSpan)],
-    error: &Rich<'_, Tok>,
-) -> Diagnostic {
-    let span = Span::new(file, error.span().into_range());
-    let found = match error.found() {
-        Some(Tok::Word) => format!("`{}`", &text[span.range()]),
-        Some(tok) => tok.to_string(),
-        None => "the end of the file".to_owned(),
+fn unterminated(file: FileId, text: &str, range: std::ops::Range<usize>) -> Diagnostic {
+    let quote = range.start + lexer::unclosed_quote(&text[range]);
+    let help = match text.as_bytes()[quote] {
+        b'\'' => "quotes close on the line they open; to use an apostrophe in a value, put the whole value in double quotes",
+        _ => "quotes close on the line they open: add the closing quote; write `\\n` for a line break",
     };
-    let mut expected: Vec<String> = error.expected().map(|p| p.to_string()).collect();
-    expected.sort();
-    expected.dedup();
-    let after = tokens
-        .iter()
-        .rev()
-        .find(|(_, s)| s.end <= span.start as usize);
-    let message = match after {
-        Some((Tok::RBrace | Tok::Semi, _)) | None => {
-            format!("unexpected {found}, expected a key or a block")
-        }
-        Some(_) => format!("unexpected {found}"),
-    };
-    Diagnostic::new(&codes::SYNTAX, span, message)
-        .label(if expected.is_empty() { String::new() } else { format!("expected {}", expected.join(" or ")) })
-        .help("a statement is `key value;` and a block is `name { … }`; quote values that contain `{`, `}`, `;` or `,`")
+    Diagnostic::new(&codes::UNTERMINATED_STRING, Span::new(file, quote..quote + 1), "unterminated quoted string")
+        .label("this quote is not closed on its line")
+        .help(help)
+}
+
+/// Whether a word is a key of some block, so that a line starting with it
+/// begins a new statement even when the `;` before it is missing.
+fn is_known_key(word: &str) -> bool {
+    word == "include" || Scope::ALL.into_iter().any(|scope| scope.key_index(word).is_some())
+}
+
+/// An unterminated quote at the end of a statement has been reported, and
+/// it swallowed the statement's `;`.
+fn swallows_semicolon(values: &[(Tok, SimpleSpan)]) -> bool {
+    values.last().is_some_and(|(tok, _)| *tok == Tok::Unterminated)
 }
 
 struct Builder<'a> {
@@ -220,10 +166,29 @@ impl Builder<'_> {
     }
 
     fn word(&self, s: SimpleSpan) -> Word {
-        Word {
-            text: self.text[s.into_range()].to_owned(),
-            span: self.span(s),
+        Word { text: self.text[s.into_range()].to_owned(), span: self.span(s) }
+    }
+
+    fn describe(&self, found: Option<&Tok>, range: std::ops::Range<usize>) -> String {
+        match found {
+            Some(Tok::Word) => format!("`{}`", &self.text[range]),
+            Some(Tok::Unterminated) => "an unterminated string".to_owned(),
+            Some(tok) => tok.to_string(),
+            None => "the end of the file".to_owned(),
         }
+    }
+
+    fn syntax_error(&self, range: std::ops::Range<usize>, found: Option<&Tok>) -> Diagnostic {
+        let found = self.describe(found, range.clone());
+        let previous = self.tokens.iter().rev().find(|(_, s)| s.end <= range.start).map(|(t, _)| *t);
+        let message = match (previous, found.as_str()) {
+            (_, "`{`") => "unexpected `{`: a block needs a name before it".to_owned(),
+            (Some(Tok::RBrace | Tok::Semi | Tok::LBrace) | None, _) => format!("{found} cannot start a statement"),
+            _ => format!("unexpected {found}"),
+        };
+        Diagnostic::new(&codes::SYNTAX, self.span(SimpleSpan::from(range)), message)
+            .label("unexpected here")
+            .help("a statement is `key value;` and a block is `name { … }`; quote values that contain `{`, `}`, `;` or `,`")
     }
 
     fn build(&self, raws: Vec<Raw>, out: &mut Vec<Item>, diags: &mut Diagnostics) {
@@ -233,7 +198,7 @@ impl Builder<'_> {
             // the `worker` block, so its contents are still checked.
             if let Raw::Stmt { key, values, terminated: false, .. } = &raw
                 && values.is_empty()
-                && crate::schema::Scope::for_block(&self.text[key.into_range()]).is_some()
+                && Scope::for_block(&self.text[key.into_range()]).is_some()
                 && let Some(Raw::Block { name, open, items, closed, span }) = raws.peek().cloned()
             {
                 raws.next();
@@ -249,61 +214,18 @@ impl Builder<'_> {
                 continue;
             }
             match raw {
-                Raw::Stmt {
-                    key,
-                    values,
-                    terminated,
-                    span,
-                } => {
-                    let mut key = self.word(key);
-                    let mut values: Vec<Value> = values
-                        .into_iter()
-                        .map(|(_, s)| {
-                            let raw = &self.text[s.into_range()];
-                            Value {
-                                text: lexer::unquote(raw),
-                                span: self.span(s),
-                                quoted: lexer::is_quoted(raw),
-                            }
-                        })
-                        .collect();
-                    // `key: value;` — the colon is optional, glued to the key or alone.
-                    if let Some(stripped) = key.text.strip_suffix(':') {
-                        key.text = stripped.to_owned();
-                    } else if values.first().is_some_and(|v| !v.quoted && v.text == ":") {
-                        values.remove(0);
-                    }
-                    let span = self.span(span);
-                    if !terminated {
-                        diags.push(self.missing_semicolon(span));
-                    }
-                    out.push(Item::Stmt(Stmt { key, values, span }));
-                }
-                Raw::Block {
-                    name,
-                    open,
-                    items,
-                    closed,
-                    span,
-                } => {
+                Raw::Stmt { key, values, terminated, span } => self.stmt(key, values, terminated, span, out, diags),
+                Raw::Block { name, open, items, closed, span } => {
                     if !closed {
                         diags.push(
-                            Diagnostic::new(
-                                &codes::UNCLOSED_BLOCK,
-                                self.span(open),
-                                "this block is never closed",
-                            )
-                            .label("opened here")
-                            .help("add `}` where the block should end"),
+                            Diagnostic::new(&codes::UNCLOSED_BLOCK, self.span(open), "this block is never closed")
+                                .label("opened here")
+                                .help("add `}` where the block should end"),
                         );
                     }
                     let mut children = Vec::new();
                     self.build(items, &mut children, diags);
-                    out.push(Item::Block(Block {
-                        name: self.word(name),
-                        items: children,
-                        span: self.span(span),
-                    }));
+                    out.push(Item::Block(Block { name: self.word(name), items: children, span: self.span(span) }));
                 }
                 Raw::StrayClose(s) => diags.push(
                     Diagnostic::new(&codes::UNEXPECTED_CLOSE, self.span(s), "unexpected `}`")
@@ -315,18 +237,83 @@ impl Builder<'_> {
         }
     }
 
-    fn missing_semicolon(&self, stmt: Span) -> Diagnostic {
-        let last = self
-            .tokens
-            .iter()
-            .rev()
-            .find(|(_, s)| s.end <= stmt.end as usize)
-            .map_or(stmt, |(_, s)| self.span(*s));
-        let at = last.end_point();
-        let line = crate::source::SourceFile::line_of(self.text, at.start as usize);
-        Diagnostic::new(&codes::MISSING_SEMICOLON, at, "missing `;`")
+    /// One statement; a value that starts a line with a known key begins
+    /// the next statement, the `;` before it being reported as missing.
+    fn stmt(
+        &self,
+        key: SimpleSpan,
+        values: Vec<(Tok, SimpleSpan)>,
+        terminated: bool,
+        span: SimpleSpan,
+        out: &mut Vec<Item>,
+        diags: &mut Diagnostics,
+    ) {
+        let mut previous_end = key.end;
+        let split = values.iter().position(|&(tok, s)| {
+            let starts_line = self.text[previous_end..s.start].contains('\n');
+            previous_end = s.end;
+            tok == Tok::Word && starts_line && is_known_key(&self.text[s.into_range()])
+        });
+        if let Some(at) = split {
+            let (head, tail) = values.split_at(at);
+            let head_end = head.last().map_or(key.end, |(_, s)| s.end);
+            if !swallows_semicolon(head) {
+                diags.push(self.missing_semicolon(SimpleSpan::from(head_end..head_end), Some(tail[0].1)));
+            }
+            self.push_stmt(key, head.to_vec(), SimpleSpan::from(span.start..head_end), out, diags);
+            let (next_key, rest) = (tail[0].1, tail[1..].to_vec());
+            return self.stmt(next_key, rest, terminated, SimpleSpan::from(next_key.start..span.end), out, diags);
+        }
+        if !terminated && !swallows_semicolon(&values) {
+            let end = values.last().map_or(key.end, |(_, s)| s.end);
+            diags.push(self.missing_semicolon(SimpleSpan::from(end..end), None));
+        }
+        self.push_stmt(key, values, span, out, diags);
+    }
+
+    fn push_stmt(
+        &self,
+        key: SimpleSpan,
+        values: Vec<(Tok, SimpleSpan)>,
+        span: SimpleSpan,
+        out: &mut Vec<Item>,
+        diags: &mut Diagnostics,
+    ) {
+        let mut key = self.word(key);
+        let mut values: Vec<Value> = values
+            .into_iter()
+            .map(|(_, s)| {
+                let raw = &self.text[s.into_range()];
+                Value { text: lexer::unquote(raw), span: self.span(s), quoted: lexer::is_quoted(raw) }
+            })
+            .collect();
+        if lexer::is_quoted(&key.text) {
+            let unquoted = lexer::unquote(&key.text);
+            diags.push(
+                Diagnostic::new(&codes::SYNTAX, key.span, "keys are not quoted")
+                    .label("quoted key")
+                    .help(format!("write `{unquoted}` without quotes")),
+            );
+            key.text = unquoted;
+        }
+        // `key: value;`: the colon is optional, glued to the key or alone.
+        if let Some(stripped) = key.text.strip_suffix(':') {
+            key.text = stripped.to_owned();
+        } else if values.first().is_some_and(|v| !v.quoted && v.text == ":") {
+            values.remove(0);
+        }
+        out.push(Item::Stmt(Stmt { key, values, span: self.span(span) }));
+    }
+
+    fn missing_semicolon(&self, at: SimpleSpan, next_key: Option<SimpleSpan>) -> Diagnostic {
+        let line = SourceFile::line_of(self.text, at.start);
+        let diagnostic = Diagnostic::new(&codes::MISSING_SEMICOLON, self.span(at), "missing `;`")
             .label("expected `;` here")
-            .help(format!("add `;` at the end of line {line}"))
+            .help(format!("add `;` at the end of line {line}"));
+        match next_key {
+            Some(next) => diagnostic.secondary(self.span(next), "the next statement starts here"),
+            None => diagnostic,
+        }
     }
 }
 
@@ -385,6 +372,20 @@ mod tests {
         let (items, errors) = parse_str("worker api {\n exec node;\n}");
         assert_eq!(shape(&items), "worker{exec=[node]}");
         assert_eq!(errors, vec![("E0005", 7)]);
+    }
+
+    #[test]
+    fn a_line_starting_with_a_known_key_starts_a_statement() {
+        let (items, errors) = parse_str("worker {\n params server.js\n instances 4;\n name\n exec node;\n}");
+        assert_eq!(shape(&items), "worker{params=[server.js] instances=[4] name=[] exec=[node]}");
+        assert_eq!(errors, vec![("E0004", 26), ("E0004", 46)]);
+    }
+
+    #[test]
+    fn quoted_keys_and_unterminated_quotes_are_single_errors() {
+        let (items, errors) = parse_str("\"name\" api;\nban_response Don't do that;\n}");
+        assert_eq!(shape(&items), "name=[api] ban_response=[Dont do that;]");
+        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec!["E0005", "E0002", "E0007"]);
     }
 
     #[test]

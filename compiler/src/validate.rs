@@ -54,6 +54,9 @@ fn workers(config: &Config, cx: &mut PassCx) {
             continue;
         }
         let name = spec.name.value.as_str();
+        if name.is_empty() {
+            continue;
+        }
         match seen.get(name) {
             Some(first) => {
                 let mut diagnostic = Diagnostic::new(
@@ -166,7 +169,7 @@ fn tls(config: &Config, cx: &mut PassCx) {
             ("tls_ca", &spec.tls_ca),
         ] {
             match file {
-                None if key == "tls_ca" => {}
+                None if key == "tls_ca" || spec.rejected.contains(&key) => {}
                 None => cx.diags.push(
                     Diagnostic::new(
                         &codes::TLS_UNUSABLE,
@@ -330,7 +333,8 @@ fn exposure(config: &Config, cx: &mut PassCx) {
         if let Some(span) = spec
             .server
             .iter()
-            .find(|s| !s.addr.is_loopback())
+            // X-Forwarded-For exists only where HTTP is parsed.
+            .find(|s| s.scheme != Scheme::Tcp && !s.addr.is_loopback())
             .and_then(|s| s.span)
         {
             cx.diags.push(

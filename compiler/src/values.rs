@@ -71,7 +71,10 @@ impl Kind {
             Kind::EnvName => "an environment variable name".into(),
             Kind::Path => "a path ($VAR expanded, relative to the config file)".into(),
             Kind::Server => "a listener URL (http://0.0.0.0:3000, tcp://127.0.0.1:9000, http://unix:/run/app.sock)".into(),
-            Kind::Url { schemes } => format!("a URL ({})", schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")),
+            Kind::Url { schemes } => format!(
+                "a URL starting with {}",
+                schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ")
+            ),
             Kind::HealthCheck => "`on` or an http(s):// URL".into(),
             Kind::Cidr => "an IP address or CIDR range (10.0.0.0/8)".into(),
             Kind::Glob => "a glob pattern (*.js)".into(),
@@ -85,13 +88,17 @@ impl Kind {
         }
     }
 
-    /// Kinds whose bad values are errors: falling back to a default would
-    /// be unsafe or surprising (decisions: the config language, rule 8).
-    pub fn strict(&self) -> bool {
-        matches!(
-            self,
-            Kind::Cidr | Kind::Server | Kind::WorkerName | Kind::User
-        )
+    /// The error code of a bad value of this kind, for kinds whose bad values
+    /// are errors because falling back to a default would be unsafe or
+    /// surprising (decisions: the config language, rule 8).
+    pub fn strict_code(&self) -> Option<&'static codes::Code> {
+        match self {
+            Kind::Cidr => Some(&codes::INVALID_CIDR),
+            Kind::Server => Some(&codes::INVALID_SERVER),
+            Kind::WorkerName => Some(&codes::INVALID_NAME),
+            Kind::User => Some(&codes::UNKNOWN_USER),
+            _ => None,
+        }
     }
 }
 
@@ -385,13 +392,19 @@ impl FromValue for Secret {
     }
 }
 
-/// Expands `$VAR` and `${VAR}`; an unset variable is returned as the error.
+/// Expands `$VAR` and `${VAR}`; `$$` is a literal `$`. An unset variable is
+/// returned as the error.
 pub fn expand_env(text: &str, loader: &dyn SourceLoader) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(dollar) = rest.find('$') {
         out.push_str(&rest[..dollar]);
         let after = &rest[dollar + 1..];
+        if let Some(escaped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = escaped;
+            continue;
+        }
         let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
             match braced.find('}') {
                 Some(end) => (&braced[..end], end + 2),
@@ -493,16 +506,19 @@ impl ListenAddr {
     pub fn overlaps(&self, other: &ListenAddr) -> bool {
         match (self, other) {
             (ListenAddr::Unix { unix: a }, ListenAddr::Unix { unix: b }) => a == b,
-            (ListenAddr::Tcp { host: a, port: p }, ListenAddr::Tcp { host: b, port: q }) => {
-                let canonical = |h: &str| {
-                    if h == "localhost" {
-                        "127.0.0.1".to_owned()
-                    } else {
-                        h.to_owned()
-                    }
+            (ListenAddr::Tcp { host: a, port: p }, ListenAddr::Tcp { host: b, port: q }) if p == q => {
+                let ip = |h: &str| {
+                    if h == "localhost" { Some(IpAddr::from([127, 0, 0, 1])) } else { h.parse::<IpAddr>().ok() }
                 };
-                let wildcard = |h: &str| h.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified());
-                p == q && (canonical(a) == canonical(b) || wildcard(a) || wildcard(b))
+                match (ip(a), ip(b)) {
+                    // `[::]` binds both families on Linux; `0.0.0.0` only IPv4.
+                    (Some(x), Some(y)) => {
+                        x == y
+                            || (x.is_unspecified() && (x.is_ipv6() || y.is_ipv4()))
+                            || (y.is_unspecified() && (y.is_ipv6() || x.is_ipv4()))
+                    }
+                    _ => a == b,
+                }
             }
             _ => false,
         }
@@ -694,6 +710,9 @@ impl FromValue for Ip {
     fn from_value(text: &str, kind: &Kind, _: &ValueCx) -> Result<Self, Problem> {
         if *kind != Kind::IpAddr {
             return Err(kind_mismatch(kind, "Ip"));
+        }
+        if text.eq_ignore_ascii_case("localhost") {
+            return Ok(Ip(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)));
         }
         text.parse().map(Ip).map_err(|_| {
             Problem::new(format!("`{text}` is not an IP address"))

@@ -115,8 +115,8 @@ fn loader(case: &Case) -> MemLoader {
 }
 
 /// `#~ CODE [file:]line:col` annotations of every file of a case.
-fn expectations(case: &Case) -> BTreeSet<(String, String, usize, usize)> {
-    let mut expected = BTreeSet::new();
+fn expectations(case: &Case) -> Vec<(String, String, usize, usize)> {
+    let mut expected = Vec::new();
     for (path, contents) in &case.files {
         for line in String::from_utf8_lossy(contents).lines() {
             let Some(annotation) = line.trim_start().strip_prefix("#~") else {
@@ -136,7 +136,7 @@ fn expectations(case: &Case) -> BTreeSet<(String, String, usize, usize)> {
                     case.kind, case.name
                 ),
             };
-            expected.insert((
+            expected.push((
                 code.to_owned(),
                 file.display().to_string(),
                 line_no.parse().unwrap(),
@@ -144,6 +144,8 @@ fn expectations(case: &Case) -> BTreeSet<(String, String, usize, usize)> {
             ));
         }
     }
+    expected.sort();
+    expected.sort();
     expected
 }
 
@@ -174,7 +176,7 @@ fn corpus_check() {
         let id = format!("{}/{}", case.kind, case.name);
         let compilation =
             compile(&case.root, &loader(case)).unwrap_or_else(|e| panic!("{id}: {e}"));
-        let actual: BTreeSet<_> = compilation
+        let mut actual: Vec<_> = compilation
             .diagnostics
             .iter()
             .map(|d| {
@@ -187,6 +189,7 @@ fn corpus_check() {
                 (d.code.id.to_owned(), file, start.line, start.column)
             })
             .collect();
+        actual.sort();
         let expected = expectations(case);
         if case.kind == "ok" {
             if !compilation.diagnostics.is_empty() {
@@ -209,8 +212,8 @@ fn corpus_check() {
         if actual != expected {
             failures.push(format!(
                 "{id}: diagnostics differ\n  missing:    {:?}\n  unexpected: {:?}\n{}",
-                expected.difference(&actual).collect::<Vec<_>>(),
-                actual.difference(&expected).collect::<Vec<_>>(),
+                expected.iter().filter(|e| !actual.contains(e)).collect::<Vec<_>>(),
+                actual.iter().filter(|a| !expected.contains(a)).collect::<Vec<_>>(),
                 render::human(&compilation, false)
             ));
         }

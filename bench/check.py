@@ -35,7 +35,7 @@ def worker(i):
         f"    restart_err true;\n"
         f"    kill_timeout 3s;\n"
         f"    env         NODE_ENV=production, SHARD={i};\n"
-        f"    server      http://127.0.0.1:{1024 + i % 60000}, unix:/run/w{i}.sock;\n"
+        f"    server      http://127.{i // 60000}.0.1:{1024 + i % 60000}, unix:/run/w{i}.sock;\n"
         f"}}\n"
     ).replace("unix:/run", "http://unix:/run")
 

@@ -15,6 +15,18 @@ use crate::values::expand_env;
 /// Deeper than this is a symlink loop the lexical cycle check cannot see.
 const MAX_DEPTH: usize = 64;
 
+/// Where expanded items go: a lowerer that consumes them as they come, or a
+/// vector that collects a block's items.
+pub trait Sink {
+    fn item(&mut self, item: Item, sources: &SourceMap, diags: &mut Diagnostics);
+}
+
+impl Sink for Vec<Item> {
+    fn item(&mut self, item: Item, _: &SourceMap, _: &mut Diagnostics) {
+        self.push(item);
+    }
+}
+
 pub struct Expander<'a> {
     loader: &'a dyn SourceLoader,
     sources: &'a mut SourceMap,
@@ -39,17 +51,18 @@ impl<'a> Expander<'a> {
         }
     }
 
-    /// Reads, parses and expands the root file. Only a root that cannot be
-    /// read is an `Err`; everything else becomes a diagnostic.
-    pub fn expand_root(&mut self, path: &Path) -> io::Result<(FileId, Vec<Item>)> {
+    /// Reads, parses and expands the root file, handing each top-level item
+    /// to `out` in order. Only a root that cannot be read is an `Err`;
+    /// everything else becomes a diagnostic.
+    pub fn expand_root(&mut self, path: &Path, out: &mut dyn Sink) -> io::Result<FileId> {
         let path = normalize(path);
         let bytes = self.loader.read(&path)?;
         let file = self.add_file(path.clone(), bytes);
         self.stack.push(path);
         let items = self.parsed(file);
-        let items = self.expand(items);
+        self.expand(items, out);
         self.stack.pop();
-        Ok((file, items))
+        Ok(file)
     }
 
     fn add_file(&mut self, path: PathBuf, bytes: Vec<u8>) -> FileId {
@@ -93,22 +106,22 @@ impl<'a> Expander<'a> {
         }
     }
 
-    fn expand(&mut self, items: Vec<Item>) -> Vec<Item> {
-        let mut out = Vec::with_capacity(items.len());
+    fn expand(&mut self, items: Vec<Item>, out: &mut dyn Sink) {
         for item in items {
             match item {
-                Item::Stmt(stmt) if stmt.key.text == "include" => self.include(&stmt, &mut out),
-                Item::Stmt(stmt) => out.push(Item::Stmt(stmt)),
+                Item::Stmt(stmt) if stmt.key.text == "include" => self.include(&stmt, out),
                 Item::Block(mut block) => {
-                    block.items = self.expand(std::mem::take(&mut block.items));
-                    out.push(Item::Block(block));
+                    let mut nested = Vec::with_capacity(block.items.len());
+                    self.expand(std::mem::take(&mut block.items), &mut nested);
+                    block.items = nested;
+                    out.item(Item::Block(block), self.sources, self.diags);
                 }
+                item => out.item(item, self.sources, self.diags),
             }
         }
-        out
     }
 
-    fn include(&mut self, stmt: &Stmt, out: &mut Vec<Item>) {
+    fn include(&mut self, stmt: &Stmt, out: &mut dyn Sink) {
         if stmt.values.is_empty() {
             self.diags.push(
                 Diagnostic::new(
@@ -155,7 +168,7 @@ impl<'a> Expander<'a> {
         }
     }
 
-    fn include_file(&mut self, path: PathBuf, at: Span, out: &mut Vec<Item>) {
+    fn include_file(&mut self, path: PathBuf, at: Span, out: &mut dyn Sink) {
         if let Some(start) = self.stack.iter().position(|p| *p == path) {
             let chain: Vec<String> = self.stack[start..]
                 .iter()
@@ -222,7 +235,7 @@ impl<'a> Expander<'a> {
         };
         self.stack.push(path);
         let items = self.parsed(file);
-        out.extend(self.expand(items));
+        self.expand(items, out);
         self.stack.pop();
     }
 
@@ -332,8 +345,9 @@ mod tests {
     fn expand(loader: &MemLoader) -> (Vec<String>, Vec<String>) {
         let mut sources = SourceMap::default();
         let mut diags = Diagnostics::default();
-        let (_, items) = Expander::new(loader, &mut sources, &mut diags)
-            .expand_root(Path::new("/c/apm.conf"))
+        let mut items = Vec::new();
+        Expander::new(loader, &mut sources, &mut diags)
+            .expand_root(Path::new("/c/apm.conf"), &mut items)
             .unwrap();
         let keys = items
             .iter()

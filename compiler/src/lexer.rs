@@ -90,6 +90,9 @@ pub fn lex(text: &str) -> Vec<Token> {
 /// The value a word stands for: quotes stripped, escapes applied inside
 /// double quotes. Unknown escapes are kept as written, so `"C:\dir"` survives.
 pub fn unquote(raw: &str) -> String {
+    if !is_quoted(raw) {
+        return raw.to_owned();
+    }
     let mut out = String::with_capacity(raw.len());
     let mut chars = raw.chars();
     while let Some(c) = chars.next() {

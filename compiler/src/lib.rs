@@ -58,17 +58,9 @@ impl Compilation {
 pub fn compile(path: &Path, loader: &dyn SourceLoader) -> std::io::Result<Compilation> {
     let mut sources = SourceMap::default();
     let mut diags = diag::Diagnostics::default();
-    let (root, items) =
-        include::Expander::new(loader, &mut sources, &mut diags).expand_root(path)?;
-    let root_dir = sources
-        .path(root)
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let config = {
-        let mut cx = lower::LowerCx::new(loader, &sources, &mut diags, root_dir);
-        lower::lower(items, &mut cx)
-    };
+    let mut lowerer = lower::Lowerer::new(loader);
+    include::Expander::new(loader, &mut sources, &mut diags).expand_root(path, &mut lowerer)?;
+    let config = lowerer.finish(&sources, &mut diags);
     validate::run(
         &config,
         &mut validate::PassCx {

@@ -9,6 +9,7 @@ use crate::ir::{Config, DaemonConfig, StatsdConfig, VanguardRules, WorkerSpec};
 use crate::loader::SourceLoader;
 use crate::schema::{KeyDef, Scope, Setting};
 use crate::source::{SourceMap, Span};
+use crate::include::Sink;
 use crate::syntax::{Block, Item, Stmt, Value};
 
 /// Every place one key was written in a block, merged: a many-value key
@@ -19,37 +20,23 @@ pub struct Occurrence {
     pub values: Vec<Value>,
 }
 
+/// What lowering one item needs: the sources seen so far and where to
+/// report. Built afresh for each item, as the expander adds files.
 pub struct LowerCx<'a> {
     pub loader: &'a dyn SourceLoader,
     pub sources: &'a SourceMap,
     pub diags: &'a mut Diagnostics,
-    /// The root file's directory, against which defaults are resolved.
-    pub root_dir: PathBuf,
     /// Keys whose written values were rejected since the last worker was
     /// built, so passes do not also report them as missing.
-    pub rejected: Vec<&'static str>,
-    dirs: Vec<PathBuf>,
+    pub rejected: &'a mut Vec<&'static str>,
+    /// The directory of each source file, by `FileId`.
+    dirs: &'a [PathBuf],
 }
 
-impl<'a> LowerCx<'a> {
-    pub fn new(
-        loader: &'a dyn SourceLoader,
-        sources: &'a SourceMap,
-        diags: &'a mut Diagnostics,
-        root_dir: PathBuf,
-    ) -> Self {
-        let dirs = sources
-            .files()
-            .map(|(_, f)| f.path.parent().map(Path::to_path_buf).unwrap_or_default())
-            .collect();
-        LowerCx {
-            loader,
-            sources,
-            diags,
-            root_dir,
-            rejected: Vec::new(),
-            dirs,
-        }
+impl LowerCx<'_> {
+    /// The root file's directory, against which defaults are resolved.
+    pub fn root_dir(&self) -> &Path {
+        self.dirs.first().map_or(Path::new(""), PathBuf::as_path)
     }
 
     /// The directory of the file a span is in: relative paths start there.
@@ -231,22 +218,64 @@ fn nested_scope(scope: Scope, block: &Block, cx: &mut LowerCx) -> Option<Scope> 
     }
 }
 
-pub fn lower(items: Vec<Item>, cx: &mut LowerCx) -> Config {
-    let mut top = Collector::new(Scope::Top);
-    let mut daemon = Collector::new(Scope::Daemon);
-    let mut workers = Vec::new();
-    for item in items {
+/// Lowers the top-level items one by one as the include expander produces
+/// them, so a file's syntax tree is dropped once lowered: a large config is
+/// never held as a whole tree and a whole IR at once.
+pub struct Lowerer<'l> {
+    loader: &'l dyn SourceLoader,
+    dirs: Vec<PathBuf>,
+    rejected: Vec<&'static str>,
+    top: Collector,
+    daemon: Collector,
+    workers: Vec<WorkerSpec>,
+}
+
+impl<'l> Lowerer<'l> {
+    pub fn new(loader: &'l dyn SourceLoader) -> Self {
+        Lowerer {
+            loader,
+            dirs: Vec::new(),
+            rejected: Vec::new(),
+            top: Collector::new(Scope::Top),
+            daemon: Collector::new(Scope::Daemon),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Splits the borrows of the lowerer into the state and a context.
+    fn parts<'a>(
+        &'a mut self,
+        sources: &'a SourceMap,
+        diags: &'a mut Diagnostics,
+    ) -> (LowerCx<'a>, &'a mut Collector, &'a mut Collector, &'a mut Vec<WorkerSpec>) {
+        let known = self.dirs.len();
+        self.dirs.extend(
+            sources.files().skip(known).map(|(_, f)| f.path.parent().map(Path::to_path_buf).unwrap_or_default()),
+        );
+        let cx = LowerCx { loader: self.loader, sources, diags, rejected: &mut self.rejected, dirs: &self.dirs };
+        (cx, &mut self.top, &mut self.daemon, &mut self.workers)
+    }
+
+    pub fn finish(mut self, sources: &SourceMap, diags: &mut Diagnostics) -> Config {
+        let (mut cx, top, daemon, workers) = self.parts(sources, diags);
+        let daemon = DaemonConfig::from_occurrences(&mut daemon.slots, &mut cx);
+        let workers = std::mem::take(workers);
+        Config::from_occurrences(&mut top.slots, &mut cx, daemon, workers)
+    }
+}
+
+impl Sink for Lowerer<'_> {
+    fn item(&mut self, item: Item, sources: &SourceMap, diags: &mut Diagnostics) {
+        let (mut cx, top, daemon, workers) = self.parts(sources, diags);
         match item {
-            Item::Stmt(stmt) => top.stmt(stmt, cx),
-            Item::Block(block) => match nested_scope(Scope::Top, &block, cx) {
-                Some(Scope::Daemon) => daemon.flat(block.items, cx),
-                Some(Scope::Worker) => workers.push(lower_worker(block, cx)),
+            Item::Stmt(stmt) => top.stmt(stmt, &mut cx),
+            Item::Block(block) => match nested_scope(Scope::Top, &block, &mut cx) {
+                Some(Scope::Daemon) => daemon.flat(block.items, &mut cx),
+                Some(Scope::Worker) => workers.push(lower_worker(block, &mut cx)),
                 _ => {}
             },
         }
     }
-    let daemon = DaemonConfig::from_occurrences(&mut daemon.slots, cx);
-    Config::from_occurrences(&mut top.slots, cx, daemon, workers)
 }
 
 fn lower_worker(block: Block, cx: &mut LowerCx) -> WorkerSpec {
@@ -288,7 +317,7 @@ fn lower_worker(block: Block, cx: &mut LowerCx) -> WorkerSpec {
         Some(block.name.span),
         Vec::new(),
     );
-    spec.rejected = std::mem::take(&mut cx.rejected);
+    spec.rejected = std::mem::take(cx.rejected);
     // A name that was written but rejected is not replaced by the exec name,
     // which could clash with another worker and report a second, false error.
     if !spec.name.is_explicit() && !spec.rejected.contains(&"name") {

@@ -86,7 +86,7 @@ impl Scope {
 
     /// The index of a key in `keys()`.
     pub fn key_index(self, name: &str) -> Option<usize> {
-        static INDEX: std::sync::OnceLock<std::collections::HashMap<(Scope, &'static str), usize>> =
+        static INDEX: std::sync::OnceLock<rustc_hash::FxHashMap<(Scope, &'static str), usize>> =
             std::sync::OnceLock::new();
         let index = INDEX.get_or_init(|| {
             Scope::ALL
@@ -175,7 +175,7 @@ fn parse_one<T: FromValue>(
     cx: &mut LowerCx,
 ) -> Option<T> {
     let parsed = {
-        let base_dir = span.map_or(cx.root_dir.as_path(), |s| cx.dir_of(s));
+        let base_dir = span.map_or(cx.root_dir(), |s| cx.dir_of(s));
         T::from_value(text, &def.kind, &ValueCx { loader: cx.loader, base_dir, span })
     };
     match (parsed, span) {

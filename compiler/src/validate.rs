@@ -1,7 +1,9 @@
 //! Validation passes over the IR. Each pass checks one concern, runs in the
 //! order of `PASSES`, and adds to the diagnostics instead of stopping.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap;
 
 use crate::codes;
 use crate::diag::{Diagnostic, Diagnostics};
@@ -35,7 +37,7 @@ pub fn run(config: &Config, cx: &mut PassCx) {
 
 /// Every worker has an exec and a name of its own.
 fn workers(config: &Config, cx: &mut PassCx) {
-    let mut seen: HashMap<&str, Option<Span>> = HashMap::new();
+    let mut seen: FxHashMap<&str, Option<Span>> = FxHashMap::default();
     for spec in &config.workers {
         let Some(at) = spec.span else { continue };
         if !spec.exec.is_explicit() {
@@ -84,30 +86,27 @@ fn workers(config: &Config, cx: &mut PassCx) {
 
 /// No two listeners bind the same address, and schemes agree with `tls`.
 fn listeners(config: &Config, cx: &mut PassCx) {
-    let mut by_port: HashMap<u16, Vec<(&ListenAddr, Span, String)>> = HashMap::new();
-    let mut by_socket: HashMap<&std::path::Path, (Span, String)> = HashMap::new();
-    for spec in &config.workers {
+    // Listeners seen so far, as (worker index, span), by port and by socket path.
+    let mut by_port: FxHashMap<u16, Vec<(&ListenAddr, usize, Span)>> = FxHashMap::default();
+    let mut by_socket: FxHashMap<&[u8], (usize, Span)> = FxHashMap::default();
+    for (index, spec) in config.workers.iter().enumerate() {
         for server in &spec.server {
             let Some(span) = server.span else { continue };
-            let owner = spec.label();
             let clash = match &server.addr {
                 ListenAddr::Tcp { port, .. } => {
                     let bucket = by_port.entry(*port).or_default();
-                    let clash = bucket
-                        .iter()
-                        .find(|(addr, ..)| addr.overlaps(&server.addr))
-                        .map(|(_, s, n)| (*s, n.clone()));
-                    bucket.push((&server.addr, span, owner));
+                    let clash = bucket.iter().find(|(addr, ..)| addr.overlaps(&server.addr)).map(|&(_, i, s)| (i, s));
+                    bucket.push((&server.addr, index, span));
                     clash
                 }
-                ListenAddr::Unix { unix } => by_socket.insert(unix, (span, owner)),
+                ListenAddr::Unix { unix } => by_socket.insert(unix.as_os_str().as_encoded_bytes(), (index, span)),
             };
-            if let Some((first, owner)) = clash {
+            if let Some((owner, first)) = clash {
                 cx.diags.push(
                     Diagnostic::new(
                         &codes::DUPLICATE_ADDRESS,
                         span,
-                        format!("`{}` is already bound by {owner}", server.addr),
+                        format!("`{}` is already bound by {}", server.addr, config.workers[owner].label()),
                     )
                     .label("second listener on this address")
                     .secondary(first, "first bound here")
@@ -217,7 +216,7 @@ fn users(config: &Config, cx: &mut PassCx) {
 
 /// `depends_on` names known workers and forms no cycle.
 fn dependencies(config: &Config, cx: &mut PassCx) {
-    let index: HashMap<&str, usize> = config
+    let index: FxHashMap<&str, usize> = config
         .workers
         .iter()
         .enumerate()

@@ -147,12 +147,11 @@ impl FromValue for bool {
         if *kind != Kind::Bool {
             return Err(kind_mismatch(kind, "bool"));
         }
-        match text.to_ascii_lowercase().as_str() {
-            "true" | "on" | "yes" | "1" => Ok(true),
-            "false" | "off" | "no" | "0" => Ok(false),
-            _ => Err(Problem::new(format!("`{text}` is not a boolean"))
-                .help("use true or false (on/off, yes/no, 1/0)")),
-        }
+        const SPELLINGS: &[(&str, bool)] =
+            &[("true", true), ("on", true), ("yes", true), ("1", true), ("false", false), ("off", false), ("no", false), ("0", false)];
+        lookup(text, SPELLINGS).ok_or_else(|| {
+            Problem::new(format!("`{text}` is not a boolean")).help("use true or false (on/off, yes/no, 1/0)")
+        })
     }
 }
 
@@ -178,6 +177,12 @@ impl fmt::Display for Millis {
     }
 }
 
+/// The value of a case-insensitive spelling in a table, without allocating:
+/// every worker parses many defaults.
+fn lookup<T: Copy>(text: &str, table: &[(&str, T)]) -> Option<T> {
+    table.iter().find(|(spelling, _)| spelling.eq_ignore_ascii_case(text)).map(|&(_, value)| value)
+}
+
 /// Splits `12.5ms` into `12.5` and `ms`.
 fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
@@ -200,13 +205,9 @@ impl FromValue for Millis {
                 .help("write milliseconds (500) or a number with ms, s, m or h (2s)")
         };
         let (number, unit) = number_and_unit(text.trim()).ok_or_else(bad)?;
-        let factor = match unit.to_ascii_lowercase().as_str() {
-            "" | "ms" => 1.0,
-            "s" => 1_000.0,
-            "m" | "min" => 60_000.0,
-            "h" => 3_600_000.0,
-            _ => return Err(bad()),
-        };
+        const UNITS: &[(&str, f64)] =
+            &[("", 1.0), ("ms", 1.0), ("s", 1_000.0), ("m", 60_000.0), ("min", 60_000.0), ("h", 3_600_000.0)];
+        let factor = lookup(unit, UNITS).ok_or_else(bad)?;
         let ms = number * factor;
         if ms.fract() != 0.0 || ms > u64::MAX as f64 / 2.0 {
             return Err(Problem::new(format!(
@@ -600,13 +601,16 @@ impl FromValue for ServerUrl {
             Problem::new(format!("`{text}` is not a listener URL"))
                 .help("write SCHEME://HOST:PORT, as in http://0.0.0.0:3000")
         })?;
-        let scheme = match scheme_text.to_ascii_lowercase().as_str() {
-            "http" => Scheme::Http,
-            "https" => Scheme::Https,
-            "ws" => Scheme::Ws,
-            "wss" => Scheme::Wss,
-            "tcp" => Scheme::Tcp,
-            _ => {
+        const SCHEMES: &[(&str, Scheme)] = &[
+            ("http", Scheme::Http),
+            ("https", Scheme::Https),
+            ("ws", Scheme::Ws),
+            ("wss", Scheme::Wss),
+            ("tcp", Scheme::Tcp),
+        ];
+        let scheme = match lookup(scheme_text, SCHEMES) {
+            Some(scheme) => scheme,
+            None => {
                 return Err(
                     Problem::new(format!("unsupported scheme `{scheme_text}://`"))
                         .help("use http://, https://, ws://, wss:// or tcp://"),

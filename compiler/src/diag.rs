@@ -84,7 +84,8 @@ impl Diagnostics {
     }
 
     pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items.sort_by_key(|d| (d.primary.span.file, d.primary.span.start));
+        self.items
+            .sort_by_key(|d| (d.primary.span.file, d.primary.span.start));
         // A file included in two places reports a problem of its own once.
         self.items.dedup();
         self.items

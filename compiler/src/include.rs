@@ -216,7 +216,10 @@ impl<'a> Expander<'a> {
                 Err(error) => {
                     let help = match error.kind() {
                         io::ErrorKind::IsADirectory => {
-                            format!("to include the files of a directory, use a glob: `{}/*.conf`", self.display(&path))
+                            format!(
+                                "to include the files of a directory, use a glob: `{}/*.conf`",
+                                self.display(&path)
+                            )
                         }
                         _ => "check that apm may read the file".to_owned(),
                     };
@@ -224,7 +227,10 @@ impl<'a> Expander<'a> {
                         Diagnostic::new(
                             &codes::INCLUDE_FAILED,
                             at,
-                            format!("cannot read included file `{}`: {error}", self.display(&path)),
+                            format!(
+                                "cannot read included file `{}`: {error}",
+                                self.display(&path)
+                            ),
                         )
                         .label("included here")
                         .help(help),

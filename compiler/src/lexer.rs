@@ -19,7 +19,9 @@ pub enum Tok {
     /// at whitespace, `;`, `,`, `{` or `}`; `${VAR}` is part of a word. Quotes
     /// close on the line they open, so a stray apostrophe cannot swallow the
     /// rest of the file.
-    #[regex(r#"([^\s;,{}"'`\u{FEFF}]|\$\{[A-Za-z0-9_]*\}|"([^"\\\n]|\\[^\n])*"|'[^'\n]*'|`[^`\n]*`)+"#)]
+    #[regex(
+        r#"([^\s;,{}"'`\u{FEFF}]|\$\{[A-Za-z0-9_]*\}|"([^"\\\n]|\\[^\n])*"|'[^'\n]*'|`[^`\n]*`)+"#
+    )]
     Word,
     /// A word whose last quote is not closed on its line.
     #[regex(r#"([^\s;,{}"'`\u{FEFF}]|\$\{[A-Za-z0-9_]*\}|"([^"\\\n]|\\[^\n])*"|'[^'\n]*'|`[^`\n]*`)*("([^"\\\n]|\\[^\n])*\\?|'[^'\n]*|`[^`\n]*)"#)]
@@ -195,11 +197,29 @@ mod tests {
     fn unterminated_quotes_end_at_the_end_of_their_line() {
         assert_eq!(
             kinds("a x\"b;\n c;"),
-            vec![(Tok::Word, "a"), (Tok::Unterminated, "x\"b;"), (Tok::Word, "c"), (Tok::Semi, ";")]
+            vec![
+                (Tok::Word, "a"),
+                (Tok::Unterminated, "x\"b;"),
+                (Tok::Word, "c"),
+                (Tok::Semi, ";")
+            ]
         );
-        assert_eq!(kinds("p Don't do;\n"), vec![(Tok::Word, "p"), (Tok::Unterminated, "Don't do;")]);
-        assert_eq!(kinds("log ${HOME}/x;"), vec![(Tok::Word, "log"), (Tok::Word, "${HOME}/x"), (Tok::Semi, ";")]);
-        assert_eq!(kinds("\u{feff}a;"), vec![(Tok::Word, "a"), (Tok::Semi, ";")]);
+        assert_eq!(
+            kinds("p Don't do;\n"),
+            vec![(Tok::Word, "p"), (Tok::Unterminated, "Don't do;")]
+        );
+        assert_eq!(
+            kinds("log ${HOME}/x;"),
+            vec![
+                (Tok::Word, "log"),
+                (Tok::Word, "${HOME}/x"),
+                (Tok::Semi, ";")
+            ]
+        );
+        assert_eq!(
+            kinds("\u{feff}a;"),
+            vec![(Tok::Word, "a"), (Tok::Semi, ";")]
+        );
         assert_eq!(unclosed_quote("x\"b;"), 1);
         assert_eq!(unclosed_quote("'a'\"b\\\"c"), 3);
     }

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use crate::codes;
 use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
+use crate::include::Sink;
 use crate::ir::{Config, DaemonConfig, StatsdConfig, VanguardRules, WorkerSpec};
 use crate::loader::SourceLoader;
 use crate::schema::{KeyDef, Scope, Setting};
 use crate::source::{SourceMap, Span};
-use crate::include::Sink;
 use crate::syntax::{Block, Item, Stmt, Value};
 
 /// Every place one key was written in a block, merged: a many-value key
@@ -247,12 +247,26 @@ impl<'l> Lowerer<'l> {
         &'a mut self,
         sources: &'a SourceMap,
         diags: &'a mut Diagnostics,
-    ) -> (LowerCx<'a>, &'a mut Collector, &'a mut Collector, &'a mut Vec<WorkerSpec>) {
+    ) -> (
+        LowerCx<'a>,
+        &'a mut Collector,
+        &'a mut Collector,
+        &'a mut Vec<WorkerSpec>,
+    ) {
         let known = self.dirs.len();
         self.dirs.extend(
-            sources.files().skip(known).map(|(_, f)| f.path.parent().map(Path::to_path_buf).unwrap_or_default()),
+            sources
+                .files()
+                .skip(known)
+                .map(|(_, f)| f.path.parent().map(Path::to_path_buf).unwrap_or_default()),
         );
-        let cx = LowerCx { loader: self.loader, sources, diags, rejected: &mut self.rejected, dirs: &self.dirs };
+        let cx = LowerCx {
+            loader: self.loader,
+            sources,
+            diags,
+            rejected: &mut self.rejected,
+            dirs: &self.dirs,
+        };
         (cx, &mut self.top, &mut self.daemon, &mut self.workers)
     }
 

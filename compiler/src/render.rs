@@ -47,10 +47,18 @@ fn render_diagnostic(
     };
     let label = |label: &Label, color: Color| {
         let ariadne_label = AriadneLabel::new(ariadne_span(sources, label.span)).with_color(color);
-        if label.message.is_empty() { ariadne_label } else { ariadne_label.with_message(&label.message) }
+        if label.message.is_empty() {
+            ariadne_label
+        } else {
+            ariadne_label.with_message(&label.message)
+        }
     };
     let mut report = Report::build(kind, ariadne_span(sources, diagnostic.primary.span))
-        .with_config(Config::default().with_color(color).with_index_type(IndexType::Byte))
+        .with_config(
+            Config::default()
+                .with_color(color)
+                .with_index_type(IndexType::Byte),
+        )
         .with_code(diagnostic.code.id)
         .with_message(&diagnostic.message)
         .with_label(label(&diagnostic.primary, accent))
@@ -69,13 +77,20 @@ pub fn human(compilation: &Compilation, color: bool) -> String {
     let mut cited: Vec<_> = compilation
         .diagnostics
         .iter()
-        .flat_map(|d| std::iter::once(&d.primary).chain(&d.secondary).map(|l| l.span.file))
+        .flat_map(|d| {
+            std::iter::once(&d.primary)
+                .chain(&d.secondary)
+                .map(|l| l.span.file)
+        })
         .collect();
     cited.sort();
     cited.dedup();
-    let mut cache = ariadne::sources(
-        cited.into_iter().map(|file| (file_name(sources, Span::new(file, 0..0)), sources.get(file).text.clone())),
-    );
+    let mut cache = ariadne::sources(cited.into_iter().map(|file| {
+        (
+            file_name(sources, Span::new(file, 0..0)),
+            sources.get(file).text.clone(),
+        )
+    }));
     let mut bytes = Vec::new();
     for diagnostic in &compilation.diagnostics {
         render_diagnostic(sources, diagnostic, color, &mut cache, &mut bytes);
@@ -255,7 +270,10 @@ pub fn key_reference() -> String {
             None => "Top level".to_owned(),
             Some(block) => format!("`{block} {{ }}`"),
         };
-        let _ = write!(out, "\n## {title}\n\n| key | value | many | default | since | description |\n|---|---|---|---|---|---|\n");
+        let _ = write!(
+            out,
+            "\n## {title}\n\n| key | value | many | default | since | description |\n|---|---|---|---|---|---|\n"
+        );
         for key in scope.keys() {
             let _ = writeln!(
                 out,

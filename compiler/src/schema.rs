@@ -176,7 +176,15 @@ fn parse_one<T: FromValue>(
 ) -> Option<T> {
     let parsed = {
         let base_dir = span.map_or(cx.root_dir(), |s| cx.dir_of(s));
-        T::from_value(text, &def.kind, &ValueCx { loader: cx.loader, base_dir, span })
+        T::from_value(
+            text,
+            &def.kind,
+            &ValueCx {
+                loader: cx.loader,
+                base_dir,
+                span,
+            },
+        )
     };
     match (parsed, span) {
         (Ok(value), _) => Some(value),
@@ -192,15 +200,19 @@ fn parse_one<T: FromValue>(
 
 fn bad_value(def: &KeyDef, span: Span, problem: Problem) -> Diagnostic {
     if let Some(diagnostic) = problem.diagnostic {
-        return diagnostic;
+        return *diagnostic;
     }
     let help = problem
         .help
         .unwrap_or_else(|| format!("`{}` takes {}", def.name, def.kind.describe()));
     if let Some(code) = def.kind.strict_code() {
-        return Diagnostic::new(code, span, format!("invalid `{}`: {}", def.name, problem.message))
-            .label(format!("invalid {}", def.name))
-            .help(help);
+        return Diagnostic::new(
+            code,
+            span,
+            format!("invalid `{}`: {}", def.name, problem.message),
+        )
+        .label(format!("invalid {}", def.name))
+        .help(help);
     }
     let fallback = match (def.default, def.kind) {
         (Some(default), Kind::Duration) => format!("the default ({default} ms) is used"),
@@ -218,9 +230,17 @@ fn bad_value(def: &KeyDef, span: Span, problem: Problem) -> Diagnostic {
 
 fn missing_value(def: &KeyDef, key: Span, many: bool) -> Diagnostic {
     let count = if many { ", one or more" } else { "" };
-    Diagnostic::new(&codes::MISSING_VALUE, key, format!("`{}` has no value and is ignored", def.name))
-        .label("key without a value")
-        .help(format!("`{}` takes {}{count}", def.name, def.kind.describe()))
+    Diagnostic::new(
+        &codes::MISSING_VALUE,
+        key,
+        format!("`{}` has no value and is ignored", def.name),
+    )
+    .label("key without a value")
+    .help(format!(
+        "`{}` takes {}{count}",
+        def.name,
+        def.kind.describe()
+    ))
 }
 
 /// The single value of a one-value key, after reporting extra or missing values.
@@ -238,7 +258,8 @@ fn single<'o>(
         }
         [one] => Some((one.text.as_str(), one.span)),
         [first, second, ..] => {
-            cx.diags.push(cx.too_many_values(def, occurrence, first.span, second.span));
+            cx.diags
+                .push(cx.too_many_values(def, occurrence, first.span, second.span));
             cx.rejected.push(def.name);
             None
         }
@@ -254,7 +275,10 @@ impl<T: FromValue + Default> Slot for Setting<T> {
         {
             return Setting::new(value, Some(span));
         }
-        let value = def.default.and_then(|d| parse_one(def, d, None, cx)).unwrap_or_default();
+        let value = def
+            .default
+            .and_then(|d| parse_one(def, d, None, cx))
+            .unwrap_or_default();
         Setting::new(value, None)
     }
 }
@@ -271,7 +295,9 @@ impl<T: FromValue> Slot for Option<Setting<T>> {
 impl<T: FromValue> Slot for Vec<Setting<T>> {
     const MANY: bool = true;
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
-        let Some(occurrence) = occurrence else { return Vec::new() };
+        let Some(occurrence) = occurrence else {
+            return Vec::new();
+        };
         if occurrence.values.is_empty() {
             cx.diags.push(missing_value(def, occurrence.key, true));
         }
@@ -279,7 +305,8 @@ impl<T: FromValue> Slot for Vec<Setting<T>> {
             .values
             .iter()
             .filter_map(|v| {
-                parse_one(def, &v.text, Some(v.span), cx).map(|value| Setting::new(value, Some(v.span)))
+                parse_one(def, &v.text, Some(v.span), cx)
+                    .map(|value| Setting::new(value, Some(v.span)))
             })
             .collect()
     }

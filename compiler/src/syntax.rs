@@ -60,8 +60,19 @@ pub enum Item {
 /// What the grammar produces: spans only, turned into a tree with text by `Builder`.
 #[derive(Clone, Debug)]
 enum Raw {
-    Stmt { key: SimpleSpan, values: Vec<(Tok, SimpleSpan)>, terminated: bool, span: SimpleSpan },
-    Block { name: SimpleSpan, open: SimpleSpan, items: Vec<Raw>, closed: bool, span: SimpleSpan },
+    Stmt {
+        key: SimpleSpan,
+        values: Vec<(Tok, SimpleSpan)>,
+        terminated: bool,
+        span: SimpleSpan,
+    },
+    Block {
+        name: SimpleSpan,
+        open: SimpleSpan,
+        items: Vec<Raw>,
+        closed: bool,
+        span: SimpleSpan,
+    },
     StrayClose(SimpleSpan),
     Nothing,
 }
@@ -74,28 +85,43 @@ where
     let block_start = just(Tok::Word).then(just(Tok::LBrace)).ignored();
     let value = any()
         .filter(|t: &Tok| t.is_value())
-        .and_is(block_start.clone().not())
+        .and_is(block_start.not())
         .map_with(|t, e| (t, e.span()));
     let values = value
         .separated_by(just(Tok::Comma).or_not())
         .allow_leading()
         .allow_trailing()
         .collect::<Vec<_>>();
-    let terminator = just(Tok::Semi)
-        .to(true)
-        .or(choice((just(Tok::RBrace).ignored(), end(), block_start.clone())).rewind().to(false));
+    let terminator = just(Tok::Semi).to(true).or(choice((
+        just(Tok::RBrace).ignored(),
+        end(),
+        block_start,
+    ))
+    .rewind()
+    .to(false));
     let stmt = word
         .then(values)
         .then(terminator)
-        .map_with(|((key, values), terminated), e| Raw::Stmt { key, values, terminated, span: e.span() });
+        .map_with(|((key, values), terminated), e| Raw::Stmt {
+            key,
+            values,
+            terminated,
+            span: e.span(),
+        });
     let close = just(Tok::RBrace).to(true).or(end().to(false));
 
     let item = recursive(|item| {
         let block = word
             .then(just(Tok::LBrace).map_with(|_, e| e.span()))
             .then(item.clone().repeated().collect::<Vec<_>>())
-            .then(close.clone())
-            .map_with(|(((name, open), items), closed), e| Raw::Block { name, open, items, closed, span: e.span() });
+            .then(close)
+            .map_with(|(((name, open), items), closed), e| Raw::Block {
+                name,
+                open,
+                items,
+                closed,
+                span: e.span(),
+            });
         choice((block, stmt, just(Tok::Semi).to(Raw::Nothing))).recover_with(skip_until(
             any().and_is(just(Tok::RBrace).not()).ignored(),
             just(Tok::Semi).ignored(),
@@ -121,8 +147,14 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
         }
     }
     let eoi = SimpleSpan::from(text.len()..text.len());
-    let (raw, errors) = grammar().parse(significant.as_slice().split_token_span(eoi)).into_output_errors();
-    let builder = Builder { file, text, tokens: &significant };
+    let (raw, errors) = grammar()
+        .parse(significant.as_slice().split_token_span(eoi))
+        .into_output_errors();
+    let builder = Builder {
+        file,
+        text,
+        tokens: &significant,
+    };
     for error in errors {
         diags.push(builder.syntax_error(error.span().into_range(), error.found()));
     }
@@ -134,24 +166,37 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
 fn unterminated(file: FileId, text: &str, range: std::ops::Range<usize>) -> Diagnostic {
     let quote = range.start + lexer::unclosed_quote(&text[range]);
     let help = match text.as_bytes()[quote] {
-        b'\'' => "quotes close on the line they open; to use an apostrophe in a value, put the whole value in double quotes",
-        _ => "quotes close on the line they open: add the closing quote; write `\\n` for a line break",
+        b'\'' => {
+            "quotes close on the line they open; to use an apostrophe in a value, put the whole value in double quotes"
+        }
+        _ => {
+            "quotes close on the line they open: add the closing quote; write `\\n` for a line break"
+        }
     };
-    Diagnostic::new(&codes::UNTERMINATED_STRING, Span::new(file, quote..quote + 1), "unterminated quoted string")
-        .label("this quote is not closed on its line")
-        .help(help)
+    Diagnostic::new(
+        &codes::UNTERMINATED_STRING,
+        Span::new(file, quote..quote + 1),
+        "unterminated quoted string",
+    )
+    .label("this quote is not closed on its line")
+    .help(help)
 }
 
 /// Whether a word is a key of some block, so that a line starting with it
 /// begins a new statement even when the `;` before it is missing.
 fn is_known_key(word: &str) -> bool {
-    word == "include" || Scope::ALL.into_iter().any(|scope| scope.key_index(word).is_some())
+    word == "include"
+        || Scope::ALL
+            .into_iter()
+            .any(|scope| scope.key_index(word).is_some())
 }
 
 /// An unterminated quote at the end of a statement has been reported, and
 /// it swallowed the statement's `;`.
 fn swallows_semicolon(values: &[(Tok, SimpleSpan)]) -> bool {
-    values.last().is_some_and(|(tok, _)| *tok == Tok::Unterminated)
+    values
+        .last()
+        .is_some_and(|(tok, _)| *tok == Tok::Unterminated)
 }
 
 struct Builder<'a> {
@@ -166,7 +211,10 @@ impl Builder<'_> {
     }
 
     fn word(&self, s: SimpleSpan) -> Word {
-        Word { text: self.text[s.into_range()].to_owned(), span: self.span(s) }
+        Word {
+            text: self.text[s.into_range()].to_owned(),
+            span: self.span(s),
+        }
     }
 
     fn describe(&self, found: Option<&Tok>, range: std::ops::Range<usize>) -> String {
@@ -180,10 +228,17 @@ impl Builder<'_> {
 
     fn syntax_error(&self, range: std::ops::Range<usize>, found: Option<&Tok>) -> Diagnostic {
         let found = self.describe(found, range.clone());
-        let previous = self.tokens.iter().rev().find(|(_, s)| s.end <= range.start).map(|(t, _)| *t);
+        let previous = self
+            .tokens
+            .iter()
+            .rev()
+            .find(|(_, s)| s.end <= range.start)
+            .map(|(t, _)| *t);
         let message = match (previous, found.as_str()) {
             (_, "`{`") => "unexpected `{`: a block needs a name before it".to_owned(),
-            (Some(Tok::RBrace | Tok::Semi | Tok::LBrace) | None, _) => format!("{found} cannot start a statement"),
+            (Some(Tok::RBrace | Tok::Semi | Tok::LBrace) | None, _) => {
+                format!("{found} cannot start a statement")
+            }
             _ => format!("unexpected {found}"),
         };
         Diagnostic::new(&codes::SYNTAX, self.span(SimpleSpan::from(range)), message)
@@ -196,36 +251,79 @@ impl Builder<'_> {
         while let Some(raw) = raws.next() {
             // `worker api { … }`: a block keyword, a word, then a block. Read it as
             // the `worker` block, so its contents are still checked.
-            if let Raw::Stmt { key, values, terminated: false, .. } = &raw
+            if let Raw::Stmt {
+                key,
+                values,
+                terminated: false,
+                ..
+            } = &raw
                 && values.is_empty()
                 && Scope::for_block(&self.text[key.into_range()]).is_some()
-                && let Some(Raw::Block { name, open, items, closed, span }) = raws.peek().cloned()
+                && let Some(Raw::Block {
+                    name,
+                    open,
+                    items,
+                    closed,
+                    span,
+                }) = raws.peek().cloned()
             {
                 raws.next();
                 let keyword = self.word(*key);
                 let label = self.word(name);
                 diags.push(
-                    Diagnostic::new(&codes::SYNTAX, label.span, format!("`{}` takes no name after the keyword", keyword.text))
-                        .label("unexpected word before `{`")
-                        .help(format!("write `{} {{` and put `name {};` inside the block", keyword.text, label.text)),
+                    Diagnostic::new(
+                        &codes::SYNTAX,
+                        label.span,
+                        format!("`{}` takes no name after the keyword", keyword.text),
+                    )
+                    .label("unexpected word before `{`")
+                    .help(format!(
+                        "write `{} {{` and put `name {};` inside the block",
+                        keyword.text, label.text
+                    )),
                 );
-                let block = Raw::Block { name: *key, open, items, closed, span: SimpleSpan::from(key.start..span.end) };
+                let block = Raw::Block {
+                    name: *key,
+                    open,
+                    items,
+                    closed,
+                    span: SimpleSpan::from(key.start..span.end),
+                };
                 self.build(vec![block], out, diags);
                 continue;
             }
             match raw {
-                Raw::Stmt { key, values, terminated, span } => self.stmt(key, values, terminated, span, out, diags),
-                Raw::Block { name, open, items, closed, span } => {
+                Raw::Stmt {
+                    key,
+                    values,
+                    terminated,
+                    span,
+                } => self.stmt(key, values, terminated, span, out, diags),
+                Raw::Block {
+                    name,
+                    open,
+                    items,
+                    closed,
+                    span,
+                } => {
                     if !closed {
                         diags.push(
-                            Diagnostic::new(&codes::UNCLOSED_BLOCK, self.span(open), "this block is never closed")
-                                .label("opened here")
-                                .help("add `}` where the block should end"),
+                            Diagnostic::new(
+                                &codes::UNCLOSED_BLOCK,
+                                self.span(open),
+                                "this block is never closed",
+                            )
+                            .label("opened here")
+                            .help("add `}` where the block should end"),
                         );
                     }
                     let mut children = Vec::new();
                     self.build(items, &mut children, diags);
-                    out.push(Item::Block(Block { name: self.word(name), items: children, span: self.span(span) }));
+                    out.push(Item::Block(Block {
+                        name: self.word(name),
+                        items: children,
+                        span: self.span(span),
+                    }));
                 }
                 Raw::StrayClose(s) => diags.push(
                     Diagnostic::new(&codes::UNEXPECTED_CLOSE, self.span(s), "unexpected `}`")
@@ -258,11 +356,26 @@ impl Builder<'_> {
             let (head, tail) = values.split_at(at);
             let head_end = head.last().map_or(key.end, |(_, s)| s.end);
             if !swallows_semicolon(head) {
-                diags.push(self.missing_semicolon(SimpleSpan::from(head_end..head_end), Some(tail[0].1)));
+                diags.push(
+                    self.missing_semicolon(SimpleSpan::from(head_end..head_end), Some(tail[0].1)),
+                );
             }
-            self.push_stmt(key, head.to_vec(), SimpleSpan::from(span.start..head_end), out, diags);
+            self.push_stmt(
+                key,
+                head.to_vec(),
+                SimpleSpan::from(span.start..head_end),
+                out,
+                diags,
+            );
             let (next_key, rest) = (tail[0].1, tail[1..].to_vec());
-            return self.stmt(next_key, rest, terminated, SimpleSpan::from(next_key.start..span.end), out, diags);
+            return self.stmt(
+                next_key,
+                rest,
+                terminated,
+                SimpleSpan::from(next_key.start..span.end),
+                out,
+                diags,
+            );
         }
         if !terminated && !swallows_semicolon(&values) {
             let end = values.last().map_or(key.end, |(_, s)| s.end);
@@ -284,7 +397,11 @@ impl Builder<'_> {
             .into_iter()
             .map(|(_, s)| {
                 let raw = &self.text[s.into_range()];
-                Value { text: lexer::unquote(raw), span: self.span(s), quoted: lexer::is_quoted(raw) }
+                Value {
+                    text: lexer::unquote(raw),
+                    span: self.span(s),
+                    quoted: lexer::is_quoted(raw),
+                }
             })
             .collect();
         if lexer::is_quoted(&key.text) {
@@ -302,7 +419,11 @@ impl Builder<'_> {
         } else if values.first().is_some_and(|v| !v.quoted && v.text == ":") {
             values.remove(0);
         }
-        out.push(Item::Stmt(Stmt { key, values, span: self.span(span) }));
+        out.push(Item::Stmt(Stmt {
+            key,
+            values,
+            span: self.span(span),
+        }));
     }
 
     fn missing_semicolon(&self, at: SimpleSpan, next_key: Option<SimpleSpan>) -> Diagnostic {
@@ -376,8 +497,12 @@ mod tests {
 
     #[test]
     fn a_line_starting_with_a_known_key_starts_a_statement() {
-        let (items, errors) = parse_str("worker {\n params server.js\n instances 4;\n name\n exec node;\n}");
-        assert_eq!(shape(&items), "worker{params=[server.js] instances=[4] name=[] exec=[node]}");
+        let (items, errors) =
+            parse_str("worker {\n params server.js\n instances 4;\n name\n exec node;\n}");
+        assert_eq!(
+            shape(&items),
+            "worker{params=[server.js] instances=[4] name=[] exec=[node]}"
+        );
         assert_eq!(errors, vec![("E0004", 26), ("E0004", 46)]);
     }
 
@@ -385,7 +510,10 @@ mod tests {
     fn quoted_keys_and_unterminated_quotes_are_single_errors() {
         let (items, errors) = parse_str("\"name\" api;\nban_response Don't do that;\n}");
         assert_eq!(shape(&items), "name=[api] ban_response=[Dont do that;]");
-        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec!["E0005", "E0002", "E0007"]);
+        assert_eq!(
+            errors.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec!["E0005", "E0002", "E0007"]
+        );
     }
 
     #[test]

@@ -95,18 +95,27 @@ fn listeners(config: &Config, cx: &mut PassCx) {
             let clash = match &server.addr {
                 ListenAddr::Tcp { port, .. } => {
                     let bucket = by_port.entry(*port).or_default();
-                    let clash = bucket.iter().find(|(addr, ..)| addr.overlaps(&server.addr)).map(|&(_, i, s)| (i, s));
+                    let clash = bucket
+                        .iter()
+                        .find(|(addr, ..)| addr.overlaps(&server.addr))
+                        .map(|&(_, i, s)| (i, s));
                     bucket.push((&server.addr, index, span));
                     clash
                 }
-                ListenAddr::Unix { unix } => by_socket.insert(unix.as_os_str().as_encoded_bytes(), (index, span)),
+                ListenAddr::Unix { unix } => {
+                    by_socket.insert(unix.as_os_str().as_encoded_bytes(), (index, span))
+                }
             };
             if let Some((owner, first)) = clash {
                 cx.diags.push(
                     Diagnostic::new(
                         &codes::DUPLICATE_ADDRESS,
                         span,
-                        format!("`{}` is already bound by {}", server.addr, config.workers[owner].label()),
+                        format!(
+                            "`{}` is already bound by {}",
+                            server.addr,
+                            config.workers[owner].label()
+                        ),
                     )
                     .label("second listener on this address")
                     .secondary(first, "first bound here")

@@ -108,7 +108,7 @@ pub struct Problem {
     pub message: String,
     pub help: Option<String>,
     /// A problem with its own code (an unset variable) rather than the key's.
-    pub diagnostic: Option<Diagnostic>,
+    pub diagnostic: Option<Box<Diagnostic>>,
 }
 
 impl Problem {
@@ -147,10 +147,19 @@ impl FromValue for bool {
         if *kind != Kind::Bool {
             return Err(kind_mismatch(kind, "bool"));
         }
-        const SPELLINGS: &[(&str, bool)] =
-            &[("true", true), ("on", true), ("yes", true), ("1", true), ("false", false), ("off", false), ("no", false), ("0", false)];
+        const SPELLINGS: &[(&str, bool)] = &[
+            ("true", true),
+            ("on", true),
+            ("yes", true),
+            ("1", true),
+            ("false", false),
+            ("off", false),
+            ("no", false),
+            ("0", false),
+        ];
         lookup(text, SPELLINGS).ok_or_else(|| {
-            Problem::new(format!("`{text}` is not a boolean")).help("use true or false (on/off, yes/no, 1/0)")
+            Problem::new(format!("`{text}` is not a boolean"))
+                .help("use true or false (on/off, yes/no, 1/0)")
         })
     }
 }
@@ -180,7 +189,10 @@ impl fmt::Display for Millis {
 /// The value of a case-insensitive spelling in a table, without allocating:
 /// every worker parses many defaults.
 fn lookup<T: Copy>(text: &str, table: &[(&str, T)]) -> Option<T> {
-    table.iter().find(|(spelling, _)| spelling.eq_ignore_ascii_case(text)).map(|&(_, value)| value)
+    table
+        .iter()
+        .find(|(spelling, _)| spelling.eq_ignore_ascii_case(text))
+        .map(|&(_, value)| value)
 }
 
 /// Splits `12.5ms` into `12.5` and `ms`.
@@ -195,26 +207,41 @@ fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     Some((number.parse().ok()?, unit))
 }
 
+/// A number with an optional unit from `units`, as a whole count of the
+/// base unit (`1.5s` → 1500 ms).
+fn scaled(
+    text: &str,
+    units: &[(&str, f64)],
+    what: &str,
+    base: &str,
+    help: &str,
+) -> Result<u64, Problem> {
+    let bad = || Problem::new(format!("`{text}` is not {what}")).help(help);
+    let (number, unit) = number_and_unit(text.trim()).ok_or_else(bad)?;
+    let value = number * lookup(unit, units).ok_or_else(bad)?;
+    if value.fract() != 0.0 || value > u64::MAX as f64 / 2.0 {
+        return Err(Problem::new(format!(
+            "`{text}` is not a whole number of {base}"
+        )));
+    }
+    Ok(value as u64)
+}
+
 impl FromValue for Millis {
     fn from_value(text: &str, kind: &Kind, _: &ValueCx) -> Result<Self, Problem> {
         if *kind != Kind::Duration {
             return Err(kind_mismatch(kind, "Millis"));
         }
-        let bad = || {
-            Problem::new(format!("`{text}` is not a duration"))
-                .help("write milliseconds (500) or a number with ms, s, m or h (2s)")
-        };
-        let (number, unit) = number_and_unit(text.trim()).ok_or_else(bad)?;
-        const UNITS: &[(&str, f64)] =
-            &[("", 1.0), ("ms", 1.0), ("s", 1_000.0), ("m", 60_000.0), ("min", 60_000.0), ("h", 3_600_000.0)];
-        let factor = lookup(unit, UNITS).ok_or_else(bad)?;
-        let ms = number * factor;
-        if ms.fract() != 0.0 || ms > u64::MAX as f64 / 2.0 {
-            return Err(Problem::new(format!(
-                "`{text}` is not a whole number of milliseconds"
-            )));
-        }
-        Ok(Millis(ms as u64))
+        const UNITS: &[(&str, f64)] = &[
+            ("", 1.0),
+            ("ms", 1.0),
+            ("s", 1e3),
+            ("m", 6e4),
+            ("min", 6e4),
+            ("h", 3.6e6),
+        ];
+        let help = "write milliseconds (500) or a number with ms, s, m or h (2s)";
+        scaled(text, UNITS, "a duration", "milliseconds", help).map(Millis)
     }
 }
 
@@ -233,30 +260,25 @@ impl FromValue for ByteSize {
         if *kind != Kind::Size {
             return Err(kind_mismatch(kind, "ByteSize"));
         }
-        let bad = || {
-            Problem::new(format!("`{text}` is not a size"))
-                .help("write bytes (1048576) or a number with K, M or G (10M)")
-        };
-        let (number, unit) = number_and_unit(text.trim()).ok_or_else(bad)?;
-        let unit = unit.to_ascii_uppercase();
-        let power = match unit.trim_end_matches("IB").trim_end_matches('B') {
-            "" => 0,
-            "K" => 1,
-            "M" => 2,
-            "G" => 3,
-            "T" => 4,
-            _ => return Err(bad()),
-        };
-        if unit == "IB" {
-            return Err(bad());
-        }
-        let bytes = number * 1024f64.powi(power);
-        if bytes.fract() != 0.0 || bytes > u64::MAX as f64 / 2.0 {
-            return Err(Problem::new(format!(
-                "`{text}` is not a whole number of bytes"
-            )));
-        }
-        Ok(ByteSize(bytes as u64))
+        const K: f64 = 1024.0;
+        const UNITS: &[(&str, f64)] = &[
+            ("", 1.0),
+            ("b", 1.0),
+            ("k", K),
+            ("kb", K),
+            ("kib", K),
+            ("m", K * K),
+            ("mb", K * K),
+            ("mib", K * K),
+            ("g", K * K * K),
+            ("gb", K * K * K),
+            ("gib", K * K * K),
+            ("t", K * K * K * K),
+            ("tb", K * K * K * K),
+            ("tib", K * K * K * K),
+        ];
+        let help = "write bytes (1048576) or a number with K, M or G (10M)";
+        scaled(text, UNITS, "a size", "bytes", help).map(ByteSize)
     }
 }
 
@@ -449,7 +471,7 @@ impl FromValue for PathBuf {
         let expanded = expand_env(text, cx.loader).map_err(|name| Problem {
             message: format!("environment variable `{name}` is not set"),
             help: None,
-            diagnostic: cx.span.map(|span| unset_variable(span, &name)),
+            diagnostic: cx.span.map(|span| Box::new(unset_variable(span, &name))),
         })?;
         if expanded.is_empty() {
             return Err(Problem::new("the path is empty"));
@@ -507,9 +529,15 @@ impl ListenAddr {
     pub fn overlaps(&self, other: &ListenAddr) -> bool {
         match (self, other) {
             (ListenAddr::Unix { unix: a }, ListenAddr::Unix { unix: b }) => a == b,
-            (ListenAddr::Tcp { host: a, port: p }, ListenAddr::Tcp { host: b, port: q }) if p == q => {
+            (ListenAddr::Tcp { host: a, port: p }, ListenAddr::Tcp { host: b, port: q })
+                if p == q =>
+            {
                 let ip = |h: &str| {
-                    if h == "localhost" { Some(IpAddr::from([127, 0, 0, 1])) } else { h.parse::<IpAddr>().ok() }
+                    if h == "localhost" {
+                        Some(IpAddr::from([127, 0, 0, 1]))
+                    } else {
+                        h.parse::<IpAddr>().ok()
+                    }
                 };
                 match (ip(a), ip(b)) {
                     // `[::]` binds both families on Linux; `0.0.0.0` only IPv4.
@@ -653,12 +681,6 @@ pub enum HealthCheck {
     Push,
     /// apm sends HTTP GETs to this URL.
     Pull(String),
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        HealthCheck::Push
-    }
 }
 
 impl FromValue for HealthCheck {

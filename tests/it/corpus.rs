@@ -212,8 +212,14 @@ fn corpus_check() {
         if actual != expected {
             failures.push(format!(
                 "{id}: diagnostics differ\n  missing:    {:?}\n  unexpected: {:?}\n{}",
-                expected.iter().filter(|e| !actual.contains(e)).collect::<Vec<_>>(),
-                actual.iter().filter(|a| !expected.contains(a)).collect::<Vec<_>>(),
+                expected
+                    .iter()
+                    .filter(|e| !actual.contains(e))
+                    .collect::<Vec<_>>(),
+                actual
+                    .iter()
+                    .filter(|a| !expected.contains(a))
+                    .collect::<Vec<_>>(),
                 render::human(&compilation, false)
             ));
         }

@@ -10,5 +10,8 @@ fn docs_keys_md_matches_the_schema_table() {
         std::fs::write(&path, &generated).unwrap();
     }
     let current = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(current == generated, "docs/keys.md is stale: run `BLESS=1 cargo test --test it docs`");
+    assert!(
+        current == generated,
+        "docs/keys.md is stale: run `BLESS=1 cargo test --test it docs`"
+    );
 }

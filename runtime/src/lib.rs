@@ -1,0 +1,4 @@
+//! apm's runtime: applies worker specs (IR, never syntax) to real processes.
+#![forbid(unsafe_code)]
+
+pub mod lifecycle;

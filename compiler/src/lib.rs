@@ -15,6 +15,7 @@ pub mod include;
 pub mod ir;
 pub mod lexer;
 pub mod loader;
+pub mod print;
 pub mod lower;
 pub mod render;
 pub mod schema;

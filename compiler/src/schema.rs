@@ -8,7 +8,7 @@ use crate::codes;
 use crate::diag::Diagnostic;
 use crate::lower::{LowerCx, Occurrence};
 use crate::source::Span;
-use crate::values::{FromValue, Kind, Problem, ValueCx};
+use crate::values::{ConfigText, FromValue, Kind, Problem, ValueCx};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -166,6 +166,8 @@ impl<T: Serialize> Serialize for Setting<T> {
 pub trait Slot: Sized {
     const MANY: bool;
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self;
+    /// The field's values as config text, when they were set explicitly.
+    fn texts(&self) -> Option<Vec<String>>;
 }
 
 fn parse_one<T: FromValue>(
@@ -266,8 +268,11 @@ fn single<'o>(
     }
 }
 
-impl<T: FromValue + Default> Slot for Setting<T> {
+impl<T: FromValue + ConfigText + Default> Slot for Setting<T> {
     const MANY: bool = false;
+    fn texts(&self) -> Option<Vec<String>> {
+        self.is_explicit().then(|| vec![self.value.config_text()])
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         if let Some(occurrence) = &occurrence
             && let Some((text, span)) = single(def, occurrence, cx)
@@ -283,8 +288,11 @@ impl<T: FromValue + Default> Slot for Setting<T> {
     }
 }
 
-impl<T: FromValue> Slot for Option<Setting<T>> {
+impl<T: FromValue + ConfigText> Slot for Option<Setting<T>> {
     const MANY: bool = false;
+    fn texts(&self) -> Option<Vec<String>> {
+        self.as_ref().filter(|s| s.is_explicit()).map(|s| vec![s.value.config_text()])
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let occurrence = occurrence?;
         let (text, span) = single(def, &occurrence, cx)?;
@@ -292,8 +300,11 @@ impl<T: FromValue> Slot for Option<Setting<T>> {
     }
 }
 
-impl<T: FromValue> Slot for Vec<Setting<T>> {
+impl<T: FromValue + ConfigText> Slot for Vec<Setting<T>> {
     const MANY: bool = true;
+    fn texts(&self) -> Option<Vec<String>> {
+        (!self.is_empty()).then(|| self.iter().map(|s| s.value.config_text()).collect())
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let Some(occurrence) = occurrence else {
             return Vec::new();
@@ -341,6 +352,16 @@ macro_rules! schema_block {
                     doc: $doc,
                 },
             )*];
+
+            /// The keys that were set explicitly, with their values as config
+            /// text, in table order.
+            pub fn settings(&self) -> Vec<(&'static str, Vec<String>)> {
+                let mut out = Vec::new();
+                $( if let Some(texts) = $crate::schema::Slot::texts(&self.$field) {
+                    out.push((stringify!($field), texts));
+                } )*
+                out
+            }
 
             /// Builds the struct from the occurrences collected for its keys,
             /// indexed like `KEYS`.

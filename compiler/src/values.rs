@@ -955,3 +955,98 @@ mod tests {
         );
     }
 }
+
+/// How a value is written in a config file, so that the IR can be printed
+/// back as config text that compiles to the same value.
+pub trait ConfigText {
+    fn config_text(&self) -> String;
+}
+
+macro_rules! config_text_by_display {
+    ($($t:ty),*) => {$(
+        impl ConfigText for $t {
+            fn config_text(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+config_text_by_display!(bool, u8, u16, u32, u64, String, ServerUrl, ipnet::IpNet, Ip);
+
+impl ConfigText for Millis {
+    fn config_text(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl ConfigText for ByteSize {
+    fn config_text(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl ConfigText for Secret {
+    fn config_text(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl ConfigText for PathBuf {
+    fn config_text(&self) -> String {
+        // A `$` in a path is literal once expanded.
+        self.display().to_string().replace('$', "$$")
+    }
+}
+
+impl ConfigText for HealthCheck {
+    fn config_text(&self) -> String {
+        match self {
+            HealthCheck::Push => "on".to_owned(),
+            HealthCheck::Pull(url) => url.clone(),
+        }
+    }
+}
+
+impl ConfigText for PathPattern {
+    fn config_text(&self) -> String {
+        match self {
+            PathPattern::Suffix(s) => format!("*{s}"),
+            PathPattern::Prefix(s) => format!("{s}*"),
+            PathPattern::Contains(s) => format!("*{s}*"),
+            PathPattern::Exact(s) => s.clone(),
+        }
+    }
+}
+
+impl ConfigText for EnvVar {
+    fn config_text(&self) -> String {
+        format!("{}={}", self.key, self.value)
+    }
+}
+
+/// A value as a config token: bare when it is a plain word, double-quoted
+/// with escapes otherwise.
+pub fn quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text != ":"
+        && !text.starts_with('#')
+        && !text.starts_with("//")
+        && !text.contains(|c: char| c.is_whitespace() || matches!(c, ';' | ',' | '{' | '}' | '"' | '\'' | '`' | '\\'));
+    if plain {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

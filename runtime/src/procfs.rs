@@ -1,0 +1,57 @@
+//! What /proc tells about a process: its start time (to recognise it after
+//! a daemon crash, never confusing it with a reused pid), CPU time and memory.
+
+use std::time::Duration;
+
+/// The fields of `/proc/<pid>/stat` and `statm` that apm uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Clock ticks since boot at which the process started.
+    pub start_ticks: u64,
+    /// User plus system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_bytes: u64,
+}
+
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces or ')'.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Field numbers from proc(5), shifted by the 2 fields before `state`.
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    let (utime, stime, start_ticks) = (field(14)?, field(15)?, field(22)?);
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ProcStat { start_ticks, cpu_ticks: utime + stime, rss_bytes: rss_pages * page_size() })
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |n| n as u64)
+}
+
+/// The length of a clock tick.
+pub fn tick() -> Duration {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    Duration::from_secs(1) / hz.max(1) as u32
+}
+
+/// Whether `pid` is still the process that started at `start_ticks`.
+pub fn is_same_process(pid: u32, start_ticks: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_ticks == start_ticks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        let stat = stat(me).unwrap();
+        assert!(stat.rss_bytes > 0);
+        assert!(is_same_process(me, stat.start_ticks));
+        assert!(!is_same_process(me, stat.start_ticks + 1));
+        assert!(tick() > Duration::ZERO);
+    }
+}

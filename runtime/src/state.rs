@@ -1,0 +1,125 @@
+//! The daemon's state file: every worker with where it came from, whether
+//! it should run, and which processes it had, so a daemon that was killed
+//! can end its orphans and bring everything back.
+//!
+//! Writes are atomic (temporary file, fsync, rename, fsync of the
+//! directory) and done on a thread of their own, so a slow or full disk
+//! never stalls supervision; a burst of changes is written once.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when the format changes incompatibly.
+pub const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub format: u32,
+    pub workers: Vec<SavedWorker>,
+}
+
+/// Where a worker's spec comes from, so it can be rebuilt after a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Origin {
+    /// Registered from the CLI; `config` is its `worker { }` block.
+    Cli { config: String },
+    /// Loaded from a config file, which is read again.
+    File { path: PathBuf },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedWorker {
+    pub name: String,
+    pub origin: Origin,
+    /// The desired state: whether it should be running.
+    pub running: bool,
+    pub processes: Vec<SavedProcess>,
+}
+
+/// A process apm started, identified by pid and start time together, so a
+/// reused pid is never mistaken for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedProcess {
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+pub fn load(path: &Path) -> std::io::Result<Option<State>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn save(path: &Path, state: &State) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Saves states on a thread of its own; the newest state wins.
+pub struct Saver {
+    tx: mpsc::Sender<State>,
+}
+
+impl Saver {
+    pub fn spawn(path: PathBuf) -> Saver {
+        let (tx, rx) = mpsc::channel::<State>();
+        std::thread::Builder::new()
+            .name("apm-state".into())
+            .spawn(move || {
+                while let Ok(mut state) = rx.recv() {
+                    // Only the newest of a burst matters.
+                    while let Ok(newer) = rx.try_recv() {
+                        state = newer;
+                    }
+                    if let Err(e) = save(&path, &state) {
+                        crate::log(format_args!("cannot save state to {}: {e}", path.display()));
+                    }
+                }
+            })
+            .expect("spawning the state thread");
+        Saver { tx }
+    }
+
+    pub fn save(&self, state: State) {
+        let _ = self.tx.send(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_atomically_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        assert_eq!(load(&path).unwrap(), None);
+        let state = State {
+            format: FORMAT,
+            workers: vec![SavedWorker {
+                name: "api".into(),
+                origin: Origin::Cli { config: "worker { exec node; }".into() },
+                running: true,
+                processes: vec![SavedProcess { pid: 42, start_ticks: 7 }],
+            }],
+        };
+        save(&path, &state).unwrap();
+        assert_eq!(load(&path).unwrap(), Some(state));
+        assert!(!path.with_extension("tmp").exists());
+    }
+}

@@ -1,0 +1,40 @@
+//! The one place with `unsafe`: code that runs in a forked child between
+//! `fork` and `exec`, where only async-signal-safe calls are allowed. The
+//! group list is looked up before the fork, so the child only makes
+//! system calls.
+#![allow(unsafe_code)]
+
+use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+
+/// An OS account to run a child as, resolved in the daemon.
+#[derive(Clone, Debug)]
+pub struct RunAs {
+    pub uid: Uid,
+    pub gid: Gid,
+    pub groups: Vec<Gid>,
+}
+
+impl RunAs {
+    pub fn lookup(name: &str) -> Result<RunAs, String> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("cannot look up user `{name}`: {e}"))?
+            .ok_or_else(|| format!("user `{name}` does not exist"))?;
+        let c_name = std::ffi::CString::new(name).map_err(|_| format!("invalid user name `{name}`"))?;
+        let groups = nix::unistd::getgrouplist(&c_name, user.gid).unwrap_or_else(|_| vec![user.gid]);
+        Ok(RunAs { uid: user.uid, gid: user.gid, groups })
+    }
+}
+
+/// Makes the child drop to `user` (groups, then group, then user) before exec.
+pub fn run_as(command: &mut tokio::process::Command, user: RunAs) {
+    // SAFETY: the closure only makes the setgroups, setgid and setuid system
+    // calls on data prepared before the fork; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            setgroups(&user.groups)?;
+            setgid(user.gid)?;
+            setuid(user.uid)?;
+            Ok(())
+        });
+    }
+}

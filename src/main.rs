@@ -1,10 +1,19 @@
 //! The `apm` binary: command-line parsing and wiring of the library crates.
 
 mod check;
+mod client;
+mod commands;
+mod daemon;
+mod flags;
+mod protocol;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+use client::Place;
+use protocol::Call;
 
 /// Exit codes shared by every command (decisions: the CLI, rule 4).
 pub mod exit {
@@ -13,6 +22,8 @@ pub mod exit {
     pub const FAILED: u8 = 1;
     /// Bad flags, an unknown worker or code, a file that cannot be read.
     pub const USAGE: u8 = 2;
+    /// The daemon cannot be reached, or refused us.
+    pub const UNREACHABLE: u8 = 3;
 }
 
 #[derive(Parser)]
@@ -20,7 +31,8 @@ pub mod exit {
     name = "apm",
     version,
     about = "Process manager and L4/L7 load balancer",
-    disable_help_subcommand = true
+    disable_help_subcommand = true,
+    after_help = "Signals: `apm SIGUSR1 <worker>` or `apm SIGHUP <worker>#<index>`.\n`apm -h --full` lists every command with its flags."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,25 +41,177 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create and start a worker: apm run <exec> [params…] [-flag value…]; every worker option is a flag.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "EXEC [PARAMS|FLAGS]...")]
+        args: Vec<String>,
+    },
+    /// Start a stopped worker.
+    Start { worker: String },
+    /// Stop a worker: SIGTERM to its process groups, SIGKILL after kill_timeout.
+    Stop { worker: String },
+    /// Stop every worker; the daemon keeps running.
+    Stopall,
+    /// Restart a worker; with --force and no worker, restart them all.
+    Restart {
+        worker: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop and unregister a worker.
+    #[command(alias = "rm")]
+    Remove { worker: String },
+    /// Change a running worker's options with the flags of `run`; -no-restart applies without restarting.
+    Update {
+        worker: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "FLAGS")]
+        args: Vec<String>,
+    },
+    /// Rename a worker.
+    Rename { worker: String, new: String },
+    /// Copy a worker under a new name and start the copy.
+    Copy { worker: String, new: String },
+    /// Wait until every instance of a worker runs.
+    Wait {
+        worker: String,
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// `apm exit daemon`: stop every worker and the daemon.
+    Exit {
+        #[arg(value_parser = ["daemon"])]
+        what: String,
+    },
+    /// List workers: status, pid, instances, uptime, restarts, CPU and memory.
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A worker's configuration and live state.
+    Info {
+        worker: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A worker's environment (the running process's, when it runs).
+    Env {
+        worker: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a worker's stdout log, or stderr with --err.
+    Log {
+        worker: String,
+        #[arg(long)]
+        err: bool,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Search worker logs for a text.
+    Grep { pattern: String, worker: Option<String> },
+    /// The CLI's and the daemon's versions.
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a config file and start its workers (running ones are skipped).
+    Load { file: PathBuf },
+    /// Stop and remove the workers that came from a config file.
+    Unload { file: PathBuf },
+    /// Run the daemon (started automatically by other commands).
+    Daemon {
+        /// Stay in the foreground, for service managers and containers.
+        #[arg(long)]
+        foreground: bool,
+        #[arg(long, hide = true)]
+        detach: bool,
+    },
     /// Validate a config file and its includes; applies nothing and needs no daemon.
     Check(check::CheckArgs),
     /// Explain a diagnostic code such as E0004; without a code, list them all.
     Explain { code: Option<String> },
 }
 
+fn full_help() -> u8 {
+    let mut command = Cli::command();
+    let _ = command.print_help();
+    for sub in command.get_subcommands_mut() {
+        println!("\n──── apm {} ────", sub.get_name());
+        let _ = sub.print_long_help();
+    }
+    println!("\n──── worker flags of `apm run` and `apm update` ────");
+    for key in apm_compiler::ir::WorkerSpec::KEYS {
+        let default = key.default.map(|d| format!(" [default: {d}]")).unwrap_or_default();
+        println!("  -{:<24} {}{default}", key.name, key.doc);
+    }
+    exit::OK
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let place = Place::from_env();
+    let first = args.get(1).map(String::as_str);
+    if first.is_some_and(|a| a.starts_with("SIG")) {
+        let Some(target) = args.get(2) else {
+            eprintln!("apm: usage: apm {} <worker>[#index]", args[1]);
+            return ExitCode::from(exit::USAGE);
+        };
+        return ExitCode::from(commands::signal(&place, &args[1], target));
+    }
+    if first == Some("-v") {
+        return ExitCode::from(commands::version(&place, false));
+    }
+    if args.iter().any(|a| a == "--full") && args.iter().any(|a| a == "-h" || a == "--help") {
+        return ExitCode::from(full_help());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
+            return ExitCode::from(if error.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
     ExitCode::from(match cli.command {
+        Command::Run { args } => commands::run(&place, &args),
+        Command::Start { worker } => commands::start_like(&place, Call::Start { name: worker }),
+        Command::Stop { worker } => commands::simple(&place, Call::Stop { name: worker.clone() }, &format!("■ {worker} stopped")),
+        Command::Stopall => commands::simple(&place, Call::StopAll, "■ every worker stopped"),
+        Command::Restart { worker: Some(worker), .. } => commands::start_like(&place, Call::Restart { name: worker }),
+        Command::Restart { worker: None, force: true } => commands::restart_all(&place),
+        Command::Restart { worker: None, force: false } => {
+            eprintln!("apm: name the worker to restart, or use `apm restart --force` to restart them all");
+            exit::USAGE
+        }
+        Command::Remove { worker } => commands::simple(&place, Call::Remove { name: worker.clone() }, &format!("- {worker} removed")),
+        Command::Update { worker, args } => commands::update(&place, &worker, &args),
+        Command::Rename { worker, new } => {
+            commands::simple(&place, Call::Rename { name: worker.clone(), new: new.clone() }, &format!("{worker} is now {new}"))
+        }
+        Command::Copy { worker, new } => commands::start_like_optional(&place, Call::Copy { name: worker, new }),
+        Command::Wait { worker, timeout } => match commands::parse_duration(&timeout) {
+            Ok(timeout) => {
+                let name = worker.clone();
+                commands::simple(&place, Call::Wait { name, timeout_ms: timeout.as_millis() as u64 }, &format!("{worker} is running"))
+            }
+            Err(e) => {
+                eprintln!("apm: --timeout: {e}");
+                exit::USAGE
+            }
+        },
+        Command::Exit { .. } => commands::exit_daemon(&place),
+        Command::List { json } => commands::list(&place, json),
+        Command::Info { worker, json } => commands::info(&place, &worker, json),
+        Command::Env { worker, json } => commands::env(&place, &worker, json),
+        Command::Log { worker, err, follow, lines } => commands::log(&place, &worker, err, follow, lines),
+        Command::Grep { pattern, worker } => commands::grep(&place, &pattern, worker.as_deref()),
+        Command::Version { json } => commands::version(&place, json),
+        Command::Load { file } => commands::load(&place, &file),
+        Command::Unload { file } => commands::unload(&place, &file),
+        Command::Daemon { foreground: true, detach } => daemon::run(place, detach),
+        Command::Daemon { foreground: false, .. } => commands::start_daemon_background(&place),
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
     })

@@ -127,3 +127,30 @@ impl SourceLoader for MemLoader {
         Some(self.users.contains(name))
     }
 }
+
+/// One file held in memory in front of another loader: how the CLI compiles
+/// the `worker { }` block it builds from flags, while paths, users and the
+/// environment are the real ones.
+pub struct Overlay<'a> {
+    pub path: PathBuf,
+    pub contents: String,
+    pub inner: &'a dyn SourceLoader,
+}
+
+impl SourceLoader for Overlay<'_> {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        if path == self.path { Ok(self.contents.clone().into_bytes()) } else { self.inner.read(path) }
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<(PathBuf, bool)>> {
+        self.inner.list_dir(dir)
+    }
+
+    fn env_var(&self, name: &str) -> Option<String> {
+        self.inner.env_var(name)
+    }
+
+    fn user_exists(&self, name: &str) -> Option<bool> {
+        self.inner.user_exists(name)
+    }
+}

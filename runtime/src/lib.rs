@@ -1,4 +1,22 @@
-//! apm's runtime: applies worker specs (IR, never syntax) to real processes.
-#![forbid(unsafe_code)]
+//! apm's runtime: applies worker specs (IR, never syntax) to real
+//! processes. `lifecycle` is the pure state machine of one instance;
+//! `supervisor` performs its effects; `logs`, `state` and `procfs` are
+//! what it needs around that. `unsafe` is allowed in `sys` only.
+#![deny(unsafe_code)]
 
 pub mod lifecycle;
+pub mod logs;
+pub mod procfs;
+pub mod state;
+pub mod supervisor;
+mod sys;
+
+/// The daemon log is its stderr: one timestamped line per event.
+pub fn log(message: std::fmt::Arguments) {
+    eprintln!("{} {message}", timestamp());
+}
+
+/// Now, in RFC 3339 with milliseconds, UTC.
+pub fn timestamp() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}

@@ -1,0 +1,876 @@
+//! The supervisor: one task owns every worker. Commands from the control
+//! socket and events from children and timers arrive on one channel; each
+//! event goes through the instance's `Lifecycle`, and the effects it returns
+//! are performed here. Nothing else touches processes.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apm_compiler::ir::WorkerSpec;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
+use crate::logs::{self, LogFiles, Stream};
+use crate::state::{Origin, SavedProcess, SavedWorker, Saver, State};
+use crate::{procfs, sys};
+
+/// One instance's state, as `list` and `info` show it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub index: usize,
+    pub status: String,
+    pub pid: Option<u32>,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u32,
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    pub last_exit: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub status: String,
+    /// The desired state.
+    pub enabled: bool,
+    pub instances: Vec<InstanceStatus>,
+    pub origin: Origin,
+    pub out_log: PathBuf,
+    pub err_log: PathBuf,
+}
+
+/// How the instances of a worker came through their start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StartReport {
+    pub worker: String,
+    pub instances: Vec<InstanceStart>,
+    /// Set when the start waited for `depends_on` and gave up waiting.
+    pub dependency_timeout: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceStart {
+    pub index: usize,
+    pub pid: Option<u32>,
+    pub ok: bool,
+    /// How it ended, when it did not come up.
+    pub exit: Option<String>,
+    pub uptime_ms: u64,
+    /// The first bytes of its stderr, when its first attempt failed.
+    pub stderr: String,
+    pub error: Option<String>,
+}
+
+impl StartReport {
+    pub fn ok(&self) -> bool {
+        self.instances.iter().all(|i| i.ok)
+    }
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+pub enum Command {
+    Register { name: String, spec: Box<WorkerSpec>, origin: Origin, start: bool, reply: Reply<Option<StartReport>> },
+    Start { name: String, reply: Reply<StartReport> },
+    Stop { name: String, reply: Reply<()> },
+    Restart { name: String, reply: Reply<StartReport> },
+    Remove { name: String, reply: Reply<()> },
+    Update { name: String, spec: Box<WorkerSpec>, origin: Origin, restart: bool, reply: Reply<Option<StartReport>> },
+    Rename { old: String, new: String, origin: Origin, reply: Reply<()> },
+    Signal { name: String, index: Option<usize>, signal: Signal, reply: Reply<Vec<u32>> },
+    List { reply: Reply<Vec<WorkerStatus>> },
+    Info { name: String, reply: Reply<(WorkerStatus, Box<WorkerSpec>)> },
+    Wait { name: String, timeout: Duration, reply: Reply<()> },
+    StopAll { reply: Reply<()> },
+    /// Stops every process but keeps each worker's desired state, so a new
+    /// daemon brings them back.
+    Shutdown { reply: Reply<()> },
+}
+
+enum Msg {
+    Command(Command),
+    Event { id: u64, event: Event },
+    /// A worker's wait for `depends_on` may have run out.
+    Recheck,
+}
+
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Handle {
+    /// Sends a command built around a reply channel and awaits the reply.
+    pub async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Command(command(reply))).map_err(|_| "the supervisor has stopped".to_owned())?;
+        rx.await.map_err(|_| "the supervisor has stopped".to_owned())?
+    }
+}
+
+struct Instance {
+    id: u64,
+    index: usize,
+    life: Lifecycle,
+    start_ticks: Option<u64>,
+    started: Option<Instant>,
+    stderr_head: Arc<Mutex<Vec<u8>>>,
+    spawn_error: Option<String>,
+    last_exit: Option<ExitStatus>,
+    cpu_sample: Option<(u64, Instant)>,
+}
+
+struct Worker {
+    spec: Arc<WorkerSpec>,
+    policy: Policy,
+    origin: Origin,
+    /// The desired state.
+    enabled: bool,
+    instances: Vec<Instance>,
+    /// While set, the worker waits for its `depends_on` until this instant.
+    deps_deadline: Option<Instant>,
+    deps_timed_out: bool,
+}
+
+enum Waiter {
+    Start { name: String, reply: Reply<StartReport> },
+    Stop { name: String, reply: Reply<()> },
+    Remove { name: String, reply: Reply<()> },
+    Running { name: String, deadline: Instant, reply: Reply<()> },
+    Shutdown { reply: Reply<()> },
+}
+
+pub struct Supervisor {
+    workers: BTreeMap<String, Worker>,
+    /// Instance id → (worker name, index).
+    ids: HashMap<u64, (String, usize)>,
+    next_id: u64,
+    tx: mpsc::UnboundedSender<Msg>,
+    home: PathBuf,
+    logs: LogFiles,
+    saver: Saver,
+    waiters: Vec<Waiter>,
+    dirty: bool,
+}
+
+impl Supervisor {
+    /// Starts the supervisor task; `home` is `APM_HOME`.
+    pub fn spawn(home: &Path) -> Handle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            workers: BTreeMap::new(),
+            ids: HashMap::new(),
+            next_id: 0,
+            tx: tx.clone(),
+            home: home.to_path_buf(),
+            logs: LogFiles::default(),
+            saver: Saver::spawn(home.join("state.json")),
+            waiters: Vec::new(),
+            dirty: false,
+        };
+        tokio::spawn(supervisor.run(rx));
+        Handle { tx }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Command(command) => self.command(command),
+                Msg::Event { id, event } => self.event(id, event),
+                Msg::Recheck => {}
+            }
+            self.settle();
+        }
+    }
+
+    /// After every message: dependency waits, shrinking workers, waiters, state file.
+    fn settle(&mut self) {
+        self.start_ready_dependents();
+        self.drop_retired_instances();
+        self.answer_waiters();
+        if std::mem::take(&mut self.dirty) {
+            self.saver.save(self.snapshot());
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Register { name, spec, origin, start, reply } => {
+                if self.workers.contains_key(&name) {
+                    let _ = reply.send(Err(format!("a worker named `{name}` already exists")));
+                    return;
+                }
+                self.insert(name.clone(), *spec, origin, false);
+                if start {
+                    self.start(&name);
+                    self.waiters.push(Waiter::Start { name, reply: remap(reply, Some) });
+                } else {
+                    let _ = reply.send(Ok(None));
+                }
+            }
+            Command::Start { name, reply } => {
+                if let Err(e) = self.exists(&name) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.start(&name);
+                self.waiters.push(Waiter::Start { name, reply });
+            }
+            Command::Stop { name, reply } => {
+                if let Err(e) = self.exists(&name) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.stop(&name, true);
+                self.waiters.push(Waiter::Stop { name, reply });
+            }
+            Command::Restart { name, reply } => {
+                if let Err(e) = self.exists(&name) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.restart(&name);
+                self.waiters.push(Waiter::Start { name, reply });
+            }
+            Command::Remove { name, reply } => {
+                if let Err(e) = self.exists(&name) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.stop(&name, true);
+                self.waiters.push(Waiter::Remove { name, reply });
+            }
+            Command::Update { name, spec, origin, restart, reply } => self.update(name, *spec, origin, restart, reply),
+            Command::Rename { old, new, origin, reply } => {
+                let result = self.rename(&old, &new, origin);
+                let _ = reply.send(result);
+            }
+            Command::Signal { name, index, signal, reply } => {
+                let _ = reply.send(self.signal(&name, index, signal));
+            }
+            Command::List { reply } => {
+                let names: Vec<String> = self.workers.keys().cloned().collect();
+                let _ = reply.send(Ok(names.iter().map(|n| self.status(n)).collect()));
+            }
+            Command::Info { name, reply } => {
+                let result = self.exists(&name).map(|_| {
+                    let spec = Box::new(self.workers[&name].spec.as_ref().clone());
+                    (self.status(&name), spec)
+                });
+                let _ = reply.send(result);
+            }
+            Command::Wait { name, timeout, reply } => {
+                if let Err(e) = self.exists(&name) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let deadline = Instant::now() + timeout;
+                self.wake_at(deadline);
+                self.waiters.push(Waiter::Running { name, deadline, reply });
+            }
+            Command::StopAll { reply } => {
+                let names: Vec<String> = self.workers.keys().cloned().collect();
+                for name in &names {
+                    self.stop(name, true);
+                }
+                self.waiters.push(Waiter::Shutdown { reply });
+            }
+            Command::Shutdown { reply } => {
+                let names: Vec<String> = self.workers.keys().cloned().collect();
+                for name in &names {
+                    self.stop(name, false);
+                }
+                self.waiters.push(Waiter::Shutdown { reply });
+            }
+        }
+    }
+
+    fn exists(&self, name: &str) -> Result<(), String> {
+        if self.workers.contains_key(name) { Ok(()) } else { Err(format!("no worker named `{name}`")) }
+    }
+
+    fn new_instance(&mut self, name: &str, index: usize) -> Instance {
+        self.next_id += 1;
+        self.ids.insert(self.next_id, (name.to_owned(), index));
+        Instance {
+            id: self.next_id,
+            index,
+            life: Lifecycle::default(),
+            start_ticks: None,
+            started: None,
+            stderr_head: Arc::default(),
+            spawn_error: None,
+            last_exit: None,
+            cpu_sample: None,
+        }
+    }
+
+    /// Adds a worker; with `enabled` it is marked to run but not started.
+    pub fn insert(&mut self, name: String, spec: WorkerSpec, origin: Origin, enabled: bool) {
+        let count = spec.instances.value as usize;
+        let instances = (0..count).map(|i| self.new_instance(&name, i)).collect();
+        let worker = Worker {
+            policy: Policy::from_spec(&spec),
+            spec: Arc::new(spec),
+            origin,
+            enabled,
+            instances,
+            deps_deadline: None,
+            deps_timed_out: false,
+        };
+        self.workers.insert(name, worker);
+        self.dirty = true;
+    }
+
+    fn deps_running(&self, worker: &Worker) -> bool {
+        worker.spec.depends_on.iter().all(|dep| {
+            self.workers
+                .get(&dep.value)
+                .is_some_and(|d| d.instances.iter().all(|i| matches!(i.life.phase, Phase::Running { .. })))
+        })
+    }
+
+    fn start(&mut self, name: &str) {
+        let now = Instant::now();
+        let Some(worker) = self.workers.get(name) else { return };
+        let waits = !self.deps_running(worker);
+        let timeout = worker.spec.depends_timeout.as_duration();
+        let worker = self.workers.get_mut(name).expect("checked above");
+        worker.enabled = true;
+        worker.deps_timed_out = false;
+        self.dirty = true;
+        if waits {
+            worker.deps_deadline = Some(now + timeout);
+            self.wake_at(now + timeout);
+            return;
+        }
+        self.send_all(name, Event::Start);
+    }
+
+    fn stop(&mut self, name: &str, disable: bool) {
+        if let Some(worker) = self.workers.get_mut(name) {
+            worker.deps_deadline = None;
+            if disable {
+                worker.enabled = false;
+                self.dirty = true;
+            }
+        }
+        self.send_all(name, Event::Stop);
+    }
+
+    fn restart(&mut self, name: &str) {
+        if let Some(worker) = self.workers.get_mut(name) {
+            worker.enabled = true;
+            self.dirty = true;
+        }
+        self.send_all(name, Event::Restart);
+    }
+
+    fn send_all(&mut self, name: &str, event: Event) {
+        let count = self.workers.get(name).map_or(0, |w| w.instances.len());
+        for index in 0..count {
+            self.step(name, index, event);
+        }
+    }
+
+    fn event(&mut self, id: u64, event: Event) {
+        if let Some((name, index)) = self.ids.get(&id).cloned() {
+            self.step(&name, index, event);
+        }
+    }
+
+    /// Feeds an event to one instance and performs the effects, which may
+    /// produce further events (a spawn's outcome).
+    fn step(&mut self, name: &str, index: usize, event: Event) {
+        let mut queue = VecDeque::from([event]);
+        while let Some(event) = queue.pop_front() {
+            let Some(worker) = self.workers.get_mut(name) else { return };
+            let Some(instance) = worker.instances.get_mut(index) else { return };
+            if let Event::Exited { status } = event {
+                // The leader is gone; end whatever it left in its group.
+                if let Some(pid) = instance.life.phase.pid() {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                instance.last_exit = Some(status);
+                instance.start_ticks = None;
+                self.dirty = true;
+            }
+            let id = instance.id;
+            let effects = instance.life.step(event, Instant::now(), &worker.policy);
+            for effect in effects {
+                match effect {
+                    Effect::Spawn => queue.push_back(self.spawn_process(name, index)),
+                    Effect::Terminate(pid) => {
+                        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                    }
+                    Effect::Kill(pid) => {
+                        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                    Effect::Wake(at) => {
+                        let tx = self.tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(at.into()).await;
+                            let _ = tx.send(Msg::Event { id, event: Event::Wake });
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a `Recheck` at `at`, for waits that are not an instance's.
+    fn wake_at(&self, at: Instant) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let _ = tx.send(Msg::Recheck);
+        });
+    }
+
+    /// Starts a process for an instance; returns the event that tells how it went.
+    fn spawn_process(&mut self, name: &str, index: usize) -> Event {
+        let worker = &self.workers[name];
+        let spec = worker.spec.clone();
+        let (out_path, err_path) = log_paths(&self.home, &spec);
+        let out_log = self.logs.open(&out_path);
+        let err_log = self.logs.open(&err_path);
+        let worker = self.workers.get_mut(name).expect("present");
+        let instance = &mut worker.instances[index];
+        instance.stderr_head = Arc::default();
+        instance.spawn_error = None;
+        let mut command = match build_command(&spec, index) {
+            Ok(command) => command,
+            Err(error) => return spawn_failed(name, instance, error),
+        };
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => return spawn_failed(name, instance, format!("cannot start `{}`: {error}", spec.exec.value)),
+        };
+        let Some(pid) = child.id() else {
+            return spawn_failed(name, instance, "the process ended before it could be watched".to_owned());
+        };
+        instance.start_ticks = procfs::stat(pid).map(|s| s.start_ticks);
+        instance.started = Some(Instant::now());
+        instance.cpu_sample = None;
+        self.dirty = true;
+        let prefix = log_prefix(&spec, index);
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(logs::pump(stdout, Stream::Out, prefix.clone(), out_log, None));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(logs::pump(stderr, Stream::Err, prefix, err_log, Some(instance.stderr_head.clone())));
+        }
+        let (tx, id) = (self.tx.clone(), instance.id);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => exit_status(status),
+                Err(_) => ExitStatus::Signal(Signal::SIGKILL as i32),
+            };
+            let _ = tx.send(Msg::Event { id, event: Event::Exited { status } });
+        });
+        Event::Spawned { pid }
+    }
+
+    fn update(&mut self, name: String, spec: WorkerSpec, origin: Origin, restart: bool, reply: Reply<Option<StartReport>>) {
+        let Some(worker) = self.workers.get_mut(&name) else {
+            let _ = reply.send(Err(format!("no worker named `{name}`")));
+            return;
+        };
+        let mut same_but_count = spec.clone();
+        same_but_count.instances = worker.spec.instances.clone();
+        let only_scaling = same_but_count == *worker.spec;
+        let target = spec.instances.value as usize;
+        worker.policy = Policy::from_spec(&spec);
+        worker.spec = Arc::new(spec);
+        worker.origin = origin;
+        self.dirty = true;
+        let enabled = worker.enabled;
+        // Scale: new instances start, extra ones stop and are dropped once
+        // stopped (`drop_retired_instances`); the others keep running.
+        let current = worker.instances.len();
+        for index in current..target {
+            let instance = self.new_instance(&name, index);
+            self.workers.get_mut(&name).expect("present").instances.push(instance);
+            if enabled {
+                self.step(&name, index, Event::Start);
+            }
+        }
+        for index in target..current {
+            self.step(&name, index, Event::Stop);
+        }
+        if only_scaling || !restart {
+            let _ = reply.send(Ok(None));
+            return;
+        }
+        self.restart(&name);
+        self.waiters.push(Waiter::Start { name, reply: remap(reply, Some) });
+    }
+
+    fn drop_retired_instances(&mut self) {
+        for worker in self.workers.values_mut() {
+            let target = worker.spec.instances.value as usize;
+            while worker.instances.len() > target && !worker.instances.last().is_some_and(|i| i.life.phase.is_alive()) {
+                if let Some(instance) = worker.instances.pop() {
+                    self.ids.remove(&instance.id);
+                }
+            }
+        }
+    }
+
+    fn rename(&mut self, old: &str, new: &str, origin: Origin) -> Result<(), String> {
+        self.exists(old)?;
+        if self.workers.contains_key(new) {
+            return Err(format!("a worker named `{new}` already exists"));
+        }
+        let mut worker = self.workers.remove(old).expect("checked");
+        let mut spec = worker.spec.as_ref().clone();
+        spec.name.value = new.to_owned();
+        worker.spec = Arc::new(spec);
+        worker.origin = origin;
+        for instance in &worker.instances {
+            self.ids.insert(instance.id, (new.to_owned(), instance.index));
+        }
+        self.workers.insert(new.to_owned(), worker);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn signal(&self, name: &str, index: Option<usize>, signal: Signal) -> Result<Vec<u32>, String> {
+        self.exists(name)?;
+        let worker = &self.workers[name];
+        if let Some(index) = index
+            && index >= worker.instances.len()
+        {
+            return Err(format!("`{name}` has {} instance(s); #{index} does not exist", worker.instances.len()));
+        }
+        let pids: Vec<u32> = worker
+            .instances
+            .iter()
+            .filter(|i| index.is_none_or(|n| n == i.index))
+            .filter_map(|i| i.life.phase.pid())
+            .collect();
+        if pids.is_empty() {
+            return Err(format!("`{name}` has no running process to signal"));
+        }
+        for pid in &pids {
+            kill(Pid::from_raw(*pid as i32), signal).map_err(|e| format!("cannot send {signal} to {pid}: {e}"))?;
+        }
+        Ok(pids)
+    }
+
+    fn start_ready_dependents(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(String, bool)> = self
+            .workers
+            .iter()
+            .filter_map(|(name, w)| {
+                let deadline = w.deps_deadline?;
+                let ready = self.deps_running(w);
+                (ready || now >= deadline).then(|| (name.clone(), !ready))
+            })
+            .collect();
+        for (name, timed_out) in due {
+            if let Some(worker) = self.workers.get_mut(&name) {
+                worker.deps_deadline = None;
+                worker.deps_timed_out = timed_out;
+            }
+            if timed_out {
+                crate::log(format_args!("{name}: depends_on not running after depends_timeout; starting anyway"));
+            }
+            self.send_all(&name, Event::Start);
+        }
+    }
+
+    fn answer_waiters(&mut self) {
+        let now = Instant::now();
+        for waiter in std::mem::take(&mut self.waiters) {
+            let pending = match waiter {
+                Waiter::Start { name, reply } => match self.workers.get(&name) {
+                    None => {
+                        let _ = reply.send(Err(format!("worker `{name}` was removed")));
+                        None
+                    }
+                    Some(worker) if worker.deps_deadline.is_none() && worker.instances.iter().all(|i| settled(worker, i)) => {
+                        let _ = reply.send(Ok(start_report(&name, worker)));
+                        None
+                    }
+                    Some(_) => Some(Waiter::Start { name, reply }),
+                },
+                Waiter::Stop { name, reply } => match self.workers.get(&name) {
+                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => Some(Waiter::Stop { name, reply }),
+                    _ => {
+                        let _ = reply.send(Ok(()));
+                        None
+                    }
+                },
+                Waiter::Remove { name, reply } => match self.workers.get(&name) {
+                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => Some(Waiter::Remove { name, reply }),
+                    Some(_) => {
+                        if let Some(worker) = self.workers.remove(&name) {
+                            for instance in worker.instances {
+                                self.ids.remove(&instance.id);
+                            }
+                        }
+                        self.dirty = true;
+                        let _ = reply.send(Ok(()));
+                        None
+                    }
+                    None => {
+                        let _ = reply.send(Ok(()));
+                        None
+                    }
+                },
+                Waiter::Running { name, deadline, reply } => match self.workers.get(&name) {
+                    None => {
+                        let _ = reply.send(Err(format!("worker `{name}` was removed")));
+                        None
+                    }
+                    Some(worker) if worker.instances.iter().all(|i| matches!(i.life.phase, Phase::Running { .. })) => {
+                        let _ = reply.send(Ok(()));
+                        None
+                    }
+                    Some(_) if now >= deadline => {
+                        let _ = reply.send(Err(format!("`{name}` is not running yet")));
+                        None
+                    }
+                    Some(_) => Some(Waiter::Running { name, deadline, reply }),
+                },
+                Waiter::Shutdown { reply } => {
+                    if self.workers.values().flat_map(|w| &w.instances).any(|i| i.life.phase.is_alive()) {
+                        Some(Waiter::Shutdown { reply })
+                    } else {
+                        let _ = reply.send(Ok(()));
+                        None
+                    }
+                }
+            };
+            self.waiters.extend(pending);
+        }
+    }
+
+    fn snapshot(&self) -> State {
+        State {
+            format: crate::state::FORMAT,
+            workers: self
+                .workers
+                .iter()
+                .map(|(name, w)| SavedWorker {
+                    name: name.clone(),
+                    origin: w.origin.clone(),
+                    running: w.enabled,
+                    processes: w
+                        .instances
+                        .iter()
+                        .filter_map(|i| Some(SavedProcess { pid: i.life.phase.pid()?, start_ticks: i.start_ticks? }))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn status(&mut self, name: &str) -> WorkerStatus {
+        let (out_log, err_log) = log_paths(&self.home, &self.workers[name].spec);
+        let worker = self.workers.get_mut(name).expect("caller checked");
+        let now = Instant::now();
+        let tick = procfs::tick();
+        let instances: Vec<InstanceStatus> = worker
+            .instances
+            .iter_mut()
+            .map(|instance| {
+                let pid = instance.life.phase.pid();
+                let stat = pid.and_then(procfs::stat);
+                let uptime = instance.started.filter(|_| pid.is_some()).map(|s| now - s);
+                // CPU since the previous look, or since the start on the first one.
+                let cpu_percent = match (stat, instance.cpu_sample, uptime) {
+                    (Some(stat), Some((ticks, at)), _) if now > at => {
+                        (stat.cpu_ticks.saturating_sub(ticks) as f64 * tick.as_secs_f64()) / (now - at).as_secs_f64() * 100.0
+                    }
+                    (Some(stat), None, Some(up)) if !up.is_zero() => stat.cpu_ticks as f64 * tick.as_secs_f64() / up.as_secs_f64() * 100.0,
+                    _ => 0.0,
+                };
+                instance.cpu_sample = stat.map(|s| (s.cpu_ticks, now));
+                InstanceStatus {
+                    index: instance.index,
+                    status: instance.life.phase.name().to_owned(),
+                    pid,
+                    uptime_ms: uptime.map(|u| u.as_millis() as u64),
+                    restarts: instance.life.restarts + instance.life.err_restarts,
+                    cpu_percent: (cpu_percent * 10.0).round() / 10.0,
+                    memory_bytes: stat.map_or(0, |s| s.rss_bytes),
+                    last_exit: instance.last_exit.map(|s| s.to_string()),
+                }
+            })
+            .collect();
+        let first = instances.first().map_or("stopped", |i| i.status.as_str());
+        let status = if instances.iter().all(|i| i.status == first) { first } else { "partial" }.to_owned();
+        WorkerStatus {
+            name: name.to_owned(),
+            status,
+            enabled: worker.enabled,
+            instances,
+            origin: worker.origin.clone(),
+            out_log,
+            err_log,
+        }
+    }
+}
+
+/// Maps a reply channel of one type onto another.
+fn remap<T: Send + 'static, U: Send + 'static>(reply: Reply<U>, f: fn(T) -> U) -> Reply<T> {
+    let (tx, rx) = oneshot::channel::<Result<T, String>>();
+    tokio::spawn(async move {
+        if let Ok(result) = rx.await {
+            let _ = reply.send(result.map(f));
+        }
+    });
+    tx
+}
+
+/// Whether an instance is past its start: up, or failed, or not asked to run.
+fn settled(worker: &Worker, instance: &Instance) -> bool {
+    match instance.life.phase {
+        Phase::Starting { .. } | Phase::Stopping { .. } => false,
+        Phase::Stopped => !worker.enabled || instance.life.attempts > 0,
+        _ => true,
+    }
+}
+
+fn start_report(name: &str, worker: &Worker) -> StartReport {
+    let now = Instant::now();
+    let instances = worker
+        .instances
+        .iter()
+        .map(|i| {
+            let ok = matches!(i.life.phase, Phase::Running { .. });
+            let stderr = if ok { Vec::new() } else { i.stderr_head.lock().map(|h| h.clone()).unwrap_or_default() };
+            InstanceStart {
+                index: i.index,
+                pid: i.life.phase.pid(),
+                ok,
+                exit: if ok { None } else { i.last_exit.map(|s| s.to_string()) },
+                uptime_ms: i.started.map_or(0, |s| (now - s).as_millis() as u64),
+                stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                error: i.spawn_error.clone(),
+            }
+        })
+        .collect();
+    StartReport { worker: name.to_owned(), instances, dependency_timeout: worker.deps_timed_out }
+}
+
+fn spawn_failed(name: &str, instance: &mut Instance, error: String) -> Event {
+    crate::log(format_args!("{name}#{}: {error}", instance.index));
+    instance.spawn_error = Some(error);
+    instance.started = Some(Instant::now());
+    Event::Exited { status: ExitStatus::SpawnFailed }
+}
+
+fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitStatus::Code(code),
+        (None, Some(signal)) => ExitStatus::Signal(signal),
+        (None, None) => ExitStatus::Code(-1),
+    }
+}
+
+/// Where a worker's stdout and stderr go: `log` and `err_log`, else files
+/// named after it under `$APM_HOME/logs`. With only `log`, both share it.
+pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {
+    let name = &spec.name.value;
+    let out = spec.log.as_ref().map_or_else(|| home.join("logs").join(format!("{name}.out.log")), |l| l.value.clone());
+    let err = match (&spec.err_log, &spec.log) {
+        (Some(err), _) => err.value.clone(),
+        (None, Some(log)) => log.value.clone(),
+        (None, None) => home.join("logs").join(format!("{name}.err.log")),
+    };
+    (out, err)
+}
+
+fn log_prefix(spec: &WorkerSpec, index: usize) -> String {
+    let base = spec.prefix.as_ref().map_or(spec.name.value.as_str(), |p| p.value.as_str());
+    if spec.instances.value > 1 { format!("{base}#{index}") } else { base.to_owned() }
+}
+
+/// `KEY=VALUE` lines; blank lines, `#` comments and `export ` are allowed,
+/// and values may be quoted.
+fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read env_file {}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.strip_prefix("export ").unwrap_or(l).split_once('=')?;
+            let value = value.trim();
+            let unquoted = [('"', '"'), ('\'', '\'')]
+                .iter()
+                .find_map(|(a, b)| value.strip_prefix(*a).and_then(|v| v.strip_suffix(*b)))
+                .unwrap_or(value);
+            Some((key.trim().to_owned(), unquoted.to_owned()))
+        })
+        .collect())
+}
+
+fn build_command(spec: &WorkerSpec, index: usize) -> Result<tokio::process::Command, String> {
+    let mut command = tokio::process::Command::new(&spec.exec.value);
+    command.args(spec.params.iter().map(|p| &p.value));
+    if let Some(path) = &spec.path {
+        command.current_dir(&path.value);
+    }
+    // env_file first, so `env` entries override it; read before any
+    // privilege drop, as the daemon.
+    if let Some(file) = &spec.env_file {
+        command.envs(read_env_file(&file.value)?);
+    }
+    command.envs(spec.env.iter().map(|e| (&e.value.key, &e.value.value)));
+    command.env("APM", "1");
+    if let Some(var) = &spec.env_index {
+        command.env(&var.value, index.to_string());
+    }
+    if let Some(user) = &spec.user {
+        let run_as = sys::RunAs::lookup(&user.value)?;
+        let me = nix::unistd::geteuid();
+        if run_as.uid != me {
+            if !me.is_root() {
+                return Err(format!("`user {}` needs the daemon to run as root; it runs as uid {me}", user.value));
+            }
+            sys::run_as(&mut command, run_as);
+        }
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);
+    Ok(command)
+}
+
+/// Ends processes a previous daemon recorded and that are still the same
+/// processes (pid and start time): SIGTERM to each group, SIGKILL to
+/// what is left after `grace`.
+pub async fn end_orphans(processes: &[SavedProcess], grace: Duration) -> usize {
+    let alive: Vec<&SavedProcess> = processes.iter().filter(|p| procfs::is_same_process(p.pid, p.start_ticks)).collect();
+    for process in &alive {
+        let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && alive.iter().any(|p| procfs::is_same_process(p.pid, p.start_ticks)) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for process in &alive {
+        if procfs::is_same_process(process.pid, process.start_ticks) {
+            let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+        }
+    }
+    alive.len()
+}
+
+impl Handle {
+    /// Registers a worker restored from the state file, enabled or not,
+    /// and starts it when it was meant to run.
+    pub async fn restore(&self, name: String, spec: WorkerSpec, origin: Origin, running: bool) -> Result<(), String> {
+        self.call(|reply| Command::Register { name, spec: Box::new(spec), origin, start: running, reply }).await.map(|_| ())
+    }
+}

@@ -1,0 +1,536 @@
+//! The CLI commands that talk to the daemon, and how their answers are shown.
+
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use apm_compiler::loader::{FsLoader, Overlay};
+use apm_compiler::{compile, print, render};
+use apm_runtime::supervisor::{StartReport, WorkerStatus};
+use serde::Deserialize;
+
+use crate::client::{self, Failure, Place};
+use crate::exit;
+use crate::flags::{self, Flags};
+use crate::protocol::{Call, Pong, Response};
+
+/// Runs one call; prints the failure and returns its exit code on error.
+pub fn request(place: &Place, call: Call) -> Result<serde_json::Value, u8> {
+    match client::call(place, call, true) {
+        Ok(Response { ok: true, data, .. }) => Ok(data),
+        Ok(Response { error, exit: code, .. }) => {
+            eprintln!("apm: {}", error.unwrap_or_else(|| "the daemon refused the request".to_owned()).trim_end());
+            Err(code.unwrap_or(exit::FAILED))
+        }
+        Err(Failure { exit: code, message }) => {
+            eprintln!("apm: {message}");
+            Err(code)
+        }
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(value: serde_json::Value) -> Result<T, u8> {
+    serde_json::from_value(value).map_err(|e| {
+        eprintln!("apm: unexpected answer from the daemon: {e}");
+        exit::FAILED
+    })
+}
+
+fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn paint(text: &str, code: &str) -> String {
+    if color() { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() }
+}
+
+/// Prints how a start went, like the reference's progress lines; false when
+/// an instance failed.
+pub fn show_start(report: &StartReport) -> bool {
+    println!("● Starting {}", report.worker);
+    if report.dependency_timeout {
+        println!("  ! its depends_on did not come up within depends_timeout; started anyway");
+    }
+    for instance in &report.instances {
+        let name = if report.instances.len() > 1 { format!("{}#{}", report.worker, instance.index) } else { report.worker.clone() };
+        if instance.ok {
+            println!("{} {name} running (pid {})", paint("✓", "32"), instance.pid.unwrap_or_default());
+            continue;
+        }
+        let how = instance.error.clone().or_else(|| instance.exit.clone()).unwrap_or_else(|| "not running".to_owned());
+        println!("{} {name} failed during startup ({how}, {} ms)", paint("✗", "31"), instance.uptime_ms);
+        if !instance.stderr.is_empty() {
+            println!("── child stderr {}", "─".repeat(46));
+            print!("{}", instance.stderr);
+            if !instance.stderr.ends_with('\n') {
+                println!();
+            }
+            println!("{}", "─".repeat(62));
+        }
+    }
+    let ok = report.ok();
+    if !ok {
+        println!("{} Worker {} failed to start — check `apm log {} --err`", paint("✗", "31"), report.worker, report.worker);
+    }
+    ok
+}
+
+fn started(data: serde_json::Value) -> u8 {
+    match decode::<Option<StartReport>>(data) {
+        Ok(Some(report)) if !show_start(&report) => exit::FAILED,
+        Ok(_) => exit::OK,
+        Err(code) => code,
+    }
+}
+
+pub fn run(place: &Place, args: &[String]) -> u8 {
+    let flags = match Flags::parse(args, false) {
+        Ok(flags) => flags,
+        Err(e) => {
+            eprintln!("apm: {e}");
+            return exit::USAGE;
+        }
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let settings = match flags::run_settings(&flags, &cwd) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("apm: {e}");
+            return exit::USAGE;
+        }
+    };
+    let loader = Overlay { path: cwd.join("(command line)"), contents: flags::worker_block(&settings), inner: &FsLoader };
+    let compilation = match compile(&loader.path, &loader) {
+        Ok(compilation) => compilation,
+        Err(e) => {
+            eprintln!("apm: {e}");
+            return exit::USAGE;
+        }
+    };
+    if !compilation.diagnostics.is_empty() {
+        let text = render::human(&compilation, color());
+        // The summary line speaks of the generated file; keep the snippets only.
+        let snippets = text.lines().filter(|l| !l.starts_with('✓') && !l.starts_with('✗')).collect::<Vec<_>>().join("\n");
+        eprintln!("{snippets}");
+    }
+    if compilation.has_errors() {
+        return exit::USAGE;
+    }
+    let Some(spec) = compilation.config.workers.first() else { return exit::USAGE };
+    match request(place, Call::Run { config: print::worker(spec), start: true }) {
+        Ok(data) => started(data),
+        Err(code) => code,
+    }
+}
+
+pub fn update(place: &Place, name: &str, args: &[String]) -> u8 {
+    let flags = match Flags::parse(args, true) {
+        Ok(flags) if flags.words.is_empty() => flags,
+        Ok(flags) => {
+            eprintln!("apm: unexpected `{}`; update takes flags only", flags.words[0]);
+            return exit::USAGE;
+        }
+        Err(e) => {
+            eprintln!("apm: {e}");
+            return exit::USAGE;
+        }
+    };
+    let settings = flags.settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    match request(place, Call::Update { name: name.to_owned(), settings, restart: !flags.no_restart }) {
+        Ok(data) => started(data),
+        Err(code) => code,
+    }
+}
+
+/// A call whose answer is a start report.
+pub fn start_like(place: &Place, call: Call) -> u8 {
+    match request(place, call) {
+        Ok(data) => match decode::<StartReport>(data) {
+            Ok(report) if show_start(&report) => exit::OK,
+            Ok(_) => exit::FAILED,
+            Err(code) => code,
+        },
+        Err(code) => code,
+    }
+}
+
+pub fn simple(place: &Place, call: Call, done: &str) -> u8 {
+    match request(place, call) {
+        Ok(_) => {
+            println!("{done}");
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn restart_all(place: &Place) -> u8 {
+    match request(place, Call::RestartAll).and_then(decode::<Vec<StartReport>>) {
+        Ok(reports) => {
+            let ok = reports.iter().map(show_start).fold(true, |a, b| a && b);
+            if ok { exit::OK } else { exit::FAILED }
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn load(place: &Place, file: &Path) -> u8 {
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    match compile(&path, &FsLoader) {
+        Err(e) => {
+            eprintln!("apm: cannot read `{}`: {e}", file.display());
+            return exit::USAGE;
+        }
+        Ok(compilation) if compilation.has_errors() => {
+            print!("{}", render::human(&compilation, color()));
+            return exit::FAILED;
+        }
+        Ok(_) => {}
+    }
+    #[derive(Deserialize)]
+    struct Outcome {
+        worker: String,
+        report: Option<StartReport>,
+    }
+    match request(place, Call::Load { path }).and_then(decode::<Vec<Outcome>>) {
+        Ok(outcomes) => {
+            let mut ok = true;
+            for outcome in outcomes {
+                match outcome.report {
+                    Some(report) => ok &= show_start(&report),
+                    None => println!("• {} is already running", outcome.worker),
+                }
+            }
+            if ok { exit::OK } else { exit::FAILED }
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn unload(place: &Place, file: &Path) -> u8 {
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    match request(place, Call::Unload { path }).and_then(decode::<Vec<String>>) {
+        Ok(removed) => {
+            for name in &removed {
+                println!("- removed {name}");
+            }
+            if removed.is_empty() {
+                println!("no running worker came from {}", file.display());
+            }
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn signal(place: &Place, signal: &str, target: &str) -> u8 {
+    let (name, index) = match target.split_once('#') {
+        Some((name, index)) => match index.parse::<usize>() {
+            Ok(index) => (name, Some(index)),
+            Err(_) => {
+                eprintln!("apm: `{target}`: the instance after `#` is a number, as in api#2");
+                return exit::USAGE;
+            }
+        },
+        None => (target, None),
+    };
+    match request(place, Call::Signal { name: name.to_owned(), index, signal: signal.to_owned() }).and_then(decode::<Vec<u32>>) {
+        Ok(pids) => {
+            println!("sent {signal} to {}", pids.iter().map(|p| format!("pid {p}")).collect::<Vec<_>>().join(", "));
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.0} KB", b as f64 / 1024.0),
+    }
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    workers: Vec<WorkerStatus>,
+    daemon: Pong,
+}
+
+fn status_color(status: &str) -> &'static str {
+    match status {
+        "running" => "32",
+        "crashed" | "errored" => "31",
+        _ => "33",
+    }
+}
+
+pub fn list(place: &Place, json: bool) -> u8 {
+    let data = match request(place, Call::List) {
+        Ok(data) => data,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{data:#}");
+        return exit::OK;
+    }
+    let Ok(listing) = decode::<Listing>(data) else { return exit::FAILED };
+    let mut rows = vec![["name", "status", "pid", "inst", "uptime", "restarts", "cpu", "memory"].map(String::from)];
+    for w in &listing.workers {
+        let running = w.instances.iter().filter(|i| i.pid.is_some()).count();
+        let pids: Vec<String> = w.instances.iter().filter_map(|i| i.pid.map(|p| p.to_string())).collect();
+        let uptime = w.instances.iter().filter_map(|i| i.uptime_ms).min().map_or("-".to_owned(), human_duration);
+        let cpu: f64 = w.instances.iter().map(|i| i.cpu_percent).sum();
+        let memory: u64 = w.instances.iter().map(|i| i.memory_bytes).sum();
+        rows.push([
+            w.name.clone(),
+            w.status.clone(),
+            if pids.is_empty() { "-".to_owned() } else { pids.join(",") },
+            format!("{running}/{}", w.instances.len()),
+            uptime,
+            w.instances.iter().map(|i| i.restarts).sum::<u32>().to_string(),
+            format!("{cpu:.1}%"),
+            if memory == 0 { "-".to_owned() } else { human_bytes(memory) },
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let padded = format!("{cell:<w$}  ", w = widths[c]);
+            line.push_str(&match (i, c) {
+                (0, _) => paint(&padded, "1"),
+                (_, 1) => paint(&padded, status_color(cell)),
+                _ => padded,
+            });
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if listing.workers.is_empty() {
+        out.push_str("no workers; start one with `apm run <program>` or `apm load <file>`\n");
+    }
+    out.push_str(&format!("daemon: pid {}, apm {}, memory {}\n", listing.daemon.pid, listing.daemon.version, human_bytes(listing.daemon.memory_bytes)));
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    exit::OK
+}
+
+#[derive(Deserialize)]
+struct Info {
+    status: WorkerStatus,
+    config: serde_json::Value,
+    text: String,
+}
+
+fn info_of(place: &Place, name: &str) -> Result<(serde_json::Value, Info), u8> {
+    let data = request(place, Call::Info { name: name.to_owned() })?;
+    let info = decode::<Info>(data.clone())?;
+    Ok((data, info))
+}
+
+pub fn info(place: &Place, name: &str, json: bool) -> u8 {
+    let (data, info) = match info_of(place, name) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{data:#}");
+        return exit::OK;
+    }
+    let s = &info.status;
+    println!("{} — {} ({} instance(s))", s.name, paint(&s.status, status_color(&s.status)), s.instances.len());
+    for i in &s.instances {
+        let pid = i.pid.map_or("-".to_owned(), |p| p.to_string());
+        let last = i.last_exit.as_deref().map(|e| format!(", last exit: {e}")).unwrap_or_default();
+        println!("  #{:<3} {:<9} pid {pid:<8} restarts {}{last}", i.index, i.status, i.restarts);
+    }
+    println!("logs: {} (stdout), {} (stderr)", s.out_log.display(), s.err_log.display());
+    match &s.origin {
+        apm_runtime::state::Origin::File { path } => println!("from: {}", path.display()),
+        apm_runtime::state::Origin::Cli { .. } => println!("from: the command line"),
+    }
+    println!("\n{}", info.text.trim_end());
+    let _ = info.config;
+    exit::OK
+}
+
+pub fn env(place: &Place, name: &str, json: bool) -> u8 {
+    let (_, info) = match info_of(place, name) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    // The running process's real environment when there is one.
+    let live = info.status.instances.iter().find_map(|i| i.pid).and_then(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok());
+    let vars: Vec<(String, String)> = match live {
+        Some(bytes) => bytes
+            .split(|&b| b == 0)
+            .filter(|v| !v.is_empty())
+            .filter_map(|v| String::from_utf8_lossy(v).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect(),
+        None => {
+            let mut vars: Vec<(String, String)> = info.config["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| Some((e["key"].as_str()?.to_owned(), e["value"].as_str()?.to_owned())))
+                .collect();
+            vars.push(("APM".to_owned(), "1".to_owned()));
+            vars
+        }
+    };
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = vars.into_iter().map(|(k, v)| (k, v.into())).collect();
+        println!("{:#}", serde_json::Value::Object(map));
+    } else {
+        for (key, value) in vars {
+            println!("{key}={value}");
+        }
+    }
+    exit::OK
+}
+
+/// The lines of a log file, of one stream when both streams share it.
+fn log_lines(path: &Path, only: Option<&str>) -> Vec<String> {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    text.lines().filter(|l| only.is_none_or(|marker| l.split(' ').nth(2) == Some(marker))).map(str::to_owned).collect()
+}
+
+pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> u8 {
+    let (_, info) = match info_of(place, name) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    let shared = info.status.out_log == info.status.err_log;
+    let (path, only) = match (err, shared) {
+        (false, false) => (info.status.out_log.clone(), None),
+        (true, false) => (info.status.err_log.clone(), None),
+        (false, true) => (info.status.out_log.clone(), Some("|")),
+        (true, true) => (info.status.err_log.clone(), Some("!")),
+    };
+    let all = log_lines(&path, only);
+    for line in &all[all.len().saturating_sub(lines)..] {
+        println!("{line}");
+    }
+    if !follow {
+        return exit::OK;
+    }
+    let mut position = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let mut partial = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(mut file) = std::fs::File::open(&path) else { continue };
+        let len = file.metadata().map_or(0, |m| m.len());
+        if len < position {
+            position = 0; // rotated or truncated
+        }
+        if len == position || file.seek(SeekFrom::Start(position)).is_err() {
+            continue;
+        }
+        let mut chunk = Vec::new();
+        if file.read_to_end(&mut chunk).is_err() {
+            continue;
+        }
+        position += chunk.len() as u64;
+        partial.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = partial.find('\n') {
+            let line: String = partial.drain(..=end).collect();
+            let line = line.trim_end_matches('\n');
+            if only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker)) && writeln!(std::io::stdout(), "{line}").is_err() {
+                return exit::OK;
+            }
+        }
+    }
+}
+
+pub fn grep(place: &Place, pattern: &str, worker: Option<&str>) -> u8 {
+    let statuses = match request(place, Call::List).and_then(decode::<Listing>) {
+        Ok(listing) => listing.workers,
+        Err(code) => return code,
+    };
+    let mut found = false;
+    for status in statuses.iter().filter(|s| worker.is_none_or(|w| w == s.name)) {
+        let mut paths = vec![&status.out_log];
+        if status.err_log != status.out_log {
+            paths.push(&status.err_log);
+        }
+        for path in paths {
+            for line in log_lines(path, None).iter().filter(|l| l.contains(pattern)) {
+                found = true;
+                println!("{}: {line}", status.name);
+            }
+        }
+    }
+    if worker.is_some_and(|w| !statuses.iter().any(|s| s.name == w)) {
+        eprintln!("apm: no worker named `{}`", worker.unwrap_or_default());
+        return exit::USAGE;
+    }
+    if found { exit::OK } else { exit::FAILED }
+}
+
+pub fn version(place: &Place, json: bool) -> u8 {
+    let daemon = client::call(place, Call::Ping, false).ok().and_then(|r| serde_json::from_value::<Pong>(r.data).ok());
+    if json {
+        println!("{:#}", serde_json::json!({ "cli": crate::protocol::VERSION, "daemon": daemon }));
+    } else {
+        println!("apm {}", crate::protocol::VERSION);
+        match daemon {
+            Some(d) => println!("daemon {} (pid {}, protocol {})", d.version, d.pid, d.protocol),
+            None => println!("daemon not running"),
+        }
+    }
+    exit::OK
+}
+
+pub fn exit_daemon(place: &Place) -> u8 {
+    match client::call(place, Call::Exit, false) {
+        Ok(Response { ok: true, .. }) => {
+            println!("daemon stopped");
+            exit::OK
+        }
+        Ok(Response { error, exit: code, .. }) => {
+            eprintln!("apm: {}", error.unwrap_or_default());
+            code.unwrap_or(exit::FAILED)
+        }
+        Err(_) => {
+            println!("no daemon is running on @{}", place.socket);
+            exit::OK
+        }
+    }
+}
+
+/// `30s`, `500ms` or `500`: the config language's durations.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    use apm_compiler::values::{FromValue, Kind, Millis, ValueCx};
+    let cx = ValueCx { loader: &FsLoader, base_dir: Path::new("/"), span: None };
+    Millis::from_value(text, &Kind::Duration, &cx).map(Millis::as_duration).map_err(|p| p.message)
+}
+
+/// A call whose answer may carry a start report.
+pub fn start_like_optional(place: &Place, call: Call) -> u8 {
+    match request(place, call) {
+        Ok(data) => started(data),
+        Err(code) => code,
+    }
+}
+
+/// `apm daemon` without `--foreground`: make sure one runs in the background.
+pub fn start_daemon_background(place: &Place) -> u8 {
+    match request(place, Call::Ping).and_then(decode::<Pong>) {
+        Ok(pong) => {
+            println!("apm daemon running (pid {}) on @{}", pong.pid, place.socket);
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}

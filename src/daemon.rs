@@ -1,0 +1,417 @@
+//! The daemon: owns the control socket and the supervisor, restores what a
+//! previous daemon left, and answers the CLI.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apm_compiler::ir::WorkerSpec;
+use apm_compiler::loader::{FsLoader, Overlay};
+use apm_compiler::{compile, print, render};
+use apm_runtime::state::{self, Origin, SavedProcess};
+use apm_runtime::supervisor::{self, Command, Handle, Supervisor};
+use apm_runtime::{log, procfs};
+use nix::sys::signal::Signal;
+use nix::unistd::Uid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use crate::client::{self, Place};
+use crate::exit;
+use crate::protocol::{Call, PROTOCOL, Pong, Request, Response, VERSION};
+
+/// A request line longer than this is refused.
+const MAX_REQUEST: u64 = 1 << 20;
+/// How long orphans of a crashed daemon get to end after SIGTERM.
+const ORPHAN_GRACE: Duration = Duration::from_secs(3);
+
+/// Who may use the socket (decisions: the daemon, rule 2).
+struct Access {
+    owner: Uid,
+    allow_group: Option<String>,
+}
+
+impl Access {
+    fn admits(&self, uid: Uid) -> bool {
+        if uid.is_root() || uid == self.owner {
+            return true;
+        }
+        let Some(group) = self.allow_group.as_deref() else { return false };
+        let Ok(Some(group)) = nix::unistd::Group::from_name(group) else { return false };
+        let Ok(Some(user)) = nix::unistd::User::from_uid(uid) else { return false };
+        user.gid == group.gid || group.mem.contains(&user.name)
+    }
+
+    fn refusal(&self, uid: Uid) -> String {
+        let group = match &self.allow_group {
+            Some(g) => format!(", and members of group `{g}` (allow_group)"),
+            None => String::new(),
+        };
+        format!(
+            "permission denied: this apm daemon serves root and its owner (uid {}){group}; you are uid {uid}. \
+             Run apm as that user, or set `daemon {{ allow_group NAME; }}` in its config",
+            self.owner
+        )
+    }
+}
+
+struct Daemon {
+    place: Place,
+    supervisor: Handle,
+    access: Access,
+    exit: Notify,
+}
+
+pub fn run(place: Place, detach: bool) -> u8 {
+    if detach {
+        // Its own session: no terminal, and no signal of the CLI's group reaches it.
+        let _ = nix::unistd::setsid();
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("apm: cannot start the daemon's runtime: {e}");
+            return exit::FAILED;
+        }
+    };
+    runtime.block_on(serve(place))
+}
+
+fn bind(place: &Place) -> Result<UnixListener, String> {
+    let address = place.address().map_err(|e| format!("invalid socket name @{}: {e}", place.socket))?;
+    match std::os::unix::net::UnixListener::bind_addr(&address) {
+        Ok(listener) => {
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            UnixListener::from_std(listener).map_err(|e| e.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let owner = match client::call(place, Call::Ping, false) {
+                Ok(response) => serde_json::from_value::<Pong>(response.data).map_or("another process".to_owned(), |p| format!("pid {}", p.pid)),
+                Err(_) => "another process".to_owned(),
+            };
+            Err(format!("an apm daemon already runs on @{} ({owner}); stop it with `apm exit daemon`", place.socket))
+        }
+        Err(e) => Err(format!("cannot listen on @{}: {e}", place.socket)),
+    }
+}
+
+async fn serve(place: Place) -> u8 {
+    if let Err(e) = std::fs::create_dir_all(&place.home) {
+        eprintln!("apm: cannot create {}: {e}", place.home.display());
+        return exit::FAILED;
+    }
+    let _ = std::fs::set_permissions(&place.home, std::fs::Permissions::from_mode(0o700));
+    let listener = match bind(&place) {
+        Ok(listener) => listener,
+        Err(message) => {
+            eprintln!("apm: {message}");
+            return exit::FAILED;
+        }
+    };
+    let pid_file = place.home.join("apm.pid");
+    // Holding the socket makes this the only daemon: any pid file left is stale.
+    if let Ok(old) = std::fs::read_to_string(&pid_file) {
+        log(format_args!("replacing the stale pid file of pid {}", old.trim()));
+    }
+    let _ = std::fs::write(&pid_file, format!("{}\n", std::process::id()));
+    log(format_args!("apm {VERSION} daemon started (pid {}) on @{}", std::process::id(), place.socket));
+
+    let supervisor = Supervisor::spawn(&place.home);
+    let access = Access { owner: nix::unistd::geteuid(), allow_group: allow_group(&place.home) };
+    let daemon = Arc::new(Daemon { place, supervisor, access, exit: Notify::new() });
+    restore(&daemon).await;
+
+    let (mut terminate, mut interrupt) = match (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            eprintln!("apm: cannot handle signals");
+            return exit::FAILED;
+        }
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(connection(daemon.clone(), stream));
+                }
+            }
+            _ = terminate.recv() => { shutdown(&daemon, "SIGTERM").await; break; }
+            _ = interrupt.recv() => { shutdown(&daemon, "SIGINT").await; break; }
+            _ = daemon.exit.notified() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    log(format_args!("daemon stopped"));
+    exit::OK
+}
+
+async fn shutdown(daemon: &Daemon, why: &str) {
+    log(format_args!("{why}: stopping every worker"));
+    let _ = daemon.supervisor.call(|reply| Command::Shutdown { reply }).await;
+}
+
+/// `allow_group` from `$APM_HOME/config.conf`, when it sets one.
+fn allow_group(home: &Path) -> Option<String> {
+    let compilation = compile(&home.join("config.conf"), &FsLoader).ok()?;
+    compilation.config.daemon.allow_group.map(|g| g.value)
+}
+
+/// Ends the processes a crashed daemon left and registers its workers again,
+/// starting those that were meant to run.
+async fn restore(daemon: &Daemon) {
+    let path = daemon.place.home.join("state.json");
+    let saved = match state::load(&path) {
+        Ok(Some(saved)) => saved,
+        Ok(None) => return,
+        Err(e) => {
+            let aside = path.with_extension(format!("corrupt-{}", std::process::id()));
+            let _ = std::fs::rename(&path, &aside);
+            log(format_args!("cannot read {}: {e}; set aside as {}", path.display(), aside.display()));
+            return;
+        }
+    };
+    let processes: Vec<SavedProcess> = saved.workers.iter().flat_map(|w| w.processes.iter().copied()).collect();
+    let ended = supervisor::end_orphans(&processes, ORPHAN_GRACE).await;
+    if ended > 0 {
+        log(format_args!("ended {ended} process(es) left by the previous daemon"));
+    }
+    let mut to_start = Vec::new();
+    for worker in saved.workers {
+        match spec_of(&worker.name, &worker.origin) {
+            Ok(spec) => {
+                let registered = daemon
+                    .supervisor
+                    .call(|reply| Command::Register { name: worker.name.clone(), spec: Box::new(spec), origin: worker.origin, start: false, reply })
+                    .await;
+                match registered {
+                    Ok(_) if worker.running => to_start.push(worker.name),
+                    Ok(_) => {}
+                    Err(e) => log(format_args!("cannot restore {}: {e}", worker.name)),
+                }
+            }
+            Err(e) => log(format_args!("cannot restore {}: {e}", worker.name)),
+        }
+    }
+    for name in to_start {
+        let supervisor = daemon.supervisor.clone();
+        tokio::spawn(async move {
+            let _ = supervisor.call(|reply| Command::Start { name, reply }).await;
+        });
+    }
+}
+
+/// Compiles one `worker { }` block; the errors rendered for people.
+fn compile_block(text: &str) -> Result<WorkerSpec, String> {
+    let loader = Overlay { path: PathBuf::from("/apm/worker.conf"), contents: text.to_owned(), inner: &FsLoader };
+    let compilation = compile(&loader.path, &loader).map_err(|e| e.to_string())?;
+    if compilation.has_errors() {
+        return Err(render::human(&compilation, false));
+    }
+    compilation.config.workers.into_iter().next().ok_or_else(|| "no worker in the config".to_owned())
+}
+
+fn spec_of(name: &str, origin: &Origin) -> Result<WorkerSpec, String> {
+    match origin {
+        Origin::Cli { config } => compile_block(config),
+        Origin::File { path } => {
+            let compilation = compile(path, &FsLoader).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if compilation.has_errors() {
+                return Err(format!("{} has errors:\n{}", path.display(), render::human(&compilation, false)));
+            }
+            compilation
+                .config
+                .workers
+                .into_iter()
+                .find(|w| w.name.value == name)
+                .ok_or_else(|| format!("{} no longer defines `{name}`", path.display()))
+        }
+    }
+}
+
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
+    let uid = match stream.peer_cred() {
+        Ok(cred) => Uid::from_raw(cred.uid()),
+        Err(_) => return,
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    if BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let response = if !daemon.access.admits(uid) {
+        log(format_args!("refused a client of uid {uid}"));
+        Response::error(exit::UNREACHABLE, daemon.access.refusal(uid))
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) if request.protocol == PROTOCOL => dispatch(&daemon, request.call).await,
+            Ok(request) => Response::error(exit::UNREACHABLE, version_mismatch(&request.version)),
+            Err(_) => {
+                let version = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
+                match version {
+                    Some(version) if version != VERSION => Response::error(exit::UNREACHABLE, version_mismatch(&version)),
+                    _ => Response::error(exit::USAGE, "the daemon could not read this request"),
+                }
+            }
+        }
+    };
+    let mut bytes = serde_json::to_vec(&response).unwrap_or_default();
+    bytes.push(b'\n');
+    let _ = write.write_all(&bytes).await;
+    let _ = write.shutdown().await;
+}
+
+fn version_mismatch(cli: &str) -> String {
+    format!(
+        "this apm {cli} cannot drive the running daemon (apm {VERSION}, protocol {PROTOCOL}); stop the daemon with \
+         `apm exit daemon` from the same version, then run the command again"
+    )
+}
+
+fn result<T: serde::Serialize>(result: Result<T, String>, failure: u8) -> Response {
+    match result {
+        Ok(data) => Response::data(data),
+        Err(message) => Response::error(failure, message),
+    }
+}
+
+/// A worker that does not exist is a usage error (exit 2); other failures exit 1.
+fn failure_code(message: &str) -> u8 {
+    if message.starts_with("no worker named") { exit::USAGE } else { exit::FAILED }
+}
+
+async fn call<T>(daemon: &Daemon, command: impl FnOnce(supervisor::Reply<T>) -> Command) -> Result<T, Response> {
+    daemon.supervisor.call(command).await.map_err(|e| Response::error(failure_code(&e), e))
+}
+
+async fn dispatch(daemon: &Daemon, call_: Call) -> Response {
+    match handle(daemon, call_).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
+    let sup = &daemon.supervisor;
+    Ok(match call_ {
+        Call::Ping => Response::data(pong()),
+        Call::Run { config, start } => {
+            let spec = compile_block(&config).map_err(|e| Response::error(exit::FAILED, e))?;
+            let name = spec.name.value.clone();
+            let origin = Origin::Cli { config: print::worker(&spec) };
+            result(sup.call(|reply| Command::Register { name, spec: Box::new(spec), origin, start, reply }).await, exit::FAILED)
+        }
+        Call::Load { path } => load(daemon, &path).await?,
+        Call::Unload { path } => {
+            let statuses = call(daemon, |reply| Command::List { reply }).await?;
+            let mut removed = Vec::new();
+            for status in statuses.into_iter().filter(|s| s.origin == Origin::File { path: path.clone() }) {
+                call(daemon, |reply| Command::Remove { name: status.name.clone(), reply }).await?;
+                removed.push(status.name);
+            }
+            Response::data(removed)
+        }
+        Call::Start { name } => Response::data(call(daemon, |reply| Command::Start { name, reply }).await?),
+        Call::Stop { name } => Response::data(call(daemon, |reply| Command::Stop { name, reply }).await?),
+        Call::Restart { name } => Response::data(call(daemon, |reply| Command::Restart { name, reply }).await?),
+        Call::RestartAll => {
+            let statuses = call(daemon, |reply| Command::List { reply }).await?;
+            let mut reports = Vec::new();
+            for status in statuses {
+                reports.push(call(daemon, |reply| Command::Restart { name: status.name, reply }).await?);
+            }
+            Response::data(reports)
+        }
+        Call::Remove { name } => Response::data(call(daemon, |reply| Command::Remove { name, reply }).await?),
+        Call::StopAll => Response::data(call(daemon, |reply| Command::StopAll { reply }).await?),
+        Call::Update { name, settings, restart } => {
+            let (_, current) = call(daemon, |reply| Command::Info { name: name.clone(), reply }).await?;
+            let merged = merge_settings(current.settings(), settings);
+            let text = print::worker_with(&merged, &current);
+            let spec = compile_block(&text).map_err(|e| Response::error(exit::FAILED, e))?;
+            if spec.name.value != name {
+                return Err(Response::error(exit::USAGE, "use `apm rename` to change a worker's name"));
+            }
+            // The live config now differs from any file it came from.
+            let origin = Origin::Cli { config: print::worker(&spec) };
+            Response::data(call(daemon, |reply| Command::Update { name, spec: Box::new(spec), origin, restart, reply }).await?)
+        }
+        Call::Rename { name, new } => {
+            let (_, spec) = call(daemon, |reply| Command::Info { name: name.clone(), reply }).await?;
+            let renamed = renamed(&spec, &new).map_err(|e| Response::error(exit::USAGE, e))?;
+            let origin = Origin::Cli { config: print::worker(&renamed) };
+            Response::data(call(daemon, |reply| Command::Rename { old: name, new, origin, reply }).await?)
+        }
+        Call::Copy { name, new } => {
+            let (_, spec) = call(daemon, |reply| Command::Info { name: name.clone(), reply }).await?;
+            let copy = renamed(&spec, &new).map_err(|e| Response::error(exit::USAGE, e))?;
+            let origin = Origin::Cli { config: print::worker(&copy) };
+            Response::data(call(daemon, |reply| Command::Register { name: new, spec: Box::new(copy), origin, start: true, reply }).await?)
+        }
+        Call::Signal { name, index, signal } => {
+            let signal: Signal = signal.parse().map_err(|_| Response::error(exit::USAGE, format!("unknown signal `{signal}`")))?;
+            Response::data(call(daemon, |reply| Command::Signal { name, index, signal, reply }).await?)
+        }
+        Call::List => {
+            let workers = call(daemon, |reply| Command::List { reply }).await?;
+            Response::data(serde_json::json!({ "workers": workers, "daemon": pong() }))
+        }
+        Call::Info { name } => {
+            let (status, spec) = call(daemon, |reply| Command::Info { name, reply }).await?;
+            Response::data(serde_json::json!({ "status": status, "config": spec, "text": print::worker(&spec) }))
+        }
+        Call::Wait { name, timeout_ms } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            Response::data(call(daemon, |reply| Command::Wait { name, timeout, reply }).await?)
+        }
+        Call::Exit => {
+            shutdown(daemon, "apm exit daemon").await;
+            daemon.exit.notify_one();
+            Response::data(pong())
+        }
+    })
+}
+
+fn pong() -> Pong {
+    let pid = std::process::id();
+    Pong { pid, version: VERSION.to_owned(), protocol: PROTOCOL, memory_bytes: procfs::stat(pid).map_or(0, |s| s.rss_bytes) }
+}
+
+/// The worker keys of `current` with the keys of `update` replaced.
+fn merge_settings(current: Vec<(&'static str, Vec<String>)>, update: Vec<(String, Vec<String>)>) -> Vec<(String, Vec<String>)> {
+    let mut merged: Vec<(String, Vec<String>)> =
+        current.into_iter().filter(|(k, _)| !update.iter().any(|(u, _)| u == k)).map(|(k, v)| (k.to_owned(), v)).collect();
+    merged.extend(update);
+    merged
+}
+
+fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
+    let settings = merge_settings(spec.settings(), vec![("name".to_owned(), vec![new.to_owned()])]);
+    compile_block(&print::worker_with(&settings, spec))
+}
+
+/// `apm load`: start the file's workers, skipping those already running.
+async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
+    let compilation = compile(path, &FsLoader).map_err(|e| Response::error(exit::USAGE, format!("cannot read `{}`: {e}", path.display())))?;
+    if compilation.has_errors() {
+        return Err(Response::error(exit::FAILED, render::human(&compilation, false)));
+    }
+    let existing = call(daemon, |reply| Command::List { reply }).await?;
+    let mut outcomes = Vec::new();
+    for spec in compilation.config.workers {
+        let name = spec.name.value.clone();
+        let origin = Origin::File { path: path.to_path_buf() };
+        let report = match existing.iter().find(|s| s.name == name) {
+            Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => None,
+            Some(_) => Some(call(daemon, |reply| Command::Start { name: name.clone(), reply }).await?),
+            None => call(daemon, |reply| Command::Register { name: name.clone(), spec: Box::new(spec), origin, start: true, reply }).await?,
+        };
+        outcomes.push(serde_json::json!({ "worker": name, "report": report }));
+    }
+    Ok(Response::data(outcomes))
+}

@@ -1,0 +1,75 @@
+//! The control protocol between the CLI and the daemon: one JSON request
+//! line from the CLI, one JSON response line back, over the abstract unix
+//! socket. `Response` keeps the same shape in every version, so a CLI and a
+//! daemon of different versions can at least tell each other so.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change of `Call` or of the data answered.
+pub const PROTOCOL: u32 = 1;
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub protocol: u32,
+    pub version: String,
+    pub call: Call,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum Call {
+    Ping,
+    /// Register a worker from its `worker { }` block (built by the CLI from flags).
+    Run { config: String, start: bool },
+    Load { path: PathBuf },
+    Unload { path: PathBuf },
+    Start { name: String },
+    Stop { name: String },
+    Restart { name: String },
+    RestartAll,
+    Remove { name: String },
+    StopAll,
+    Update { name: String, settings: Vec<(String, Vec<String>)>, restart: bool },
+    Rename { name: String, new: String },
+    Copy { name: String, new: String },
+    Signal { name: String, index: Option<usize>, signal: String },
+    List,
+    Info { name: String },
+    Wait { name: String, timeout_ms: u64 },
+    Exit,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// The message for people when `ok` is false.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The exit code the CLI should end with when `ok` is false.
+    #[serde(default)]
+    pub exit: Option<u8>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn data(data: impl Serialize) -> Response {
+        Response { ok: true, error: None, exit: None, data: serde_json::to_value(data).unwrap_or_default() }
+    }
+
+    pub fn error(exit: u8, message: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(message.into()), exit: Some(exit), data: serde_json::Value::Null }
+    }
+}
+
+/// What `ping` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pong {
+    pub pid: u32,
+    pub version: String,
+    pub protocol: u32,
+    pub memory_bytes: u64,
+}

@@ -167,8 +167,9 @@ pub fn simple(place: &Place, call: Call, done: &str) -> u8 {
 pub fn restart_all(place: &Place) -> u8 {
     match request(place, Call::RestartAll).and_then(decode::<Vec<StartReport>>) {
         Ok(reports) => {
-            let ok = reports.iter().map(show_start).fold(true, |a, b| a && b);
-            if ok { exit::OK } else { exit::FAILED }
+            // Every report is shown, even after a failed one.
+            let shown: Vec<bool> = reports.iter().map(show_start).collect();
+            if shown.iter().all(|&ok| ok) { exit::OK } else { exit::FAILED }
         }
         Err(code) => code,
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-/// The fields of `/proc/<pid>/stat` and `statm` that apm uses.
+/// The fields of `/proc/<pid>/stat` that apm uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcStat {
     /// Clock ticks since boot at which the process started.
@@ -20,20 +20,22 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // Field numbers from proc(5), shifted by the 2 fields before `state`.
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    let (utime, stime, start_ticks) = (field(14)?, field(15)?, field(22)?);
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let (utime, stime, start_ticks, rss_pages) = (field(14)?, field(15)?, field(22)?, field(24)?);
     Some(ProcStat { start_ticks, cpu_ticks: utime + stime, rss_bytes: rss_pages * page_size() })
 }
 
 fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |n| n as u64)
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |n| n as u64))
 }
 
 /// The length of a clock tick.
 pub fn tick() -> Duration {
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
-    Duration::from_secs(1) / hz.max(1) as u32
+    static TICK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+        Duration::from_secs(1) / hz.max(1) as u32
+    })
 }
 
 /// Whether `pid` is still the process that started at `start_ticks`.

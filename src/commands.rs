@@ -18,11 +18,21 @@ use crate::protocol::{Call, Pong, Response};
 pub fn request(place: &Place, call: Call) -> Result<serde_json::Value, u8> {
     match client::call(place, call, true) {
         Ok(Response { ok: true, data, .. }) => Ok(data),
-        Ok(Response { error, exit: code, .. }) => {
-            eprintln!("apm: {}", error.unwrap_or_else(|| "the daemon refused the request".to_owned()).trim_end());
+        Ok(Response {
+            error, exit: code, ..
+        }) => {
+            eprintln!(
+                "apm: {}",
+                error
+                    .unwrap_or_else(|| "the daemon refused the request".to_owned())
+                    .trim_end()
+            );
             Err(code.unwrap_or(exit::FAILED))
         }
-        Err(Failure { exit: code, message }) => {
+        Err(Failure {
+            exit: code,
+            message,
+        }) => {
             eprintln!("apm: {message}");
             Err(code)
         }
@@ -41,7 +51,11 @@ fn color() -> bool {
 }
 
 fn paint(text: &str, code: &str) -> String {
-    if color() { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() }
+    if color() {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_owned()
+    }
 }
 
 /// Prints how a start went, like the reference's progress lines; false when
@@ -52,13 +66,29 @@ pub fn show_start(report: &StartReport) -> bool {
         println!("  ! its depends_on did not come up within depends_timeout; started anyway");
     }
     for instance in &report.instances {
-        let name = if report.instances.len() > 1 { format!("{}#{}", report.worker, instance.index) } else { report.worker.clone() };
+        let name = if report.instances.len() > 1 {
+            format!("{}#{}", report.worker, instance.index)
+        } else {
+            report.worker.clone()
+        };
         if instance.ok {
-            println!("{} {name} running (pid {})", paint("✓", "32"), instance.pid.unwrap_or_default());
+            println!(
+                "{} {name} running (pid {})",
+                paint("✓", "32"),
+                instance.pid.unwrap_or_default()
+            );
             continue;
         }
-        let how = instance.error.clone().or_else(|| instance.exit.clone()).unwrap_or_else(|| "not running".to_owned());
-        println!("{} {name} failed during startup ({how}, {} ms)", paint("✗", "31"), instance.uptime_ms);
+        let how = instance
+            .error
+            .clone()
+            .or_else(|| instance.exit.clone())
+            .unwrap_or_else(|| "not running".to_owned());
+        println!(
+            "{} {name} failed during startup ({how}, {} ms)",
+            paint("✗", "31"),
+            instance.uptime_ms
+        );
         if !instance.stderr.is_empty() {
             println!("── child stderr {}", "─".repeat(46));
             print!("{}", instance.stderr);
@@ -70,7 +100,12 @@ pub fn show_start(report: &StartReport) -> bool {
     }
     let ok = report.ok();
     if !ok {
-        println!("{} Worker {} failed to start — check `apm log {} --err`", paint("✗", "31"), report.worker, report.worker);
+        println!(
+            "{} Worker {} failed to start — check `apm log {} --err`",
+            paint("✗", "31"),
+            report.worker,
+            report.worker
+        );
     }
     ok
 }
@@ -99,7 +134,11 @@ pub fn run(place: &Place, args: &[String]) -> u8 {
             return exit::USAGE;
         }
     };
-    let loader = Overlay { path: cwd.join("(command line)"), contents: flags::worker_block(&settings), inner: &FsLoader };
+    let loader = Overlay {
+        path: cwd.join("(command line)"),
+        contents: flags::worker_block(&settings),
+        inner: &FsLoader,
+    };
     let compilation = match compile(&loader.path, &loader) {
         Ok(compilation) => compilation,
         Err(e) => {
@@ -110,14 +149,26 @@ pub fn run(place: &Place, args: &[String]) -> u8 {
     if !compilation.diagnostics.is_empty() {
         let text = render::human(&compilation, color());
         // The summary line speaks of the generated file; keep the snippets only.
-        let snippets = text.lines().filter(|l| !l.starts_with('✓') && !l.starts_with('✗')).collect::<Vec<_>>().join("\n");
+        let snippets = text
+            .lines()
+            .filter(|l| !l.starts_with('✓') && !l.starts_with('✗'))
+            .collect::<Vec<_>>()
+            .join("\n");
         eprintln!("{snippets}");
     }
     if compilation.has_errors() {
         return exit::USAGE;
     }
-    let Some(spec) = compilation.config.workers.first() else { return exit::USAGE };
-    match request(place, Call::Run { config: print::worker(spec), start: true }) {
+    let Some(spec) = compilation.config.workers.first() else {
+        return exit::USAGE;
+    };
+    match request(
+        place,
+        Call::Run {
+            config: print::worker(spec),
+            start: true,
+        },
+    ) {
         Ok(data) => started(data),
         Err(code) => code,
     }
@@ -127,7 +178,10 @@ pub fn update(place: &Place, name: &str, args: &[String]) -> u8 {
     let flags = match Flags::parse(args, true) {
         Ok(flags) if flags.words.is_empty() => flags,
         Ok(flags) => {
-            eprintln!("apm: unexpected `{}`; update takes flags only", flags.words[0]);
+            eprintln!(
+                "apm: unexpected `{}`; update takes flags only",
+                flags.words[0]
+            );
             return exit::USAGE;
         }
         Err(e) => {
@@ -135,8 +189,19 @@ pub fn update(place: &Place, name: &str, args: &[String]) -> u8 {
             return exit::USAGE;
         }
     };
-    let settings = flags.settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    match request(place, Call::Update { name: name.to_owned(), settings, restart: !flags.no_restart }) {
+    let settings = flags
+        .settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    match request(
+        place,
+        Call::Update {
+            name: name.to_owned(),
+            settings,
+            restart: !flags.no_restart,
+        },
+    ) {
         Ok(data) => started(data),
         Err(code) => code,
     }
@@ -169,7 +234,11 @@ pub fn restart_all(place: &Place) -> u8 {
         Ok(reports) => {
             // Every report is shown, even after a failed one.
             let shown: Vec<bool> = reports.iter().map(show_start).collect();
-            if shown.iter().all(|&ok| ok) { exit::OK } else { exit::FAILED }
+            if shown.iter().all(|&ok| ok) {
+                exit::OK
+            } else {
+                exit::FAILED
+            }
         }
         Err(code) => code,
     }
@@ -235,9 +304,24 @@ pub fn signal(place: &Place, signal: &str, target: &str) -> u8 {
         },
         None => (target, None),
     };
-    match request(place, Call::Signal { name: name.to_owned(), index, signal: signal.to_owned() }).and_then(decode::<Vec<u32>>) {
+    match request(
+        place,
+        Call::Signal {
+            name: name.to_owned(),
+            index,
+            signal: signal.to_owned(),
+        },
+    )
+    .and_then(decode::<Vec<u32>>)
+    {
         Ok(pids) => {
-            println!("sent {signal} to {}", pids.iter().map(|p| format!("pid {p}")).collect::<Vec<_>>().join(", "));
+            println!(
+                "sent {signal} to {}",
+                pids.iter()
+                    .map(|p| format!("pid {p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             exit::OK
         }
         Err(code) => code,
@@ -285,26 +369,56 @@ pub fn list(place: &Place, json: bool) -> u8 {
         println!("{data:#}");
         return exit::OK;
     }
-    let Ok(listing) = decode::<Listing>(data) else { return exit::FAILED };
-    let mut rows = vec![["name", "status", "pid", "inst", "uptime", "restarts", "cpu", "memory"].map(String::from)];
+    let Ok(listing) = decode::<Listing>(data) else {
+        return exit::FAILED;
+    };
+    let mut rows = vec![
+        [
+            "name", "status", "pid", "inst", "uptime", "restarts", "cpu", "memory",
+        ]
+        .map(String::from),
+    ];
     for w in &listing.workers {
         let running = w.instances.iter().filter(|i| i.pid.is_some()).count();
-        let pids: Vec<String> = w.instances.iter().filter_map(|i| i.pid.map(|p| p.to_string())).collect();
-        let uptime = w.instances.iter().filter_map(|i| i.uptime_ms).min().map_or("-".to_owned(), human_duration);
+        let pids: Vec<String> = w
+            .instances
+            .iter()
+            .filter_map(|i| i.pid.map(|p| p.to_string()))
+            .collect();
+        let uptime = w
+            .instances
+            .iter()
+            .filter_map(|i| i.uptime_ms)
+            .min()
+            .map_or("-".to_owned(), human_duration);
         let cpu: f64 = w.instances.iter().map(|i| i.cpu_percent).sum();
         let memory: u64 = w.instances.iter().map(|i| i.memory_bytes).sum();
         rows.push([
             w.name.clone(),
             w.status.clone(),
-            if pids.is_empty() { "-".to_owned() } else { pids.join(",") },
+            if pids.is_empty() {
+                "-".to_owned()
+            } else {
+                pids.join(",")
+            },
             format!("{running}/{}", w.instances.len()),
             uptime,
-            w.instances.iter().map(|i| i.restarts).sum::<u32>().to_string(),
+            w.instances
+                .iter()
+                .map(|i| i.restarts)
+                .sum::<u32>()
+                .to_string(),
             format!("{cpu:.1}%"),
-            if memory == 0 { "-".to_owned() } else { human_bytes(memory) },
+            if memory == 0 {
+                "-".to_owned()
+            } else {
+                human_bytes(memory)
+            },
         ]);
     }
-    let widths: Vec<usize> = (0..8).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();
@@ -322,7 +436,12 @@ pub fn list(place: &Place, json: bool) -> u8 {
     if listing.workers.is_empty() {
         out.push_str("no workers; start one with `apm run <program>` or `apm load <file>`\n");
     }
-    out.push_str(&format!("daemon: pid {}, apm {}, memory {}\n", listing.daemon.pid, listing.daemon.version, human_bytes(listing.daemon.memory_bytes)));
+    out.push_str(&format!(
+        "daemon: pid {}, apm {}, memory {}\n",
+        listing.daemon.pid,
+        listing.daemon.version,
+        human_bytes(listing.daemon.memory_bytes)
+    ));
     let _ = std::io::stdout().write_all(out.as_bytes());
     exit::OK
 }
@@ -335,7 +454,12 @@ struct Info {
 }
 
 fn info_of(place: &Place, name: &str) -> Result<(serde_json::Value, Info), u8> {
-    let data = request(place, Call::Info { name: name.to_owned() })?;
+    let data = request(
+        place,
+        Call::Info {
+            name: name.to_owned(),
+        },
+    )?;
     let info = decode::<Info>(data.clone())?;
     Ok((data, info))
 }
@@ -350,13 +474,29 @@ pub fn info(place: &Place, name: &str, json: bool) -> u8 {
         return exit::OK;
     }
     let s = &info.status;
-    println!("{} — {} ({} instance(s))", s.name, paint(&s.status, status_color(&s.status)), s.instances.len());
+    println!(
+        "{} — {} ({} instance(s))",
+        s.name,
+        paint(&s.status, status_color(&s.status)),
+        s.instances.len()
+    );
     for i in &s.instances {
         let pid = i.pid.map_or("-".to_owned(), |p| p.to_string());
-        let last = i.last_exit.as_deref().map(|e| format!(", last exit: {e}")).unwrap_or_default();
-        println!("  #{:<3} {:<9} pid {pid:<8} restarts {}{last}", i.index, i.status, i.restarts);
+        let last = i
+            .last_exit
+            .as_deref()
+            .map(|e| format!(", last exit: {e}"))
+            .unwrap_or_default();
+        println!(
+            "  #{:<3} {:<9} pid {pid:<8} restarts {}{last}",
+            i.index, i.status, i.restarts
+        );
     }
-    println!("logs: {} (stdout), {} (stderr)", s.out_log.display(), s.err_log.display());
+    println!(
+        "logs: {} (stdout), {} (stderr)",
+        s.out_log.display(),
+        s.err_log.display()
+    );
     match &s.origin {
         apm_runtime::state::Origin::File { path } => println!("from: {}", path.display()),
         apm_runtime::state::Origin::Cli { .. } => println!("from: the command line"),
@@ -372,26 +512,41 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
         Err(code) => return code,
     };
     // The running process's real environment when there is one.
-    let live = info.status.instances.iter().find_map(|i| i.pid).and_then(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok());
+    let live = info
+        .status
+        .instances
+        .iter()
+        .find_map(|i| i.pid)
+        .and_then(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok());
     let vars: Vec<(String, String)> = match live {
         Some(bytes) => bytes
             .split(|&b| b == 0)
             .filter(|v| !v.is_empty())
-            .filter_map(|v| String::from_utf8_lossy(v).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .filter_map(|v| {
+                String::from_utf8_lossy(v)
+                    .split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
             .collect(),
         None => {
             let mut vars: Vec<(String, String)> = info.config["env"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|e| Some((e["key"].as_str()?.to_owned(), e["value"].as_str()?.to_owned())))
+                .filter_map(|e| {
+                    Some((
+                        e["key"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
                 .collect();
             vars.push(("APM".to_owned(), "1".to_owned()));
             vars
         }
     };
     if json {
-        let map: serde_json::Map<String, serde_json::Value> = vars.into_iter().map(|(k, v)| (k, v.into())).collect();
+        let map: serde_json::Map<String, serde_json::Value> =
+            vars.into_iter().map(|(k, v)| (k, v.into())).collect();
         println!("{:#}", serde_json::Value::Object(map));
     } else {
         for (key, value) in vars {
@@ -403,8 +558,13 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
 
 /// The lines of a log file, of one stream when both streams share it.
 fn log_lines(path: &Path, only: Option<&str>) -> Vec<String> {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    text.lines().filter(|l| only.is_none_or(|marker| l.split(' ').nth(2) == Some(marker))).map(str::to_owned).collect()
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| only.is_none_or(|marker| l.split(' ').nth(2) == Some(marker)))
+        .map(str::to_owned)
+        .collect()
 }
 
 pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> u8 {
@@ -430,7 +590,9 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
     let mut partial = String::new();
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let Ok(mut file) = std::fs::File::open(&path) else { continue };
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            continue;
+        };
         let len = file.metadata().map_or(0, |m| m.len());
         if len < position {
             position = 0; // rotated or truncated
@@ -447,7 +609,9 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
         while let Some(end) = partial.find('\n') {
             let line: String = partial.drain(..=end).collect();
             let line = line.trim_end_matches('\n');
-            if only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker)) && writeln!(std::io::stdout(), "{line}").is_err() {
+            if only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker))
+                && writeln!(std::io::stdout(), "{line}").is_err()
+            {
                 return exit::OK;
             }
         }
@@ -460,7 +624,10 @@ pub fn grep(place: &Place, pattern: &str, worker: Option<&str>) -> u8 {
         Err(code) => return code,
     };
     let mut found = false;
-    for status in statuses.iter().filter(|s| worker.is_none_or(|w| w == s.name)) {
+    for status in statuses
+        .iter()
+        .filter(|s| worker.is_none_or(|w| w == s.name))
+    {
         let mut paths = vec![&status.out_log];
         if status.err_log != status.out_log {
             paths.push(&status.err_log);
@@ -480,13 +647,21 @@ pub fn grep(place: &Place, pattern: &str, worker: Option<&str>) -> u8 {
 }
 
 pub fn version(place: &Place, json: bool) -> u8 {
-    let daemon = client::call(place, Call::Ping, false).ok().and_then(|r| serde_json::from_value::<Pong>(r.data).ok());
+    let daemon = client::call(place, Call::Ping, false)
+        .ok()
+        .and_then(|r| serde_json::from_value::<Pong>(r.data).ok());
     if json {
-        println!("{:#}", serde_json::json!({ "cli": crate::protocol::VERSION, "daemon": daemon }));
+        println!(
+            "{:#}",
+            serde_json::json!({ "cli": crate::protocol::VERSION, "daemon": daemon })
+        );
     } else {
         println!("apm {}", crate::protocol::VERSION);
         match daemon {
-            Some(d) => println!("daemon {} (pid {}, protocol {})", d.version, d.pid, d.protocol),
+            Some(d) => println!(
+                "daemon {} (pid {}, protocol {})",
+                d.version, d.pid, d.protocol
+            ),
             None => println!("daemon not running"),
         }
     }
@@ -499,7 +674,9 @@ pub fn exit_daemon(place: &Place) -> u8 {
             println!("daemon stopped");
             exit::OK
         }
-        Ok(Response { error, exit: code, .. }) => {
+        Ok(Response {
+            error, exit: code, ..
+        }) => {
             eprintln!("apm: {}", error.unwrap_or_default());
             code.unwrap_or(exit::FAILED)
         }
@@ -513,8 +690,14 @@ pub fn exit_daemon(place: &Place) -> u8 {
 /// `30s`, `500ms` or `500`: the config language's durations.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     use apm_compiler::values::{FromValue, Kind, Millis, ValueCx};
-    let cx = ValueCx { loader: &FsLoader, base_dir: Path::new("/"), span: None };
-    Millis::from_value(text, &Kind::Duration, &cx).map(Millis::as_duration).map_err(|p| p.message)
+    let cx = ValueCx {
+        loader: &FsLoader,
+        base_dir: Path::new("/"),
+        span: None,
+    };
+    Millis::from_value(text, &Kind::Duration, &cx)
+        .map(Millis::as_duration)
+        .map_err(|p| p.message)
 }
 
 /// A call whose answer may carry a start report.

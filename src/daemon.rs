@@ -38,9 +38,15 @@ impl Access {
         if uid.is_root() || uid == self.owner {
             return true;
         }
-        let Some(group) = self.allow_group.as_deref() else { return false };
-        let Ok(Some(group)) = nix::unistd::Group::from_name(group) else { return false };
-        let Ok(Some(user)) = nix::unistd::User::from_uid(uid) else { return false };
+        let Some(group) = self.allow_group.as_deref() else {
+            return false;
+        };
+        let Ok(Some(group)) = nix::unistd::Group::from_name(group) else {
+            return false;
+        };
+        let Ok(Some(user)) = nix::unistd::User::from_uid(uid) else {
+            return false;
+        };
         user.gid == group.gid || group.mem.contains(&user.name)
     }
 
@@ -69,7 +75,10 @@ pub fn run(place: Place, detach: bool) -> u8 {
         // Its own session: no terminal, and no signal of the CLI's group reaches it.
         let _ = nix::unistd::setsid();
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("apm: cannot start the daemon's runtime: {e}");
@@ -80,7 +89,9 @@ pub fn run(place: Place, detach: bool) -> u8 {
 }
 
 fn bind(place: &Place) -> Result<UnixListener, String> {
-    let address = place.address().map_err(|e| format!("invalid socket name @{}: {e}", place.socket))?;
+    let address = place
+        .address()
+        .map_err(|e| format!("invalid socket name @{}: {e}", place.socket))?;
     match std::os::unix::net::UnixListener::bind_addr(&address) {
         Ok(listener) => {
             listener.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -88,10 +99,14 @@ fn bind(place: &Place) -> Result<UnixListener, String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             let owner = match client::call(place, Call::Ping, false) {
-                Ok(response) => serde_json::from_value::<Pong>(response.data).map_or("another process".to_owned(), |p| format!("pid {}", p.pid)),
+                Ok(response) => serde_json::from_value::<Pong>(response.data)
+                    .map_or("another process".to_owned(), |p| format!("pid {}", p.pid)),
                 Err(_) => "another process".to_owned(),
             };
-            Err(format!("an apm daemon already runs on @{} ({owner}); stop it with `apm exit daemon`", place.socket))
+            Err(format!(
+                "an apm daemon already runs on @{} ({owner}); stop it with `apm exit daemon`",
+                place.socket
+            ))
         }
         Err(e) => Err(format!("cannot listen on @{}: {e}", place.socket)),
     }
@@ -113,14 +128,29 @@ async fn serve(place: Place) -> u8 {
     let pid_file = place.home.join("apm.pid");
     // Holding the socket makes this the only daemon: any pid file left is stale.
     if let Ok(old) = std::fs::read_to_string(&pid_file) {
-        log(format_args!("replacing the stale pid file of pid {}", old.trim()));
+        log(format_args!(
+            "replacing the stale pid file of pid {}",
+            old.trim()
+        ));
     }
     let _ = std::fs::write(&pid_file, format!("{}\n", std::process::id()));
-    log(format_args!("apm {VERSION} daemon started (pid {}) on @{}", std::process::id(), place.socket));
+    log(format_args!(
+        "apm {VERSION} daemon started (pid {}) on @{}",
+        std::process::id(),
+        place.socket
+    ));
 
     let supervisor = Supervisor::spawn(&place.home);
-    let access = Access { owner: nix::unistd::geteuid(), allow_group: allow_group(&place.home) };
-    let daemon = Arc::new(Daemon { place, supervisor, access, exit: Notify::new() });
+    let access = Access {
+        owner: nix::unistd::geteuid(),
+        allow_group: allow_group(&place.home),
+    };
+    let daemon = Arc::new(Daemon {
+        place,
+        supervisor,
+        access,
+        exit: Notify::new(),
+    });
     restore(&daemon).await;
 
     let (mut terminate, mut interrupt) = match (
@@ -152,7 +182,10 @@ async fn serve(place: Place) -> u8 {
 
 async fn shutdown(daemon: &Daemon, why: &str) {
     log(format_args!("{why}: stopping every worker"));
-    let _ = daemon.supervisor.call(|reply| Command::Shutdown { reply }).await;
+    let _ = daemon
+        .supervisor
+        .call(|reply| Command::Shutdown { reply })
+        .await;
 }
 
 /// `allow_group` from `$APM_HOME/config.conf`, when it sets one.
@@ -171,14 +204,24 @@ async fn restore(daemon: &Daemon) {
         Err(e) => {
             let aside = path.with_extension(format!("corrupt-{}", std::process::id()));
             let _ = std::fs::rename(&path, &aside);
-            log(format_args!("cannot read {}: {e}; set aside as {}", path.display(), aside.display()));
+            log(format_args!(
+                "cannot read {}: {e}; set aside as {}",
+                path.display(),
+                aside.display()
+            ));
             return;
         }
     };
-    let processes: Vec<SavedProcess> = saved.workers.iter().flat_map(|w| w.processes.iter().copied()).collect();
+    let processes: Vec<SavedProcess> = saved
+        .workers
+        .iter()
+        .flat_map(|w| w.processes.iter().copied())
+        .collect();
     let ended = supervisor::end_orphans(&processes, ORPHAN_GRACE).await;
     if ended > 0 {
-        log(format_args!("ended {ended} process(es) left by the previous daemon"));
+        log(format_args!(
+            "ended {ended} process(es) left by the previous daemon"
+        ));
     }
     let mut to_start = Vec::new();
     for worker in saved.workers {
@@ -186,7 +229,13 @@ async fn restore(daemon: &Daemon) {
             Ok(spec) => {
                 let registered = daemon
                     .supervisor
-                    .call(|reply| Command::Register { name: worker.name.clone(), spec: Box::new(spec), origin: worker.origin, start: false, reply })
+                    .call(|reply| Command::Register {
+                        name: worker.name.clone(),
+                        spec: Box::new(spec),
+                        origin: worker.origin,
+                        start: false,
+                        reply,
+                    })
                     .await;
                 match registered {
                     Ok(_) if worker.running => to_start.push(worker.name),
@@ -200,28 +249,44 @@ async fn restore(daemon: &Daemon) {
     for name in to_start {
         let supervisor = daemon.supervisor.clone();
         tokio::spawn(async move {
-            let _ = supervisor.call(|reply| Command::Start { name, reply }).await;
+            let _ = supervisor
+                .call(|reply| Command::Start { name, reply })
+                .await;
         });
     }
 }
 
 /// Compiles one `worker { }` block; the errors rendered for people.
 fn compile_block(text: &str) -> Result<WorkerSpec, String> {
-    let loader = Overlay { path: PathBuf::from("/apm/worker.conf"), contents: text.to_owned(), inner: &FsLoader };
+    let loader = Overlay {
+        path: PathBuf::from("/apm/worker.conf"),
+        contents: text.to_owned(),
+        inner: &FsLoader,
+    };
     let compilation = compile(&loader.path, &loader).map_err(|e| e.to_string())?;
     if compilation.has_errors() {
         return Err(render::human(&compilation, false));
     }
-    compilation.config.workers.into_iter().next().ok_or_else(|| "no worker in the config".to_owned())
+    compilation
+        .config
+        .workers
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no worker in the config".to_owned())
 }
 
 fn spec_of(name: &str, origin: &Origin) -> Result<WorkerSpec, String> {
     match origin {
         Origin::Cli { config } => compile_block(config),
         Origin::File { path } => {
-            let compilation = compile(path, &FsLoader).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let compilation = compile(path, &FsLoader)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             if compilation.has_errors() {
-                return Err(format!("{} has errors:\n{}", path.display(), render::human(&compilation, false)));
+                return Err(format!(
+                    "{} has errors:\n{}",
+                    path.display(),
+                    render::human(&compilation, false)
+                ));
             }
             compilation
                 .config
@@ -240,7 +305,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    if BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await.is_err() {
+    if BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await
+        .is_err()
+    {
         return;
     }
     let response = if !daemon.access.admits(uid) {
@@ -249,13 +318,18 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     } else {
         match serde_json::from_str::<Request>(&line) {
             Ok(request) if request.protocol == PROTOCOL => dispatch(&daemon, request.call).await,
-            Ok(request) => Response::error(exit::UNREACHABLE, version_mismatch(&request.version)),
+            Ok(request) => Response::error(
+                exit::UNREACHABLE,
+                version_mismatch(&request.version, Some(request.protocol)),
+            ),
             Err(_) => {
                 let version = serde_json::from_str::<serde_json::Value>(&line)
                     .ok()
                     .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_owned));
                 match version {
-                    Some(version) if version != VERSION => Response::error(exit::UNREACHABLE, version_mismatch(&version)),
+                    Some(version) if version != VERSION => {
+                        Response::error(exit::UNREACHABLE, version_mismatch(&version, None))
+                    }
                     _ => Response::error(exit::USAGE, "the daemon could not read this request"),
                 }
             }
@@ -267,10 +341,13 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     let _ = write.shutdown().await;
 }
 
-fn version_mismatch(cli: &str) -> String {
+fn version_mismatch(cli: &str, protocol: Option<u32>) -> String {
+    let cli_protocol = protocol
+        .map(|p| format!(", protocol {p}"))
+        .unwrap_or_default();
     format!(
-        "this apm {cli} cannot drive the running daemon (apm {VERSION}, protocol {PROTOCOL}); stop the daemon with \
-         `apm exit daemon` from the same version, then run the command again"
+        "this CLI (apm {cli}{cli_protocol}) cannot drive the running daemon (apm {VERSION}, protocol {PROTOCOL}); stop \
+         the daemon with `apm exit daemon` from its own version, then run the command again"
     )
 }
 
@@ -281,13 +358,25 @@ fn result<T: serde::Serialize>(result: Result<T, String>, failure: u8) -> Respon
     }
 }
 
-/// A worker that does not exist is a usage error (exit 2); other failures exit 1.
+/// Naming a worker or instance that does not exist is a usage error (exit 2);
+/// other failures exit 1.
 fn failure_code(message: &str) -> u8 {
-    if message.starts_with("no worker named") { exit::USAGE } else { exit::FAILED }
+    if message.starts_with("no worker named") || message.contains("does not exist") {
+        exit::USAGE
+    } else {
+        exit::FAILED
+    }
 }
 
-async fn call<T>(daemon: &Daemon, command: impl FnOnce(supervisor::Reply<T>) -> Command) -> Result<T, Response> {
-    daemon.supervisor.call(command).await.map_err(|e| Response::error(failure_code(&e), e))
+async fn call<T>(
+    daemon: &Daemon,
+    command: impl FnOnce(supervisor::Reply<T>) -> Command,
+) -> Result<T, Response> {
+    daemon
+        .supervisor
+        .call(command)
+        .await
+        .map_err(|e| Response::error(failure_code(&e), e))
 }
 
 async fn dispatch(daemon: &Daemon, call_: Call) -> Response {
@@ -303,59 +392,161 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Run { config, start } => {
             let spec = compile_block(&config).map_err(|e| Response::error(exit::FAILED, e))?;
             let name = spec.name.value.clone();
-            let origin = Origin::Cli { config: print::worker(&spec) };
-            result(sup.call(|reply| Command::Register { name, spec: Box::new(spec), origin, start, reply }).await, exit::FAILED)
+            let origin = Origin::Cli {
+                config: print::worker(&spec),
+            };
+            result(
+                sup.call(|reply| Command::Register {
+                    name,
+                    spec: Box::new(spec),
+                    origin,
+                    start,
+                    reply,
+                })
+                .await,
+                exit::FAILED,
+            )
         }
         Call::Load { path } => load(daemon, &path).await?,
         Call::Unload { path } => {
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut removed = Vec::new();
-            for status in statuses.into_iter().filter(|s| s.origin == Origin::File { path: path.clone() }) {
-                call(daemon, |reply| Command::Remove { name: status.name.clone(), reply }).await?;
+            for status in statuses
+                .into_iter()
+                .filter(|s| s.origin == Origin::File { path: path.clone() })
+            {
+                call(daemon, |reply| Command::Remove {
+                    name: status.name.clone(),
+                    reply,
+                })
+                .await?;
                 removed.push(status.name);
             }
             Response::data(removed)
         }
-        Call::Start { name } => Response::data(call(daemon, |reply| Command::Start { name, reply }).await?),
-        Call::Stop { name } => Response::data(call(daemon, |reply| Command::Stop { name, reply }).await?),
-        Call::Restart { name } => Response::data(call(daemon, |reply| Command::Restart { name, reply }).await?),
+        Call::Start { name } => {
+            Response::data(call(daemon, |reply| Command::Start { name, reply }).await?)
+        }
+        Call::Stop { name } => {
+            Response::data(call(daemon, |reply| Command::Stop { name, reply }).await?)
+        }
+        Call::Restart { name } => {
+            Response::data(call(daemon, |reply| Command::Restart { name, reply }).await?)
+        }
         Call::RestartAll => {
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut reports = Vec::new();
             for status in statuses {
-                reports.push(call(daemon, |reply| Command::Restart { name: status.name, reply }).await?);
+                reports.push(
+                    call(daemon, |reply| Command::Restart {
+                        name: status.name,
+                        reply,
+                    })
+                    .await?,
+                );
             }
             Response::data(reports)
         }
-        Call::Remove { name } => Response::data(call(daemon, |reply| Command::Remove { name, reply }).await?),
+        Call::Remove { name } => {
+            Response::data(call(daemon, |reply| Command::Remove { name, reply }).await?)
+        }
         Call::StopAll => Response::data(call(daemon, |reply| Command::StopAll { reply }).await?),
-        Call::Update { name, settings, restart } => {
-            let (_, current) = call(daemon, |reply| Command::Info { name: name.clone(), reply }).await?;
+        Call::Update {
+            name,
+            settings,
+            restart,
+        } => {
+            let (status, current) = call(daemon, |reply| Command::Info {
+                name: name.clone(),
+                reply,
+            })
+            .await?;
             let merged = merge_settings(current.settings(), settings);
             let text = print::worker_with(&merged, &current);
             let spec = compile_block(&text).map_err(|e| Response::error(exit::FAILED, e))?;
             if spec.name.value != name {
-                return Err(Response::error(exit::USAGE, "use `apm rename` to change a worker's name"));
+                return Err(Response::error(
+                    exit::USAGE,
+                    "use `apm rename` to change a worker's name",
+                ));
             }
-            // The live config now differs from any file it came from.
-            let origin = Origin::Cli { config: print::worker(&spec) };
-            Response::data(call(daemon, |reply| Command::Update { name, spec: Box::new(spec), origin, restart, reply }).await?)
+            // A worker from a file stays tied to it (and comes back from it after
+            // a crash) until `saveconf` writes the change there.
+            let origin = match status.origin {
+                Origin::File { path } => Origin::File { path },
+                Origin::Cli { .. } => Origin::Cli {
+                    config: print::worker(&spec),
+                },
+            };
+            Response::data(
+                call(daemon, |reply| Command::Update {
+                    name,
+                    spec: Box::new(spec),
+                    origin,
+                    restart,
+                    reply,
+                })
+                .await?,
+            )
         }
         Call::Rename { name, new } => {
-            let (_, spec) = call(daemon, |reply| Command::Info { name: name.clone(), reply }).await?;
+            let (_, spec) = call(daemon, |reply| Command::Info {
+                name: name.clone(),
+                reply,
+            })
+            .await?;
             let renamed = renamed(&spec, &new).map_err(|e| Response::error(exit::USAGE, e))?;
-            let origin = Origin::Cli { config: print::worker(&renamed) };
-            Response::data(call(daemon, |reply| Command::Rename { old: name, new, origin, reply }).await?)
+            let origin = Origin::Cli {
+                config: print::worker(&renamed),
+            };
+            Response::data(
+                call(daemon, |reply| Command::Rename {
+                    old: name,
+                    new,
+                    origin,
+                    reply,
+                })
+                .await?,
+            )
         }
         Call::Copy { name, new } => {
-            let (_, spec) = call(daemon, |reply| Command::Info { name: name.clone(), reply }).await?;
+            let (_, spec) = call(daemon, |reply| Command::Info {
+                name: name.clone(),
+                reply,
+            })
+            .await?;
             let copy = renamed(&spec, &new).map_err(|e| Response::error(exit::USAGE, e))?;
-            let origin = Origin::Cli { config: print::worker(&copy) };
-            Response::data(call(daemon, |reply| Command::Register { name: new, spec: Box::new(copy), origin, start: true, reply }).await?)
+            let origin = Origin::Cli {
+                config: print::worker(&copy),
+            };
+            Response::data(
+                call(daemon, |reply| Command::Register {
+                    name: new,
+                    spec: Box::new(copy),
+                    origin,
+                    start: true,
+                    reply,
+                })
+                .await?,
+            )
         }
-        Call::Signal { name, index, signal } => {
-            let signal: Signal = signal.parse().map_err(|_| Response::error(exit::USAGE, format!("unknown signal `{signal}`")))?;
-            Response::data(call(daemon, |reply| Command::Signal { name, index, signal, reply }).await?)
+        Call::Signal {
+            name,
+            index,
+            signal,
+        } => {
+            let signal: Signal = signal
+                .parse()
+                .map_err(|_| Response::error(exit::USAGE, format!("unknown signal `{signal}`")))?;
+            Response::data(
+                call(daemon, |reply| Command::Signal {
+                    name,
+                    index,
+                    signal,
+                    reply,
+                })
+                .await?,
+            )
         }
         Call::List => {
             let workers = call(daemon, |reply| Command::List { reply }).await?;
@@ -363,11 +554,20 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         }
         Call::Info { name } => {
             let (status, spec) = call(daemon, |reply| Command::Info { name, reply }).await?;
-            Response::data(serde_json::json!({ "status": status, "config": spec, "text": print::worker(&spec) }))
+            Response::data(
+                serde_json::json!({ "status": status, "config": spec, "text": print::worker(&spec) }),
+            )
         }
         Call::Wait { name, timeout_ms } => {
             let timeout = Duration::from_millis(timeout_ms);
-            Response::data(call(daemon, |reply| Command::Wait { name, timeout, reply }).await?)
+            Response::data(
+                call(daemon, |reply| Command::Wait {
+                    name,
+                    timeout,
+                    reply,
+                })
+                .await?,
+            )
         }
         Call::Exit => {
             shutdown(daemon, "apm exit daemon").await;
@@ -379,38 +579,96 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
 
 fn pong() -> Pong {
     let pid = std::process::id();
-    Pong { pid, version: VERSION.to_owned(), protocol: PROTOCOL, memory_bytes: procfs::stat(pid).map_or(0, |s| s.rss_bytes) }
+    Pong {
+        pid,
+        version: VERSION.to_owned(),
+        protocol: PROTOCOL,
+        memory_bytes: procfs::stat(pid).map_or(0, |s| s.rss_bytes),
+    }
 }
 
 /// The worker keys of `current` with the keys of `update` replaced.
-fn merge_settings(current: Vec<(&'static str, Vec<String>)>, update: Vec<(String, Vec<String>)>) -> Vec<(String, Vec<String>)> {
-    let mut merged: Vec<(String, Vec<String>)> =
-        current.into_iter().filter(|(k, _)| !update.iter().any(|(u, _)| u == k)).map(|(k, v)| (k.to_owned(), v)).collect();
+fn merge_settings(
+    current: Vec<(&'static str, Vec<String>)>,
+    update: Vec<(String, Vec<String>)>,
+) -> Vec<(String, Vec<String>)> {
+    let mut merged: Vec<(String, Vec<String>)> = current
+        .into_iter()
+        .filter(|(k, _)| !update.iter().any(|(u, _)| u == k))
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     merged.extend(update);
     merged
 }
 
 fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
-    let settings = merge_settings(spec.settings(), vec![("name".to_owned(), vec![new.to_owned()])]);
+    let settings = merge_settings(
+        spec.settings(),
+        vec![("name".to_owned(), vec![new.to_owned()])],
+    );
     compile_block(&print::worker_with(&settings, spec))
 }
 
 /// `apm load`: start the file's workers, skipping those already running.
+/// All are registered before any starts, so `depends_on` holds whatever the
+/// order of the file.
 async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
-    let compilation = compile(path, &FsLoader).map_err(|e| Response::error(exit::USAGE, format!("cannot read `{}`: {e}", path.display())))?;
+    let compilation = compile(path, &FsLoader).map_err(|e| {
+        Response::error(
+            exit::USAGE,
+            format!("cannot read `{}`: {e}", path.display()),
+        )
+    })?;
     if compilation.has_errors() {
-        return Err(Response::error(exit::FAILED, render::human(&compilation, false)));
+        return Err(Response::error(
+            exit::FAILED,
+            render::human(&compilation, false),
+        ));
     }
     let existing = call(daemon, |reply| Command::List { reply }).await?;
-    let mut outcomes = Vec::new();
+    let mut to_start = Vec::new();
+    let mut skipped = Vec::new();
     for spec in compilation.config.workers {
         let name = spec.name.value.clone();
-        let origin = Origin::File { path: path.to_path_buf() };
-        let report = match existing.iter().find(|s| s.name == name) {
-            Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => None,
-            Some(_) => Some(call(daemon, |reply| Command::Start { name: name.clone(), reply }).await?),
-            None => call(daemon, |reply| Command::Register { name: name.clone(), spec: Box::new(spec), origin, start: true, reply }).await?,
-        };
+        match existing.iter().find(|s| s.name == name) {
+            Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => skipped.push(name),
+            Some(_) => to_start.push(name),
+            None => {
+                let origin = Origin::File {
+                    path: path.to_path_buf(),
+                };
+                call(daemon, |reply| Command::Register {
+                    name: name.clone(),
+                    spec: Box::new(spec),
+                    origin,
+                    start: false,
+                    reply,
+                })
+                .await?;
+                to_start.push(name);
+            }
+        }
+    }
+    let starts: Vec<_> = to_start
+        .iter()
+        .map(|name| {
+            let (supervisor, name) = (daemon.supervisor.clone(), name.clone());
+            tokio::spawn(async move {
+                supervisor
+                    .call(|reply| Command::Start { name, reply })
+                    .await
+            })
+        })
+        .collect();
+    let mut outcomes: Vec<serde_json::Value> = skipped
+        .into_iter()
+        .map(|worker| serde_json::json!({ "worker": worker, "report": null }))
+        .collect();
+    for (name, start) in to_start.into_iter().zip(starts) {
+        let report = start
+            .await
+            .map_err(|e| Response::error(exit::FAILED, e.to_string()))?
+            .map_err(|e| Response::error(exit::FAILED, e))?;
         outcomes.push(serde_json::json!({ "worker": name, "report": report }));
     }
     Ok(Response::data(outcomes))

@@ -43,7 +43,11 @@ impl Flags {
                 flags.words.extend(args.by_ref().cloned());
                 break;
             }
-            let Some(flag) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')).filter(|f| !f.is_empty()) else {
+            let Some(flag) = arg
+                .strip_prefix("--")
+                .or_else(|| arg.strip_prefix('-'))
+                .filter(|f| !f.is_empty())
+            else {
                 flags.words.push(arg.clone());
                 continue;
             };
@@ -55,7 +59,11 @@ impl Flags {
                 flags.no_restart = true;
                 continue;
             }
-            if let Some(key) = name.strip_prefix("no-").and_then(worker_key).filter(|k| k.kind == Kind::Bool) {
+            if let Some(key) = name
+                .strip_prefix("no-")
+                .and_then(worker_key)
+                .filter(|k| k.kind == Kind::Bool)
+            {
                 flags.set(key, vec!["false".into()]);
                 continue;
             }
@@ -65,18 +73,31 @@ impl Flags {
                     flags.words.push(arg.clone());
                     continue;
                 }
-                let hint = apm_compiler::diag::did_you_mean(name, WorkerSpec::KEYS.iter().map(|k| k.name));
-                return Err(format!("unknown flag `{arg}`{}", hint.map(|h| format!("; {h}")).unwrap_or_default()));
+                let hint =
+                    apm_compiler::diag::did_you_mean(name, WorkerSpec::KEYS.iter().map(|k| k.name));
+                return Err(format!(
+                    "unknown flag `{arg}`{}",
+                    hint.map(|h| format!("; {h}")).unwrap_or_default()
+                ));
             };
             let value = match inline {
                 Some(value) => value,
                 None if key.kind == Kind::Bool => match args.peek() {
-                    Some(next) if BOOL_WORDS.contains(&next.to_ascii_lowercase().as_str()) => args.next().cloned().unwrap_or_default(),
+                    Some(next) if BOOL_WORDS.contains(&next.to_ascii_lowercase().as_str()) => {
+                        args.next().cloned().unwrap_or_default()
+                    }
                     _ => "true".to_owned(),
                 },
-                None => args.next().cloned().ok_or_else(|| format!("`{arg}` needs a value: {}", key.kind.describe()))?,
+                None => args
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| format!("`{arg}` needs a value: {}", key.kind.describe()))?,
             };
-            let values = if key.many { value.split(',').map(str::trim).map(str::to_owned).collect() } else { vec![value] };
+            let values = if key.many {
+                value.split(',').map(str::trim).map(str::to_owned).collect()
+            } else {
+                vec![value]
+            };
             flags.set(key, values);
         }
         Ok(flags)
@@ -96,16 +117,30 @@ pub fn worker_block(settings: &[(String, Vec<String>)]) -> String {
 
 /// Settings of `run`: the executable, its params, then the flags; the
 /// working directory defaults to the caller's.
-pub fn run_settings(flags: &Flags, cwd: &std::path::Path) -> Result<Vec<(String, Vec<String>)>, String> {
-    let (exec, params) = flags.words.split_first().ok_or("apm run needs the program to run: apm run <exec> [params…] [flags…]")?;
+pub fn run_settings(
+    flags: &Flags,
+    cwd: &std::path::Path,
+) -> Result<Vec<(String, Vec<String>)>, String> {
+    let (exec, params) = flags
+        .words
+        .split_first()
+        .ok_or("apm run needs the program to run: apm run <exec> [params…] [flags…]")?;
     let mut settings = vec![("exec".to_owned(), vec![exec.clone()])];
     if !params.is_empty() {
         settings.push(("params".to_owned(), params.to_vec()));
     }
     if !flags.settings.iter().any(|(k, _)| *k == "path") {
-        settings.push(("path".to_owned(), vec![cwd.display().to_string().replace('$', "$$")]));
+        settings.push((
+            "path".to_owned(),
+            vec![cwd.display().to_string().replace('$', "$$")],
+        ));
     }
-    settings.extend(flags.settings.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    settings.extend(
+        flags
+            .settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone())),
+    );
     Ok(settings)
 }
 
@@ -127,18 +162,38 @@ mod tests {
                 ("name", vec!["jobs".to_owned()]),
                 ("restart_err", vec!["true".to_owned()]),
                 ("instances", vec!["2".to_owned()]),
-                ("env", vec!["A=1".to_owned(), "B=2".to_owned(), "C=3".to_owned()]),
+                (
+                    "env",
+                    vec!["A=1".to_owned(), "B=2".to_owned(), "C=3".to_owned()]
+                ),
             ]
         );
     }
 
     #[test]
     fn booleans_double_dash_negation_and_verbatim_params() {
-        let flags = Flags::parse(&args("node --restart false -no-watch_conf app.js -- -name x"), false).unwrap();
+        let flags = Flags::parse(
+            &args("node --restart false -no-watch_conf app.js -- -name x"),
+            false,
+        )
+        .unwrap();
         assert_eq!(flags.words, args("node app.js -name x"));
-        assert_eq!(flags.settings, vec![("restart", vec!["false".to_owned()]), ("watch_conf", vec!["false".to_owned()])]);
-        assert_eq!(Flags::parse(&args("-instnaces 3 node"), false).unwrap_err(), "unknown flag `-instnaces`; did you mean `instances`?");
-        assert!(Flags::parse(&args("node -instances"), false).unwrap_err().contains("needs a value"));
+        assert_eq!(
+            flags.settings,
+            vec![
+                ("restart", vec!["false".to_owned()]),
+                ("watch_conf", vec!["false".to_owned()])
+            ]
+        );
+        assert_eq!(
+            Flags::parse(&args("-instnaces 3 node"), false).unwrap_err(),
+            "unknown flag `-instnaces`; did you mean `instances`?"
+        );
+        assert!(
+            Flags::parse(&args("node -instances"), false)
+                .unwrap_err()
+                .contains("needs a value")
+        );
     }
 
     #[test]

@@ -43,7 +43,12 @@ struct Cli {
 enum Command {
     /// Create and start a worker: apm run <exec> [params…] [-flag value…]; every worker option is a flag.
     Run {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "EXEC [PARAMS|FLAGS]...")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "EXEC [PARAMS|FLAGS]..."
+        )]
         args: Vec<String>,
     },
     /// Start a stopped worker.
@@ -64,7 +69,11 @@ enum Command {
     /// Change a running worker's options with the flags of `run`; -no-restart applies without restarting.
     Update {
         worker: String,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "FLAGS")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
         args: Vec<String>,
     },
     /// Rename a worker.
@@ -111,7 +120,10 @@ enum Command {
         lines: usize,
     },
     /// Search worker logs for a text.
-    Grep { pattern: String, worker: Option<String> },
+    Grep {
+        pattern: String,
+        worker: Option<String>,
+    },
     /// The CLI's and the daemon's versions.
     Version {
         #[arg(long)]
@@ -144,7 +156,10 @@ fn full_help() -> u8 {
     }
     println!("\n──── worker flags of `apm run` and `apm update` ────");
     for key in apm_compiler::ir::WorkerSpec::KEYS {
-        let default = key.default.map(|d| format!(" [default: {d}]")).unwrap_or_default();
+        let default = key
+            .default
+            .map(|d| format!(" [default: {d}]"))
+            .unwrap_or_default();
         println!("  -{:<24} {}{default}", key.name, key.doc);
     }
     exit::OK
@@ -171,30 +186,71 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if error.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     ExitCode::from(match cli.command {
         Command::Run { args } => commands::run(&place, &args),
         Command::Start { worker } => commands::start_like(&place, Call::Start { name: worker }),
-        Command::Stop { worker } => commands::simple(&place, Call::Stop { name: worker.clone() }, &format!("■ {worker} stopped")),
+        Command::Stop { worker } => commands::simple(
+            &place,
+            Call::Stop {
+                name: worker.clone(),
+            },
+            &format!("■ {worker} stopped"),
+        ),
         Command::Stopall => commands::simple(&place, Call::StopAll, "■ every worker stopped"),
-        Command::Restart { worker: Some(worker), .. } => commands::start_like(&place, Call::Restart { name: worker }),
-        Command::Restart { worker: None, force: true } => commands::restart_all(&place),
-        Command::Restart { worker: None, force: false } => {
-            eprintln!("apm: name the worker to restart, or use `apm restart --force` to restart them all");
+        Command::Restart {
+            worker: Some(worker),
+            ..
+        } => commands::start_like(&place, Call::Restart { name: worker }),
+        Command::Restart {
+            worker: None,
+            force: true,
+        } => commands::restart_all(&place),
+        Command::Restart {
+            worker: None,
+            force: false,
+        } => {
+            eprintln!(
+                "apm: name the worker to restart, or use `apm restart --force` to restart them all"
+            );
             exit::USAGE
         }
-        Command::Remove { worker } => commands::simple(&place, Call::Remove { name: worker.clone() }, &format!("- {worker} removed")),
+        Command::Remove { worker } => commands::simple(
+            &place,
+            Call::Remove {
+                name: worker.clone(),
+            },
+            &format!("- {worker} removed"),
+        ),
         Command::Update { worker, args } => commands::update(&place, &worker, &args),
-        Command::Rename { worker, new } => {
-            commands::simple(&place, Call::Rename { name: worker.clone(), new: new.clone() }, &format!("{worker} is now {new}"))
+        Command::Rename { worker, new } => commands::simple(
+            &place,
+            Call::Rename {
+                name: worker.clone(),
+                new: new.clone(),
+            },
+            &format!("{worker} is now {new}"),
+        ),
+        Command::Copy { worker, new } => {
+            commands::start_like_optional(&place, Call::Copy { name: worker, new })
         }
-        Command::Copy { worker, new } => commands::start_like_optional(&place, Call::Copy { name: worker, new }),
         Command::Wait { worker, timeout } => match commands::parse_duration(&timeout) {
             Ok(timeout) => {
                 let name = worker.clone();
-                commands::simple(&place, Call::Wait { name, timeout_ms: timeout.as_millis() as u64 }, &format!("{worker} is running"))
+                commands::simple(
+                    &place,
+                    Call::Wait {
+                        name,
+                        timeout_ms: timeout.as_millis() as u64,
+                    },
+                    &format!("{worker} is running"),
+                )
             }
             Err(e) => {
                 eprintln!("apm: --timeout: {e}");
@@ -205,13 +261,23 @@ fn main() -> ExitCode {
         Command::List { json } => commands::list(&place, json),
         Command::Info { worker, json } => commands::info(&place, &worker, json),
         Command::Env { worker, json } => commands::env(&place, &worker, json),
-        Command::Log { worker, err, follow, lines } => commands::log(&place, &worker, err, follow, lines),
+        Command::Log {
+            worker,
+            err,
+            follow,
+            lines,
+        } => commands::log(&place, &worker, err, follow, lines),
         Command::Grep { pattern, worker } => commands::grep(&place, &pattern, worker.as_deref()),
         Command::Version { json } => commands::version(&place, json),
         Command::Load { file } => commands::load(&place, &file),
         Command::Unload { file } => commands::unload(&place, &file),
-        Command::Daemon { foreground: true, detach } => daemon::run(place, detach),
-        Command::Daemon { foreground: false, .. } => commands::start_daemon_background(&place),
+        Command::Daemon {
+            foreground: true,
+            detach,
+        } => daemon::run(place, detach),
+        Command::Daemon {
+            foreground: false, ..
+        } => commands::start_daemon_background(&place),
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
     })

@@ -23,22 +23,56 @@ pub struct Request {
 pub enum Call {
     Ping,
     /// Register a worker from its `worker { }` block (built by the CLI from flags).
-    Run { config: String, start: bool },
-    Load { path: PathBuf },
-    Unload { path: PathBuf },
-    Start { name: String },
-    Stop { name: String },
-    Restart { name: String },
+    Run {
+        config: String,
+        start: bool,
+    },
+    Load {
+        path: PathBuf,
+    },
+    Unload {
+        path: PathBuf,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    Restart {
+        name: String,
+    },
     RestartAll,
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     StopAll,
-    Update { name: String, settings: Vec<(String, Vec<String>)>, restart: bool },
-    Rename { name: String, new: String },
-    Copy { name: String, new: String },
-    Signal { name: String, index: Option<usize>, signal: String },
+    Update {
+        name: String,
+        settings: Vec<(String, Vec<String>)>,
+        restart: bool,
+    },
+    Rename {
+        name: String,
+        new: String,
+    },
+    Copy {
+        name: String,
+        new: String,
+    },
+    Signal {
+        name: String,
+        index: Option<usize>,
+        signal: String,
+    },
     List,
-    Info { name: String },
-    Wait { name: String, timeout_ms: u64 },
+    Info {
+        name: String,
+    },
+    Wait {
+        name: String,
+        timeout_ms: u64,
+    },
     Exit,
 }
 
@@ -57,11 +91,21 @@ pub struct Response {
 
 impl Response {
     pub fn data(data: impl Serialize) -> Response {
-        Response { ok: true, error: None, exit: None, data: serde_json::to_value(data).unwrap_or_default() }
+        Response {
+            ok: true,
+            error: None,
+            exit: None,
+            data: serde_json::to_value(data).unwrap_or_default(),
+        }
     }
 
     pub fn error(exit: u8, message: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(message.into()), exit: Some(exit), data: serde_json::Value::Null }
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            exit: Some(exit),
+            data: serde_json::Value::Null,
+        }
     }
 }
 

@@ -139,7 +139,11 @@ pub struct Overlay<'a> {
 
 impl SourceLoader for Overlay<'_> {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        if path == self.path { Ok(self.contents.clone().into_bytes()) } else { self.inner.read(path) }
+        if path == self.path {
+            Ok(self.contents.clone().into_bytes())
+        } else {
+            self.inner.read(path)
+        }
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<(PathBuf, bool)>> {

@@ -7,10 +7,19 @@ use crate::ir::WorkerSpec;
 use crate::values::quote;
 
 fn statements<K: AsRef<str>>(out: &mut String, indent: &str, settings: &[(K, Vec<String>)]) {
-    let width = settings.iter().map(|(key, _)| key.as_ref().len()).max().unwrap_or(0);
+    let width = settings
+        .iter()
+        .map(|(key, _)| key.as_ref().len())
+        .max()
+        .unwrap_or(0);
     for (key, values) in settings {
         let values: Vec<String> = values.iter().map(|v| quote(v)).collect();
-        let _ = writeln!(out, "{indent}{:<width$} {};", key.as_ref(), values.join(", "));
+        let _ = writeln!(
+            out,
+            "{indent}{:<width$} {};",
+            key.as_ref(),
+            values.join(", ")
+        );
     }
 }
 

@@ -291,7 +291,9 @@ impl<T: FromValue + ConfigText + Default> Slot for Setting<T> {
 impl<T: FromValue + ConfigText> Slot for Option<Setting<T>> {
     const MANY: bool = false;
     fn texts(&self) -> Option<Vec<String>> {
-        self.as_ref().filter(|s| s.is_explicit()).map(|s| vec![s.value.config_text()])
+        self.as_ref()
+            .filter(|s| s.is_explicit())
+            .map(|s| vec![s.value.config_text()])
     }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let occurrence = occurrence?;

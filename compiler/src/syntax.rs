@@ -92,13 +92,12 @@ where
         .allow_leading()
         .allow_trailing()
         .collect::<Vec<_>>();
-    let terminator = just(Tok::Semi).to(true).or(choice((
-        just(Tok::RBrace).ignored(),
-        end(),
-        block_start,
-    ))
-    .rewind()
-    .to(false));
+    let terminator =
+        just(Tok::Semi)
+            .to(true)
+            .or(choice((just(Tok::RBrace).ignored(), end(), block_start))
+                .rewind()
+                .to(false));
     let stmt = word
         .then(values)
         .then(terminator)

@@ -1031,7 +1031,9 @@ pub fn quote(text: &str) -> String {
         && text != ":"
         && !text.starts_with('#')
         && !text.starts_with("//")
-        && !text.contains(|c: char| c.is_whitespace() || matches!(c, ';' | ',' | '{' | '}' | '"' | '\'' | '`' | '\\'));
+        && !text.contains(|c: char| {
+            c.is_whitespace() || matches!(c, ';' | ',' | '{' | '}' | '"' | '\'' | '`' | '\\')
+        });
     if plain {
         return text.to_owned();
     }

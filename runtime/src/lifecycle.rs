@@ -29,7 +29,8 @@ impl std::fmt::Display for ExitStatus {
         match self {
             ExitStatus::Code(code) => write!(f, "exit {code}"),
             ExitStatus::Signal(signal) => {
-                let name = nix::sys::signal::Signal::try_from(*signal).map_or("unknown", |s| s.as_str());
+                let name =
+                    nix::sys::signal::Signal::try_from(*signal).map_or("unknown", |s| s.as_str());
                 write!(f, "killed by {name}")
             }
             ExitStatus::SpawnFailed => f.write_str("could not start"),
@@ -74,7 +75,11 @@ impl Policy {
         if !self.restart_on_exit_codes.is_empty() {
             return matches!(status, ExitStatus::Code(code) if u8::try_from(code).is_ok_and(|c| self.restart_on_exit_codes.contains(&c)));
         }
-        if status.is_clean() { self.restart } else { self.restart_err }
+        if status.is_clean() {
+            self.restart
+        } else {
+            self.restart_err
+        }
     }
 }
 
@@ -90,18 +95,38 @@ pub enum Phase {
     /// Not running, and not meant to.
     Stopped,
     /// Spawned, inside its startup grace: not yet known to be healthy.
-    Starting { pid: u32, since: Instant },
-    Running { pid: u32, since: Instant },
+    Starting {
+        pid: u32,
+        since: Instant,
+    },
+    Running {
+        pid: u32,
+        since: Instant,
+    },
     /// Asked to end: SIGTERM sent, SIGKILL due at `deadline`.
-    Stopping { pid: u32, deadline: Instant, then: AfterStop },
+    Stopping {
+        pid: u32,
+        deadline: Instant,
+        then: AfterStop,
+    },
     /// Ended cleanly and the policy does not restart it.
-    Exited { status: ExitStatus },
+    Exited {
+        status: ExitStatus,
+    },
     /// Ended with an error and the policy does not restart it.
-    Crashed { status: ExitStatus },
+    Crashed {
+        status: ExitStatus,
+    },
     /// Ended; will be spawned again at `until`.
-    Waiting { until: Instant, status: ExitStatus },
+    Waiting {
+        until: Instant,
+        status: ExitStatus,
+    },
     /// Ended, and its restart limit is used up.
-    Errored { status: ExitStatus, restarts: u32 },
+    Errored {
+        status: ExitStatus,
+        restarts: u32,
+    },
 }
 
 impl Phase {
@@ -120,7 +145,9 @@ impl Phase {
 
     pub fn pid(&self) -> Option<u32> {
         match self {
-            Phase::Starting { pid, .. } | Phase::Running { pid, .. } | Phase::Stopping { pid, .. } => Some(*pid),
+            Phase::Starting { pid, .. }
+            | Phase::Running { pid, .. }
+            | Phase::Stopping { pid, .. } => Some(*pid),
             _ => None,
         }
     }
@@ -139,8 +166,12 @@ pub enum Event {
     Stop,
     /// The user asked for a restart: stop, then start again.
     Restart,
-    Spawned { pid: u32 },
-    Exited { status: ExitStatus },
+    Spawned {
+        pid: u32,
+    },
+    Exited {
+        status: ExitStatus,
+    },
     /// A timer scheduled by `Effect::Wake` fired.
     Wake,
 }
@@ -172,7 +203,12 @@ pub struct Lifecycle {
 
 impl Default for Lifecycle {
     fn default() -> Self {
-        Lifecycle { phase: Phase::Stopped, restarts: 0, err_restarts: 0, attempts: 0 }
+        Lifecycle {
+            phase: Phase::Stopped,
+            restarts: 0,
+            err_restarts: 0,
+            attempts: 0,
+        }
     }
 }
 
@@ -183,7 +219,10 @@ impl Lifecycle {
         use Phase::*;
         match (self.phase.clone(), event) {
             // A user start resets the counters: the user is trying again.
-            (Stopped | Exited { .. } | Crashed { .. } | Errored { .. } | Waiting { .. }, Event::Start | Event::Restart) => {
+            (
+                Stopped | Exited { .. } | Crashed { .. } | Errored { .. } | Waiting { .. },
+                Event::Start | Event::Restart,
+            ) => {
                 self.restarts = 0;
                 self.err_restarts = 0;
                 self.attempts = 0;
@@ -192,17 +231,33 @@ impl Lifecycle {
             }
             (Starting { .. } | Running { .. }, Event::Start) => vec![],
             (Stopping { pid, deadline, .. }, Event::Start | Event::Restart) => {
-                self.phase = Stopping { pid, deadline, then: AfterStop::Restart };
+                self.phase = Stopping {
+                    pid,
+                    deadline,
+                    then: AfterStop::Restart,
+                };
                 vec![]
             }
             (Starting { pid, .. } | Running { pid, .. }, Event::Stop | Event::Restart) => {
                 let deadline = now + policy.kill_timeout;
-                let then = if event == Event::Restart { AfterStop::Restart } else { AfterStop::Stay };
-                self.phase = Stopping { pid, deadline, then };
+                let then = if event == Event::Restart {
+                    AfterStop::Restart
+                } else {
+                    AfterStop::Stay
+                };
+                self.phase = Stopping {
+                    pid,
+                    deadline,
+                    then,
+                };
                 vec![Effect::Terminate(pid), Effect::Wake(deadline)]
             }
             (Stopping { pid, deadline, .. }, Event::Stop) => {
-                self.phase = Stopping { pid, deadline, then: AfterStop::Stay };
+                self.phase = Stopping {
+                    pid,
+                    deadline,
+                    then: AfterStop::Stay,
+                };
                 vec![]
             }
             (Waiting { .. }, Event::Stop) => {
@@ -222,7 +277,9 @@ impl Lifecycle {
                 vec![]
             }
             (Waiting { until, .. }, Event::Wake) if now >= until => vec![Effect::Spawn],
-            (Stopping { pid, deadline, .. }, Event::Wake) if now >= deadline => vec![Effect::Kill(pid)],
+            (Stopping { pid, deadline, .. }, Event::Wake) if now >= deadline => {
+                vec![Effect::Kill(pid)]
+            }
 
             (Stopping { then, .. }, Event::Exited { .. }) => {
                 self.phase = Stopped;
@@ -235,9 +292,16 @@ impl Lifecycle {
                     vec![]
                 }
             }
-            (Starting { since, .. } | Running { since, .. }, Event::Exited { status }) => self.ended(status, now - since, now, policy),
+            (Starting { since, .. } | Running { since, .. }, Event::Exited { status }) => {
+                self.ended(status, now - since, now, policy)
+            }
             // A spawn that failed ends an attempt that never ran.
-            (Stopped | Waiting { .. }, Event::Exited { status: status @ ExitStatus::SpawnFailed }) => {
+            (
+                Stopped | Waiting { .. },
+                Event::Exited {
+                    status: status @ ExitStatus::SpawnFailed,
+                },
+            ) => {
                 self.attempts += 1;
                 self.ended(status, Duration::ZERO, now, policy)
             }
@@ -247,16 +311,34 @@ impl Lifecycle {
     }
 
     /// A process ended on its own after `uptime`: restart it or not, by policy.
-    fn ended(&mut self, status: ExitStatus, uptime: Duration, now: Instant, policy: &Policy) -> Vec<Effect> {
+    fn ended(
+        &mut self,
+        status: ExitStatus,
+        uptime: Duration,
+        now: Instant,
+        policy: &Policy,
+    ) -> Vec<Effect> {
         if !policy.wants_restart(status) {
-            self.phase = if status.is_clean() { Phase::Exited { status } } else { Phase::Crashed { status } };
+            self.phase = if status.is_clean() {
+                Phase::Exited { status }
+            } else {
+                Phase::Crashed { status }
+            };
             return vec![];
         }
         let clean = status.is_clean();
         let (count, limit, delay) = if clean {
-            (&mut self.restarts, policy.max_restarts, policy.restart_delay)
+            (
+                &mut self.restarts,
+                policy.max_restarts,
+                policy.restart_delay,
+            )
         } else {
-            (&mut self.err_restarts, policy.max_err_restarts, policy.err_delay)
+            (
+                &mut self.err_restarts,
+                policy.max_err_restarts,
+                policy.err_delay,
+            )
         };
         // A process that stayed up for `err_grace` was healthy: its exit starts
         // a fresh budget instead of spending the old one.
@@ -304,7 +386,12 @@ mod tests {
 
     impl Sim {
         fn new(policy: Policy) -> Sim {
-            Sim { life: Lifecycle::default(), now: Instant::now(), policy, next_pid: 100 }
+            Sim {
+                life: Lifecycle::default(),
+                now: Instant::now(),
+                policy,
+                next_pid: 100,
+            }
         }
 
         fn send(&mut self, event: Event) -> Vec<Effect> {
@@ -320,12 +407,17 @@ mod tests {
             self.next_pid += 1;
             let pid = self.next_pid;
             let effects = self.send(Event::Spawned { pid });
-            assert_eq!(effects, vec![Effect::Wake(self.now + self.policy.startup_grace)]);
+            assert_eq!(
+                effects,
+                vec![Effect::Wake(self.now + self.policy.startup_grace)]
+            );
             pid
         }
 
         fn exit(&mut self, code: i32) -> Vec<Effect> {
-            self.send(Event::Exited { status: ExitStatus::Code(code) })
+            self.send(Event::Exited {
+                status: ExitStatus::Code(code),
+            })
         }
     }
 
@@ -350,16 +442,30 @@ mod tests {
         sim.send(Event::Start);
         sim.spawn();
         assert_eq!(sim.exit(0), vec![]);
-        assert_eq!(sim.life.phase, Phase::Exited { status: ExitStatus::Code(0) });
+        assert_eq!(
+            sim.life.phase,
+            Phase::Exited {
+                status: ExitStatus::Code(0)
+            }
+        );
         sim.send(Event::Start);
         sim.spawn();
         assert_eq!(sim.exit(3), vec![]);
-        assert_eq!(sim.life.phase, Phase::Crashed { status: ExitStatus::Code(3) });
+        assert_eq!(
+            sim.life.phase,
+            Phase::Crashed {
+                status: ExitStatus::Code(3)
+            }
+        );
     }
 
     #[test]
     fn restart_after_clean_exit_waits_restart_delay_and_respects_max_restarts() {
-        let mut sim = Sim::new(Policy { restart: true, max_restarts: 2, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart: true,
+            max_restarts: 2,
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
         for round in 1..=2 {
@@ -374,9 +480,18 @@ mod tests {
             sim.spawn();
         }
         assert_eq!(sim.exit(0), vec![]);
-        assert_eq!(sim.life.phase, Phase::Errored { status: ExitStatus::Code(0), restarts: 2 });
+        assert_eq!(
+            sim.life.phase,
+            Phase::Errored {
+                status: ExitStatus::Code(0),
+                restarts: 2
+            }
+        );
         // An error exit is not restarted by `restart` alone.
-        let mut sim = Sim::new(Policy { restart: true, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart: true,
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
         assert_eq!(sim.exit(1), vec![]);
@@ -385,17 +500,35 @@ mod tests {
 
     #[test]
     fn restart_err_uses_err_delay_and_max_err_restarts() {
-        let mut sim = Sim::new(Policy { restart_err: true, max_err_restarts: 1, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            max_err_restarts: 1,
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
-        assert_eq!(sim.send(Event::Exited { status: ExitStatus::Signal(9) }), vec![Effect::Wake(sim.now + Duration::from_millis(500))]);
+        assert_eq!(
+            sim.send(Event::Exited {
+                status: ExitStatus::Signal(9)
+            }),
+            vec![Effect::Wake(sim.now + Duration::from_millis(500))]
+        );
         sim.advance(500);
         assert_eq!(sim.send(Event::Wake), vec![Effect::Spawn]);
         sim.spawn();
         assert_eq!(sim.exit(2), vec![]);
-        assert_eq!(sim.life.phase, Phase::Errored { status: ExitStatus::Code(2), restarts: 1 });
+        assert_eq!(
+            sim.life.phase,
+            Phase::Errored {
+                status: ExitStatus::Code(2),
+                restarts: 1
+            }
+        );
         // Clean exits are not restarted by `restart_err` alone.
-        let mut sim = Sim::new(Policy { restart_err: true, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
         assert_eq!(sim.exit(0), vec![]);
@@ -404,7 +537,10 @@ mod tests {
 
     #[test]
     fn unlimited_restarts_when_max_is_zero() {
-        let mut sim = Sim::new(Policy { restart_err: true, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            ..policy()
+        });
         sim.send(Event::Start);
         for _ in 0..50 {
             sim.spawn();
@@ -417,7 +553,12 @@ mod tests {
 
     #[test]
     fn err_grace_gives_a_process_that_stayed_up_a_fresh_budget() {
-        let mut sim = Sim::new(Policy { restart_err: true, max_err_restarts: 2, err_grace: Some(Duration::from_secs(10)), ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            max_err_restarts: 2,
+            err_grace: Some(Duration::from_secs(10)),
+            ..policy()
+        });
         sim.send(Event::Start);
         // Two fast crashes spend the budget...
         for _ in 0..2 {
@@ -449,14 +590,27 @@ mod tests {
 
     #[test]
     fn restart_on_exit_codes_overrides_restart_flags() {
-        let mut sim = Sim::new(Policy { restart: true, restart_err: true, restart_on_exit_codes: vec![3, 0], ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart: true,
+            restart_err: true,
+            restart_on_exit_codes: vec![3, 0],
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
-        assert_eq!(sim.exit(3), vec![Effect::Wake(sim.now + Duration::from_millis(500))], "error code: err_delay");
+        assert_eq!(
+            sim.exit(3),
+            vec![Effect::Wake(sim.now + Duration::from_millis(500))],
+            "error code: err_delay"
+        );
         sim.advance(500);
         sim.send(Event::Wake);
         sim.spawn();
-        assert_eq!(sim.exit(0), vec![Effect::Wake(sim.now + Duration::from_millis(250))], "clean: restart_delay");
+        assert_eq!(
+            sim.exit(0),
+            vec![Effect::Wake(sim.now + Duration::from_millis(250))],
+            "clean: restart_delay"
+        );
         sim.advance(250);
         sim.send(Event::Wake);
         sim.spawn();
@@ -464,28 +618,48 @@ mod tests {
         assert_eq!(sim.life.phase.name(), "crashed");
         sim.send(Event::Start);
         sim.spawn();
-        assert_eq!(sim.send(Event::Exited { status: ExitStatus::Signal(15) }), vec![], "signals are not codes");
+        assert_eq!(
+            sim.send(Event::Exited {
+                status: ExitStatus::Signal(15)
+            }),
+            vec![],
+            "signals are not codes"
+        );
     }
 
     #[test]
     fn stop_terminates_then_kills_after_kill_timeout() {
-        let mut sim = Sim::new(Policy { restart_err: true, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            ..policy()
+        });
         sim.send(Event::Start);
         let pid = sim.spawn();
         let deadline = sim.now + Duration::from_millis(2000);
-        assert_eq!(sim.send(Event::Stop), vec![Effect::Terminate(pid), Effect::Wake(deadline)]);
+        assert_eq!(
+            sim.send(Event::Stop),
+            vec![Effect::Terminate(pid), Effect::Wake(deadline)]
+        );
         sim.advance(1000);
         assert_eq!(sim.send(Event::Wake), vec![], "the startup wake is stale");
         sim.advance(1000);
         assert_eq!(sim.send(Event::Wake), vec![Effect::Kill(pid)]);
         // Killed by our SIGKILL: stopped, not restarted despite restart_err.
-        assert_eq!(sim.send(Event::Exited { status: ExitStatus::Signal(9) }), vec![]);
+        assert_eq!(
+            sim.send(Event::Exited {
+                status: ExitStatus::Signal(9)
+            }),
+            vec![]
+        );
         assert_eq!(sim.life.phase, Phase::Stopped);
     }
 
     #[test]
     fn restart_stops_then_spawns_with_fresh_counters() {
-        let mut sim = Sim::new(Policy { restart_err: true, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
         sim.exit(1);
@@ -493,8 +667,19 @@ mod tests {
         sim.send(Event::Wake);
         let pid = sim.spawn();
         assert_eq!(sim.life.err_restarts, 1);
-        assert_eq!(sim.send(Event::Restart), vec![Effect::Terminate(pid), Effect::Wake(sim.now + Duration::from_millis(2000))]);
-        assert_eq!(sim.send(Event::Exited { status: ExitStatus::Signal(15) }), vec![Effect::Spawn]);
+        assert_eq!(
+            sim.send(Event::Restart),
+            vec![
+                Effect::Terminate(pid),
+                Effect::Wake(sim.now + Duration::from_millis(2000))
+            ]
+        );
+        assert_eq!(
+            sim.send(Event::Exited {
+                status: ExitStatus::Signal(15)
+            }),
+            vec![Effect::Spawn]
+        );
         assert_eq!((sim.life.err_restarts, sim.life.attempts), (0, 0));
         sim.spawn();
         assert_eq!(sim.life.phase.name(), "starting");
@@ -502,7 +687,10 @@ mod tests {
 
     #[test]
     fn stop_while_waiting_cancels_the_restart() {
-        let mut sim = Sim::new(Policy { restart: true, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart: true,
+            ..policy()
+        });
         sim.send(Event::Start);
         sim.spawn();
         sim.exit(0);
@@ -514,10 +702,19 @@ mod tests {
 
     #[test]
     fn a_failed_spawn_is_an_error_exit() {
-        let mut sim = Sim::new(Policy { restart_err: true, max_err_restarts: 1, ..policy() });
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            max_err_restarts: 1,
+            ..policy()
+        });
         sim.send(Event::Start);
-        let failed = Event::Exited { status: ExitStatus::SpawnFailed };
-        assert_eq!(sim.send(failed), vec![Effect::Wake(sim.now + Duration::from_millis(500))]);
+        let failed = Event::Exited {
+            status: ExitStatus::SpawnFailed,
+        };
+        assert_eq!(
+            sim.send(failed),
+            vec![Effect::Wake(sim.now + Duration::from_millis(500))]
+        );
         sim.advance(500);
         assert_eq!(sim.send(Event::Wake), vec![Effect::Spawn]);
         assert_eq!(sim.send(failed), vec![]);

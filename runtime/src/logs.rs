@@ -71,7 +71,12 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>) {
             batch.extend_from_slice(&more);
         }
         if file.is_none() {
-            file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await.ok();
+            file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .await
+                .ok();
         }
         let written = match file.as_mut() {
             Some(f) => f.write_all(&batch).await.is_ok(),
@@ -80,7 +85,10 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>) {
         // Report a failing disk once, not once per line; reopen next time.
         if !written {
             if !failing {
-                crate::log(format_args!("cannot write log {}; lines are dropped until it works again", path.display()));
+                crate::log(format_args!(
+                    "cannot write log {}; lines are dropped until it works again",
+                    path.display()
+                ));
             }
             file = None;
         }
@@ -101,7 +109,11 @@ pub async fn pump(
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
+        match (&mut reader)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }

@@ -113,9 +113,14 @@ mod tests {
             format: FORMAT,
             workers: vec![SavedWorker {
                 name: "api".into(),
-                origin: Origin::Cli { config: "worker { exec node; }".into() },
+                origin: Origin::Cli {
+                    config: "worker { exec node; }".into(),
+                },
                 running: true,
-                processes: vec![SavedProcess { pid: 42, start_ticks: 7 }],
+                processes: vec![SavedProcess {
+                    pid: 42,
+                    start_ticks: 7,
+                }],
             }],
         };
         save(&path, &state).unwrap();

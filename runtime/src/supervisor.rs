@@ -76,26 +76,76 @@ impl StartReport {
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 pub enum Command {
-    Register { name: String, spec: Box<WorkerSpec>, origin: Origin, start: bool, reply: Reply<Option<StartReport>> },
-    Start { name: String, reply: Reply<StartReport> },
-    Stop { name: String, reply: Reply<()> },
-    Restart { name: String, reply: Reply<StartReport> },
-    Remove { name: String, reply: Reply<()> },
-    Update { name: String, spec: Box<WorkerSpec>, origin: Origin, restart: bool, reply: Reply<Option<StartReport>> },
-    Rename { old: String, new: String, origin: Origin, reply: Reply<()> },
-    Signal { name: String, index: Option<usize>, signal: Signal, reply: Reply<Vec<u32>> },
-    List { reply: Reply<Vec<WorkerStatus>> },
-    Info { name: String, reply: Reply<(WorkerStatus, Box<WorkerSpec>)> },
-    Wait { name: String, timeout: Duration, reply: Reply<()> },
-    StopAll { reply: Reply<()> },
+    Register {
+        name: String,
+        spec: Box<WorkerSpec>,
+        origin: Origin,
+        start: bool,
+        reply: Reply<Option<StartReport>>,
+    },
+    Start {
+        name: String,
+        reply: Reply<StartReport>,
+    },
+    Stop {
+        name: String,
+        reply: Reply<()>,
+    },
+    Restart {
+        name: String,
+        reply: Reply<StartReport>,
+    },
+    Remove {
+        name: String,
+        reply: Reply<()>,
+    },
+    Update {
+        name: String,
+        spec: Box<WorkerSpec>,
+        origin: Origin,
+        restart: bool,
+        reply: Reply<Option<StartReport>>,
+    },
+    Rename {
+        old: String,
+        new: String,
+        origin: Origin,
+        reply: Reply<()>,
+    },
+    Signal {
+        name: String,
+        index: Option<usize>,
+        signal: Signal,
+        reply: Reply<Vec<u32>>,
+    },
+    List {
+        reply: Reply<Vec<WorkerStatus>>,
+    },
+    Info {
+        name: String,
+        reply: Reply<(WorkerStatus, Box<WorkerSpec>)>,
+    },
+    Wait {
+        name: String,
+        timeout: Duration,
+        reply: Reply<()>,
+    },
+    StopAll {
+        reply: Reply<()>,
+    },
     /// Stops every process but keeps each worker's desired state, so a new
     /// daemon brings them back.
-    Shutdown { reply: Reply<()> },
+    Shutdown {
+        reply: Reply<()>,
+    },
 }
 
 enum Msg {
     Command(Command),
-    Event { id: u64, event: Event },
+    Event {
+        id: u64,
+        event: Event,
+    },
     /// A worker's wait for `depends_on` may have run out.
     Recheck,
 }
@@ -109,8 +159,11 @@ impl Handle {
     /// Sends a command built around a reply channel and awaits the reply.
     pub async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Command(command(reply))).map_err(|_| "the supervisor has stopped".to_owned())?;
-        rx.await.map_err(|_| "the supervisor has stopped".to_owned())?
+        self.tx
+            .send(Msg::Command(command(reply)))
+            .map_err(|_| "the supervisor has stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the supervisor has stopped".to_owned())?
     }
 }
 
@@ -139,11 +192,26 @@ struct Worker {
 }
 
 enum Waiter {
-    Start { name: String, reply: Reply<StartReport> },
-    Stop { name: String, reply: Reply<()> },
-    Remove { name: String, reply: Reply<()> },
-    Running { name: String, deadline: Instant, reply: Reply<()> },
-    Shutdown { reply: Reply<()> },
+    Start {
+        name: String,
+        reply: Reply<StartReport>,
+    },
+    Stop {
+        name: String,
+        reply: Reply<()>,
+    },
+    Remove {
+        name: String,
+        reply: Reply<()>,
+    },
+    Running {
+        name: String,
+        deadline: Instant,
+        reply: Reply<()>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
 }
 
 pub struct Supervisor {
@@ -201,7 +269,13 @@ impl Supervisor {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Register { name, spec, origin, start, reply } => {
+            Command::Register {
+                name,
+                spec,
+                origin,
+                start,
+                reply,
+            } => {
                 if self.workers.contains_key(&name) {
                     let _ = reply.send(Err(format!("a worker named `{name}` already exists")));
                     return;
@@ -209,7 +283,10 @@ impl Supervisor {
                 self.insert(name.clone(), *spec, origin, false);
                 if start {
                     self.start(&name);
-                    self.waiters.push(Waiter::Start { name, reply: remap(reply, Some) });
+                    self.waiters.push(Waiter::Start {
+                        name,
+                        reply: remap(reply, Some),
+                    });
                 } else {
                     let _ = reply.send(Ok(None));
                 }
@@ -246,12 +323,28 @@ impl Supervisor {
                 self.stop(&name, true);
                 self.waiters.push(Waiter::Remove { name, reply });
             }
-            Command::Update { name, spec, origin, restart, reply } => self.update(name, *spec, origin, restart, reply),
-            Command::Rename { old, new, origin, reply } => {
+            Command::Update {
+                name,
+                spec,
+                origin,
+                restart,
+                reply,
+            } => self.update(name, *spec, origin, restart, reply),
+            Command::Rename {
+                old,
+                new,
+                origin,
+                reply,
+            } => {
                 let result = self.rename(&old, &new, origin);
                 let _ = reply.send(result);
             }
-            Command::Signal { name, index, signal, reply } => {
+            Command::Signal {
+                name,
+                index,
+                signal,
+                reply,
+            } => {
                 let _ = reply.send(self.signal(&name, index, signal));
             }
             Command::List { reply } => {
@@ -265,14 +358,22 @@ impl Supervisor {
                 });
                 let _ = reply.send(result);
             }
-            Command::Wait { name, timeout, reply } => {
+            Command::Wait {
+                name,
+                timeout,
+                reply,
+            } => {
                 if let Err(e) = self.exists(&name) {
                     let _ = reply.send(Err(e));
                     return;
                 }
                 let deadline = Instant::now() + timeout;
                 self.wake_at(deadline);
-                self.waiters.push(Waiter::Running { name, deadline, reply });
+                self.waiters.push(Waiter::Running {
+                    name,
+                    deadline,
+                    reply,
+                });
             }
             Command::StopAll { reply } => {
                 let names: Vec<String> = self.workers.keys().cloned().collect();
@@ -292,7 +393,11 @@ impl Supervisor {
     }
 
     fn exists(&self, name: &str) -> Result<(), String> {
-        if self.workers.contains_key(name) { Ok(()) } else { Err(format!("no worker named `{name}`")) }
+        if self.workers.contains_key(name) {
+            Ok(())
+        } else {
+            Err(format!("no worker named `{name}`"))
+        }
     }
 
     fn new_instance(&mut self, name: &str, index: usize) -> Instance {
@@ -330,15 +435,19 @@ impl Supervisor {
 
     fn deps_running(&self, worker: &Worker) -> bool {
         worker.spec.depends_on.iter().all(|dep| {
-            self.workers
-                .get(&dep.value)
-                .is_some_and(|d| d.instances.iter().all(|i| matches!(i.life.phase, Phase::Running { .. })))
+            self.workers.get(&dep.value).is_some_and(|d| {
+                d.instances
+                    .iter()
+                    .all(|i| matches!(i.life.phase, Phase::Running { .. }))
+            })
         })
     }
 
     fn start(&mut self, name: &str) {
         let now = Instant::now();
-        let Some(worker) = self.workers.get(name) else { return };
+        let Some(worker) = self.workers.get(name) else {
+            return;
+        };
         let waits = !self.deps_running(worker);
         let timeout = worker.spec.depends_timeout.as_duration();
         let worker = self.workers.get_mut(name).expect("checked above");
@@ -390,8 +499,12 @@ impl Supervisor {
     fn step(&mut self, name: &str, index: usize, event: Event) {
         let mut queue = VecDeque::from([event]);
         while let Some(event) = queue.pop_front() {
-            let Some(worker) = self.workers.get_mut(name) else { return };
-            let Some(instance) = worker.instances.get_mut(index) else { return };
+            let Some(worker) = self.workers.get_mut(name) else {
+                return;
+            };
+            let Some(instance) = worker.instances.get_mut(index) else {
+                return;
+            };
             if let Event::Exited { status } = event {
                 // The leader is gone; end whatever it left in its group.
                 if let Some(pid) = instance.life.phase.pid() {
@@ -416,7 +529,10 @@ impl Supervisor {
                         let tx = self.tx.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep_until(at.into()).await;
-                            let _ = tx.send(Msg::Event { id, event: Event::Wake });
+                            let _ = tx.send(Msg::Event {
+                                id,
+                                event: Event::Wake,
+                            });
                         });
                     }
                 }
@@ -450,10 +566,20 @@ impl Supervisor {
         };
         let mut child = match command.spawn() {
             Ok(child) => child,
-            Err(error) => return spawn_failed(name, instance, format!("cannot start `{}`: {error}", spec.exec.value)),
+            Err(error) => {
+                return spawn_failed(
+                    name,
+                    instance,
+                    format!("cannot start `{}`: {error}", spec.exec.value),
+                );
+            }
         };
         let Some(pid) = child.id() else {
-            return spawn_failed(name, instance, "the process ended before it could be watched".to_owned());
+            return spawn_failed(
+                name,
+                instance,
+                "the process ended before it could be watched".to_owned(),
+            );
         };
         instance.start_ticks = procfs::stat(pid).map(|s| s.start_ticks);
         instance.started = Some(Instant::now());
@@ -461,10 +587,22 @@ impl Supervisor {
         self.dirty = true;
         let prefix = log_prefix(&spec, index);
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(logs::pump(stdout, Stream::Out, prefix.clone(), out_log, None));
+            tokio::spawn(logs::pump(
+                stdout,
+                Stream::Out,
+                prefix.clone(),
+                out_log,
+                None,
+            ));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(logs::pump(stderr, Stream::Err, prefix, err_log, Some(instance.stderr_head.clone())));
+            tokio::spawn(logs::pump(
+                stderr,
+                Stream::Err,
+                prefix,
+                err_log,
+                Some(instance.stderr_head.clone()),
+            ));
         }
         let (tx, id) = (self.tx.clone(), instance.id);
         tokio::spawn(async move {
@@ -472,12 +610,22 @@ impl Supervisor {
                 Ok(status) => exit_status(status),
                 Err(_) => ExitStatus::Signal(Signal::SIGKILL as i32),
             };
-            let _ = tx.send(Msg::Event { id, event: Event::Exited { status } });
+            let _ = tx.send(Msg::Event {
+                id,
+                event: Event::Exited { status },
+            });
         });
         Event::Spawned { pid }
     }
 
-    fn update(&mut self, name: String, spec: WorkerSpec, origin: Origin, restart: bool, reply: Reply<Option<StartReport>>) {
+    fn update(
+        &mut self,
+        name: String,
+        spec: WorkerSpec,
+        origin: Origin,
+        restart: bool,
+        reply: Reply<Option<StartReport>>,
+    ) {
         let Some(worker) = self.workers.get_mut(&name) else {
             let _ = reply.send(Err(format!("no worker named `{name}`")));
             return;
@@ -496,7 +644,11 @@ impl Supervisor {
         let current = worker.instances.len();
         for index in current..target {
             let instance = self.new_instance(&name, index);
-            self.workers.get_mut(&name).expect("present").instances.push(instance);
+            self.workers
+                .get_mut(&name)
+                .expect("present")
+                .instances
+                .push(instance);
             if enabled {
                 self.step(&name, index, Event::Start);
             }
@@ -509,13 +661,21 @@ impl Supervisor {
             return;
         }
         self.restart(&name);
-        self.waiters.push(Waiter::Start { name, reply: remap(reply, Some) });
+        self.waiters.push(Waiter::Start {
+            name,
+            reply: remap(reply, Some),
+        });
     }
 
     fn drop_retired_instances(&mut self) {
         for worker in self.workers.values_mut() {
             let target = worker.spec.instances.value as usize;
-            while worker.instances.len() > target && !worker.instances.last().is_some_and(|i| i.life.phase.is_alive()) {
+            while worker.instances.len() > target
+                && !worker
+                    .instances
+                    .last()
+                    .is_some_and(|i| i.life.phase.is_alive())
+            {
                 if let Some(instance) = worker.instances.pop() {
                     self.ids.remove(&instance.id);
                 }
@@ -534,7 +694,8 @@ impl Supervisor {
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         for instance in &worker.instances {
-            self.ids.insert(instance.id, (new.to_owned(), instance.index));
+            self.ids
+                .insert(instance.id, (new.to_owned(), instance.index));
         }
         self.workers.insert(new.to_owned(), worker);
         self.dirty = true;
@@ -547,7 +708,10 @@ impl Supervisor {
         if let Some(index) = index
             && index >= worker.instances.len()
         {
-            return Err(format!("`{name}` has {} instance(s); #{index} does not exist", worker.instances.len()));
+            return Err(format!(
+                "`{name}` has {} instance(s); #{index} does not exist",
+                worker.instances.len()
+            ));
         }
         let pids: Vec<u32> = worker
             .instances
@@ -559,7 +723,8 @@ impl Supervisor {
             return Err(format!("`{name}` has no running process to signal"));
         }
         for pid in &pids {
-            kill(Pid::from_raw(*pid as i32), signal).map_err(|e| format!("cannot send {signal} to {pid}: {e}"))?;
+            kill(Pid::from_raw(*pid as i32), signal)
+                .map_err(|e| format!("cannot send {signal} to {pid}: {e}"))?;
         }
         Ok(pids)
     }
@@ -581,7 +746,9 @@ impl Supervisor {
                 worker.deps_timed_out = timed_out;
             }
             if timed_out {
-                crate::log(format_args!("{name}: depends_on not running after depends_timeout; starting anyway"));
+                crate::log(format_args!(
+                    "{name}: depends_on not running after depends_timeout; starting anyway"
+                ));
             }
             self.send_all(&name, Event::Start);
         }
@@ -596,21 +763,28 @@ impl Supervisor {
                         let _ = reply.send(Err(format!("worker `{name}` was removed")));
                         None
                     }
-                    Some(worker) if worker.deps_deadline.is_none() && worker.instances.iter().all(|i| settled(worker, i)) => {
+                    Some(worker)
+                        if worker.deps_deadline.is_none()
+                            && worker.instances.iter().all(|i| settled(worker, i)) =>
+                    {
                         let _ = reply.send(Ok(start_report(&name, worker)));
                         None
                     }
                     Some(_) => Some(Waiter::Start { name, reply }),
                 },
                 Waiter::Stop { name, reply } => match self.workers.get(&name) {
-                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => Some(Waiter::Stop { name, reply }),
+                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => {
+                        Some(Waiter::Stop { name, reply })
+                    }
                     _ => {
                         let _ = reply.send(Ok(()));
                         None
                     }
                 },
                 Waiter::Remove { name, reply } => match self.workers.get(&name) {
-                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => Some(Waiter::Remove { name, reply }),
+                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => {
+                        Some(Waiter::Remove { name, reply })
+                    }
                     Some(_) => {
                         if let Some(worker) = self.workers.remove(&name) {
                             for instance in worker.instances {
@@ -626,12 +800,21 @@ impl Supervisor {
                         None
                     }
                 },
-                Waiter::Running { name, deadline, reply } => match self.workers.get(&name) {
+                Waiter::Running {
+                    name,
+                    deadline,
+                    reply,
+                } => match self.workers.get(&name) {
                     None => {
                         let _ = reply.send(Err(format!("worker `{name}` was removed")));
                         None
                     }
-                    Some(worker) if worker.instances.iter().all(|i| matches!(i.life.phase, Phase::Running { .. })) => {
+                    Some(worker)
+                        if worker
+                            .instances
+                            .iter()
+                            .all(|i| matches!(i.life.phase, Phase::Running { .. })) =>
+                    {
                         let _ = reply.send(Ok(()));
                         None
                     }
@@ -639,10 +822,19 @@ impl Supervisor {
                         let _ = reply.send(Err(format!("`{name}` is not running yet")));
                         None
                     }
-                    Some(_) => Some(Waiter::Running { name, deadline, reply }),
+                    Some(_) => Some(Waiter::Running {
+                        name,
+                        deadline,
+                        reply,
+                    }),
                 },
                 Waiter::Shutdown { reply } => {
-                    if self.workers.values().flat_map(|w| &w.instances).any(|i| i.life.phase.is_alive()) {
+                    if self
+                        .workers
+                        .values()
+                        .flat_map(|w| &w.instances)
+                        .any(|i| i.life.phase.is_alive())
+                    {
                         Some(Waiter::Shutdown { reply })
                     } else {
                         let _ = reply.send(Ok(()));
@@ -667,7 +859,12 @@ impl Supervisor {
                     processes: w
                         .instances
                         .iter()
-                        .filter_map(|i| Some(SavedProcess { pid: i.life.phase.pid()?, start_ticks: i.start_ticks? }))
+                        .filter_map(|i| {
+                            Some(SavedProcess {
+                                pid: i.life.phase.pid()?,
+                                start_ticks: i.start_ticks?,
+                            })
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -689,9 +886,13 @@ impl Supervisor {
                 // CPU since the previous look, or since the start on the first one.
                 let cpu_percent = match (stat, instance.cpu_sample, uptime) {
                     (Some(stat), Some((ticks, at)), _) if now > at => {
-                        (stat.cpu_ticks.saturating_sub(ticks) as f64 * tick.as_secs_f64()) / (now - at).as_secs_f64() * 100.0
+                        (stat.cpu_ticks.saturating_sub(ticks) as f64 * tick.as_secs_f64())
+                            / (now - at).as_secs_f64()
+                            * 100.0
                     }
-                    (Some(stat), None, Some(up)) if !up.is_zero() => stat.cpu_ticks as f64 * tick.as_secs_f64() / up.as_secs_f64() * 100.0,
+                    (Some(stat), None, Some(up)) if !up.is_zero() => {
+                        stat.cpu_ticks as f64 * tick.as_secs_f64() / up.as_secs_f64() * 100.0
+                    }
                     _ => 0.0,
                 };
                 instance.cpu_sample = stat.map(|s| (s.cpu_ticks, now));
@@ -700,7 +901,7 @@ impl Supervisor {
                     status: instance.life.phase.name().to_owned(),
                     pid,
                     uptime_ms: uptime.map(|u| u.as_millis() as u64),
-                    restarts: instance.life.restarts + instance.life.err_restarts,
+                    restarts: instance.life.attempts.saturating_sub(1),
                     cpu_percent: (cpu_percent * 10.0).round() / 10.0,
                     memory_bytes: stat.map_or(0, |s| s.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
@@ -708,7 +909,12 @@ impl Supervisor {
             })
             .collect();
         let first = instances.first().map_or("stopped", |i| i.status.as_str());
-        let status = if instances.iter().all(|i| i.status == first) { first } else { "partial" }.to_owned();
+        let status = if instances.iter().all(|i| i.status == first) {
+            first
+        } else {
+            "partial"
+        }
+        .to_owned();
         WorkerStatus {
             name: name.to_owned(),
             status,
@@ -747,27 +953,49 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
         .instances
         .iter()
         .map(|i| {
-            let ok = matches!(i.life.phase, Phase::Running { .. });
-            let stderr = if ok { Vec::new() } else { i.stderr_head.lock().map(|h| h.clone()).unwrap_or_default() };
+            // A clean exit inside the startup window is the program's choice,
+            // not a failed start.
+            let ok = match i.life.phase {
+                Phase::Running { .. } => true,
+                Phase::Exited { .. } | Phase::Waiting { .. } | Phase::Errored { .. } => {
+                    i.last_exit.is_some_and(ExitStatus::is_clean)
+                }
+                _ => false,
+            };
+            let stderr = if ok {
+                Vec::new()
+            } else {
+                i.stderr_head.lock().map(|h| h.clone()).unwrap_or_default()
+            };
             InstanceStart {
                 index: i.index,
                 pid: i.life.phase.pid(),
                 ok,
-                exit: if ok { None } else { i.last_exit.map(|s| s.to_string()) },
+                exit: if ok {
+                    None
+                } else {
+                    i.last_exit.map(|s| s.to_string())
+                },
                 uptime_ms: i.started.map_or(0, |s| (now - s).as_millis() as u64),
                 stderr: String::from_utf8_lossy(&stderr).into_owned(),
                 error: i.spawn_error.clone(),
             }
         })
         .collect();
-    StartReport { worker: name.to_owned(), instances, dependency_timeout: worker.deps_timed_out }
+    StartReport {
+        worker: name.to_owned(),
+        instances,
+        dependency_timeout: worker.deps_timed_out,
+    }
 }
 
 fn spawn_failed(name: &str, instance: &mut Instance, error: String) -> Event {
     crate::log(format_args!("{name}#{}: {error}", instance.index));
     instance.spawn_error = Some(error);
     instance.started = Some(Instant::now());
-    Event::Exited { status: ExitStatus::SpawnFailed }
+    Event::Exited {
+        status: ExitStatus::SpawnFailed,
+    }
 }
 
 fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
@@ -783,7 +1011,10 @@ fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
 /// named after it under `$APM_HOME/logs`. With only `log`, both share it.
 pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {
     let name = &spec.name.value;
-    let out = spec.log.as_ref().map_or_else(|| home.join("logs").join(format!("{name}.out.log")), |l| l.value.clone());
+    let out = spec.log.as_ref().map_or_else(
+        || home.join("logs").join(format!("{name}.out.log")),
+        |l| l.value.clone(),
+    );
     let err = match (&spec.err_log, &spec.log) {
         (Some(err), _) => err.value.clone(),
         (None, Some(log)) => log.value.clone(),
@@ -793,14 +1024,22 @@ pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {
 }
 
 fn log_prefix(spec: &WorkerSpec, index: usize) -> String {
-    let base = spec.prefix.as_ref().map_or(spec.name.value.as_str(), |p| p.value.as_str());
-    if spec.instances.value > 1 { format!("{base}#{index}") } else { base.to_owned() }
+    let base = spec
+        .prefix
+        .as_ref()
+        .map_or(spec.name.value.as_str(), |p| p.value.as_str());
+    if spec.instances.value > 1 {
+        format!("{base}#{index}")
+    } else {
+        base.to_owned()
+    }
 }
 
 /// `KEY=VALUE` lines; blank lines, `#` comments and `export ` are allowed,
 /// and values may be quoted.
 fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read env_file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read env_file {}: {e}", path.display()))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -825,6 +1064,15 @@ fn build_command(spec: &WorkerSpec, index: usize) -> Result<tokio::process::Comm
     }
     // env_file first, so `env` entries override it; read before any
     // privilege drop, as the daemon.
+    let run_as = spec
+        .user
+        .as_ref()
+        .map(|user| sys::RunAs::lookup(&user.value))
+        .transpose()?;
+    if let Some(user) = &run_as {
+        // A login environment for the user, which env_file and env may override.
+        command.envs(user.login_env());
+    }
     if let Some(file) = &spec.env_file {
         command.envs(read_env_file(&file.value)?);
     }
@@ -833,44 +1081,62 @@ fn build_command(spec: &WorkerSpec, index: usize) -> Result<tokio::process::Comm
     if let Some(var) = &spec.env_index {
         command.env(&var.value, index.to_string());
     }
-    if let Some(user) = &spec.user {
-        let run_as = sys::RunAs::lookup(&user.value)?;
+    if let Some(run_as) = run_as {
         let me = nix::unistd::geteuid();
         if run_as.uid != me {
             if !me.is_root() {
-                return Err(format!("`user {}` needs the daemon to run as root; it runs as uid {me}", user.value));
+                return Err(format!(
+                    "`user {}` needs the daemon to run as root; it runs as uid {me}",
+                    run_as.name
+                ));
             }
             sys::run_as(&mut command, run_as);
         }
     }
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(false);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
     Ok(command)
 }
 
-/// Ends processes a previous daemon recorded and that are still the same
-/// processes (pid and start time): SIGTERM to each group, SIGKILL to
-/// what is left after `grace`.
-pub async fn end_orphans(processes: &[SavedProcess], grace: Duration) -> usize {
-    let alive: Vec<&SavedProcess> = processes.iter().filter(|p| procfs::is_same_process(p.pid, p.start_ticks)).collect();
-    for process in &alive {
-        let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && alive.iter().any(|p| procfs::is_same_process(p.pid, p.start_ticks)) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for process in &alive {
-        if procfs::is_same_process(process.pid, process.start_ticks) {
-            let _ = killpg(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
-        }
-    }
-    alive.len()
+/// The saved groups that still have live members. A group is the one apm
+/// started while its leader is the same process (pid and start time); once
+/// the leader is gone, while members started after it remain, since Linux
+/// does not reuse a pid as long as a group of that id exists.
+fn live_groups(saved: &[SavedProcess]) -> Vec<&SavedProcess> {
+    let processes = procfs::processes();
+    saved
+        .iter()
+        .filter(|group| {
+            let leader = processes.iter().find(|(pid, _)| *pid == group.pid);
+            if leader.is_some_and(|(_, s)| s.start_ticks != group.start_ticks) {
+                return false; // the pid is another process's now: the group is gone
+            }
+            processes
+                .iter()
+                .any(|(_, s)| s.pgrp == group.pid && s.start_ticks >= group.start_ticks)
+        })
+        .collect()
 }
 
-impl Handle {
-    /// Registers a worker restored from the state file, enabled or not,
-    /// and starts it when it was meant to run.
-    pub async fn restore(&self, name: String, spec: WorkerSpec, origin: Origin, running: bool) -> Result<(), String> {
-        self.call(|reply| Command::Register { name, spec: Box::new(spec), origin, start: running, reply }).await.map(|_| ())
+/// Ends the process groups a previous daemon recorded that are still
+/// alive: SIGTERM, then SIGKILL to what is left after `grace`.
+pub async fn end_orphans(saved: &[SavedProcess], grace: Duration) -> usize {
+    let groups = live_groups(saved);
+    for group in &groups {
+        let _ = killpg(Pid::from_raw(group.pid as i32), Signal::SIGTERM);
     }
+    let deadline = Instant::now() + grace;
+    let mut left = groups.clone();
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = live_groups(saved);
+    }
+    for group in &left {
+        let _ = killpg(Pid::from_raw(group.pid as i32), Signal::SIGKILL);
+    }
+    groups.len()
 }

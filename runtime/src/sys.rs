@@ -9,6 +9,9 @@ use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
 /// An OS account to run a child as, resolved in the daemon.
 #[derive(Clone, Debug)]
 pub struct RunAs {
+    pub name: String,
+    pub home: std::path::PathBuf,
+    pub shell: std::path::PathBuf,
     pub uid: Uid,
     pub gid: Gid,
     pub groups: Vec<Gid>,
@@ -19,9 +22,35 @@ impl RunAs {
         let user = nix::unistd::User::from_name(name)
             .map_err(|e| format!("cannot look up user `{name}`: {e}"))?
             .ok_or_else(|| format!("user `{name}` does not exist"))?;
-        let c_name = std::ffi::CString::new(name).map_err(|_| format!("invalid user name `{name}`"))?;
-        let groups = nix::unistd::getgrouplist(&c_name, user.gid).unwrap_or_else(|_| vec![user.gid]);
-        Ok(RunAs { uid: user.uid, gid: user.gid, groups })
+        let c_name =
+            std::ffi::CString::new(name).map_err(|_| format!("invalid user name `{name}`"))?;
+        let groups =
+            nix::unistd::getgrouplist(&c_name, user.gid).unwrap_or_else(|_| vec![user.gid]);
+        Ok(RunAs {
+            name: user.name,
+            home: user.dir,
+            shell: user.shell,
+            uid: user.uid,
+            gid: user.gid,
+            groups,
+        })
+    }
+
+    /// What a login of this user would have: HOME, USER, LOGNAME, SHELL and
+    /// the standard PATH, not the daemon's (which may be root's).
+    pub fn login_env(&self) -> Vec<(&'static str, String)> {
+        let path = if self.uid.is_root() {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        } else {
+            "/usr/local/bin:/usr/bin:/bin"
+        };
+        vec![
+            ("HOME", self.home.display().to_string()),
+            ("USER", self.name.clone()),
+            ("LOGNAME", self.name.clone()),
+            ("SHELL", self.shell.display().to_string()),
+            ("PATH", path.to_owned()),
+        ]
     }
 }
 

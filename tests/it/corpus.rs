@@ -317,14 +317,30 @@ fn corpus_workers_print_back_to_the_same_ir() {
         let compilation = compile(&case.root, &loader(case)).unwrap();
         for original in &compilation.config.workers {
             let text = apm_compiler::print::worker(original);
-            let reprinted = compile(Path::new("printed.conf"), &loader(case).file("printed.conf", text.clone())).unwrap();
+            let reprinted = compile(
+                Path::new("printed.conf"),
+                &loader(case).file("printed.conf", text.clone()),
+            )
+            .unwrap();
             // Alone, a worker's `depends_on` names workers it no longer sees.
-            let errors: Vec<_> = reprinted.diagnostics.iter().filter(|d| d.code.id != "W0005").collect();
-            assert!(errors.is_empty(), "ok/{}: printed text does not compile: {errors:?}\n{text}", case.name);
+            let errors: Vec<_> = reprinted
+                .diagnostics
+                .iter()
+                .filter(|d| d.code.id != "W0005")
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "ok/{}: printed text does not compile: {errors:?}\n{text}",
+                case.name
+            );
             let mut again = reprinted.config.workers[0].clone();
             let mut original = original.clone();
             (again.span, original.span) = (None, None);
-            assert_eq!(again, original, "ok/{}: printed text means something else:\n{text}", case.name);
+            assert_eq!(
+                again, original,
+                "ok/{}: printed text means something else:\n{text}",
+                case.name
+            );
         }
     }
 }

@@ -1,0 +1,1335 @@
+//! The daemon and the CLI together: real daemons on isolated sockets and
+//! state directories, real children. Every test owns its daemon (`Daemon`),
+//! which is shut down and, failing that, killed with everything it started
+//! when the test ends, pass or fail. Nothing waits a fixed time: conditions
+//! are polled with generous deadlines, because CI has two loaded cores.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// How long to wait for anything that should happen soon.
+const PATIENCE: Duration = Duration::from_secs(20);
+/// How long one CLI call may take before the test gives up on it.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ───────────────────────────── harness ─────────────────────────────
+
+/// One isolated daemon: its own `APM_HOME` (inside a temporary directory that
+/// also holds the test's files) and its own abstract socket name.
+struct Daemon {
+    dir: tempfile::TempDir,
+    home: PathBuf,
+    socket: String,
+}
+
+impl Daemon {
+    fn new(test: &str) -> Daemon {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("apm-it-{test}-"))
+            .tempdir()
+            .unwrap();
+        let home = dir.path().join("home");
+        let socket = format!(
+            "apm-it-{test}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        Daemon { dir, home, socket }
+    }
+
+    /// The temporary directory: the CLI's working directory and the place for files.
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_apm"));
+        command
+            .args(args)
+            .current_dir(self.dir())
+            .env("APM_HOME", &self.home)
+            .env("APM_SOCKET", &self.socket)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs the CLI and returns what it did.
+    fn apm(&self, args: &[&str]) -> Output {
+        run(self.command(args))
+    }
+
+    /// Runs the CLI and insists that it succeeds.
+    fn ok(&self, args: &[&str]) -> Output {
+        let output = self.apm(args);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "apm {args:?} failed:\n{}",
+            describe(&output)
+        );
+        output
+    }
+
+    /// `apm ls --json`.
+    fn list(&self) -> Value {
+        let output = self.ok(&["ls", "--json"]);
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("apm ls --json: {e}:\n{}", describe(&output)))
+    }
+
+    fn worker(&self, name: &str) -> Option<Value> {
+        self.list()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .cloned()
+    }
+
+    fn worker_names(&self) -> Vec<String> {
+        self.list()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits until the worker's instances all have `status`; returns the worker.
+    fn wait_status(&self, name: &str, status: &str) -> Value {
+        wait_for(&format!("`{name}` to be {status}"), || {
+            self.worker(name).filter(|w| {
+                let instances = w["instances"].as_array().unwrap();
+                !instances.is_empty() && instances.iter().all(|i| i["status"] == status)
+            })
+        })
+    }
+
+    fn wait_running(&self, name: &str) -> Value {
+        self.wait_status(name, "running")
+    }
+
+    /// The daemon's pid from `$APM_HOME/apm.pid`.
+    fn daemon_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.home.join("apm.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// `apm log NAME [--err] --lines 1000`.
+    fn log(&self, name: &str, err: bool) -> String {
+        let mut args = vec!["log", name, "--lines", "1000"];
+        if err {
+            args.push("--err");
+        }
+        stdout(&self.ok(&args))
+    }
+
+    /// Writes a file in the temporary directory and returns its path.
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A path in the temporary directory, as a string for scripts.
+    fn path(&self, name: &str) -> String {
+        self.dir().join(name).display().to_string()
+    }
+
+    /// Whether something listens on the socket (connecting starts nothing).
+    fn socket_up(&self) -> bool {
+        let address = SocketAddr::from_abstract_name(self.socket.as_bytes()).unwrap();
+        UnixStream::connect_addr(&address).is_ok()
+    }
+
+    /// Every process that carries this daemon's `APM_HOME` in its
+    /// environment: the daemon and every child it started.
+    fn processes(&self) -> Vec<u32> {
+        let marker = format!("APM_HOME={}", self.home.display()).into_bytes();
+        all_pids()
+            .into_iter()
+            .filter(|&pid| pid != std::process::id())
+            .filter(|&pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == marker))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = self.daemon_pid();
+        // A graceful stop first; a CLI stuck on a broken daemon is killed.
+        if let Ok(child) = self
+            .command(&["exit", "daemon"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            let _ = run_child(child, Duration::from_secs(20));
+        }
+        if let Some(pid) = pid {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if alive(pid) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        // Whatever is left (children of a killed daemon): end it too.
+        for pid in self.processes() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs a command to its end, with a watchdog.
+fn run(mut command: Command) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    run_child(child, CLI_TIMEOUT)
+        .unwrap_or_else(|| panic!("{command:?} did not finish within {CLI_TIMEOUT:?}"))
+}
+
+fn run_child(child: std::process::Child, timeout: Duration) -> Option<Output> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(output) => output.ok(),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            None
+        }
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "status: {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    )
+}
+
+/// Polls `condition` every 20 ms until it holds; panics after `timeout`.
+fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `f` until it gives a value, within `PATIENCE`.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let mut found = None;
+    wait_until(PATIENCE, what, || {
+        found = f();
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Fields of `/proc/PID/stat` after the command name: [0] is the state.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat[stat.rfind(')')? + 2..]
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// Whether the process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f[0] != "Z")
+}
+
+/// The process's start time in clock ticks since boot.
+fn start_ticks(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `ticks`.
+fn same_process_alive(pid: u32, ticks: u64) -> bool {
+    alive(pid) && start_ticks(pid) == Some(ticks)
+}
+
+/// Live processes whose process group is `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|&pid| stat_fields(pid).is_some_and(|f| f[0] != "Z" && f[2] == pgid.to_string()))
+        .collect()
+}
+
+/// Live processes whose command line is exactly `argv`.
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            alive(pid) && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted)
+        })
+        .collect()
+}
+
+fn pids(worker: &Value) -> Vec<u32> {
+    worker["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+fn restarts(worker: &Value) -> u64 {
+    worker["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["restarts"].as_u64().unwrap())
+        .sum()
+}
+
+/// The lines of a file the children write to (empty when it does not exist yet).
+fn lines(path: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Nanosecond timestamps a child wrote with `date +%s%N`, one per line.
+fn stamps(path: &str) -> Vec<u128> {
+    lines(path)
+        .iter()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// A shell snippet that appends the current time in ns to `file`.
+fn stamp(file: &str) -> String {
+    format!("date +%s%N >> {file}")
+}
+
+// ───────────────────────────── tests ─────────────────────────────
+
+#[test]
+fn run_list_stop_start_remove_follow_the_process() {
+    let d = Daemon::new("lifecycle");
+    let run = d.ok(&[
+        "run",
+        "sleep",
+        "1001",
+        "-name",
+        "sl",
+        "-startup_grace",
+        "100",
+    ]);
+    assert!(
+        stdout(&run).contains("sl running (pid"),
+        "{}",
+        describe(&run)
+    );
+    let worker = d.wait_running("sl");
+    assert_eq!(worker["enabled"], true);
+    assert_eq!(worker["origin"]["kind"], "cli");
+    let [pid] = pids(&worker)[..] else {
+        panic!("one pid expected: {worker}")
+    };
+    assert!(alive(pid));
+    assert_eq!(
+        std::fs::read(format!("/proc/{pid}/cmdline")).unwrap(),
+        b"sleep\x001001\x00"
+    );
+    assert!(
+        d.list()["daemon"]["pid"]
+            .as_u64()
+            .is_some_and(|p| Some(p as u32) == d.daemon_pid())
+    );
+
+    d.ok(&["stop", "sl"]);
+    assert!(
+        !alive(pid),
+        "`apm stop` returned while pid {pid} still runs"
+    );
+    let worker = d.worker("sl").unwrap();
+    assert_eq!(worker["status"], "stopped");
+    assert_eq!(worker["enabled"], false);
+    assert!(pids(&worker).is_empty());
+
+    let start = d.ok(&["start", "sl"]);
+    assert!(stdout(&start).contains("running"), "{}", describe(&start));
+    let worker = d.wait_running("sl");
+    let [new_pid] = pids(&worker)[..] else {
+        panic!("one pid expected: {worker}")
+    };
+    assert!(alive(new_pid));
+    assert_ne!(new_pid, pid);
+
+    d.ok(&["remove", "sl"]);
+    assert!(
+        !alive(new_pid),
+        "`apm remove` returned while pid {new_pid} still runs"
+    );
+    assert!(d.worker("sl").is_none(), "{}", d.list());
+    assert_eq!(
+        d.apm(&["stop", "sl"]).status.code(),
+        Some(2),
+        "a removed worker is unknown"
+    );
+}
+
+#[test]
+fn restart_err_stops_after_max_err_restarts_and_waits_err_delay() {
+    let d = Daemon::new("restart-err");
+    // Without restart_err an error exit is final.
+    let plain = d.path("plain.txt");
+    d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        &format!("{}; exit 1", stamp(&plain)),
+        "-name",
+        "plain",
+        "-startup_grace",
+        "100",
+    ]);
+    let errs = d.path("errs.txt");
+    let script = format!("{}; exit 1", stamp(&errs));
+    d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        &script,
+        "-name",
+        "errs",
+        "-restart_err",
+        "-max_err_restarts",
+        "2",
+        "-err_delay",
+        "400",
+        "-startup_grace",
+        "100",
+    ]);
+
+    let worker = d.wait_status("errs", "errored");
+    assert_eq!(restarts(&worker), 2, "{worker}");
+    assert_eq!(worker["instances"][0]["last_exit"], "exit 1");
+    let times = stamps(&errs);
+    assert_eq!(
+        times.len(),
+        3,
+        "the first run and exactly 2 restarts: {times:?}"
+    );
+    for pair in times.windows(2) {
+        let gap_ms = (pair[1] - pair[0]) / 1_000_000;
+        assert!(
+            gap_ms >= 400,
+            "restarted after {gap_ms} ms, err_delay is 400: {times:?}"
+        );
+    }
+
+    // `plain` was started before `errs`, which has taken two err_delays since.
+    let worker = d.worker("plain").unwrap();
+    assert_eq!(worker["status"], "crashed", "{worker}");
+    assert_eq!(restarts(&worker), 0);
+    assert_eq!(worker["instances"][0]["last_exit"], "exit 1");
+    assert_eq!(lines(&plain).len(), 1);
+    // `errored` is final.
+    assert_eq!(lines(&errs).len(), 3);
+}
+
+#[test]
+fn restart_after_clean_exits_and_restart_on_exit_codes() {
+    let d = Daemon::new("restart-clean");
+    // restart_on_exit_codes overrides restart_err: exit 4 is not in the list.
+    let four = d.path("four.txt");
+    d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        &format!("{}; exit 4", stamp(&four)),
+        "-name",
+        "four",
+        "-restart_on_exit_codes",
+        "3",
+        "-restart_err",
+        "-startup_grace",
+        "100",
+    ]);
+    let three = d.path("three.txt");
+    d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        &format!("{}; exit 3", stamp(&three)),
+        "-name",
+        "three",
+        "-restart_on_exit_codes",
+        "3",
+        "-max_err_restarts",
+        "2",
+        "-err_delay",
+        "100",
+        "-startup_grace",
+        "100",
+    ]);
+    let clean = d.path("clean.txt");
+    d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        &format!("{}; exit 0", stamp(&clean)),
+        "-name",
+        "clean",
+        "-restart",
+        "-max_restarts",
+        "2",
+        "-restart_delay",
+        "300",
+        "-startup_grace",
+        "100",
+    ]);
+
+    let worker = d.wait_status("clean", "errored");
+    assert_eq!(restarts(&worker), 2, "{worker}");
+    assert_eq!(worker["instances"][0]["last_exit"], "exit 0");
+    let times = stamps(&clean);
+    assert_eq!(times.len(), 3, "{times:?}");
+    for pair in times.windows(2) {
+        let gap_ms = (pair[1] - pair[0]) / 1_000_000;
+        assert!(
+            gap_ms >= 300,
+            "restarted after {gap_ms} ms, restart_delay is 300: {times:?}"
+        );
+    }
+
+    let worker = d.wait_status("three", "errored");
+    assert_eq!(restarts(&worker), 2, "{worker}");
+    assert_eq!(worker["instances"][0]["last_exit"], "exit 3");
+    assert_eq!(lines(&three).len(), 3);
+
+    let worker = d.worker("four").unwrap();
+    assert_eq!(worker["status"], "crashed", "{worker}");
+    assert_eq!(restarts(&worker), 0);
+    assert_eq!(worker["instances"][0]["last_exit"], "exit 4");
+    assert_eq!(lines(&four).len(), 1);
+}
+
+#[test]
+fn err_grace_gives_long_runs_a_fresh_budget_but_not_fast_failures() {
+    let d = Daemon::new("err-grace");
+    // A fast failure takes far less than err_grace, a slow one far more.
+    let common = [
+        "-restart_err",
+        "-max_err_restarts",
+        "2",
+        "-err_grace",
+        "700",
+        "-err_delay",
+        "50",
+        "-startup_grace",
+        "100",
+    ];
+    let slow = d.path("slow.txt");
+    let mut args = vec!["run", "sh", "-c"];
+    let slow_script = format!("{}; sleep 1; exit 1", stamp(&slow));
+    args.extend([slow_script.as_str(), "-name", "slow"]);
+    args.extend(common);
+    d.ok(&args);
+    let fast = d.path("fast.txt");
+    let fast_script = format!("{}; exit 1", stamp(&fast));
+    let mut args = vec!["run", "sh", "-c", fast_script.as_str(), "-name", "fast"];
+    args.extend(common);
+    d.apm(&args);
+
+    let worker = d.wait_status("fast", "errored");
+    assert_eq!(restarts(&worker), 2, "{worker}");
+    assert_eq!(lines(&fast).len(), 3);
+
+    // The slow one goes on past its max_err_restarts of 2.
+    wait_until(PATIENCE, "`slow` to start a 5th time", || {
+        lines(&slow).len() >= 5
+    });
+    let worker = d.worker("slow").unwrap();
+    assert_ne!(worker["status"], "errored", "{worker}");
+    assert_eq!(worker["instances"][0]["last_exit"], "exit 1");
+}
+
+#[test]
+fn stop_sends_sigkill_after_kill_timeout_to_the_whole_group() {
+    let d = Daemon::new("kill-timeout");
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 0.1; done",
+        "-name",
+        "stubborn",
+        "-kill_timeout",
+        "1500",
+        "-startup_grace",
+        "100",
+    ]);
+    let worker = d.wait_running("stubborn");
+    let [pid] = pids(&worker)[..] else {
+        panic!("{worker}")
+    };
+    // The shell and, most of the time, one of its sleeps: the group has both.
+    wait_until(PATIENCE, "the shell to start a sleep", || {
+        group_members(pid).len() >= 2
+    });
+
+    let started = Instant::now();
+    d.ok(&["stop", "stubborn"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "stop took {took:?}, kill_timeout is 1500 ms"
+    );
+    assert!(
+        took < Duration::from_millis(1500) + PATIENCE,
+        "stop took {took:?}"
+    );
+    assert!(!alive(pid));
+    // SIGKILL is delivered asynchronously; the group must be empty very soon.
+    wait_until(PATIENCE, "every process of the group to end", || {
+        group_members(pid).is_empty()
+    });
+    let worker = d.worker("stubborn").unwrap();
+    assert_eq!(worker["status"], "stopped");
+    assert_eq!(worker["instances"][0]["last_exit"], "killed by SIGKILL");
+}
+
+#[test]
+fn signal_reaches_only_the_named_instance() {
+    let d = Daemon::new("signals");
+    let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \
+                  while :; do sleep 0.1; done";
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        script,
+        "-name",
+        "sig",
+        "-instances",
+        "2",
+        "-env_index",
+        "APM_INDEX",
+        "-startup_grace",
+        "100",
+    ]);
+    d.wait_running("sig");
+    wait_until(PATIENCE, "both instances to trap their signals", || {
+        let log = d.log("sig", false);
+        log.contains("sig#0 | ready 0") && log.contains("sig#1 | ready 1")
+    });
+
+    let sent = d.ok(&["SIGUSR1", "sig#1"]);
+    let pid1 = pids(&d.worker("sig").unwrap())[1];
+    assert_eq!(stdout(&sent).trim(), format!("sent SIGUSR1 to pid {pid1}"));
+    wait_until(PATIENCE, "instance 1 to log its USR1", || {
+        d.log("sig", false).contains("sig#1 | got-usr1 1")
+    });
+    // A later signal to #0 as a fence: once it shows, an earlier USR1 to #0 would show too.
+    d.ok(&["SIGUSR2", "sig#0"]);
+    wait_until(PATIENCE, "instance 0 to log its USR2", || {
+        d.log("sig", false).contains("sig#0 | got-usr2 0")
+    });
+    let log = d.log("sig", false);
+    assert!(
+        !log.contains("got-usr1 0"),
+        "instance 0 got SIGUSR1:\n{log}"
+    );
+    assert!(
+        !log.contains("got-usr2 1"),
+        "instance 1 got SIGUSR2:\n{log}"
+    );
+    assert_eq!(log.matches("got-usr1").count(), 1, "{log}");
+
+    let unknown = d.apm(&["SIGHUP", "nosuch"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", describe(&unknown));
+    assert!(
+        stderr(&unknown).contains("nosuch"),
+        "{}",
+        describe(&unknown)
+    );
+}
+
+#[test]
+fn env_env_index_and_apm_reach_the_child() {
+    let d = Daemon::new("env");
+    let script = r#"echo "vars FOO=$FOO BAR=$BAR APM=$APM IDX=$APM_INDEX"; sleep 1002"#;
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        script,
+        "-name",
+        "envy",
+        "-instances",
+        "2",
+        "-env",
+        "FOO=foo,BAR=b a r",
+        "-env_index",
+        "APM_INDEX",
+        "-startup_grace",
+        "100",
+    ]);
+    wait_until(
+        PATIENCE,
+        "both instances to print their environment",
+        || {
+            let log = d.log("envy", false);
+            log.contains("envy#0 | vars FOO=foo BAR=b a r APM=1 IDX=0")
+                && log.contains("envy#1 | vars FOO=foo BAR=b a r APM=1 IDX=1")
+        },
+    );
+}
+
+#[test]
+fn startup_failure_prints_the_childs_stderr_and_exits_1() {
+    let d = Daemon::new("startup-failure");
+    let output = d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        "echo boom >&2; exit 4",
+        "-name",
+        "bad",
+        "-startup_grace",
+        "1000",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let text = stdout(&output);
+    assert!(text.contains("boom"), "{}", describe(&output));
+    assert!(text.contains("exit 4"), "{}", describe(&output));
+    assert!(
+        text.contains("bad failed during startup"),
+        "{}",
+        describe(&output)
+    );
+    let worker = d.worker("bad").unwrap();
+    assert_eq!(worker["status"], "crashed");
+}
+
+#[test]
+fn a_quick_clean_exit_is_not_a_startup_failure() {
+    let d = Daemon::new("clean-exit");
+    let output = d.apm(&["run", "true", "-startup_grace", "300"]);
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    assert!(!stdout(&output).contains("failed"), "{}", describe(&output));
+}
+
+#[test]
+fn stdout_and_stderr_logs_are_separate_named_and_survive_a_daemon_crash() {
+    let d = Daemon::new("logs");
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        "echo out-line; echo err-line >&2; sleep 1003",
+        "-name",
+        "lw",
+        "-startup_grace",
+        "100",
+    ]);
+    wait_until(PATIENCE, "both lines in the logs", || {
+        d.log("lw", false).contains("out-line") && d.log("lw", true).contains("err-line")
+    });
+    let check = |when: &str| {
+        let out = d.log("lw", false);
+        let err = d.log("lw", true);
+        assert!(
+            out.lines().any(|l| l.ends_with(" lw | out-line")),
+            "{when}: stdout log:\n{out}"
+        );
+        assert!(
+            err.lines().any(|l| l.ends_with(" lw ! err-line")),
+            "{when}: stderr log:\n{err}"
+        );
+        assert!(
+            !out.contains("err-line"),
+            "{when}: stderr in the stdout log:\n{out}"
+        );
+        assert!(
+            !err.contains("out-line"),
+            "{when}: stdout in the stderr log:\n{err}"
+        );
+    };
+    check("before the crash");
+
+    let pid = d.daemon_pid().unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    wait_until(PATIENCE, "the daemon to die", || !alive(pid));
+    // `apm log` starts a new daemon, which still finds the logs.
+    check("after the crash");
+    assert_ne!(d.daemon_pid(), Some(pid));
+}
+
+#[test]
+fn update_instances_scales_up_keeping_instance_0_and_down_stopping_extras() {
+    let d = Daemon::new("scale");
+    d.ok(&[
+        "run",
+        "sleep",
+        "1004",
+        "-name",
+        "sc",
+        "-startup_grace",
+        "100",
+    ]);
+    let [first] = pids(&d.wait_running("sc"))[..] else {
+        panic!()
+    };
+
+    d.ok(&["update", "sc", "-instances", "3"]);
+    let worker = wait_for("3 running instances", || {
+        d.worker("sc")
+            .filter(|w| w["instances"].as_array().unwrap().len() == 3 && w["status"] == "running")
+    });
+    let all = pids(&worker);
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0], first, "instance 0 was restarted: {worker}");
+    assert!(all.iter().all(|&p| alive(p)));
+
+    d.ok(&["update", "sc", "-instances", "1"]);
+    let worker = wait_for("1 instance", || {
+        d.worker("sc")
+            .filter(|w| w["instances"].as_array().unwrap().len() == 1)
+    });
+    assert_eq!(pids(&worker), vec![first]);
+    assert_eq!(worker["status"], "running");
+    for &pid in &all[1..] {
+        wait_until(PATIENCE, "extra instances to end", || !alive(pid));
+    }
+    assert!(alive(first));
+}
+
+/// Parses the RFC 3339 UTC timestamp that starts a log line into ms since the epoch.
+fn log_time_ms(line: &str) -> i64 {
+    let stamp = line.split(' ').next().unwrap();
+    let number = |range: std::ops::Range<usize>| stamp[range].parse::<i64>().unwrap();
+    let (y, m, d) = (number(0..4), number(5..7), number(8..10));
+    let (h, min, s, ms) = (
+        number(11..13),
+        number(14..16),
+        number(17..19),
+        number(20..23),
+    );
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    ((days * 24 + h) * 60 + min) * 60_000 + s * 1000 + ms
+}
+
+#[test]
+fn depends_on_starts_the_dependent_once_its_dependency_runs() {
+    assert_eq!(log_time_ms("1970-01-01T00:00:01.002Z x | y"), 1002);
+    assert_eq!(log_time_ms("2024-03-01T00:00:00.000Z"), 1_709_251_200_000);
+    let d = Daemon::new("depends");
+    let conf = d.write(
+        "deps.conf",
+        "worker { name a; exec sh; params -c, \"echo a-up; sleep 1005\"; startup_grace 300; }\n\
+         worker { name b; exec sh; params -c, \"echo b-up; sleep 1005\"; depends_on a; startup_grace 100; }\n",
+    );
+    let load = d.ok(&["load", conf.to_str().unwrap()]);
+    assert!(
+        !stdout(&load).contains("depends_timeout"),
+        "{}",
+        describe(&load)
+    );
+    d.wait_running("a");
+    let b = d.wait_running("b");
+    let a = d.worker("a").unwrap();
+    assert_eq!(a["origin"]["kind"], "file");
+    // Both uptimes come from the same clock in one answer: b started at
+    // least a's startup_grace after a did, that is once a ran.
+    let uptime = |w: &Value| w["instances"][0]["uptime_ms"].as_u64().unwrap();
+    assert!(
+        uptime(&a) >= uptime(&b) + 299,
+        "a up {} ms, b up {} ms",
+        uptime(&a),
+        uptime(&b)
+    );
+    let first_line = |name: &str, text: &str| {
+        wait_for(&format!("{name}'s first line"), || {
+            d.log(name, false)
+                .lines()
+                .next()
+                .filter(|l| l.contains(text))
+                .map(str::to_owned)
+        })
+    };
+    let (a_line, b_line) = (first_line("a", "a | a-up"), first_line("b", "b | b-up"));
+    assert!(
+        log_time_ms(&b_line) > log_time_ms(&a_line),
+        "b logged before a:\n{a_line}\n{b_line}"
+    );
+}
+
+#[test]
+fn depends_on_holds_whatever_the_order_of_the_file() {
+    let d = Daemon::new("depends-order");
+    let conf = d.write(
+        "deps.conf",
+        "worker { name b; exec sh; params -c, \"echo b-up; sleep 1006\"; depends_on a; depends_timeout 5000; startup_grace 100; }\n\
+         worker { name a; exec sh; params -c, \"echo a-up; sleep 1006\"; startup_grace 300; }\n",
+    );
+    let started = Instant::now();
+    let load = d.ok(&["load", conf.to_str().unwrap()]);
+    assert!(
+        !stdout(&load).contains("depends_timeout"),
+        "{}",
+        describe(&load)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "load took {:?}",
+        started.elapsed()
+    );
+    let b = d.wait_running("b");
+    let a = d.wait_running("a");
+    let uptime = |w: &Value| w["instances"][0]["uptime_ms"].as_u64().unwrap();
+    assert!(
+        uptime(&a) >= uptime(&b) + 299,
+        "a up {} ms, b up {} ms",
+        uptime(&a),
+        uptime(&b)
+    );
+}
+
+#[test]
+fn depends_on_a_missing_worker_starts_after_depends_timeout() {
+    let d = Daemon::new("depends-missing");
+    let conf = d.write(
+        "missing.conf",
+        "worker { name c; exec sh; params -c, \"echo c-up; sleep 1007\"; depends_on ghost; depends_timeout 500; startup_grace 100; }\n",
+    );
+    let started = Instant::now();
+    let load = d.ok(&["load", conf.to_str().unwrap()]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "load took {:?}",
+        started.elapsed()
+    );
+    assert!(stdout(&load).contains("depends_on"), "{}", describe(&load));
+    assert!(stdout(&load).contains("c running"), "{}", describe(&load));
+    d.wait_running("c");
+}
+
+#[test]
+fn a_killed_daemon_is_replaced_without_orphans_or_duplicates() {
+    let d = Daemon::new("crash");
+    // Command lines no other test (or other run of this test) uses.
+    let arg = (100_000_000 + std::process::id()).to_string();
+    let stopped_arg = (200_000_000 + std::process::id()).to_string();
+    d.ok(&[
+        "run",
+        "sleep",
+        &arg,
+        "-name",
+        "two",
+        "-instances",
+        "2",
+        "-startup_grace",
+        "100",
+    ]);
+    d.ok(&[
+        "run",
+        "sleep",
+        &arg,
+        "-name",
+        "one",
+        "-startup_grace",
+        "100",
+    ]);
+    d.ok(&[
+        "run",
+        "sleep",
+        &stopped_arg,
+        "-name",
+        "off",
+        "-startup_grace",
+        "100",
+    ]);
+    d.ok(&["stop", "off"]);
+    d.wait_running("two");
+    d.wait_running("one");
+    let old: Vec<(u32, u64)> = ["one", "two"]
+        .iter()
+        .flat_map(|w| pids(&d.worker(w).unwrap()))
+        .map(|pid| (pid, start_ticks(pid).unwrap()))
+        .collect();
+    assert_eq!(old.len(), 3);
+    assert_eq!(processes_running(&["sleep", &arg]).len(), 3);
+
+    let daemon = d.daemon_pid().unwrap();
+    kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
+    wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
+
+    // `apm ls` starts a new daemon, which brings everything back.
+    assert_eq!(d.worker_names(), ["off", "one", "two"]);
+    assert_ne!(d.daemon_pid(), Some(daemon));
+    let one = d.wait_running("one");
+    let two = d.wait_running("two");
+    for &(pid, ticks) in &old {
+        wait_until(PATIENCE, &format!("old process {pid} to end"), || {
+            !same_process_alive(pid, ticks)
+        });
+    }
+    let mut listed: Vec<u32> = pids(&one).into_iter().chain(pids(&two)).collect();
+    listed.sort();
+    assert_eq!(listed.len(), 3);
+    let mut live = processes_running(&["sleep", &arg]);
+    live.sort();
+    assert_eq!(
+        live, listed,
+        "the processes running the command are exactly the listed ones"
+    );
+
+    let off = d.worker("off").unwrap();
+    assert_eq!(off["status"], "stopped", "{off}");
+    assert_eq!(off["enabled"], false);
+    assert_eq!(
+        processes_running(&["sleep", &stopped_arg]),
+        Vec::<u32>::new()
+    );
+}
+
+#[test]
+fn a_killed_daemons_orphans_are_ended_even_when_their_group_leader_is_gone() {
+    let d = Daemon::new("crash-orphans");
+    let arg = (300_000_000 + std::process::id()).to_string();
+    // The shell dies of SIGPIPE once the daemon that reads its stdout is
+    // gone; its background sleep stays behind in the group.
+    let script = format!("sleep {arg} & while :; do echo tick; sleep 0.1; done");
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        &script,
+        "-name",
+        "gc",
+        "-startup_grace",
+        "100",
+    ]);
+    let [leader] = pids(&d.wait_running("gc"))[..] else {
+        panic!()
+    };
+    let orphans = wait_for("the background sleep", || {
+        Some(processes_running(&["sleep", &arg])).filter(|p| p.len() == 1)
+    });
+
+    let daemon = d.daemon_pid().unwrap();
+    kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
+    wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
+    // Once init has reaped the leader, only its group id recalls it.
+    wait_until(PATIENCE, "the group leader to be reaped", || {
+        stat_fields(leader).is_none()
+    });
+    assert!(
+        alive(orphans[0]),
+        "the background sleep should outlive its shell"
+    );
+
+    d.wait_running("gc");
+    wait_until(PATIENCE, "the orphan to be ended", || !alive(orphans[0]));
+    assert_eq!(
+        processes_running(&["sleep", &arg]).len(),
+        1,
+        "exactly the new instance's sleep"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let d = Daemon::new("second");
+    d.ok(&["ls"]);
+    let pid = d.daemon_pid().unwrap();
+    let output = d.apm(&["daemon", "--foreground"]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(
+        stderr(&output).contains(&format!("pid {pid}")),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(d.daemon_pid(), Some(pid), "the pid file was replaced");
+    assert!(alive(pid));
+}
+
+#[test]
+fn a_foreground_daemon_stops_its_workers_and_exits_0_on_sigterm() {
+    let d = Daemon::new("foreground");
+    let mut daemon = d
+        .command(&["daemon", "--foreground"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon_pid = daemon.id();
+    // Starting nothing ourselves: a CLI call now could start a second daemon.
+    wait_until(PATIENCE, "the foreground daemon to listen", || {
+        d.socket_up() && d.daemon_pid() == Some(daemon_pid)
+    });
+    d.ok(&[
+        "run",
+        "sleep",
+        "1008",
+        "-name",
+        "fg",
+        "-instances",
+        "2",
+        "-startup_grace",
+        "100",
+    ]);
+    let worker = d.wait_running("fg");
+    let children = pids(&worker);
+    assert_eq!(children.len(), 2);
+    assert_eq!(d.list()["daemon"]["pid"], daemon_pid);
+
+    kill(Pid::from_raw(daemon_pid as i32), Signal::SIGTERM).unwrap();
+    let status = wait_for("the daemon to exit", || daemon.try_wait().unwrap());
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    for pid in children {
+        assert!(!alive(pid), "worker process {pid} outlived the daemon");
+    }
+    assert!(!d.socket_up());
+    assert!(!d.home.join("apm.pid").exists());
+}
+
+#[test]
+fn a_client_of_another_uid_is_refused_with_exit_3() {
+    let d = Daemon::new("peercred");
+    d.ok(&[
+        "run",
+        "sleep",
+        "1009",
+        "-name",
+        "mine",
+        "-startup_grace",
+        "100",
+    ]);
+    let pid = d.daemon_pid().unwrap();
+    let mut command = d.command(&["ls"]);
+    // Nobody needs nothing from the state directory to reach an abstract socket.
+    command.current_dir("/").uid(65534).gid(65534);
+    let output = run(command);
+    assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
+    let text = stderr(&output);
+    assert!(text.contains("permission denied"), "{text}");
+    assert!(
+        text.contains("root and its owner (uid 0)") && text.contains("allow_group"),
+        "the rule is named: {text}"
+    );
+    assert!(text.contains("uid 65534"), "{text}");
+    assert!(stdout(&output).is_empty(), "{}", describe(&output));
+    // The refused CLI started no daemon of its own.
+    assert_eq!(d.daemon_pid(), Some(pid));
+    assert_eq!(d.list()["daemon"]["pid"], pid);
+    let daemons = d
+        .processes()
+        .into_iter()
+        .filter(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(env!("CARGO_BIN_EXE_apm").as_bytes()))
+        })
+        .count();
+    assert_eq!(daemons, 1, "one apm daemon for this home");
+}
+
+#[test]
+fn user_runs_the_child_as_that_user_and_an_unknown_user_is_refused() {
+    let d = Daemon::new("user");
+    let unknown = d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        "id -u",
+        "-name",
+        "nope",
+        "-user",
+        "apm-no-such-user",
+        "-path",
+        "/",
+    ]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", describe(&unknown));
+    assert!(
+        stderr(&unknown).contains("apm-no-such-user"),
+        "{}",
+        describe(&unknown)
+    );
+
+    let Some(user) = nix::unistd::User::from_name("apmtest").unwrap() else {
+        eprintln!(
+            "skipped: no OS user `apmtest` (create it with `useradd --system --no-create-home apmtest`)"
+        );
+        return;
+    };
+    // The child's working directory must be one it may enter.
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        "echo uid=$(id -u); sleep 1010",
+        "-name",
+        "as",
+        "-user",
+        "apmtest",
+        "-path",
+        "/",
+    ]);
+    let worker = d.wait_running("as");
+    let [pid] = pids(&worker)[..] else {
+        panic!("{worker}")
+    };
+    wait_until(PATIENCE, "the child to print its uid", || {
+        d.log("as", false)
+            .contains(&format!("as | uid={}", user.uid))
+    });
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == user.uid.to_string()),
+        "{uid_line}"
+    );
+}
+
+#[test]
+fn user_gives_the_child_that_users_home_and_name() {
+    let Some(user) = nix::unistd::User::from_name("apmtest").unwrap() else {
+        eprintln!(
+            "skipped: no OS user `apmtest` (create it with `useradd --system --no-create-home apmtest`)"
+        );
+        return;
+    };
+    let d = Daemon::new("user-env");
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        "echo home=$HOME user=$USER logname=$LOGNAME; sleep 1012",
+        "-name",
+        "as",
+        "-user",
+        "apmtest",
+        "-path",
+        "/",
+    ]);
+    let expected = format!(
+        "as | home={} user=apmtest logname=apmtest",
+        user.dir.display()
+    );
+    let log = wait_for("the child to print its environment", || {
+        Some(d.log("as", false)).filter(|l| l.contains(" as | "))
+    });
+    assert!(log.contains(&expected), "expected `{expected}` in:\n{log}");
+}
+
+#[test]
+fn a_request_of_another_protocol_version_gets_an_explained_refusal() {
+    let d = Daemon::new("protocol");
+    d.ok(&["ls"]);
+    let version: String = serde_json::from_slice::<Value>(&d.ok(&["version", "--json"]).stdout)
+        .unwrap()["daemon"]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ask = |request: Value| -> Value {
+        let address = SocketAddr::from_abstract_name(d.socket.as_bytes()).unwrap();
+        let mut stream = UnixStream::connect_addr(&address).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        assert!(line.ends_with('\n'), "one JSON line: {line:?}");
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert_eq!(answer["exit"], 3, "{answer}");
+        answer
+    };
+    // A newer CLI.
+    let answer =
+        ask(serde_json::json!({ "protocol": 999, "version": "9.9.9", "call": { "call": "ping" } }));
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("9.9.9"),
+        "names the client's version: {error}"
+    );
+    assert!(
+        error.contains(&format!("apm {version}")) && error.contains("protocol 1"),
+        "names the daemon's version: {error}"
+    );
+    // Same version string, other protocol: still refused, and says why.
+    let answer =
+        ask(serde_json::json!({ "protocol": 999, "version": version, "call": { "call": "ping" } }));
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("protocol"), "{error}");
+    // A call this daemon does not know, from a CLI of another version.
+    let answer = ask(
+        serde_json::json!({ "protocol": 999, "version": "9.9.9", "call": { "call": "teleport" } }),
+    );
+    assert!(
+        answer["error"].as_str().unwrap().contains("9.9.9"),
+        "{answer}"
+    );
+}

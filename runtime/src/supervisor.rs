@@ -292,34 +292,22 @@ impl Supervisor {
                 }
             }
             Command::Start { name, reply } => {
-                if let Err(e) = self.exists(&name) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
+                let Some(reply) = self.checked(&name, reply) else { return };
                 self.start(&name);
                 self.waiters.push(Waiter::Start { name, reply });
             }
             Command::Stop { name, reply } => {
-                if let Err(e) = self.exists(&name) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
+                let Some(reply) = self.checked(&name, reply) else { return };
                 self.stop(&name, true);
                 self.waiters.push(Waiter::Stop { name, reply });
             }
             Command::Restart { name, reply } => {
-                if let Err(e) = self.exists(&name) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
+                let Some(reply) = self.checked(&name, reply) else { return };
                 self.restart(&name);
                 self.waiters.push(Waiter::Start { name, reply });
             }
             Command::Remove { name, reply } => {
-                if let Err(e) = self.exists(&name) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
+                let Some(reply) = self.checked(&name, reply) else { return };
                 self.stop(&name, true);
                 self.waiters.push(Waiter::Remove { name, reply });
             }
@@ -363,10 +351,7 @@ impl Supervisor {
                 timeout,
                 reply,
             } => {
-                if let Err(e) = self.exists(&name) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
+                let Some(reply) = self.checked(&name, reply) else { return };
                 let deadline = Instant::now() + timeout;
                 self.wake_at(deadline);
                 self.waiters.push(Waiter::Running {
@@ -388,6 +373,18 @@ impl Supervisor {
                     self.stop(name, false);
                 }
                 self.waiters.push(Waiter::Shutdown { reply });
+            }
+        }
+    }
+
+    /// The reply back when the worker exists; otherwise it is answered with
+    /// the error here.
+    fn checked<T>(&self, name: &str, reply: Reply<T>) -> Option<Reply<T>> {
+        match self.exists(name) {
+            Ok(()) => Some(reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                None
             }
         }
     }

@@ -167,6 +167,9 @@ fn full_help() -> u8 {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_none_or(|command| command != "daemon") {
+        apm_runtime::sys::default_sigpipe();
+    }
     let place = Place::from_env();
     let first = args.get(1).map(String::as_str);
     if first.is_some_and(|a| a.starts_with("SIG")) {

@@ -9,7 +9,7 @@ pub mod logs;
 pub mod procfs;
 pub mod state;
 pub mod supervisor;
-mod sys;
+pub mod sys;
 
 /// The daemon log is its stderr: one timestamped line per event.
 pub fn log(message: std::fmt::Arguments) {

@@ -292,22 +292,30 @@ impl Supervisor {
                 }
             }
             Command::Start { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else { return };
+                let Some(reply) = self.checked(&name, reply) else {
+                    return;
+                };
                 self.start(&name);
                 self.waiters.push(Waiter::Start { name, reply });
             }
             Command::Stop { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else { return };
+                let Some(reply) = self.checked(&name, reply) else {
+                    return;
+                };
                 self.stop(&name, true);
                 self.waiters.push(Waiter::Stop { name, reply });
             }
             Command::Restart { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else { return };
+                let Some(reply) = self.checked(&name, reply) else {
+                    return;
+                };
                 self.restart(&name);
                 self.waiters.push(Waiter::Start { name, reply });
             }
             Command::Remove { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else { return };
+                let Some(reply) = self.checked(&name, reply) else {
+                    return;
+                };
                 self.stop(&name, true);
                 self.waiters.push(Waiter::Remove { name, reply });
             }
@@ -351,7 +359,9 @@ impl Supervisor {
                 timeout,
                 reply,
             } => {
-                let Some(reply) = self.checked(&name, reply) else { return };
+                let Some(reply) = self.checked(&name, reply) else {
+                    return;
+                };
                 let deadline = Instant::now() + timeout;
                 self.wake_at(deadline);
                 self.waiters.push(Waiter::Running {

@@ -67,3 +67,15 @@ pub fn run_as(command: &mut tokio::process::Command, user: RunAs) {
         });
     }
 }
+
+/// Lets SIGPIPE end the process, as it does other command-line tools, so
+/// `apm … | head` stops quietly. Rust ignores SIGPIPE by default, which the
+/// daemon keeps: a client that goes away must not end it.
+pub fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: installing the default disposition runs no handler code; this
+    // is called before any thread is started.
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}

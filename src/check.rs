@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use apm_compiler::{FsLoader, Severity, codes, compile, render};
 
-use crate::exit;
+use crate::client::Place;
+use crate::{commands, exit};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -41,12 +42,25 @@ pub fn run(args: &CheckArgs) -> u8 {
         }
     };
     let format = if args.json { Format::Json } else { args.format };
+    // With a daemon running (none is started), the plan a reload would apply.
+    let plan = if compilation.has_errors() { None } else { commands::plan_of(&Place::from_env(), &args.file) };
     let output = match format {
         Format::Human => {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-            render::human(&compilation, color)
+            let mut text = render::human(&compilation, color);
+            if let Some(text_plan) = plan.as_ref().and_then(|p| p["text"].as_str()) {
+                text.push_str("plan if reloaded now (`apm reload` applies it):\n");
+                text.push_str(text_plan);
+            }
+            text
         }
-        Format::Json => format!("{:#}\n", render::json(&compilation)),
+        Format::Json => {
+            let mut report = render::json(&compilation);
+            if let Some(plan) = plan {
+                report["plan"] = plan["plan"].clone();
+            }
+            format!("{report:#}\n")
+        }
         Format::Github => render::github(&compilation),
     };
     // A closed pipe (`apm check … | head`) is not an error of the config.

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::client::{self, Failure, Place};
 use crate::exit;
 use crate::flags::{self, Flags};
-use crate::protocol::{Call, Pong, Response};
+use crate::protocol::{Call, Pong, ReloadTarget, Response};
 
 /// Runs one call; prints the failure and returns its exit code on error.
 pub fn request(place: &Place, call: Call) -> Result<serde_json::Value, u8> {
@@ -716,5 +716,70 @@ pub fn start_daemon_background(place: &Place) -> u8 {
             exit::OK
         }
         Err(code) => code,
+    }
+}
+
+/// `apm reload`: prints each file's plan, then what applying it did.
+pub fn reload(place: &Place, target: Option<String>, all: bool, force: bool, dry_run: bool, json: bool) -> u8 {
+    let target = match (target, all) {
+        (_, true) => ReloadTarget::All,
+        (Some(name), false) => {
+            let path = std::path::absolute(&name).unwrap_or_else(|_| PathBuf::from(&name));
+            ReloadTarget::Named { name, path }
+        }
+        (None, false) => {
+            eprintln!("apm: name a config file or a worker to reload, or use --all");
+            return exit::USAGE;
+        }
+    };
+    let data = match request(place, Call::Reload { target, force, dry_run }) {
+        Ok(data) => data,
+        Err(code) => return code,
+    };
+    if json {
+        println!("{data:#}");
+    }
+    #[derive(Deserialize)]
+    struct Applied {
+        worker: String,
+        action: String,
+        error: Option<String>,
+        report: Option<StartReport>,
+    }
+    #[derive(Deserialize)]
+    struct FileReload {
+        file: PathBuf,
+        text: String,
+        applied: Vec<Applied>,
+    }
+    let Ok(reloads) = decode::<Vec<FileReload>>(data) else { return exit::FAILED };
+    let mut ok = true;
+    for reload in reloads {
+        ok &= reload.applied.iter().all(|a| a.error.is_none());
+        if json {
+            continue;
+        }
+        let what = if dry_run { "would apply" } else { "applies" };
+        println!("reload of {} {what}:", reload.file.display());
+        print!("{}", reload.text);
+        for applied in &reload.applied {
+            match (&applied.error, &applied.report) {
+                (None, _) => {}
+                (Some(_), Some(report)) => {
+                    show_start(report);
+                }
+                (Some(error), None) => println!("{} {} {}: {error}", paint("✗", "31"), applied.action, applied.worker),
+            }
+        }
+    }
+    if ok { exit::OK } else { exit::FAILED }
+}
+
+/// The plan a reload of `path` would apply, when a daemon runs; it starts none.
+pub fn plan_of(place: &Place, path: &Path) -> Option<serde_json::Value> {
+    let path = std::path::absolute(path).ok()?;
+    match client::call(place, Call::Plan { path, force: false }, false) {
+        Ok(Response { ok: true, data, .. }) => Some(data),
+        _ => None,
     }
 }

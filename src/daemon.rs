@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use apm_compiler::ir::WorkerSpec;
 use apm_compiler::loader::{FsLoader, Overlay};
-use apm_compiler::{compile, print, render};
+use apm_compiler::{compile, plan, print, render};
 use apm_runtime::state::{self, Origin, SavedProcess};
 use apm_runtime::supervisor::{self, Command, Handle, Supervisor};
 use apm_runtime::{log, procfs};
@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::client::{self, Place};
 use crate::exit;
-use crate::protocol::{Call, PROTOCOL, Pong, Request, Response, VERSION};
+use crate::protocol::{Call, PROTOCOL, Pong, ReloadTarget, Request, Response, VERSION};
 
 /// A request line longer than this is refused.
 const MAX_REQUEST: u64 = 1 << 20;
@@ -152,6 +152,8 @@ async fn serve(place: Place) -> u8 {
         exit: Notify::new(),
     });
     restore(&daemon).await;
+    let loading = daemon.clone();
+    tokio::spawn(async move { load_user_config(&loading).await });
 
     let (mut terminate, mut interrupt) = match (
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
@@ -253,6 +255,19 @@ async fn restore(daemon: &Daemon) {
                 .call(|reply| Command::Start { name, reply })
                 .await;
         });
+    }
+}
+
+/// The per-user config, `$APM_HOME/config.conf`, is loaded when the daemon
+/// starts; workers already restored from the state file are left alone.
+async fn load_user_config(daemon: &Daemon) {
+    let path = daemon.place.home.join("config.conf");
+    if !path.is_file() {
+        return;
+    }
+    match load(daemon, &path).await {
+        Ok(_) => log(format_args!("loaded {}", path.display())),
+        Err(response) => log(format_args!("cannot load {}: {}", path.display(), response.error.unwrap_or_default())),
     }
 }
 
@@ -569,6 +584,23 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 .await?,
             )
         }
+        Call::Plan { path, force } => {
+            let (plan, _) = file_plan(daemon, &path, force).await?;
+            Response::data(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan }))
+        }
+        Call::Reload { target, force, dry_run } => {
+            let files = reload_targets(daemon, target).await?;
+            let mut reloads = Vec::new();
+            for (path, only) in files {
+                let (mut plan, specs) = file_plan(daemon, &path, force).await?;
+                if let Some(name) = &only {
+                    plan.steps.retain(|step| step.worker() == name);
+                }
+                let applied = if dry_run { Vec::new() } else { apply(daemon, &path, &plan, specs).await };
+                reloads.push(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan, "applied": applied }));
+            }
+            Response::data(reloads)
+        }
         Call::Exit => {
             shutdown(daemon, "apm exit daemon").await;
             daemon.exit.notify_one();
@@ -607,6 +639,93 @@ fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
         vec![("name".to_owned(), vec![new.to_owned()])],
     );
     compile_block(&print::worker_with(&settings, spec))
+}
+
+/// The plan that reloading `path` would apply, with the file's new specs.
+async fn file_plan(daemon: &Daemon, path: &Path, force: bool) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
+    let compilation = compile(path, &FsLoader).map_err(|e| Response::error(exit::USAGE, format!("cannot read `{}`: {e}", path.display())))?;
+    if compilation.has_errors() {
+        return Err(Response::error(exit::FAILED, format!("{} has errors; nothing was changed\n{}", path.display(), render::human(&compilation, false))));
+    }
+    let statuses = call(daemon, |reply| Command::List { reply }).await?;
+    let mut current = Vec::new();
+    for status in statuses.into_iter().filter(|s| s.origin == Origin::File { path: path.to_path_buf() }) {
+        let (_, spec) = call(daemon, |reply| Command::Info { name: status.name, reply }).await?;
+        current.push(*spec);
+    }
+    let new = compilation.config.workers;
+    let plan = plan::diff(&current.iter().collect::<Vec<_>>(), &new.iter().collect::<Vec<_>>(), force);
+    Ok((plan, new))
+}
+
+/// Which files a reload reads, each with the one worker to reload when the
+/// target named a worker.
+async fn reload_targets(daemon: &Daemon, target: ReloadTarget) -> Result<Vec<(PathBuf, Option<String>)>, Response> {
+    let statuses = call(daemon, |reply| Command::List { reply }).await?;
+    let file_of = |origin: &Origin| match origin {
+        Origin::File { path } => Some(path.clone()),
+        Origin::Cli { .. } => None,
+    };
+    match target {
+        ReloadTarget::Named { name, path } => match statuses.iter().find(|s| s.name == name) {
+            Some(status) => match file_of(&status.origin) {
+                Some(file) => Ok(vec![(file, Some(name))]),
+                None => Err(Response::error(exit::USAGE, format!("`{name}` was started from the command line, not a file: change it with `apm update {name} …`"))),
+            },
+            None if path.is_file() => Ok(vec![(path, None)]),
+            None => Err(Response::error(exit::USAGE, format!("`{name}` is neither a loaded worker nor a config file"))),
+        },
+        ReloadTarget::All => {
+            let mut files: Vec<PathBuf> = statuses.iter().filter_map(|s| file_of(&s.origin)).collect();
+            files.sort();
+            files.dedup();
+            Ok(files.into_iter().map(|f| (f, None)).collect())
+        }
+    }
+}
+
+/// What applying one step did.
+#[derive(serde::Serialize)]
+struct Applied {
+    worker: String,
+    action: &'static str,
+    error: Option<String>,
+    report: Option<supervisor::StartReport>,
+}
+
+/// Applies a plan step by step; a failing worker is reported and the rest
+/// of the plan still applies.
+async fn apply(daemon: &Daemon, path: &Path, plan: &plan::Plan, specs: Vec<WorkerSpec>) -> Vec<Applied> {
+    let mut applied = Vec::new();
+    for step in &plan.steps {
+        let name = step.worker().to_owned();
+        let spec = || specs.iter().find(|s| s.name.value == name).cloned().map(Box::new);
+        let origin = Origin::File { path: path.to_path_buf() };
+        let sup = &daemon.supervisor;
+        let (action, result) = match step {
+            plan::Step::Unchanged { .. } => continue,
+            plan::Step::Start { .. } => match spec() {
+                Some(spec) => ("start", sup.call(|reply| Command::Register { name: name.clone(), spec, origin, start: true, reply }).await),
+                None => continue,
+            },
+            plan::Step::Stop { .. } => ("stop", sup.call(|reply| Command::Remove { name: name.clone(), reply }).await.map(|()| None)),
+            plan::Step::Restart { forced: true, .. } => ("restart", sup.call(|reply| Command::Restart { name: name.clone(), reply }).await.map(Some)),
+            plan::Step::Restart { .. } | plan::Step::Update { .. } => match spec() {
+                Some(spec) => {
+                    let restart = matches!(step, plan::Step::Restart { .. });
+                    let action = if restart { "restart" } else { "update" };
+                    (action, sup.call(|reply| Command::Update { name: name.clone(), spec, origin, restart, reply }).await)
+                }
+                None => continue,
+            },
+        };
+        let (error, report) = match result {
+            Ok(report) => (report.as_ref().filter(|r| !r.ok()).map(|_| "failed to start".to_owned()), report),
+            Err(e) => (Some(e), None),
+        };
+        applied.push(Applied { worker: name, action, error, report });
+    }
+    applied
 }
 
 /// `apm load`: start the file's workers, skipping those already running.

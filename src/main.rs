@@ -131,6 +131,24 @@ enum Command {
     },
     /// Load a config file and start its workers (running ones are skipped).
     Load { file: PathBuf },
+    /// Apply a config file's changes (or one worker's, or --all files'): start new workers, restart or update changed ones, stop removed ones.
+    Reload {
+        /// A loaded worker, or a config file.
+        target: Option<String>,
+        /// Reload every file a loaded worker came from.
+        #[arg(long, conflicts_with = "target")]
+        all: bool,
+        /// Restart unchanged workers too.
+        #[arg(long)]
+        force: bool,
+        /// Print the plan; apply nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load the system config (`APM_CONFIG`, default /etc/apm/apm.conf), as the startup service does.
+    Boot,
     /// Stop and remove the workers that came from a config file.
     Unload { file: PathBuf },
     /// Run the daemon (started automatically by other commands).
@@ -273,6 +291,11 @@ fn main() -> ExitCode {
         Command::Grep { pattern, worker } => commands::grep(&place, &pattern, worker.as_deref()),
         Command::Version { json } => commands::version(&place, json),
         Command::Load { file } => commands::load(&place, &file),
+        Command::Reload { target, all, force, dry_run, json } => commands::reload(&place, target, all, force, dry_run, json),
+        Command::Boot => {
+            let file = std::env::var_os("APM_CONFIG").map_or_else(|| PathBuf::from("/etc/apm/apm.conf"), PathBuf::from);
+            commands::load(&place, &file)
+        }
         Command::Unload { file } => commands::unload(&place, &file),
         Command::Daemon {
             foreground: true,

@@ -73,7 +73,19 @@ pub enum Call {
         name: String,
         timeout_ms: u64,
     },
+    /// The plan a reload of the file would apply; nothing is applied.
+    Plan { path: PathBuf, force: bool },
+    Reload { target: ReloadTarget, force: bool, dry_run: bool },
     Exit,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ReloadTarget {
+    /// A loaded worker of that name, else the file at `path`.
+    Named { name: String, path: PathBuf },
+    /// Every file a loaded worker came from.
+    All,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -24,7 +24,7 @@ const COUNT: Kind = Kind::Int {
 schema_block! {
     /// A whole compiled config: the top-level keys and the blocks.
     pub struct Config in Top {
-        telemetry: Setting<bool> = BOOL, default Some("true"), since "2.0", "Accepted for compatibility; apm never sends telemetry, whatever its value.";
+        telemetry: Setting<bool> = BOOL, default Some("true"), since "2.0", reload Hot, "Accepted for compatibility; apm never sends telemetry, whatever its value.";
     }
     extra {
         daemon: DaemonConfig,
@@ -35,11 +35,11 @@ schema_block! {
 schema_block! {
     /// Settings of the daemon itself, from `daemon { }`.
     pub struct DaemonConfig in Daemon {
-        gui_port: Setting<u16> = Kind::Int { min: 0, max: 65535 }, default Some("0"), since "2.0", "Web GUI port; 0 disables the GUI.";
-        gui_bind: Setting<Ip> = Kind::IpAddr, default Some("0.0.0.0"), since "2.0", "Address the web GUI listens on; it refuses a non-loopback address without gui_password.";
-        gui_password: Option<Setting<Secret>> = Kind::Secret, default None, since "2.0", "Password of the web GUI; never printed.";
-        auto_reload: Setting<bool> = BOOL, default Some("false"), since "2.0", "Reload config files when they change on disk.";
-        allow_group: Option<Setting<String>> = Kind::Group, default None, since "2.2", "Members of this OS group may use the control socket, besides root and the daemon's owner.";
+        gui_port: Setting<u16> = Kind::Int { min: 0, max: 65535 }, default Some("0"), since "2.0", reload Hot, "Web GUI port; 0 disables the GUI.";
+        gui_bind: Setting<Ip> = Kind::IpAddr, default Some("0.0.0.0"), since "2.0", reload Hot, "Address the web GUI listens on; it refuses a non-loopback address without gui_password.";
+        gui_password: Option<Setting<Secret>> = Kind::Secret, default None, since "2.0", reload Hot, "Password of the web GUI; never printed.";
+        auto_reload: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Reload config files when they change on disk.";
+        allow_group: Option<Setting<String>> = Kind::Group, default None, since "2.2", reload Hot, "Members of this OS group may use the control socket, besides root and the daemon's owner.";
     }
 }
 
@@ -47,73 +47,73 @@ schema_block! {
     /// One worker: a program apm runs, its instances, and how traffic reaches them.
     pub struct WorkerSpec in Worker {
         // Identity & process
-        name: Setting<String> = Kind::WorkerName, default None, since "2.0", "Worker name used on the CLI and in log prefixes; defaults to the exec name.";
-        exec: Setting<String> = TEXT, default None, since "2.0", "Executable to run, looked up in PATH. Required.";
-        params: Vec<Setting<String>> = TEXT, default None, since "2.0", "Arguments to the executable.";
-        path: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "Working directory; defaults to the daemon's working directory.";
-        instances: Setting<u32> = Kind::Int { min: 1, max: 4096 }, default Some("1"), since "2.0", "Number of parallel child processes; the proxy round-robins across them.";
-        user: Option<Setting<String>> = Kind::User, default None, since "2.0", "Run children as this OS user (the daemon must run as root).";
-        depends_on: Vec<Setting<String>> = Kind::WorkerName, default None, since "2.0", "Workers that must be running before this one starts.";
-        depends_timeout: Setting<Millis> = MS, default Some("30000"), since "2.0", "How long to wait for depends_on before starting anyway.";
+        name: Setting<String> = Kind::WorkerName, default None, since "2.0", reload Restart, "Worker name used on the CLI and in log prefixes; defaults to the exec name.";
+        exec: Setting<String> = TEXT, default None, since "2.0", reload Restart, "Executable to run, looked up in PATH. Required.";
+        params: Vec<Setting<String>> = TEXT, default None, since "2.0", reload Restart, "Arguments to the executable.";
+        path: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "Working directory; defaults to the daemon's working directory.";
+        instances: Setting<u32> = Kind::Int { min: 1, max: 4096 }, default Some("1"), since "2.0", reload Hot, "Number of parallel child processes; the proxy round-robins across them.";
+        user: Option<Setting<String>> = Kind::User, default None, since "2.0", reload Restart, "Run children as this OS user (the daemon must run as root).";
+        depends_on: Vec<Setting<String>> = Kind::WorkerName, default None, since "2.0", reload Hot, "Workers that must be running before this one starts.";
+        depends_timeout: Setting<Millis> = MS, default Some("30000"), since "2.0", reload Hot, "How long to wait for depends_on before starting anyway.";
         // Environment
-        env: Vec<Setting<EnvVar>> = Kind::EnvPair, default None, since "2.0", "Environment variables for the children, KEY=value.";
-        env_file: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "File of KEY=VALUE lines, read before dropping privileges.";
-        env_index: Option<Setting<String>> = Kind::EnvName, default None, since "2.0", "Inject the 0-based instance index as this environment variable.";
+        env: Vec<Setting<EnvVar>> = Kind::EnvPair, default None, since "2.0", reload Restart, "Environment variables for the children, KEY=value.";
+        env_file: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "File of KEY=VALUE lines, read before dropping privileges.";
+        env_index: Option<Setting<String>> = Kind::EnvName, default None, since "2.0", reload Restart, "Inject the 0-based instance index as this environment variable.";
         // Restart policy
-        restart: Setting<bool> = BOOL, default Some("false"), since "2.0", "Restart after a clean exit (code 0).";
-        restart_delay: Setting<Millis> = MS, default Some("250"), since "2.0", "Delay before a clean-exit restart.";
-        max_restarts: Setting<u32> = COUNT, default Some("0"), since "2.0", "Maximum clean-exit restarts; 0 means unlimited.";
-        restart_err: Setting<bool> = BOOL, default Some("false"), since "2.0", "Restart after an error exit (non-zero code or signal).";
-        err_delay: Setting<Millis> = MS, default Some("500"), since "2.0", "Delay before an error-exit restart.";
-        max_err_restarts: Setting<u32> = COUNT, default Some("0"), since "2.0", "Maximum error-exit restarts; 0 means unlimited.";
-        err_grace: Option<Setting<Millis>> = MS, default None, since "2.0", "Uptime after which a restart no longer counts against the limit.";
-        startup_grace: Setting<Millis> = MS, default Some("2000"), since "2.0.10", "How long start/restart wait for a fast-exit failure to surface.";
-        augur_full_scan: Setting<bool> = BOOL, default Some("false"), since "2.1", "Scan declared dependencies before every start and refuse to start when some are missing.";
-        restart_on_exit_codes: Vec<Setting<u8>> = Kind::Int { min: 0, max: 255 }, default None, since "2.0", "Restart only on these exit codes; overrides restart and restart_err.";
-        kill_timeout: Setting<Millis> = MS, default Some("2000"), since "2.0", "Time between SIGTERM and SIGKILL when stopping.";
+        restart: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Restart after a clean exit (code 0).";
+        restart_delay: Setting<Millis> = MS, default Some("250"), since "2.0", reload Hot, "Delay before a clean-exit restart.";
+        max_restarts: Setting<u32> = COUNT, default Some("0"), since "2.0", reload Hot, "Maximum clean-exit restarts; 0 means unlimited.";
+        restart_err: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Restart after an error exit (non-zero code or signal).";
+        err_delay: Setting<Millis> = MS, default Some("500"), since "2.0", reload Hot, "Delay before an error-exit restart.";
+        max_err_restarts: Setting<u32> = COUNT, default Some("0"), since "2.0", reload Hot, "Maximum error-exit restarts; 0 means unlimited.";
+        err_grace: Option<Setting<Millis>> = MS, default None, since "2.0", reload Hot, "Uptime after which a restart no longer counts against the limit.";
+        startup_grace: Setting<Millis> = MS, default Some("2000"), since "2.0.10", reload Hot, "How long start/restart wait for a fast-exit failure to surface.";
+        augur_full_scan: Setting<bool> = BOOL, default Some("false"), since "2.1", reload Hot, "Scan declared dependencies before every start and refuse to start when some are missing.";
+        restart_on_exit_codes: Vec<Setting<u8>> = Kind::Int { min: 0, max: 255 }, default None, since "2.0", reload Hot, "Restart only on these exit codes; overrides restart and restart_err.";
+        kill_timeout: Setting<Millis> = MS, default Some("2000"), since "2.0", reload Hot, "Time between SIGTERM and SIGKILL when stopping.";
         // Proxy / HTTP
-        server: Vec<Setting<ServerUrl>> = Kind::Server, default None, since "2.0", "Listener addresses of the built-in proxy.";
-        upstream: Setting<String> = Kind::Enum(&["connector", "port"]), default Some("connector"), since "2.2", "How instances receive traffic: framed sessions through a connector, or a loopback port each (in port_env).";
-        port_env: Setting<String> = Kind::EnvName, default Some("PORT"), since "2.2", "Environment variable that carries each instance's port with `upstream port`.";
-        trust_proxy: Setting<bool> = BOOL, default Some("true"), since "2.0", "Take the client IP from X-Forwarded-For / X-Real-IP; turn off when apm faces the internet.";
-        lowercase_hdrs: Setting<bool> = BOOL, default Some("false"), since "2.0", "Lowercase HTTP header names before forwarding.";
-        keep_alive: Setting<Millis> = MS, default Some("120000"), since "2.0", "Idle timeout of HTTP keep-alive client connections.";
-        max_conns: Setting<u32> = COUNT, default Some("0"), since "2.0", "Maximum concurrent connections per listener; 0 means unlimited.";
-        trace_header: Option<Setting<String>> = TEXT, default None, since "2.0", "Header that carries a unique id per forwarded request (e.g. x-request-id).";
-        session_persist: Setting<bool> = BOOL, default Some("false"), since "2.0", "Migrate open sessions across rolling restarts.";
-        session_wait: Setting<Millis> = MS, default Some("5000"), since "2.0", "How long a migrated session waits for a new instance.";
+        server: Vec<Setting<ServerUrl>> = Kind::Server, default None, since "2.0", reload Restart, "Listener addresses of the built-in proxy.";
+        upstream: Setting<String> = Kind::Enum(&["connector", "port"]), default Some("connector"), since "2.2", reload Restart, "How instances receive traffic: framed sessions through a connector, or a loopback port each (in port_env).";
+        port_env: Setting<String> = Kind::EnvName, default Some("PORT"), since "2.2", reload Restart, "Environment variable that carries each instance's port with `upstream port`.";
+        trust_proxy: Setting<bool> = BOOL, default Some("true"), since "2.0", reload Hot, "Take the client IP from X-Forwarded-For / X-Real-IP; turn off when apm faces the internet.";
+        lowercase_hdrs: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Lowercase HTTP header names before forwarding.";
+        keep_alive: Setting<Millis> = MS, default Some("120000"), since "2.0", reload Hot, "Idle timeout of HTTP keep-alive client connections.";
+        max_conns: Setting<u32> = COUNT, default Some("0"), since "2.0", reload Hot, "Maximum concurrent connections per listener; 0 means unlimited.";
+        trace_header: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "Header that carries a unique id per forwarded request (e.g. x-request-id).";
+        session_persist: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Migrate open sessions across rolling restarts.";
+        session_wait: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "How long a migrated session waits for a new instance.";
         // File watcher / rolling restart / stats
-        watch: Vec<Setting<String>> = Kind::Glob, default None, since "2.0", "Glob patterns of files whose change restarts the worker.";
-        watch_ignore: Vec<Setting<String>> = Kind::Glob, default None, since "2.0", "Glob patterns excluded from watching.";
-        watch_delay: Setting<Millis> = MS, default Some("200"), since "2.0", "Debounce delay before a watch-triggered restart.";
-        watch_conf: Setting<bool> = BOOL, default Some("false"), since "2.0", "Reload this worker when its config file changes.";
-        rolling: Setting<bool> = BOOL, default Some("false"), since "2.0", "Restart one instance at a time.";
-        rolling_delay: Setting<Millis> = MS, default Some("1000"), since "2.0", "Delay between instance restarts of a rolling restart.";
-        stats_interval: Option<Setting<Millis>> = MS, default None, since "2.0", "Interval between stats collections.";
+        watch: Vec<Setting<String>> = Kind::Glob, default None, since "2.0", reload Hot, "Glob patterns of files whose change restarts the worker.";
+        watch_ignore: Vec<Setting<String>> = Kind::Glob, default None, since "2.0", reload Hot, "Glob patterns excluded from watching.";
+        watch_delay: Setting<Millis> = MS, default Some("200"), since "2.0", reload Hot, "Debounce delay before a watch-triggered restart.";
+        watch_conf: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Reload this worker when its config file changes.";
+        rolling: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Restart one instance at a time.";
+        rolling_delay: Setting<Millis> = MS, default Some("1000"), since "2.0", reload Hot, "Delay between instance restarts of a rolling restart.";
+        stats_interval: Option<Setting<Millis>> = MS, default None, since "2.0", reload Hot, "Interval between stats collections.";
         // Logging
-        log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "Stdout log file; defaults to the daemon log.";
-        err_log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "Stderr log file; defaults to log.";
-        prefix: Option<Setting<String>> = TEXT, default None, since "2.0", "Prefix of every log line (çN- colour escapes allowed); defaults to the name.";
-        log_time_format: Option<Setting<String>> = TEXT, default None, since "2.0", "strftime timestamp format of log lines.";
-        strip_ansi: Setting<bool> = BOOL, default Some("false"), since "2.0", "Strip ANSI escapes before writing logs.";
-        syslog: Option<Setting<String>> = Kind::Url { schemes: &["syslog", "udp", "tcp"] }, default None, since "2.0", "Syslog destination, e.g. syslog://localhost:514.";
-        syslog_tag: Option<Setting<String>> = TEXT, default None, since "2.0", "Tag of syslog messages.";
-        log_max_size: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", "Rotate a log file when it grows beyond this size.";
-        log_max_files: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("5"), since "2.0", "Rotated log files to keep.";
+        log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Hot, "Stdout log file; defaults to the daemon log.";
+        err_log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Hot, "Stderr log file; defaults to log.";
+        prefix: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "Prefix of every log line (çN- colour escapes allowed); defaults to the name.";
+        log_time_format: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "strftime timestamp format of log lines.";
+        strip_ansi: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Strip ANSI escapes before writing logs.";
+        syslog: Option<Setting<String>> = Kind::Url { schemes: &["syslog", "udp", "tcp"] }, default None, since "2.0", reload Hot, "Syslog destination, e.g. syslog://localhost:514.";
+        syslog_tag: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "Tag of syslog messages.";
+        log_max_size: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", reload Hot, "Rotate a log file when it grows beyond this size.";
+        log_max_files: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("5"), since "2.0", reload Hot, "Rotated log files to keep.";
         // Health, drain & memory
-        health_check: Option<Setting<HealthCheck>> = Kind::HealthCheck, default None, since "2.0", "`on` (the child checks in) or a URL apm polls.";
-        health_check_interval: Setting<Millis> = MS, default Some("5000"), since "2.0", "Interval between health probes.";
-        health_check_timeout: Setting<Millis> = MS, default Some("3000"), since "2.0", "Timeout of one pull-mode probe.";
-        health_check_threshold: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("3"), since "2.0", "Consecutive failures before an instance is unhealthy.";
-        drain_timeout: Setting<Millis> = MS, default Some("0"), since "2.0", "Time in-flight requests get to finish before a stop; 0 stops at once.";
-        memory_limit: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", "Per-child memory cap through cgroups v2.";
+        health_check: Option<Setting<HealthCheck>> = Kind::HealthCheck, default None, since "2.0", reload Hot, "`on` (the child checks in) or a URL apm polls.";
+        health_check_interval: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "Interval between health probes.";
+        health_check_timeout: Setting<Millis> = MS, default Some("3000"), since "2.0", reload Hot, "Timeout of one pull-mode probe.";
+        health_check_threshold: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("3"), since "2.0", reload Hot, "Consecutive failures before an instance is unhealthy.";
+        drain_timeout: Setting<Millis> = MS, default Some("0"), since "2.0", reload Hot, "Time in-flight requests get to finish before a stop; 0 stops at once.";
+        memory_limit: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", reload Restart, "Per-child memory cap through cgroups v2.";
         // TLS & IPC
-        tls: Setting<bool> = BOOL, default Some("false"), since "2.0", "Terminate TLS on this worker's listeners.";
-        tls_cert: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "PEM certificate chain.";
-        tls_key: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "PEM private key.";
-        tls_ca: Option<Setting<PathBuf>> = PATH, default None, since "2.0", "CA certificate; when set, clients must present a certificate it signed.";
-        listen: Vec<Setting<String>> = TEXT, default None, since "2.0", "IPC channels this worker answers on.";
-        ipc_timeout: Setting<Millis> = MS, default Some("500"), since "2.0", "Default timeout of this worker's IPC requests.";
+        tls: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Restart, "Terminate TLS on this worker's listeners.";
+        tls_cert: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "PEM certificate chain.";
+        tls_key: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "PEM private key.";
+        tls_ca: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "CA certificate; when set, clients must present a certificate it signed.";
+        listen: Vec<Setting<String>> = TEXT, default None, since "2.0", reload Restart, "IPC channels this worker answers on.";
+        ipc_timeout: Setting<Millis> = MS, default Some("500"), since "2.0", reload Hot, "Default timeout of this worker's IPC requests.";
     }
     extra {
         vanguard: Option<VanguardRules>,
@@ -131,13 +131,13 @@ schema_block! {
 schema_block! {
     /// The request firewall of one worker, from `vanguard { }`.
     pub struct VanguardRules in Vanguard {
-        rate_limit: Option<Setting<u32>> = Kind::Int { min: 1, max: u32::MAX as u64 }, default None, since "2.0", "Requests per second allowed per client IP.";
-        rate_burst: Option<Setting<u32>> = Kind::Int { min: 1, max: u32::MAX as u64 }, default None, since "2.0", "Burst capacity; defaults to rate_limit.";
-        ban_ttl: Setting<Millis> = MS, default Some("0"), since "2.0", "Ban a client that breaches the rate limit for this long; 0 only refuses the excess.";
-        ban_path: Vec<Setting<PathPattern>> = Kind::PathPattern, default None, since "2.0", "Request paths refused with 403 (*.ext, prefix*, *word*, exact).";
-        ban_response: Setting<String> = TEXT, default Some("Forbidden"), since "2.0", "Body of a refused HTTP request.";
-        allow_ip: Vec<Setting<IpNet>> = Kind::Cidr, default None, since "2.0", "When set, only these addresses or ranges may connect.";
-        ban_ip: Vec<Setting<IpNet>> = Kind::Cidr, default None, since "2.0", "Addresses or ranges that are refused.";
+        rate_limit: Option<Setting<u32>> = Kind::Int { min: 1, max: u32::MAX as u64 }, default None, since "2.0", reload Hot, "Requests per second allowed per client IP.";
+        rate_burst: Option<Setting<u32>> = Kind::Int { min: 1, max: u32::MAX as u64 }, default None, since "2.0", reload Hot, "Burst capacity; defaults to rate_limit.";
+        ban_ttl: Setting<Millis> = MS, default Some("0"), since "2.0", reload Hot, "Ban a client that breaches the rate limit for this long; 0 only refuses the excess.";
+        ban_path: Vec<Setting<PathPattern>> = Kind::PathPattern, default None, since "2.0", reload Hot, "Request paths refused with 403 (*.ext, prefix*, *word*, exact).";
+        ban_response: Setting<String> = TEXT, default Some("Forbidden"), since "2.0", reload Hot, "Body of a refused HTTP request.";
+        allow_ip: Vec<Setting<IpNet>> = Kind::Cidr, default None, since "2.0", reload Hot, "When set, only these addresses or ranges may connect.";
+        ban_ip: Vec<Setting<IpNet>> = Kind::Cidr, default None, since "2.0", reload Hot, "Addresses or ranges that are refused.";
     }
 }
 
@@ -154,9 +154,9 @@ impl VanguardRules {
 schema_block! {
     /// Metrics forwarding of one worker, from `statsd { }`.
     pub struct StatsdConfig in Statsd {
-        host: Setting<String> = Kind::HostPort, default Some("127.0.0.1:8125"), since "2.0", "StatsD server, host:port (UDP).";
-        prefix: Setting<String> = TEXT, default Some("apm"), since "2.0", "Prefix of every metric name.";
-        interval: Setting<Millis> = MS, default Some("10000"), since "2.0", "Interval between metric flushes.";
+        host: Setting<String> = Kind::HostPort, default Some("127.0.0.1:8125"), since "2.0", reload Hot, "StatsD server, host:port (UDP).";
+        prefix: Setting<String> = TEXT, default Some("apm"), since "2.0", reload Hot, "Prefix of every metric name.";
+        interval: Setting<Millis> = MS, default Some("10000"), since "2.0", reload Hot, "Interval between metric flushes.";
     }
 }
 

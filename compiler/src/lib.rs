@@ -16,6 +16,7 @@ pub mod ir;
 pub mod lexer;
 pub mod loader;
 pub mod lower;
+pub mod plan;
 pub mod print;
 pub mod render;
 pub mod schema;

@@ -272,17 +272,21 @@ pub fn key_reference() -> String {
         };
         let _ = write!(
             out,
-            "\n## {title}\n\n| key | value | many | default | since | description |\n|---|---|---|---|---|---|\n"
+            "\n## {title}\n\n| key | value | many | default | since | on reload | description |\n|---|---|---|---|---|---|---|\n"
         );
         for key in scope.keys() {
             let _ = writeln!(
                 out,
-                "| `{}` | {} | {} | {} | {} | {} |",
+                "| `{}` | {} | {} | {} | {} | {} | {} |",
                 key.name,
                 key.kind.describe().replace('|', "\\|"),
                 if key.many { "yes" } else { "" },
                 key.default.map(|d| format!("`{d}`")).unwrap_or_default(),
                 key.since,
+                match key.reload {
+                    crate::schema::Reload::Hot => "applied live",
+                    crate::schema::Reload::Restart => "restarts",
+                },
                 key.doc.replace('|', "\\|"),
             );
         }

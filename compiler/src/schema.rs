@@ -104,6 +104,16 @@ impl Scope {
     }
 }
 
+/// How a change of a key reaches a running worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reload {
+    /// Applied to the running instances (or only to added/removed ones).
+    Hot,
+    /// The worker's instances restart with the new value.
+    Restart,
+}
+
 /// One row of the schema table.
 #[derive(Debug)]
 pub struct KeyDef {
@@ -116,6 +126,8 @@ pub struct KeyDef {
     pub default: Option<&'static str>,
     /// The release the key came in.
     pub since: &'static str,
+    /// Whether a running worker takes a change of this key without a restart.
+    pub reload: Reload,
     pub doc: &'static str,
 }
 
@@ -168,6 +180,8 @@ pub trait Slot: Sized {
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self;
     /// The field's values as config text, when they were set explicitly.
     fn texts(&self) -> Option<Vec<String>>;
+    /// The field's values as config text, defaults included.
+    fn all_texts(&self) -> Vec<String>;
 }
 
 fn parse_one<T: FromValue>(
@@ -273,6 +287,9 @@ impl<T: FromValue + ConfigText + Default> Slot for Setting<T> {
     fn texts(&self) -> Option<Vec<String>> {
         self.is_explicit().then(|| vec![self.value.config_text()])
     }
+    fn all_texts(&self) -> Vec<String> {
+        vec![self.value.config_text()]
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         if let Some(occurrence) = &occurrence
             && let Some((text, span)) = single(def, occurrence, cx)
@@ -295,6 +312,9 @@ impl<T: FromValue + ConfigText> Slot for Option<Setting<T>> {
             .filter(|s| s.is_explicit())
             .map(|s| vec![s.value.config_text()])
     }
+    fn all_texts(&self) -> Vec<String> {
+        self.iter().map(|s| s.value.config_text()).collect()
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let occurrence = occurrence?;
         let (text, span) = single(def, &occurrence, cx)?;
@@ -305,7 +325,10 @@ impl<T: FromValue + ConfigText> Slot for Option<Setting<T>> {
 impl<T: FromValue + ConfigText> Slot for Vec<Setting<T>> {
     const MANY: bool = true;
     fn texts(&self) -> Option<Vec<String>> {
-        (!self.is_empty()).then(|| self.iter().map(|s| s.value.config_text()).collect())
+        (!self.is_empty()).then(|| self.all_texts())
+    }
+    fn all_texts(&self) -> Vec<String> {
+        self.iter().map(|s| s.value.config_text()).collect()
     }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let Some(occurrence) = occurrence else {
@@ -331,7 +354,7 @@ macro_rules! schema_block {
     (
         $(#[$meta:meta])*
         pub struct $name:ident in $scope:ident {
-            $( $field:ident : $ty:ty = $kind:expr, default $default:expr, since $since:literal, $doc:literal; )*
+            $( $field:ident : $ty:ty = $kind:expr, default $default:expr, since $since:literal, reload $reload:ident, $doc:literal; )*
         }
         $( extra { $( $(#[$xmeta:meta])* $xfield:ident : $xty:ty ),* $(,)? } )?
     ) => {
@@ -351,6 +374,7 @@ macro_rules! schema_block {
                     many: <$ty as $crate::schema::Slot>::MANY,
                     default: $default,
                     since: $since,
+                    reload: $crate::schema::Reload::$reload,
                     doc: $doc,
                 },
             )*];
@@ -363,6 +387,13 @@ macro_rules! schema_block {
                     out.push((stringify!($field), texts));
                 } )*
                 out
+            }
+
+            /// Every key with its values as config text, defaults included, in
+            /// table order: what plans compare.
+            pub fn values(&self) -> Vec<(&'static $crate::schema::KeyDef, Vec<String>)> {
+                let mut defs = Self::KEYS.iter();
+                vec![$( (defs.next().expect("one def per field"), $crate::schema::Slot::all_texts(&self.$field)), )*]
             }
 
             /// Builds the struct from the occurrences collected for its keys,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// A line longer than this is cut into several.
 const MAX_LINE: u64 = 64 * 1024;
@@ -32,6 +32,13 @@ impl Stream {
             Stream::Err => "!",
         }
     }
+}
+
+/// Where a stream's lines go: a reload may change it while the process runs.
+#[derive(Clone)]
+pub struct Target {
+    pub file: Arc<LogFile>,
+    pub prefix: String,
 }
 
 /// An open log file; lines sent to it are appended in order.
@@ -101,8 +108,7 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>) {
 pub async fn pump(
     stream: impl AsyncRead + Unpin,
     which: Stream,
-    prefix: String,
-    log: Arc<LogFile>,
+    target: watch::Receiver<Target>,
     head: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
     let mut reader = BufReader::new(stream);
@@ -123,7 +129,10 @@ pub async fn pump(
             head.extend_from_slice(&line[..room.min(line.len())]);
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        let mut entry = format!("{} {prefix} {} ", crate::timestamp(), which.marker()).into_bytes();
+        let (log, mut entry) = {
+            let target = target.borrow();
+            (target.file.clone(), format!("{} {} {} ", crate::timestamp(), target.prefix, which.marker()).into_bytes())
+        };
         entry.extend_from_slice(text);
         entry.push(b'\n');
         if log.tx.send(entry).await.is_err() {

@@ -13,10 +13,10 @@ use apm_compiler::ir::WorkerSpec;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
-use crate::logs::{self, LogFiles, Stream};
+use crate::logs::{self, LogFiles, Stream, Target};
 use crate::state::{Origin, SavedProcess, SavedWorker, Saver, State};
 use crate::{procfs, sys};
 
@@ -177,6 +177,8 @@ struct Instance {
     spawn_error: Option<String>,
     last_exit: Option<ExitStatus>,
     cpu_sample: Option<(u64, Instant)>,
+    /// Where the current process's stdout and stderr lines go.
+    targets: Option<(watch::Sender<Target>, watch::Sender<Target>)>,
 }
 
 struct Worker {
@@ -420,6 +422,7 @@ impl Supervisor {
             spawn_error: None,
             last_exit: None,
             cpu_sample: None,
+            targets: None,
         }
     }
 
@@ -560,9 +563,7 @@ impl Supervisor {
     fn spawn_process(&mut self, name: &str, index: usize) -> Event {
         let worker = &self.workers[name];
         let spec = worker.spec.clone();
-        let (out_path, err_path) = log_paths(&self.home, &spec);
-        let out_log = self.logs.open(&out_path);
-        let err_log = self.logs.open(&err_path);
+        let (out_target, err_target) = self.log_targets(&spec, index);
         let worker = self.workers.get_mut(name).expect("present");
         let instance = &mut worker.instances[index];
         instance.stderr_head = Arc::default();
@@ -592,24 +593,14 @@ impl Supervisor {
         instance.started = Some(Instant::now());
         instance.cpu_sample = None;
         self.dirty = true;
-        let prefix = log_prefix(&spec, index);
+        let (out_tx, out_rx) = watch::channel(out_target);
+        let (err_tx, err_rx) = watch::channel(err_target);
+        instance.targets = Some((out_tx, err_tx));
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(logs::pump(
-                stdout,
-                Stream::Out,
-                prefix.clone(),
-                out_log,
-                None,
-            ));
+            tokio::spawn(logs::pump(stdout, Stream::Out, out_rx, None));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(logs::pump(
-                stderr,
-                Stream::Err,
-                prefix,
-                err_log,
-                Some(instance.stderr_head.clone()),
-            ));
+            tokio::spawn(logs::pump(stderr, Stream::Err, err_rx, Some(instance.stderr_head.clone())));
         }
         let (tx, id) = (self.tx.clone(), instance.id);
         tokio::spawn(async move {
@@ -663,6 +654,8 @@ impl Supervisor {
         for index in target..current {
             self.step(&name, index, Event::Stop);
         }
+        // Log files and prefixes (`#N` comes with a second instance) apply now.
+        self.retarget(&name);
         if only_scaling || !restart {
             let _ = reply.send(Ok(None));
             return;
@@ -672,6 +665,28 @@ impl Supervisor {
             name,
             reply: remap(reply, Some),
         });
+    }
+
+    /// Where an instance's stdout and stderr lines go under `spec`.
+    fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
+        let (out_path, err_path) = log_paths(&self.home, spec);
+        let prefix = log_prefix(spec, index);
+        let out = Target { file: self.logs.open(&out_path), prefix: prefix.clone() };
+        (out, Target { file: self.logs.open(&err_path), prefix })
+    }
+
+    /// Points the running processes' output at the worker's current log
+    /// files and prefix, after an update changed them.
+    fn retarget(&mut self, name: &str) {
+        let Some(spec) = self.workers.get(name).map(|w| w.spec.clone()) else { return };
+        let count = self.workers[name].instances.len();
+        for index in 0..count {
+            let (out, err) = self.log_targets(&spec, index);
+            if let Some((out_tx, err_tx)) = &self.workers[name].instances[index].targets {
+                out_tx.send_replace(out);
+                err_tx.send_replace(err);
+            }
+        }
     }
 
     fn drop_retired_instances(&mut self) {

@@ -4,3 +4,4 @@ mod cli;
 mod corpus;
 mod daemon;
 mod docs;
+mod reload;

@@ -1,0 +1,178 @@
+//! Plans: what turning one set of workers into another takes, computed from
+//! two IRs and keyed by worker name. Startup is the plan from nothing.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::ir::WorkerSpec;
+use crate::schema::{KeyDef, Reload};
+
+/// One key whose value differs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    /// The key, `vanguard.KEY`/`statsd.KEY` for nested blocks, `env NAME` for one variable.
+    pub key: String,
+    pub old: String,
+    pub new: String,
+    pub reload: Reload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Step {
+    Start { worker: String },
+    /// Changes that need new processes; `forced` when nothing changed but `--force` asked.
+    Restart { worker: String, changes: Vec<Change>, forced: bool },
+    /// Changes the running worker takes as they are (scaling touches only
+    /// the added or removed instances).
+    Update { worker: String, changes: Vec<Change> },
+    Stop { worker: String },
+    Unchanged { worker: String },
+}
+
+impl Step {
+    pub fn worker(&self) -> &str {
+        match self {
+            Step::Start { worker }
+            | Step::Restart { worker, .. }
+            | Step::Update { worker, .. }
+            | Step::Stop { worker }
+            | Step::Unchanged { worker } => worker,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+}
+
+fn joined(values: &[String]) -> String {
+    if values.is_empty() { "(none)".to_owned() } else { values.join(", ") }
+}
+
+fn block_changes(prefix: &str, old: Vec<(&'static KeyDef, Vec<String>)>, new: Vec<(&'static KeyDef, Vec<String>)>, out: &mut Vec<Change>) {
+    for ((def, before), (_, after)) in old.into_iter().zip(new) {
+        if before == after {
+            continue;
+        }
+        if def.name == "env" {
+            env_changes(&before, &after, def.reload, out);
+            continue;
+        }
+        out.push(Change { key: format!("{prefix}{}", def.name), old: joined(&before), new: joined(&after), reload: def.reload });
+    }
+}
+
+/// `env` changes one variable at a time: `env NODE_ENV production → staging`.
+fn env_changes(before: &[String], after: &[String], reload: Reload, out: &mut Vec<Change>) {
+    let split = |entries: &[String]| -> Vec<(String, String)> {
+        entries.iter().map(|e| e.split_once('=').map_or((e.clone(), String::new()), |(k, v)| (k.to_owned(), v.to_owned()))).collect()
+    };
+    let (before, after) = (split(before), split(after));
+    let value = |entries: &[(String, String)], key: &str| entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let mut keys: Vec<&String> = before.iter().chain(&after).map(|(k, _)| k).collect();
+    keys.dedup();
+    let mut seen = std::collections::HashSet::new();
+    for key in keys {
+        if !seen.insert(key) {
+            continue;
+        }
+        let (old, new) = (value(&before, key), value(&after, key));
+        if old != new {
+            let show = |v: Option<String>| v.unwrap_or_else(|| "(unset)".to_owned());
+            out.push(Change { key: format!("env {key}"), old: show(old), new: show(new), reload });
+        }
+    }
+}
+
+/// Every key whose value differs between two versions of a worker.
+pub fn changes(old: &WorkerSpec, new: &WorkerSpec) -> Vec<Change> {
+    let mut out = Vec::new();
+    block_changes("", old.values(), new.values(), &mut out);
+    let nested = |prefix: &str, before: Option<Vec<(&'static KeyDef, Vec<String>)>>, after: Option<Vec<(&'static KeyDef, Vec<String>)>>, out: &mut Vec<Change>| {
+        match (before, after) {
+            (Some(b), Some(a)) => block_changes(prefix, b, a, out),
+            (None, None) => {}
+            (b, a) => out.push(Change {
+                key: prefix.trim_end_matches('.').to_owned(),
+                old: if b.is_some() { "set".into() } else { "(none)".into() },
+                new: if a.is_some() { "set".into() } else { "(none)".into() },
+                reload: Reload::Hot,
+            }),
+        }
+    };
+    nested("vanguard.", old.vanguard.as_ref().map(|v| v.values()), new.vanguard.as_ref().map(|v| v.values()), &mut out);
+    nested("statsd.", old.statsd.as_ref().map(|s| s.values()), new.statsd.as_ref().map(|s| s.values()), &mut out);
+    out
+}
+
+/// The plan that turns the workers `old` into `new`. With `force`,
+/// unchanged workers restart too.
+pub fn diff(old: &[&WorkerSpec], new: &[&WorkerSpec], force: bool) -> Plan {
+    let mut steps = Vec::new();
+    for spec in new {
+        let name = spec.name.value.clone();
+        let Some(before) = old.iter().find(|o| o.name.value == name) else {
+            steps.push(Step::Start { worker: name });
+            continue;
+        };
+        let changes = changes(before, spec);
+        let restart = changes.iter().any(|c| c.reload == Reload::Restart);
+        steps.push(match (restart, changes.is_empty(), force) {
+            (true, _, _) => Step::Restart { worker: name, changes, forced: false },
+            (false, true, false) => Step::Unchanged { worker: name },
+            (false, true, true) => Step::Restart { worker: name, changes, forced: true },
+            (false, false, _) => Step::Update { worker: name, changes },
+        });
+    }
+    for spec in old {
+        if !new.iter().any(|n| n.name.value == spec.name.value) {
+            steps.push(Step::Stop { worker: spec.name.value.clone() });
+        }
+    }
+    Plan { steps }
+}
+
+impl Plan {
+    pub fn is_noop(&self) -> bool {
+        self.steps.iter().all(|s| matches!(s, Step::Unchanged { .. }))
+    }
+
+    /// The plan for people: `+ start jobs`, `~ restart api: env NODE_ENV
+    /// production → staging`, `↕ scale web 2 → 4`, `- stop old`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let describe = |changes: &[Change]| changes.iter().map(|c| format!("{} {} → {}", c.key, c.old, c.new)).collect::<Vec<_>>().join("; ");
+        for step in &self.steps {
+            let _ = match step {
+                Step::Start { worker } => writeln!(out, "+ start {worker}"),
+                Step::Restart { worker, forced: true, .. } => writeln!(out, "~ restart {worker} (forced)"),
+                Step::Restart { worker, changes, .. } => writeln!(out, "~ restart {worker}: {}", describe(changes)),
+                Step::Update { worker, changes } => {
+                    let (scale, other): (Vec<&Change>, Vec<&Change>) = changes.iter().partition(|c| c.key == "instances");
+                    for c in scale {
+                        let _ = writeln!(out, "↕ scale {worker} {} → {}", c.old, c.new);
+                    }
+                    if other.is_empty() {
+                        Ok(())
+                    } else {
+                        let other: Vec<Change> = other.into_iter().cloned().collect();
+                        writeln!(out, "~ update {worker} in place: {}", describe(&other))
+                    }
+                }
+                Step::Stop { worker } => writeln!(out, "- stop {worker}"),
+                Step::Unchanged { .. } => Ok(()),
+            };
+        }
+        let unchanged = self.steps.iter().filter(|s| matches!(s, Step::Unchanged { .. })).count();
+        if unchanged > 0 {
+            let _ = writeln!(out, "= {unchanged} unchanged");
+        }
+        if self.steps.is_empty() {
+            out.push_str("= nothing to do\n");
+        }
+        out
+    }
+}

@@ -43,7 +43,11 @@ pub fn run(args: &CheckArgs) -> u8 {
     };
     let format = if args.json { Format::Json } else { args.format };
     // With a daemon running (none is started), the plan a reload would apply.
-    let plan = if compilation.has_errors() { None } else { commands::plan_of(&Place::from_env(), &args.file) };
+    let plan = if compilation.has_errors() {
+        None
+    } else {
+        commands::plan_of(&Place::from_env(), &args.file)
+    };
     let output = match format {
         Format::Human => {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -95,6 +99,50 @@ pub fn explain(code: Option<&str>) -> u8 {
         None => {
             eprintln!("apm: unknown code `{code}`; `apm explain` lists them all");
             exit::USAGE
+        }
+    }
+}
+
+/// `apm fmt`.
+pub fn fmt(file: &std::path::Path, check: bool, diff: bool) -> u8 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("apm: cannot read `{}`: {e}", file.display());
+            return exit::USAGE;
+        }
+    };
+    let Some(formatted) = apm_compiler::format::format(&text) else {
+        eprintln!(
+            "apm: `{}` has syntax errors; fix them first (`apm check {}`)",
+            file.display(),
+            file.display()
+        );
+        return exit::FAILED;
+    };
+    if formatted == text {
+        return exit::OK;
+    }
+    if diff {
+        let name = file.display().to_string();
+        print!(
+            "{}",
+            similar::TextDiff::from_lines(&text, &formatted)
+                .unified_diff()
+                .header(&name, &name)
+        );
+    }
+    if check || diff {
+        if check {
+            eprintln!("{} is not formatted", file.display());
+        }
+        return exit::FAILED;
+    }
+    match crate::files::write_atomically(file, &formatted) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("apm: cannot write `{}`: {e}", file.display());
+            exit::FAILED
         }
     }
 }

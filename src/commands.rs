@@ -720,7 +720,14 @@ pub fn start_daemon_background(place: &Place) -> u8 {
 }
 
 /// `apm reload`: prints each file's plan, then what applying it did.
-pub fn reload(place: &Place, target: Option<String>, all: bool, force: bool, dry_run: bool, json: bool) -> u8 {
+pub fn reload(
+    place: &Place,
+    target: Option<String>,
+    all: bool,
+    force: bool,
+    dry_run: bool,
+    json: bool,
+) -> u8 {
     let target = match (target, all) {
         (_, true) => ReloadTarget::All,
         (Some(name), false) => {
@@ -732,7 +739,14 @@ pub fn reload(place: &Place, target: Option<String>, all: bool, force: bool, dry
             return exit::USAGE;
         }
     };
-    let data = match request(place, Call::Reload { target, force, dry_run }) {
+    let data = match request(
+        place,
+        Call::Reload {
+            target,
+            force,
+            dry_run,
+        },
+    ) {
         Ok(data) => data,
         Err(code) => return code,
     };
@@ -752,7 +766,9 @@ pub fn reload(place: &Place, target: Option<String>, all: bool, force: bool, dry
         text: String,
         applied: Vec<Applied>,
     }
-    let Ok(reloads) = decode::<Vec<FileReload>>(data) else { return exit::FAILED };
+    let Ok(reloads) = decode::<Vec<FileReload>>(data) else {
+        return exit::FAILED;
+    };
     let mut ok = true;
     for reload in reloads {
         ok &= reload.applied.iter().all(|a| a.error.is_none());
@@ -768,7 +784,12 @@ pub fn reload(place: &Place, target: Option<String>, all: bool, force: bool, dry
                 (Some(_), Some(report)) => {
                     show_start(report);
                 }
-                (Some(error), None) => println!("{} {} {}: {error}", paint("✗", "31"), applied.action, applied.worker),
+                (Some(error), None) => println!(
+                    "{} {} {}: {error}",
+                    paint("✗", "31"),
+                    applied.action,
+                    applied.worker
+                ),
             }
         }
     }

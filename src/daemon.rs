@@ -267,7 +267,11 @@ async fn load_user_config(daemon: &Daemon) {
     }
     match load(daemon, &path).await {
         Ok(_) => log(format_args!("loaded {}", path.display())),
-        Err(response) => log(format_args!("cannot load {}: {}", path.display(), response.error.unwrap_or_default())),
+        Err(response) => log(format_args!(
+            "cannot load {}: {}",
+            path.display(),
+            response.error.unwrap_or_default()
+        )),
     }
 }
 
@@ -588,7 +592,11 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             let (plan, _) = file_plan(daemon, &path, force).await?;
             Response::data(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan }))
         }
-        Call::Reload { target, force, dry_run } => {
+        Call::Reload {
+            target,
+            force,
+            dry_run,
+        } => {
             let files = reload_targets(daemon, target).await?;
             let mut reloads = Vec::new();
             for (path, only) in files {
@@ -596,7 +604,11 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 if let Some(name) = &only {
                     plan.steps.retain(|step| step.worker() == name);
                 }
-                let applied = if dry_run { Vec::new() } else { apply(daemon, &path, &plan, specs).await };
+                let applied = if dry_run {
+                    Vec::new()
+                } else {
+                    apply(daemon, &path, &plan, specs).await
+                };
                 reloads.push(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan, "applied": applied }));
             }
             Response::data(reloads)
@@ -642,25 +654,57 @@ fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
 }
 
 /// The plan that reloading `path` would apply, with the file's new specs.
-async fn file_plan(daemon: &Daemon, path: &Path, force: bool) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
-    let compilation = compile(path, &FsLoader).map_err(|e| Response::error(exit::USAGE, format!("cannot read `{}`: {e}", path.display())))?;
+async fn file_plan(
+    daemon: &Daemon,
+    path: &Path,
+    force: bool,
+) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
+    let compilation = compile(path, &FsLoader).map_err(|e| {
+        Response::error(
+            exit::USAGE,
+            format!("cannot read `{}`: {e}", path.display()),
+        )
+    })?;
     if compilation.has_errors() {
-        return Err(Response::error(exit::FAILED, format!("{} has errors; nothing was changed\n{}", path.display(), render::human(&compilation, false))));
+        return Err(Response::error(
+            exit::FAILED,
+            format!(
+                "{} has errors; nothing was changed\n{}",
+                path.display(),
+                render::human(&compilation, false)
+            ),
+        ));
     }
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
-    for status in statuses.into_iter().filter(|s| s.origin == Origin::File { path: path.to_path_buf() }) {
-        let (_, spec) = call(daemon, |reply| Command::Info { name: status.name, reply }).await?;
+    for status in statuses.into_iter().filter(|s| {
+        s.origin
+            == Origin::File {
+                path: path.to_path_buf(),
+            }
+    }) {
+        let (_, spec) = call(daemon, |reply| Command::Info {
+            name: status.name,
+            reply,
+        })
+        .await?;
         current.push(*spec);
     }
     let new = compilation.config.workers;
-    let plan = plan::diff(&current.iter().collect::<Vec<_>>(), &new.iter().collect::<Vec<_>>(), force);
+    let plan = plan::diff(
+        &current.iter().collect::<Vec<_>>(),
+        &new.iter().collect::<Vec<_>>(),
+        force,
+    );
     Ok((plan, new))
 }
 
 /// Which files a reload reads, each with the one worker to reload when the
 /// target named a worker.
-async fn reload_targets(daemon: &Daemon, target: ReloadTarget) -> Result<Vec<(PathBuf, Option<String>)>, Response> {
+async fn reload_targets(
+    daemon: &Daemon,
+    target: ReloadTarget,
+) -> Result<Vec<(PathBuf, Option<String>)>, Response> {
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let file_of = |origin: &Origin| match origin {
         Origin::File { path } => Some(path.clone()),
@@ -670,13 +714,22 @@ async fn reload_targets(daemon: &Daemon, target: ReloadTarget) -> Result<Vec<(Pa
         ReloadTarget::Named { name, path } => match statuses.iter().find(|s| s.name == name) {
             Some(status) => match file_of(&status.origin) {
                 Some(file) => Ok(vec![(file, Some(name))]),
-                None => Err(Response::error(exit::USAGE, format!("`{name}` was started from the command line, not a file: change it with `apm update {name} …`"))),
+                None => Err(Response::error(
+                    exit::USAGE,
+                    format!(
+                        "`{name}` was started from the command line, not a file: change it with `apm update {name} …`"
+                    ),
+                )),
             },
             None if path.is_file() => Ok(vec![(path, None)]),
-            None => Err(Response::error(exit::USAGE, format!("`{name}` is neither a loaded worker nor a config file"))),
+            None => Err(Response::error(
+                exit::USAGE,
+                format!("`{name}` is neither a loaded worker nor a config file"),
+            )),
         },
         ReloadTarget::All => {
-            let mut files: Vec<PathBuf> = statuses.iter().filter_map(|s| file_of(&s.origin)).collect();
+            let mut files: Vec<PathBuf> =
+                statuses.iter().filter_map(|s| file_of(&s.origin)).collect();
             files.sort();
             files.dedup();
             Ok(files.into_iter().map(|f| (f, None)).collect())
@@ -695,35 +748,100 @@ struct Applied {
 
 /// Applies a plan step by step; a failing worker is reported and the rest
 /// of the plan still applies.
-async fn apply(daemon: &Daemon, path: &Path, plan: &plan::Plan, specs: Vec<WorkerSpec>) -> Vec<Applied> {
+async fn apply(
+    daemon: &Daemon,
+    path: &Path,
+    plan: &plan::Plan,
+    specs: Vec<WorkerSpec>,
+) -> Vec<Applied> {
     let mut applied = Vec::new();
-    for step in &plan.steps {
+    // Stops first, so a renamed worker's listener is free for its new name.
+    let (stops, others): (Vec<&plan::Step>, Vec<&plan::Step>) = plan
+        .steps
+        .iter()
+        .partition(|s| matches!(s, plan::Step::Stop { .. }));
+    for step in stops.into_iter().chain(others) {
         let name = step.worker().to_owned();
-        let spec = || specs.iter().find(|s| s.name.value == name).cloned().map(Box::new);
-        let origin = Origin::File { path: path.to_path_buf() };
+        let spec = || {
+            specs
+                .iter()
+                .find(|s| s.name.value == name)
+                .cloned()
+                .map(Box::new)
+        };
+        let origin = Origin::File {
+            path: path.to_path_buf(),
+        };
         let sup = &daemon.supervisor;
         let (action, result) = match step {
             plan::Step::Unchanged { .. } => continue,
             plan::Step::Start { .. } => match spec() {
-                Some(spec) => ("start", sup.call(|reply| Command::Register { name: name.clone(), spec, origin, start: true, reply }).await),
+                Some(spec) => (
+                    "start",
+                    sup.call(|reply| Command::Register {
+                        name: name.clone(),
+                        spec,
+                        origin,
+                        start: true,
+                        reply,
+                    })
+                    .await,
+                ),
                 None => continue,
             },
-            plan::Step::Stop { .. } => ("stop", sup.call(|reply| Command::Remove { name: name.clone(), reply }).await.map(|()| None)),
-            plan::Step::Restart { forced: true, .. } => ("restart", sup.call(|reply| Command::Restart { name: name.clone(), reply }).await.map(Some)),
+            plan::Step::Stop { .. } => (
+                "stop",
+                sup.call(|reply| Command::Remove {
+                    name: name.clone(),
+                    reply,
+                })
+                .await
+                .map(|()| None),
+            ),
+            plan::Step::Restart { forced: true, .. } => (
+                "restart",
+                sup.call(|reply| Command::Restart {
+                    name: name.clone(),
+                    reply,
+                })
+                .await
+                .map(Some),
+            ),
             plan::Step::Restart { .. } | plan::Step::Update { .. } => match spec() {
                 Some(spec) => {
                     let restart = matches!(step, plan::Step::Restart { .. });
                     let action = if restart { "restart" } else { "update" };
-                    (action, sup.call(|reply| Command::Update { name: name.clone(), spec, origin, restart, reply }).await)
+                    (
+                        action,
+                        sup.call(|reply| Command::Update {
+                            name: name.clone(),
+                            spec,
+                            origin,
+                            restart,
+                            reply,
+                        })
+                        .await,
+                    )
                 }
                 None => continue,
             },
         };
         let (error, report) = match result {
-            Ok(report) => (report.as_ref().filter(|r| !r.ok()).map(|_| "failed to start".to_owned()), report),
+            Ok(report) => (
+                report
+                    .as_ref()
+                    .filter(|r| !r.ok())
+                    .map(|_| "failed to start".to_owned()),
+                report,
+            ),
             Err(e) => (Some(e), None),
         };
-        applied.push(Applied { worker: name, action, error, report });
+        applied.push(Applied {
+            worker: name,
+            action,
+            error,
+            report,
+        });
     }
     applied
 }

@@ -4,6 +4,7 @@ mod check;
 mod client;
 mod commands;
 mod daemon;
+mod files;
 mod flags;
 mod protocol;
 
@@ -163,6 +164,16 @@ enum Command {
     Check(check::CheckArgs),
     /// Explain a diagnostic code such as E0004; without a code, list them all.
     Explain { code: Option<String> },
+    /// Rewrite a config file in the canonical layout, comments kept.
+    Fmt {
+        file: PathBuf,
+        /// Change nothing; exit 1 when the file is not formatted.
+        #[arg(long)]
+        check: bool,
+        /// Print what would change as a unified diff; change nothing.
+        #[arg(long)]
+        diff: bool,
+    },
 }
 
 fn full_help() -> u8 {
@@ -291,9 +302,16 @@ fn main() -> ExitCode {
         Command::Grep { pattern, worker } => commands::grep(&place, &pattern, worker.as_deref()),
         Command::Version { json } => commands::version(&place, json),
         Command::Load { file } => commands::load(&place, &file),
-        Command::Reload { target, all, force, dry_run, json } => commands::reload(&place, target, all, force, dry_run, json),
+        Command::Reload {
+            target,
+            all,
+            force,
+            dry_run,
+            json,
+        } => commands::reload(&place, target, all, force, dry_run, json),
         Command::Boot => {
-            let file = std::env::var_os("APM_CONFIG").map_or_else(|| PathBuf::from("/etc/apm/apm.conf"), PathBuf::from);
+            let file = std::env::var_os("APM_CONFIG")
+                .map_or_else(|| PathBuf::from("/etc/apm/apm.conf"), PathBuf::from);
             commands::load(&place, &file)
         }
         Command::Unload { file } => commands::unload(&place, &file),
@@ -306,5 +324,6 @@ fn main() -> ExitCode {
         } => commands::start_daemon_background(&place),
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
+        Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
     })
 }

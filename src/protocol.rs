@@ -74,8 +74,15 @@ pub enum Call {
         timeout_ms: u64,
     },
     /// The plan a reload of the file would apply; nothing is applied.
-    Plan { path: PathBuf, force: bool },
-    Reload { target: ReloadTarget, force: bool, dry_run: bool },
+    Plan {
+        path: PathBuf,
+        force: bool,
+    },
+    Reload {
+        target: ReloadTarget,
+        force: bool,
+        dry_run: bool,
+    },
     Exit,
 }
 

@@ -11,6 +11,7 @@
 
 pub mod codes;
 pub mod diag;
+pub mod format;
 pub mod include;
 pub mod ir;
 pub mod lexer;

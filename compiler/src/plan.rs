@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::ir::WorkerSpec;
+use crate::ir::{StatsdConfig, VanguardRules, WorkerSpec};
 use crate::schema::{KeyDef, Reload};
+use crate::values::{Kind, quote};
 
 /// One key whose value differs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -21,14 +22,27 @@ pub struct Change {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum Step {
-    Start { worker: String },
+    Start {
+        worker: String,
+    },
     /// Changes that need new processes; `forced` when nothing changed but `--force` asked.
-    Restart { worker: String, changes: Vec<Change>, forced: bool },
+    Restart {
+        worker: String,
+        changes: Vec<Change>,
+        forced: bool,
+    },
     /// Changes the running worker takes as they are (scaling touches only
     /// the added or removed instances).
-    Update { worker: String, changes: Vec<Change> },
-    Stop { worker: String },
-    Unchanged { worker: String },
+    Update {
+        worker: String,
+        changes: Vec<Change>,
+    },
+    Stop {
+        worker: String,
+    },
+    Unchanged {
+        worker: String,
+    },
 }
 
 impl Step {
@@ -48,12 +62,37 @@ pub struct Plan {
     pub steps: Vec<Step>,
 }
 
+/// Values as the user would write them, so that empty values, spaces and
+/// commas show.
 fn joined(values: &[String]) -> String {
-    if values.is_empty() { "(none)".to_owned() } else { values.join(", ") }
+    if values.is_empty() {
+        "(none)".to_owned()
+    } else {
+        values
+            .iter()
+            .map(|v| quote(v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
-fn block_changes(prefix: &str, old: Vec<(&'static KeyDef, Vec<String>)>, new: Vec<(&'static KeyDef, Vec<String>)>, out: &mut Vec<Change>) {
-    for ((def, before), (_, after)) in old.into_iter().zip(new) {
+/// Whether the order of a many-value key's values means something: it does
+/// for free text (`params`), not for lists of listeners, names or patterns.
+fn ordered(def: &KeyDef) -> bool {
+    def.kind == Kind::Text
+}
+
+fn block_changes(
+    prefix: &str,
+    old: Vec<(&'static KeyDef, Vec<String>)>,
+    new: Vec<(&'static KeyDef, Vec<String>)>,
+    out: &mut Vec<Change>,
+) {
+    for ((def, mut before), (_, mut after)) in old.into_iter().zip(new) {
+        if def.many && !ordered(def) {
+            before.sort();
+            after.sort();
+        }
         if before == after {
             continue;
         }
@@ -61,19 +100,37 @@ fn block_changes(prefix: &str, old: Vec<(&'static KeyDef, Vec<String>)>, new: Ve
             env_changes(&before, &after, def.reload, out);
             continue;
         }
-        out.push(Change { key: format!("{prefix}{}", def.name), old: joined(&before), new: joined(&after), reload: def.reload });
+        out.push(Change {
+            key: format!("{prefix}{}", def.name),
+            old: joined(&before),
+            new: joined(&after),
+            reload: def.reload,
+        });
     }
 }
 
 /// `env` changes one variable at a time: `env NODE_ENV production → staging`.
 fn env_changes(before: &[String], after: &[String], reload: Reload, out: &mut Vec<Change>) {
     let split = |entries: &[String]| -> Vec<(String, String)> {
-        entries.iter().map(|e| e.split_once('=').map_or((e.clone(), String::new()), |(k, v)| (k.to_owned(), v.to_owned()))).collect()
+        entries
+            .iter()
+            .map(|e| {
+                e.split_once('=')
+                    .map_or((e.clone(), String::new()), |(k, v)| {
+                        (k.to_owned(), v.to_owned())
+                    })
+            })
+            .collect()
     };
     let (before, after) = (split(before), split(after));
-    let value = |entries: &[(String, String)], key: &str| entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    let mut keys: Vec<&String> = before.iter().chain(&after).map(|(k, _)| k).collect();
-    keys.dedup();
+    let value = |entries: &[(String, String)], key: &str| {
+        entries
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let keys: Vec<&String> = before.iter().chain(&after).map(|(k, _)| k).collect();
     let mut seen = std::collections::HashSet::new();
     for key in keys {
         if !seen.insert(key) {
@@ -81,30 +138,69 @@ fn env_changes(before: &[String], after: &[String], reload: Reload, out: &mut Ve
         }
         let (old, new) = (value(&before, key), value(&after, key));
         if old != new {
-            let show = |v: Option<String>| v.unwrap_or_else(|| "(unset)".to_owned());
-            out.push(Change { key: format!("env {key}"), old: show(old), new: show(new), reload });
+            let show = |v: Option<String>| v.map_or_else(|| "(unset)".to_owned(), |v| quote(&v));
+            out.push(Change {
+                key: format!("env {key}"),
+                old: show(old),
+                new: show(new),
+                reload,
+            });
         }
     }
+}
+
+/// A nested block's values (defaults included) and its explicitly written keys.
+type Blocks = (
+    Vec<(&'static KeyDef, Vec<String>)>,
+    Vec<(&'static KeyDef, Vec<String>)>,
+);
+
+fn written(
+    keys: &'static [KeyDef],
+    settings: Vec<(&'static str, Vec<String>)>,
+) -> Vec<(&'static KeyDef, Vec<String>)> {
+    settings
+        .into_iter()
+        .filter_map(|(name, values)| Some((keys.iter().find(|k| k.name == name)?, values)))
+        .collect()
 }
 
 /// Every key whose value differs between two versions of a worker.
 pub fn changes(old: &WorkerSpec, new: &WorkerSpec) -> Vec<Change> {
     let mut out = Vec::new();
     block_changes("", old.values(), new.values(), &mut out);
-    let nested = |prefix: &str, before: Option<Vec<(&'static KeyDef, Vec<String>)>>, after: Option<Vec<(&'static KeyDef, Vec<String>)>>, out: &mut Vec<Change>| {
-        match (before, after) {
-            (Some(b), Some(a)) => block_changes(prefix, b, a, out),
-            (None, None) => {}
-            (b, a) => out.push(Change {
-                key: prefix.trim_end_matches('.').to_owned(),
-                old: if b.is_some() { "set".into() } else { "(none)".into() },
-                new: if a.is_some() { "set".into() } else { "(none)".into() },
-                reload: Reload::Hot,
-            }),
-        }
+    // A block that is added or removed shows the rules written in it.
+    let nested = |prefix: &str,
+                  before: Option<Blocks>,
+                  after: Option<Blocks>,
+                  out: &mut Vec<Change>| match (before, after) {
+        (Some((b, _)), Some((a, _))) => block_changes(prefix, b, a, out),
+        (None, None) => {}
+        (Some((_, written)), None) => out.extend(written.into_iter().map(|(def, v)| Change {
+            key: format!("{prefix}{}", def.name),
+            old: joined(&v),
+            new: joined(&[]),
+            reload: def.reload,
+        })),
+        (None, Some((_, written))) => out.extend(written.into_iter().map(|(def, v)| Change {
+            key: format!("{prefix}{}", def.name),
+            old: joined(&[]),
+            new: joined(&v),
+            reload: def.reload,
+        })),
     };
-    nested("vanguard.", old.vanguard.as_ref().map(|v| v.values()), new.vanguard.as_ref().map(|v| v.values()), &mut out);
-    nested("statsd.", old.statsd.as_ref().map(|s| s.values()), new.statsd.as_ref().map(|s| s.values()), &mut out);
+    let vanguard = |spec: &WorkerSpec| {
+        spec.vanguard
+            .as_ref()
+            .map(|v| (v.values(), written(VanguardRules::KEYS, v.settings())))
+    };
+    let statsd = |spec: &WorkerSpec| {
+        spec.statsd
+            .as_ref()
+            .map(|s| (s.values(), written(StatsdConfig::KEYS, s.settings())))
+    };
+    nested("vanguard.", vanguard(old), vanguard(new), &mut out);
+    nested("statsd.", statsd(old), statsd(new), &mut out);
     out
 }
 
@@ -121,15 +217,33 @@ pub fn diff(old: &[&WorkerSpec], new: &[&WorkerSpec], force: bool) -> Plan {
         let changes = changes(before, spec);
         let restart = changes.iter().any(|c| c.reload == Reload::Restart);
         steps.push(match (restart, changes.is_empty(), force) {
-            (true, _, _) => Step::Restart { worker: name, changes, forced: false },
+            (true, _, _) => Step::Restart {
+                worker: name,
+                changes,
+                forced: false,
+            },
             (false, true, false) => Step::Unchanged { worker: name },
-            (false, true, true) => Step::Restart { worker: name, changes, forced: true },
-            (false, false, _) => Step::Update { worker: name, changes },
+            (false, true, true) => Step::Restart {
+                worker: name,
+                changes,
+                forced: true,
+            },
+            (false, false, true) => Step::Restart {
+                worker: name,
+                changes,
+                forced: false,
+            },
+            (false, false, false) => Step::Update {
+                worker: name,
+                changes,
+            },
         });
     }
     for spec in old {
         if !new.iter().any(|n| n.name.value == spec.name.value) {
-            steps.push(Step::Stop { worker: spec.name.value.clone() });
+            steps.push(Step::Stop {
+                worker: spec.name.value.clone(),
+            });
         }
     }
     Plan { steps }
@@ -137,21 +251,36 @@ pub fn diff(old: &[&WorkerSpec], new: &[&WorkerSpec], force: bool) -> Plan {
 
 impl Plan {
     pub fn is_noop(&self) -> bool {
-        self.steps.iter().all(|s| matches!(s, Step::Unchanged { .. }))
+        self.steps
+            .iter()
+            .all(|s| matches!(s, Step::Unchanged { .. }))
     }
 
     /// The plan for people: `+ start jobs`, `~ restart api: env NODE_ENV
     /// production → staging`, `↕ scale web 2 → 4`, `- stop old`.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let describe = |changes: &[Change]| changes.iter().map(|c| format!("{} {} → {}", c.key, c.old, c.new)).collect::<Vec<_>>().join("; ");
+        let describe = |changes: &[Change]| {
+            changes
+                .iter()
+                .map(|c| format!("{} {} → {}", c.key, c.old, c.new))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         for step in &self.steps {
             let _ = match step {
                 Step::Start { worker } => writeln!(out, "+ start {worker}"),
-                Step::Restart { worker, forced: true, .. } => writeln!(out, "~ restart {worker} (forced)"),
-                Step::Restart { worker, changes, .. } => writeln!(out, "~ restart {worker}: {}", describe(changes)),
+                Step::Restart {
+                    worker,
+                    forced: true,
+                    ..
+                } => writeln!(out, "~ restart {worker} (forced)"),
+                Step::Restart {
+                    worker, changes, ..
+                } => writeln!(out, "~ restart {worker}: {}", describe(changes)),
                 Step::Update { worker, changes } => {
-                    let (scale, other): (Vec<&Change>, Vec<&Change>) = changes.iter().partition(|c| c.key == "instances");
+                    let (scale, other): (Vec<&Change>, Vec<&Change>) =
+                        changes.iter().partition(|c| c.key == "instances");
                     for c in scale {
                         let _ = writeln!(out, "↕ scale {worker} {} → {}", c.old, c.new);
                     }
@@ -166,7 +295,11 @@ impl Plan {
                 Step::Unchanged { .. } => Ok(()),
             };
         }
-        let unchanged = self.steps.iter().filter(|s| matches!(s, Step::Unchanged { .. })).count();
+        let unchanged = self
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Unchanged { .. }))
+            .count();
         if unchanged > 0 {
             let _ = writeln!(out, "= {unchanged} unchanged");
         }

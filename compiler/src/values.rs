@@ -973,15 +973,34 @@ macro_rules! config_text_by_display {
 }
 config_text_by_display!(bool, u8, u16, u32, u64, String, ServerUrl, ipnet::IpNet, Ip);
 
+/// The largest unit that divides the value exactly, as people write it.
+fn with_unit(value: u64, units: &[(&str, u64)]) -> String {
+    units
+        .iter()
+        .find(|(_, size)| value >= *size && value.is_multiple_of(*size))
+        .map_or_else(
+            || value.to_string(),
+            |(unit, size)| format!("{}{unit}", value / size),
+        )
+}
+
 impl ConfigText for Millis {
     fn config_text(&self) -> String {
-        self.0.to_string()
+        with_unit(self.0, &[("h", 3_600_000), ("m", 60_000), ("s", 1_000)])
     }
 }
 
 impl ConfigText for ByteSize {
     fn config_text(&self) -> String {
-        self.0.to_string()
+        with_unit(
+            self.0,
+            &[
+                ("T", 1 << 40),
+                ("G", 1 << 30),
+                ("M", 1 << 20),
+                ("K", 1 << 10),
+            ],
+        )
     }
 }
 

@@ -131,7 +131,16 @@ pub async fn pump(
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         let (log, mut entry) = {
             let target = target.borrow();
-            (target.file.clone(), format!("{} {} {} ", crate::timestamp(), target.prefix, which.marker()).into_bytes())
+            (
+                target.file.clone(),
+                format!(
+                    "{} {} {} ",
+                    crate::timestamp(),
+                    target.prefix,
+                    which.marker()
+                )
+                .into_bytes(),
+            )
         };
         entry.extend_from_slice(text);
         entry.push(b'\n');

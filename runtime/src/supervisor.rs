@@ -600,7 +600,12 @@ impl Supervisor {
             tokio::spawn(logs::pump(stdout, Stream::Out, out_rx, None));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(logs::pump(stderr, Stream::Err, err_rx, Some(instance.stderr_head.clone())));
+            tokio::spawn(logs::pump(
+                stderr,
+                Stream::Err,
+                err_rx,
+                Some(instance.stderr_head.clone()),
+            ));
         }
         let (tx, id) = (self.tx.clone(), instance.id);
         tokio::spawn(async move {
@@ -671,14 +676,25 @@ impl Supervisor {
     fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
         let prefix = log_prefix(spec, index);
-        let out = Target { file: self.logs.open(&out_path), prefix: prefix.clone() };
-        (out, Target { file: self.logs.open(&err_path), prefix })
+        let out = Target {
+            file: self.logs.open(&out_path),
+            prefix: prefix.clone(),
+        };
+        (
+            out,
+            Target {
+                file: self.logs.open(&err_path),
+                prefix,
+            },
+        )
     }
 
     /// Points the running processes' output at the worker's current log
     /// files and prefix, after an update changed them.
     fn retarget(&mut self, name: &str) {
-        let Some(spec) = self.workers.get(name).map(|w| w.spec.clone()) else { return };
+        let Some(spec) = self.workers.get(name).map(|w| w.spec.clone()) else {
+            return;
+        };
         let count = self.workers[name].instances.len();
         for index in 0..count {
             let (out, err) = self.log_targets(&spec, index);

@@ -344,3 +344,59 @@ fn corpus_workers_print_back_to_the_same_ir() {
         }
     }
 }
+
+/// `apm fmt` is idempotent on every corpus file, and a formatted valid
+/// config means exactly what it meant before.
+#[test]
+fn corpus_formats_idempotently_and_keeps_meaning() {
+    for case in cases() {
+        let mut formatted = MemLoader::new()
+            .env("HOME", "/home/apm")
+            .env("APP_DIR", "/srv/app")
+            .user("root")
+            .user("apm")
+            .user("www-data");
+        for (path, contents) in &case.files {
+            let Ok(text) = std::str::from_utf8(contents) else {
+                continue;
+            };
+            let once = apm_compiler::format::format(text);
+            if let Some(once) = &once {
+                assert_eq!(
+                    apm_compiler::format::format(once).as_ref(),
+                    Some(once),
+                    "{}/{}: {} is not idempotent",
+                    case.kind,
+                    case.name,
+                    path.display()
+                );
+            }
+            formatted.add_file(path, once.unwrap_or_else(|| text.to_owned()));
+        }
+        if case.kind == "ok" {
+            let before = compile(&case.root, &loader(&case)).unwrap();
+            let after = compile(&case.root, &formatted).unwrap();
+            assert_eq!(
+                after.diagnostics,
+                vec![],
+                "ok/{}: formatted text has diagnostics",
+                case.name
+            );
+            let strip = |c: apm_compiler::Config| {
+                c.workers
+                    .into_iter()
+                    .map(|mut w| {
+                        w.span = None;
+                        w
+                    })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                strip(after.config),
+                strip(before.config),
+                "ok/{}: formatting changed the meaning",
+                case.name
+            );
+        }
+    }
+}

@@ -1336,7 +1336,12 @@ fn a_request_of_another_protocol_version_gets_an_explained_refusal() {
 
 /// Pids of every worker, by name.
 fn pid_map(d: &Daemon) -> std::collections::BTreeMap<String, Vec<u32>> {
-    d.list()["workers"].as_array().unwrap().iter().map(|w| (w["name"].as_str().unwrap().to_owned(), pids(w))).collect()
+    d.list()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["name"].as_str().unwrap().to_owned(), pids(w)))
+        .collect()
 }
 
 #[test]
@@ -1361,17 +1366,29 @@ fn reload_applies_the_plan_and_keeps_untouched_processes() {
          worker { name d; exec sleep; params 4105; startup_grace 100; }\n",
     );
     let check = stdout(&d.ok(&["check", file]));
-    assert!(check.contains("~ update a in place: kill_timeout 2000 → 3000"), "{check}");
+    assert!(
+        check.contains("~ update a in place: kill_timeout 2s → 3s"),
+        "{check}"
+    );
     let dry = stdout(&d.ok(&["reload", file, "--dry-run"]));
     assert!(dry.contains("- stop gone"), "{dry}");
     assert_eq!(pid_map(&d), before, "--dry-run applies nothing");
     let reload = stdout(&d.ok(&["reload", file]));
-    for line in ["~ update a in place", "↕ scale b 1 → 3", "~ restart c: params 4103 → 4113", "+ start d", "- stop gone"] {
+    for line in [
+        "~ update a in place",
+        "↕ scale b 1 → 3",
+        "~ restart c: params 4103 → 4113",
+        "+ start d",
+        "- stop gone",
+    ] {
         assert!(reload.contains(line), "{line} missing from\n{reload}");
     }
     let after = pid_map(&d);
     assert_eq!(after["a"], before["a"], "a hot-updated in place");
-    assert_eq!(after["b"][0], before["b"][0], "b's first instance untouched by scaling");
+    assert_eq!(
+        after["b"][0], before["b"][0],
+        "b's first instance untouched by scaling"
+    );
     assert_eq!(after["b"].len(), 3);
     assert_ne!(after["c"], before["c"], "c restarted");
     assert!(after.contains_key("d") && !after.contains_key("gone"));
@@ -1385,13 +1402,23 @@ fn reload_applies_the_plan_and_keeps_untouched_processes() {
 #[test]
 fn a_reload_of_a_broken_file_changes_nothing() {
     let d = Daemon::new("reload_broken");
-    let config = d.write("app.conf", "worker { name a; exec sleep; params 4201; startup_grace 100; }\n");
+    let config = d.write(
+        "app.conf",
+        "worker { name a; exec sleep; params 4201; startup_grace 100; }\n",
+    );
     let file = config.to_str().unwrap();
     d.ok(&["load", file]);
     let before = pid_map(&d);
-    d.write("app.conf", "worker { name a; exec sleep; params 4202 startup_grace 100;\n");
+    d.write(
+        "app.conf",
+        "worker { name a; exec sleep; params 4202 startup_grace 100;\n",
+    );
     let output = d.apm(&["reload", file]);
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
-    assert!(stderr(&output).contains("nothing was changed"), "{}", describe(&output));
+    assert!(
+        stderr(&output).contains("nothing was changed"),
+        "{}",
+        describe(&output)
+    );
     assert_eq!(pid_map(&d), before);
 }

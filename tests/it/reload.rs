@@ -21,7 +21,10 @@ fn sections(text: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim_end();
-        if let Some(name) = trimmed.strip_prefix("--- ").and_then(|l| l.strip_suffix(" ---")) {
+        if let Some(name) = trimmed
+            .strip_prefix("--- ")
+            .and_then(|l| l.strip_suffix(" ---"))
+        {
             out.push((name.to_owned(), String::new()));
         } else if let Some((_, body)) = out.last_mut() {
             body.push_str(line);
@@ -31,7 +34,10 @@ fn sections(text: &str) -> Vec<(String, String)> {
 }
 
 fn side(sections: &[(String, String)], side: &str) -> MemLoader {
-    let mut loader = MemLoader::new().env("HOME", "/home/apm").user("root").user("apm");
+    let mut loader = MemLoader::new()
+        .env("HOME", "/home/apm")
+        .user("root")
+        .user("apm");
     for (name, body) in sections {
         if name == side {
             loader.add_file("apm.conf", body.clone());
@@ -45,11 +51,17 @@ fn side(sections: &[(String, String)], side: &str) -> MemLoader {
 #[test]
 fn corpus_reload_plans() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/reload");
-    let mut entries: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     let mut failures = Vec::new();
     let mut count = 0;
-    for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "reload")) {
+    for path in entries
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "reload"))
+    {
         count += 1;
         let text = fs::read_to_string(path).unwrap();
         let sections = sections(&text);
@@ -57,7 +69,11 @@ fn corpus_reload_plans() {
         for name in ["old", "new"] {
             let compilation = compile(Path::new("apm.conf"), &side(&sections, name)).unwrap();
             if compilation.has_errors() {
-                failures.push(format!("{}: the {name} config has errors:\n{}", path.display(), apm_compiler::render::human(&compilation, false)));
+                failures.push(format!(
+                    "{}: the {name} config has errors:\n{}",
+                    path.display(),
+                    apm_compiler::render::human(&compilation, false)
+                ));
             }
             configs.push(compilation.config);
         }
@@ -65,7 +81,10 @@ fn corpus_reload_plans() {
         let old: Vec<_> = configs[0].workers.iter().collect();
         let new: Vec<_> = configs[1].workers.iter().collect();
         let actual = plan::diff(&old, &new, force).render();
-        let expected = sections.iter().find(|(n, _)| n == "plan").map(|(_, b)| b.clone());
+        let expected = sections
+            .iter()
+            .find(|(n, _)| n == "plan")
+            .map(|(_, b)| b.clone());
         if std::env::var_os("BLESS").is_some() {
             let head = match text.find("--- plan ---") {
                 Some(at) => &text[..at],
@@ -73,9 +92,16 @@ fn corpus_reload_plans() {
             };
             fs::write(path, format!("{head}--- plan ---\n{actual}")).unwrap();
         } else if expected.as_deref() != Some(actual.as_str()) {
-            failures.push(format!("{}: plan differs (BLESS=1 to update)\n--- expected\n{}\n--- actual\n{actual}", path.display(), expected.unwrap_or_default()));
+            failures.push(format!(
+                "{}: plan differs (BLESS=1 to update)\n--- expected\n{}\n--- actual\n{actual}",
+                path.display(),
+                expected.unwrap_or_default()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert!(count >= 30, "corpus/reload has {count} cases; keep at least 30");
+    assert!(
+        count >= 30,
+        "corpus/reload has {count} cases; keep at least 30"
+    );
 }

@@ -804,3 +804,101 @@ pub fn plan_of(place: &Place, path: &Path) -> Option<serde_json::Value> {
         _ => None,
     }
 }
+
+/// `apm saveconf [worker] [file]`.
+pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 {
+    let listing = match request(place, Call::List).and_then(decode::<Listing>) {
+        Ok(listing) => listing,
+        Err(code) => return code,
+    };
+    if let Some(name) = worker
+        && !listing.workers.iter().any(|w| w.name == name)
+    {
+        eprintln!("apm: no worker named `{name}`");
+        return exit::USAGE;
+    }
+    // Live specs, grouped by the file each goes to.
+    let mut targets: Vec<(PathBuf, Vec<apm_compiler::ir::WorkerSpec>)> = Vec::new();
+    for status in listing
+        .workers
+        .iter()
+        .filter(|w| worker.is_none_or(|n| n == w.name))
+    {
+        let target = match (file, &status.origin) {
+            (Some(file), _) => std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf()),
+            (None, apm_runtime::state::Origin::File { path }) => path.clone(),
+            (None, apm_runtime::state::Origin::Cli { .. }) => {
+                println!(
+                    "• {} was started from the command line; save it with `apm saveconf {} FILE`",
+                    status.name, status.name
+                );
+                continue;
+            }
+        };
+        let info = match info_of(place, &status.name) {
+            Ok((_, info)) => info,
+            Err(code) => return code,
+        };
+        let loader = Overlay {
+            path: PathBuf::from("/apm/live.conf"),
+            contents: info.text,
+            inner: &FsLoader,
+        };
+        let Some(spec) = compile(&loader.path, &loader)
+            .ok()
+            .and_then(|c| c.config.workers.into_iter().next())
+        else {
+            eprintln!("apm: cannot read the live config of `{}`", status.name);
+            return exit::FAILED;
+        };
+        match targets.iter_mut().find(|(path, _)| *path == target) {
+            Some((_, specs)) => specs.push(spec),
+            None => targets.push((target, vec![spec])),
+        }
+    }
+    // Saving everything back to where it came from also drops workers that
+    // are gone from the daemon; saving one worker touches only it.
+    let remove_missing = worker.is_none() && file.is_none();
+    for (target, specs) in targets {
+        let live: Vec<&apm_compiler::ir::WorkerSpec> = specs.iter().collect();
+        let files = if target.exists() {
+            match compile(&target, &FsLoader) {
+                Ok(compilation) if compilation.has_errors() => {
+                    eprintln!(
+                        "apm: {} has errors; fix them before saving into it",
+                        target.display()
+                    );
+                    return exit::FAILED;
+                }
+                Ok(compilation) => apm_compiler::save::save(&compilation, &live, remove_missing),
+                Err(e) => {
+                    eprintln!("apm: cannot read `{}`: {e}", target.display());
+                    return exit::USAGE;
+                }
+            }
+        } else {
+            vec![(
+                target.clone(),
+                specs
+                    .iter()
+                    .map(print::worker)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )]
+        };
+        for (path, text) in &files {
+            if let Err(e) = crate::files::write_atomically(path, text) {
+                eprintln!("apm: cannot write `{}`: {e}", path.display());
+                return exit::FAILED;
+            }
+        }
+        let names: Vec<&str> = specs.iter().map(|s| s.name.value.as_str()).collect();
+        let verb = if files.is_empty() {
+            "already up to date in"
+        } else {
+            "saved to"
+        };
+        println!("✓ {} {verb} {}", names.join(", "), target.display());
+    }
+    exit::OK
+}

@@ -148,6 +148,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write live workers back to the files they came from (comments and layout kept), or to FILE.
+    #[command(alias = "save")]
+    Saveconf {
+        worker: Option<String>,
+        file: Option<PathBuf>,
+    },
     /// Load the system config (`APM_CONFIG`, default /etc/apm/apm.conf), as the startup service does.
     Boot,
     /// Stop and remove the workers that came from a config file.
@@ -309,6 +315,9 @@ fn main() -> ExitCode {
             dry_run,
             json,
         } => commands::reload(&place, target, all, force, dry_run, json),
+        Command::Saveconf { worker, file } => {
+            commands::saveconf(&place, worker.as_deref(), file.as_deref())
+        }
         Command::Boot => {
             let file = std::env::var_os("APM_CONFIG")
                 .map_or_else(|| PathBuf::from("/etc/apm/apm.conf"), PathBuf::from);

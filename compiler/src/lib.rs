@@ -20,6 +20,7 @@ pub mod lower;
 pub mod plan;
 pub mod print;
 pub mod render;
+pub mod save;
 pub mod schema;
 pub mod source;
 pub mod syntax;

@@ -38,11 +38,23 @@ pub fn worker_with<K: AsRef<str>>(settings: &[(K, Vec<String>)], spec: &WorkerSp
         ("statsd", spec.statsd.as_ref().map(|s| s.settings())),
     ] {
         if let Some(settings) = settings {
-            let _ = writeln!(out, "\n    {name} {{");
-            statements(&mut out, "        ", &settings);
-            out.push_str("    }\n");
+            out.push('\n');
+            for line in nested(name, &settings).lines() {
+                let _ = writeln!(out, "    {line}");
+            }
         }
     }
+    out.push_str("}\n");
+    out
+}
+
+/// A nested block (`vanguard { }`, `statsd { }`) at the left margin.
+pub fn nested<K: AsRef<str>>(name: &str, settings: &[(K, Vec<String>)]) -> String {
+    if settings.is_empty() {
+        return format!("{name} {{ }}\n");
+    }
+    let mut out = format!("{name} {{\n");
+    statements(&mut out, "    ", settings);
     out.push_str("}\n");
     out
 }

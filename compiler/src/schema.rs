@@ -182,6 +182,8 @@ pub trait Slot: Sized {
     fn texts(&self) -> Option<Vec<String>>;
     /// The field's values as config text, defaults included.
     fn all_texts(&self) -> Vec<String>;
+    /// Where the field's values were written.
+    fn spans(&self) -> Vec<Span>;
 }
 
 fn parse_one<T: FromValue>(
@@ -290,6 +292,9 @@ impl<T: FromValue + ConfigText + Default> Slot for Setting<T> {
     fn all_texts(&self) -> Vec<String> {
         vec![self.value.config_text()]
     }
+    fn spans(&self) -> Vec<Span> {
+        self.span.into_iter().collect()
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         if let Some(occurrence) = &occurrence
             && let Some((text, span)) = single(def, occurrence, cx)
@@ -315,6 +320,9 @@ impl<T: FromValue + ConfigText> Slot for Option<Setting<T>> {
     fn all_texts(&self) -> Vec<String> {
         self.iter().map(|s| s.value.config_text()).collect()
     }
+    fn spans(&self) -> Vec<Span> {
+        self.iter().filter_map(|s| s.span).collect()
+    }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let occurrence = occurrence?;
         let (text, span) = single(def, &occurrence, cx)?;
@@ -329,6 +337,9 @@ impl<T: FromValue + ConfigText> Slot for Vec<Setting<T>> {
     }
     fn all_texts(&self) -> Vec<String> {
         self.iter().map(|s| s.value.config_text()).collect()
+    }
+    fn spans(&self) -> Vec<Span> {
+        self.iter().filter_map(|s| s.span).collect()
     }
     fn build(def: &'static KeyDef, occurrence: Option<Occurrence>, cx: &mut LowerCx) -> Self {
         let Some(occurrence) = occurrence else {
@@ -387,6 +398,11 @@ macro_rules! schema_block {
                     out.push((stringify!($field), texts));
                 } )*
                 out
+            }
+
+            /// Where each key's values were written (empty for defaults).
+            pub fn spans(&self) -> Vec<(&'static str, Vec<$crate::source::Span>)> {
+                vec![$( (stringify!($field), $crate::schema::Slot::spans(&self.$field)), )*]
             }
 
             /// Every key with its values as config text, defaults included, in

@@ -400,3 +400,69 @@ fn corpus_formats_idempotently_and_keeps_meaning() {
         }
     }
 }
+
+fn changed_lines(before: &str, after: &str) -> usize {
+    let diff = similar::TextDiff::from_lines(before, after);
+    diff.iter_all_changes()
+        .filter(|c| c.tag() != similar::ChangeTag::Equal)
+        .count()
+}
+
+/// `saveconf` keeps every byte of a file whose workers did not change, and
+/// a change of one value changes only its statement.
+#[test]
+fn corpus_saves_unchanged_files_byte_for_byte_and_edits_one_statement() {
+    use apm_compiler::schema::Setting;
+    use apm_compiler::values::Millis;
+    for case in cases().iter().filter(|c| c.kind == "ok") {
+        let compilation = compile(&case.root, &loader(case)).unwrap();
+        let live: Vec<_> = compilation.config.workers.iter().collect();
+        assert_eq!(
+            apm_compiler::save::save(&compilation, &live, true),
+            vec![],
+            "ok/{}: saving unchanged workers changed files",
+            case.name
+        );
+        let Some(first) = compilation.config.workers.first() else {
+            continue;
+        };
+        let mut edited = first.clone();
+        let span = first.kill_timeout.span.or(first.span);
+        edited.kill_timeout = Setting::new(Millis(12_345), span);
+        let mut live: Vec<_> = vec![&edited];
+        live.extend(compilation.config.workers.iter().skip(1));
+        let saved = apm_compiler::save::save(&compilation, &live, true);
+        assert_eq!(saved.len(), 1, "ok/{}: one file changes", case.name);
+        let (path, text) = &saved[0];
+        let before = String::from_utf8(
+            case.files
+                .iter()
+                .find(|(p, _)| p == path)
+                .unwrap()
+                .1
+                .clone(),
+        )
+        .unwrap();
+        // One line replaced, or one inserted (a one-line block changes its line).
+        assert!(
+            changed_lines(&before, text) <= 2,
+            "ok/{}:\n{text}",
+            case.name
+        );
+        let mut reloaded = loader(case);
+        reloaded.add_file(path, text.clone());
+        let again = compile(&case.root, &reloaded).unwrap();
+        assert_eq!(
+            again.diagnostics,
+            vec![],
+            "ok/{}: saved text has diagnostics:\n{text}",
+            case.name
+        );
+        assert_eq!(
+            again.config.workers[0].kill_timeout.value,
+            Millis(12_345),
+            "ok/{}:\n{text}",
+            case.name
+        );
+    }
+}

@@ -1422,3 +1422,51 @@ fn a_reload_of_a_broken_file_changes_nothing() {
     );
     assert_eq!(pid_map(&d), before);
 }
+
+#[test]
+fn saveconf_writes_live_changes_into_the_file_keeping_its_comments() {
+    let d = Daemon::new("saveconf");
+    let original = "# Our services\n\n# the API\nworker {\n    name      api;      # public\n    exec      sleep;\n    params    4301;\n    instances 1;        // scale me\n    startup_grace 100;\n}\n\n// background jobs\nworker {\n    name jobs;\n    exec sleep;\n    params 4302;\n    startup_grace 100;\n}\n";
+    let config = d.write("s.conf", original);
+    let file = config.to_str().unwrap();
+    d.ok(&["load", file]);
+    d.ok(&["saveconf"]);
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        original,
+        "nothing changed, nothing written"
+    );
+    d.ok(&[
+        "update",
+        "api",
+        "-instances",
+        "3",
+        "-kill_timeout",
+        "5s",
+        "-no-restart",
+    ]);
+    d.ok(&["rm", "jobs"]);
+    d.ok(&["saveconf"]);
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert_eq!(
+        saved,
+        "# Our services\n\n# the API\nworker {\n    name      api;      # public\n    exec      sleep;\n    params    4301;\n    instances 3;        // scale me\n    startup_grace 100;\n    kill_timeout 5s;\n}\n"
+    );
+    // A command-line worker is saved to a file named for it.
+    d.ok(&[
+        "run",
+        "sleep",
+        "4303",
+        "-name",
+        "extra",
+        "-startup_grace",
+        "100",
+    ]);
+    let extra = d.path("extra.conf");
+    d.ok(&["saveconf", "extra", &extra]);
+    let text = std::fs::read_to_string(&extra).unwrap();
+    assert!(
+        text.starts_with("worker {\n") && text.contains("name          extra;"),
+        "{text}"
+    );
+}

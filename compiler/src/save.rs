@@ -1,0 +1,386 @@
+//! `apm saveconf`: writes live workers back into the files they came from,
+//! the way toml_edit edits: the statements whose values changed are
+//! rewritten in place, missing ones are inserted before the block's `}`,
+//! dropped ones are deleted with their line, new workers are appended in the
+//! canonical layout and removed ones are deleted with the comments above
+//! them. Every other byte of the user's files stays as it was.
+//!
+//! Pure: it takes the compiled files and the live specs and returns the new
+//! texts; the caller writes them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use crate::Compilation;
+use crate::ir::WorkerSpec;
+use crate::schema::KeyDef;
+use crate::source::{FileId, Span};
+use crate::syntax::{self, Block, Item, Stmt};
+use crate::values::{Kind, quote};
+
+#[derive(Debug)]
+struct Edit {
+    start: usize,
+    end: usize,
+    text: String,
+}
+
+struct Saver<'a> {
+    compilation: &'a Compilation,
+    parsed: HashMap<FileId, Vec<Item>>,
+    edits: BTreeMap<FileId, Vec<Edit>>,
+}
+
+/// New texts for the files that change, so that the workers of
+/// `compilation` become `live`. With `remove_missing`, workers of the files
+/// that are not live are deleted.
+pub fn save(
+    compilation: &Compilation,
+    live: &[&WorkerSpec],
+    remove_missing: bool,
+) -> Vec<(PathBuf, String)> {
+    let mut saver = Saver {
+        compilation,
+        parsed: HashMap::new(),
+        edits: BTreeMap::new(),
+    };
+    let root = FileId(0);
+    for spec in live {
+        match compilation
+            .config
+            .workers
+            .iter()
+            .find(|w| w.name.value == spec.name.value)
+        {
+            Some(current) => saver.worker(current, spec),
+            None => {
+                let text = &compilation.sources.get(root).text;
+                // One blank line between the last block and the new one.
+                let separator = if text.is_empty() || text.ends_with("\n\n") {
+                    ""
+                } else if text.ends_with('\n') {
+                    "\n"
+                } else {
+                    "\n\n"
+                };
+                saver.edit(
+                    root,
+                    text.len(),
+                    text.len(),
+                    format!("{separator}{}", crate::print::worker(spec)),
+                );
+            }
+        }
+    }
+    if remove_missing {
+        for current in &compilation.config.workers {
+            if !live.iter().any(|l| l.name.value == current.name.value)
+                && let Some((file, block)) = current.span.and_then(|span| saver.block(span))
+            {
+                let (start, end) = saver.lines_of(file, block.span, true);
+                saver.edit(file, start, end, String::new());
+            }
+        }
+    }
+    saver.finish()
+}
+
+fn stmts_in<'i>(items: &'i [Item], out: &mut Vec<&'i Stmt>) {
+    for item in items {
+        match item {
+            Item::Stmt(stmt) => out.push(stmt),
+            Item::Block(block) => stmts_in(&block.items, out),
+        }
+    }
+}
+
+fn contains(outer: Span, inner: Span) -> bool {
+    outer.file == inner.file && outer.start <= inner.start && inner.end <= outer.end
+}
+
+impl Saver<'_> {
+    fn text(&self, file: FileId) -> &str {
+        &self.compilation.sources.get(file).text
+    }
+
+    fn items(&mut self, file: FileId) -> &[Item] {
+        if !self.parsed.contains_key(&file) {
+            let mut ignored = crate::diag::Diagnostics::default();
+            let items = syntax::parse(file, &self.compilation.sources.get(file).text, &mut ignored);
+            self.parsed.insert(file, items);
+        }
+        &self.parsed[&file]
+    }
+
+    /// The block opened by the keyword at `keyword`.
+    fn block(&mut self, keyword: Span) -> Option<(FileId, Block)> {
+        fn find(items: &[Item], keyword: Span) -> Option<&Block> {
+            items.iter().find_map(|item| match item {
+                Item::Block(block) if block.name.span == keyword => Some(block),
+                Item::Block(block) => find(&block.items, keyword),
+                Item::Stmt(_) => None,
+            })
+        }
+        let block = find(self.items(keyword.file), keyword)?.clone();
+        Some((keyword.file, block))
+    }
+
+    /// The statements holding these value spans, in order, without repeats.
+    fn statements(&mut self, spans: &[Span]) -> Vec<Stmt> {
+        let mut found: Vec<Stmt> = Vec::new();
+        for span in spans {
+            let mut all = Vec::new();
+            stmts_in(self.items(span.file), &mut all);
+            if let Some(stmt) = all.into_iter().find(|s| contains(s.span, *span))
+                && !found.iter().any(|f| f.span == stmt.span)
+            {
+                found.push(stmt.clone());
+            }
+        }
+        found
+    }
+
+    fn edit(&mut self, file: FileId, start: usize, end: usize, text: String) {
+        self.edits
+            .entry(file)
+            .or_default()
+            .push(Edit { start, end, text });
+    }
+
+    /// The byte range of whole lines covering `span` when nothing else
+    /// shares them (a trailing comment goes with them; with `comments_above`,
+    /// so do the comment lines right above); otherwise just the span.
+    fn lines_of(&self, file: FileId, span: Span, comments_above: bool) -> (usize, usize) {
+        let text = self.text(file);
+        let (start, end) = (span.start as usize, span.end as usize);
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[end..].find('\n').map_or(text.len(), |i| end + i + 1);
+        let before_alone = text[line_start..start].trim().is_empty();
+        let after = text[end..line_end].trim();
+        let after_alone = after.is_empty() || after.starts_with('#') || after.starts_with("//");
+        if !(before_alone && after_alone) {
+            let trailing = text[end..].len() - text[end..].trim_start_matches([' ', '\t']).len();
+            return (start, end + trailing);
+        }
+        let mut first = line_start;
+        while comments_above && first > 0 {
+            let previous_start = text[..first - 1].rfind('\n').map_or(0, |i| i + 1);
+            let previous = text[previous_start..first].trim();
+            if previous.starts_with('#') || previous.starts_with("//") {
+                first = previous_start;
+            } else {
+                break;
+            }
+        }
+        (first, line_end)
+    }
+
+    /// Where a new statement goes in a block: before its `}`, indented like
+    /// the block's statements.
+    fn insert(&mut self, file: FileId, block: &Block, statement: String) {
+        let text = self.text(file);
+        let close = block.span.end as usize - 1;
+        let line_start = text[..close].rfind('\n').map_or(0, |i| i + 1);
+        if !text[line_start..close].trim().is_empty() || text.as_bytes().get(close) != Some(&b'}') {
+            self.edit(file, close, close, format!("{statement} "));
+            return;
+        }
+        let first = block.items.first().map(|item| match item {
+            Item::Stmt(s) => s.span,
+            Item::Block(b) => b.span,
+        });
+        let indent = match first.filter(|span| span.file == file) {
+            Some(span)
+                if text[..span.start as usize]
+                    .rsplit('\n')
+                    .next()
+                    .is_some_and(|lead| lead.trim().is_empty()) =>
+            {
+                self.indent_of(file, span.start as usize)
+            }
+            _ => format!("{}    ", &text[line_start..close]),
+        };
+        self.edit(
+            file,
+            line_start,
+            line_start,
+            format!("{indent}{statement}\n"),
+        );
+    }
+
+    fn worker(&mut self, current: &WorkerSpec, live: &WorkerSpec) {
+        let Some((file, block)) = current.span.and_then(|span| self.block(span)) else {
+            return;
+        };
+        let written: Vec<&str> = live.settings().into_iter().map(|(k, _)| k).collect();
+        let spans = current.spans();
+        for (((def, before), (_, after)), (_, at)) in
+            current.values().into_iter().zip(live.values()).zip(spans)
+        {
+            if same(def, &before, &after) {
+                continue;
+            }
+            self.key(
+                file,
+                &block,
+                def,
+                &at,
+                written.contains(&def.name).then_some(&after),
+            );
+        }
+        for (name, before, after) in [
+            (
+                "vanguard",
+                current.vanguard.as_ref().map(|v| v.values()),
+                live.vanguard
+                    .as_ref()
+                    .map(|v| crate::print::nested("vanguard", &v.settings())),
+            ),
+            (
+                "statsd",
+                current.statsd.as_ref().map(|s| s.values()),
+                live.statsd
+                    .as_ref()
+                    .map(|s| crate::print::nested("statsd", &s.settings())),
+            ),
+        ] {
+            let live_values = match name {
+                "vanguard" => live.vanguard.as_ref().map(|v| v.values()),
+                _ => live.statsd.as_ref().map(|s| s.values()),
+            };
+            let unchanged = match (&before, &live_values) {
+                (Some(b), Some(a)) => b.iter().zip(a).all(|((def, x), (_, y))| same(def, x, y)),
+                (None, None) => true,
+                _ => false,
+            };
+            if unchanged {
+                continue;
+            }
+            let nested = block.items.iter().find_map(|i| match i {
+                Item::Block(b) if b.name.text == name => Some(b.clone()),
+                _ => None,
+            });
+            match (nested, after) {
+                (Some(old), Some(text)) => {
+                    let (start, end) = (old.span.start as usize, old.span.end as usize);
+                    let indent = self.indent_of(file, start);
+                    self.edit(file, start, end, indent_block(&text, &indent));
+                }
+                (Some(old), None) => {
+                    let (start, end) = self.lines_of(file, old.span, true);
+                    self.edit(file, start, end, String::new());
+                }
+                (None, Some(text)) => {
+                    let indent = self.block_indent(file, &block);
+                    let statement = indent_block(&text, &indent);
+                    self.insert(file, &block, statement.trim_start().to_owned());
+                }
+                (None, None) => {}
+            }
+        }
+    }
+
+    fn indent_of(&self, file: FileId, at: usize) -> String {
+        let text = self.text(file);
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        text[line_start..at]
+            .chars()
+            .take_while(|c| c.is_whitespace())
+            .collect()
+    }
+
+    fn block_indent(&self, file: FileId, block: &Block) -> String {
+        format!("{}    ", self.indent_of(file, block.span.start as usize))
+    }
+
+    /// Rewrites one key of a worker block: `after` is `None` when the live
+    /// worker leaves it at its default.
+    fn key(
+        &mut self,
+        file: FileId,
+        block: &Block,
+        def: &KeyDef,
+        at: &[Span],
+        after: Option<&Vec<String>>,
+    ) {
+        let statements = self.statements(at);
+        let values = after.map(|v| v.iter().map(|x| quote(x)).collect::<Vec<_>>().join(", "));
+        match (statements.split_first(), values) {
+            (None, Some(values)) => self.insert(file, block, format!("{} {values};", def.name)),
+            (None, None) => {}
+            (Some((first, rest)), values) => {
+                let stmt_file = first.span.file;
+                match values {
+                    Some(values) => match (first.values.first(), first.values.last()) {
+                        (Some(a), Some(b)) => self.edit(
+                            stmt_file,
+                            a.span.start as usize,
+                            b.span.end as usize,
+                            values,
+                        ),
+                        _ => self.edit(
+                            stmt_file,
+                            first.key.span.end as usize,
+                            first.key.span.end as usize,
+                            format!(" {values}"),
+                        ),
+                    },
+                    None => {
+                        let (start, end) = self.lines_of(stmt_file, first.span, false);
+                        self.edit(stmt_file, start, end, String::new());
+                    }
+                }
+                for other in rest {
+                    let (start, end) = self.lines_of(other.span.file, other.span, false);
+                    self.edit(other.span.file, start, end, String::new());
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<(PathBuf, String)> {
+        self.edits
+            .into_iter()
+            .map(|(file, mut edits)| {
+                let mut text = self.compilation.sources.get(file).text.clone();
+                edits.sort_by_key(|e| std::cmp::Reverse((e.start, e.end)));
+                for edit in edits {
+                    text.replace_range(edit.start..edit.end, &edit.text);
+                }
+                // A block deleted at the end leaves no blank line behind.
+                let original = &self.compilation.sources.get(file).text;
+                while text.ends_with("\n\n") && !original.ends_with("\n\n") {
+                    text.pop();
+                }
+                (self.compilation.sources.path(file).to_path_buf(), text)
+            })
+            .collect()
+    }
+}
+
+/// Whether two value lists mean the same (list order only matters for free text).
+fn same(def: &KeyDef, a: &[String], b: &[String]) -> bool {
+    if def.many && def.kind != Kind::Text {
+        let (mut a, mut b) = (a.to_vec(), b.to_vec());
+        a.sort();
+        b.sort();
+        return a == b;
+    }
+    a == b
+}
+
+/// A printed block re-indented to sit at `indent`.
+fn indent_block(text: &str, indent: &str) -> String {
+    text.trim_end()
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if i == 0 {
+                line.to_owned()
+            } else {
+                format!("{indent}{line}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use crate::client::{self, Place};
 use crate::exit;
 use crate::protocol::{Call, PROTOCOL, Pong, ReloadTarget, Request, Response, VERSION};
+use crate::watch::{self, Watcher};
 
 /// A request line longer than this is refused.
 const MAX_REQUEST: u64 = 1 << 20;
@@ -68,6 +69,7 @@ struct Daemon {
     supervisor: Handle,
     access: Access,
     exit: Notify,
+    watcher: Arc<Watcher>,
 }
 
 pub fn run(place: Place, detach: bool) -> u8 {
@@ -145,11 +147,19 @@ async fn serve(place: Place) -> u8 {
         owner: nix::unistd::geteuid(),
         allow_group: allow_group(&place.home),
     };
+    let (watcher, mut due) = Watcher::start();
     let daemon = Arc::new(Daemon {
         place,
         supervisor,
         access,
         exit: Notify::new(),
+        watcher,
+    });
+    let reloading = daemon.clone();
+    tokio::spawn(async move {
+        while let Some(due) = due.recv().await {
+            auto_reload(&reloading, due).await;
+        }
     });
     restore(&daemon).await;
     let loading = daemon.clone();
@@ -247,6 +257,12 @@ async fn restore(daemon: &Daemon) {
             }
             Err(e) => log(format_args!("cannot restore {}: {e}", worker.name)),
         }
+    }
+    // Files that workers came from are watched again, as when they were loaded.
+    let mut files: Vec<PathBuf> = files_of(&daemon.supervisor).await;
+    files.dedup();
+    for file in files {
+        let _ = compile_file(daemon, &file);
     }
     for name in to_start {
         let supervisor = daemon.supervisor.clone();
@@ -428,6 +444,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         }
         Call::Load { path } => load(daemon, &path).await?,
         Call::Unload { path } => {
+            daemon.watcher.forget(&path);
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut removed = Vec::new();
             for status in statuses
@@ -653,12 +670,26 @@ fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
     compile_block(&print::worker_with(&settings, spec))
 }
 
-/// The plan that reloading `path` would apply, with the file's new specs.
-async fn file_plan(
-    daemon: &Daemon,
-    path: &Path,
-    force: bool,
-) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
+/// The config files the registered workers came from, sorted.
+async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
+    let statuses = supervisor
+        .call(|reply| Command::List { reply })
+        .await
+        .unwrap_or_default();
+    let mut files: Vec<PathBuf> = statuses
+        .into_iter()
+        .filter_map(|s| match s.origin {
+            Origin::File { path } => Some(path),
+            Origin::Cli { .. } => None,
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Compiles a loaded config file; one without errors is watched for
+/// `auto_reload` and `watch_conf`.
+fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
     let compilation = compile(path, &FsLoader).map_err(|e| {
         Response::error(
             exit::USAGE,
@@ -675,6 +706,53 @@ async fn file_plan(
             ),
         ));
     }
+    daemon.watcher.track(path, &compilation);
+    Ok(compilation)
+}
+
+/// A reload the watcher found due: errors keep the running config and go
+/// to the daemon log with their file, line and column.
+async fn auto_reload(daemon: &Daemon, due: watch::Due) {
+    let (mut plan, specs) = match file_plan(daemon, &due.root, false).await {
+        Ok(found) => found,
+        Err(response) => {
+            log(format_args!(
+                "auto reload of {}: {}",
+                due.root.display(),
+                response.error.unwrap_or_default().trim_end()
+            ));
+            return;
+        }
+    };
+    if let Some(only) = &due.only {
+        plan.steps
+            .retain(|step| only.iter().any(|w| w == step.worker()));
+    }
+    if plan.is_noop() {
+        return;
+    }
+    log(format_args!(
+        "auto reload of {}:\n{}",
+        due.root.display(),
+        plan.render().trim_end()
+    ));
+    for applied in apply(daemon, &due.root, &plan, specs).await {
+        if let Some(error) = applied.error {
+            log(format_args!(
+                "auto reload: {} {}: {error}",
+                applied.action, applied.worker
+            ));
+        }
+    }
+}
+
+/// The plan that reloading `path` would apply, with the file's new specs.
+async fn file_plan(
+    daemon: &Daemon,
+    path: &Path,
+    force: bool,
+) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
+    let compilation = compile_file(daemon, path)?;
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
     for status in statuses.into_iter().filter(|s| {
@@ -728,9 +806,7 @@ async fn reload_targets(
             )),
         },
         ReloadTarget::All => {
-            let mut files: Vec<PathBuf> =
-                statuses.iter().filter_map(|s| file_of(&s.origin)).collect();
-            files.sort();
+            let mut files = files_of(&daemon.supervisor).await;
             files.dedup();
             Ok(files.into_iter().map(|f| (f, None)).collect())
         }
@@ -850,18 +926,7 @@ async fn apply(
 /// All are registered before any starts, so `depends_on` holds whatever the
 /// order of the file.
 async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
-    let compilation = compile(path, &FsLoader).map_err(|e| {
-        Response::error(
-            exit::USAGE,
-            format!("cannot read `{}`: {e}", path.display()),
-        )
-    })?;
-    if compilation.has_errors() {
-        return Err(Response::error(
-            exit::FAILED,
-            render::human(&compilation, false),
-        ));
-    }
+    let compilation = compile_file(daemon, path)?;
     let existing = call(daemon, |reply| Command::List { reply }).await?;
     let mut to_start = Vec::new();
     let mut skipped = Vec::new();

@@ -7,6 +7,7 @@ mod daemon;
 mod files;
 mod flags;
 mod protocol;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

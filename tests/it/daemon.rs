@@ -1470,3 +1470,51 @@ fn saveconf_writes_live_changes_into_the_file_keeping_its_comments() {
         "{text}"
     );
 }
+
+#[test]
+fn auto_reload_applies_an_edit_of_an_included_file_and_ignores_a_broken_one() {
+    let d = Daemon::new("auto_reload");
+    d.write(
+        "apm.conf",
+        "daemon { auto_reload true; }\ninclude conf.d/*.conf;\n",
+    );
+    std::fs::create_dir_all(d.dir().join("conf.d")).unwrap();
+    d.write(
+        "conf.d/a.conf",
+        "worker { name a; exec sleep; params 4401; startup_grace 100; }\n",
+    );
+    d.ok(&["load", &d.path("apm.conf")]);
+    let first = pids(&d.wait_running("a"))[0];
+    // An editor's save: write a new file, rename it over the old one.
+    d.write(
+        "conf.d/.a.conf.swp",
+        "worker { name a; exec sleep; params 4401; startup_grace 100; instances 2; }\n",
+    );
+    std::fs::rename(
+        d.dir().join("conf.d/.a.conf.swp"),
+        d.dir().join("conf.d/a.conf"),
+    )
+    .unwrap();
+    wait_until(PATIENCE, "the edit to scale a to 2", || {
+        d.worker("a").is_some_and(|w| pids(&w).len() == 2)
+    });
+    assert_eq!(
+        pids(&d.worker("a").unwrap())[0],
+        first,
+        "scaling kept instance 0"
+    );
+    // A new file matching the include glob is picked up too.
+    d.write(
+        "conf.d/b.conf",
+        "worker { name b; exec sleep; params 4402; startup_grace 100; }\n",
+    );
+    d.wait_running("b");
+    // A broken edit is logged with its position and changes nothing.
+    d.write("conf.d/b.conf", "worker { name b exec sleep; }\n");
+    let log = d.dir().join("home/apm.log");
+    wait_until(PATIENCE, "the broken edit to be logged", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("b.conf:1:17"))
+    });
+    assert!(d.worker("b").is_some(), "b still runs");
+    assert_eq!(pids(&d.worker("a").unwrap()).len(), 2);
+}

@@ -204,17 +204,42 @@ pub fn changes(old: &WorkerSpec, new: &WorkerSpec) -> Vec<Change> {
     out
 }
 
+fn same_settings(a: &WorkerSpec, b: &WorkerSpec) -> bool {
+    a.same_settings(b)
+        && match (&a.vanguard, &b.vanguard) {
+            (Some(x), Some(y)) => x.same_settings(y),
+            (x, y) => x.is_none() && y.is_none(),
+        }
+        && match (&a.statsd, &b.statsd) {
+            (Some(x), Some(y)) => x.same_settings(y),
+            (x, y) => x.is_none() && y.is_none(),
+        }
+}
+
 /// The plan that turns the workers `old` into `new`. With `force`,
 /// unchanged workers restart too.
 pub fn diff(old: &[&WorkerSpec], new: &[&WorkerSpec], force: bool) -> Plan {
+    let by_name = |specs: &[&WorkerSpec]| -> std::collections::HashMap<String, usize> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.value.clone(), i))
+            .collect()
+    };
+    let (old_index, new_index) = (by_name(old), by_name(new));
     let mut steps = Vec::new();
     for spec in new {
         let name = spec.name.value.clone();
-        let Some(before) = old.iter().find(|o| o.name.value == name) else {
+        let Some(before) = old_index.get(&name).map(|&i| old[i]) else {
             steps.push(Step::Start { worker: name });
             continue;
         };
-        let changes = changes(before, spec);
+        // Most workers of a large config are unchanged: compare values first.
+        let changes = if same_settings(before, spec) {
+            Vec::new()
+        } else {
+            changes(before, spec)
+        };
         let restart = changes.iter().any(|c| c.reload == Reload::Restart);
         steps.push(match (restart, changes.is_empty(), force) {
             (true, _, _) => Step::Restart {
@@ -240,7 +265,7 @@ pub fn diff(old: &[&WorkerSpec], new: &[&WorkerSpec], force: bool) -> Plan {
         });
     }
     for spec in old {
-        if !new.iter().any(|n| n.name.value == spec.name.value) {
+        if !new_index.contains_key(&spec.name.value) {
             steps.push(Step::Stop {
                 worker: spec.name.value.clone(),
             });

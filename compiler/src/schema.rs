@@ -400,6 +400,11 @@ macro_rules! schema_block {
                 out
             }
 
+            /// Whether every key has the same value in both (spans aside).
+            pub fn same_settings(&self, other: &Self) -> bool {
+                true $( && self.$field == other.$field )*
+            }
+
             /// Where each key's values were written (empty for defaults).
             pub fn spans(&self) -> Vec<(&'static str, Vec<$crate::source::Span>)> {
                 vec![$( (stringify!($field), $crate::schema::Slot::spans(&self.$field)), )*]

@@ -1518,3 +1518,31 @@ fn auto_reload_applies_an_edit_of_an_included_file_and_ignores_a_broken_one() {
     assert!(d.worker("b").is_some(), "b still runs");
     assert_eq!(pids(&d.worker("a").unwrap()).len(), 2);
 }
+
+#[test]
+fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
+    let d = Daemon::new("watch_conf");
+    let text = |watched: u32, other: u32| {
+        format!(
+            "worker {{ name watched; exec sleep; params 4501; startup_grace 100; watch_conf true; instances {watched}; }}\n\
+             worker {{ name other; exec sleep; params 4502; startup_grace 100; instances {other}; }}\n"
+        )
+    };
+    let config = d.write("apm.conf", &text(1, 1));
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("watched");
+    d.write("apm.conf", &text(2, 2));
+    wait_until(PATIENCE, "watched to scale to 2", || {
+        d.worker("watched").is_some_and(|w| pids(&w).len() == 2)
+    });
+    let log = std::fs::read_to_string(d.dir().join("home/apm.log")).unwrap();
+    assert!(
+        log.contains("↕ scale watched 1 → 2") && !log.contains("scale other"),
+        "{log}"
+    );
+    assert_eq!(
+        pids(&d.worker("other").unwrap()).len(),
+        1,
+        "other has no watch_conf"
+    );
+}

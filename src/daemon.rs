@@ -852,17 +852,10 @@ async fn apply(
         let (action, result) = match step {
             plan::Step::Unchanged { .. } => continue,
             plan::Step::Start { .. } => match spec() {
-                Some(spec) => (
-                    "start",
-                    sup.call(|reply| Command::Register {
-                        name: name.clone(),
-                        spec,
-                        origin,
-                        start: true,
-                        reply,
-                    })
-                    .await,
-                ),
+                Some(spec) => {
+                    let start = spec.autostart.value;
+                    ("start", sup.call(|reply| Command::Register { name: name.clone(), spec, origin, start, reply }).await)
+                }
                 None => continue,
             },
             plan::Step::Stop { .. } => (
@@ -932,8 +925,11 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
     let mut skipped = Vec::new();
     for spec in compilation.config.workers {
         let name = spec.name.value.clone();
+        let autostart = spec.autostart.value;
         match existing.iter().find(|s| s.name == name) {
             Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => skipped.push(name),
+            // `autostart false`: registered, started only by `apm start`.
+            Some(_) if !autostart => skipped.push(name),
             Some(_) => to_start.push(name),
             None => {
                 let origin = Origin::File {
@@ -947,7 +943,11 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
                     reply,
                 })
                 .await?;
-                to_start.push(name);
+                if autostart {
+                    to_start.push(name);
+                } else {
+                    skipped.push(name);
+                }
             }
         }
     }

@@ -54,6 +54,7 @@ schema_block! {
         instances: Setting<u32> = Kind::Int { min: 1, max: 4096 }, default Some("1"), since "2.0", reload Hot, "Number of parallel child processes; the proxy round-robins across them.";
         user: Option<Setting<String>> = Kind::User, default None, since "2.0", reload Restart, "Run children as this OS user (the daemon must run as root).";
         depends_on: Vec<Setting<String>> = Kind::WorkerName, default None, since "2.0", reload Hot, "Workers that must be running before this one starts.";
+        autostart: Setting<bool> = BOOL, default Some("true"), since "2.2", reload Hot, "Start the worker when its file is loaded; false registers it stopped, for `apm start` later.";
         depends_timeout: Setting<Millis> = MS, default Some("30000"), since "2.0", reload Hot, "How long to wait for depends_on before starting anyway.";
         // Environment
         env: Vec<Setting<EnvVar>> = Kind::EnvPair, default None, since "2.0", reload Restart, "Environment variables for the children, KEY=value.";

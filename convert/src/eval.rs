@@ -1,0 +1,226 @@
+//! Evaluating an ecosystem file to its JSON value: JavaScript (CommonJS or
+//! ESM) with the embedded boa engine in a sandbox, JSON as PM2 reads it (a
+//! JavaScript expression), YAML with a YAML parser; or the local `node`.
+
+use std::path::Path;
+
+use boa_engine::builtins::promise::PromiseState;
+use boa_engine::module::Module;
+use boa_engine::{Context, JsString, JsValue, NativeFunction, Source, js_string};
+use serde_json::Value;
+
+/// Files larger than this are refused before evaluation.
+pub const MAX_SIZE: u64 = 4 * 1024 * 1024;
+/// Loop iterations a file may run: enough for any real config, and an
+/// infinite loop ends with an error instead of a hang.
+const LOOP_LIMIT: u64 = 10_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    CommonJs,
+    Module,
+    Json,
+    Yaml,
+}
+
+/// How to read a file: by extension, and `"type": "module"` in the nearest
+/// package.json for `.js`.
+pub fn shape(path: &Path, source: &str) -> Shape {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "json" => Shape::Json,
+        "yml" | "yaml" => Shape::Yaml,
+        "mjs" => Shape::Module,
+        "cjs" => Shape::CommonJs,
+        _ if package_type_module(path) || looks_like_module(source) => Shape::Module,
+        _ => Shape::CommonJs,
+    }
+}
+
+fn package_type_module(path: &Path) -> bool {
+    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let mut dir = dir.as_deref();
+    while let Some(d) = dir {
+        if let Ok(text) = std::fs::read_to_string(d.join("package.json")) {
+            return serde_json::from_str::<Value>(&text).is_ok_and(|v| v["type"] == "module");
+        }
+        dir = d.parent();
+    }
+    false
+}
+
+fn looks_like_module(source: &str) -> bool {
+    source.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with("export default") || l.starts_with("export const") || l.starts_with("import ")
+    })
+}
+
+/// The environment the file sees as `process.env`.
+pub struct Sandbox<'a> {
+    pub env: &'a [(String, String)],
+    pub cpus: usize,
+}
+
+pub fn evaluate(path: &Path, source: &str, sandbox: &Sandbox) -> Result<Value, String> {
+    match shape(path, source) {
+        Shape::Yaml => serde_yaml_ng::from_str(source).map_err(|e| format!("invalid YAML: {e}")),
+        shape => run_boa(path, source, shape, sandbox),
+    }
+}
+
+fn js_error(error: boa_engine::JsError, context: &mut Context) -> String {
+    match error.try_native(context) {
+        Ok(native) => native.to_string(),
+        Err(_) => error.to_string(),
+    }
+}
+
+/// Globals of the CommonJS wrapper: `module`, `exports`, `require` of the
+/// few modules ecosystem files use, `process`, `__dirname`, `__filename`.
+fn prelude(path: &Path, sandbox: &Sandbox) -> String {
+    let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = file.parent().unwrap_or(Path::new("/"));
+    let env: serde_json::Map<String, Value> = sandbox.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let json = |s: &str| Value::String(s.to_owned()).to_string();
+    format!(
+        r#"
+var module = {{ exports: {{}} }};
+var exports = module.exports;
+var __filename = {file};
+var __dirname = {dir};
+var process = {{ env: {env}, cwd: function () {{ return __dirname; }}, platform: "linux", argv: ["node", __filename], versions: {{}} }};
+var __apm_modules = {{
+  path: {{
+    sep: "/",
+    join: function () {{ return Array.prototype.slice.call(arguments).filter(function (p) {{ return p !== ""; }}).join("/").replace(/\/+/g, "/"); }},
+    resolve: function () {{
+      var parts = Array.prototype.slice.call(arguments), out = __dirname;
+      parts.forEach(function (p) {{ out = p.charAt(0) === "/" ? p : out + "/" + p; }});
+      var stack = [];
+      out.split("/").forEach(function (s) {{ if (s === "..") stack.pop(); else if (s !== "" && s !== ".") stack.push(s); }});
+      return "/" + stack.join("/");
+    }},
+    dirname: function (p) {{ var i = p.lastIndexOf("/"); return i <= 0 ? (i === 0 ? "/" : ".") : p.slice(0, i); }},
+    basename: function (p, ext) {{ var b = p.slice(p.lastIndexOf("/") + 1); return ext && b.slice(-ext.length) === ext ? b.slice(0, -ext.length) : b; }},
+    extname: function (p) {{ var b = p.slice(p.lastIndexOf("/") + 1), i = b.lastIndexOf("."); return i <= 0 ? "" : b.slice(i); }}
+  }},
+  os: {{
+    cpus: function () {{ var a = []; for (var i = 0; i < {cpus}; i++) a.push({{ model: "cpu", speed: 0 }}); return a; }},
+    hostname: function () {{ return "localhost"; }},
+    platform: function () {{ return "linux"; }},
+    homedir: function () {{ return process.env.HOME || "/root"; }},
+    EOL: "\n"
+  }},
+  dotenv: {{
+    config: function (options) {{
+      var text = __apm_read_dotenv(options && options.path ? String(options.path) : "");
+      var parsed = {{}};
+      text.split("\n").forEach(function (line) {{
+        var m = line.match(/^\s*(?:export\s+)?([\w.-]+)\s*=\s*(.*)?\s*$/);
+        if (!m) return;
+        var v = (m[2] || "").trim();
+        if ((v.charAt(0) === '"' && v.slice(-1) === '"') || (v.charAt(0) === "'" && v.slice(-1) === "'")) v = v.slice(1, -1);
+        parsed[m[1]] = v;
+        if (process.env[m[1]] === undefined) process.env[m[1]] = v;
+      }});
+      return {{ parsed: parsed }};
+    }}
+  }}
+}};
+function require(name) {{
+  name = String(name).replace(/^node:/, "");
+  if (__apm_modules[name]) return __apm_modules[name];
+  throw new Error("require('" + name + "') is not available when apm convert evaluates the file itself; run `apm convert --node` to evaluate it with the local node");
+}}
+"#,
+        file = json(&file.display().to_string()),
+        dir = json(&dir.display().to_string()),
+        env = Value::Object(env),
+        cpus = sandbox.cpus,
+    )
+}
+
+fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result<Value, String> {
+    let mut context = Context::default();
+    context.runtime_limits_mut().set_loop_iteration_limit(LOOP_LIMIT);
+    context.runtime_limits_mut().set_recursion_limit(2_000);
+    // The one file the sandbox may read besides the ecosystem file: `.env`.
+    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
+    let read_dotenv = NativeFunction::from_copy_closure_with_captures(
+        |_, args, dir: &std::path::PathBuf, context| {
+            let requested = args.first().map(|a| a.to_string(context)).transpose()?.map(|s| s.to_std_string_escaped()).unwrap_or_default();
+            let path = if requested.is_empty() { dir.join(".env") } else { dir.join(requested) };
+            let allowed = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".env"));
+            let text = if allowed { std::fs::read_to_string(&path).unwrap_or_default() } else { String::new() };
+            Ok(JsValue::from(JsString::from(text.as_str())))
+        },
+        dir,
+    );
+    context
+        .register_global_callable(js_string!("__apm_read_dotenv"), 1, read_dotenv)
+        .map_err(|e| e.to_string())?;
+    context.eval(Source::from_bytes(&prelude(path, sandbox))).map_err(|e| js_error(e, &mut context))?;
+    let value = match shape {
+        Shape::Json => context.eval(Source::from_bytes(&format!("({source}\n)"))),
+        Shape::CommonJs => {
+            // The wrapper opens on the first line, so line numbers stay the file's.
+            let wrapped = format!("(function (module, exports, require, __dirname, __filename) {{{source}\n}})(module, exports, require, __dirname, __filename); module.exports");
+            context.eval(Source::from_bytes(&wrapped))
+        }
+        Shape::Module => return module_exports(source, &mut context),
+        Shape::Yaml => unreachable!("YAML is not JavaScript"),
+    };
+    let value = value.map_err(|e| js_error(e, &mut context))?;
+    to_json(&value, &mut context)
+}
+
+fn to_json(value: &JsValue, context: &mut Context) -> Result<Value, String> {
+    value.to_json(context).map_err(|e| js_error(e, context)).map(|v| v.unwrap_or(Value::Null))
+}
+
+/// An ES module's `default` export, or its named `apps` export.
+fn module_exports(source: &str, context: &mut Context) -> Result<Value, String> {
+    let module = Module::parse(Source::from_bytes(source), None, context).map_err(|e| js_error(e, context))?;
+    let promise = module.load_link_evaluate(context);
+    context.run_jobs().map_err(|e| js_error(e, context))?;
+    if let PromiseState::Rejected(error) = promise.state() {
+        let error = boa_engine::JsError::from_opaque(error);
+        return Err(js_error(error, context));
+    }
+    let namespace = module.namespace(context);
+    let default = namespace.get(js_string!("default"), context).map_err(|e| js_error(e, context))?;
+    if !default.is_undefined() {
+        return to_json(&default, context);
+    }
+    let apps = namespace.get(js_string!("apps"), context).map_err(|e| js_error(e, context))?;
+    if apps.is_undefined() {
+        return Err("the module exports neither `default` nor `apps`".to_owned());
+    }
+    Ok(serde_json::json!({ "apps": to_json(&apps, context)? }))
+}
+
+/// Evaluates with the local `node`, for files that require real packages.
+pub fn evaluate_with_node(path: &Path) -> Result<Value, String> {
+    let absolute = std::path::absolute(path).map_err(|e| e.to_string())?;
+    let file = Value::String(absolute.display().to_string()).to_string();
+    let script = match shape(path, &std::fs::read_to_string(path).unwrap_or_default()) {
+        Shape::Module => format!(
+            "import({file}.startsWith('/') ? 'file://' + {file} : {file}).then(m => process.stdout.write(JSON.stringify(m.default !== undefined ? m.default : {{ apps: m.apps }})), e => {{ console.error(String(e && e.stack || e)); process.exit(1); }})"
+        ),
+        _ => format!("process.stdout.write(JSON.stringify(require({file})))"),
+    };
+    let output = std::process::Command::new("node")
+        .args(["-e", &script])
+        .current_dir(absolute.parent().unwrap_or(Path::new("/")))
+        .output()
+        .map_err(|e| format!("cannot run node: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("node could not evaluate the file:\n{}", String::from_utf8_lossy(&output.stderr).trim_end()));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("node printed something that is not JSON: {e}"))
+}
+
+pub fn node_available() -> bool {
+    std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+

@@ -3,6 +3,7 @@
 mod check;
 mod client;
 mod commands;
+mod convert;
 mod daemon;
 mod files;
 mod flags;
@@ -171,6 +172,20 @@ enum Command {
     Check(check::CheckArgs),
     /// Explain a diagnostic code such as E0004; without a code, list them all.
     Explain { code: Option<String> },
+    /// Convert a PM2 ecosystem file to apm config, to stdout or OUTPUT.
+    Convert {
+        file: PathBuf,
+        output: Option<PathBuf>,
+        /// Evaluate the file with the local node (for files that require packages).
+        #[arg(long)]
+        node: bool,
+        /// Merge `env_NAME` over `env`, like `pm2 start --env NAME`.
+        #[arg(long, value_name = "NAME")]
+        env: Option<String>,
+        /// Overwrite OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Rewrite a config file in the canonical layout, comments kept.
     Fmt {
         file: PathBuf,
@@ -335,5 +350,6 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
+        Command::Convert { file, output, node, env, force } => convert::run(&file, output.as_deref(), node, env, force),
     })
 }

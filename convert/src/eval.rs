@@ -11,6 +11,8 @@ use serde_json::Value;
 
 /// Files larger than this are refused before evaluation.
 pub const MAX_SIZE: u64 = 4 * 1024 * 1024;
+/// How long the local node may take to evaluate a file.
+const NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Loop iterations a file may run: enough for any real config, and an
 /// infinite loop ends with an error instead of a hang.
 const LOOP_LIMIT: u64 = 10_000_000;
@@ -69,10 +71,14 @@ pub fn evaluate(path: &Path, source: &str, sandbox: &Sandbox) -> Result<Value, S
 }
 
 fn js_error(error: boa_engine::JsError, context: &mut Context) -> String {
-    match error.try_native(context) {
+    let message = match error.try_native(context) {
         Ok(native) => native.to_string(),
         Err(_) => error.to_string(),
+    };
+    if message.starts_with("RuntimeLimitError") {
+        return format!("the file did not finish: it ran over {LOOP_LIMIT} loop iterations or too deep a recursion (an infinite loop?)\n{message}");
     }
+    message
 }
 
 /// Globals of the CommonJS wrapper: `module`, `exports`, `require` of the
@@ -209,11 +215,24 @@ pub fn evaluate_with_node(path: &Path) -> Result<Value, String> {
         ),
         _ => format!("process.stdout.write(JSON.stringify(require({file})))"),
     };
-    let output = std::process::Command::new("node")
+    let mut child = std::process::Command::new("node")
         .args(["-e", &script])
         .current_dir(absolute.parent().unwrap_or(Path::new("/")))
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot run node: {e}"))?;
+    // A file that never finishes must not hang the conversion.
+    let deadline = std::time::Instant::now() + NODE_TIMEOUT;
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("node did not finish evaluating the file within {} s", NODE_TIMEOUT.as_secs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
     if !output.status.success() {
         return Err(format!("node could not evaluate the file:\n{}", String::from_utf8_lossy(&output.stderr).trim_end()));
     }

@@ -1,6 +1,7 @@
 //! apm's integration tests, one binary so that they link once.
 
 mod cli;
+mod convert;
 mod corpus;
 mod daemon;
 mod docs;

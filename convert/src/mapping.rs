@@ -1,0 +1,481 @@
+//! The PM2 field table: what each field of an app becomes in apm, or why
+//! it has none. The conversion and `docs/convert.md` both come from `FIELDS`.
+
+use serde_json::{Map, Value};
+
+/// What converting one app collects: settings in order, warnings (`# WARN:`
+/// above the block) and notes (`# NOTE:`).
+#[derive(Debug, Default)]
+pub struct Out {
+    pub settings: Vec<(String, Vec<String>)>,
+    pub warnings: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+impl Out {
+    pub fn set(&mut self, key: &str, values: Vec<String>) {
+        match self.settings.iter_mut().find(|(k, _)| k == key) {
+            Some((_, existing)) => *existing = values,
+            None => self.settings.push((key.to_owned(), values)),
+        }
+    }
+
+    fn set1(&mut self, key: &str, value: impl Into<String>) {
+        self.set(key, vec![value.into()]);
+    }
+
+    fn warn(&mut self, text: impl Into<String>) {
+        self.warnings.push(text.into());
+    }
+
+    fn note(&mut self, text: impl Into<String>) {
+        self.notes.push(text.into());
+    }
+}
+
+/// One app of the ecosystem file, with what the conversion knows around it.
+pub struct App<'a> {
+    pub fields: &'a Map<String, Value>,
+    /// The directory of the ecosystem file.
+    pub dir: &'a str,
+    pub cpus: usize,
+}
+
+impl App<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key).filter(|v| !v.is_null())
+    }
+
+    fn truthy(&self, key: &str) -> Option<bool> {
+        self.get(key).map(|v| match v {
+            Value::Bool(b) => *b,
+            Value::String(s) => !matches!(s.as_str(), "false" | "0" | ""),
+            Value::Number(n) => n.as_f64() != Some(0.0),
+            _ => true,
+        })
+    }
+
+    /// The app's port when it can be known: `env.PORT`, `port`.
+    pub fn port(&self) -> Option<String> {
+        self.get("port")
+            .or_else(|| self.get("env").and_then(|e| e.get("PORT")))
+            .map(scalar)
+            .filter(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
+    }
+
+    fn cluster(&self) -> bool {
+        self.get("exec_mode").is_some_and(|m| matches!(m.as_str(), Some("cluster" | "cluster_mode")))
+    }
+}
+
+/// A JSON value as the text of one config value.
+pub fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A string or an array of strings (PM2 accepts both in many fields).
+fn list(value: &Value) -> Vec<String> {
+    match value {
+        Value::Array(items) => items.iter().map(scalar).collect(),
+        Value::String(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        other => vec![scalar(other)],
+    }
+}
+
+/// Milliseconds from PM2's numbers or strings like "10s".
+fn millis(value: &Value) -> String {
+    scalar(value)
+}
+
+pub struct Field {
+    /// The PM2 field; `env_*` stands for every `env_NAME`.
+    pub pm2: &'static str,
+    /// What it becomes, for the docs.
+    pub becomes: &'static str,
+    pub convert: fn(&App, &Value, &mut Out),
+}
+
+fn none(_: &App, _: &Value, _: &mut Out) {}
+
+macro_rules! field {
+    ($pm2:literal, $becomes:literal, $convert:expr) => {
+        Field { pm2: $pm2, becomes: $becomes, convert: $convert }
+    };
+}
+
+/// Interpreters PM2 picks by the script's extension.
+const INTERPRETERS: &[(&str, &str)] = &[
+    ("js", "node"),
+    ("cjs", "node"),
+    ("mjs", "node"),
+    ("ts", "node"),
+    ("py", "python3"),
+    ("sh", "bash"),
+    ("rb", "ruby"),
+    ("pl", "perl"),
+    ("php", "php"),
+    ("coffee", "coffee"),
+];
+
+fn launch(app: &App, _: &Value, out: &mut Out) {
+    let Some(script) = app.get("script").map(scalar) else { return };
+    let explicit = app.get("interpreter").or_else(|| app.get("exec_interpreter")).map(scalar);
+    let extension = script.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
+    let interpreter = match explicit.as_deref() {
+        Some("none") | Some("") => None,
+        Some(i) => Some(i.to_owned()),
+        None => INTERPRETERS.iter().find(|(e, _)| *e == extension).map(|(_, i)| (*i).to_owned()),
+    };
+    if extension == "ts" && explicit.is_none() {
+        out.warn("`script` is TypeScript: PM2 runs it through ts-node; set `exec` to your TypeScript runner (e.g. `exec npx; params tsx, app.ts;`)");
+    }
+    let mut params: Vec<String> = Vec::new();
+    for key in ["interpreter_args", "node_args"] {
+        if let Some(value) = app.get(key) {
+            params.extend(shell_words(value, out, key));
+        }
+    }
+    let exec = match interpreter {
+        Some(interpreter) => {
+            params.push(script);
+            interpreter
+        }
+        None => script,
+    };
+    if let Some(args) = app.get("args") {
+        params.extend(shell_words(args, out, "args"));
+    }
+    out.set1("exec", exec);
+    if !params.is_empty() {
+        out.set("params", params);
+    }
+}
+
+/// `args` as a string is split like a shell would; as an array it is taken as is.
+fn shell_words(value: &Value, out: &mut Out, key: &str) -> Vec<String> {
+    match value {
+        Value::Array(items) => items.iter().map(scalar).collect(),
+        other => {
+            let text = scalar(other);
+            shell_words::split(&text).unwrap_or_else(|e| {
+                out.warn(format!("`{key}` could not be split like a shell would ({e}); it is passed as one argument"));
+                vec![text]
+            })
+        }
+    }
+}
+
+fn name(_: &App, value: &Value, out: &mut Out) {
+    let original = scalar(value);
+    let name: String = original.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' }).collect();
+    if name != original {
+        out.note(format!("name `{original}` became `{name}`: apm names use letters, digits, `_`, `.` and `-`"));
+    }
+    out.set1("name", name);
+}
+
+fn cwd(app: &App, value: &Value, out: &mut Out) {
+    let _ = app;
+    out.set1("path", scalar(value));
+}
+
+fn instances(app: &App, value: &Value, out: &mut Out) {
+    let text = scalar(value);
+    let count = match text.parse::<i64>() {
+        Ok(n) if n > 0 => n as usize,
+        Ok(0) | Err(_) if text == "0" || text == "max" => app.cpus,
+        Ok(n) if n < 0 => app.cpus.saturating_sub(n.unsigned_abs() as usize).max(1),
+        _ => {
+            out.warn(format!("`instances: {text}` is not a count; 1 instance is used"));
+            1
+        }
+    };
+    if count != text.parse::<usize>().unwrap_or(0) {
+        out.note(format!("instances `{text}` is {count} on this machine ({} CPUs) at conversion time", app.cpus));
+    }
+    if count > 1 {
+        out.set1("instances", count.to_string());
+    }
+}
+
+fn exec_mode(app: &App, _: &Value, out: &mut Out) {
+    if !app.cluster() {
+        return;
+    }
+    // Cluster mode shares one port between instances; apm gives each
+    // instance its own port and load-balances the original one.
+    out.set1("upstream", "port");
+    out.set1("port_env", "PORT");
+    match app.port() {
+        Some(port) => {
+            out.set("server", vec![format!("http://0.0.0.0:{port}")]);
+            out.note(format!("cluster mode: apm listens on port {port} and gives each instance its own port in PORT"));
+        }
+        None => out.warn("cluster mode without a known port: add `server http://0.0.0.0:PORT;` for the port the app listens on"),
+    }
+}
+
+fn env(app: &App, value: &Value, out: &mut Out) {
+    let Value::Object(vars) = value else {
+        out.warn("`env` is not an object and is ignored");
+        return;
+    };
+    let mut entries: Vec<String> = Vec::new();
+    for (key, value) in vars {
+        // In cluster mode apm sets PORT per instance.
+        if app.cluster() && key == "PORT" && app.port().is_some() {
+            continue;
+        }
+        entries.push(format!("{key}={}", scalar(value)));
+    }
+    if !entries.is_empty() {
+        let existing = out.settings.iter().find(|(k, _)| k == "env").map(|(_, v)| v.clone()).unwrap_or_default();
+        out.set("env", [existing, entries].concat());
+    }
+}
+
+fn autorestart(_: &App, value: &Value, out: &mut Out) {
+    let on = !matches!(value, Value::Bool(false)) && scalar(value) != "false";
+    out.set1("restart", on.to_string());
+    out.set1("restart_err", on.to_string());
+}
+
+fn max_restarts(_: &App, value: &Value, out: &mut Out) {
+    out.set1("max_err_restarts", scalar(value));
+}
+
+fn min_uptime(_: &App, value: &Value, out: &mut Out) {
+    out.set1("err_grace", millis(value));
+}
+
+fn restart_delay(_: &App, value: &Value, out: &mut Out) {
+    out.set1("restart_delay", millis(value));
+    out.set1("err_delay", millis(value));
+}
+
+fn kill_timeout(_: &App, value: &Value, out: &mut Out) {
+    out.set1("kill_timeout", millis(value));
+    out.note("PM2 stops with SIGINT, apm with SIGTERM: make sure the app handles SIGTERM");
+}
+
+fn stop_exit_codes(_: &App, value: &Value, out: &mut Out) {
+    let codes = list(value);
+    if codes == ["0"] {
+        out.set1("restart", "false");
+        return;
+    }
+    out.warn(format!(
+        "`stop_exit_codes: {}` (no restart on these codes) has no direct equivalent: apm's `restart_on_exit_codes` lists the codes that do restart",
+        codes.join(", ")
+    ));
+}
+
+fn watch(app: &App, value: &Value, out: &mut Out) {
+    let globs = match value {
+        Value::Bool(false) => return,
+        Value::Bool(true) => vec!["*".to_owned()],
+        other => list(other),
+    };
+    out.set("watch", globs);
+    // PM2 never watches node_modules or dot-files.
+    let mut ignore = vec!["*node_modules*".to_owned(), ".*".to_owned()];
+    if let Some(more) = app.get("ignore_watch") {
+        ignore.extend(list(more));
+    }
+    out.set("watch_ignore", ignore);
+}
+
+fn watch_delay(_: &App, value: &Value, out: &mut Out) {
+    out.set1("watch_delay", millis(value));
+}
+
+fn logs(app: &App, _: &Value, out: &mut Out) {
+    if app.truthy("disable_logs") == Some(true) {
+        out.set1("log", "/dev/null");
+        return;
+    }
+    let out_file = app.get("out_file").or_else(|| app.get("output")).map(scalar);
+    let err_file = app.get("error_file").or_else(|| app.get("error")).map(scalar);
+    let combined = app.get("log_file").or_else(|| app.get("log")).map(scalar);
+    match (out_file, err_file, combined) {
+        (None, None, Some(combined)) => out.set1("log", combined),
+        (out_file, err_file, combined) => {
+            if let Some(file) = out_file {
+                out.set1("log", file);
+            }
+            if let Some(file) = err_file {
+                out.set1("err_log", file);
+            }
+            if combined.is_some() {
+                out.warn("`log_file` (both streams combined, besides out_file and error_file) is dropped: apm writes each stream once");
+            }
+        }
+    }
+}
+
+/// day.js tokens to strftime, longest first.
+const DATE_TOKENS: &[(&str, &str)] = &[
+    ("YYYY", "%Y"),
+    ("YY", "%y"),
+    ("MM", "%m"),
+    ("DD", "%d"),
+    ("HH", "%H"),
+    ("hh", "%I"),
+    ("mm", "%M"),
+    ("ss", "%S"),
+    ("SSS", "%3f"),
+    ("ZZ", "%z"),
+    ("Z", "%:z"),
+    ("A", "%p"),
+];
+
+fn log_date_format(_: &App, value: &Value, out: &mut Out) {
+    let format = scalar(value);
+    let mut result = String::new();
+    let mut rest = format.as_str();
+    'outer: while !rest.is_empty() {
+        for (token, strftime) in DATE_TOKENS {
+            if let Some(after) = rest.strip_prefix(token) {
+                result.push_str(strftime);
+                rest = after;
+                continue 'outer;
+            }
+        }
+        let c = rest.chars().next().unwrap_or_default();
+        result.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out.set1("log_time_format", result);
+}
+
+fn uid(_: &App, value: &Value, out: &mut Out) {
+    out.set1("user", scalar(value));
+}
+
+fn instance_var(_: &App, value: &Value, out: &mut Out) {
+    out.set1("env_index", scalar(value));
+}
+
+fn increment_var(app: &App, value: &Value, out: &mut Out) {
+    let var = scalar(value);
+    if var == "PORT" && app.cluster() {
+        return; // each instance gets its own PORT in `upstream port` mode
+    }
+    out.warn(format!("`increment_var {var}` has no equivalent; `env_index` gives each instance its index in a variable to add to a base value"));
+}
+
+fn max_memory_restart(_: &App, value: &Value, out: &mut Out) {
+    out.set1("memory_limit", scalar(value));
+    out.note("max_memory_restart becomes a cgroup memory limit: the kernel ends the process on breach and the restart policy applies (needs a root daemon)");
+}
+
+fn listen_timeout(_: &App, value: &Value, out: &mut Out) {
+    out.set1("startup_grace", millis(value));
+}
+
+fn autostart(_: &App, value: &Value, out: &mut Out) {
+    if matches!(value, Value::Bool(false)) {
+        out.set1("autostart", "false");
+    }
+}
+
+fn port(app: &App, value: &Value, out: &mut Out) {
+    if !app.cluster() {
+        let existing = out.settings.iter().find(|(k, _)| k == "env").map(|(_, v)| v.clone()).unwrap_or_default();
+        out.set("env", [existing, vec![format!("PORT={}", scalar(value))]].concat());
+    }
+}
+
+fn filter_env(_: &App, _: &Value, out: &mut Out) {
+    out.warn("`filter_env` has no equivalent: children inherit the daemon's environment plus `env`");
+}
+
+/// Every PM2 app field apm knows, in the order the output is built.
+pub static FIELDS: &[Field] = &[
+    field!("name", "`name` (characters apm does not allow become `-`)", name),
+    field!("script", "`exec`: the interpreter (explicit, or by extension: .js → node, .py → python3, .sh → bash, .rb → ruby, .pl → perl, .php → php), then the script in `params`; `interpreter none` runs the script itself", launch),
+    field!("interpreter", "see `script`", none),
+    field!("exec_interpreter", "see `script` (older name of `interpreter`)", none),
+    field!("interpreter_args", "`params` before the script", none),
+    field!("node_args", "`params` before the script", none),
+    field!("args", "`params` after the script; a string is split like a shell would", none),
+    field!("cwd", "`path`; without it, the ecosystem file's directory", cwd),
+    field!("instances", "`instances`; `max`, `0` and `-1` become the CPU count at conversion time (`-N`: CPUs minus N), with a note", instances),
+    field!("exec_mode", "`cluster` becomes `upstream port; port_env PORT;` and `server http://0.0.0.0:PORT` when the port is known (`env.PORT`, `port`), else a warning saying what to add", exec_mode),
+    field!("env", "`env KEY=value` entries (objects become JSON); in cluster mode PORT is left to apm", env),
+    field!("env_*", "with `--env NAME`, `env_NAME` is merged over `env`, as `pm2 start --env NAME` does; the others are ignored", none),
+    field!("port", "`env PORT=…` in fork mode; the listener port in cluster mode", port),
+    field!("filter_env", "no equivalent (warning): children inherit the daemon's environment", filter_env),
+    field!("instance_var", "`env_index`", instance_var),
+    field!("increment_var", "none: in cluster mode each instance gets its own `PORT`; otherwise a warning suggesting `env_index`", increment_var),
+    field!("autorestart", "`restart` and `restart_err` (PM2 restarts after clean and error exits alike; default on)", autorestart),
+    field!("max_restarts", "`max_err_restarts`", max_restarts),
+    field!("min_uptime", "`err_grace`: a process up that long gets a fresh restart budget", min_uptime),
+    field!("restart_delay", "`restart_delay` and `err_delay`", restart_delay),
+    field!("exp_backoff_restart_delay", "no equivalent (warning): use `restart_delay`/`err_delay`", |_, _, out| out.warn("`exp_backoff_restart_delay` has no equivalent: apm waits `err_delay` before every restart")),
+    field!("kill_timeout", "`kill_timeout`, with a note that PM2 stops with SIGINT and apm with SIGTERM", kill_timeout),
+    field!("stop_exit_codes", "`[0]` becomes `restart false`; other lists a warning (apm lists the codes that do restart, in `restart_on_exit_codes`)", stop_exit_codes),
+    field!("shutdown_with_message", "no equivalent (warning)", |_, _, out| out.warn("`shutdown_with_message` has no equivalent: apm stops with SIGTERM")),
+    field!("cron_restart", "no equivalent (warning): schedule `apm restart NAME` with cron", |_, _, out| out.warn("`cron_restart` has no equivalent: schedule `apm restart <name>` with cron or a systemd timer")),
+    field!("wait_ready", "no equivalent (warning): `startup_grace` is how long a start is watched", |_, _, out| out.warn("`wait_ready` has no equivalent: apm considers an instance up after `startup_grace`")),
+    field!("listen_timeout", "`startup_grace`", listen_timeout),
+    field!("watch", "`watch` (true watches everything, `*`), with `watch_ignore *node_modules*, .*` as PM2 never watches those", watch),
+    field!("ignore_watch", "`watch_ignore`, after the PM2 defaults", none),
+    field!("watch_delay", "`watch_delay`", watch_delay),
+    field!("watch_options", "no equivalent (warning): apm watches with inotify", |_, _, out| out.warn("`watch_options` (chokidar options) has no equivalent: apm watches with inotify")),
+    field!("out_file", "`log`", logs),
+    field!("output", "`log` (older name of `out_file`)", none),
+    field!("error_file", "`err_log`", none),
+    field!("error", "`err_log` (older name of `error_file`)", none),
+    field!("log_file", "`log` when neither `out_file` nor `error_file` is set; otherwise dropped with a warning", none),
+    field!("log", "see `log_file`", none),
+    field!("disable_logs", "`log /dev/null`", none),
+    field!("merge_logs", "none needed: apm writes every instance of a worker to one file, each line prefixed with `name#N`", none),
+    field!("combine_logs", "see `merge_logs`", none),
+    field!("log_date_format", "`log_time_format`, day.js tokens translated to strftime (YYYY → %Y, MM → %m, DD → %d, HH → %H, mm → %M, ss → %S, SSS → %3f, Z → %:z)", log_date_format),
+    field!("time", "none needed: apm timestamps every line", none),
+    field!("log_type", "no equivalent (warning): apm writes text lines", |_, _, out| out.warn("`log_type` (json logs) has no equivalent: apm writes timestamped text lines")),
+    field!("uid", "`user`", uid),
+    field!("gid", "no equivalent (warning): apm runs children with `user`'s groups", |_, _, out| out.warn("`gid` has no equivalent: a child runs with the groups of its `user`")),
+    field!("max_memory_restart", "`memory_limit` (a cgroup limit), with a note", max_memory_restart),
+    field!("autostart", "`autostart false` registers the worker stopped", autostart),
+    field!("namespace", "no equivalent (warning)", |_, _, out| out.warn("`namespace` has no equivalent: act on workers by name")),
+    field!("treekill", "none needed: apm always stops the whole process group", none),
+    field!("source_map_support", "no equivalent (warning): pass `--enable-source-maps` in `node_args`", |_, _, out| out.warn("`source_map_support` has no equivalent: add `--enable-source-maps` to the node params")),
+    field!("vizion", "no equivalent (warning): apm does not track versioning metadata", |_, _, out| out.warn("`vizion` (versioning metadata) has no equivalent")),
+    field!("pmx", "no equivalent (warning): PM2's monitoring agent", |_, _, out| out.warn("`pmx` (PM2's monitoring agent) has no equivalent")),
+    field!("automation", "no equivalent (warning): PM2's monitoring agent", |_, _, out| out.warn("`automation` (PM2's monitoring agent) has no equivalent")),
+    field!("force", "no equivalent (warning): apm refuses duplicate names", |_, _, out| out.warn("`force` has no equivalent: apm worker names are unique")),
+    field!("windowsHide", "none needed: apm runs on Linux only", none),
+    field!("append_env_to_name", "no equivalent (warning)", |_, _, out| out.warn("`append_env_to_name` has no equivalent: set `name` yourself")),
+];
+
+/// Runs the table over one app. Unknown fields get a warning.
+pub fn convert(app: &App) -> Out {
+    let mut out = Out::default();
+    for field in FIELDS {
+        let value = if field.pm2 == "script" { app.get("script").cloned().unwrap_or(Value::Null) } else { app.get(field.pm2).cloned().unwrap_or(Value::Null) };
+        if value.is_null() && !matches!(field.pm2, "out_file") {
+            continue;
+        }
+        (field.convert)(app, &value, &mut out);
+    }
+    // PM2's defaults that differ from apm's.
+    if app.get("autorestart").is_none() {
+        autorestart(app, &Value::Bool(true), &mut out);
+    }
+    if app.get("cwd").is_none() {
+        out.set1("path", app.dir);
+    }
+    for key in app.fields.keys() {
+        let known = FIELDS.iter().any(|f| f.pm2 == key) || key.starts_with("env_");
+        if !known {
+            out.warn(format!("unknown PM2 field `{key}` is ignored"));
+        }
+    }
+    out
+}

@@ -13,14 +13,21 @@ pub fn run(file: &Path, output: Option<&Path>, node: bool, env: Option<String>, 
         }
     };
     if size > apm_convert::eval::MAX_SIZE {
-        eprintln!("apm: `{}` is {size} bytes; an ecosystem file over {} bytes is not evaluated", file.display(), apm_convert::eval::MAX_SIZE);
+        eprintln!(
+            "apm: `{}` is {size} bytes; an ecosystem file over {} bytes is not evaluated",
+            file.display(),
+            apm_convert::eval::MAX_SIZE
+        );
         return exit::FAILED;
     }
     if let Some(output) = output
         && output.exists()
         && !force
     {
-        eprintln!("apm: `{}` exists; add --force to overwrite it", output.display());
+        eprintln!(
+            "apm: `{}` exists; add --force to overwrite it",
+            output.display()
+        );
         return exit::USAGE;
     }
     let source = match std::fs::read(file) {
@@ -44,12 +51,22 @@ pub fn run(file: &Path, output: Option<&Path>, node: bool, env: Option<String>, 
         }
     };
     for warning in &converted.warnings {
-        eprintln!("{}:{}:{}: warning: {}", file.display(), warning.line, warning.column, warning.message);
+        eprintln!(
+            "{}:{}:{}: warning: {}",
+            file.display(),
+            warning.line,
+            warning.column,
+            warning.message
+        );
     }
     match output {
         Some(output) => match crate::files::write_atomically(output, &converted.text) {
             Ok(()) => {
-                eprintln!("wrote {}; check it with `apm check {}`", output.display(), output.display());
+                eprintln!(
+                    "wrote {}; check it with `apm check {}`",
+                    output.display(),
+                    output.display()
+                );
                 exit::OK
             }
             Err(e) => {

@@ -854,7 +854,17 @@ async fn apply(
             plan::Step::Start { .. } => match spec() {
                 Some(spec) => {
                     let start = spec.autostart.value;
-                    ("start", sup.call(|reply| Command::Register { name: name.clone(), spec, origin, start, reply }).await)
+                    (
+                        "start",
+                        sup.call(|reply| Command::Register {
+                            name: name.clone(),
+                            spec,
+                            origin,
+                            start,
+                            reply,
+                        })
+                        .await,
+                    )
                 }
                 None => continue,
             },

@@ -350,6 +350,12 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
-        Command::Convert { file, output, node, env, force } => convert::run(&file, output.as_deref(), node, env, force),
+        Command::Convert {
+            file,
+            output,
+            node,
+            env,
+            force,
+        } => convert::run(&file, output.as_deref(), node, env, force),
     })
 }

@@ -39,7 +39,9 @@ pub fn shape(path: &Path, source: &str) -> Shape {
 }
 
 fn package_type_module(path: &Path) -> bool {
-    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let dir = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
     let mut dir = dir.as_deref();
     while let Some(d) = dir {
         if let Ok(text) = std::fs::read_to_string(d.join("package.json")) {
@@ -76,7 +78,9 @@ fn js_error(error: boa_engine::JsError, context: &mut Context) -> String {
         Err(_) => error.to_string(),
     };
     if message.starts_with("RuntimeLimitError") {
-        return format!("the file did not finish: it ran over {LOOP_LIMIT} loop iterations or too deep a recursion (an infinite loop?)\n{message}");
+        return format!(
+            "the file did not finish: it ran over {LOOP_LIMIT} loop iterations or too deep a recursion (an infinite loop?)\n{message}"
+        );
     }
     message
 }
@@ -86,7 +90,11 @@ fn js_error(error: boa_engine::JsError, context: &mut Context) -> String {
 fn prelude(path: &Path, sandbox: &Sandbox) -> String {
     let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let dir = file.parent().unwrap_or(Path::new("/"));
-    let env: serde_json::Map<String, Value> = sandbox.env.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let env: serde_json::Map<String, Value> = sandbox
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     let json = |s: &str| Value::String(s.to_owned()).to_string();
     format!(
         r#"
@@ -148,16 +156,36 @@ function require(name) {{
 
 fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result<Value, String> {
     let mut context = Context::default();
-    context.runtime_limits_mut().set_loop_iteration_limit(LOOP_LIMIT);
+    context
+        .runtime_limits_mut()
+        .set_loop_iteration_limit(LOOP_LIMIT);
     context.runtime_limits_mut().set_recursion_limit(2_000);
     // The one file the sandbox may read besides the ecosystem file: `.env`.
-    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
+    let dir = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
     let read_dotenv = NativeFunction::from_copy_closure_with_captures(
         |_, args, dir: &std::path::PathBuf, context| {
-            let requested = args.first().map(|a| a.to_string(context)).transpose()?.map(|s| s.to_std_string_escaped()).unwrap_or_default();
-            let path = if requested.is_empty() { dir.join(".env") } else { dir.join(requested) };
-            let allowed = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".env"));
-            let text = if allowed { std::fs::read_to_string(&path).unwrap_or_default() } else { String::new() };
+            let requested = args
+                .first()
+                .map(|a| a.to_string(context))
+                .transpose()?
+                .map(|s| s.to_std_string_escaped())
+                .unwrap_or_default();
+            let path = if requested.is_empty() {
+                dir.join(".env")
+            } else {
+                dir.join(requested)
+            };
+            let allowed = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".env"));
+            let text = if allowed {
+                std::fs::read_to_string(&path).unwrap_or_default()
+            } else {
+                String::new()
+            };
             Ok(JsValue::from(JsString::from(text.as_str())))
         },
         dir,
@@ -165,12 +193,16 @@ fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result
     context
         .register_global_callable(js_string!("__apm_read_dotenv"), 1, read_dotenv)
         .map_err(|e| e.to_string())?;
-    context.eval(Source::from_bytes(&prelude(path, sandbox))).map_err(|e| js_error(e, &mut context))?;
+    context
+        .eval(Source::from_bytes(&prelude(path, sandbox)))
+        .map_err(|e| js_error(e, &mut context))?;
     let value = match shape {
         Shape::Json => context.eval(Source::from_bytes(&format!("({source}\n)"))),
         Shape::CommonJs => {
             // The wrapper opens on the first line, so line numbers stay the file's.
-            let wrapped = format!("(function (module, exports, require, __dirname, __filename) {{{source}\n}})(module, exports, require, __dirname, __filename); module.exports");
+            let wrapped = format!(
+                "(function (module, exports, require, __dirname, __filename) {{{source}\n}})(module, exports, require, __dirname, __filename); module.exports"
+            );
             context.eval(Source::from_bytes(&wrapped))
         }
         Shape::Module => return module_exports(source, &mut context),
@@ -181,12 +213,16 @@ fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result
 }
 
 fn to_json(value: &JsValue, context: &mut Context) -> Result<Value, String> {
-    value.to_json(context).map_err(|e| js_error(e, context)).map(|v| v.unwrap_or(Value::Null))
+    value
+        .to_json(context)
+        .map_err(|e| js_error(e, context))
+        .map(|v| v.unwrap_or(Value::Null))
 }
 
 /// An ES module's `default` export, or its named `apps` export.
 fn module_exports(source: &str, context: &mut Context) -> Result<Value, String> {
-    let module = Module::parse(Source::from_bytes(source), None, context).map_err(|e| js_error(e, context))?;
+    let module = Module::parse(Source::from_bytes(source), None, context)
+        .map_err(|e| js_error(e, context))?;
     let promise = module.load_link_evaluate(context);
     context.run_jobs().map_err(|e| js_error(e, context))?;
     if let PromiseState::Rejected(error) = promise.state() {
@@ -194,11 +230,15 @@ fn module_exports(source: &str, context: &mut Context) -> Result<Value, String> 
         return Err(js_error(error, context));
     }
     let namespace = module.namespace(context);
-    let default = namespace.get(js_string!("default"), context).map_err(|e| js_error(e, context))?;
+    let default = namespace
+        .get(js_string!("default"), context)
+        .map_err(|e| js_error(e, context))?;
     if !default.is_undefined() {
         return to_json(&default, context);
     }
-    let apps = namespace.get(js_string!("apps"), context).map_err(|e| js_error(e, context))?;
+    let apps = namespace
+        .get(js_string!("apps"), context)
+        .map_err(|e| js_error(e, context))?;
     if apps.is_undefined() {
         return Err("the module exports neither `default` nor `apps`".to_owned());
     }
@@ -228,18 +268,27 @@ pub fn evaluate_with_node(path: &Path) -> Result<Value, String> {
         if std::time::Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("node did not finish evaluating the file within {} s", NODE_TIMEOUT.as_secs()));
+            return Err(format!(
+                "node did not finish evaluating the file within {} s",
+                NODE_TIMEOUT.as_secs()
+            ));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let output = child.wait_with_output().map_err(|e| e.to_string())?;
     if !output.status.success() {
-        return Err(format!("node could not evaluate the file:\n{}", String::from_utf8_lossy(&output.stderr).trim_end()));
+        return Err(format!(
+            "node could not evaluate the file:\n{}",
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        ));
     }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("node printed something that is not JSON: {e}"))
+    serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("node printed something that is not JSON: {e}"))
 }
 
 pub fn node_available() -> bool {
-    std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
-

@@ -58,7 +58,12 @@ fn apps(value: Value) -> Result<(Vec<Value>, Vec<String>), String> {
             }
         }
         Value::Null => return Err("the file exports nothing (is `module.exports` set?)".to_owned()),
-        other => return Err(format!("the file exports {}, not an object with `apps`", kind(&other))),
+        other => {
+            return Err(format!(
+                "the file exports {}, not an object with `apps`",
+                kind(&other)
+            ));
+        }
     };
     Ok((apps, notes))
 }
@@ -77,17 +82,32 @@ fn kind(value: &Value) -> &'static str {
 /// Where an app is in the source: its name's string literal, else `apps`.
 fn position(source: &str, name: Option<&str>) -> (usize, usize) {
     let needles: Vec<String> = match name {
-        Some(name) => ["'", "\"", "`"].iter().map(|q| format!("{q}{name}{q}")).chain([format!("name: {name}")]).collect(),
+        Some(name) => ["'", "\"", "`"]
+            .iter()
+            .map(|q| format!("{q}{name}{q}"))
+            .chain([format!("name: {name}")])
+            .collect(),
         None => vec!["apps".to_owned()],
     };
-    let offset = needles.iter().filter_map(|n| source.find(n.as_str())).min().unwrap_or(0);
+    let offset = needles
+        .iter()
+        .filter_map(|n| source.find(n.as_str()))
+        .min()
+        .unwrap_or(0);
     let line = source[..offset].matches('\n').count() + 1;
-    let column = source[..offset].rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let column = source[..offset]
+        .rsplit('\n')
+        .next()
+        .map_or(0, |l| l.chars().count())
+        + 1;
     (line, column)
 }
 
 pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted, String> {
-    let sandbox = eval::Sandbox { env: &options.process_env, cpus: options.cpus };
+    let sandbox = eval::Sandbox {
+        env: &options.process_env,
+        cpus: options.cpus,
+    };
     let (value, evaluated_by) = if options.node {
         (eval::evaluate_with_node(path)?, "node")
     } else {
@@ -95,28 +115,52 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
             Ok(value) => (value, "boa"),
             // node stands in for what the embedded engine cannot do (a real
             // package, syntax it lacks), not for a file that never ends.
-            Err(error) if eval::shape(path, source) != eval::Shape::Yaml && !error.contains("did not finish") && eval::node_available() => {
-                let value = eval::evaluate_with_node(path).map_err(|node_error| format!("{error}\n(node could not evaluate it either: {node_error})"))?;
+            Err(error)
+                if eval::shape(path, source) != eval::Shape::Yaml
+                    && !error.contains("did not finish")
+                    && eval::node_available() =>
+            {
+                let value = eval::evaluate_with_node(path).map_err(|node_error| {
+                    format!("{error}\n(node could not evaluate it either: {node_error})")
+                })?;
                 (value, "node")
             }
             Err(error) => return Err(error),
         }
     };
     let (apps, notes) = apps(value)?;
-    let dir = std::path::absolute(path).ok().and_then(|p| p.parent().map(|d| d.display().to_string())).unwrap_or_default();
-    let file_name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let dir = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()))
+        .unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let mut text = format!("# Converted from {file_name} by `apm convert`.\n");
     if evaluated_by == "node" && !options.node {
-        text.push_str("# NOTE: evaluated with the local node: the embedded engine could not run the file.\n");
+        text.push_str(
+            "# NOTE: evaluated with the local node: the embedded engine could not run the file.\n",
+        );
     }
     for note in &notes {
         let _ = writeln!(text, "# WARN: {note}");
     }
-    let mut warnings: Vec<Warning> = notes.into_iter().map(|message| Warning { line: 1, column: 1, message }).collect();
+    let mut warnings: Vec<Warning> = notes
+        .into_iter()
+        .map(|message| Warning {
+            line: 1,
+            column: 1,
+            message,
+        })
+        .collect();
     let mut converted = 0;
     for (index, app) in apps.iter().enumerate() {
         let Value::Object(fields) = app else {
-            warnings.push(Warning { line: 1, column: 1, message: format!("app #{index} is {}, not an object; skipped", kind(app)) });
+            warnings.push(Warning {
+                line: 1,
+                column: 1,
+                message: format!("app #{index} is {}, not an object; skipped", kind(app)),
+            });
             continue;
         };
         let fields = merge_env(fields, options.env.as_deref());
@@ -124,18 +168,33 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
         let (line, column) = position(source, name.as_deref());
         if !fields.contains_key("script") {
             let which = name.map_or(format!("app #{index}"), |n| format!("app `{n}`"));
-            warnings.push(Warning { line, column, message: format!("{which} has no `script`; skipped") });
-            let _ = writeln!(text, "\n# WARN: {which} has no `script` and was not converted");
+            warnings.push(Warning {
+                line,
+                column,
+                message: format!("{which} has no `script`; skipped"),
+            });
+            let _ = writeln!(
+                text,
+                "\n# WARN: {which} has no `script` and was not converted"
+            );
             continue;
         }
-        let out = mapping::convert(&mapping::App { fields: &fields, dir: &dir, cpus: options.cpus });
+        let out = mapping::convert(&mapping::App {
+            fields: &fields,
+            dir: &dir,
+            cpus: options.cpus,
+        });
         text.push('\n');
         for note in &out.notes {
             let _ = writeln!(text, "# NOTE: {note}");
         }
         for warning in &out.warnings {
             let _ = writeln!(text, "# WARN: {warning}");
-            warnings.push(Warning { line, column, message: warning.clone() });
+            warnings.push(Warning {
+                line,
+                column,
+                message: warning.clone(),
+            });
         }
         text.push_str(&apm_compiler::print::nested("worker", &out.settings));
         converted += 1;
@@ -143,7 +202,11 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
     if converted == 0 {
         return Err("no app could be converted (every app needs `script`)".to_owned());
     }
-    Ok(Converted { text, warnings, evaluated_by })
+    Ok(Converted {
+        text,
+        warnings,
+        evaluated_by,
+    })
 }
 
 /// `env_NAME` merged over `env` for `--env NAME`.
@@ -174,7 +237,12 @@ pub fn mapping_reference() -> String {
          fails and node is installed).\n\n| PM2 field | in apm |\n|---|---|\n",
     );
     for field in mapping::FIELDS {
-        let _ = writeln!(out, "| `{}` | {} |", field.pm2, field.becomes.replace('|', "\\|"));
+        let _ = writeln!(
+            out,
+            "| `{}` | {} |",
+            field.pm2,
+            field.becomes.replace('|', "\\|")
+        );
     }
     out.push_str("\nAny other field is reported as unknown and ignored. Every app also gets `path` (its `cwd`, else the ecosystem file's directory) and, unless `autorestart: false`, `restart` and `restart_err`, since PM2 restarts by default.\n");
     out

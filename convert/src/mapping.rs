@@ -64,7 +64,8 @@ impl App<'_> {
     }
 
     fn cluster(&self) -> bool {
-        self.get("exec_mode").is_some_and(|m| matches!(m.as_str(), Some("cluster" | "cluster_mode")))
+        self.get("exec_mode")
+            .is_some_and(|m| matches!(m.as_str(), Some("cluster" | "cluster_mode")))
     }
 }
 
@@ -81,7 +82,12 @@ pub fn scalar(value: &Value) -> String {
 fn list(value: &Value) -> Vec<String> {
     match value {
         Value::Array(items) => items.iter().map(scalar).collect(),
-        Value::String(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        Value::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
         other => vec![scalar(other)],
     }
 }
@@ -103,7 +109,11 @@ fn none(_: &App, _: &Value, _: &mut Out) {}
 
 macro_rules! field {
     ($pm2:literal, $becomes:literal, $convert:expr) => {
-        Field { pm2: $pm2, becomes: $becomes, convert: $convert }
+        Field {
+            pm2: $pm2,
+            becomes: $becomes,
+            convert: $convert,
+        }
     };
 }
 
@@ -122,13 +132,21 @@ const INTERPRETERS: &[(&str, &str)] = &[
 ];
 
 fn launch(app: &App, _: &Value, out: &mut Out) {
-    let Some(script) = app.get("script").map(scalar) else { return };
-    let explicit = app.get("interpreter").or_else(|| app.get("exec_interpreter")).map(scalar);
+    let Some(script) = app.get("script").map(scalar) else {
+        return;
+    };
+    let explicit = app
+        .get("interpreter")
+        .or_else(|| app.get("exec_interpreter"))
+        .map(scalar);
     let extension = script.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
     let interpreter = match explicit.as_deref() {
         Some("none") | Some("") => None,
         Some(i) => Some(i.to_owned()),
-        None => INTERPRETERS.iter().find(|(e, _)| *e == extension).map(|(_, i)| (*i).to_owned()),
+        None => INTERPRETERS
+            .iter()
+            .find(|(e, _)| *e == extension)
+            .map(|(_, i)| (*i).to_owned()),
     };
     if extension == "ts" && explicit.is_none() {
         out.warn("`script` is TypeScript: PM2 runs it through ts-node; set `exec` to your TypeScript runner (e.g. `exec npx; params tsx, app.ts;`)");
@@ -171,9 +189,20 @@ fn shell_words(value: &Value, out: &mut Out, key: &str) -> Vec<String> {
 
 fn name(_: &App, value: &Value, out: &mut Out) {
     let original = scalar(value);
-    let name: String = original.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' }).collect();
+    let name: String = original
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     if name != original {
-        out.note(format!("name `{original}` became `{name}`: apm names use letters, digits, `_`, `.` and `-`"));
+        out.note(format!(
+            "name `{original}` became `{name}`: apm names use letters, digits, `_`, `.` and `-`"
+        ));
     }
     out.set1("name", name);
 }
@@ -190,12 +219,17 @@ fn instances(app: &App, value: &Value, out: &mut Out) {
         Ok(0) | Err(_) if text == "0" || text == "max" => app.cpus,
         Ok(n) if n < 0 => app.cpus.saturating_sub(n.unsigned_abs() as usize).max(1),
         _ => {
-            out.warn(format!("`instances: {text}` is not a count; 1 instance is used"));
+            out.warn(format!(
+                "`instances: {text}` is not a count; 1 instance is used"
+            ));
             1
         }
     };
     if count != text.parse::<usize>().unwrap_or(0) {
-        out.note(format!("instances `{text}` is {count} on this machine ({} CPUs) at conversion time", app.cpus));
+        out.note(format!(
+            "instances `{text}` is {count} on this machine ({} CPUs) at conversion time",
+            app.cpus
+        ));
     }
     if count > 1 {
         out.set1("instances", count.to_string());
@@ -233,7 +267,12 @@ fn env(app: &App, value: &Value, out: &mut Out) {
         entries.push(format!("{key}={}", scalar(value)));
     }
     if !entries.is_empty() {
-        let existing = out.settings.iter().find(|(k, _)| k == "env").map(|(_, v)| v.clone()).unwrap_or_default();
+        let existing = out
+            .settings
+            .iter()
+            .find(|(k, _)| k == "env")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         out.set("env", [existing, entries].concat());
     }
 }
@@ -298,8 +337,14 @@ fn logs(app: &App, _: &Value, out: &mut Out) {
         out.set1("log", "/dev/null");
         return;
     }
-    let out_file = app.get("out_file").or_else(|| app.get("output")).map(scalar);
-    let err_file = app.get("error_file").or_else(|| app.get("error")).map(scalar);
+    let out_file = app
+        .get("out_file")
+        .or_else(|| app.get("output"))
+        .map(scalar);
+    let err_file = app
+        .get("error_file")
+        .or_else(|| app.get("error"))
+        .map(scalar);
     let combined = app.get("log_file").or_else(|| app.get("log")).map(scalar);
     match (out_file, err_file, combined) {
         (None, None, Some(combined)) => out.set1("log", combined),
@@ -385,80 +430,257 @@ fn autostart(_: &App, value: &Value, out: &mut Out) {
 
 fn port(app: &App, value: &Value, out: &mut Out) {
     if !app.cluster() {
-        let existing = out.settings.iter().find(|(k, _)| k == "env").map(|(_, v)| v.clone()).unwrap_or_default();
-        out.set("env", [existing, vec![format!("PORT={}", scalar(value))]].concat());
+        let existing = out
+            .settings
+            .iter()
+            .find(|(k, _)| k == "env")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        out.set(
+            "env",
+            [existing, vec![format!("PORT={}", scalar(value))]].concat(),
+        );
     }
 }
 
 fn filter_env(_: &App, _: &Value, out: &mut Out) {
-    out.warn("`filter_env` has no equivalent: children inherit the daemon's environment plus `env`");
+    out.warn(
+        "`filter_env` has no equivalent: children inherit the daemon's environment plus `env`",
+    );
 }
 
 /// Every PM2 app field apm knows, in the order the output is built.
 pub static FIELDS: &[Field] = &[
-    field!("name", "`name` (characters apm does not allow become `-`)", name),
-    field!("script", "`exec`: the interpreter (explicit, or by extension: .js → node, .py → python3, .sh → bash, .rb → ruby, .pl → perl, .php → php), then the script in `params`; `interpreter none` runs the script itself", launch),
+    field!(
+        "name",
+        "`name` (characters apm does not allow become `-`)",
+        name
+    ),
+    field!(
+        "script",
+        "`exec`: the interpreter (explicit, or by extension: .js → node, .py → python3, .sh → bash, .rb → ruby, .pl → perl, .php → php), then the script in `params`; `interpreter none` runs the script itself",
+        launch
+    ),
     field!("interpreter", "see `script`", none),
-    field!("exec_interpreter", "see `script` (older name of `interpreter`)", none),
+    field!(
+        "exec_interpreter",
+        "see `script` (older name of `interpreter`)",
+        none
+    ),
     field!("interpreter_args", "`params` before the script", none),
     field!("node_args", "`params` before the script", none),
-    field!("args", "`params` after the script; a string is split like a shell would", none),
-    field!("cwd", "`path`; without it, the ecosystem file's directory", cwd),
-    field!("instances", "`instances`; `max`, `0` and `-1` become the CPU count at conversion time (`-N`: CPUs minus N), with a note", instances),
-    field!("exec_mode", "`cluster` becomes `upstream port; port_env PORT;` and `server http://0.0.0.0:PORT` when the port is known (`env.PORT`, `port`), else a warning saying what to add", exec_mode),
-    field!("env", "`env KEY=value` entries (objects become JSON); in cluster mode PORT is left to apm", env),
-    field!("env_*", "with `--env NAME`, `env_NAME` is merged over `env`, as `pm2 start --env NAME` does; the others are ignored", none),
-    field!("port", "`env PORT=…` in fork mode; the listener port in cluster mode", port),
-    field!("filter_env", "no equivalent (warning): children inherit the daemon's environment", filter_env),
+    field!(
+        "args",
+        "`params` after the script; a string is split like a shell would",
+        none
+    ),
+    field!(
+        "cwd",
+        "`path`; without it, the ecosystem file's directory",
+        cwd
+    ),
+    field!(
+        "instances",
+        "`instances`; `max`, `0` and `-1` become the CPU count at conversion time (`-N`: CPUs minus N), with a note",
+        instances
+    ),
+    field!(
+        "exec_mode",
+        "`cluster` becomes `upstream port; port_env PORT;` and `server http://0.0.0.0:PORT` when the port is known (`env.PORT`, `port`), else a warning saying what to add",
+        exec_mode
+    ),
+    field!(
+        "env",
+        "`env KEY=value` entries (objects become JSON); in cluster mode PORT is left to apm",
+        env
+    ),
+    field!(
+        "env_*",
+        "with `--env NAME`, `env_NAME` is merged over `env`, as `pm2 start --env NAME` does; the others are ignored",
+        none
+    ),
+    field!(
+        "port",
+        "`env PORT=…` in fork mode; the listener port in cluster mode",
+        port
+    ),
+    field!(
+        "filter_env",
+        "no equivalent (warning): children inherit the daemon's environment",
+        filter_env
+    ),
     field!("instance_var", "`env_index`", instance_var),
-    field!("increment_var", "none: in cluster mode each instance gets its own `PORT`; otherwise a warning suggesting `env_index`", increment_var),
-    field!("autorestart", "`restart` and `restart_err` (PM2 restarts after clean and error exits alike; default on)", autorestart),
+    field!(
+        "increment_var",
+        "none: in cluster mode each instance gets its own `PORT`; otherwise a warning suggesting `env_index`",
+        increment_var
+    ),
+    field!(
+        "autorestart",
+        "`restart` and `restart_err` (PM2 restarts after clean and error exits alike; default on)",
+        autorestart
+    ),
     field!("max_restarts", "`max_err_restarts`", max_restarts),
-    field!("min_uptime", "`err_grace`: a process up that long gets a fresh restart budget", min_uptime),
-    field!("restart_delay", "`restart_delay` and `err_delay`", restart_delay),
-    field!("exp_backoff_restart_delay", "no equivalent (warning): use `restart_delay`/`err_delay`", |_, _, out| out.warn("`exp_backoff_restart_delay` has no equivalent: apm waits `err_delay` before every restart")),
-    field!("kill_timeout", "`kill_timeout`, with a note that PM2 stops with SIGINT and apm with SIGTERM", kill_timeout),
-    field!("stop_exit_codes", "`[0]` becomes `restart false`; other lists a warning (apm lists the codes that do restart, in `restart_on_exit_codes`)", stop_exit_codes),
-    field!("shutdown_with_message", "no equivalent (warning)", |_, _, out| out.warn("`shutdown_with_message` has no equivalent: apm stops with SIGTERM")),
-    field!("cron_restart", "no equivalent (warning): schedule `apm restart NAME` with cron", |_, _, out| out.warn("`cron_restart` has no equivalent: schedule `apm restart <name>` with cron or a systemd timer")),
-    field!("wait_ready", "no equivalent (warning): `startup_grace` is how long a start is watched", |_, _, out| out.warn("`wait_ready` has no equivalent: apm considers an instance up after `startup_grace`")),
+    field!(
+        "min_uptime",
+        "`err_grace`: a process up that long gets a fresh restart budget",
+        min_uptime
+    ),
+    field!(
+        "restart_delay",
+        "`restart_delay` and `err_delay`",
+        restart_delay
+    ),
+    field!(
+        "exp_backoff_restart_delay",
+        "no equivalent (warning): use `restart_delay`/`err_delay`",
+        |_, _, out| {
+            out.warn("`exp_backoff_restart_delay` has no equivalent: apm waits `err_delay` before every restart")
+        }
+    ),
+    field!(
+        "kill_timeout",
+        "`kill_timeout`, with a note that PM2 stops with SIGINT and apm with SIGTERM",
+        kill_timeout
+    ),
+    field!(
+        "stop_exit_codes",
+        "`[0]` becomes `restart false`; other lists a warning (apm lists the codes that do restart, in `restart_on_exit_codes`)",
+        stop_exit_codes
+    ),
+    field!(
+        "shutdown_with_message",
+        "no equivalent (warning)",
+        |_, _, out| out.warn("`shutdown_with_message` has no equivalent: apm stops with SIGTERM")
+    ),
+    field!(
+        "cron_restart",
+        "no equivalent (warning): schedule `apm restart NAME` with cron",
+        |_, _, out| {
+            out.warn("`cron_restart` has no equivalent: schedule `apm restart <name>` with cron or a systemd timer")
+        }
+    ),
+    field!(
+        "wait_ready",
+        "no equivalent (warning): `startup_grace` is how long a start is watched",
+        |_, _, out| out.warn(
+            "`wait_ready` has no equivalent: apm considers an instance up after `startup_grace`"
+        )
+    ),
     field!("listen_timeout", "`startup_grace`", listen_timeout),
-    field!("watch", "`watch` (true watches everything, `*`), with `watch_ignore *node_modules*, .*` as PM2 never watches those", watch),
-    field!("ignore_watch", "`watch_ignore`, after the PM2 defaults", none),
+    field!(
+        "watch",
+        "`watch` (true watches everything, `*`), with `watch_ignore *node_modules*, .*` as PM2 never watches those",
+        watch
+    ),
+    field!(
+        "ignore_watch",
+        "`watch_ignore`, after the PM2 defaults",
+        none
+    ),
     field!("watch_delay", "`watch_delay`", watch_delay),
-    field!("watch_options", "no equivalent (warning): apm watches with inotify", |_, _, out| out.warn("`watch_options` (chokidar options) has no equivalent: apm watches with inotify")),
+    field!(
+        "watch_options",
+        "no equivalent (warning): apm watches with inotify",
+        |_, _, out| out
+            .warn("`watch_options` (chokidar options) has no equivalent: apm watches with inotify")
+    ),
     field!("out_file", "`log`", logs),
     field!("output", "`log` (older name of `out_file`)", none),
     field!("error_file", "`err_log`", none),
     field!("error", "`err_log` (older name of `error_file`)", none),
-    field!("log_file", "`log` when neither `out_file` nor `error_file` is set; otherwise dropped with a warning", none),
+    field!(
+        "log_file",
+        "`log` when neither `out_file` nor `error_file` is set; otherwise dropped with a warning",
+        none
+    ),
     field!("log", "see `log_file`", none),
     field!("disable_logs", "`log /dev/null`", none),
-    field!("merge_logs", "none needed: apm writes every instance of a worker to one file, each line prefixed with `name#N`", none),
+    field!(
+        "merge_logs",
+        "none needed: apm writes every instance of a worker to one file, each line prefixed with `name#N`",
+        none
+    ),
     field!("combine_logs", "see `merge_logs`", none),
-    field!("log_date_format", "`log_time_format`, day.js tokens translated to strftime (YYYY → %Y, MM → %m, DD → %d, HH → %H, mm → %M, ss → %S, SSS → %3f, Z → %:z)", log_date_format),
+    field!(
+        "log_date_format",
+        "`log_time_format`, day.js tokens translated to strftime (YYYY → %Y, MM → %m, DD → %d, HH → %H, mm → %M, ss → %S, SSS → %3f, Z → %:z)",
+        log_date_format
+    ),
     field!("time", "none needed: apm timestamps every line", none),
-    field!("log_type", "no equivalent (warning): apm writes text lines", |_, _, out| out.warn("`log_type` (json logs) has no equivalent: apm writes timestamped text lines")),
+    field!(
+        "log_type",
+        "no equivalent (warning): apm writes text lines",
+        |_, _, out| out
+            .warn("`log_type` (json logs) has no equivalent: apm writes timestamped text lines")
+    ),
     field!("uid", "`user`", uid),
-    field!("gid", "no equivalent (warning): apm runs children with `user`'s groups", |_, _, out| out.warn("`gid` has no equivalent: a child runs with the groups of its `user`")),
-    field!("max_memory_restart", "`memory_limit` (a cgroup limit), with a note", max_memory_restart),
-    field!("autostart", "`autostart false` registers the worker stopped", autostart),
-    field!("namespace", "no equivalent (warning)", |_, _, out| out.warn("`namespace` has no equivalent: act on workers by name")),
-    field!("treekill", "none needed: apm always stops the whole process group", none),
-    field!("source_map_support", "no equivalent (warning): pass `--enable-source-maps` in `node_args`", |_, _, out| out.warn("`source_map_support` has no equivalent: add `--enable-source-maps` to the node params")),
-    field!("vizion", "no equivalent (warning): apm does not track versioning metadata", |_, _, out| out.warn("`vizion` (versioning metadata) has no equivalent")),
-    field!("pmx", "no equivalent (warning): PM2's monitoring agent", |_, _, out| out.warn("`pmx` (PM2's monitoring agent) has no equivalent")),
-    field!("automation", "no equivalent (warning): PM2's monitoring agent", |_, _, out| out.warn("`automation` (PM2's monitoring agent) has no equivalent")),
-    field!("force", "no equivalent (warning): apm refuses duplicate names", |_, _, out| out.warn("`force` has no equivalent: apm worker names are unique")),
+    field!(
+        "gid",
+        "no equivalent (warning): apm runs children with `user`'s groups",
+        |_, _, out| out.warn("`gid` has no equivalent: a child runs with the groups of its `user`")
+    ),
+    field!(
+        "max_memory_restart",
+        "`memory_limit` (a cgroup limit), with a note",
+        max_memory_restart
+    ),
+    field!(
+        "autostart",
+        "`autostart false` registers the worker stopped",
+        autostart
+    ),
+    field!("namespace", "no equivalent (warning)", |_, _, out| out
+        .warn("`namespace` has no equivalent: act on workers by name")),
+    field!(
+        "treekill",
+        "none needed: apm always stops the whole process group",
+        none
+    ),
+    field!(
+        "source_map_support",
+        "no equivalent (warning): pass `--enable-source-maps` in `node_args`",
+        |_, _, out| out.warn(
+            "`source_map_support` has no equivalent: add `--enable-source-maps` to the node params"
+        )
+    ),
+    field!(
+        "vizion",
+        "no equivalent (warning): apm does not track versioning metadata",
+        |_, _, out| out.warn("`vizion` (versioning metadata) has no equivalent")
+    ),
+    field!(
+        "pmx",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`pmx` (PM2's monitoring agent) has no equivalent")
+    ),
+    field!(
+        "automation",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`automation` (PM2's monitoring agent) has no equivalent")
+    ),
+    field!(
+        "force",
+        "no equivalent (warning): apm refuses duplicate names",
+        |_, _, out| out.warn("`force` has no equivalent: apm worker names are unique")
+    ),
     field!("windowsHide", "none needed: apm runs on Linux only", none),
-    field!("append_env_to_name", "no equivalent (warning)", |_, _, out| out.warn("`append_env_to_name` has no equivalent: set `name` yourself")),
+    field!(
+        "append_env_to_name",
+        "no equivalent (warning)",
+        |_, _, out| out.warn("`append_env_to_name` has no equivalent: set `name` yourself")
+    ),
 ];
 
 /// Runs the table over one app. Unknown fields get a warning.
 pub fn convert(app: &App) -> Out {
     let mut out = Out::default();
     for field in FIELDS {
-        let value = if field.pm2 == "script" { app.get("script").cloned().unwrap_or(Value::Null) } else { app.get(field.pm2).cloned().unwrap_or(Value::Null) };
+        let value = if field.pm2 == "script" {
+            app.get("script").cloned().unwrap_or(Value::Null)
+        } else {
+            app.get(field.pm2).cloned().unwrap_or(Value::Null)
+        };
         if value.is_null() && !matches!(field.pm2, "out_file") {
             continue;
         }

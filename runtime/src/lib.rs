@@ -7,6 +7,7 @@
 pub mod lifecycle;
 pub mod logs;
 pub mod procfs;
+pub mod proxy;
 pub mod state;
 pub mod supervisor;
 pub mod sys;

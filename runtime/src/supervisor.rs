@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apm_compiler::ir::WorkerSpec;
+use apm_compiler::values::ServerUrl;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -179,6 +180,8 @@ struct Instance {
     cpu_sample: Option<(u64, Instant)>,
     /// Where the current process's stdout and stderr lines go.
     targets: Option<(watch::Sender<Target>, watch::Sender<Target>)>,
+    /// The loopback port of the current process, with `upstream port`.
+    port: Option<u16>,
 }
 
 struct Worker {
@@ -190,6 +193,8 @@ struct Worker {
     instances: Vec<Instance>,
     /// While set, the worker waits for its `depends_on` until this instant.
     deps_deadline: Option<Instant>,
+    /// The running instances' addresses, for the proxy's listeners.
+    backends: watch::Sender<Vec<std::net::SocketAddr>>,
     deps_timed_out: bool,
 }
 
@@ -227,6 +232,10 @@ pub struct Supervisor {
     saver: Saver,
     waiters: Vec<Waiter>,
     dirty: bool,
+    /// The proxy's listeners by address, each with the worker it serves.
+    listeners: HashMap<String, (String, crate::proxy::Listener)>,
+    /// Listener addresses already reported as unusable, to say it once.
+    warned_connector: Vec<String>,
 }
 
 impl Supervisor {
@@ -243,6 +252,8 @@ impl Supervisor {
             saver: Saver::spawn(home.join("state.json")),
             waiters: Vec::new(),
             dirty: false,
+            listeners: HashMap::new(),
+            warned_connector: Vec::new(),
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx }
@@ -263,6 +274,8 @@ impl Supervisor {
     fn settle(&mut self) {
         self.start_ready_dependents();
         self.drop_retired_instances();
+        self.reconcile_listeners();
+        self.publish_backends();
         self.answer_waiters();
         if std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
@@ -423,6 +436,7 @@ impl Supervisor {
             last_exit: None,
             cpu_sample: None,
             targets: None,
+            port: None,
         }
     }
 
@@ -438,6 +452,7 @@ impl Supervisor {
             instances,
             deps_deadline: None,
             deps_timed_out: false,
+            backends: watch::channel(Vec::new()).0,
         };
         self.workers.insert(name, worker);
         self.dirty = true;
@@ -568,7 +583,19 @@ impl Supervisor {
         let instance = &mut worker.instances[index];
         instance.stderr_head = Arc::default();
         instance.spawn_error = None;
-        let mut command = match build_command(&spec, index) {
+        instance.port = None;
+        let port = if spec.upstream.value == "port" {
+            match crate::proxy::free_port() {
+                Ok(port) => Some(port),
+                Err(error) => {
+                    return spawn_failed(name, instance, format!("no free loopback port: {error}"));
+                }
+            }
+        } else {
+            None
+        };
+        instance.port = port;
+        let mut command = match build_command(&spec, index, port) {
             Ok(command) => command,
             Err(error) => return spawn_failed(name, instance, error),
         };
@@ -670,6 +697,69 @@ impl Supervisor {
             name,
             reply: remap(reply, Some),
         });
+    }
+
+    /// Opens the listeners the workers' `server` lines ask for and closes
+    /// the ones no worker asks for any more; a listener whose address and
+    /// worker stay is kept, so its socket stays open across restarts.
+    fn reconcile_listeners(&mut self) {
+        let mut wanted: HashMap<String, (String, ServerUrl)> = HashMap::new();
+        for (name, worker) in &self.workers {
+            for server in &worker.spec.server {
+                wanted.insert(
+                    server.value.to_string(),
+                    (name.clone(), server.value.clone()),
+                );
+            }
+        }
+        self.listeners
+            .retain(|address, (worker, _)| wanted.get(address).is_some_and(|(w, _)| w == worker));
+        for (address, (name, server)) in wanted {
+            if self.listeners.contains_key(&address) {
+                continue;
+            }
+            let worker = &self.workers[&name];
+            if worker.spec.upstream.value != "port" {
+                if !self.warned_connector.contains(&address) {
+                    crate::log(format_args!(
+                        "{name}: `server {address}` needs `upstream port;`: the connector mode is not available yet"
+                    ));
+                    self.warned_connector.push(address);
+                }
+                continue;
+            }
+            match crate::proxy::listen(&server, name.clone(), worker.backends.subscribe()) {
+                Ok(listener) => {
+                    self.listeners.insert(address, (name, listener));
+                }
+                Err(error) => {
+                    if !self.warned_connector.contains(&address) {
+                        crate::log(format_args!("{name}: {error}"));
+                        self.warned_connector.push(address);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the listeners which instances run now.
+    fn publish_backends(&mut self) {
+        for worker in self.workers.values() {
+            let running: Vec<std::net::SocketAddr> = worker
+                .instances
+                .iter()
+                .filter(|i| matches!(i.life.phase, Phase::Running { .. }))
+                .filter_map(|i| {
+                    i.port
+                        .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+                })
+                .collect();
+            worker.backends.send_if_modified(|current| {
+                let changed = *current != running;
+                *current = running.clone();
+                changed
+            });
+        }
     }
 
     /// Where an instance's stdout and stderr lines go under `spec`.
@@ -1094,7 +1184,11 @@ fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
         .collect())
 }
 
-fn build_command(spec: &WorkerSpec, index: usize) -> Result<tokio::process::Command, String> {
+fn build_command(
+    spec: &WorkerSpec,
+    index: usize,
+    port: Option<u16>,
+) -> Result<tokio::process::Command, String> {
     let mut command = tokio::process::Command::new(&spec.exec.value);
     command.args(spec.params.iter().map(|p| &p.value));
     if let Some(path) = &spec.path {
@@ -1116,6 +1210,9 @@ fn build_command(spec: &WorkerSpec, index: usize) -> Result<tokio::process::Comm
     }
     command.envs(spec.env.iter().map(|e| (&e.value.key, &e.value.value)));
     command.env("APM", "1");
+    if let Some(port) = port {
+        command.env(&spec.port_env.value, port.to_string());
+    }
     if let Some(var) = &spec.env_index {
         command.env(&var.value, index.to_string());
     }

@@ -18,7 +18,11 @@ use std::path::Path;
 fn sections(text: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for line in text.split_inclusive('\n') {
-        if let Some(name) = line.trim_end().strip_prefix("--- ").and_then(|l| l.strip_suffix(" ---")) {
+        if let Some(name) = line
+            .trim_end()
+            .strip_prefix("--- ")
+            .and_then(|l| l.strip_suffix(" ---"))
+        {
             out.push((name.to_owned(), String::new()));
         } else if let Some((_, body)) = out.last_mut() {
             body.push_str(line);
@@ -34,7 +38,10 @@ fn run_case(path: &Path) -> Result<(String, String), String> {
     let mut input = None;
     let mut env = None;
     for (name, body) in &sections {
-        if let Some(file) = name.strip_prefix("input ").or_else(|| name.strip_prefix("file ")) {
+        if let Some(file) = name
+            .strip_prefix("input ")
+            .or_else(|| name.strip_prefix("file "))
+        {
             let target = dir.path().join(file);
             fs::create_dir_all(target.parent().unwrap()).unwrap();
             fs::write(&target, body).unwrap();
@@ -50,16 +57,31 @@ fn run_case(path: &Path) -> Result<(String, String), String> {
         node: false,
         env,
         cpus: 4,
-        process_env: vec![("HOME".into(), "/home/app".into()), ("DEPLOY_ENV".into(), "staging".into())],
+        process_env: vec![
+            ("HOME".into(), "/home/app".into()),
+            ("DEPLOY_ENV".into(), "staging".into()),
+        ],
     };
     let dir_text = dir.path().display().to_string();
-    let converted = apm_convert::convert(&input, &source, &options).map_err(|e| e.replace(&dir_text, "<dir>"))?;
+    let converted = apm_convert::convert(&input, &source, &options)
+        .map_err(|e| e.replace(&dir_text, "<dir>"))?;
     let output = converted.text.replace(&dir_text, "<dir>");
-    let warnings: String = converted.warnings.iter().map(|w| format!("{}:{}: {}\n", w.line, w.column, w.message)).collect();
+    let warnings: String = converted
+        .warnings
+        .iter()
+        .map(|w| format!("{}:{}: {}\n", w.line, w.column, w.message))
+        .collect();
     // The output must be a valid config (paths refer to the temporary directory).
-    let compilation = apm_compiler::compile(Path::new("out.conf"), &apm_compiler::MemLoader::new().file("out.conf", converted.text.clone())).unwrap();
+    let compilation = apm_compiler::compile(
+        Path::new("out.conf"),
+        &apm_compiler::MemLoader::new().file("out.conf", converted.text.clone()),
+    )
+    .unwrap();
     if compilation.has_errors() {
-        return Err(format!("the output does not compile:\n{}", apm_compiler::render::human(&compilation, false)));
+        return Err(format!(
+            "the output does not compile:\n{}",
+            apm_compiler::render::human(&compilation, false)
+        ));
     }
     Ok((output, warnings))
 }
@@ -67,7 +89,11 @@ fn run_case(path: &Path) -> Result<(String, String), String> {
 #[test]
 fn corpus_convert() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/convert");
-    let mut paths: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "case")).collect();
+    let mut paths: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "case"))
+        .collect();
     paths.sort();
     let mut failures = Vec::new();
     for path in &paths {
@@ -81,34 +107,60 @@ fn corpus_convert() {
         if std::env::var_os("BLESS").is_some() {
             fs::write(path, &expected).unwrap();
         } else if text != expected {
-            failures.push(format!("{}: differs (BLESS=1 to update)\n--- expected\n{text}\n--- actual\n{expected}", path.display()));
+            failures.push(format!(
+                "{}: differs (BLESS=1 to update)\n--- expected\n{text}\n--- actual\n{expected}",
+                path.display()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert!(paths.len() >= 40, "corpus/convert has {} cases; keep at least 40", paths.len());
+    assert!(
+        paths.len() >= 40,
+        "corpus/convert has {} cases; keep at least 40",
+        paths.len()
+    );
 }
 
 fn convert_source(name: &str, source: &str) -> Result<apm_convert::Converted, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(name);
     fs::write(&path, source).unwrap();
-    let options = apm_convert::Options { node: false, env: None, cpus: 2, process_env: vec![] };
+    let options = apm_convert::Options {
+        node: false,
+        env: None,
+        cpus: 2,
+        process_env: vec![],
+    };
     apm_convert::convert(&path, source, &options)
 }
 
 #[test]
 fn bad_input_gets_a_clear_message_never_a_hang() {
     let cases = [
-        ("syntax.config.js", "module.exports = { apps: [ { name: 'a', script: 'a.js' } ;", "SyntaxError"),
+        (
+            "syntax.config.js",
+            "module.exports = { apps: [ { name: 'a', script: 'a.js' } ;",
+            "SyntaxError",
+        ),
         ("throws.config.js", "throw new Error('boom')", "boom"),
         ("loop.config.js", "while (true) {}", "infinite loop"),
         ("number.config.js", "module.exports = 42", "a number"),
-        ("noscript.config.js", "module.exports = { apps: [{ name: 'a' }] }", "script"),
+        (
+            "noscript.config.js",
+            "module.exports = { apps: [{ name: 'a' }] }",
+            "script",
+        ),
         ("empty.config.js", "", "defines no apps"),
-        ("requires.config.js", "const x = require('lodash'); module.exports = {}", "--node"),
+        (
+            "requires.config.js",
+            "const x = require('lodash'); module.exports = {}",
+            "--node",
+        ),
     ];
     for (name, source, expected) in cases {
-        let error = convert_source(name, source).err().unwrap_or_else(|| panic!("{name} converted"));
+        let error = convert_source(name, source)
+            .err()
+            .unwrap_or_else(|| panic!("{name} converted"));
         assert!(error.contains(expected), "{name}: {error}");
     }
 }
@@ -119,7 +171,10 @@ fn a_file_that_is_too_large_is_refused_by_the_cli() {
     let path = dir.path().join("huge.config.js");
     let file = fs::File::create(&path).unwrap();
     file.set_len(apm_convert::eval::MAX_SIZE + 1).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apm")).args(["convert", path.to_str().unwrap()]).output().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apm"))
+        .args(["convert", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not evaluated"));
 }

@@ -1546,3 +1546,128 @@ fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
         "other has no watch_conf"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 GET; the status code and body.
+fn http_get(port: u16) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+const PORT_APP: &str = r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("instance %s xff=%s host=%s\n" % (os.environ.get("APM_INDEX"), self.headers.get("X-Forwarded-For"), self.headers.get("X-Forwarded-Host"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn the_proxy_spreads_http_over_running_instances_and_answers_503_without_any() {
+    let d = Daemon::new("proxy_http");
+    let app = d.write("app.py", PORT_APP);
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "web",
+        "-instances",
+        "2",
+        "-upstream",
+        "port",
+        "-env_index",
+        "APM_INDEX",
+        "-server",
+        &server,
+        "-startup_grace",
+        "300",
+    ]);
+    d.wait_running("web");
+    let bodies: Vec<String> = (0..4)
+        .map(|_| http_get(port).expect("an answer").1)
+        .collect();
+    assert!(
+        bodies.iter().any(|b| b.starts_with("instance 0"))
+            && bodies.iter().any(|b| b.starts_with("instance 1")),
+        "{bodies:?}"
+    );
+    assert!(
+        bodies[0].contains("xff=127.0.0.1") && bodies[0].contains("host=test.local"),
+        "{bodies:?}"
+    );
+    d.ok(&["stop", "web"]);
+    let (status, body) =
+        http_get(port).expect("the listener stays open while the worker is stopped");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "no instance of web is running\n")
+    );
+    d.ok(&["start", "web"]);
+    wait_until(PATIENCE, "traffic to flow again", || {
+        http_get(port).is_some_and(|(s, _)| s == 200)
+    });
+}
+
+#[test]
+fn a_converted_pm2_cluster_app_answers_on_its_pm2_port() {
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: node is not installed");
+        return;
+    }
+    let d = Daemon::new("convert_e2e");
+    let port = free_port();
+    d.write(
+        "server.js",
+        "const http = require('http');\nhttp.createServer((req, res) => res.end(`hello from ${process.pid} on ${process.env.PORT}\\n`)).listen(process.env.PORT, '127.0.0.1');\n",
+    );
+    let ecosystem = d.write(
+        "ecosystem.config.js",
+        &format!("module.exports = {{ apps: [{{ name: 'api', script: 'server.js', instances: 2, exec_mode: 'cluster', env: {{ PORT: {port} }}, listen_timeout: 300 }}] }};\n"),
+    );
+    let converted = d.path("apm.conf");
+    d.ok(&["convert", ecosystem.to_str().unwrap(), &converted]);
+    d.ok(&["check", &converted]);
+    d.ok(&["load", &converted]);
+    d.wait_running("api");
+    let (status, body) = http_get(port).expect("an answer on the PM2 port");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("hello from"), "{body}");
+    assert!(
+        !body.contains(&format!("on {port}")),
+        "each instance has a port of its own: {body}"
+    );
+}

@@ -24,5 +24,8 @@ fn docs_convert_md_matches_the_mapping_table() {
         std::fs::write(&path, &generated).unwrap();
     }
     let current = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(current == generated, "docs/convert.md is stale: run `BLESS=1 cargo test --test it docs`");
+    assert!(
+        current == generated,
+        "docs/convert.md is stale: run `BLESS=1 cargo test --test it docs`"
+    );
 }

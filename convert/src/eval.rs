@@ -155,7 +155,11 @@ function require(name) {{
 }
 
 fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result<Value, String> {
-    let mut context = Context::default();
+    // No module is ever loaded from disk: an `import` fails (and node may stand in).
+    let mut context = Context::builder()
+        .module_loader(std::rc::Rc::new(boa_engine::module::IdleModuleLoader))
+        .build()
+        .map_err(|e| e.to_string())?;
     context
         .runtime_limits_mut()
         .set_loop_iteration_limit(LOOP_LIMIT);

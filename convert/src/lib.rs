@@ -163,7 +163,7 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
             });
             continue;
         };
-        let fields = merge_env(fields, options.env.as_deref());
+        let fields = merge_env(&mapping::canonical(fields), options.env.as_deref());
         let name = fields.get("name").map(mapping::scalar);
         let (line, column) = position(source, name.as_deref());
         if !fields.contains_key("script") {
@@ -244,6 +244,14 @@ pub fn mapping_reference() -> String {
             field.becomes.replace('|', "\\|")
         );
     }
-    out.push_str("\nAny other field is reported as unknown and ignored. Every app also gets `path` (its `cwd`, else the ecosystem file's directory) and, unless `autorestart: false`, `restart` and `restart_err`, since PM2 restarts by default.\n");
+    out.push_str("\nPM2's other names for fields are read as the names above: ");
+    out.push_str(
+        &mapping::ALIASES
+            .iter()
+            .map(|(alias, name)| format!("`{alias}` → `{name}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out.push_str(".\n\nAny other field is reported as unknown and ignored. Every app also gets `path` (its `cwd`, else the ecosystem file's directory) and, unless `autorestart: false`, `restart` and `restart_err`, since PM2 restarts by default.\n");
     out
 }

@@ -670,7 +670,96 @@ pub static FIELDS: &[Field] = &[
         "no equivalent (warning)",
         |_, _, out| out.warn("`append_env_to_name` has no equivalent: set `name` yourself")
     ),
+    field!(
+        "name_prefix",
+        "no equivalent (warning): set `name`",
+        |_, _, out| out.warn("`name_prefix` has no equivalent: set `name` yourself")
+    ),
+    field!(
+        "pid_file",
+        "not written (a warning says so): `apm ls --json` gives the pids",
+        |_, _, out| out.warn("`pid_file` is not written: `apm ls --json` gives the pids")
+    ),
+    field!(
+        "kill_retry_time",
+        "none needed: apm sends SIGKILL once, after `kill_timeout`",
+        none
+    ),
+    field!(
+        "disable_source_map_support",
+        "see `source_map_support`",
+        none
+    ),
+    field!(
+        "username",
+        "none: PM2 records who started the process; `uid` is the user to run as",
+        none
+    ),
+    field!("install_url", "no equivalent (warning)", |_, _, out| out
+        .warn("`install_url` has no equivalent")),
+    field!("execute_command", "no equivalent (warning)", |_, _, out| {
+        out.warn("`execute_command` has no equivalent")
+    }),
+    field!(
+        "post_update",
+        "no equivalent (warning): PM2's dashboard hooks",
+        |_, _, out| out.warn("`post_update` (dashboard hooks) has no equivalent")
+    ),
+    field!(
+        "trace",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`trace` (PM2's transaction tracing) has no equivalent")
+    ),
+    field!("disable_trace", "none needed: apm does no tracing", none),
+    field!(
+        "v8",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`v8` (PM2's monitoring agent) has no equivalent")
+    ),
+    field!(
+        "event_loop_inspector",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`event_loop_inspector` (PM2's monitoring agent) has no equivalent")
+    ),
+    field!(
+        "deep_monitoring",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`deep_monitoring` (PM2's monitoring agent) has no equivalent")
+    ),
+    field!(
+        "io",
+        "no equivalent (warning): PM2's monitoring agent",
+        |_, _, out| out.warn("`io` (PM2's monitoring agent) has no equivalent")
+    ),
+    field!("write", "none needed", none),
 ];
+
+/// PM2's other names for fields, and the name the table uses.
+pub static ALIASES: &[(&str, &str)] = &[
+    ("exec", "script"),
+    ("interpreterArgs", "interpreter_args"),
+    ("out", "out_file"),
+    ("out_log", "out_file"),
+    ("err", "error_file"),
+    ("err_file", "error_file"),
+    ("err_log", "error_file"),
+    ("pid", "pid_file"),
+    ("cron", "cron_restart"),
+    ("user", "uid"),
+];
+
+/// The app's fields under the names the table uses.
+pub fn canonical(fields: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, value) in fields {
+        let name = ALIASES
+            .iter()
+            .find(|(alias, _)| alias == key)
+            .map_or(key.as_str(), |(_, name)| name);
+        out.entry(name.to_owned()).or_insert_with(|| value.clone());
+    }
+    out
+}
 
 /// Runs the table over one app. Unknown fields get a warning.
 pub fn convert(app: &App) -> Out {

@@ -41,6 +41,7 @@ pub fn run(file: &Path, output: Option<&Path>, node: bool, env: Option<String>, 
         node,
         env,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        fallback_to_node: true,
         process_env: std::env::vars().collect(),
     };
     let converted = match apm_convert::convert(file, &source, &options) {

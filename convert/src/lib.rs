@@ -19,6 +19,8 @@ pub struct Options {
     /// Merge `env_NAME` over `env`, as `pm2 start --env NAME` does.
     pub env: Option<String>,
     pub cpus: usize,
+    /// Let the local node stand in when the embedded engine fails.
+    pub fallback_to_node: bool,
     /// What the file sees as `process.env`.
     pub process_env: Vec<(String, String)>,
 }
@@ -118,6 +120,7 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
             Err(error)
                 if eval::shape(path, source) != eval::Shape::Yaml
                     && !error.contains("did not finish")
+                    && options.fallback_to_node
                     && eval::node_available() =>
             {
                 let value = eval::evaluate_with_node(path).map_err(|node_error| {
@@ -167,7 +170,7 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
         let name = fields.get("name").map(mapping::scalar);
         let (line, column) = position(source, name.as_deref());
         if !fields.contains_key("script") {
-            let which = name.map_or(format!("app #{index}"), |n| format!("app `{n}`"));
+            let which = name.map_or(format!("app #{}", index + 1), |n| format!("app `{n}`"));
             warnings.push(Warning {
                 line,
                 column,

@@ -1,6 +1,7 @@
 //! The PM2 field table: what each field of an app becomes in apm, or why
 //! it has none. The conversion and `docs/convert.md` both come from `FIELDS`.
 
+use apm_compiler::ir::WorkerSpec;
 use serde_json::{Map, Value};
 
 /// What converting one app collects: settings in order, warnings (`# WARN:`
@@ -63,9 +64,33 @@ impl App<'_> {
             .filter(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
     }
 
+    /// Cluster mode: asked for, or PM2's own choice for a node script with
+    /// `instances` and no `exec_mode`.
     fn cluster(&self) -> bool {
-        self.get("exec_mode")
-            .is_some_and(|m| matches!(m.as_str(), Some("cluster" | "cluster_mode")))
+        match self.get("exec_mode") {
+            Some(mode) => matches!(mode.as_str(), Some("cluster" | "cluster_mode")),
+            None => {
+                self.get("instances").is_some() && self.interpreter().as_deref() == Some("node")
+            }
+        }
+    }
+
+    /// The interpreter the script runs with, `None` to run it directly.
+    fn interpreter(&self) -> Option<String> {
+        let script = self.get("script").map(scalar).unwrap_or_default();
+        let explicit = self
+            .get("interpreter")
+            .or_else(|| self.get("exec_interpreter"))
+            .map(scalar);
+        let extension = script.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
+        match explicit.as_deref() {
+            Some("none") | Some("") => None,
+            Some(i) => Some(i.to_owned()),
+            None => INTERPRETERS
+                .iter()
+                .find(|(e, _)| *e == extension)
+                .map(|(_, i)| (*i).to_owned()),
+        }
     }
 }
 
@@ -74,6 +99,11 @@ pub fn scalar(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
+        // JavaScript has one number type: a computed 2 may arrive as 2.0.
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
         other => other.to_string(),
     }
 }
@@ -140,16 +170,17 @@ fn launch(app: &App, _: &Value, out: &mut Out) {
         .or_else(|| app.get("exec_interpreter"))
         .map(scalar);
     let extension = script.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-    let interpreter = match explicit.as_deref() {
-        Some("none") | Some("") => None,
-        Some(i) => Some(i.to_owned()),
-        None => INTERPRETERS
-            .iter()
-            .find(|(e, _)| *e == extension)
-            .map(|(_, i)| (*i).to_owned()),
-    };
+    let interpreter = app.interpreter();
     if extension == "ts" && explicit.is_none() {
         out.warn("`script` is TypeScript: PM2 runs it through ts-node; set `exec` to your TypeScript runner (e.g. `exec npx; params tsx, app.ts;`)");
+    }
+    if interpreter.as_deref().is_some_and(|i| {
+        i.rsplit('/')
+            .next()
+            .is_some_and(|n| n.starts_with("python"))
+    }) {
+        // PM2 sets it so that python's output reaches the logs line by line.
+        out.set("env", vec!["PYTHONUNBUFFERED=1".to_owned()]);
     }
     let mut params: Vec<String> = Vec::new();
     for key in ["interpreter_args", "node_args"] {
@@ -279,6 +310,9 @@ fn env(app: &App, value: &Value, out: &mut Out) {
 
 fn autorestart(_: &App, value: &Value, out: &mut Out) {
     let on = !matches!(value, Value::Bool(false)) && scalar(value) != "false";
+    if out.settings.iter().any(|(k, _)| k == "restart") && on {
+        return;
+    }
     out.set1("restart", on.to_string());
     out.set1("restart_err", on.to_string());
 }
@@ -303,9 +337,11 @@ fn kill_timeout(_: &App, value: &Value, out: &mut Out) {
 
 fn stop_exit_codes(_: &App, value: &Value, out: &mut Out) {
     let codes = list(value);
-    if codes == ["0"] {
+    if codes.iter().any(|c| c == "0") {
         out.set1("restart", "false");
-        return;
+        if codes == ["0"] {
+            return;
+        }
     }
     out.warn(format!(
         "`stop_exit_codes: {}` (no restart on these codes) has no direct equivalent: apm's `restart_on_exit_codes` lists the codes that do restart",
@@ -322,8 +358,18 @@ fn watch(app: &App, value: &Value, out: &mut Out) {
     out.set("watch", globs);
     // PM2 never watches node_modules or dot-files.
     let mut ignore = vec!["*node_modules*".to_owned(), ".*".to_owned()];
-    if let Some(more) = app.get("ignore_watch") {
-        ignore.extend(list(more));
+    match app.get("ignore_watch") {
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item {
+                    Value::String(glob) => ignore.push(glob.clone()),
+                    _ => out.warn("a regular expression in `ignore_watch` cannot be converted: write it as a glob in `watch_ignore`"),
+                }
+            }
+        }
+        Some(Value::Object(_)) => out.warn("a regular expression in `ignore_watch` cannot be converted: write it as a glob in `watch_ignore`"),
+        Some(more) => ignore.extend(list(more)),
+        None => {}
     }
     out.set("watch_ignore", ignore);
 }
@@ -332,20 +378,39 @@ fn watch_delay(_: &App, value: &Value, out: &mut Out) {
     out.set1("watch_delay", millis(value));
 }
 
+/// A PM2 log path as apm reads it: `~` is the home directory, relative
+/// paths start at the app's `cwd`, and `NULL` discards.
+fn log_path(app: &App, path: &str) -> Option<String> {
+    match path {
+        "NULL" | "/dev/null" => Some("/dev/null".to_owned()),
+        "true" | "false" | "" => None,
+        _ if path.starts_with("~/") => Some(format!("$HOME/{}", &path[2..])),
+        _ if path.starts_with('/') => Some(path.to_owned()),
+        _ => Some(match app.get("cwd").map(scalar) {
+            Some(cwd) => format!(
+                "{}/{}",
+                cwd.trim_end_matches('/'),
+                path.trim_start_matches("./")
+            ),
+            None => path.to_owned(),
+        }),
+    }
+}
+
 fn logs(app: &App, _: &Value, out: &mut Out) {
     if app.truthy("disable_logs") == Some(true) {
         out.set1("log", "/dev/null");
         return;
     }
-    let out_file = app
-        .get("out_file")
-        .or_else(|| app.get("output"))
-        .map(scalar);
-    let err_file = app
-        .get("error_file")
-        .or_else(|| app.get("error"))
-        .map(scalar);
-    let combined = app.get("log_file").or_else(|| app.get("log")).map(scalar);
+    let path = |key: &str, old: &str| {
+        app.get(key)
+            .or_else(|| app.get(old))
+            .map(scalar)
+            .and_then(|p| log_path(app, &p))
+    };
+    let out_file = path("out_file", "output");
+    let err_file = path("error_file", "error");
+    let combined = path("log_file", "log");
     match (out_file, err_file, combined) {
         (None, None, Some(combined)) => out.set1("log", combined),
         (out_file, err_file, combined) => {
@@ -423,7 +488,7 @@ fn listen_timeout(_: &App, value: &Value, out: &mut Out) {
 }
 
 fn autostart(_: &App, value: &Value, out: &mut Out) {
-    if matches!(value, Value::Bool(false)) {
+    if matches!(value, Value::Bool(false)) || scalar(value) == "false" {
         out.set1("autostart", "false");
     }
 }
@@ -764,6 +829,20 @@ pub fn canonical(fields: &Map<String, Value>) -> Map<String, Value> {
 /// Runs the table over one app. Unknown fields get a warning.
 pub fn convert(app: &App) -> Out {
     let mut out = Out::default();
+    // PM2's defaults that differ from apm's, before the fields that change them.
+    if app.get("autorestart").is_none() {
+        autorestart(app, &Value::Bool(true), &mut out);
+    }
+    if app.get("name").is_none()
+        && let Some(script) = app.get("script").map(scalar)
+    {
+        // PM2 names an app after its script: `api.js` → `api`.
+        let file = script.rsplit('/').next().unwrap_or(&script).to_owned();
+        let stem = file
+            .split_once('.')
+            .map_or(file.clone(), |(stem, _)| stem.to_owned());
+        name(app, &Value::String(stem), &mut out);
+    }
     for field in FIELDS {
         let value = if field.pm2 == "script" {
             app.get("script").cloned().unwrap_or(Value::Null)
@@ -773,11 +852,11 @@ pub fn convert(app: &App) -> Out {
         if value.is_null() && !matches!(field.pm2, "out_file") {
             continue;
         }
+        // Turning a PM2 feature off is what apm does anyway: nothing to say.
+        if value == Value::Bool(false) && !matches!(field.pm2, "autorestart" | "autostart") {
+            continue;
+        }
         (field.convert)(app, &value, &mut out);
-    }
-    // PM2's defaults that differ from apm's.
-    if app.get("autorestart").is_none() {
-        autorestart(app, &Value::Bool(true), &mut out);
     }
     if app.get("cwd").is_none() {
         out.set1("path", app.dir);
@@ -788,5 +867,13 @@ pub fn convert(app: &App) -> Out {
             out.warn(format!("unknown PM2 field `{key}` is ignored"));
         }
     }
+    // The canonical order: the order of the schema table.
+    let rank = |key: &str| {
+        WorkerSpec::KEYS
+            .iter()
+            .position(|k| k.name == key)
+            .unwrap_or(usize::MAX)
+    };
+    out.settings.sort_by_key(|(key, _)| rank(key));
     out
 }

@@ -57,6 +57,7 @@ fn run_case(path: &Path) -> Result<(String, String), String> {
         node: false,
         env,
         cpus: 4,
+        fallback_to_node: false,
         process_env: vec![
             ("HOME".into(), "/home/app".into()),
             ("DEPLOY_ENV".into(), "staging".into()),
@@ -74,7 +75,11 @@ fn run_case(path: &Path) -> Result<(String, String), String> {
     // The output must be a valid config (paths refer to the temporary directory).
     let compilation = apm_compiler::compile(
         Path::new("out.conf"),
-        &apm_compiler::MemLoader::new().file("out.conf", converted.text.clone()),
+        &apm_compiler::MemLoader::new()
+            .file("out.conf", converted.text.clone())
+            .user("www-data")
+            .user("app")
+            .env("HOME", "/home/app"),
     )
     .unwrap();
     if compilation.has_errors() {
@@ -129,6 +134,7 @@ fn convert_source(name: &str, source: &str) -> Result<apm_convert::Converted, St
         node: false,
         env: None,
         cpus: 2,
+        fallback_to_node: true,
         process_env: vec![],
     };
     apm_convert::convert(&path, source, &options)

@@ -22,8 +22,28 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// The instances a listener may send traffic to, as the supervisor sees them.
-pub type Backends = watch::Receiver<Vec<SocketAddr>>;
+/// Where a listener sends traffic and how, as the supervisor sees it now:
+/// the running instances and the worker's proxy options.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Route {
+    pub backends: Vec<SocketAddr>,
+    pub options: Options,
+}
+
+/// The worker's proxy options (Proxy / HTTP in the reference).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Options {
+    /// Take the client address from `X-Forwarded-For` / `X-Real-IP`.
+    pub trust_proxy: bool,
+    /// A header carrying a unique id per forwarded request.
+    pub trace_header: Option<String>,
+    /// Idle timeout of client keep-alive connections.
+    pub keep_alive: std::time::Duration,
+    /// Concurrent connections per listener; 0 is unlimited.
+    pub max_conns: u32,
+}
+
+pub type Routes = watch::Receiver<Route>;
 
 /// A free loopback port for an instance. The port is released before the
 /// child binds it; another process taking it in between makes the instance
@@ -46,11 +66,9 @@ impl Drop for Listener {
 }
 
 /// Binds a `server` address and serves it until the `Listener` is dropped.
-pub fn listen(server: &ServerUrl, worker: String, backends: Backends) -> Result<Listener, String> {
+pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<Listener, String> {
     let ListenAddr::Tcp { host, port } = &server.addr else {
-        return Err(format!(
-            "{server}: unix socket listeners are not supported yet"
-        ));
+        return Err(format!("{server}: unix socket listeners are not supported yet"));
     };
     if server.scheme.is_tls() {
         return Err(format!("{server}: TLS listeners are not supported yet"));
@@ -62,21 +80,33 @@ pub fn listen(server: &ServerUrl, worker: String, backends: Backends) -> Result<
     let scheme = server.scheme;
     let next = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(async move {
+        // `max_conns`: beyond it, new connections wait in the kernel's backlog.
+        // A changed limit starts a new count; connections under the old one
+        // finish as they are.
+        let mut limit: Option<(u32, Arc<tokio::sync::Semaphore>)> = None;
         loop {
-            let Ok((stream, client)) = listener.accept().await else {
-                continue;
+            let max = routes.borrow().options.max_conns;
+            if limit.as_ref().map_or(0, |(m, _)| *m) != max {
+                limit = (max > 0).then(|| (max, Arc::new(tokio::sync::Semaphore::new(max as usize))));
+            }
+            let permit = match &limit {
+                Some((_, semaphore)) => semaphore.clone().acquire_owned().await.ok(),
+                None => None,
             };
-            let (backends, next, worker) = (backends.clone(), next.clone(), worker.clone());
+            let Ok((stream, client)) = listener.accept().await else { continue };
+            let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {
                 let pick = move || {
-                    let list = backends.borrow();
-                    (!list.is_empty())
-                        .then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()])
+                    let route = routes.borrow();
+                    let list = &route.backends;
+                    let backend = (!list.is_empty()).then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()]);
+                    (backend, route.options.clone())
                 };
                 match scheme {
                     Scheme::Http => serve_http(stream, client, worker, pick).await,
-                    _ => splice(stream, pick()).await,
+                    _ => splice(stream, pick().0).await,
                 }
+                drop(permit);
             });
         }
     });
@@ -110,16 +140,29 @@ async fn serve_http(
     stream: TcpStream,
     client: SocketAddr,
     worker: String,
-    pick: impl Fn() -> Option<SocketAddr> + Clone + Send + Sync + 'static,
+    pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
 ) {
+    let keep_alive = pick().1.keep_alive;
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (pick, worker) = (pick.clone(), worker.clone());
-        async move { Ok::<_, std::convert::Infallible>(forward(request, client, &worker, pick()).await) }
+        async move {
+            let (backend, options) = pick();
+            Ok::<_, std::convert::Infallible>(forward(request, client, &worker, backend, &options).await)
+        }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    if !keep_alive.is_zero() {
+        builder.header_read_timeout(keep_alive);
+    }
+    let _ = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+}
+
+/// A request id unique within this daemon's life.
+fn trace_id() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    format!("{:x}-{:x}-{:x}", std::process::id(), started, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 async fn forward(
@@ -127,6 +170,7 @@ async fn forward(
     client: SocketAddr,
     worker: &str,
     backend: Option<SocketAddr>,
+    options: &Options,
 ) -> Response<Body> {
     let Some(backend) = backend else {
         return text(
@@ -135,10 +179,21 @@ async fn forward(
         );
     };
     let headers = request.headers_mut();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    // Without trust_proxy, a client's own X-Forwarded-For is not believed.
+    let chain = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).filter(|_| options.trust_proxy);
+    let forwarded_for = match chain {
         Some(chain) => format!("{chain}, {}", client.ip()),
         None => client.ip().to_string(),
     };
+    if !options.trust_proxy {
+        headers.remove("x-real-ip");
+    }
+    if let Some(name) = options.trace_header.as_deref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        && !headers.contains_key(&name)
+        && let Ok(id) = HeaderValue::from_str(&trace_id())
+    {
+        headers.insert(name, id);
+    }
     let host = headers.get(hyper::header::HOST).cloned();
     for (name, value) in [
         ("x-forwarded-for", Some(forwarded_for)),
@@ -166,7 +221,19 @@ async fn forward(
             Err(e) => return text(StatusCode::BAD_GATEWAY, format!("{worker}: {e}\n")),
         };
     tokio::spawn(connection.with_upgrades());
+    // A WebSocket (or any upgrade): once the instance agrees, both sides are
+    // spliced byte for byte.
+    let client_upgrade = hyper::upgrade::on(&mut request);
     match sender.send_request(request).await {
+        Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let server_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(server)).await;
+                }
+            });
+            response.map(BodyExt::boxed)
+        }
         Ok(response) => response.map(BodyExt::boxed),
         Err(e) => text(
             StatusCode::BAD_GATEWAY,

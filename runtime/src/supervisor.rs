@@ -194,7 +194,7 @@ struct Worker {
     /// While set, the worker waits for its `depends_on` until this instant.
     deps_deadline: Option<Instant>,
     /// The running instances' addresses, for the proxy's listeners.
-    backends: watch::Sender<Vec<std::net::SocketAddr>>,
+    routes: watch::Sender<crate::proxy::Route>,
     deps_timed_out: bool,
 }
 
@@ -452,7 +452,7 @@ impl Supervisor {
             instances,
             deps_deadline: None,
             deps_timed_out: false,
-            backends: watch::channel(Vec::new()).0,
+            routes: watch::channel(crate::proxy::Route::default()).0,
         };
         self.workers.insert(name, worker);
         self.dirty = true;
@@ -728,7 +728,7 @@ impl Supervisor {
                 }
                 continue;
             }
-            match crate::proxy::listen(&server, name.clone(), worker.backends.subscribe()) {
+            match crate::proxy::listen(&server, name.clone(), worker.routes.subscribe()) {
                 Ok(listener) => {
                     self.listeners.insert(address, (name, listener));
                 }
@@ -742,21 +742,27 @@ impl Supervisor {
         }
     }
 
-    /// Tells the listeners which instances run now.
+    /// Tells the listeners which instances run now, and the proxy options.
     fn publish_backends(&mut self) {
         for worker in self.workers.values() {
-            let running: Vec<std::net::SocketAddr> = worker
-                .instances
-                .iter()
-                .filter(|i| matches!(i.life.phase, Phase::Running { .. }))
-                .filter_map(|i| {
-                    i.port
-                        .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
-                })
-                .collect();
-            worker.backends.send_if_modified(|current| {
-                let changed = *current != running;
-                *current = running.clone();
+            let spec = &worker.spec;
+            let route = crate::proxy::Route {
+                backends: worker
+                    .instances
+                    .iter()
+                    .filter(|i| matches!(i.life.phase, Phase::Running { .. }))
+                    .filter_map(|i| i.port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))))
+                    .collect(),
+                options: crate::proxy::Options {
+                    trust_proxy: spec.trust_proxy.value,
+                    trace_header: spec.trace_header.as_ref().map(|h| h.value.clone()),
+                    keep_alive: spec.keep_alive.as_duration(),
+                    max_conns: spec.max_conns.value,
+                },
+            };
+            worker.routes.send_if_modified(|current| {
+                let changed = *current != route;
+                *current = route.clone();
                 changed
             });
         }

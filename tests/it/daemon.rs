@@ -1671,3 +1671,73 @@ fn a_converted_pm2_cluster_app_answers_on_its_pm2_port() {
         "each instance has a port of its own: {body}"
     );
 }
+
+const HEADERS_APP: &str = r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.headers.get("Upgrade"):
+            self.send_response(101)
+            self.send_header("Upgrade", self.headers.get("Upgrade"))
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                data = self.connection.recv(1024)
+                if not data:
+                    return
+                self.connection.sendall(data.upper())
+        body = ("xff=%s id=%s\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// A raw HTTP/1.1 exchange: the request text, then the whole answer until close.
+fn http_raw(port: u16, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[test]
+fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgrades() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_headers");
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    d.ok(&["run", "python3", app.to_str().unwrap(), "-name", "h", "-upstream", "port", "-server", &server, "-startup_grace", "300", "-trust_proxy=false", "-trace_header", "x-request-id"]);
+    d.wait_running("h");
+    let spoofed = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let answer = http_raw(port, spoofed);
+    assert!(answer.contains("xff=127.0.0.1 id="), "{answer}");
+    assert!(!answer.contains("6.6.6.6") && !answer.contains("id=None"), "{answer}");
+    d.ok(&["update", "h", "-trust_proxy", "-no-restart"]);
+    wait_until(PATIENCE, "trust_proxy to apply live", || http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1"));
+    // An upgrade: after the 101, bytes flow both ways through the proxy.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "closed before the 101");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+    stream.write_all(b"hello").unwrap();
+    let mut echoed = [0u8; 5];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"HELLO");
+}

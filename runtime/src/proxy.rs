@@ -54,29 +54,49 @@ pub fn free_port() -> std::io::Result<u16> {
         .map(|a| a.port())
 }
 
-/// A running listener; dropping it closes the socket.
+/// A running listener; dropping it closes the socket (and removes a unix
+/// socket's file).
 pub struct Listener {
     task: tokio::task::JoinHandle<()>,
+    path: Option<std::path::PathBuf>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
 /// Binds a `server` address and serves it until the `Listener` is dropped.
 pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<Listener, String> {
-    let ListenAddr::Tcp { host, port } = &server.addr else {
-        return Err(format!("{server}: unix socket listeners are not supported yet"));
-    };
     if server.scheme.is_tls() {
         return Err(format!("{server}: TLS listeners are not supported yet"));
     }
-    let listener = std::net::TcpListener::bind((host.as_str(), *port))
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .and_then(TcpListener::from_std)
-        .map_err(|e| format!("cannot listen on {server}: {e}"))?;
+    let cannot = |e: std::io::Error| format!("cannot listen on {server}: {e}");
+    let (listener, path) = match &server.addr {
+        ListenAddr::Tcp { host, port } => {
+            let listener = std::net::TcpListener::bind((host.as_str(), *port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+                .map_err(cannot)?;
+            (Socket::Tcp(listener), None)
+        }
+        ListenAddr::Unix { unix } => {
+            // A socket file left by a daemon that died is in the way; any
+            // other file is not ours to remove.
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(unix).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(unix);
+            }
+            (
+                Socket::Unix(tokio::net::UnixListener::bind(unix).map_err(cannot)?),
+                Some(unix.clone()),
+            )
+        }
+    };
     let scheme = server.scheme;
     let next = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(async move {
@@ -87,33 +107,63 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
         loop {
             let max = routes.borrow().options.max_conns;
             if limit.as_ref().map_or(0, |(m, _)| *m) != max {
-                limit = (max > 0).then(|| (max, Arc::new(tokio::sync::Semaphore::new(max as usize))));
+                limit =
+                    (max > 0).then(|| (max, Arc::new(tokio::sync::Semaphore::new(max as usize))));
             }
             let permit = match &limit {
                 Some((_, semaphore)) => semaphore.clone().acquire_owned().await.ok(),
                 None => None,
             };
-            let Ok((stream, client)) = listener.accept().await else { continue };
+            let Ok((stream, client)) = listener.accept().await else {
+                continue;
+            };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {
+                let keep_alive = routes.borrow().options.keep_alive;
                 let pick = move || {
                     let route = routes.borrow();
                     let list = &route.backends;
-                    let backend = (!list.is_empty()).then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()]);
+                    let backend = (!list.is_empty())
+                        .then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()]);
                     (backend, route.options.clone())
                 };
                 match scheme {
-                    Scheme::Http => serve_http(stream, client, worker, pick).await,
+                    Scheme::Http => serve_http(stream, client, worker, keep_alive, pick).await,
                     _ => splice(stream, pick().0).await,
                 }
                 drop(permit);
             });
         }
     });
-    Ok(Listener { task })
+    Ok(Listener { task, path })
 }
 
-async fn splice(mut client: TcpStream, backend: Option<SocketAddr>) {
+/// A connection from either kind of listener.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Socket {
+    /// The next connection, with the client's address when it has one.
+    async fn accept(&self) -> std::io::Result<(Box<dyn Io>, Option<std::net::IpAddr>)> {
+        match self {
+            Socket::Tcp(listener) => listener
+                .accept()
+                .await
+                .map(|(s, a)| (Box::new(s) as Box<dyn Io>, Some(a.ip()))),
+            Socket::Unix(listener) => listener
+                .accept()
+                .await
+                .map(|(s, _)| (Box::new(s) as Box<dyn Io>, None)),
+        }
+    }
+}
+
+async fn splice(mut client: Box<dyn Io>, backend: Option<SocketAddr>) {
     let Some(backend) = backend else { return };
     if let Ok(mut upstream) = TcpStream::connect(backend).await {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
@@ -137,17 +187,19 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
 }
 
 async fn serve_http(
-    stream: TcpStream,
-    client: SocketAddr,
+    stream: Box<dyn Io>,
+    client: Option<std::net::IpAddr>,
     worker: String,
+    keep_alive: std::time::Duration,
     pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
 ) {
-    let keep_alive = pick().1.keep_alive;
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (pick, worker) = (pick.clone(), worker.clone());
         async move {
             let (backend, options) = pick();
-            Ok::<_, std::convert::Infallible>(forward(request, client, &worker, backend, &options).await)
+            Ok::<_, std::convert::Infallible>(
+                forward(request, client, &worker, backend, &options).await,
+            )
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -155,19 +207,29 @@ async fn serve_http(
     if !keep_alive.is_zero() {
         builder.header_read_timeout(keep_alive);
     }
-    let _ = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await;
+    let _ = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
 }
 
 /// A request id unique within this daemon's life.
 fn trace_id() -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-    format!("{:x}-{:x}-{:x}", std::process::id(), started, COUNTER.fetch_add(1, Ordering::Relaxed))
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        started,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 async fn forward(
     mut request: Request<Incoming>,
-    client: SocketAddr,
+    client: Option<std::net::IpAddr>,
     worker: &str,
     backend: Option<SocketAddr>,
     options: &Options,
@@ -180,15 +242,27 @@ async fn forward(
     };
     let headers = request.headers_mut();
     // Without trust_proxy, a client's own X-Forwarded-For is not believed.
-    let chain = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).filter(|_| options.trust_proxy);
-    let forwarded_for = match chain {
-        Some(chain) => format!("{chain}, {}", client.ip()),
-        None => client.ip().to_string(),
+    let chain = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| options.trust_proxy);
+    let forwarded_for = match (chain, client) {
+        (Some(chain), Some(ip)) => Some(format!("{chain}, {ip}")),
+        (Some(chain), None) => Some(chain.to_owned()),
+        (None, Some(ip)) => Some(ip.to_string()),
+        // A unix socket client has no address to report.
+        (None, None) => None,
     };
+    if forwarded_for.is_none() {
+        headers.remove("x-forwarded-for");
+    }
     if !options.trust_proxy {
         headers.remove("x-real-ip");
     }
-    if let Some(name) = options.trace_header.as_deref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+    if let Some(name) = options
+        .trace_header
+        .as_deref()
+        .and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         && !headers.contains_key(&name)
         && let Ok(id) = HeaderValue::from_str(&trace_id())
     {
@@ -196,7 +270,7 @@ async fn forward(
     }
     let host = headers.get(hyper::header::HOST).cloned();
     for (name, value) in [
-        ("x-forwarded-for", Some(forwarded_for)),
+        ("x-forwarded-for", forwarded_for),
         ("x-forwarded-proto", Some("http".to_owned())),
     ] {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
@@ -229,7 +303,11 @@ async fn forward(
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
                 if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(server)).await;
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(client),
+                        &mut TokioIo::new(server),
+                    )
+                    .await;
                 }
             });
             response.map(BodyExt::boxed)

@@ -274,9 +274,11 @@ impl Supervisor {
     fn settle(&mut self) {
         self.start_ready_dependents();
         self.drop_retired_instances();
+        self.answer_waiters();
+        // After the waiters: a removed worker's listener closes before the
+        // CLI hears that it is gone.
         self.reconcile_listeners();
         self.publish_backends();
-        self.answer_waiters();
         if std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
         }
@@ -751,7 +753,10 @@ impl Supervisor {
                     .instances
                     .iter()
                     .filter(|i| matches!(i.life.phase, Phase::Running { .. }))
-                    .filter_map(|i| i.port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))))
+                    .filter_map(|i| {
+                        i.port
+                            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+                    })
                     .collect(),
                 options: crate::proxy::Options {
                     trust_proxy: spec.trust_proxy.value,

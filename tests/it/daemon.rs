@@ -1702,7 +1702,9 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 fn http_raw(port: u16, request: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
@@ -1716,18 +1718,43 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
     let app = d.write("headers.py", HEADERS_APP);
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
-    d.ok(&["run", "python3", app.to_str().unwrap(), "-name", "h", "-upstream", "port", "-server", &server, "-startup_grace", "300", "-trust_proxy=false", "-trace_header", "x-request-id"]);
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "h",
+        "-upstream",
+        "port",
+        "-server",
+        &server,
+        "-startup_grace",
+        "300",
+        "-trust_proxy=false",
+        "-trace_header",
+        "x-request-id",
+    ]);
     d.wait_running("h");
-    let spoofed = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let spoofed =
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n";
     let answer = http_raw(port, spoofed);
     assert!(answer.contains("xff=127.0.0.1 id="), "{answer}");
-    assert!(!answer.contains("6.6.6.6") && !answer.contains("id=None"), "{answer}");
+    assert!(
+        !answer.contains("6.6.6.6") && !answer.contains("id=None"),
+        "{answer}"
+    );
     d.ok(&["update", "h", "-trust_proxy", "-no-restart"]);
-    wait_until(PATIENCE, "trust_proxy to apply live", || http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1"));
+    wait_until(PATIENCE, "trust_proxy to apply live", || {
+        http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1")
+    });
     // An upgrade: after the 101, bytes flow both ways through the proxy.
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream.write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+        .unwrap();
     let mut seen = Vec::new();
     let mut buffer = [0u8; 1024];
     while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") {
@@ -1735,9 +1762,56 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
         assert!(n > 0, "closed before the 101");
         seen.extend_from_slice(&buffer[..n]);
     }
-    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
     stream.write_all(b"hello").unwrap();
     let mut echoed = [0u8; 5];
     stream.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"HELLO");
+}
+
+#[test]
+fn the_proxy_listens_on_a_unix_socket() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_unix");
+    let app = d.write("headers.py", HEADERS_APP);
+    let socket = d.path("api.sock");
+    let server = format!("http://unix:{socket}");
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "u",
+        "-upstream",
+        "port",
+        "-server",
+        &server,
+        "-startup_grace",
+        "300",
+    ]);
+    d.wait_running("u");
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("xff=6.6.6.6"),
+        "trust_proxy is on by default: {answer}"
+    );
+    d.ok(&["rm", "u"]);
+    assert!(
+        !Path::new(&socket).exists(),
+        "the socket file goes with its listener"
+    );
 }

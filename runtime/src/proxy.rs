@@ -8,7 +8,7 @@
 //! instances restart. Instances that are starting, stopping or ended get no
 //! new traffic; with none running, HTTP answers 503 and TCP closes.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,6 +21,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::vanguard::{Permit, Refusal, Vanguard};
 
 /// Where a listener sends traffic and how, as the supervisor sees it now:
 /// the running instances and the worker's proxy options.
@@ -41,6 +43,18 @@ pub struct Options {
     pub keep_alive: std::time::Duration,
     /// Concurrent connections per listener; 0 is unlimited.
     pub max_conns: u32,
+    /// The worker's firewall, when it has `vanguard { }` rules.
+    pub vanguard: Option<Guard>,
+}
+
+/// A worker's Vanguard, shared by its listeners; equal when it is the same one.
+#[derive(Clone, Debug)]
+pub struct Guard(pub Arc<Vanguard>);
+
+impl PartialEq for Guard {
+    fn eq(&self, other: &Guard) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 pub type Routes = watch::Receiver<Route>;
@@ -129,7 +143,13 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match scheme {
                     Scheme::Http => serve_http(stream, client, worker, keep_alive, pick).await,
-                    _ => splice(stream, pick().0).await,
+                    _ => {
+                        let (backend, options) = pick();
+                        // A refused connection is closed without a word.
+                        if let Ok(permit) = admit_connection(&options, client) {
+                            splice(stream, backend, permit).await;
+                        }
+                    }
                 }
                 drop(permit);
             });
@@ -163,7 +183,15 @@ impl Socket {
     }
 }
 
-async fn splice(mut client: Box<dyn Io>, backend: Option<SocketAddr>) {
+fn admit_connection(options: &Options, client: Option<IpAddr>) -> Result<Permit, Refusal> {
+    match (&options.vanguard, client) {
+        (Some(guard), Some(ip)) => guard.0.admit_connection(ip),
+        // Without rules there is nothing to check; a unix socket client has no address.
+        _ => Ok(Permit::unguarded()),
+    }
+}
+
+async fn splice(mut client: Box<dyn Io>, backend: Option<SocketAddr>, _permit: Permit) {
     let Some(backend) = backend else { return };
     if let Ok(mut upstream) = TcpStream::connect(backend).await {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
@@ -188,7 +216,7 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
 
 async fn serve_http(
     stream: Box<dyn Io>,
-    client: Option<std::net::IpAddr>,
+    client: Option<IpAddr>,
     worker: String,
     keep_alive: std::time::Duration,
     pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
@@ -227,9 +255,91 @@ fn trace_id() -> String {
     )
 }
 
+/// The client's address: with `trust_proxy`, the one the proxy in front
+/// reports (the last `X-Forwarded-For` entry, else `X-Real-IP`).
+fn client_ip(
+    request: &Request<Incoming>,
+    socket: Option<IpAddr>,
+    trust_proxy: bool,
+) -> Option<IpAddr> {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let forwarded = trust_proxy
+        .then(|| {
+            header("x-forwarded-for")
+                .and_then(|chain| {
+                    chain
+                        .rsplit(',')
+                        .next()
+                        .and_then(|ip| ip.trim().parse().ok())
+                })
+                .or_else(|| header("x-real-ip").and_then(|ip| ip.trim().parse().ok()))
+        })
+        .flatten();
+    forwarded.or(socket)
+}
+
+/// Vanguard's verdict on a request, as a permit or the refusal to send.
+fn gate(
+    request: &Request<Incoming>,
+    socket: Option<IpAddr>,
+    options: &Options,
+) -> Result<Permit, Response<Body>> {
+    let (Some(guard), Some(ip)) = (
+        &options.vanguard,
+        client_ip(request, socket, options.trust_proxy),
+    ) else {
+        return Ok(Permit::unguarded());
+    };
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    guard
+        .0
+        .admit_request(ip, target)
+        .map_err(|refusal| match refusal {
+            Refusal::Forbidden => text(
+                StatusCode::FORBIDDEN,
+                guard.0.rules.ban_response.value.clone(),
+            ),
+            Refusal::TooMany { retry_after } => {
+                let mut response = text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many requests\n".to_owned(),
+                );
+                if let Ok(seconds) =
+                    HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
+                {
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::RETRY_AFTER, seconds);
+                }
+                response
+            }
+        })
+}
+
 async fn forward(
+    request: Request<Incoming>,
+    client: Option<IpAddr>,
+    worker: &str,
+    backend: Option<SocketAddr>,
+    options: &Options,
+) -> Response<Body> {
+    match gate(&request, client, options) {
+        Ok(permit) => relay(request, permit, client, worker, backend, options).await,
+        Err(refusal) => refusal,
+    }
+}
+
+/// Forwards a request Vanguard let through.
+async fn relay(
     mut request: Request<Incoming>,
-    client: Option<std::net::IpAddr>,
+    _permit: Permit,
+    client: Option<IpAddr>,
     worker: &str,
     backend: Option<SocketAddr>,
     options: &Options,

@@ -195,6 +195,8 @@ struct Worker {
     deps_deadline: Option<Instant>,
     /// The running instances' addresses, for the proxy's listeners.
     routes: watch::Sender<crate::proxy::Route>,
+    /// Its Vanguard, kept (with its rate state and bans) while the rules stay.
+    guard: Option<crate::proxy::Guard>,
     deps_timed_out: bool,
 }
 
@@ -443,11 +445,12 @@ impl Supervisor {
     }
 
     /// Adds a worker; with `enabled` it is marked to run but not started.
-    pub fn insert(&mut self, name: String, spec: WorkerSpec, origin: Origin, enabled: bool) {
+    fn insert(&mut self, name: String, spec: WorkerSpec, origin: Origin, enabled: bool) {
         let count = spec.instances.value as usize;
         let instances = (0..count).map(|i| self.new_instance(&name, i)).collect();
         let worker = Worker {
             policy: Policy::from_spec(&spec),
+            guard: guard_for(&spec),
             spec: Arc::new(spec),
             origin,
             enabled,
@@ -667,6 +670,9 @@ impl Supervisor {
         let only_scaling = same_but_count == *worker.spec;
         let target = spec.instances.value as usize;
         worker.policy = Policy::from_spec(&spec);
+        if spec.vanguard != worker.spec.vanguard {
+            worker.guard = guard_for(&spec);
+        }
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         self.dirty = true;
@@ -763,6 +769,7 @@ impl Supervisor {
                     trace_header: spec.trace_header.as_ref().map(|h| h.value.clone()),
                     keep_alive: spec.keep_alive.as_duration(),
                     max_conns: spec.max_conns.value,
+                    vanguard: worker.guard.clone(),
                 },
             };
             worker.routes.send_if_modified(|current| {
@@ -1064,6 +1071,12 @@ impl Supervisor {
             err_log,
         }
     }
+}
+
+fn guard_for(spec: &WorkerSpec) -> Option<crate::proxy::Guard> {
+    spec.vanguard
+        .as_ref()
+        .map(|rules| crate::proxy::Guard(Arc::new(crate::vanguard::Vanguard::new(rules))))
 }
 
 /// Maps a reply channel of one type onto another.

@@ -1815,3 +1815,50 @@ fn the_proxy_listens_on_a_unix_socket() {
         "the socket file goes with its listener"
     );
 }
+
+#[test]
+fn vanguard_refuses_banned_paths_and_rate_limits_per_client() {
+    let d = Daemon::new("vanguard");
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{\n    name v; exec python3; params {}; upstream port; startup_grace 300;\n    server http://127.0.0.1:{port};\n    vanguard {{ rate_limit 1; rate_burst 3; ban_path *.php, /.env; ban_response \"go away\"; }}\n}}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("v");
+    let get = |target: &str| {
+        http_raw(
+            port,
+            &format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    for target in ["/wp-login.php", "/a/../.env", "/%2e%2e/.env?x=1"] {
+        let answer = get(target);
+        assert!(
+            answer.starts_with("HTTP/1.1 403") && answer.ends_with("go away"),
+            "{target}: {answer}"
+        );
+    }
+    // The burst passes back to back; the next request is refused with Retry-After.
+    let statuses: Vec<String> = (0..3)
+        .map(|_| get("/").lines().next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK", "HTTP/1.1 200 OK"]
+    );
+    // A loaded machine may take long enough for a token to come back, so
+    // look for the refusal among the next few requests.
+    let refused = (0..10)
+        .map(|_| get("/"))
+        .find(|a| a.starts_with("HTTP/1.1 429"))
+        .expect("a 429 after the burst");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: "),
+        "{refused}"
+    );
+}

@@ -1,0 +1,274 @@
+//! Vanguard, the request firewall. It runs before a request or connection
+//! reaches any instance, in this order: IP lists, bans, path bans, rate
+//! limit. Its answer is a `Permit` or a `Refusal`; the proxy can only
+//! forward with a `Permit`, and only this module can make one, so no code
+//! path skips the checks.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use apm_compiler::ir::VanguardRules;
+use governor::clock::{Clock, DefaultClock};
+use governor::{Quota, RateLimiter};
+
+/// Proof that Vanguard let this request or connection through.
+#[derive(Debug)]
+pub struct Permit(());
+
+impl Permit {
+    /// For workers without a `vanguard { }` block: nothing to check.
+    pub(crate) fn unguarded() -> Permit {
+        Permit(())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 403 with `ban_response`: an IP list, a ban, or a banned path.
+    Forbidden,
+    /// 429: over the rate limit; try again after this long.
+    TooMany { retry_after: Duration },
+}
+
+type Limiter =
+    RateLimiter<IpAddr, governor::state::keyed::DefaultKeyedStateStore<IpAddr>, DefaultClock>;
+
+pub struct Vanguard {
+    pub rules: VanguardRules,
+    limiter: Option<Limiter>,
+    clock: DefaultClock,
+    /// Clients banned after breaching the rate limit, until when.
+    bans: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl std::fmt::Debug for Vanguard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vanguard")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Forgetting limiter state for clients idle this long keeps memory bounded.
+const FORGET_AFTER: usize = 10_000;
+
+impl Vanguard {
+    pub fn new(rules: &VanguardRules) -> Vanguard {
+        let limiter = rules.rate_limit.as_ref().and_then(|limit| {
+            let rate = NonZeroU32::new(limit.value)?;
+            let burst = rules
+                .rate_burst
+                .as_ref()
+                .and_then(|b| NonZeroU32::new(b.value))
+                .unwrap_or(rate);
+            Some(RateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            ))
+        });
+        Vanguard {
+            rules: rules.clone(),
+            limiter,
+            clock: DefaultClock::default(),
+            bans: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn ip_allowed(&self, ip: IpAddr) -> bool {
+        let listed = |nets: &[apm_compiler::schema::Setting<ipnet::IpNet>]| {
+            nets.iter().any(|n| n.value.contains(&ip))
+        };
+        (self.rules.allow_ip.is_empty() || listed(&self.rules.allow_ip))
+            && !listed(&self.rules.ban_ip)
+    }
+
+    fn banned(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+        match bans.get(&ip) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                bans.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn rate(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        if limiter.len() > FORGET_AFTER {
+            limiter.retain_recent();
+        }
+        match limiter.check_key(&ip) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let ttl = self.rules.ban_ttl.as_duration();
+                if !ttl.is_zero() {
+                    self.bans
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(ip, now + ttl);
+                    return Err(Refusal::Forbidden);
+                }
+                let wait = not_until.wait_time_from(self.clock.now());
+                Err(Refusal::TooMany {
+                    retry_after: wait.max(Duration::from_secs(1)),
+                })
+            }
+        }
+    }
+
+    /// A raw TCP (or WebSocket) connection: IP lists, bans, rate limit.
+    pub fn admit_connection(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        let now = Instant::now();
+        if !self.ip_allowed(ip) || self.banned(ip, now) {
+            return Err(Refusal::Forbidden);
+        }
+        self.rate(ip, now).map(|()| Permit(()))
+    }
+
+    /// An HTTP request: IP lists, bans, path bans, rate limit.
+    pub fn admit_request(&self, ip: IpAddr, target: &str) -> Result<Permit, Refusal> {
+        let now = Instant::now();
+        if !self.ip_allowed(ip) || self.banned(ip, now) {
+            return Err(Refusal::Forbidden);
+        }
+        let path = normalize_path(target);
+        if self.rules.ban_path.iter().any(|p| p.value.matches(&path)) {
+            return Err(Refusal::Forbidden);
+        }
+        self.rate(ip, now).map(|()| Permit(()))
+    }
+}
+
+/// A request target as `ban_path` sees it: the query dropped, percent-escapes
+/// decoded and dot segments resolved, so `/%2e%2e/.env` and `/a/../.env` are
+/// both `/.env`.
+pub fn normalize_path(target: &str) -> String {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded).replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut out = format!("/{}", segments.join("/"));
+    if decoded.ends_with('/') && out.len() > 1 {
+        out.push('/');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn rules(text: &str) -> Vanguard {
+        let config = format!("worker {{ exec x; vanguard {{ {text} }} }}");
+        let loader = apm_compiler::MemLoader::new().file("a.conf", config);
+        let compilation = apm_compiler::compile(Path::new("a.conf"), &loader).unwrap();
+        assert_eq!(compilation.diagnostics, vec![]);
+        Vanguard::new(compilation.config.workers[0].vanguard.as_ref().unwrap())
+    }
+
+    #[test]
+    fn paths_are_normalised_before_matching() {
+        assert_eq!(normalize_path("/a/../.env?x=1"), "/.env");
+        assert_eq!(normalize_path("/%2e%2e/.env"), "/.env");
+        assert_eq!(normalize_path("//wp-admin/./x.php#frag"), "/wp-admin/x.php");
+        assert_eq!(normalize_path("/static/"), "/static/");
+        let v = rules("ban_path *.php, /.git*, *wp-*, /.env;");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for target in [
+            "/index.php?a=b",
+            "/.git/config",
+            "/x/wp-login",
+            "/a/../.env",
+            "/%2e%2e/.env",
+        ] {
+            assert_eq!(
+                v.admit_request(ip, target).unwrap_err(),
+                Refusal::Forbidden,
+                "{target}"
+            );
+        }
+        assert!(v.admit_request(ip, "/.environment").is_ok());
+        assert!(v.admit_request(ip, "/api/users").is_ok());
+    }
+
+    #[test]
+    fn ip_lists_allow_only_listed_and_refuse_banned() {
+        let v = rules("allow_ip 10.0.0.0/8; ban_ip 10.6.6.0/24;");
+        assert!(v.admit_connection("10.1.2.3".parse().unwrap()).is_ok());
+        assert_eq!(
+            v.admit_connection("10.6.6.6".parse().unwrap()).unwrap_err(),
+            Refusal::Forbidden
+        );
+        assert_eq!(
+            v.admit_connection("192.0.2.1".parse().unwrap())
+                .unwrap_err(),
+            Refusal::Forbidden
+        );
+    }
+
+    #[test]
+    fn a_burst_passes_back_to_back_and_the_next_is_refused() {
+        let v = rules("rate_limit 1; rate_burst 5;");
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for i in 0..5 {
+            assert!(v.admit_request(ip, "/").is_ok(), "request {i} of the burst");
+        }
+        match v.admit_request(ip, "/") {
+            Err(Refusal::TooMany { retry_after }) => assert!(retry_after >= Duration::from_secs(1)),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            v.admit_request("192.0.2.8".parse().unwrap(), "/").is_ok(),
+            "limits are per client"
+        );
+    }
+
+    #[test]
+    fn a_breach_with_ban_ttl_bans_the_client() {
+        let v = rules("rate_limit 2; ban_ttl 1h;");
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        assert!(v.admit_request(ip, "/").is_ok());
+        assert!(v.admit_request(ip, "/").is_ok());
+        assert_eq!(v.admit_request(ip, "/").unwrap_err(), Refusal::Forbidden);
+        assert_eq!(
+            v.admit_connection(ip).unwrap_err(),
+            Refusal::Forbidden,
+            "banned everywhere for ban_ttl"
+        );
+    }
+}

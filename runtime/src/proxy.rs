@@ -284,12 +284,13 @@ fn client_ip(
     forwarded.or(socket)
 }
 
-/// Vanguard's verdict on a request, as a permit or the refusal to send.
+/// Vanguard's verdict on a request: a permit, or the refusal with the
+/// `ban_response` to send.
 fn gate(
     request: &Request<Incoming>,
     socket: Option<IpAddr>,
     options: &Options,
-) -> Result<Permit, Response<Body>> {
+) -> Result<Permit, (Refusal, String)> {
     let (Some(guard), Some(ip)) = (
         &options.vanguard,
         client_ip(request, socket, options.trust_proxy),
@@ -300,26 +301,25 @@ fn gate(
     guard
         .0
         .admit_request(ip, target)
-        .map_err(|refusal| match refusal {
-            Refusal::Forbidden => text(
-                StatusCode::FORBIDDEN,
-                guard.0.rules.ban_response.value.clone(),
-            ),
-            Refusal::TooMany { retry_after } => {
-                let mut response = text(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many requests\n".to_owned(),
-                );
-                if let Ok(seconds) =
-                    HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
-                {
-                    response
-                        .headers_mut()
-                        .insert(hyper::header::RETRY_AFTER, seconds);
-                }
+        .map_err(|refusal| (refusal, guard.0.rules.ban_response.value.clone()))
+}
+
+fn refused(refusal: Refusal, ban_response: String) -> Response<Body> {
+    match refusal {
+        Refusal::Forbidden => text(StatusCode::FORBIDDEN, ban_response),
+        Refusal::TooMany { retry_after } => {
+            let mut response = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests\n".to_owned(),
+            );
+            if let Ok(seconds) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
                 response
+                    .headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, seconds);
             }
-        })
+            response
+        }
+    }
 }
 
 async fn forward(
@@ -331,7 +331,7 @@ async fn forward(
 ) -> Response<Body> {
     match gate(&request, client, options) {
         Ok(permit) => relay(request, permit, client, worker, backend, options).await,
-        Err(refusal) => refusal,
+        Err((refusal, ban_response)) => refused(refusal, ban_response),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod proxy;
 pub mod state;
 pub mod supervisor;
 pub mod sys;
+pub mod tls;
 pub mod vanguard;
 
 /// The daemon log is its stderr: one timestamped line per event.

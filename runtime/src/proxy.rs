@@ -22,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::tls::Tls;
 use crate::vanguard::{Permit, Refusal, Vanguard};
 
 /// Where a listener sends traffic and how, as the supervisor sees it now:
@@ -45,6 +46,17 @@ pub struct Options {
     pub max_conns: u32,
     /// The worker's firewall, when it has `vanguard { }` rules.
     pub vanguard: Option<Guard>,
+    pub tls: TlsSetting,
+}
+
+/// Whether a worker's listeners terminate TLS.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum TlsSetting {
+    #[default]
+    Off,
+    On(Tls),
+    /// `tls` is on but the certificate or key could not be loaded (logged).
+    Broken,
 }
 
 /// A worker's Vanguard, shared by its listeners; equal when it is the same one.
@@ -86,9 +98,6 @@ impl Drop for Listener {
 
 /// Binds a `server` address and serves it until the `Listener` is dropped.
 pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<Listener, String> {
-    if server.scheme.is_tls() {
-        return Err(format!("{server}: TLS listeners are not supported yet"));
-    }
     let cannot = |e: std::io::Error| format!("cannot listen on {server}: {e}");
     let (listener, path) = match &server.addr {
         ListenAddr::Tcp { host, port } => {
@@ -133,7 +142,20 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {
-                let keep_alive = routes.borrow().options.keep_alive;
+                let (keep_alive, tls) = {
+                    let options = &routes.borrow().options;
+                    (options.keep_alive, options.tls.clone())
+                };
+                let (stream, secure) = match (tls, scheme.is_tls()) {
+                    (TlsSetting::On(tls), _) => match tls.0.accept(stream).await {
+                        Ok(stream) => (Box::new(stream) as Box<dyn Io>, true),
+                        Err(_) => return, // a failed handshake: nothing to forward
+                    },
+                    // A TLS listener whose certificate could not be loaded
+                    // refuses rather than serve plain text.
+                    (TlsSetting::Broken, _) | (TlsSetting::Off, true) => return,
+                    (TlsSetting::Off, false) => (stream, false),
+                };
                 let pick = move || {
                     let route = routes.borrow();
                     let list = &route.backends;
@@ -142,7 +164,9 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     (backend, route.options.clone())
                 };
                 match scheme {
-                    Scheme::Http => serve_http(stream, client, worker, keep_alive, pick).await,
+                    Scheme::Http | Scheme::Https => {
+                        serve_http(stream, client, worker, keep_alive, secure, pick).await
+                    }
                     _ => {
                         let (backend, options) = pick();
                         // A refused connection is closed without a word.
@@ -219,6 +243,7 @@ async fn serve_http(
     client: Option<IpAddr>,
     worker: String,
     keep_alive: std::time::Duration,
+    secure: bool,
     pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
 ) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -226,7 +251,7 @@ async fn serve_http(
         async move {
             let (backend, options) = pick();
             Ok::<_, std::convert::Infallible>(
-                forward(request, client, &worker, backend, &options).await,
+                forward(request, client, secure, &worker, backend, &options).await,
             )
         }
     });
@@ -325,12 +350,13 @@ fn refused(refusal: Refusal, ban_response: String) -> Response<Body> {
 async fn forward(
     request: Request<Incoming>,
     client: Option<IpAddr>,
+    secure: bool,
     worker: &str,
     backend: Option<SocketAddr>,
     options: &Options,
 ) -> Response<Body> {
     match gate(&request, client, options) {
-        Ok(permit) => relay(request, permit, client, worker, backend, options).await,
+        Ok(permit) => relay(request, permit, client, secure, worker, backend, options).await,
         Err((refusal, ban_response)) => refused(refusal, ban_response),
     }
 }
@@ -340,6 +366,7 @@ async fn relay(
     mut request: Request<Incoming>,
     _permit: Permit,
     client: Option<IpAddr>,
+    secure: bool,
     worker: &str,
     backend: Option<SocketAddr>,
     options: &Options,
@@ -381,7 +408,10 @@ async fn relay(
     let host = headers.get(hyper::header::HOST).cloned();
     for (name, value) in [
         ("x-forwarded-for", forwarded_for),
-        ("x-forwarded-proto", Some("http".to_owned())),
+        (
+            "x-forwarded-proto",
+            Some(if secure { "https" } else { "http" }.to_owned()),
+        ),
     ] {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
             headers.insert(HeaderName::from_static(name), value);

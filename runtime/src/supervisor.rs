@@ -197,6 +197,8 @@ struct Worker {
     routes: watch::Sender<crate::proxy::Route>,
     /// Its Vanguard, kept (with its rate state and bans) while the rules stay.
     guard: Option<crate::proxy::Guard>,
+    /// Its TLS setup, rebuilt when its TLS keys change (new connections use it).
+    tls: crate::proxy::TlsSetting,
     deps_timed_out: bool,
 }
 
@@ -451,6 +453,7 @@ impl Supervisor {
         let worker = Worker {
             policy: Policy::from_spec(&spec),
             guard: guard_for(&spec),
+            tls: tls_for(&name, &spec),
             spec: Arc::new(spec),
             origin,
             enabled,
@@ -673,6 +676,18 @@ impl Supervisor {
         if spec.vanguard != worker.spec.vanguard {
             worker.guard = guard_for(&spec);
         }
+        // New certificates serve new connections; open ones keep theirs.
+        if (&spec.tls, &spec.tls_cert, &spec.tls_key, &spec.tls_ca)
+            != (
+                &worker.spec.tls,
+                &worker.spec.tls_cert,
+                &worker.spec.tls_key,
+                &worker.spec.tls_ca,
+            )
+            || spec.tls.value
+        {
+            worker.tls = tls_for(&name, &spec);
+        }
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         self.dirty = true;
@@ -770,6 +785,7 @@ impl Supervisor {
                     keep_alive: spec.keep_alive.as_duration(),
                     max_conns: spec.max_conns.value,
                     vanguard: worker.guard.clone(),
+                    tls: worker.tls.clone(),
                 },
             };
             worker.routes.send_if_modified(|current| {
@@ -1069,6 +1085,29 @@ impl Supervisor {
             origin: worker.origin.clone(),
             out_log,
             err_log,
+        }
+    }
+}
+
+fn tls_for(name: &str, spec: &WorkerSpec) -> crate::proxy::TlsSetting {
+    use crate::proxy::TlsSetting;
+    if !spec.tls.value {
+        return TlsSetting::Off;
+    }
+    let (Some(cert), Some(key)) = (&spec.tls_cert, &spec.tls_key) else {
+        return TlsSetting::Broken;
+    };
+    match crate::tls::acceptor(
+        &cert.value,
+        &key.value,
+        spec.tls_ca.as_ref().map(|c| c.value.as_path()),
+    ) {
+        Ok(tls) => TlsSetting::On(tls),
+        Err(error) => {
+            crate::log(format_args!(
+                "{name}: TLS is off for new connections: {error}"
+            ));
+            TlsSetting::Broken
         }
     }
 }

@@ -1862,3 +1862,111 @@ fn vanguard_refuses_banned_paths_and_rate_limits_per_client() {
         "{refused}"
     );
 }
+
+/// A CA and a certificate for 127.0.0.1 it signed, made with openssl.
+fn make_certificates(dir: &Path) -> bool {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=apm test CA",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "site.key",
+        "-out",
+        "site.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "site.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "site.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])
+}
+
+#[test]
+fn https_listeners_terminate_tls() {
+    let d = Daemon::new("tls");
+    if !make_certificates(d.dir()) {
+        eprintln!("skipped: openssl could not make test certificates");
+        return;
+    }
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{\n    name s; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key;\n}}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("s");
+    let client = format!(
+        "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nprint(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
+        ca = d.path("ca.pem")
+    );
+    let output = std::process::Command::new("python3")
+        .args(["-c", &client])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("xff=127.0.0.1"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    // Plain HTTP on the TLS port gets no answer from the app.
+    assert!(
+        !http_raw(
+            port,
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .contains("xff=")
+    );
+}

@@ -124,6 +124,8 @@ impl Vanguard {
 
     /// A raw TCP (or WebSocket) connection: IP lists, bans, rate limit.
     pub fn admit_connection(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
         let now = Instant::now();
         if !self.ip_allowed(ip) || self.banned(ip, now) {
             return Err(Refusal::Forbidden);
@@ -133,6 +135,7 @@ impl Vanguard {
 
     /// An HTTP request: IP lists, bans, path bans, rate limit.
     pub fn admit_request(&self, ip: IpAddr, target: &str) -> Result<Permit, Refusal> {
+        let ip = ip.to_canonical();
         let now = Instant::now();
         if !self.ip_allowed(ip) || self.banned(ip, now) {
             return Err(Refusal::Forbidden);

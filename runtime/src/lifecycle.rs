@@ -51,6 +51,8 @@ pub struct Policy {
     pub restart_on_exit_codes: Vec<u8>,
     pub kill_timeout: Duration,
     pub startup_grace: Duration,
+    /// Time a stopping instance keeps serving its in-flight requests.
+    pub drain: Duration,
 }
 
 impl Policy {
@@ -66,6 +68,7 @@ impl Policy {
             restart_on_exit_codes: spec.restart_on_exit_codes.iter().map(|c| c.value).collect(),
             kill_timeout: spec.kill_timeout.as_duration(),
             startup_grace: spec.startup_grace.as_duration(),
+            drain: spec.drain_timeout.as_duration(),
         }
     }
 
@@ -103,6 +106,13 @@ pub enum Phase {
         pid: u32,
         since: Instant,
     },
+    /// Asked to end, and given no new traffic: its in-flight requests may
+    /// finish until `until` (`drain_timeout`), then it is signalled.
+    Draining {
+        pid: u32,
+        until: Instant,
+        then: AfterStop,
+    },
     /// Asked to end: SIGTERM sent, SIGKILL due at `deadline`.
     Stopping {
         pid: u32,
@@ -135,6 +145,7 @@ impl Phase {
             Phase::Stopped => "stopped",
             Phase::Starting { .. } => "starting",
             Phase::Running { .. } => "running",
+            Phase::Draining { .. } => "draining",
             Phase::Stopping { .. } => "stopping",
             Phase::Exited { .. } => "exited",
             Phase::Crashed { .. } => "crashed",
@@ -147,6 +158,7 @@ impl Phase {
         match self {
             Phase::Starting { pid, .. }
             | Phase::Running { pid, .. }
+            | Phase::Draining { pid, .. }
             | Phase::Stopping { pid, .. } => Some(*pid),
             _ => None,
         }
@@ -238,6 +250,41 @@ impl Lifecycle {
                 };
                 vec![]
             }
+            (Running { pid, .. }, Event::Stop | Event::Restart) if !policy.drain.is_zero() => {
+                let until = now + policy.drain;
+                let then = if event == Event::Restart {
+                    AfterStop::Restart
+                } else {
+                    AfterStop::Stay
+                };
+                self.phase = Draining { pid, until, then };
+                vec![Effect::Wake(until)]
+            }
+            (Draining { pid, until, .. }, Event::Stop) => {
+                self.phase = Draining {
+                    pid,
+                    until,
+                    then: AfterStop::Stay,
+                };
+                vec![]
+            }
+            (Draining { pid, until, .. }, Event::Start | Event::Restart) => {
+                self.phase = Draining {
+                    pid,
+                    until,
+                    then: AfterStop::Restart,
+                };
+                vec![]
+            }
+            (Draining { pid, until, then }, Event::Wake) if now >= until => {
+                let deadline = now + policy.kill_timeout;
+                self.phase = Stopping {
+                    pid,
+                    deadline,
+                    then,
+                };
+                vec![Effect::Terminate(pid), Effect::Wake(deadline)]
+            }
             (Starting { pid, .. } | Running { pid, .. }, Event::Stop | Event::Restart) => {
                 let deadline = now + policy.kill_timeout;
                 let then = if event == Event::Restart {
@@ -281,7 +328,7 @@ impl Lifecycle {
                 vec![Effect::Kill(pid)]
             }
 
-            (Stopping { then, .. }, Event::Exited { .. }) => {
+            (Stopping { then, .. } | Draining { then, .. }, Event::Exited { .. }) => {
                 self.phase = Stopped;
                 if then == AfterStop::Restart {
                     self.restarts = 0;
@@ -373,6 +420,7 @@ mod tests {
             restart_on_exit_codes: vec![],
             kill_timeout: Duration::from_millis(2000),
             startup_grace: Duration::from_millis(2000),
+            drain: Duration::ZERO,
         }
     }
 
@@ -683,6 +731,45 @@ mod tests {
         assert_eq!((sim.life.err_restarts, sim.life.attempts), (0, 0));
         sim.spawn();
         assert_eq!(sim.life.phase.name(), "starting");
+    }
+
+    #[test]
+    fn drain_timeout_delays_the_signal_and_a_starting_instance_is_not_drained() {
+        let mut sim = Sim::new(Policy {
+            drain: Duration::from_millis(800),
+            ..policy()
+        });
+        sim.send(Event::Start);
+        let pid = sim.spawn();
+        sim.advance(2000);
+        sim.send(Event::Wake);
+        assert_eq!(sim.life.phase.name(), "running");
+        assert_eq!(
+            sim.send(Event::Stop),
+            vec![Effect::Wake(sim.now + Duration::from_millis(800))]
+        );
+        assert_eq!(sim.life.phase.name(), "draining");
+        sim.advance(799);
+        assert_eq!(sim.send(Event::Wake), vec![], "still draining");
+        sim.advance(1);
+        assert_eq!(
+            sim.send(Event::Wake),
+            vec![
+                Effect::Terminate(pid),
+                Effect::Wake(sim.now + Duration::from_millis(2000))
+            ]
+        );
+        assert_eq!(
+            sim.send(Event::Exited {
+                status: ExitStatus::Signal(15)
+            }),
+            vec![]
+        );
+        assert_eq!(sim.life.phase, Phase::Stopped);
+        // Still inside its startup grace, an instance has no traffic to drain.
+        sim.send(Event::Start);
+        let pid = sim.spawn();
+        assert_eq!(sim.send(Event::Restart)[0], Effect::Terminate(pid));
     }
 
     #[test]

@@ -1132,7 +1132,7 @@ fn remap<T: Send + 'static, U: Send + 'static>(reply: Reply<U>, f: fn(T) -> U) -
 /// Whether an instance is past its start: up, or failed, or not asked to run.
 fn settled(worker: &Worker, instance: &Instance) -> bool {
     match instance.life.phase {
-        Phase::Starting { .. } | Phase::Stopping { .. } => false,
+        Phase::Starting { .. } | Phase::Draining { .. } | Phase::Stopping { .. } => false,
         Phase::Stopped => !worker.enabled || instance.life.attempts > 0,
         _ => true,
     }

@@ -1970,3 +1970,49 @@ fn https_listeners_terminate_tls() {
         .contains("xff=")
     );
 }
+
+#[test]
+fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
+    let d = Daemon::new("drain");
+    let app = d.write(
+        "slow.py",
+        "import http.server, os, time\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        open(os.environ['MARKER'], 'w').close()\n        time.sleep(1.0)\n        self.send_response(200)\n        self.send_header('Content-Length', '5')\n        self.end_headers()\n        self.wfile.write(b'done\\n')\n    def log_message(self, *a):\n        pass\nhttp.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n",
+    );
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let marker = d.path("request-arrived");
+    let env = format!("MARKER={marker}");
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "slow",
+        "-upstream",
+        "port",
+        "-server",
+        &server,
+        "-startup_grace",
+        "300",
+        "-drain_timeout",
+        "3s",
+        "-env",
+        &env,
+    ]);
+    d.wait_running("slow");
+    let request = std::thread::spawn(move || http_get(port));
+    // The request is in flight (it takes a second) when the stop comes.
+    wait_until(PATIENCE, "the request to reach the instance", || {
+        Path::new(&marker).exists()
+    });
+    let started = Instant::now();
+    d.ok(&["stop", "slow"]);
+    assert_eq!(
+        request.join().unwrap().map(|(status, body)| (status, body)),
+        Some((200, "done\n".to_owned()))
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the stop waited for the drain"
+    );
+}

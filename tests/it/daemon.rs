@@ -2008,7 +2008,7 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     let started = Instant::now();
     d.ok(&["stop", "slow"]);
     assert_eq!(
-        request.join().unwrap().map(|(status, body)| (status, body)),
+        request.join().unwrap(),
         Some((200, "done\n".to_owned()))
     );
     assert!(

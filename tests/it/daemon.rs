@@ -2016,3 +2016,39 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
         "the stop waited for the drain"
     );
 }
+
+#[test]
+fn tls_ca_requires_a_client_certificate_it_signed() {
+    let d = Daemon::new("mtls");
+    if !make_certificates(d.dir()) {
+        eprintln!("skipped: openssl could not make test certificates");
+        return;
+    }
+    let run = |args: &[&str]| std::process::Command::new("openssl").args(args).current_dir(d.dir()).output().unwrap().status.success();
+    std::fs::write(d.dir().join("client.cnf"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
+    assert!(run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=alice"]));
+    assert!(run(&["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.pem", "-days", "2", "-extfile", "client.cnf"]));
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{\n    name m; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key; tls_ca ca.pem;\n}}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("m");
+    let fetch = |with_certificate: bool| {
+        let load = if with_certificate { format!("ctx.load_cert_chain({:?}, {:?})\n", d.path("client.pem"), d.path("client.key")) } else { String::new() };
+        let client = format!(
+            "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\n{load}print(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
+            ca = d.path("ca.pem")
+        );
+        std::process::Command::new("python3").args(["-c", &client]).output().unwrap()
+    };
+    let with = fetch(true);
+    assert!(with.status.success() && String::from_utf8_lossy(&with.stdout).starts_with("xff="), "{}", String::from_utf8_lossy(&with.stderr));
+    let without = fetch(false);
+    assert!(!without.status.success(), "a client without a certificate is refused in the handshake");
+}

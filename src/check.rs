@@ -34,13 +34,14 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: &CheckArgs) -> u8 {
-    let compilation = match compile(&args.file, &FsLoader) {
+    let mut compilation = match compile(&args.file, &FsLoader) {
         Ok(compilation) => compilation,
         Err(error) => {
             eprintln!("apm: cannot read `{}`: {error}", args.file.display());
             return exit::USAGE;
         }
     };
+    crate::tls_check::check(&mut compilation);
     let format = if args.json { Format::Json } else { args.format };
     // With a daemon running (none is started), the plan a reload would apply.
     let plan = if compilation.has_errors() {

@@ -690,12 +690,13 @@ async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
 /// Compiles a loaded config file; one without errors is watched for
 /// `auto_reload` and `watch_conf`.
 fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
-    let compilation = compile(path, &FsLoader).map_err(|e| {
+    let mut compilation = compile(path, &FsLoader).map_err(|e| {
         Response::error(
             exit::USAGE,
             format!("cannot read `{}`: {e}", path.display()),
         )
     })?;
+    crate::tls_check::check(&mut compilation);
     if compilation.has_errors() {
         return Err(Response::error(
             exit::FAILED,

@@ -8,6 +8,7 @@ mod daemon;
 mod files;
 mod flags;
 mod protocol;
+mod tls_check;
 mod watch;
 
 use std::path::PathBuf;

@@ -107,8 +107,32 @@ fn check_json_carries_the_ir_when_valid() {
         "apm.conf",
         "worker { exec node; kill_timeout 3s; server https://0.0.0.0:8443; tls on; tls_cert c.pem; tls_key k.pem; trust_proxy false; }\n",
     );
-    write(dir.path(), "c.pem", "cert");
-    write(dir.path(), "k.pem", "key");
+    // A real certificate and key: `apm check` loads them as TLS would.
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "c.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        eprintln!("skipped: openssl could not make a test certificate");
+        return;
+    }
     let output = apm(&["check", "apm.conf", "--json"], dir.path());
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -199,5 +223,51 @@ fn explain_prints_the_long_text_of_a_code() {
     assert_eq!(
         apm(&["explain", "E9999"], dir.path()).status.code(),
         Some(2)
+    );
+}
+
+#[test]
+fn check_reports_a_certificate_and_key_that_do_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, cert) in [("k1.pem", "c1.pem"), ("k2.pem", "c2.pem")] {
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !made {
+            eprintln!("skipped: openssl could not make a test certificate");
+            return;
+        }
+    }
+    write(
+        dir.path(),
+        "apm.conf",
+        "worker { exec x; server https://127.0.0.1:9443; tls on; tls_cert c1.pem; tls_key k2.pem; }\n",
+    );
+    let output = apm(&["check", "--format", "github", "apm.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(
+        text.starts_with("::error file=apm.conf,line=1,col=66,")
+            && text.contains("title=E0018")
+            && text.contains("c1.pem"),
+        "{text}"
     );
 }

@@ -2007,10 +2007,7 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     });
     let started = Instant::now();
     d.ok(&["stop", "slow"]);
-    assert_eq!(
-        request.join().unwrap(),
-        Some((200, "done\n".to_owned()))
-    );
+    assert_eq!(request.join().unwrap(), Some((200, "done\n".to_owned())));
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "the stop waited for the drain"
@@ -2024,10 +2021,51 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
         eprintln!("skipped: openssl could not make test certificates");
         return;
     }
-    let run = |args: &[&str]| std::process::Command::new("openssl").args(args).current_dir(d.dir()).output().unwrap().status.success();
-    std::fs::write(d.dir().join("client.cnf"), "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n").unwrap();
-    assert!(run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=alice"]));
-    assert!(run(&["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.pem", "-days", "2", "-extfile", "client.cnf"]));
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d.dir())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    std::fs::write(
+        d.dir().join("client.cnf"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    assert!(run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=alice"
+    ]));
+    assert!(run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "client.cnf"
+    ]));
     let app = d.write("headers.py", HEADERS_APP);
     let port = free_port();
     let config = d.write(
@@ -2040,15 +2078,33 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
     d.ok(&["load", config.to_str().unwrap()]);
     d.wait_running("m");
     let fetch = |with_certificate: bool| {
-        let load = if with_certificate { format!("ctx.load_cert_chain({:?}, {:?})\n", d.path("client.pem"), d.path("client.key")) } else { String::new() };
+        let load = if with_certificate {
+            format!(
+                "ctx.load_cert_chain({:?}, {:?})\n",
+                d.path("client.pem"),
+                d.path("client.key")
+            )
+        } else {
+            String::new()
+        };
         let client = format!(
             "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\n{load}print(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
             ca = d.path("ca.pem")
         );
-        std::process::Command::new("python3").args(["-c", &client]).output().unwrap()
+        std::process::Command::new("python3")
+            .args(["-c", &client])
+            .output()
+            .unwrap()
     };
     let with = fetch(true);
-    assert!(with.status.success() && String::from_utf8_lossy(&with.stdout).starts_with("xff="), "{}", String::from_utf8_lossy(&with.stderr));
+    assert!(
+        with.status.success() && String::from_utf8_lossy(&with.stdout).starts_with("xff="),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
     let without = fetch(false);
-    assert!(!without.status.success(), "a client without a certificate is refused in the handshake");
+    assert!(
+        !without.status.success(),
+        "a client without a certificate is refused in the handshake"
+    );
 }

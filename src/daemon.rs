@@ -851,7 +851,28 @@ async fn apply(
         };
         let sup = &daemon.supervisor;
         let (action, result) = match step {
-            plan::Step::Unchanged { .. } => continue,
+            // Certificate files may have new contents under the same paths:
+            // an unchanged TLS worker takes them for new connections.
+            plan::Step::Unchanged { .. } => match spec().filter(|s| s.tls.value) {
+                Some(spec) => {
+                    let refreshed = sup
+                        .call(|reply| Command::Update {
+                            name: name.clone(),
+                            spec,
+                            origin,
+                            restart: false,
+                            reply,
+                        })
+                        .await;
+                    if let Err(error) = refreshed {
+                        log(format_args!(
+                            "{name}: cannot reload its certificates: {error}"
+                        ));
+                    }
+                    continue;
+                }
+                None => continue,
+            },
             plan::Step::Start { .. } => match spec() {
                 Some(spec) => {
                     let start = spec.autostart.value;

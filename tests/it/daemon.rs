@@ -2108,3 +2108,94 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
         "a client without a certificate is refused in the handshake"
     );
 }
+
+#[test]
+fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
+    let d = Daemon::new("cert_swap");
+    if !make_certificates(d.dir()) {
+        eprintln!("skipped: openssl could not make test certificates");
+        return;
+    }
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{\n    name s; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key;\n}}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("s");
+    // A client that keeps one connection open across the reload.
+    let marker = d.path("reloaded");
+    let client = format!(
+        "import http.client, os, ssl, time\nctx = ssl.create_default_context(cafile={ca:?})\nc = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx, timeout=20)\nc.request('GET', '/'); r = c.getresponse(); r.read()\nprint(c.sock.getpeercert()['serialNumber'], flush=True)\nwhile not os.path.exists({marker:?}): time.sleep(0.02)\nc.request('GET', '/'); r = c.getresponse()\nprint(r.status, c.sock.getpeercert()['serialNumber'])\n",
+        ca = d.path("ca.pem")
+    );
+    let mut open = std::process::Command::new("python3")
+        .args(["-c", &client])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(open.stdout.as_mut().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    let old_serial = first_line.trim().to_owned();
+    // New certificate files under the same names, then a reload.
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d.dir())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(run(&[
+        "x509",
+        "-req",
+        "-in",
+        "site.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "site.pem",
+        "-days",
+        "3",
+        "-extfile",
+        "ext.cnf"
+    ]));
+    d.ok(&["reload", config.to_str().unwrap()]);
+    std::fs::write(&marker, "").unwrap();
+    let rest = open.wait_with_output().unwrap();
+    let second = String::from_utf8_lossy(&rest.stdout).trim().to_owned();
+    assert_eq!(
+        second,
+        format!("200 {old_serial}"),
+        "the open connection kept its certificate and still works"
+    );
+    let fresh = format!(
+        "import socket, ssl\nctx = ssl.create_default_context(cafile={ca:?})\ns = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='127.0.0.1')\nprint(s.getpeercert()['serialNumber'])\n",
+        ca = d.path("ca.pem")
+    );
+    let new_serial = String::from_utf8_lossy(
+        &std::process::Command::new("python3")
+            .args(["-c", &fresh])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    assert!(
+        !new_serial.is_empty() && new_serial != old_serial,
+        "new connections get the new certificate: {old_serial} vs {new_serial}"
+    );
+}

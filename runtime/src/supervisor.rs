@@ -44,6 +44,8 @@ pub struct WorkerStatus {
     pub origin: Origin,
     pub out_log: PathBuf,
     pub err_log: PathBuf,
+    /// Vanguard's decisions and current bans, for workers with rules.
+    pub vanguard: Option<crate::vanguard::Stats>,
 }
 
 /// How the instances of a worker came through their start.
@@ -1085,6 +1087,7 @@ impl Supervisor {
             origin: worker.origin.clone(),
             out_log,
             err_log,
+            vanguard: worker.guard.as_ref().map(|g| g.0.stats()),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use apm_compiler::ir::VanguardRules;
@@ -36,8 +37,30 @@ pub enum Refusal {
 type Limiter =
     RateLimiter<IpAddr, governor::state::keyed::DefaultKeyedStateStore<IpAddr>, DefaultClock>;
 
+/// What Vanguard decided so far, for `apm info`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub allowed: u64,
+    pub rate_limited: u64,
+    pub banned: u64,
+    pub blocked_path: u64,
+    pub blocked_ip: u64,
+    /// Clients banned now, with the milliseconds left.
+    pub bans: Vec<(IpAddr, u64)>,
+}
+
+#[derive(Default)]
+struct Counters {
+    allowed: AtomicU64,
+    rate_limited: AtomicU64,
+    banned: AtomicU64,
+    blocked_path: AtomicU64,
+    blocked_ip: AtomicU64,
+}
+
 pub struct Vanguard {
     pub rules: VanguardRules,
+    counters: Counters,
     limiter: Option<Limiter>,
     clock: DefaultClock,
     /// Clients banned after breaching the rate limit, until when.
@@ -70,6 +93,7 @@ impl Vanguard {
         });
         Vanguard {
             rules: rules.clone(),
+            counters: Counters::default(),
             limiter,
             clock: DefaultClock::default(),
             bans: Mutex::new(HashMap::new()),
@@ -93,6 +117,38 @@ impl Vanguard {
                 false
             }
             None => false,
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let now = Instant::now();
+        let read = |counter: &AtomicU64| counter.load(AtomicOrdering::Relaxed);
+        let bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+        Stats {
+            allowed: read(&self.counters.allowed),
+            rate_limited: read(&self.counters.rate_limited),
+            banned: read(&self.counters.banned),
+            blocked_path: read(&self.counters.blocked_path),
+            blocked_ip: read(&self.counters.blocked_ip),
+            bans: bans
+                .iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(ip, until)| (*ip, (*until - now).as_millis() as u64))
+                .collect(),
+        }
+    }
+
+    /// Counts a verdict on its way out.
+    fn count(&self, verdict: Result<Permit, (Refusal, &AtomicU64)>) -> Result<Permit, Refusal> {
+        match verdict {
+            Ok(permit) => {
+                self.counters.allowed.fetch_add(1, AtomicOrdering::Relaxed);
+                Ok(permit)
+            }
+            Err((refusal, counter)) => {
+                counter.fetch_add(1, AtomicOrdering::Relaxed);
+                Err(refusal)
+            }
         }
     }
 
@@ -127,24 +183,35 @@ impl Vanguard {
         // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
         let now = Instant::now();
-        if !self.ip_allowed(ip) || self.banned(ip, now) {
-            return Err(Refusal::Forbidden);
-        }
-        self.rate(ip, now).map(|()| Permit(()))
+        let c = &self.counters;
+        self.count(if !self.ip_allowed(ip) {
+            Err((Refusal::Forbidden, &c.blocked_ip))
+        } else if self.banned(ip, now) {
+            Err((Refusal::Forbidden, &c.banned))
+        } else {
+            self.rate(ip, now)
+                .map(|()| Permit(()))
+                .map_err(|r| (r, &c.rate_limited))
+        })
     }
 
     /// An HTTP request: IP lists, bans, path bans, rate limit.
     pub fn admit_request(&self, ip: IpAddr, target: &str) -> Result<Permit, Refusal> {
         let ip = ip.to_canonical();
         let now = Instant::now();
-        if !self.ip_allowed(ip) || self.banned(ip, now) {
-            return Err(Refusal::Forbidden);
-        }
+        let c = &self.counters;
         let path = normalize_path(target);
-        if self.rules.ban_path.iter().any(|p| p.value.matches(&path)) {
-            return Err(Refusal::Forbidden);
-        }
-        self.rate(ip, now).map(|()| Permit(()))
+        self.count(if !self.ip_allowed(ip) {
+            Err((Refusal::Forbidden, &c.blocked_ip))
+        } else if self.banned(ip, now) {
+            Err((Refusal::Forbidden, &c.banned))
+        } else if self.rules.ban_path.iter().any(|p| p.value.matches(&path)) {
+            Err((Refusal::Forbidden, &c.blocked_path))
+        } else {
+            self.rate(ip, now)
+                .map(|()| Permit(()))
+                .map_err(|r| (r, &c.rate_limited))
+        })
     }
 }
 

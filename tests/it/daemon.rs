@@ -1861,6 +1861,11 @@ fn vanguard_refuses_banned_paths_and_rate_limits_per_client() {
         refused.to_ascii_lowercase().contains("retry-after: "),
         "{refused}"
     );
+    let info = stdout(&d.ok(&["info", "v"]));
+    assert!(
+        info.contains("3 blocked by path") && !info.contains(" 0 rate-limited"),
+        "{info}"
+    );
 }
 
 /// A CA and a certificate for 127.0.0.1 it signed, made with openssl.

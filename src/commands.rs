@@ -497,6 +497,15 @@ pub fn info(place: &Place, name: &str, json: bool) -> u8 {
         s.out_log.display(),
         s.err_log.display()
     );
+    if let Some(v) = &s.vanguard {
+        println!(
+            "vanguard: {} allowed, {} rate-limited, {} refused while banned, {} blocked by path, {} blocked by IP",
+            v.allowed, v.rate_limited, v.banned, v.blocked_path, v.blocked_ip
+        );
+        for (ip, left) in &v.bans {
+            println!("  banned: {ip} for {} more", human_duration(*left));
+        }
+    }
     match &s.origin {
         apm_runtime::state::Origin::File { path } => println!("from: {}", path.display()),
         apm_runtime::state::Origin::Cli { .. } => println!("from: the command line"),

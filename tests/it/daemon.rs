@@ -2204,3 +2204,45 @@ fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
         "new connections get the new certificate: {old_serial} vs {new_serial}"
     );
 }
+
+#[test]
+fn the_proxy_rejects_malformed_oversized_and_smuggling_requests() {
+    let d = Daemon::new("proxy_bad_input");
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "b",
+        "-upstream",
+        "port",
+        "-server",
+        &server,
+        "-startup_grace",
+        "300",
+    ]);
+    d.wait_running("b");
+    let status = |request: &str| {
+        http_raw(port, request)
+            .split(' ')
+            .nth(1)
+            .unwrap_or("closed")
+            .to_owned()
+    };
+    // hyper refuses what is not HTTP: 400, or 501 for an unknown method.
+    assert!(["400", "501"].contains(&status("NONSENSE\r\n\r\n").as_str()));
+    assert!(["400", "501"].contains(&status("GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n").as_str()));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "x".repeat(1 << 20)
+    );
+    assert_eq!(status(&huge), "431");
+    let smuggling = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n";
+    // Conflicting framing is refused, never forwarded.
+    assert!(["400", "501"].contains(&status(smuggling).as_str()));
+    // The proxy is still serving.
+    assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
+}

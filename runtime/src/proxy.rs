@@ -137,14 +137,34 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 Some((_, semaphore)) => semaphore.clone().acquire_owned().await.ok(),
                 None => None,
             };
-            let Ok((stream, client)) = listener.accept().await else {
+            let Ok(accepted) = listener.accept().await else {
                 continue;
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {
-                let (keep_alive, tls) = {
+                let (keep_alive, tls, options) = {
                     let options = &routes.borrow().options;
-                    (options.keep_alive, options.tls.clone())
+                    (options.keep_alive, options.tls.clone(), options.clone())
+                };
+                // A raw connection is judged by Vanguard before anything else;
+                // a refused TCP client gets a reset, not a word.
+                let raw = !matches!(scheme, Scheme::Http | Scheme::Https);
+                let (stream, client, raw_permit) = match accepted {
+                    Accepted::Tcp(stream, ip) if raw => {
+                        match admit_connection(&options, Some(ip)) {
+                            Ok(permit) => (Box::new(stream) as Box<dyn Io>, Some(ip), Some(permit)),
+                            Err(_) => {
+                                let _ = stream.set_zero_linger();
+                                return;
+                            }
+                        }
+                    }
+                    Accepted::Tcp(stream, ip) => (Box::new(stream) as Box<dyn Io>, Some(ip), None),
+                    Accepted::Unix(stream) => (
+                        Box::new(stream) as Box<dyn Io>,
+                        None,
+                        raw.then(Permit::unguarded),
+                    ),
                 };
                 let (stream, secure) = match (tls, scheme.is_tls()) {
                     (TlsSetting::On(tls), _) => match tls.0.accept(stream).await {
@@ -168,10 +188,8 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         serve_http(stream, client, worker, keep_alive, secure, pick).await
                     }
                     _ => {
-                        let (backend, options) = pick();
-                        // A refused connection is closed without a word.
-                        if let Ok(permit) = admit_connection(&options, client) {
-                            splice(stream, backend, permit).await;
+                        if let Some(permit) = raw_permit {
+                            splice(stream, pick().0, permit).await;
                         }
                     }
                 }
@@ -192,19 +210,21 @@ enum Socket {
 }
 
 impl Socket {
-    /// The next connection, with the client's address when it has one.
-    async fn accept(&self) -> std::io::Result<(Box<dyn Io>, Option<std::net::IpAddr>)> {
+    async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
             Socket::Tcp(listener) => listener
                 .accept()
                 .await
-                .map(|(s, a)| (Box::new(s) as Box<dyn Io>, Some(a.ip()))),
-            Socket::Unix(listener) => listener
-                .accept()
-                .await
-                .map(|(s, _)| (Box::new(s) as Box<dyn Io>, None)),
+                .map(|(s, a)| Accepted::Tcp(s, a.ip())),
+            Socket::Unix(listener) => listener.accept().await.map(|(s, _)| Accepted::Unix(s)),
         }
     }
+}
+
+/// A new connection, with the client's address when it has one.
+enum Accepted {
+    Tcp(TcpStream, IpAddr),
+    Unix(tokio::net::UnixStream),
 }
 
 fn admit_connection(options: &Options, client: Option<IpAddr>) -> Result<Permit, Refusal> {

@@ -2246,3 +2246,51 @@ fn the_proxy_rejects_malformed_oversized_and_smuggling_requests() {
     // The proxy is still serving.
     assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
 }
+
+#[test]
+fn raw_tcp_is_spliced_and_a_banned_client_gets_a_reset() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("tcp_reset");
+    let app = d.write(
+        "echo.py",
+        "import os, socketserver\nclass E(socketserver.BaseRequestHandler):\n    def handle(self):\n        while True:\n            data = self.request.recv(1024)\n            if not data:\n                return\n            self.request.sendall(data)\nsocketserver.ThreadingTCPServer(('127.0.0.1', int(os.environ['PORT'])), E).serve_forever()\n",
+    );
+    let (open_port, banned_port) = (free_port(), free_port());
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{ name open; exec python3; params {app}; upstream port; startup_grace 300; server tcp://127.0.0.1:{open_port}; }}\n\
+             worker {{ name shut; exec python3; params {app}; upstream port; startup_grace 300; server tcp://127.0.0.1:{banned_port};\n    vanguard {{ ban_ip 127.0.0.0/8; }}\n}}\n",
+            app = app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("open");
+    d.wait_running("shut");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", open_port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"ping").unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping");
+    let mut refused = std::net::TcpStream::connect(("127.0.0.1", banned_port)).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The reset reaches either the write or, if the write went out first, the read.
+    let error = match refused.write_all(b"ping") {
+        Err(error) => error,
+        Ok(()) => refused
+            .read(&mut [0u8; 4])
+            .expect_err("a reset, not an orderly close"),
+    };
+    assert!(
+        matches!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{error}"
+    );
+}

@@ -286,6 +286,20 @@ async fn serve_http(
         .await;
 }
 
+type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Incoming,
+>;
+
+fn upstream_client() -> &'static UpstreamClient {
+    static CLIENT: std::sync::OnceLock<UpstreamClient> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build_http()
+    })
+}
+
 /// A request id unique within this daemon's life.
 fn trace_id() -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -440,25 +454,22 @@ async fn relay(
     if let Some(host) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    let upstream = match TcpStream::connect(backend).await {
-        Ok(stream) => stream,
+    // Connections to the instances are pooled and kept alive, as nginx's
+    // upstream keepalive does.
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    match format!("http://{backend}{target}").parse() {
+        Ok(uri) => *request.uri_mut() = uri,
         Err(e) => {
             return text(
-                StatusCode::BAD_GATEWAY,
-                format!("{worker} did not accept the connection: {e}\n"),
+                StatusCode::BAD_REQUEST,
+                format!("invalid request target: {e}\n"),
             );
         }
-    };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
-            Ok(pair) => pair,
-            Err(e) => return text(StatusCode::BAD_GATEWAY, format!("{worker}: {e}\n")),
-        };
-    tokio::spawn(connection.with_upgrades());
+    }
     // A WebSocket (or any upgrade): once the instance agrees, both sides are
     // spliced byte for byte.
     let client_upgrade = hyper::upgrade::on(&mut request);
-    match sender.send_request(request).await {
+    match upstream_client().request(request).await {
         Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {

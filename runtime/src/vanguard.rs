@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use apm_compiler::ir::VanguardRules;
+use apm_compiler::values::PathPattern;
 use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
 
@@ -58,8 +59,85 @@ struct Counters {
     blocked_ip: AtomicU64,
 }
 
+/// A set of IP ranges, merged and sorted, searched in logarithmic time.
+#[derive(Debug, Default)]
+struct Ranges {
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
+
+impl Ranges {
+    fn new(nets: &[apm_compiler::schema::Setting<ipnet::IpNet>]) -> Ranges {
+        let nets: Vec<ipnet::IpNet> =
+            ipnet::IpNet::aggregate(&nets.iter().map(|n| n.value).collect());
+        let mut ranges = Ranges::default();
+        for net in nets {
+            match net {
+                ipnet::IpNet::V4(n) => ranges.v4.push((n.network().into(), n.broadcast().into())),
+                ipnet::IpNet::V6(n) => ranges.v6.push((n.network().into(), n.broadcast().into())),
+            }
+        }
+        ranges
+    }
+
+    fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        fn find<T: Ord + Copy>(ranges: &[(T, T)], x: T) -> bool {
+            let i = ranges.partition_point(|&(start, _)| start <= x);
+            i > 0 && x <= ranges[i - 1].1
+        }
+        match ip {
+            IpAddr::V4(ip) => find(&self.v4, u32::from(ip)),
+            IpAddr::V6(ip) => find(&self.v6, u128::from(ip)),
+        }
+    }
+}
+
+/// The `ban_path` patterns in one automaton: a path is scanned once,
+/// whatever the number of patterns.
+struct PathRules {
+    automaton: Option<aho_corasick::AhoCorasick>,
+    patterns: Vec<PathPattern>,
+}
+
+impl PathRules {
+    fn new(patterns: &[apm_compiler::schema::Setting<PathPattern>]) -> PathRules {
+        let patterns: Vec<PathPattern> = patterns.iter().map(|p| p.value.clone()).collect();
+        let texts = patterns.iter().map(|p| match p {
+            PathPattern::Suffix(s)
+            | PathPattern::Prefix(s)
+            | PathPattern::Contains(s)
+            | PathPattern::Exact(s) => s.as_str(),
+        });
+        PathRules {
+            automaton: aho_corasick::AhoCorasick::new(texts).ok(),
+            patterns,
+        }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match &self.automaton {
+            Some(automaton) => automaton.find_overlapping_iter(path).any(|m| {
+                match &self.patterns[m.pattern().as_usize()] {
+                    PathPattern::Contains(_) => true,
+                    PathPattern::Prefix(_) => m.start() == 0,
+                    PathPattern::Suffix(_) => m.end() == path.len(),
+                    PathPattern::Exact(_) => m.start() == 0 && m.end() == path.len(),
+                }
+            }),
+            None => self.patterns.iter().any(|p| p.matches(path)),
+        }
+    }
+}
+
 pub struct Vanguard {
     pub rules: VanguardRules,
+    allow: Ranges,
+    deny: Ranges,
+    paths: PathRules,
     counters: Counters,
     limiter: Option<Limiter>,
     clock: DefaultClock,
@@ -93,6 +171,9 @@ impl Vanguard {
         });
         Vanguard {
             rules: rules.clone(),
+            allow: Ranges::new(&rules.allow_ip),
+            deny: Ranges::new(&rules.ban_ip),
+            paths: PathRules::new(&rules.ban_path),
             counters: Counters::default(),
             limiter,
             clock: DefaultClock::default(),
@@ -101,11 +182,7 @@ impl Vanguard {
     }
 
     fn ip_allowed(&self, ip: IpAddr) -> bool {
-        let listed = |nets: &[apm_compiler::schema::Setting<ipnet::IpNet>]| {
-            nets.iter().any(|n| n.value.contains(&ip))
-        };
-        (self.rules.allow_ip.is_empty() || listed(&self.rules.allow_ip))
-            && !listed(&self.rules.ban_ip)
+        (self.allow.is_empty() || self.allow.contains(ip)) && !self.deny.contains(ip)
     }
 
     fn banned(&self, ip: IpAddr, now: Instant) -> bool {
@@ -205,7 +282,7 @@ impl Vanguard {
             Err((Refusal::Forbidden, &c.blocked_ip))
         } else if self.banned(ip, now) {
             Err((Refusal::Forbidden, &c.banned))
-        } else if self.rules.ban_path.iter().any(|p| p.value.matches(&path)) {
+        } else if self.paths.matches(&path) {
             Err((Refusal::Forbidden, &c.blocked_path))
         } else {
             self.rate(ip, now)

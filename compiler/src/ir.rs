@@ -112,7 +112,7 @@ schema_block! {
         tls: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Restart, "Terminate TLS on this worker's listeners.";
         tls_cert: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "PEM certificate chain.";
         tls_key: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "PEM private key.";
-        tls_ca: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "CA certificate; when set, clients must present a certificate it signed.";
+        tls_ca: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "CA certificate; when set, clients must present a certificate it signed, and HTTP workers get its subject in X-Client-Cert-Subject.";
         listen: Vec<Setting<String>> = TEXT, default None, since "2.0", reload Restart, "IPC channels this worker answers on.";
         ipc_timeout: Setting<Millis> = MS, default Some("500"), since "2.0", reload Hot, "Default timeout of this worker's IPC requests.";
     }

@@ -166,15 +166,20 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         raw.then(Permit::unguarded),
                     ),
                 };
-                let (stream, secure) = match (tls, scheme.is_tls()) {
+                let (stream, tls) = match (tls, scheme.is_tls()) {
                     (TlsSetting::On(tls), _) => match tls.0.accept(stream).await {
-                        Ok(stream) => (Box::new(stream) as Box<dyn Io>, true),
+                        Ok(stream) => {
+                            let peer = Secure {
+                                client_subject: crate::tls::client_subject(stream.get_ref().1),
+                            };
+                            (Box::new(stream) as Box<dyn Io>, Some(peer))
+                        }
                         Err(_) => return, // a failed handshake: nothing to forward
                     },
                     // A TLS listener whose certificate could not be loaded
                     // refuses rather than serve plain text.
                     (TlsSetting::Broken, _) | (TlsSetting::Off, true) => return,
-                    (TlsSetting::Off, false) => (stream, false),
+                    (TlsSetting::Off, false) => (stream, None),
                 };
                 let pick = move || {
                     let route = routes.borrow();
@@ -185,7 +190,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match scheme {
                     Scheme::Http | Scheme::Https => {
-                        serve_http(stream, client, worker, keep_alive, secure, pick).await
+                        serve_http(stream, client, worker, keep_alive, tls, pick).await
                     }
                     _ => {
                         if let Some(permit) = raw_permit {
@@ -198,6 +203,13 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
         }
     });
     Ok(Listener { task, path })
+}
+
+/// What a TLS handshake established about the client.
+#[derive(Clone)]
+struct Secure {
+    /// The verified certificate's subject, with `tls_ca`.
+    client_subject: Option<HeaderValue>,
 }
 
 /// A connection from either kind of listener.
@@ -263,15 +275,15 @@ async fn serve_http(
     client: Option<IpAddr>,
     worker: String,
     keep_alive: std::time::Duration,
-    secure: bool,
+    tls: Option<Secure>,
     pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
 ) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (pick, worker) = (pick.clone(), worker.clone());
+        let (pick, worker, tls) = (pick.clone(), worker.clone(), tls.clone());
         async move {
             let (backend, options) = pick();
             Ok::<_, std::convert::Infallible>(
-                forward(request, client, secure, &worker, backend, &options).await,
+                forward(request, client, tls.as_ref(), &worker, backend, &options).await,
             )
         }
     });
@@ -384,23 +396,26 @@ fn refused(refusal: Refusal, ban_response: String) -> Response<Body> {
 async fn forward(
     request: Request<Incoming>,
     client: Option<IpAddr>,
-    secure: bool,
+    tls: Option<&Secure>,
     worker: &str,
     backend: Option<SocketAddr>,
     options: &Options,
 ) -> Response<Body> {
     match gate(&request, client, options) {
-        Ok(permit) => relay(request, permit, client, secure, worker, backend, options).await,
+        Ok(permit) => relay(request, permit, client, tls, worker, backend, options).await,
         Err((refusal, ban_response)) => refused(refusal, ban_response),
     }
 }
+
+/// The header that carries a verified client certificate's subject (RFC 4514).
+const CLIENT_SUBJECT: &str = "x-client-cert-subject";
 
 /// Forwards a request Vanguard let through.
 async fn relay(
     mut request: Request<Incoming>,
     _permit: Permit,
     client: Option<IpAddr>,
-    secure: bool,
+    tls: Option<&Secure>,
     worker: &str,
     backend: Option<SocketAddr>,
     options: &Options,
@@ -430,6 +445,11 @@ async fn relay(
     if !options.trust_proxy {
         headers.remove("x-real-ip");
     }
+    // Only the handshake may say who the client is, never the client itself.
+    match tls.and_then(|tls| tls.client_subject.clone()) {
+        Some(subject) => headers.insert(CLIENT_SUBJECT, subject),
+        None => headers.remove(CLIENT_SUBJECT),
+    };
     if let Some(name) = options
         .trace_header
         .as_deref()
@@ -444,7 +464,7 @@ async fn relay(
         ("x-forwarded-for", forwarded_for),
         (
             "x-forwarded-proto",
-            Some(if secure { "https" } else { "http" }.to_owned()),
+            Some(if tls.is_some() { "https" } else { "http" }.to_owned()),
         ),
     ] {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {

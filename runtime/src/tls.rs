@@ -70,3 +70,11 @@ pub fn acceptor(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<Tls, Strin
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Tls(TlsAcceptor::from(Arc::new(config)), Arc::new(())))
 }
+
+/// The subject of the certificate the client presented and `tls_ca` verified,
+/// as an RFC 4514 string (`CN=alice,O=Example`), ready for a header.
+pub fn client_subject(session: &rustls::ServerConnection) -> Option<hyper::header::HeaderValue> {
+    let certificate = session.peer_certificates()?.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    hyper::header::HeaderValue::from_bytes(parsed.subject().to_string().as_bytes()).ok()
+}

@@ -1688,7 +1688,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 if not data:
                     return
                 self.connection.sendall(data.upper())
-        body = ("xff=%s id=%s\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"))).encode()
+        body = ("xff=%s id=%s subject=%s\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"), self.headers.get("X-Client-Cert-Subject"))).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1735,14 +1735,15 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
         "x-request-id",
     ]);
     d.wait_running("h");
-    let spoofed =
-        "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let spoofed = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nX-Client-Cert-Subject: CN=admin\r\nConnection: close\r\n\r\n";
     let answer = http_raw(port, spoofed);
     assert!(answer.contains("xff=127.0.0.1 id="), "{answer}");
     assert!(
         !answer.contains("6.6.6.6") && !answer.contains("id=None"),
         "{answer}"
     );
+    // Only a verified certificate names the client.
+    assert!(answer.contains("subject=None"), "{answer}");
     d.ok(&["update", "h", "-trust_proxy", "-no-restart"]);
     wait_until(PATIENCE, "trust_proxy to apply live", || {
         http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1")
@@ -2106,6 +2107,12 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
         with.status.success() && String::from_utf8_lossy(&with.stdout).starts_with("xff="),
         "{}",
         String::from_utf8_lossy(&with.stderr)
+    );
+    // The worker learns who the verified client is.
+    assert!(
+        String::from_utf8_lossy(&with.stdout).contains("subject=CN=alice"),
+        "{}",
+        String::from_utf8_lossy(&with.stdout)
     );
     let without = fetch(false);
     assert!(

@@ -502,8 +502,14 @@ pub fn info(place: &Place, name: &str, json: bool) -> u8 {
             "vanguard: {} allowed, {} rate-limited, {} refused while banned, {} blocked by path, {} blocked by IP",
             v.allowed, v.rate_limited, v.banned, v.blocked_path, v.blocked_ip
         );
+        if v.tracked > 0 {
+            println!("  rate limiter tracks {} clients", v.tracked);
+        }
         for (ip, left) in &v.bans {
             println!("  banned: {ip} for {} more", human_duration(*left));
+        }
+        if v.banned_now > v.bans.len() {
+            println!("  and {} more banned clients", v.banned_now - v.bans.len());
         }
     }
     match &s.origin {

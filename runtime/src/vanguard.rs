@@ -5,7 +5,7 @@
 //! path skips the checks.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -35,8 +35,117 @@ pub enum Refusal {
     TooMany { retry_after: Duration },
 }
 
-type Limiter =
-    RateLimiter<IpAddr, governor::state::keyed::DefaultKeyedStateStore<IpAddr>, DefaultClock>;
+type KeyedLimiter<K> =
+    RateLimiter<K, governor::state::keyed::DefaultKeyedStateStore<K>, DefaultClock>;
+
+/// Per-client state is keyed by family: an IPv4 key takes 4 bytes where an
+/// `IpAddr` takes 17, which halves what a flood of addresses costs.
+enum Key {
+    V4(u32),
+    V6(u128),
+}
+
+impl From<IpAddr> for Key {
+    fn from(ip: IpAddr) -> Key {
+        match ip {
+            IpAddr::V4(v4) => Key::V4(v4.to_bits()),
+            IpAddr::V6(v6) => Key::V6(v6.to_bits()),
+        }
+    }
+}
+
+struct Limiter {
+    v4: KeyedLimiter<u32>,
+    v6: KeyedLimiter<u128>,
+}
+
+impl Limiter {
+    fn new(quota: Quota) -> Limiter {
+        Limiter {
+            v4: RateLimiter::keyed(quota),
+            v6: RateLimiter::keyed(quota),
+        }
+    }
+
+    fn check(
+        &self,
+        ip: IpAddr,
+    ) -> Result<(), governor::NotUntil<<DefaultClock as Clock>::Instant>> {
+        match Key::from(ip) {
+            Key::V4(key) => self.v4.check_key(&key),
+            Key::V6(key) => self.v6.check_key(&key),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// Forgets the clients whose bucket has refilled.
+    fn forget_idle(&self) {
+        self.v4.retain_recent();
+        self.v4.shrink_to_fit();
+        self.v6.retain_recent();
+        self.v6.shrink_to_fit();
+    }
+}
+
+/// Clients banned after breaching the rate limit, until when. The times are
+/// ms since the Vanguard was made, stored as whole seconds rounded up (4 bytes
+/// where an `Instant` takes 16): a ban lasts at least `ban_ttl` and at most a
+/// second longer.
+#[derive(Default)]
+struct Bans {
+    v4: HashMap<u32, u32>,
+    v6: HashMap<u128, u32>,
+}
+
+fn ms(seconds: u32) -> u64 {
+    u64::from(seconds) * 1000
+}
+
+impl Bans {
+    fn until(&self, ip: IpAddr) -> Option<u64> {
+        match Key::from(ip) {
+            Key::V4(key) => self.v4.get(&key).copied().map(ms),
+            Key::V6(key) => self.v6.get(&key).copied().map(ms),
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, until: u64) {
+        let seconds = u32::try_from(until.div_ceil(1000)).unwrap_or(u32::MAX);
+        match Key::from(ip) {
+            Key::V4(key) => self.v4.insert(key, seconds),
+            Key::V6(key) => self.v6.insert(key, seconds),
+        };
+    }
+
+    fn remove(&mut self, ip: IpAddr) {
+        match Key::from(ip) {
+            Key::V4(key) => self.v4.remove(&key),
+            Key::V6(key) => self.v6.remove(&key),
+        };
+    }
+
+    fn drop_expired(&mut self, now: u64) {
+        self.v4.retain(|_, until| ms(*until) > now);
+        self.v4.shrink_to_fit();
+        self.v6.retain(|_, until| ms(*until) > now);
+        self.v6.shrink_to_fit();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        let v4 = self
+            .v4
+            .iter()
+            .map(|(k, u)| (IpAddr::from(Ipv4Addr::from_bits(*k)), ms(*u)));
+        let v6 = self
+            .v6
+            .iter()
+            .map(|(k, u)| (IpAddr::from(Ipv6Addr::from_bits(*k)), ms(*u)));
+        v4.chain(v6)
+    }
+}
 
 /// What Vanguard decided so far, for `apm info`.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -46,9 +155,19 @@ pub struct Stats {
     pub banned: u64,
     pub blocked_path: u64,
     pub blocked_ip: u64,
-    /// Clients banned now, with the milliseconds left.
+    /// Clients the rate limiter remembers (seen within one refill window).
+    #[serde(default)]
+    pub tracked: usize,
+    /// How many clients are banned now.
+    #[serde(default)]
+    pub banned_now: usize,
+    /// The bans with the most time left (at most `LISTED_BANS`), with the
+    /// milliseconds left.
     pub bans: Vec<(IpAddr, u64)>,
 }
+
+/// A flood can ban a million clients; `apm info` lists the longest bans only.
+const LISTED_BANS: usize = 20;
 
 #[derive(Default)]
 struct Counters {
@@ -141,8 +260,10 @@ pub struct Vanguard {
     counters: Counters,
     limiter: Option<Limiter>,
     clock: DefaultClock,
-    /// Clients banned after breaching the rate limit, until when.
-    bans: Mutex<HashMap<IpAddr, Instant>>,
+    bans: Mutex<Bans>,
+    born: Instant,
+    /// When state of departed clients was last dropped, in ms since `born`.
+    swept_at: AtomicU64,
 }
 
 impl std::fmt::Debug for Vanguard {
@@ -153,8 +274,9 @@ impl std::fmt::Debug for Vanguard {
     }
 }
 
-/// Forgetting limiter state for clients idle this long keeps memory bounded.
-const FORGET_AFTER: usize = 10_000;
+/// How often state of departed clients (full buckets, expired bans) is
+/// dropped; between sweeps it can only grow by what one second of traffic adds.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Vanguard {
     pub fn new(rules: &VanguardRules) -> Vanguard {
@@ -165,9 +287,7 @@ impl Vanguard {
                 .as_ref()
                 .and_then(|b| NonZeroU32::new(b.value))
                 .unwrap_or(rate);
-            Some(RateLimiter::keyed(
-                Quota::per_second(rate).allow_burst(burst),
-            ))
+            Some(Limiter::new(Quota::per_second(rate).allow_burst(burst)))
         });
         Vanguard {
             rules: rules.clone(),
@@ -177,20 +297,48 @@ impl Vanguard {
             counters: Counters::default(),
             limiter,
             clock: DefaultClock::default(),
-            bans: Mutex::new(HashMap::new()),
+            bans: Mutex::default(),
+            born: Instant::now(),
+            swept_at: AtomicU64::new(0),
         }
+    }
+
+    /// Drops the buckets that refilled and the bans that ran out, at most once
+    /// per `SWEEP_EVERY`, by whichever request comes first.
+    fn sweep_if_due(&self, at: u64) {
+        let last = self.swept_at.load(AtomicOrdering::Relaxed);
+        if at < last + SWEEP_EVERY.as_millis() as u64
+            || self
+                .swept_at
+                .compare_exchange(last, at, AtomicOrdering::Relaxed, AtomicOrdering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if let Some(limiter) = &self.limiter {
+            limiter.forget_idle();
+        }
+        self.bans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drop_expired(at);
+    }
+
+    /// Now, in ms since the Vanguard was made: the clock bans are kept in.
+    fn now(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
     }
 
     fn ip_allowed(&self, ip: IpAddr) -> bool {
         (self.allow.is_empty() || self.allow.contains(ip)) && !self.deny.contains(ip)
     }
 
-    fn banned(&self, ip: IpAddr, now: Instant) -> bool {
+    fn banned(&self, ip: IpAddr, now: u64) -> bool {
         let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-        match bans.get(&ip) {
-            Some(until) if *until > now => true,
+        match bans.until(ip) {
+            Some(until) if until > now => true,
             Some(_) => {
-                bans.remove(&ip);
+                bans.remove(ip);
                 false
             }
             None => false,
@@ -198,20 +346,26 @@ impl Vanguard {
     }
 
     pub fn stats(&self) -> Stats {
-        let now = Instant::now();
+        let now = self.now();
         let read = |counter: &AtomicU64| counter.load(AtomicOrdering::Relaxed);
         let bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current: Vec<(IpAddr, u64)> = bans
+            .iter()
+            .filter(|(_, until)| *until > now)
+            .map(|(ip, until)| (ip, until - now))
+            .collect();
+        let banned_now = current.len();
+        current.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        current.truncate(LISTED_BANS);
         Stats {
             allowed: read(&self.counters.allowed),
             rate_limited: read(&self.counters.rate_limited),
             banned: read(&self.counters.banned),
             blocked_path: read(&self.counters.blocked_path),
             blocked_ip: read(&self.counters.blocked_ip),
-            bans: bans
-                .iter()
-                .filter(|(_, until)| **until > now)
-                .map(|(ip, until)| (*ip, (*until - now).as_millis() as u64))
-                .collect(),
+            tracked: self.limiter.as_ref().map_or(0, |limiter| limiter.len()),
+            banned_now,
+            bans: current,
         }
     }
 
@@ -229,14 +383,11 @@ impl Vanguard {
         }
     }
 
-    fn rate(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+    fn rate(&self, ip: IpAddr, now: u64) -> Result<(), Refusal> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        if limiter.len() > FORGET_AFTER {
-            limiter.retain_recent();
-        }
-        match limiter.check_key(&ip) {
+        match limiter.check(ip) {
             Ok(()) => Ok(()),
             Err(not_until) => {
                 let ttl = self.rules.ban_ttl.as_duration();
@@ -244,7 +395,7 @@ impl Vanguard {
                     self.bans
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(ip, now + ttl);
+                        .insert(ip, now + ttl.as_millis() as u64);
                     return Err(Refusal::Forbidden);
                 }
                 let wait = not_until.wait_time_from(self.clock.now());
@@ -259,7 +410,8 @@ impl Vanguard {
     pub fn admit_connection(&self, ip: IpAddr) -> Result<Permit, Refusal> {
         // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
-        let now = Instant::now();
+        let now = self.now();
+        self.sweep_if_due(now);
         let c = &self.counters;
         self.count(if !self.ip_allowed(ip) {
             Err((Refusal::Forbidden, &c.blocked_ip))
@@ -275,7 +427,8 @@ impl Vanguard {
     /// An HTTP request: IP lists, bans, path bans, rate limit.
     pub fn admit_request(&self, ip: IpAddr, target: &str) -> Result<Permit, Refusal> {
         let ip = ip.to_canonical();
-        let now = Instant::now();
+        let now = self.now();
+        self.sweep_if_due(now);
         let c = &self.counters;
         let path = normalize_path(target);
         self.count(if !self.ip_allowed(ip) {
@@ -417,5 +570,34 @@ mod tests {
             Refusal::Forbidden,
             "banned everywhere for ban_ttl"
         );
+    }
+
+    #[test]
+    fn refilled_buckets_and_expired_bans_are_dropped() {
+        let v = rules("rate_limit 1000; rate_burst 1; ban_ttl 10ms;");
+        for i in 0..1000u32 {
+            let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            let _ = v.admit_request(ip, "/");
+            let _ = v.admit_request(ip, "/");
+        }
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let _ = v.admit_request(v6, "/");
+        let flooded = v.stats();
+        assert!(
+            flooded.tracked > 900 && flooded.banned_now > 900,
+            "{flooded:?}"
+        );
+        assert!(flooded.bans.len() <= LISTED_BANS);
+        // Any later request sweeps once the sweep interval has passed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = v.admit_request("192.0.2.1".parse().unwrap(), "/");
+            let bans = v.bans.lock().unwrap().iter().count();
+            if v.stats().tracked <= 1 && bans == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "state was never dropped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -4,13 +4,18 @@
   - a tiny hyper backend directly,
   - the same backend behind nginx (proxy_pass with an upstream keepalive
     pool, 1 worker),
-  - the same backend behind apm (`upstream port`, 1 instance).
-Prints req/s, p50 and p99 and the ratio apm / nginx (target: at or above
-nginx's req/s, with a p99 no worse), and the daemon's memory under load
-(target: under 50 MB). Needs wrk and nginx (`apt-get install wrk nginx`;
-the script installs them when run as root).
+  - the same backend behind apm (`upstream port`, 1 instance),
+  - the same again with a Vanguard block of 100 path rules, 1,000 CIDRs and
+    a rate limit that is not hit.
+Prints req/s, p50 and p99, the ratio apm / nginx (target: at or above
+nginx's req/s, with a p99 no worse), the ratio with / without Vanguard
+(target: >= 0.95) and the daemon's memory under load (target: under 50 MB).
+With TLS=1, nginx and apm terminate TLS (a certificate made with openssl for
+the run) and wrk speaks HTTPS to them. Needs wrk, nginx and openssl
+(`apt-get install wrk nginx openssl`; the script installs them when run as
+root).
 
-Usage: cargo build --release --examples -p apm-runtime && cargo build --release && python3 bench/proxy.py
+Usage: cargo build --release --examples -p apm-runtime && cargo build --release && [TLS=1] python3 bench/proxy.py
 """
 
 import json
@@ -48,8 +53,8 @@ def ensure(tool, package):
     subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, stdout=subprocess.DEVNULL)
 
 
-def wrk(port):
-    out = subprocess.run(["wrk", "-t2", "-c64", "-d10s", "--latency", f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+def wrk(port, scheme="http"):
+    out = subprocess.run(["wrk", "-t2", "-c64", "-d10s", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def latency(pct):
@@ -59,9 +64,30 @@ def wrk(port):
     return rps, latency(50), latency(99)
 
 
+def make_certificate(root):
+    """A CA and a certificate for 127.0.0.1 it signed, as clients verify them."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+    with open(os.path.join(root, "ext.cnf"), "w") as f:
+        f.write("basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n")
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=apm bench CA")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "site.key", "-out", "site.csr", "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", "site.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "site.pem", "-days", "2", "-extfile", "ext.cnf")
+    return os.path.join(root, "site.pem"), os.path.join(root, "site.key")
+
+
+VANGUARD_RULES = "rate_limit 1000000; ban_path {}; ban_ip {};".format(
+    ", ".join(f"/blocked-{i}*" for i in range(100)),
+    ", ".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(1000)),
+)
+
+
 def main():
     ensure("wrk", "wrk")
     ensure("nginx", "nginx")
+    ensure("openssl", "openssl")
+    tls = os.environ.get("TLS") == "1"
+    scheme = "https" if tls else "http"
     hello = os.path.abspath("target/release/examples/hello")
     apm = os.path.abspath("target/release/apm")
     root = tempfile.mkdtemp(prefix="apm-bench-proxy-")
@@ -72,7 +98,9 @@ def main():
         procs.append(subprocess.Popen([hello], env=dict(os.environ, PORT=str(backend))))
         wait_port(backend)
 
+        cert, key = make_certificate(root) if tls else (None, None)
         nginx_port = free_port()
+        nginx_listen = f"listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};" if tls else f"listen 127.0.0.1:{nginx_port};"
         conf = os.path.join(root, "nginx.conf")
         with open(conf, "w") as f:
             f.write(f"""worker_processes 1;
@@ -83,7 +111,7 @@ http {{
     access_log off;
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
     server {{
-        listen 127.0.0.1:{nginx_port};
+        {nginx_listen}
         location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
     }}
 }}
@@ -91,11 +119,25 @@ http {{
         procs.append(subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"]))
         wait_port(nginx_port)
 
-        apm_port = free_port()
-        subprocess.run([apm, "run", hello, "-name", "hello", "-upstream", "port", "-server", f"http://127.0.0.1:{apm_port}", "-startup_grace", "200"], env=env, check=True, capture_output=True)
+        apm_port, guarded_port = free_port(), free_port()
+        tls_keys = f"tls on; tls_cert {cert}; tls_key {key};" if tls else ""
+        workers = "".join(
+            f"worker {{ name {name}; exec {hello}; upstream port; server {scheme}://127.0.0.1:{port}; startup_grace 200; {tls_keys} {extra} }}\n"
+            for name, port, extra in [("hello", apm_port, ""), ("guarded", guarded_port, f"vanguard {{ {VANGUARD_RULES} }}")]
+        )
+        apm_conf = os.path.join(root, "apm.conf")
+        with open(apm_conf, "w") as f:
+            f.write(workers)
+        subprocess.run([apm, "load", apm_conf], env=env, check=True, capture_output=True)
         wait_port(apm_port)
+        wait_port(guarded_port)
 
-        results = {"direct": wrk(backend), "nginx": wrk(nginx_port), "apm": wrk(apm_port)}
+        results = {
+            "direct": wrk(backend),
+            "nginx": wrk(nginx_port, scheme),
+            "apm": wrk(apm_port, scheme),
+            "apm+vg": wrk(guarded_port, scheme),
+        }
         daemon_pid = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["daemon"]["pid"]
         with open(f"/proc/{daemon_pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
@@ -104,7 +146,8 @@ http {{
             print(f"{name:<8} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f}")
         apm_rps, _, apm_p99 = results["apm"]
         nginx_rps, _, nginx_p99 = results["nginx"]
-        print(f"apm / nginx req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
+        print(f"{'with TLS: ' if tls else ''}apm / nginx req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
+        print(f"apm with / without Vanguard (100 paths, 1,000 CIDRs, rate limit not hit) req/s: {results['apm+vg'][0] / apm_rps:.2f} (target >= 0.95)")
         print(f"apm daemon peak memory under load: {rss:.1f} MB (target < 50 MB)")
         print("not measured yet: apm's Node connector against PM2 cluster mode (the connector mode is not built)")
     finally:

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
@@ -117,13 +117,6 @@ impl Bans {
         match Key::from(ip) {
             Key::V4(key) => self.v4.insert(key, seconds),
             Key::V6(key) => self.v6.insert(key, seconds),
-        };
-    }
-
-    fn remove(&mut self, ip: IpAddr) {
-        match Key::from(ip) {
-            Key::V4(key) => self.v4.remove(&key),
-            Key::V6(key) => self.v6.remove(&key),
         };
     }
 
@@ -260,7 +253,7 @@ pub struct Vanguard {
     counters: Counters,
     limiter: Option<Limiter>,
     clock: DefaultClock,
-    bans: Mutex<Bans>,
+    bans: RwLock<Bans>,
     born: Instant,
     /// When state of departed clients was last dropped, in ms since `born`.
     swept_at: AtomicU64,
@@ -297,7 +290,7 @@ impl Vanguard {
             counters: Counters::default(),
             limiter,
             clock: DefaultClock::default(),
-            bans: Mutex::default(),
+            bans: RwLock::default(),
             born: Instant::now(),
             swept_at: AtomicU64::new(0),
         }
@@ -319,7 +312,7 @@ impl Vanguard {
             limiter.forget_idle();
         }
         self.bans
-            .lock()
+            .write()
             .unwrap_or_else(|e| e.into_inner())
             .drop_expired(at);
     }
@@ -333,22 +326,16 @@ impl Vanguard {
         (self.allow.is_empty() || self.allow.contains(ip)) && !self.deny.contains(ip)
     }
 
+    /// A read lock: every request asks, and the sweep drops expired bans.
     fn banned(&self, ip: IpAddr, now: u64) -> bool {
-        let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-        match bans.until(ip) {
-            Some(until) if until > now => true,
-            Some(_) => {
-                bans.remove(ip);
-                false
-            }
-            None => false,
-        }
+        let bans = self.bans.read().unwrap_or_else(|e| e.into_inner());
+        bans.until(ip).is_some_and(|until| until > now)
     }
 
     pub fn stats(&self) -> Stats {
         let now = self.now();
         let read = |counter: &AtomicU64| counter.load(AtomicOrdering::Relaxed);
-        let bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+        let bans = self.bans.read().unwrap_or_else(|e| e.into_inner());
         let mut current: Vec<(IpAddr, u64)> = bans
             .iter()
             .filter(|(_, until)| *until > now)
@@ -393,7 +380,7 @@ impl Vanguard {
                 let ttl = self.rules.ban_ttl.as_duration();
                 if !ttl.is_zero() {
                     self.bans
-                        .lock()
+                        .write()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(ip, now + ttl.as_millis() as u64);
                     return Err(Refusal::Forbidden);
@@ -592,7 +579,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let _ = v.admit_request("192.0.2.1".parse().unwrap(), "/");
-            let bans = v.bans.lock().unwrap().iter().count();
+            let bans = v.bans.read().unwrap().iter().count();
             if v.stats().tracked <= 1 && bans == 0 {
                 break;
             }

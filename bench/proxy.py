@@ -64,16 +64,20 @@ def wrk(port, scheme="http"):
     return rps, latency(50), latency(99)
 
 
-def make_certificate(root):
-    """A CA and a certificate for 127.0.0.1 it signed, as clients verify them."""
+def make_certificate(root, name="site", usage="serverAuth", subject="/CN=127.0.0.1"):
+    """A certificate signed by the run's CA (made on first use, in ca.pem),
+    with the extensions strict RFC 5280 validators (sslyze) require."""
     def run(*args):
         subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
-    with open(os.path.join(root, "ext.cnf"), "w") as f:
-        f.write("basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n")
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=apm bench CA")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "site.key", "-out", "site.csr", "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", "site.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "site.pem", "-days", "2", "-extfile", "ext.cnf")
-    return os.path.join(root, "site.pem"), os.path.join(root, "site.key")
+    if not os.path.exists(os.path.join(root, "ca.pem")):
+        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=apm bench CA", "-set_serial", "1",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    with open(os.path.join(root, f"{name}.cnf"), "w") as f:
+        f.write(f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
+                "subjectAltName=IP:127.0.0.1\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+    run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", str(2 + len(os.listdir(root))), "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.cnf")
+    return os.path.join(root, f"{name}.pem"), os.path.join(root, f"{name}.key")
 
 
 VANGUARD_RULES = "rate_limit 1000000; ban_path {}; ban_ip {};".format(

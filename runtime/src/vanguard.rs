@@ -587,4 +587,33 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    #[test]
+    fn a_spent_burst_refills_with_time() {
+        let v = rules("rate_limit 20; rate_burst 2;");
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let mut refused = false;
+        for _ in 0..10 {
+            refused |= v.admit_request(ip, "/").is_err();
+        }
+        assert!(refused, "ten requests at once exceed a burst of 2");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while v.admit_request(ip, "/").is_err() {
+            assert!(Instant::now() < deadline, "the bucket never refilled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn ipv6_ranges_and_ipv4_mapped_clients() {
+        let v = rules("ban_ip 2001:db8::/32, 198.51.100.0/24;");
+        let judge = |ip: &str| v.admit_connection(ip.parse().unwrap()).is_ok();
+        assert!(!judge("2001:db8:1::5"));
+        assert!(judge("2001:db9::5"));
+        assert!(
+            !judge("::ffff:198.51.100.7"),
+            "an IPv4 client on a v6 socket"
+        );
+        assert!(judge("::ffff:198.51.101.7"));
+    }
 }

@@ -1869,6 +1869,45 @@ fn vanguard_refuses_banned_paths_and_rate_limits_per_client() {
     );
 }
 
+#[test]
+fn vanguard_judges_the_forwarded_client_only_with_trust_proxy_and_bans_expire() {
+    let d = Daemon::new("vanguard-xff");
+    let app = d.write("headers.py", HEADERS_APP);
+    let (distrusting, trusting) = (free_port(), free_port());
+    let rules = "ban_ip 203.0.113.0/24, 2001:db8::/32; rate_limit 1; rate_burst 1; ban_ttl 100ms;";
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{ name a; exec python3; params {app}; upstream port; startup_grace 300; server http://127.0.0.1:{distrusting}; trust_proxy false; vanguard {{ {rules} }} }}\n\
+             worker {{ name b; exec python3; params {app}; upstream port; startup_grace 300; server http://127.0.0.1:{trusting}; trust_proxy true; vanguard {{ {rules} }} }}\n",
+            app = app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("a");
+    d.wait_running("b");
+    let status = |port: u16, forwarded: &str| {
+        let answer = http_raw(
+            port,
+            &format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {forwarded}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        answer.get(9..12).unwrap_or_default().to_owned()
+    };
+    // Without trust_proxy a spoofed header is not the client; the socket is.
+    assert_eq!(status(distrusting, "203.0.113.9"), "200");
+    assert_eq!(status(trusting, "203.0.113.9"), "403");
+    assert_eq!(status(trusting, "2001:db8::7"), "403", "an IPv6 range");
+    // A second request within the second breaches a burst of 1; the ban
+    // then holds for ban_ttl and lifts by itself.
+    assert_eq!(status(trusting, "192.0.2.44"), "200");
+    assert!((0..5).any(|_| status(trusting, "192.0.2.44") == "403"));
+    wait_until(PATIENCE, "the ban to expire", || {
+        status(trusting, "192.0.2.44") == "200"
+    });
+}
+
 /// A CA and a certificate for 127.0.0.1 it signed, made with openssl.
 fn make_certificates(dir: &Path) -> bool {
     let run = |args: &[&str]| {

@@ -426,6 +426,16 @@ async fn relay(
             format!("no instance of {worker} is running\n"),
         );
     };
+    let trace_name = options
+        .trace_header
+        .as_deref()
+        .and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
+    let mut traced = trace_name.as_ref().map(|_| Trace {
+        id: String::new(),
+        method: request.method().clone(),
+        path: request.uri().path().to_owned(),
+        started: std::time::Instant::now(),
+    });
     let headers = request.headers_mut();
     // Without trust_proxy, a client's own X-Forwarded-For is not believed.
     let chain = headers
@@ -450,14 +460,17 @@ async fn relay(
         Some(subject) => headers.insert(CLIENT_SUBJECT, subject),
         None => headers.remove(CLIENT_SUBJECT),
     };
-    if let Some(name) = options
-        .trace_header
-        .as_deref()
-        .and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        && !headers.contains_key(&name)
-        && let Ok(id) = HeaderValue::from_str(&trace_id())
-    {
-        headers.insert(name, id);
+    // With `trace_header`, each request keeps the id it came with or gets
+    // one, and the daemon log gets a line that carries it.
+    if let (Some(name), Some(trace)) = (trace_name, traced.as_mut()) {
+        if !headers.contains_key(&name)
+            && let Ok(id) = HeaderValue::from_str(&trace_id())
+        {
+            headers.insert(name.clone(), id);
+        }
+        if let Some(id) = headers.get(&name) {
+            trace.id = String::from_utf8_lossy(id.as_bytes()).into_owned();
+        }
     }
     let host = headers.get(hyper::header::HOST).cloned();
     for (name, value) in [
@@ -489,7 +502,7 @@ async fn relay(
     // A WebSocket (or any upgrade): once the instance agrees, both sides are
     // spliced byte for byte.
     let client_upgrade = hyper::upgrade::on(&mut request);
-    match upstream_client().request(request).await {
+    let response = match upstream_client().request(request).await {
         Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
@@ -508,5 +521,32 @@ async fn relay(
             StatusCode::BAD_GATEWAY,
             format!("{worker} failed to answer: {e}\n"),
         ),
+    };
+    if let Some(trace) = traced {
+        trace.log(worker, client, response.status());
+    }
+    response
+}
+
+/// What the daemon log says about a traced request. The query string is left
+/// out: it often carries tokens.
+struct Trace {
+    id: String,
+    method: hyper::Method,
+    path: String,
+    started: std::time::Instant,
+}
+
+impl Trace {
+    fn log(self, worker: &str, client: Option<IpAddr>, status: StatusCode) {
+        let client = client.map_or_else(|| "unix".to_owned(), |ip| ip.to_string());
+        crate::log(format_args!(
+            "{worker} {} {client} {} {} -> {} in {:.1} ms",
+            self.id,
+            self.method,
+            self.path,
+            status.as_u16(),
+            self.started.elapsed().as_secs_f64() * 1000.0
+        ));
     }
 }

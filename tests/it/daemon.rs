@@ -1735,7 +1735,7 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
         "x-request-id",
     ]);
     d.wait_running("h");
-    let spoofed = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nX-Client-Cert-Subject: CN=admin\r\nConnection: close\r\n\r\n";
+    let spoofed = "GET /?token=s3cret HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nX-Client-Cert-Subject: CN=admin\r\nConnection: close\r\n\r\n";
     let answer = http_raw(port, spoofed);
     assert!(answer.contains("xff=127.0.0.1 id="), "{answer}");
     assert!(
@@ -1744,6 +1744,19 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
     );
     // Only a verified certificate names the client.
     assert!(answer.contains("subject=None"), "{answer}");
+    // The trace id is logged with the request, the query string is not.
+    let id = answer
+        .split("id=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let log = d.dir().join("home/apm.log");
+    wait_until(PATIENCE, "the trace id in the daemon log", || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|text| text.contains(&format!("h {id} 127.0.0.1 GET / -> 200 in ")))
+    });
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("s3cret"));
     d.ok(&["update", "h", "-trust_proxy", "-no-restart"]);
     wait_until(PATIENCE, "trust_proxy to apply live", || {
         http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1")

@@ -1711,6 +1711,146 @@ fn http_raw(port: u16, request: &str) -> String {
     response
 }
 
+const BODY_APP: &str = r#"
+import hashlib, http.server, os, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        open(os.environ["MARKER"], "w").write(str(os.getpid()))
+        time.sleep(3600)
+    def do_POST(self):
+        digest, size = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(self.rfile.readline().split(b";")[0], 16)
+                chunk = self.rfile.read(n)
+                self.rfile.readline()
+                if n == 0:
+                    break
+                digest.update(chunk)
+                size += n
+        else:
+            left = int(self.headers.get("Content-Length", 0))
+            while left:
+                chunk = self.rfile.read(min(left, 65536))
+                digest.update(chunk)
+                size += len(chunk)
+                left -= len(chunk)
+        body = ("%d %s %s cookie=%s\n" % (size, digest.hexdigest(), self.path, self.headers.get("Cookie"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
+    let sha256_hex = |bytes: &[u8]| {
+        use std::io::Write;
+        let mut python = Command::new("python3")
+            .args(["-c", "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest(), end='')"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        python.stdin.take().unwrap().write_all(bytes).unwrap();
+        String::from_utf8(python.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let d = Daemon::new("proxy_bodies");
+    let app = d.write("bodies.py", BODY_APP);
+    let port = free_port();
+    let marker = d.path("hung");
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{ name b; exec python3; params {}; instances 2; upstream port; startup_grace 1000; server http://127.0.0.1:{port}; env MARKER={marker}; }}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("b");
+    let post = |head: &str, body: &[u8]| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    let empty = post(
+        "POST /empty?a=1&b=2 HTTP/1.1\r\nHost: a\r\nCookie: k=v; s=t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"",
+    );
+    assert!(
+        empty.starts_with("HTTP/1.1 200")
+            && empty.contains(&format!(
+                "0 {} /empty?a=1&b=2 cookie=k=v; s=t",
+                sha256_hex(b"")
+            )),
+        "{empty}"
+    );
+    let chunked = post(
+        "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert!(
+        chunked.contains(&format!("11 {} /chunked", sha256_hex(b"hello world"))),
+        "{chunked}"
+    );
+    let big: Vec<u8> = (0..10 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let streamed = post(
+        &format!(
+            "POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            big.len()
+        ),
+        &big,
+    );
+    assert!(
+        streamed.contains(&format!("{} {} /big", big.len(), sha256_hex(&big))),
+        "{streamed}"
+    );
+    // An instance killed while it holds a request: that request gets a 502.
+    let hung = std::thread::spawn(move || http_get(port));
+    wait_until(PATIENCE, "an instance to hold the request", || {
+        std::fs::read_to_string(&marker).is_ok_and(|pid| !pid.is_empty())
+    });
+    let pid = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(hung.join().unwrap().map(|(status, _)| status), Some(502));
+    // Once the supervisor has seen the death, every request is answered.
+    // Once the supervisor has seen the death (without restart_err the
+    // instance stays down), every request goes to the live instance.
+    wait_until(PATIENCE, "the killed instance to be marked crashed", || {
+        d.worker("b").is_some_and(|w| {
+            w["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["status"] == "crashed")
+        })
+    });
+    for _ in 0..6 {
+        let answer = post(
+            "POST /after HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            b"",
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
 #[test]
 fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgrades() {
     use std::io::{Read, Write};

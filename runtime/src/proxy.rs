@@ -44,6 +44,8 @@ pub struct Options {
     pub keep_alive: std::time::Duration,
     /// Concurrent connections per listener; 0 is unlimited.
     pub max_conns: u32,
+    /// Forward header names lowercased instead of as the client wrote them.
+    pub lowercase_headers: bool,
     /// The worker's firewall, when it has `vanguard { }` rules.
     pub vanguard: Option<Guard>,
     pub tls: TlsSetting,
@@ -142,9 +144,9 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {
-                let (keep_alive, tls, options) = {
+                let (tls, options) = {
                     let options = &routes.borrow().options;
-                    (options.keep_alive, options.tls.clone(), options.clone())
+                    (options.tls.clone(), options.clone())
                 };
                 // A raw connection is judged by Vanguard before anything else;
                 // a refused TCP client gets a reset, not a word.
@@ -190,7 +192,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match scheme {
                     Scheme::Http | Scheme::Https => {
-                        serve_http(stream, client, worker, keep_alive, tls, pick).await
+                        serve_http(stream, client, worker, &options, tls, pick).await
                     }
                     _ => {
                         if let Some(permit) = raw_permit {
@@ -274,7 +276,7 @@ async fn serve_http(
     stream: Box<dyn Io>,
     client: Option<IpAddr>,
     worker: String,
-    keep_alive: std::time::Duration,
+    options: &Options,
     tls: Option<Secure>,
     pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
 ) {
@@ -289,9 +291,12 @@ async fn serve_http(
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(hyper_util::rt::TokioTimer::new());
-    if !keep_alive.is_zero() {
-        builder.header_read_timeout(keep_alive);
+    if !options.keep_alive.is_zero() {
+        builder.header_read_timeout(options.keep_alive);
     }
+    // hyper lowercases header names; it keeps the client's spelling (which
+    // the pooled client then writes upstream) only when asked to.
+    builder.preserve_header_case(!options.lowercase_headers);
     let _ = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
@@ -308,6 +313,7 @@ fn upstream_client() -> &'static UpstreamClient {
     CLIENT.get_or_init(|| {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .http1_preserve_header_case(true)
             .build_http()
     })
 }

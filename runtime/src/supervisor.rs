@@ -786,6 +786,7 @@ impl Supervisor {
                     trace_header: spec.trace_header.as_ref().map(|h| h.value.clone()),
                     keep_alive: spec.keep_alive.as_duration(),
                     max_conns: spec.max_conns.value,
+                    lowercase_headers: spec.lowercase_hdrs.value,
                     vanguard: worker.guard.clone(),
                     tls: worker.tls.clone(),
                 },

@@ -1736,7 +1736,8 @@ class H(http.server.BaseHTTPRequestHandler):
                 digest.update(chunk)
                 size += len(chunk)
                 left -= len(chunk)
-        body = ("%d %s %s cookie=%s\n" % (size, digest.hexdigest(), self.path, self.headers.get("Cookie"))).encode()
+        names = ",".join(k for k in self.headers.keys() if k.lower().startswith("x-m"))
+        body = ("%d %s %s cookie=%s names=%s\n" % (size, digest.hexdigest(), self.path, self.headers.get("Cookie"), names)).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1785,17 +1786,26 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
         answer
     };
     let empty = post(
-        "POST /empty?a=1&b=2 HTTP/1.1\r\nHost: a\r\nCookie: k=v; s=t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "POST /empty?a=1&b=2 HTTP/1.1\r\nHost: a\r\nCookie: k=v; s=t\r\nX-Mixed-Case: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         b"",
     );
+    // Header names reach the instance as the client spelled them.
     assert!(
         empty.starts_with("HTTP/1.1 200")
             && empty.contains(&format!(
-                "0 {} /empty?a=1&b=2 cookie=k=v; s=t",
+                "0 {} /empty?a=1&b=2 cookie=k=v; s=t names=X-Mixed-Case",
                 sha256_hex(b"")
             )),
         "{empty}"
     );
+    d.ok(&["update", "b", "-lowercase_hdrs", "-no-restart"]);
+    wait_until(PATIENCE, "lowercase_hdrs to apply live", || {
+        post(
+            "POST / HTTP/1.1\r\nHost: a\r\nX-Mixed-Case: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .contains("names=x-mixed-case")
+    });
     let chunked = post(
         "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
         b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",

@@ -1862,6 +1862,63 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
 }
 
 #[test]
+fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_conns");
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let config = d.write(
+        "app.conf",
+        &format!(
+            "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; max_conns 1; keep_alive 500ms; }}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("c");
+    let open = || {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    let mut first = open();
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    let n = first.read(&mut buffer).unwrap();
+    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+    // The second connection waits while the first one is open...
+    let mut second = open();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        second.read(&mut buffer).is_err(),
+        "answered beyond max_conns"
+    );
+    // ...until keep_alive closes the idle first one; then it is served.
+    let started = Instant::now();
+    assert_eq!(
+        first.read(&mut buffer).unwrap(),
+        0,
+        "the idle connection is closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(9));
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    second.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
 fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgrades() {
     use std::io::{Read, Write};
     let d = Daemon::new("proxy_headers");

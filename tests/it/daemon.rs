@@ -1870,7 +1870,7 @@ fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
     let config = d.write(
         "app.conf",
         &format!(
-            "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; max_conns 1; keep_alive 500ms; }}\n",
+            "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; max_conns 1; keep_alive 2s; }}\n",
             app.display()
         ),
     );
@@ -1888,8 +1888,19 @@ fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         .unwrap();
     let mut buffer = [0u8; 4096];
-    let n = first.read(&mut buffer).unwrap();
-    assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+    // The whole answer: headers, then the one-line body.
+    let mut answer = Vec::new();
+    let complete = |answer: &[u8]| {
+        let text = String::from_utf8_lossy(answer);
+        text.split_once("\r\n\r\n")
+            .is_some_and(|(_, body)| body.ends_with('\n'))
+    };
+    while !complete(&answer) {
+        let n = first.read(&mut buffer).unwrap();
+        assert!(n > 0, "the first connection closed early");
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
     // The second connection waits while the first one is open...
     let mut second = open();
     second

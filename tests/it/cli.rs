@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::certs;
+
 fn apm(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_apm"))
         .args(args)
@@ -108,27 +110,7 @@ fn check_json_carries_the_ir_when_valid() {
         "worker { exec node; kill_timeout 3s; server https://0.0.0.0:8443; tls on; tls_cert c.pem; tls_key k.pem; trust_proxy false; }\n",
     );
     // A real certificate and key: `apm check` loads them as TLS would.
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "k.pem",
-            "-out",
-            "c.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let made = certs::self_signed(dir.path(), "k.pem", "c.pem", "/CN=localhost");
     if !made {
         eprintln!("skipped: openssl could not make a test certificate");
         return;
@@ -230,27 +212,7 @@ fn explain_prints_the_long_text_of_a_code() {
 fn check_reports_a_certificate_and_key_that_do_not_match() {
     let dir = tempfile::tempdir().unwrap();
     for (key, cert) in [("k1.pem", "c1.pem"), ("k2.pem", "c2.pem")] {
-        let made = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                key,
-                "-out",
-                cert,
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-            ])
-            .current_dir(dir.path())
-            .output()
-            .is_ok_and(|o| o.status.success());
+        let made = certs::self_signed(dir.path(), key, cert, "/CN=localhost");
         if !made {
             eprintln!("skipped: openssl could not make a test certificate");
             return;

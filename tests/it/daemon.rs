@@ -17,6 +17,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+use crate::certs;
+
 /// How long to wait for anything that should happen soon.
 const PATIENCE: Duration = Duration::from_secs(20);
 /// How long one CLI call may take before the test gives up on it.
@@ -2139,86 +2141,32 @@ fn vanguard_judges_the_forwarded_client_only_with_trust_proxy_and_bans_expire() 
     });
 }
 
-/// A CA and a certificate for 127.0.0.1 it signed, made with openssl.
-fn make_certificates(dir: &Path) -> bool {
-    let run = |args: &[&str]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n",
-    )
-    .unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=apm test CA",
-    ]) && run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "site.key",
-        "-out",
-        "site.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]) && run(&[
-        "x509",
-        "-req",
-        "-in",
-        "site.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "site.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ])
-}
-
-#[test]
-fn https_listeners_terminate_tls() {
-    let d = Daemon::new("tls");
-    if !make_certificates(d.dir()) {
-        eprintln!("skipped: openssl could not make test certificates");
-        return;
-    }
+/// Loads worker NAME, the headers app behind an https listener with the
+/// certificates of `certs::make_certificates` and `extra` TLS settings;
+/// returns its port and config file.
+fn load_https_worker(d: &Daemon, name: &str, extra: &str) -> (u16, PathBuf) {
     let app = d.write("headers.py", HEADERS_APP);
     let port = free_port();
     let config = d.write(
         "app.conf",
         &format!(
-            "worker {{\n    name s; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key;\n}}\n",
+            "worker {{\n    name {name}; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key;{extra}\n}}\n",
             app.display()
         ),
     );
     d.ok(&["load", config.to_str().unwrap()]);
-    d.wait_running("s");
+    d.wait_running(name);
+    (port, config)
+}
+
+#[test]
+fn https_listeners_terminate_tls() {
+    let d = Daemon::new("tls");
+    if !certs::make_certificates(d.dir()) {
+        eprintln!("skipped: openssl could not make test certificates");
+        return;
+    }
+    let (port, _) = load_https_worker(&d, "s", "");
     let client = format!(
         "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nprint(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
         ca = d.path("ca.pem")
@@ -2293,66 +2241,17 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
 #[test]
 fn tls_ca_requires_a_client_certificate_it_signed() {
     let d = Daemon::new("mtls");
-    if !make_certificates(d.dir()) {
+    if !certs::make_certificates(d.dir()) {
         eprintln!("skipped: openssl could not make test certificates");
         return;
     }
-    let run = |args: &[&str]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(d.dir())
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
-    std::fs::write(
-        d.dir().join("client.cnf"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    assert!(run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=alice"
-    ]));
-    assert!(run(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "client.cnf"
-    ]));
-    let app = d.write("headers.py", HEADERS_APP);
-    let port = free_port();
-    let config = d.write(
-        "app.conf",
-        &format!(
-            "worker {{\n    name m; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key; tls_ca ca.pem;\n}}\n",
-            app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
-    d.wait_running("m");
+    assert!(certs::signed_by_ca(
+        d.dir(),
+        "client",
+        "/CN=alice",
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+    ));
+    let (port, _) = load_https_worker(&d, "m", " tls_ca ca.pem;");
     let fetch = |with_certificate: bool| {
         let load = if with_certificate {
             format!(
@@ -2394,21 +2293,11 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
 #[test]
 fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
     let d = Daemon::new("cert_swap");
-    if !make_certificates(d.dir()) {
+    if !certs::make_certificates(d.dir()) {
         eprintln!("skipped: openssl could not make test certificates");
         return;
     }
-    let app = d.write("headers.py", HEADERS_APP);
-    let port = free_port();
-    let config = d.write(
-        "app.conf",
-        &format!(
-            "worker {{\n    name s; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key;\n}}\n",
-            app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
-    d.wait_running("s");
+    let (port, config) = load_https_worker(&d, "s", "");
     // A client that keeps one connection open across the reload.
     let marker = d.path("reloaded");
     let client = format!(
@@ -2428,32 +2317,7 @@ fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
     .unwrap();
     let old_serial = first_line.trim().to_owned();
     // New certificate files under the same names, then a reload.
-    let run = |args: &[&str]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(d.dir())
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
-    assert!(run(&[
-        "x509",
-        "-req",
-        "-in",
-        "site.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "site.pem",
-        "-days",
-        "3",
-        "-extfile",
-        "ext.cnf"
-    ]));
+    assert!(certs::sign(d.dir(), "site", 3));
     d.ok(&["reload", config.to_str().unwrap()]);
     std::fs::write(&marker, "").unwrap();
     let rest = open.wait_with_output().unwrap();

@@ -1,5 +1,6 @@
 //! apm's integration tests, one binary so that they link once.
 
+mod certs;
 mod cli;
 mod convert;
 mod corpus;

@@ -144,10 +144,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {
-                let (tls, options) = {
-                    let options = &routes.borrow().options;
-                    (options.tls.clone(), options.clone())
-                };
+                let options = routes.borrow().options.clone();
                 // A raw connection is judged by Vanguard before anything else;
                 // a refused TCP client gets a reset, not a word.
                 let raw = !matches!(scheme, Scheme::Http | Scheme::Https);
@@ -168,7 +165,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         raw.then(Permit::unguarded),
                     ),
                 };
-                let (stream, tls) = match (tls, scheme.is_tls()) {
+                let (stream, tls) = match (&options.tls, scheme.is_tls()) {
                     (TlsSetting::On(tls), _) => match tls.0.accept(stream).await {
                         Ok(stream) => {
                             let peer = Secure {

@@ -399,6 +399,16 @@ impl Vanguard {
 
     /// A raw TCP (or WebSocket) connection: IP lists, bans, rate limit.
     pub fn admit_connection(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        self.admit(ip, None)
+    }
+
+    /// An HTTP request: IP lists, bans, path bans, rate limit.
+    pub fn admit_request(&self, ip: IpAddr, target: &str) -> Result<Permit, Refusal> {
+        self.admit(ip, Some(target))
+    }
+
+    /// The checks in their order; the path ones only for a request target.
+    fn admit(&self, ip: IpAddr, target: Option<&str>) -> Result<Permit, Refusal> {
         // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d.
         let ip = ip.to_canonical();
         let now = self.now();
@@ -408,25 +418,7 @@ impl Vanguard {
             Err((Refusal::Forbidden, &c.blocked_ip))
         } else if self.banned(ip, now) {
             Err((Refusal::Forbidden, &c.banned))
-        } else {
-            self.rate(ip, now)
-                .map(|()| Permit(()))
-                .map_err(|r| (r, &c.rate_limited))
-        })
-    }
-
-    /// An HTTP request: IP lists, bans, path bans, rate limit.
-    pub fn admit_request(&self, ip: IpAddr, target: &str) -> Result<Permit, Refusal> {
-        let ip = ip.to_canonical();
-        let now = self.now();
-        self.sweep_if_due(now);
-        let c = &self.counters;
-        let path = normalize_path(target);
-        self.count(if !self.ip_allowed(ip) {
-            Err((Refusal::Forbidden, &c.blocked_ip))
-        } else if self.banned(ip, now) {
-            Err((Refusal::Forbidden, &c.banned))
-        } else if self.paths.matches(&path) {
+        } else if target.is_some_and(|target| self.paths.matches(&normalize_path(target))) {
             Err((Refusal::Forbidden, &c.blocked_path))
         } else {
             self.rate(ip, now)

@@ -1863,21 +1863,32 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
     }
 }
 
-#[test]
-fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
-    use std::io::{Read, Write};
-    let d = Daemon::new("proxy_conns");
+/// Loads worker NAME: the headers app behind a `SCHEME://` listener on a
+/// free port, with `settings` (TLS, proxy options, Vanguard); returns the
+/// port and the config file.
+fn load_headers_worker(d: &Daemon, name: &str, scheme: &str, settings: &str) -> (u16, PathBuf) {
     let app = d.write("headers.py", HEADERS_APP);
     let port = free_port();
     let config = d.write(
         "app.conf",
         &format!(
-            "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; max_conns 1; keep_alive 2s; }}\n",
+            "worker {{\n    name {name}; exec python3; params {}; upstream port; startup_grace 300;\n    server {scheme}://127.0.0.1:{port};\n    {settings}\n}}\n",
             app.display()
         ),
     );
     d.ok(&["load", config.to_str().unwrap()]);
-    d.wait_running("c");
+    d.wait_running(name);
+    (port, config)
+}
+
+/// The TLS settings for the certificates of `certs::make_certificates`.
+const SITE_TLS: &str = "tls on; tls_cert site.pem; tls_key site.key;";
+
+#[test]
+fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_conns");
+    let (port, _) = load_headers_worker(&d, "c", "http", "max_conns 1; keep_alive 2s;");
     let open = || {
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream
@@ -2053,17 +2064,12 @@ fn the_proxy_listens_on_a_unix_socket() {
 #[test]
 fn vanguard_refuses_banned_paths_and_rate_limits_per_client() {
     let d = Daemon::new("vanguard");
-    let app = d.write("headers.py", HEADERS_APP);
-    let port = free_port();
-    let config = d.write(
-        "app.conf",
-        &format!(
-            "worker {{\n    name v; exec python3; params {}; upstream port; startup_grace 300;\n    server http://127.0.0.1:{port};\n    vanguard {{ rate_limit 1; rate_burst 3; ban_path *.php, /.env; ban_response \"go away\"; }}\n}}\n",
-            app.display()
-        ),
+    let (port, _) = load_headers_worker(
+        &d,
+        "v",
+        "http",
+        "vanguard { rate_limit 1; rate_burst 3; ban_path *.php, /.env; ban_response \"go away\"; }",
     );
-    d.ok(&["load", config.to_str().unwrap()]);
-    d.wait_running("v");
     let get = |target: &str| {
         http_raw(
             port,
@@ -2141,24 +2147,6 @@ fn vanguard_judges_the_forwarded_client_only_with_trust_proxy_and_bans_expire() 
     });
 }
 
-/// Loads worker NAME, the headers app behind an https listener with the
-/// certificates of `certs::make_certificates` and `extra` TLS settings;
-/// returns its port and config file.
-fn load_https_worker(d: &Daemon, name: &str, extra: &str) -> (u16, PathBuf) {
-    let app = d.write("headers.py", HEADERS_APP);
-    let port = free_port();
-    let config = d.write(
-        "app.conf",
-        &format!(
-            "worker {{\n    name {name}; exec python3; params {}; upstream port; startup_grace 300;\n    server https://127.0.0.1:{port};\n    tls on; tls_cert site.pem; tls_key site.key;{extra}\n}}\n",
-            app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
-    d.wait_running(name);
-    (port, config)
-}
-
 #[test]
 fn https_listeners_terminate_tls() {
     let d = Daemon::new("tls");
@@ -2166,7 +2154,7 @@ fn https_listeners_terminate_tls() {
         eprintln!("skipped: openssl could not make test certificates");
         return;
     }
-    let (port, _) = load_https_worker(&d, "s", "");
+    let (port, _) = load_headers_worker(&d, "s", "https", SITE_TLS);
     let client = format!(
         "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nprint(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
         ca = d.path("ca.pem")
@@ -2251,7 +2239,7 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
         "/CN=alice",
         "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
     ));
-    let (port, _) = load_https_worker(&d, "m", " tls_ca ca.pem;");
+    let (port, _) = load_headers_worker(&d, "m", "https", &format!("{SITE_TLS} tls_ca ca.pem;"));
     let fetch = |with_certificate: bool| {
         let load = if with_certificate {
             format!(
@@ -2297,7 +2285,7 @@ fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
         eprintln!("skipped: openssl could not make test certificates");
         return;
     }
-    let (port, config) = load_https_worker(&d, "s", "");
+    let (port, config) = load_headers_worker(&d, "s", "https", SITE_TLS);
     // A client that keeps one connection open across the reload.
     let marker = d.path("reloaded");
     let client = format!(

@@ -15,21 +15,7 @@
 use std::fs;
 use std::path::Path;
 
-fn sections(text: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for line in text.split_inclusive('\n') {
-        if let Some(name) = line
-            .trim_end()
-            .strip_prefix("--- ")
-            .and_then(|l| l.strip_suffix(" ---"))
-        {
-            out.push((name.to_owned(), String::new()));
-        } else if let Some((_, body)) = out.last_mut() {
-            body.push_str(line);
-        }
-    }
-    out
-}
+use crate::sections::sections;
 
 fn run_case(path: &Path) -> Result<(String, String), String> {
     let text = fs::read_to_string(path).unwrap();

@@ -7,3 +7,4 @@ mod corpus;
 mod daemon;
 mod docs;
 mod reload;
+mod sections;

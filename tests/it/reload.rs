@@ -17,21 +17,7 @@ use std::path::Path;
 
 use apm_compiler::{MemLoader, compile, plan};
 
-fn sections(text: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_end();
-        if let Some(name) = trimmed
-            .strip_prefix("--- ")
-            .and_then(|l| l.strip_suffix(" ---"))
-        {
-            out.push((name.to_owned(), String::new()));
-        } else if let Some((_, body)) = out.last_mut() {
-            body.push_str(line);
-        }
-    }
-    out
-}
+use crate::sections::sections;
 
 fn side(sections: &[(String, String)], side: &str) -> MemLoader {
     let mut loader = MemLoader::new()

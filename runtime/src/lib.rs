@@ -4,10 +4,12 @@
 //! what it needs around that. `unsafe` is allowed in `sys` only.
 #![deny(unsafe_code)]
 
+pub mod connector;
 pub mod lifecycle;
 pub mod logs;
 pub mod procfs;
 pub mod proxy;
+mod session;
 pub mod state;
 pub mod supervisor;
 pub mod sys;

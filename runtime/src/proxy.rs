@@ -1,8 +1,10 @@
-//! The built-in proxy, `upstream port` mode: each instance listens on a
-//! loopback port of its own (given in `port_env`), and every `server`
-//! listener spreads connections over the running instances, round-robin.
-//! `http://` is proxied request by request (with `X-Forwarded-*` headers);
-//! `ws://` and `tcp://` are spliced byte for byte.
+//! The built-in proxy: every `server` listener spreads connections over a
+//! worker's running instances, round-robin. An instance is reached in one
+//! of two ways. With `upstream port`, it listens on a loopback port of its
+//! own (given in `port_env`): `http://` is proxied request by request (with
+//! `X-Forwarded-*` headers), `ws://` and `tcp://` are spliced byte for byte.
+//! With `upstream connector`, each request, WebSocket or TCP connection is a
+//! session on the instance's connector channel (`connector`, `session`).
 //!
 //! The listening sockets belong to the daemon, so they stay open while
 //! instances restart. Instances that are starting, stopping or ended get no
@@ -22,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::connector::{Head, Link};
 use crate::tls::Tls;
 use crate::vanguard::{Permit, Refusal, Vanguard};
 
@@ -29,8 +32,25 @@ use crate::vanguard::{Permit, Refusal, Vanguard};
 /// the running instances and the worker's proxy options.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Route {
-    pub backends: Vec<SocketAddr>,
+    pub backends: Vec<Backend>,
     pub options: Options,
+}
+
+/// A running instance, as the proxy reaches it.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Port(SocketAddr),
+    Connector(Arc<Link>),
+}
+
+impl PartialEq for Backend {
+    fn eq(&self, other: &Backend) -> bool {
+        match (self, other) {
+            (Backend::Port(a), Backend::Port(b)) => a == b,
+            (Backend::Connector(a), Backend::Connector(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// The worker's proxy options (Proxy / HTTP in the reference).
@@ -49,6 +69,9 @@ pub struct Options {
     /// The worker's firewall, when it has `vanguard { }` rules.
     pub vanguard: Option<Guard>,
     pub tls: TlsSetting,
+    /// `upstream connector`: the daemon speaks HTTP and WebSocket itself
+    /// and hands sessions to the instances.
+    pub connector: bool,
 }
 
 /// Whether a worker's listeners terminate TLS.
@@ -146,8 +169,13 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             tokio::spawn(async move {
                 let options = routes.borrow().options.clone();
                 // A raw connection is judged by Vanguard before anything else;
-                // a refused TCP client gets a reset, not a word.
-                let raw = !matches!(scheme, Scheme::Http | Scheme::Https);
+                // a refused TCP client gets a reset, not a word. Through a
+                // connector, WebSockets are served (and judged) as requests.
+                let raw = match scheme {
+                    Scheme::Http | Scheme::Https => false,
+                    Scheme::Ws | Scheme::Wss => !options.connector,
+                    Scheme::Tcp => true,
+                };
                 let (stream, client, raw_permit) = match accepted {
                     Accepted::Tcp(stream, ip) if raw => {
                         match admit_connection(&options, Some(ip)) {
@@ -184,17 +212,20 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     let route = routes.borrow();
                     let list = &route.backends;
                     let backend = (!list.is_empty())
-                        .then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()]);
+                        .then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()].clone());
                     (backend, route.options.clone())
                 };
-                match scheme {
-                    Scheme::Http | Scheme::Https => {
-                        serve_http(stream, client, worker, &options, tls, pick).await
-                    }
-                    _ => {
-                        if let Some(permit) = raw_permit {
-                            splice(stream, pick().0, permit).await;
-                        }
+                match raw_permit {
+                    None => serve_http(stream, client, worker, &options, tls, pick).await,
+                    Some(permit) => {
+                        let head = Head {
+                            protocol: "tcp",
+                            request: None,
+                            remote_ip: client,
+                            tls: tls.is_some(),
+                            client_subject: tls.as_ref().and_then(|t| t.client_subject.as_ref()),
+                        };
+                        splice(stream, pick().0, head, permit).await;
                     }
                 }
                 drop(permit);
@@ -212,7 +243,7 @@ struct Secure {
 }
 
 /// A connection from either kind of listener.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 enum Socket {
@@ -246,16 +277,28 @@ fn admit_connection(options: &Options, client: Option<IpAddr>) -> Result<Permit,
     }
 }
 
-async fn splice(mut client: Box<dyn Io>, backend: Option<SocketAddr>, _permit: Permit) {
-    let Some(backend) = backend else { return };
-    if let Ok(mut upstream) = TcpStream::connect(backend).await {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+/// Carries a raw connection Vanguard let through to an instance.
+async fn splice(
+    mut client: Box<dyn Io>,
+    backend: Option<Backend>,
+    head: Head<'_>,
+    _permit: Permit,
+) {
+    match backend {
+        None => {}
+        Some(Backend::Port(backend)) => {
+            if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        }
+        Some(Backend::Connector(link)) => crate::session::tcp(client, link, head).await,
     }
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Body = BoxBody<Bytes, BoxError>;
 
-fn text(status: StatusCode, message: String) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, message: String) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(message))
             .map_err(|never| match never {})
@@ -275,7 +318,7 @@ async fn serve_http(
     worker: String,
     options: &Options,
     tls: Option<Secure>,
-    pick: impl Fn() -> (Option<SocketAddr>, Options) + Clone + Send + Sync + 'static,
+    pick: impl Fn() -> (Option<Backend>, Options) + Clone + Send + Sync + 'static,
 ) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (pick, worker, tls) = (pick.clone(), worker.clone(), tls.clone());
@@ -401,7 +444,7 @@ async fn forward(
     client: Option<IpAddr>,
     tls: Option<&Secure>,
     worker: &str,
-    backend: Option<SocketAddr>,
+    backend: Option<Backend>,
     options: &Options,
 ) -> Response<Body> {
     match gate(&request, client, options) {
@@ -420,7 +463,7 @@ async fn relay(
     client: Option<IpAddr>,
     tls: Option<&Secure>,
     worker: &str,
-    backend: Option<SocketAddr>,
+    backend: Option<Backend>,
     options: &Options,
 ) -> Response<Body> {
     let Some(backend) = backend else {
@@ -490,6 +533,31 @@ async fn relay(
     if let Some(host) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
+    let response = match backend {
+        Backend::Port(backend) => to_port(request, worker, backend).await,
+        Backend::Connector(link) => {
+            let head = Head {
+                protocol: "http",
+                request: None,
+                remote_ip: client,
+                tls: tls.is_some(),
+                client_subject: tls.and_then(|t| t.client_subject.as_ref()),
+            };
+            crate::session::http(request, link, head).await
+        }
+    };
+    if let Some(trace) = traced {
+        trace.log(worker, client, response.status());
+    }
+    response
+}
+
+/// Sends a request to an instance's own port.
+async fn to_port(
+    mut request: Request<Incoming>,
+    worker: &str,
+    backend: SocketAddr,
+) -> Response<Body> {
     // Connections to the instances are pooled and kept alive, as nginx's
     // upstream keepalive does.
     let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -505,7 +573,7 @@ async fn relay(
     // A WebSocket (or any upgrade): once the instance agrees, both sides are
     // spliced byte for byte.
     let client_upgrade = hyper::upgrade::on(&mut request);
-    let response = match upstream_client().request(request).await {
+    match upstream_client().request(request).await {
         Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
@@ -517,18 +585,18 @@ async fn relay(
                     .await;
                 }
             });
-            response.map(BodyExt::boxed)
+            boxed(response)
         }
-        Ok(response) => response.map(BodyExt::boxed),
+        Ok(response) => boxed(response),
         Err(e) => text(
             StatusCode::BAD_GATEWAY,
             format!("{worker} failed to answer: {e}\n"),
         ),
-    };
-    if let Some(trace) = traced {
-        trace.log(worker, client, response.status());
     }
-    response
+}
+
+fn boxed(response: Response<Incoming>) -> Response<Body> {
+    response.map(|body| body.map_err(Into::into).boxed())
 }
 
 /// What the daemon log says about a traced request. The query string is left

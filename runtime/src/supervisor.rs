@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
 use crate::logs::{self, LogFiles, Stream, Target};
+use crate::proxy::Backend;
 use crate::state::{Origin, SavedProcess, SavedWorker, Saver, State};
 use crate::{procfs, sys};
 
@@ -184,6 +185,8 @@ struct Instance {
     targets: Option<(watch::Sender<Target>, watch::Sender<Target>)>,
     /// The loopback port of the current process, with `upstream port`.
     port: Option<u16>,
+    /// The current process's connector channel, with `upstream connector`.
+    link: Option<Arc<crate::connector::Link>>,
 }
 
 struct Worker {
@@ -241,7 +244,7 @@ pub struct Supervisor {
     /// The proxy's listeners by address, each with the worker it serves.
     listeners: HashMap<String, (String, crate::proxy::Listener)>,
     /// Listener addresses already reported as unusable, to say it once.
-    warned_connector: Vec<String>,
+    warned_listeners: Vec<String>,
 }
 
 impl Supervisor {
@@ -259,7 +262,7 @@ impl Supervisor {
             waiters: Vec::new(),
             dirty: false,
             listeners: HashMap::new(),
-            warned_connector: Vec::new(),
+            warned_listeners: Vec::new(),
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx }
@@ -445,6 +448,7 @@ impl Supervisor {
             cpu_sample: None,
             targets: None,
             port: None,
+            link: None,
         }
     }
 
@@ -594,6 +598,7 @@ impl Supervisor {
         instance.stderr_head = Arc::default();
         instance.spawn_error = None;
         instance.port = None;
+        instance.link = None;
         let port = if spec.upstream.value == "port" {
             match crate::proxy::free_port() {
                 Ok(port) => Some(port),
@@ -608,6 +613,21 @@ impl Supervisor {
         let mut command = match build_command(&spec, index, port) {
             Ok(command) => command,
             Err(error) => return spawn_failed(name, instance, error),
+        };
+        // Only a worker that receives traffic gets a connector channel.
+        let channel = if spec.upstream.value == "connector" && !spec.server.is_empty() {
+            match std::os::unix::net::UnixStream::pair() {
+                Ok((ours, theirs)) => {
+                    sys::pass_channel(&mut command, theirs.into());
+                    command.env("APM_FD", sys::CONNECTOR_FD.to_string());
+                    Some(ours)
+                }
+                Err(error) => {
+                    return spawn_failed(name, instance, format!("no connector channel: {error}"));
+                }
+            }
+        } else {
+            None
         };
         let mut child = match command.spawn() {
             Ok(child) => child,
@@ -626,6 +646,20 @@ impl Supervisor {
                 "the process ended before it could be watched".to_owned(),
             );
         };
+        // The child has its end of the channel; ours must be the only other.
+        drop(command);
+        if let Some(channel) = channel {
+            let tx = self.tx.clone();
+            let label = format!("{name}#{index}");
+            match crate::connector::Link::start(channel, label, index, pid, move || {
+                let _ = tx.send(Msg::Recheck);
+            }) {
+                Ok(link) => instance.link = Some(link),
+                Err(error) => crate::log(format_args!(
+                    "{name}#{index}: no connector channel: {error}"
+                )),
+            }
+        }
         instance.start_ticks = procfs::stat(pid).map(|s| s.start_ticks);
         instance.started = Some(Instant::now());
         instance.cpu_sample = None;
@@ -744,23 +778,14 @@ impl Supervisor {
                 continue;
             }
             let worker = &self.workers[&name];
-            if worker.spec.upstream.value != "port" {
-                if !self.warned_connector.contains(&address) {
-                    crate::log(format_args!(
-                        "{name}: `server {address}` needs `upstream port;`: the connector mode is not available yet"
-                    ));
-                    self.warned_connector.push(address);
-                }
-                continue;
-            }
             match crate::proxy::listen(&server, name.clone(), worker.routes.subscribe()) {
                 Ok(listener) => {
                     self.listeners.insert(address, (name, listener));
                 }
                 Err(error) => {
-                    if !self.warned_connector.contains(&address) {
+                    if !self.warned_listeners.contains(&address) {
                         crate::log(format_args!("{name}: {error}"));
-                        self.warned_connector.push(address);
+                        self.warned_listeners.push(address);
                     }
                 }
             }
@@ -776,9 +801,15 @@ impl Supervisor {
                     .instances
                     .iter()
                     .filter(|i| matches!(i.life.phase, Phase::Running { .. }))
-                    .filter_map(|i| {
-                        i.port
-                            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+                    .filter_map(|i| match (&i.link, i.port) {
+                        (Some(link), _) => {
+                            link.is_ready().then(|| Backend::Connector(link.clone()))
+                        }
+                        (None, Some(port)) => Some(Backend::Port(std::net::SocketAddr::from((
+                            [127, 0, 0, 1],
+                            port,
+                        )))),
+                        (None, None) => None,
                     })
                     .collect(),
                 options: crate::proxy::Options {
@@ -789,6 +820,7 @@ impl Supervisor {
                     lowercase_headers: spec.lowercase_hdrs.value,
                     vanguard: worker.guard.clone(),
                     tls: worker.tls.clone(),
+                    connector: spec.upstream.value == "connector",
                 },
             };
             worker.routes.send_if_modified(|current| {

@@ -68,6 +68,32 @@ pub fn run_as(command: &mut tokio::process::Command, user: RunAs) {
     }
 }
 
+/// The descriptor a connector finds its channel on (`APM_FD`).
+pub const CONNECTOR_FD: i32 = 3;
+
+/// Hands `channel` to the child as descriptor `CONNECTOR_FD`.
+pub fn pass_channel(command: &mut tokio::process::Command, channel: std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 and fcntl are async-signal-safe and the closure only
+    // reads an integer; `channel` stays open in the parent until after the
+    // spawn, so the descriptor is valid in the forked child.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = channel.as_raw_fd();
+            let result = if fd == CONNECTOR_FD {
+                // dup2 onto itself would keep close-on-exec set.
+                nix::libc::fcntl(fd, nix::libc::F_SETFD, 0)
+            } else {
+                nix::libc::dup2(fd, CONNECTOR_FD)
+            };
+            if result < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Lets SIGPIPE end the process, as it does other command-line tools, so
 /// `apm … | head` stops quietly. Rust ignores SIGPIPE by default, which the
 /// daemon keeps: a client that goes away must not end it.

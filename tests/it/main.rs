@@ -2,9 +2,11 @@
 
 mod certs;
 mod cli;
+mod connectors;
 mod convert;
 mod corpus;
 mod daemon;
 mod docs;
+mod harness;
 mod reload;
 mod sections;

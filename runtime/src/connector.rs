@@ -1,0 +1,614 @@
+//! The daemon's side of the connector protocol (`docs/connector-protocol.md`):
+//! a `Link` per process over the socket pair it inherited as fd 3, and the
+//! sessions the proxy opens on it for HTTP requests, WebSockets and TCP
+//! connections.
+//!
+//! The daemon never buffers more than the protocol's window per session and
+//! direction: a session sends to the child only within the credit the child
+//! gave, and the link refuses (and ends the child) when the child sends
+//! more than the credit the daemon gave.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+pub const PROTOCOL: u64 = 1;
+/// The largest payload of one frame.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Bytes in flight per session and direction before the peer gives credit.
+pub const WINDOW: u32 = 256 * 1024;
+/// The largest WebSocket message, in either direction.
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// A frame's length prefix counts the kind and session fields too.
+const HEADER: usize = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Hello = 1,
+    Ready = 2,
+    Open = 16,
+    Data = 17,
+    Text = 18,
+    More = 19,
+    End = 20,
+    Head = 21,
+    Raw = 22,
+    Close = 23,
+    Credit = 24,
+}
+
+impl Kind {
+    fn from_u8(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Hello,
+            2 => Kind::Ready,
+            16 => Kind::Open,
+            17 => Kind::Data,
+            18 => Kind::Text,
+            19 => Kind::More,
+            20 => Kind::End,
+            21 => Kind::Head,
+            22 => Kind::Raw,
+            23 => Kind::Close,
+            24 => Kind::Credit,
+            _ => return None,
+        })
+    }
+
+    /// Whether the payload counts against the session's window.
+    fn is_flow_controlled(self) -> bool {
+        matches!(self, Kind::Data | Kind::Text | Kind::More | Kind::Raw)
+    }
+}
+
+fn frame(kind: Kind, session: u32, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + HEADER + payload.len());
+    out.put_u32((HEADER + payload.len()) as u32);
+    out.put_u8(kind as u8);
+    out.put_u32(session);
+    out.put_slice(payload);
+    out.freeze()
+}
+
+fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.as_bytes());
+    payload
+}
+
+/// What the child sent on a session.
+#[derive(Debug)]
+enum Inbound {
+    Head(Map<String, Value>),
+    Message { kind: Kind, bytes: Bytes },
+    Close { code: u16, reason: String },
+    Credit(u32),
+}
+
+struct Entry {
+    tx: mpsc::UnboundedSender<Inbound>,
+    /// Bytes the child may still send on this session.
+    allowance: u32,
+}
+
+/// The daemon's end of one process's connector channel.
+pub struct Link {
+    label: String,
+    out: mpsc::UnboundedSender<Bytes>,
+    sessions: Mutex<HashMap<u32, Entry>>,
+    next_session: AtomicU32,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("label", &self.label).finish()
+    }
+}
+
+impl Link {
+    /// Greets the child on `channel` and serves the link until the child
+    /// closes it. `label` names the instance in the daemon log; `changed`
+    /// is called when the link becomes ready and when it ends. A child that
+    /// breaks the protocol has its process group `pgid` killed.
+    pub fn start(
+        channel: std::os::unix::net::UnixStream,
+        label: String,
+        instance_id: usize,
+        pgid: u32,
+        changed: impl Fn() + Send + Sync + 'static,
+    ) -> std::io::Result<Arc<Link>> {
+        channel.set_nonblocking(true)?;
+        let (reader, writer) = tokio::net::UnixStream::from_std(channel)?.into_split();
+        let (out, queue) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            label: label.clone(),
+            out,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU32::new(1),
+            ready: AtomicBool::new(false),
+        });
+        let hello = json!({
+            "protocol": PROTOCOL,
+            "worker": label.split('#').next().unwrap_or(&label),
+            "instance_id": instance_id,
+            "max_frame": MAX_FRAME,
+            "window": WINDOW,
+        });
+        link.send(Kind::Hello, 0, hello.to_string().as_bytes());
+        tokio::spawn(write_frames(writer, queue));
+        let reading = link.clone();
+        tokio::spawn(async move {
+            if let Err(why) = reading.read_frames(reader, &changed).await {
+                crate::log(format_args!(
+                    "{}: connector protocol error: {why}; restarting it",
+                    reading.label
+                ));
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            reading.ready.store(false, Ordering::Release);
+            // Every open session learns that its child is gone.
+            reading.sessions.lock().expect("sessions").clear();
+            changed();
+        });
+        Ok(link)
+    }
+
+    /// The child said `ready` and its channel is still open.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn send(&self, kind: Kind, session: u32, payload: &[u8]) {
+        let _ = self.out.send(frame(kind, session, payload));
+    }
+
+    async fn read_frames(
+        &self,
+        reader: tokio::net::unix::OwnedReadHalf,
+        changed: &(impl Fn() + Send + Sync),
+    ) -> Result<(), String> {
+        let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
+        loop {
+            let length = match reader.read_u32().await {
+                Ok(length) => length as usize,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(format!("cannot read the channel: {e}")),
+            };
+            if !(HEADER..=HEADER + MAX_FRAME).contains(&length) {
+                return Err(format!(
+                    "a frame of {length} bytes (the limit is {})",
+                    HEADER + MAX_FRAME
+                ));
+            }
+            let mut body = vec![0; length];
+            reader
+                .read_exact(&mut body)
+                .await
+                .map_err(|e| format!("the channel ended inside a frame: {e}"))?;
+            let body = Bytes::from(body);
+            let kind = Kind::from_u8(body[0]).ok_or_else(|| format!("unknown kind {}", body[0]))?;
+            let session = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
+            let payload = body.slice(HEADER..);
+            if kind == Kind::Ready {
+                let ready: Value = serde_json::from_slice(&payload)
+                    .map_err(|e| format!("`ready` is not JSON: {e}"))?;
+                let version = ready.get("protocol").and_then(Value::as_u64);
+                if version != Some(PROTOCOL) {
+                    return Err(format!(
+                        "the connector speaks protocol {}, apm speaks {PROTOCOL}",
+                        version.map_or_else(|| "?".to_owned(), |v| v.to_string())
+                    ));
+                }
+                self.ready.store(true, Ordering::Release);
+                changed();
+                continue;
+            }
+            if session == 0 {
+                return Err(format!("{kind:?} on the channel instead of a session"));
+            }
+            let size = payload.len();
+            let inbound = match kind {
+                Kind::Head => Inbound::Head(
+                    serde_json::from_slice(&payload)
+                        .map_err(|e| format!("`head` is not a JSON object: {e}"))?,
+                ),
+                Kind::Data | Kind::Text | Kind::More | Kind::Raw => Inbound::Message {
+                    kind,
+                    bytes: payload,
+                },
+                Kind::Close => {
+                    let (code, reason) = match payload.len() {
+                        0 => (0, String::new()),
+                        1 => return Err("a `close` of one byte".to_owned()),
+                        _ => (
+                            u16::from_be_bytes([payload[0], payload[1]]),
+                            String::from_utf8_lossy(&payload[2..]).into_owned(),
+                        ),
+                    };
+                    Inbound::Close { code, reason }
+                }
+                Kind::Credit => Inbound::Credit(u32::from_be_bytes(
+                    payload[..]
+                        .try_into()
+                        .map_err(|_| "a `credit` that is not 4 bytes".to_owned())?,
+                )),
+                Kind::Hello | Kind::Ready | Kind::Open | Kind::End => {
+                    return Err(format!("{kind:?} is not for the child to send"));
+                }
+            };
+            let mut sessions = self.sessions.lock().expect("sessions");
+            // Frames for a session that ended may cross our `close`.
+            let Some(entry) = sessions.get_mut(&session) else {
+                continue;
+            };
+            if kind.is_flow_controlled() {
+                entry.allowance = entry
+                    .allowance
+                    .checked_sub(size as u32)
+                    .ok_or_else(|| format!("session {session}: data beyond the window"))?;
+            }
+            let closing = matches!(inbound, Inbound::Close { .. });
+            let _ = entry.tx.send(inbound);
+            if closing {
+                sessions.remove(&session);
+            }
+        }
+    }
+
+    /// Opens a session with the given head.
+    fn open(self: &Arc<Link>, head: &Value) -> Session {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sessions = self.sessions.lock().expect("sessions");
+        let id = loop {
+            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !sessions.contains_key(&id) {
+                break id;
+            }
+        };
+        sessions.insert(
+            id,
+            Entry {
+                tx,
+                allowance: WINDOW,
+            },
+        );
+        drop(sessions);
+        self.send(Kind::Open, id, head.to_string().as_bytes());
+        Session {
+            id,
+            link: self.clone(),
+            rx,
+            credit: WINDOW,
+            open: true,
+        }
+    }
+}
+
+async fn write_frames(
+    writer: tokio::net::unix::OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let mut writer = tokio::io::BufWriter::with_capacity(64 * 1024, writer);
+    while let Some(frame) = queue.recv().await {
+        if writer.write_all(&frame).await.is_err() {
+            return;
+        }
+        // Frames queued meanwhile go out in the same write.
+        if queue.is_empty() && writer.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One session on a link; dropping it ends the session.
+struct Session {
+    id: u32,
+    link: Arc<Link>,
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    /// Bytes the daemon may still send to the child on this session.
+    credit: u32,
+    open: bool,
+}
+
+impl Session {
+    fn send(&self, kind: Kind, payload: &[u8]) {
+        self.link.send(kind, self.id, payload);
+    }
+
+    /// Lets the child send `bytes` more, after they left the daemon.
+    fn consumed(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut sessions = self.link.sessions.lock().expect("sessions");
+        if let Some(entry) = sessions.get_mut(&self.id) {
+            entry.allowance = entry.allowance.saturating_add(bytes as u32);
+            drop(sessions);
+            self.send(Kind::Credit, &(bytes as u32).to_be_bytes());
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: &str) {
+        if std::mem::take(&mut self.open) {
+            self.send(Kind::Close, &close_payload(code, reason));
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close(0, "");
+        self.link
+            .sessions
+            .lock()
+            .expect("sessions")
+            .remove(&self.id);
+    }
+}
+
+/// What the client side of a session produced.
+pub(crate) enum FromClient {
+    Message {
+        text: bool,
+        bytes: Bytes,
+    },
+    /// The HTTP request body is complete.
+    End,
+    Closed {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// What the child sent, for the client side to deliver.
+pub(crate) enum ToClient {
+    Head(Map<String, Value>),
+    Message {
+        text: bool,
+        bytes: Bytes,
+    },
+    Raw(Bytes),
+    Close {
+        code: u16,
+        reason: String,
+    },
+    /// The child's channel closed (it exited or broke the protocol).
+    Gone,
+}
+
+/// The client's end of a session: an HTTP exchange, a WebSocket or a TCP
+/// connection. `next` must be cancel-safe.
+pub(crate) trait ClientSide {
+    async fn next(&mut self) -> FromClient;
+    /// Delivers what the child sent; an error means the client is gone.
+    async fn deliver(&mut self, message: ToClient) -> Result<(), ()>;
+}
+
+/// Carries a session both ways until either side closes it.
+pub(crate) async fn pump(link: &Arc<Link>, head: &Value, mut client: impl ClientSide) {
+    let mut session = link.open(head);
+    let fragment = MAX_FRAME.min(WINDOW as usize);
+    // Frames waiting for credit; the client is not read while any wait.
+    let mut pending: VecDeque<(Kind, Bytes)> = VecDeque::new();
+    // A child's message arriving in `more` fragments.
+    let mut partial = BytesMut::new();
+    loop {
+        while let Some((kind, bytes)) = pending.front() {
+            if bytes.len() > session.credit as usize {
+                break;
+            }
+            session.credit -= bytes.len() as u32;
+            session.send(*kind, bytes);
+            pending.pop_front();
+        }
+        tokio::select! {
+            inbound = session.rx.recv() => {
+                let Some(inbound) = inbound else {
+                    session.open = false;
+                    let _ = client.deliver(ToClient::Gone).await;
+                    return;
+                };
+                let delivery = match inbound {
+                    Inbound::Credit(bytes) => {
+                        session.credit = session.credit.saturating_add(bytes);
+                        continue;
+                    }
+                    Inbound::Head(head) => client.deliver(ToClient::Head(head)).await,
+                    Inbound::Message { kind: Kind::More, bytes } => {
+                        if partial.len() + bytes.len() > MAX_MESSAGE {
+                            session.close(1009, "message too big");
+                            let _ = client.deliver(ToClient::Close { code: 1009, reason: String::new() }).await;
+                            return;
+                        }
+                        partial.extend_from_slice(&bytes);
+                        session.consumed(bytes.len());
+                        continue;
+                    }
+                    Inbound::Message { kind, bytes } => {
+                        let size = bytes.len();
+                        let message = if partial.is_empty() {
+                            bytes
+                        } else {
+                            partial.extend_from_slice(&bytes);
+                            partial.split().freeze()
+                        };
+                        let delivered = client.deliver(match kind {
+                            Kind::Raw => ToClient::Raw(message),
+                            _ => ToClient::Message { text: kind == Kind::Text, bytes: message },
+                        }).await;
+                        session.consumed(size);
+                        delivered
+                    }
+                    Inbound::Close { code, reason } => {
+                        session.open = false;
+                        let _ = client.deliver(ToClient::Close { code, reason }).await;
+                        return;
+                    }
+                };
+                if delivery.is_err() {
+                    session.close(1006, "");
+                    return;
+                }
+            }
+            from_client = client.next(), if pending.is_empty() => match from_client {
+                FromClient::Message { text, bytes } => {
+                    let last = if text { Kind::Text } else { Kind::Data };
+                    let mut rest = bytes;
+                    while rest.len() > fragment {
+                        pending.push_back((Kind::More, rest.split_to(fragment)));
+                    }
+                    pending.push_back((last, rest));
+                }
+                FromClient::End => session.send(Kind::End, &[]),
+                FromClient::Closed { code, reason } => {
+                    session.close(code, &reason);
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// The session head of `docs/connector-protocol.md`.
+pub(crate) struct Head<'a> {
+    pub protocol: &'static str,
+    pub request: Option<&'a hyper::http::request::Parts>,
+    pub remote_ip: Option<std::net::IpAddr>,
+    pub tls: bool,
+    pub client_subject: Option<&'a hyper::header::HeaderValue>,
+}
+
+impl Head<'_> {
+    pub fn to_json(&self) -> Value {
+        let mut headers = Map::new();
+        if let Some(request) = self.request {
+            for (name, value) in &request.headers {
+                let value = String::from_utf8_lossy(value.as_bytes());
+                match headers.get_mut(name.as_str()) {
+                    Some(Value::String(joined)) => {
+                        joined.push_str(if name == hyper::header::COOKIE {
+                            "; "
+                        } else {
+                            ", "
+                        });
+                        joined.push_str(&value);
+                    }
+                    _ => {
+                        headers.insert(name.as_str().to_owned(), Value::String(value.into_owned()));
+                    }
+                }
+            }
+        }
+        json!({
+            "protocol": self.protocol,
+            "method": self.request.map_or("", |r| r.method.as_str()),
+            "path": self.request.map_or("", |r| r.uri.path()),
+            "query": self.request.and_then(|r| r.uri.query()).unwrap_or(""),
+            "headers": headers,
+            "remote_ip": self.remote_ip.map(|ip| ip.to_string()),
+            "tls": self.tls,
+            "client_subject": self.client_subject.map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child played by the test: the other end of the socket pair.
+    async fn child() -> (
+        Arc<Link>,
+        tokio::net::UnixStream,
+        mpsc::UnboundedReceiver<()>,
+    ) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (changed_tx, changed) = mpsc::unbounded_channel();
+        // pgid 0 would signal the test's own group; an impossible pid is safe.
+        let link = Link::start(ours, "t#0".into(), 0, i32::MAX as u32, move || {
+            let _ = changed_tx.send(());
+        })
+        .unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        (
+            link,
+            tokio::net::UnixStream::from_std(theirs).unwrap(),
+            changed,
+        )
+    }
+
+    async fn read_frame(stream: &mut tokio::net::UnixStream) -> (u8, u32, Vec<u8>) {
+        let length = stream.read_u32().await.unwrap() as usize;
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.unwrap();
+        let session = u32::from_be_bytes(body[1..5].try_into().unwrap());
+        (body[0], session, body[5..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn handshake_then_ready() {
+        let (link, mut theirs, mut changed) = child().await;
+        let (kind, session, payload) = read_frame(&mut theirs).await;
+        assert_eq!((kind, session), (Kind::Hello as u8, 0));
+        let hello: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(hello["protocol"], 1);
+        assert_eq!(hello["window"], WINDOW);
+        assert!(!link.is_ready());
+        theirs
+            .write_all(&frame(Kind::Ready, 0, br#"{"protocol":1}"#))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(link.is_ready());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_length_ends_the_link() {
+        let (link, mut theirs, mut changed) = child().await;
+        theirs
+            .write_all(&[0xff, 0xff, 0xff, 0xff, 0])
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(!link.is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_child_sending_beyond_its_window_is_cut_off() {
+        let (link, mut theirs, mut changed) = child().await;
+        theirs
+            .write_all(&frame(Kind::Ready, 0, br#"{"protocol":1}"#))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        let mut session = link.open(&json!({}));
+        let chunk = vec![0; MAX_FRAME.min(WINDOW as usize)];
+        theirs
+            .write_all(&frame(Kind::Data, session.id, &chunk))
+            .await
+            .unwrap();
+        assert!(matches!(
+            session.rx.recv().await,
+            Some(Inbound::Message { .. })
+        ));
+        theirs
+            .write_all(&frame(Kind::Data, session.id, b"x"))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(
+            session.rx.recv().await.is_none(),
+            "the session ends with the link"
+        );
+    }
+}

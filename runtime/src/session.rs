@@ -1,0 +1,381 @@
+//! The client ends of connector sessions: an HTTP exchange served through
+//! hyper, a WebSocket the daemon terminates with tungstenite, a raw TCP
+//! connection. Each adapts its client to `connector::pump`.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::connector::{ClientSide, FromClient, Head, Link, MAX_MESSAGE, ToClient, pump};
+use crate::proxy::{Body, BoxError, Io, text};
+
+/// Serves one HTTP request, or a WebSocket handshake, as a session.
+pub(crate) async fn http(
+    request: Request<Incoming>,
+    link: Arc<Link>,
+    head: Head<'_>,
+) -> Response<Body> {
+    if is_websocket(&request) {
+        return websocket(request, link, head);
+    }
+    let (parts, body) = request.into_parts();
+    let head = Head {
+        request: Some(&parts),
+        ..head
+    }
+    .to_json();
+    let (respond, response) = oneshot::channel();
+    let exchange = Exchange {
+        body: Some(body),
+        respond: Some(respond),
+        body_tx: None,
+    };
+    tokio::spawn(async move { pump(&link, &head, exchange).await });
+    response.await.unwrap_or_else(|_| gone())
+}
+
+fn gone() -> Response<Body> {
+    text(
+        StatusCode::BAD_GATEWAY,
+        "the instance ended before it answered\n".to_owned(),
+    )
+}
+
+/// A request and the response being built from what the child sends.
+struct Exchange {
+    /// The request body, until it is read to its end.
+    body: Option<Incoming>,
+    /// Until the response head is sent.
+    respond: Option<oneshot::Sender<Response<Body>>>,
+    /// The response body, once the head is sent.
+    body_tx: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+}
+
+impl Exchange {
+    fn send_head(&mut self, head: Map<String, Value>) {
+        let Some(respond) = self.respond.take() else {
+            return;
+        };
+        // One chunk in the channel: credit goes back to the child only once
+        // hyper has taken the previous chunk for the client.
+        let (body_tx, body_rx) = mpsc::channel(1);
+        self.body_tx = Some(body_tx);
+        let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(body_rx)));
+        let mut response = Response::new(body);
+        for (name, value) in head {
+            if name.eq_ignore_ascii_case("x-status") {
+                let status = value
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| value.as_u64().map(|n| n.to_string()))
+                    .and_then(|s| StatusCode::from_bytes(s.trim().as_bytes()).ok());
+                *response.status_mut() = status.unwrap_or(StatusCode::BAD_GATEWAY);
+                continue;
+            }
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                continue;
+            };
+            let values = match value {
+                Value::Array(values) => values,
+                value => vec![value],
+            };
+            for value in values {
+                let value = match value {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    response.headers_mut().append(name.clone(), value);
+                }
+            }
+        }
+        let _ = respond.send(response);
+    }
+}
+
+/// A receiver as a stream of body frames.
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+impl ClientSide for Exchange {
+    async fn next(&mut self) -> FromClient {
+        if let Some(body) = &mut self.body {
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(bytes) = frame.into_data() {
+                            return FromClient::Message { text: false, bytes };
+                        } // trailers are not forwarded
+                    }
+                    Some(Err(_)) => {
+                        return FromClient::Closed {
+                            code: 0,
+                            reason: String::new(),
+                        };
+                    }
+                    None => {
+                        self.body = None;
+                        return FromClient::End;
+                    }
+                }
+            }
+        }
+        // The body is in: the client can only go away now.
+        match (&mut self.respond, &self.body_tx) {
+            (Some(respond), _) => respond.closed().await,
+            (None, Some(body_tx)) => body_tx.closed().await,
+            (None, None) => std::future::pending().await,
+        }
+        FromClient::Closed {
+            code: 0,
+            reason: String::new(),
+        }
+    }
+
+    async fn deliver(&mut self, message: ToClient) -> Result<(), ()> {
+        match message {
+            ToClient::Head(head) => self.send_head(head),
+            ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => {
+                self.send_head(Map::new());
+                let body_tx = self.body_tx.as_ref().ok_or(())?;
+                body_tx.send(Ok(Frame::data(bytes))).await.map_err(|_| ())?;
+            }
+            ToClient::Close { .. } => {
+                self.send_head(Map::new());
+                self.body_tx = None;
+            }
+            ToClient::Gone => {
+                if let Some(respond) = self.respond.take() {
+                    let _ = respond.send(gone());
+                } else if let Some(body_tx) = self.body_tx.take() {
+                    // A response cut short must not look complete to the client.
+                    let _ = body_tx
+                        .send(Err("the instance ended during the response".into()))
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_websocket(request: &Request<Incoming>) -> bool {
+    let has = |name, token: &str| {
+        request.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has(hyper::header::UPGRADE, "websocket") && has(hyper::header::CONNECTION, "upgrade")
+}
+
+/// Answers the handshake and runs the WebSocket as a session once the
+/// connection is upgraded.
+fn websocket(mut request: Request<Incoming>, link: Arc<Link>, head: Head<'_>) -> Response<Body> {
+    let headers = request.headers();
+    let Some(key) = headers.get(hyper::header::SEC_WEBSOCKET_KEY) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs Sec-WebSocket-Key\n".to_owned(),
+        );
+    };
+    if headers
+        .get(hyper::header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut response = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "only WebSocket version 13 is supported\n".to_owned(),
+        );
+        response.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut request);
+    let (parts, _) = request.into_parts();
+    let head = Head {
+        protocol: "ws",
+        request: Some(&parts),
+        ..head
+    }
+    .to_json();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_MESSAGE))
+            .max_frame_size(Some(MAX_MESSAGE));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        pump(&link, &head, WebSocket { ws }).await;
+    });
+    let mut response = Response::new(http_body_util::Empty::new().map_err(Into::into).boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+struct WebSocket {
+    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+}
+
+impl ClientSide for WebSocket {
+    async fn next(&mut self) -> FromClient {
+        loop {
+            let message = match self.ws.next().await {
+                Some(Ok(message)) => message,
+                _ => {
+                    return FromClient::Closed {
+                        code: 1006,
+                        reason: String::new(),
+                    };
+                }
+            };
+            match message {
+                Message::Text(text) => {
+                    return FromClient::Message {
+                        text: true,
+                        bytes: text.into(),
+                    };
+                }
+                Message::Binary(bytes) => return FromClient::Message { text: false, bytes },
+                Message::Close(frame) => {
+                    // tungstenite queued the reply to the close; send it.
+                    let _ = self.ws.flush().await;
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                        (f.code.into(), f.reason.as_str().to_owned())
+                    });
+                    return FromClient::Closed { code, reason };
+                }
+                // Pings are answered by tungstenite itself.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    async fn deliver(&mut self, message: ToClient) -> Result<(), ()> {
+        match message {
+            ToClient::Head(_) => Ok(()),
+            ToClient::Message { text: true, bytes } => {
+                let text = Utf8Bytes::try_from(bytes).map_err(|_| ())?;
+                self.ws.send(Message::Text(text)).await.map_err(|_| ())
+            }
+            ToClient::Message { text: false, bytes } => {
+                self.ws.send(Message::Binary(bytes)).await.map_err(|_| ())
+            }
+            ToClient::Raw(bytes) => {
+                // Whole frames only: tungstenite's buffer is flushed first.
+                self.ws.flush().await.map_err(|_| ())?;
+                self.ws.get_mut().write_all(&bytes).await.map_err(|_| ())
+            }
+            ToClient::Close { code, reason } => {
+                self.close(code, reason).await;
+                Err(())
+            }
+            ToClient::Gone => {
+                self.close(1011, "the instance ended".to_owned()).await;
+                Err(())
+            }
+        }
+    }
+}
+
+impl WebSocket {
+    async fn close(&mut self, code: u16, reason: String) {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: reason.into(),
+        };
+        if self.ws.close(Some(frame)).await.is_ok() {
+            // Let the client answer the close before the connection drops.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            })
+            .await;
+        }
+    }
+}
+
+/// Runs a raw TCP connection as a session.
+pub(crate) async fn tcp(stream: Box<dyn Io>, link: Arc<Link>, head: Head<'_>) {
+    let head = Head {
+        protocol: "tcp",
+        ..head
+    }
+    .to_json();
+    let (read, write) = tokio::io::split(stream);
+    pump(
+        &link,
+        &head,
+        Tcp {
+            read,
+            write,
+            buffer: BytesMut::new(),
+        },
+    )
+    .await;
+}
+
+struct Tcp {
+    read: tokio::io::ReadHalf<Box<dyn Io>>,
+    write: tokio::io::WriteHalf<Box<dyn Io>>,
+    buffer: BytesMut,
+}
+
+impl ClientSide for Tcp {
+    async fn next(&mut self) -> FromClient {
+        self.buffer.reserve(64 * 1024);
+        match self.read.read_buf(&mut self.buffer).await {
+            Ok(n) if n > 0 => FromClient::Message {
+                text: false,
+                bytes: self.buffer.split().freeze(),
+            },
+            _ => FromClient::Closed {
+                code: 0,
+                reason: String::new(),
+            },
+        }
+    }
+
+    async fn deliver(&mut self, message: ToClient) -> Result<(), ()> {
+        match message {
+            ToClient::Head(_) => Ok(()),
+            ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => {
+                self.write.write_all(&bytes).await.map_err(|_| ())
+            }
+            ToClient::Close { .. } | ToClient::Gone => {
+                let _ = self.write.shutdown().await;
+                Err(())
+            }
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Connector mode end to end: the connectors against the protocol harness,
+//! and the same test app in Python and Node (CommonJS and ESM) behind apm's
+//! HTTP, WebSocket, TCP and unix-socket listeners, hit by real clients.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tungstenite::Message;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::certs;
+use crate::harness::*;
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn have_node() -> bool {
+    Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The test app in each connector flavour this machine can run:
+/// (worker name, exec, app file, the `lang` it reports).
+fn apps() -> Vec<(&'static str, &'static str, PathBuf, &'static str)> {
+    let mut apps = vec![(
+        "py",
+        "python3",
+        repo("tests/apps/connector_echo.py"),
+        "python",
+    )];
+    if have_node() {
+        apps.push((
+            "cjs",
+            "node",
+            repo("tests/apps/connector_echo.js"),
+            "node-cjs",
+        ));
+        apps.push((
+            "esm",
+            "node",
+            repo("tests/apps/connector_echo.mjs"),
+            "node-esm",
+        ));
+    } else {
+        eprintln!("node is not installed: the Node connectors are not tested");
+    }
+    apps
+}
+
+#[test]
+fn every_connector_passes_the_protocol_harness() {
+    for (_, exec, app, lang) in apps() {
+        let output = Command::new("python3")
+            .arg(repo("tests/connectors/conformance.py"))
+            .arg(exec)
+            .arg(&app)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{lang}:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_esm_connector_is_generated_from_the_commonjs_one() {
+    if !have_node() {
+        return;
+    }
+    let output = Command::new("node")
+        .arg(repo("connectors/gen-esm.js"))
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "run `node connectors/gen-esm.js`:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// An HTTP/1.1 response read from a stream until the server closes it.
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+fn read_answer(stream: &mut impl Read) -> Answer {
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    Answer { status, head, body }
+}
+
+fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = chunked.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size_text = std::str::from_utf8(&chunked[..line_end]).unwrap();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        chunked = &chunked[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&chunked[..size]);
+        chunked = &chunked[size + 2..];
+    }
+}
+
+fn request(port: u16, text: &str) -> Answer {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(text.as_bytes()).unwrap();
+    read_answer(&mut stream)
+}
+
+fn get_json(port: u16, target: &str) -> Value {
+    let answer = request(
+        port,
+        &format!(
+            "GET {target} HTTP/1.1\r\nHost: test.local\r\nCookie: a=1; b=two\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(
+        answer.status,
+        200,
+        "{}\n{}",
+        answer.head,
+        String::from_utf8_lossy(&answer.body)
+    );
+    serde_json::from_slice(&answer.body).unwrap()
+}
+
+/// Waits until requests on `port` reach all `count` instances: an instance
+/// takes traffic once its connector said `ready`.
+fn wait_for_instances(port: u16, count: usize) {
+    wait_until(
+        PATIENCE,
+        &format!("{count} instances to take requests"),
+        || {
+            let ids: std::collections::BTreeSet<u64> = (0..2 * count)
+                .filter_map(|_| {
+                    let answer = request(
+                        port,
+                        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                    );
+                    serde_json::from_slice::<Value>(&answer.body).ok()
+                })
+                .filter_map(|session| session["instance_id"].as_u64())
+                .collect();
+            ids.len() == count
+        },
+    );
+}
+
+fn websocket(url: &str) -> tungstenite::WebSocket<TcpStream> {
+    let address = url.trim_start_matches("ws://").split('/').next().unwrap();
+    let stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    tungstenite::client(url, stream).unwrap().0
+}
+
+/// The next data or close message, skipping pongs.
+fn receive(ws: &mut tungstenite::WebSocket<TcpStream>) -> Message {
+    loop {
+        match ws.read().unwrap() {
+            Message::Pong(_) | Message::Ping(_) => {}
+            message => return message,
+        }
+    }
+}
+
+#[test]
+fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
+    let d = Daemon::new("connectors");
+    let mut config = String::new();
+    let mut workers = Vec::new();
+    for (name, exec, app, lang) in apps() {
+        let ports = [free_port(), free_port(), free_port()];
+        let socket = d.path(&format!("{name}.sock"));
+        config.push_str(&format!(
+            "worker {{ name {name}; exec {exec}; params {}; instances 2; env_index APM_INDEX; startup_grace 200; \
+             server http://127.0.0.1:{}, ws://127.0.0.1:{}, tcp://127.0.0.1:{}, http://unix:{socket}; }}\n",
+            app.display(),
+            ports[0],
+            ports[1],
+            ports[2]
+        ));
+        workers.push((name, lang, ports, socket));
+    }
+    let config = d.write("apm.conf", &config);
+    d.ok(&["load", config.to_str().unwrap()]);
+    for (name, lang, [http, ws, tcp], socket) in workers {
+        d.wait_running(name);
+        wait_for_instances(http, 2);
+        // Round robin over both instances, each session described by the connector.
+        let seen: Vec<Value> = (0..4)
+            .map(|_| get_json(http, "/a/b%20c?x=1&y=two"))
+            .collect();
+        let instances: Vec<u64> = seen
+            .iter()
+            .map(|s| s["instance_id"].as_u64().unwrap())
+            .collect();
+        assert!(
+            instances[0] != instances[1] && instances[0..2] == instances[2..4],
+            "{name}: {instances:?}"
+        );
+        let session = &seen[0];
+        assert_eq!(session["lang"], lang);
+        assert_eq!(session["method"], "GET");
+        assert_eq!(session["path"], "/a/b%20c", "{session}");
+        assert_eq!(session["query"], "x=1&y=two");
+        assert_eq!(session["query_object"]["y"], "two", "{session}");
+        assert_eq!(session["cookies"]["b"], "two", "{session}");
+        assert_eq!(session["remote_ip"], "127.0.0.1");
+        assert_eq!(session["headers"]["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(session["headers"]["host"], "test.local");
+        assert_eq!(session["client_subject"], Value::Null);
+        assert_eq!(session["env_index"], session["instance_id"].to_string());
+
+        // Status, several Set-Cookie headers.
+        let missing = request(
+            http,
+            "GET /status/404 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(
+            (missing.status, missing.body.as_slice()),
+            (404, &b"status 404"[..])
+        );
+        let cookies = request(
+            http,
+            "GET /cookies HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        );
+        let lower = cookies.head.to_ascii_lowercase();
+        assert!(
+            lower.contains("set-cookie: a=1") && lower.contains("set-cookie: b=2"),
+            "{name}: {}",
+            cookies.head
+        );
+
+        // 10 MB streamed through the child and back, while it is still being sent.
+        let body: Vec<u8> = (0..10 * 1024 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let mut stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let sent = body.clone();
+        let sender = std::thread::spawn(move || {
+            writer
+                .write_all(
+                    format!(
+                        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        sent.len()
+                    )
+                    .as_bytes(),
+                )
+                .unwrap();
+            writer.write_all(&sent).unwrap();
+        });
+        let echoed = read_answer(&mut stream);
+        sender.join().unwrap();
+        assert_eq!(echoed.status, 200, "{name}: {}", echoed.head);
+        assert!(
+            echoed.body == body,
+            "{name}: {} bytes came back",
+            echoed.body.len()
+        );
+
+        // WebSocket on the ws:// listener: text, binary, ping, close code.
+        let mut client = websocket(&format!("ws://127.0.0.1:{ws}/chat"));
+        client.send(Message::text("héllo")).unwrap();
+        assert_eq!(receive(&mut client), Message::text("héllo"), "{name}");
+        let blob: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        client.send(Message::binary(blob.clone())).unwrap();
+        assert_eq!(receive(&mut client), Message::binary(blob), "{name}");
+        client.send(Message::Ping(b"p".to_vec().into())).unwrap();
+        let pong = loop {
+            if let Message::Pong(payload) = client.read().unwrap() {
+                break payload;
+            }
+        };
+        assert_eq!(&pong[..], b"p");
+        client.send(Message::text("close")).unwrap();
+        match receive(&mut client) {
+            Message::Close(Some(frame)) => {
+                assert_eq!(
+                    (frame.code, frame.reason.as_str()),
+                    (CloseCode::from(4000), "bye")
+                );
+            }
+            other => panic!("{name}: expected a close, got {other:?}"),
+        }
+        // And as an upgrade of a request on the http:// listener.
+        let mut upgraded = websocket(&format!("ws://127.0.0.1:{http}/up"));
+        upgraded.send(Message::text("again")).unwrap();
+        assert_eq!(receive(&mut upgraded), Message::text("again"), "{name}");
+
+        // Raw TCP: bytes echoed; the child closes after `quit`.
+        let mut raw = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        raw.write_all(b"ping\n").unwrap();
+        let mut echo = [0u8; 5];
+        raw.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping\n");
+        raw.write_all(b"quit\n").unwrap();
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"quit\n", "{name}: the echo, then the close");
+
+        // A unix-socket listener serves the same sessions, without a client address.
+        let mut unix = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        unix.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        unix.write_all(b"GET /u HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let answer = read_answer(&mut unix);
+        let session: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(
+            (session["path"].as_str(), &session["remote_ip"]),
+            (Some("/u"), &Value::Null),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_child_that_corrupts_its_channel_is_restarted_and_the_others_keep_serving() {
+    let d = Daemon::new("connector_corrupt");
+    let port = free_port();
+    let app = repo("tests/apps/connector_echo.py");
+    let config = d.write(
+        "apm.conf",
+        &format!(
+            "worker {{ name c; exec python3; params {}; instances 2; startup_grace 200; restart_err true; err_delay 100; server http://127.0.0.1:{port}; }}\n",
+            app.display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("c");
+    wait_for_instances(port, 2);
+    let before = d.worker("c").unwrap();
+    let corrupt = request(
+        port,
+        "GET /corrupt HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(corrupt.status, 502, "{}", corrupt.head);
+    // The other instance answers meanwhile; the broken one comes back.
+    assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
+    let log = d.dir().join("home/apm.log");
+    wait_until(PATIENCE, "the protocol error in the daemon log", || {
+        std::fs::read_to_string(&log).is_ok_and(|text| {
+            text.contains("connector protocol error: a frame of 4294967295 bytes")
+        })
+    });
+    wait_until(PATIENCE, "the broken instance to be restarted", || {
+        d.worker("c")
+            .is_some_and(|w| restarts(&w) > restarts(&before) && pids(&w) != pids(&before))
+    });
+    d.wait_running("c");
+    wait_for_instances(port, 2);
+}
+
+#[test]
+fn the_session_carries_the_verified_client_certificate_subject() {
+    let d = Daemon::new("connector_mtls");
+    if !certs::make_certificates(d.dir())
+        || !certs::signed_by_ca(
+            d.dir(),
+            "client",
+            "/CN=alice/O=Example",
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        )
+    {
+        eprintln!("skipped: openssl could not make test certificates");
+        return;
+    }
+    let port = free_port();
+    let config = d.write(
+        "apm.conf",
+        &format!(
+            "worker {{ name s; exec python3; params {}; startup_grace 200; server https://127.0.0.1:{port}; \
+             tls on; tls_cert site.pem; tls_key site.key; tls_ca ca.pem; }}\n",
+            repo("tests/apps/connector_echo.py").display()
+        ),
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("s");
+    let client = format!(
+        "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nctx.load_cert_chain({cert:?}, {key:?})\n\
+         print(urllib.request.urlopen('https://127.0.0.1:{port}/who', context=ctx, timeout=10).read().decode(), end='')\n",
+        ca = d.path("ca.pem"),
+        cert = d.path("client.pem"),
+        key = d.path("client.key"),
+    );
+    let session = wait_for("an answer over mutual TLS", || {
+        let output = Command::new("python3")
+            .args(["-c", &client])
+            .output()
+            .ok()?;
+        serde_json::from_slice::<Value>(&output.stdout).ok()
+    });
+    assert_eq!(session["tls"], true);
+    assert_eq!(
+        session["client_subject"], "CN=alice, O=Example",
+        "{session}"
+    );
+    assert_eq!(session["headers"]["x-forwarded-proto"], "https");
+}

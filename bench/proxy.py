@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Benchmark of apm's proxy in `upstream port` mode, with wrk on loopback
-(`wrk -t2 -c64 -d10s --latency`) against, in one run:
+"""Benchmark of apm's proxy, with wrk on loopback (`wrk -t2 -c64 -d10s
+--latency`) against, in one run:
   - a tiny hyper backend directly,
   - the same backend behind nginx (proxy_pass with an upstream keepalive
     pool, 1 worker),
   - the same backend behind apm (`upstream port`, 1 instance),
   - the same again with a Vanguard block of 100 path rules, 1,000 CIDRs and
-    a rate limit that is not hit.
+    a rate limit that is not hit,
+  - a Node hello-world under apm's Node connector, 2 instances,
+  - the same app written with `http` under PM2 cluster mode, `-i 2` (PM2
+    from npm, in a temporary directory; SKIP_PM2=1 leaves both Node rows out).
 Prints req/s, p50 and p99, the ratio apm / nginx (target: at or above
 nginx's req/s, with a p99 no worse), the ratio with / without Vanguard
-(target: >= 0.95) and the daemon's memory under load (target: under 50 MB).
+(target: >= 0.95), the ratio Node connector / PM2 (target: >= 1.0) and the
+daemon's memory under load (target: under 50 MB).
 With TLS=1, nginx and apm terminate TLS (a certificate made with openssl for
 the run) and wrk speaks HTTPS to them. Needs wrk, nginx and openssl
 (`apt-get install wrk nginx openssl`; the script installs them when run as
@@ -20,6 +24,7 @@ Usage: cargo build --release --examples -p apm-runtime && cargo build --release 
 
 import json
 import os
+import sys
 import re
 import shutil
 import socket
@@ -86,6 +91,64 @@ VANGUARD_RULES = "rate_limit 1000000; ban_path {}; ban_ip {};".format(
 )
 
 
+NODE_CONNECTOR_APP = """
+const ApmModule = require(%s);
+new ApmModule((session) => {
+    session.write('Hello World', { 'content-type': 'text/plain', 'x-instance': String(session.instance_id) });
+    session.close();
+});
+"""
+
+NODE_HTTP_APP = """
+require('http').createServer((request, response) => {
+    response.writeHead(200, { 'content-type': 'text/plain' });
+    response.end('Hello World');
+}).listen(Number(process.env.PORT), '127.0.0.1');
+"""
+
+
+def wait_instances(port, count, deadline=10):
+    """Until requests reach `count` instances (each has said `ready`)."""
+    import http.client
+    end, seen = time.time() + deadline, set()
+    while len(seen) < count:
+        if time.time() > end:
+            raise SystemExit(f"only instances {seen} answer on {port}")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.request("GET", "/")
+        seen.add(connection.getresponse().getheader("x-instance"))
+        connection.close()
+
+
+def node_rows(apm, env, root):
+    """The Node connector under apm against the plain-http app under PM2."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from daemon import Pm2
+
+    connector_app, http_app = os.path.join(root, "hello_connector.js"), os.path.join(root, "hello_http.js")
+    with open(connector_app, "w") as f:
+        f.write(NODE_CONNECTOR_APP % json.dumps(os.path.abspath("connectors/apm_module.node.js")))
+    with open(http_app, "w") as f:
+        f.write(NODE_HTTP_APP)
+    node_port, pm2_port = free_port(), free_port()
+    conf = os.path.join(root, "node.conf")
+    with open(conf, "w") as f:
+        f.write(f"worker {{ name node; exec node; params {connector_app}; instances 2; server http://127.0.0.1:{node_port}; startup_grace 200; }}\n")
+    subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
+    wait_port(node_port)
+    wait_instances(node_port, 2)
+    rows = {"apm node": wrk(node_port)}
+    pm2 = Pm2(root)
+    try:
+        pm2.env["PORT"] = str(pm2_port)
+        pm2("start", http_app, "-i", "2", "--name", "hello")
+        wait_port(pm2_port)
+        rows["pm2 -i 2"] = wrk(pm2_port)
+    finally:
+        pm2.stop()
+    return rows
+
+
 def main():
     ensure("wrk", "wrk")
     ensure("nginx", "nginx")
@@ -142,6 +205,8 @@ http {{
             "apm": wrk(apm_port, scheme),
             "apm+vg": wrk(guarded_port, scheme),
         }
+        if not tls and os.environ.get("SKIP_PM2") != "1":
+            results.update(node_rows(apm, env, root))
         daemon_pid = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["daemon"]["pid"]
         with open(f"/proc/{daemon_pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
@@ -153,7 +218,8 @@ http {{
         print(f"{'with TLS: ' if tls else ''}apm / nginx req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
         print(f"apm with / without Vanguard (100 paths, 1,000 CIDRs, rate limit not hit) req/s: {results['apm+vg'][0] / apm_rps:.2f} (target >= 0.95)")
         print(f"apm daemon peak memory under load: {rss:.1f} MB (target < 50 MB)")
-        print("not measured yet: apm's Node connector against PM2 cluster mode (the connector mode is not built)")
+        if "pm2 -i 2" in results:
+            print(f"apm Node connector (2 instances) / PM2 cluster mode (-i 2) req/s: {results['apm node'][0] / results['pm2 -i 2'][0]:.2f} (target >= 1.0)")
     finally:
         subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
         for p in procs:

@@ -33,6 +33,10 @@ pub struct InstanceStatus {
     pub cpu_percent: f64,
     pub memory_bytes: u64,
     pub last_exit: Option<String>,
+    /// For a worker with `server` lines: whether the proxy sends this
+    /// instance traffic (it runs, and accepts on its port or said `ready`).
+    #[serde(default)]
+    pub serving: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -184,9 +188,61 @@ struct Instance {
     /// Where the current process's stdout and stderr lines go.
     targets: Option<(watch::Sender<Target>, watch::Sender<Target>)>,
     /// The loopback port of the current process, with `upstream port`.
-    port: Option<u16>,
+    port: Option<Port>,
     /// The current process's connector channel, with `upstream connector`.
     link: Option<Arc<crate::connector::Link>>,
+}
+
+/// An instance's loopback port with `upstream port`. It gets traffic once
+/// the process accepts connections on it.
+impl Instance {
+    /// How the proxy reaches this instance, while it may get traffic.
+    fn backend(&self) -> Option<Backend> {
+        if !matches!(self.life.phase, Phase::Running { .. }) {
+            return None;
+        }
+        match (&self.link, &self.port) {
+            (Some(link), _) => link.is_ready().then(|| Backend::Connector(link.clone())),
+            (None, Some(port)) => port.accepting().then_some(Backend::Port(port.address)),
+            (None, None) => None,
+        }
+    }
+}
+
+struct Port {
+    address: std::net::SocketAddr,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Port {
+    fn new(number: u16) -> Port {
+        Port {
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], number)),
+            accepting: Arc::default(),
+        }
+    }
+
+    fn accepting(&self) -> bool {
+        self.accepting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Tries to connect until the process accepts, then has the listeners
+    /// updated. Ends when the instance moves on to another process.
+    fn probe(&self, tx: mpsc::UnboundedSender<Msg>) {
+        let (address, accepting) = (self.address, self.accepting.clone());
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(5);
+            while Arc::strong_count(&accepting) > 1 {
+                if tokio::net::TcpStream::connect(address).await.is_ok() {
+                    accepting.store(true, std::sync::atomic::Ordering::Release);
+                    let _ = tx.send(Msg::Recheck);
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        });
+    }
 }
 
 struct Worker {
@@ -609,7 +665,7 @@ impl Supervisor {
         } else {
             None
         };
-        instance.port = port;
+        instance.port = port.map(Port::new);
         let mut command = match build_command(&spec, index, port) {
             Ok(command) => command,
             Err(error) => return spawn_failed(name, instance, error),
@@ -648,6 +704,9 @@ impl Supervisor {
         };
         // The child has its end of the channel; ours must be the only other.
         drop(command);
+        if let Some(port) = &instance.port {
+            port.probe(self.tx.clone());
+        }
         if let Some(channel) = channel {
             let tx = self.tx.clone();
             let label = format!("{name}#{index}");
@@ -800,17 +859,7 @@ impl Supervisor {
                 backends: worker
                     .instances
                     .iter()
-                    .filter(|i| matches!(i.life.phase, Phase::Running { .. }))
-                    .filter_map(|i| match (&i.link, i.port) {
-                        (Some(link), _) => {
-                            link.is_ready().then(|| Backend::Connector(link.clone()))
-                        }
-                        (None, Some(port)) => Some(Backend::Port(std::net::SocketAddr::from((
-                            [127, 0, 0, 1],
-                            port,
-                        )))),
-                        (None, None) => None,
-                    })
+                    .filter_map(Instance::backend)
                     .collect(),
                 options: crate::proxy::Options {
                     trust_proxy: spec.trust_proxy.value,
@@ -1102,6 +1151,7 @@ impl Supervisor {
                     cpu_percent: (cpu_percent * 10.0).round() / 10.0,
                     memory_bytes: stat.map_or(0, |s| s.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
+                    serving: (!worker.spec.server.is_empty()).then(|| instance.backend().is_some()),
                 }
             })
             .collect();

@@ -156,28 +156,6 @@ fn get_json(port: u16, target: &str) -> Value {
     serde_json::from_slice(&answer.body).unwrap()
 }
 
-/// Waits until requests on `port` reach all `count` instances: an instance
-/// takes traffic once its connector said `ready`.
-fn wait_for_instances(port: u16, count: usize) {
-    wait_until(
-        PATIENCE,
-        &format!("{count} instances to take requests"),
-        || {
-            let ids: std::collections::BTreeSet<u64> = (0..2 * count)
-                .filter_map(|_| {
-                    let answer = request(
-                        port,
-                        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-                    );
-                    serde_json::from_slice::<Value>(&answer.body).ok()
-                })
-                .filter_map(|session| session["instance_id"].as_u64())
-                .collect();
-            ids.len() == count
-        },
-    );
-}
-
 fn websocket(url: &str) -> tungstenite::WebSocket<TcpStream> {
     let address = url.trim_start_matches("ws://").split('/').next().unwrap();
     let stream = TcpStream::connect(address).unwrap();
@@ -219,7 +197,6 @@ fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
     d.ok(&["load", config.to_str().unwrap()]);
     for (name, lang, [http, ws, tcp], socket) in workers {
         d.wait_running(name);
-        wait_for_instances(http, 2);
         // Round robin over both instances, each session described by the connector.
         let seen: Vec<Value> = (0..4)
             .map(|_| get_json(http, "/a/b%20c?x=1&y=two"))
@@ -367,7 +344,6 @@ fn a_child_that_corrupts_its_channel_is_restarted_and_the_others_keep_serving() 
     );
     d.ok(&["load", config.to_str().unwrap()]);
     d.wait_running("c");
-    wait_for_instances(port, 2);
     let before = d.worker("c").unwrap();
     let corrupt = request(
         port,
@@ -387,7 +363,6 @@ fn a_child_that_corrupts_its_channel_is_restarted_and_the_others_keep_serving() 
             .is_some_and(|w| restarts(&w) > restarts(&before) && pids(&w) != pids(&before))
     });
     d.wait_running("c");
-    wait_for_instances(port, 2);
 }
 
 #[test]

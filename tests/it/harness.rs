@@ -108,16 +108,26 @@ impl Daemon {
 
     /// Waits until the worker's instances all have `status`; returns the worker.
     pub(crate) fn wait_status(&self, name: &str, status: &str) -> Value {
-        wait_for(&format!("`{name}` to be {status}"), || {
-            self.worker(name).filter(|w| {
-                let instances = w["instances"].as_array().unwrap();
-                !instances.is_empty() && instances.iter().all(|i| i["status"] == status)
-            })
+        self.wait_instances(&format!("`{name}` to be {status}"), name, |i| {
+            i["status"] == status
         })
     }
 
+    /// Waits until the worker's instances all run and, when it has
+    /// `server` lines, get traffic.
     pub(crate) fn wait_running(&self, name: &str) -> Value {
-        self.wait_status(name, "running")
+        self.wait_instances(&format!("`{name}` to be running and serving"), name, |i| {
+            i["status"] == "running" && i["serving"] != false
+        })
+    }
+
+    fn wait_instances(&self, what: &str, name: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, || {
+            self.worker(name).filter(|w| {
+                let instances = w["instances"].as_array().unwrap();
+                !instances.is_empty() && instances.iter().all(&ready)
+            })
+        })
     }
 
     /// The daemon's pid from `$APM_HOME/apm.pid`.

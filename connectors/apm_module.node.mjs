@@ -1,0 +1,700 @@
+// Generated from apm_module.node.js by connectors/gen-esm.js: edit that file, then run `node connectors/gen-esm.js`.
+// ---- prologue: ES module ----
+import net from 'net';
+// ---- shared body: apm_module.node.mjs is generated from this file ----
+/*
+ * apm connector for Node.js 14+: one drop-in file, node core modules only.
+ *
+ *   const ApmModule = require('./apm_module.node.js')   // CommonJS
+ *   import ApmModule from './apm_module.node.mjs'       // ES module
+ *
+ *   const apm = new ApmModule(async (session) => {
+ *       session.write('Hello World', { 'content-type': 'text/plain', 'x-status': '200' })
+ *       session.close()
+ *   })
+ *
+ * It speaks version 1 of the connector protocol (docs/connector-protocol.md)
+ * on the descriptor apm names in APM_FD. The two files share everything
+ * between the shared-body markers: edit apm_module.node.js, then run
+ * `node connectors/gen-esm.js` to regenerate apm_module.node.mjs.
+ */
+
+const PROTOCOL = 1;
+
+const K_HELLO = 1;
+const K_READY = 2;
+const K_OPEN = 16;
+const K_DATA = 17;
+const K_TEXT = 18;
+const K_MORE = 19;
+const K_END = 20;
+const K_HEAD = 21;
+const K_RAW = 22;
+const K_CLOSE = 23;
+const K_CREDIT = 24;
+
+// The hello frame itself has to be bounded before it announces max_frame.
+const DEFAULT_MAX_FRAME = 1048576;
+// The protocol caps a WebSocket message at 16 MiB; refusing a larger write
+// fails one call instead of having the daemon kill the instance.
+const MAX_MESSAGE = 16 * 1048576;
+// A WebSocket close reason longer than this cannot go in a close frame.
+const MAX_CLOSE_REASON = 123;
+const EMPTY = Buffer.alloc(0);
+
+// A second reader on the descriptor would steal frames from the first.
+let constructed = false;
+
+function die(message) {
+  process.stderr.write('apm_module: ' + message + '\n');
+  process.exit(1);
+}
+
+function describe(err) {
+  return err && err.stack ? err.stack : String(err);
+}
+
+function isPlainObject(v) {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function u32(n) {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32BE(n, 0);
+  return b;
+}
+
+function decode(s) {
+  try {
+    return decodeURIComponent(s);
+  } catch (e) {
+    return s; // a malformed escape is the client's problem, not a reason to fail the request
+  }
+}
+
+// defineProperty so that a key named __proto__ is stored, not interpreted.
+function setOwn(obj, key, value) {
+  Object.defineProperty(obj, key, { value: value, enumerable: true, writable: true, configurable: true });
+}
+
+function splitPath(path) {
+  // Split before decoding so that an encoded slash stays inside its segment.
+  return path.split('/').filter((seg) => seg !== '').map(decode);
+}
+
+// Like node's querystring: a repeated key collects its values in an array.
+function parseQuery(query) {
+  const out = {};
+  if (query === '') return out;
+  for (const pair of query.split('&')) {
+    if (pair === '') continue;
+    const eq = pair.indexOf('=');
+    const key = decode((eq < 0 ? pair : pair.slice(0, eq)).replace(/\+/g, ' '));
+    const value = eq < 0 ? '' : decode(pair.slice(eq + 1).replace(/\+/g, ' '));
+    if (!Object.prototype.hasOwnProperty.call(out, key)) setOwn(out, key, value);
+    else if (Array.isArray(out[key])) out[key].push(value);
+    else out[key] = [out[key], value];
+  }
+  return out;
+}
+
+// The first occurrence of a name wins, as browsers send the most specific cookie first.
+function parseCookies(header) {
+  const out = {};
+  for (const part of header.split(';')) {
+    const eq = part.indexOf('=');
+    if (eq < 0) continue;
+    const name = part.slice(0, eq).trim();
+    if (name === '' || Object.prototype.hasOwnProperty.call(out, name)) continue;
+    let value = part.slice(eq + 1).trim();
+    if (value.length >= 2 && value[0] === '"' && value[value.length - 1] === '"') value = value.slice(1, -1);
+    setOwn(out, name, decode(value));
+  }
+  return out;
+}
+
+function toBuffer(data, what) {
+  if (typeof data === 'string') return Buffer.from(data, 'utf8');
+  if (Buffer.isBuffer(data)) return data;
+  if (data === undefined || data === null) return EMPTY;
+  if (ArrayBuffer.isView(data)) return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  if (data instanceof ArrayBuffer) return Buffer.from(data);
+  throw new TypeError(what + ' takes a string or a Buffer, not ' + typeof data);
+}
+
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9a-z]+$/;
+
+function headerValue(name, v) {
+  if (typeof v !== 'string' && typeof v !== 'number' && typeof v !== 'boolean') {
+    throw new TypeError('header ' + name + ': a value must be a string or an array of strings');
+  }
+  const s = String(v);
+  // The daemon treats a malformed head as a broken connector and kills the
+  // instance; refusing here fails one request instead.
+  if (/[\r\n\0]/.test(s)) throw new TypeError('header ' + name + ': a value may not contain CR, LF or NUL');
+  return s;
+}
+
+function encodeHead(headers, maxFrame) {
+  if (!isPlainObject(headers)) throw new TypeError('write(data, headers): headers must be an object');
+  const out = Object.create(null);
+  for (const rawName of Object.keys(headers)) {
+    const v = headers[rawName];
+    if (v === undefined || v === null) continue;
+    const name = rawName.toLowerCase();
+    if (!HEADER_NAME.test(name)) throw new TypeError('invalid header name: ' + JSON.stringify(rawName));
+    const values = Array.isArray(v) ? v.map((x) => headerValue(name, x)) : [headerValue(name, v)];
+    const prev = out[name];
+    if (prev === undefined) out[name] = Array.isArray(v) ? values : values[0];
+    else out[name] = (Array.isArray(prev) ? prev : [prev]).concat(values); // Set-Cookie and set-cookie
+  }
+  const status = out['x-status'];
+  if (status !== undefined && (Array.isArray(status) || !/^[1-9][0-9][0-9]$/.test(status))) {
+    throw new TypeError('x-status must be a three-digit HTTP status, not ' + JSON.stringify(status));
+  }
+  const buf = Buffer.from(JSON.stringify(out), 'utf8');
+  if (buf.length > maxFrame) throw new RangeError('the response headers do not fit in one frame');
+  return buf;
+}
+
+function closePayload(code, reason) {
+  let r = Buffer.from(reason === undefined || reason === null ? '' : String(reason), 'utf8');
+  if (r.length > MAX_CLOSE_REASON) {
+    let end = MAX_CLOSE_REASON;
+    while (end > 0 && (r[end] & 0xc0) === 0x80) end--; // do not cut a character in half
+    r = r.subarray(0, end);
+  }
+  const b = Buffer.allocUnsafe(2 + r.length);
+  b.writeUInt16BE(code, 0);
+  r.copy(b, 2);
+  return b;
+}
+
+function checkCallback(fn, name) {
+  if (fn !== undefined && fn !== null && typeof fn !== 'function') {
+    throw new TypeError('session.' + name + ' must be a function');
+  }
+  return fn || null;
+}
+
+class SessionState {
+  constructor(link, id) {
+    this.link = link;
+    this.id = id;
+    this.sendCredit = link.window;
+    this.recvCredit = link.window;
+    this.out = []; // frames waiting for credit, in order
+    this.events = []; // data and end waiting for the app's callbacks
+    this.frags = []; // leading fragments (more) of the next message
+    this.fragBytes = 0;
+    this.handlerPending = true;
+    this.busy = false; // a callback's Promise has not settled yet
+    this.pumping = false;
+    this.pumpScheduled = false;
+    this.headSent = false;
+    this.closing = false; // the app closed, or the session ended
+    this.onData = null;
+    this.onEnd = null;
+    this.onClose = null;
+  }
+}
+
+class ApmSession {
+  constructor(link, id, head) {
+    const headers = isPlainObject(head.headers) ? head.headers : {};
+    const path = typeof head.path === 'string' ? head.path : '';
+    const query = typeof head.query === 'string' ? head.query : '';
+    this.protocol = head.protocol;
+    this.method = typeof head.method === 'string' ? head.method : '';
+    this.path = path;
+    this.path_array = splitPath(path);
+    this.query = query;
+    this.query_object = parseQuery(query);
+    this.headers = headers;
+    this.cookies = parseCookies(typeof headers.cookie === 'string' ? headers.cookie : '');
+    this.remote_ip = typeof head.remote_ip === 'string' ? head.remote_ip : null;
+    this.session_id = id;
+    this.instance_id = link.instanceId;
+    this.session_data = {};
+    this.client_subject = typeof head.client_subject === 'string' ? head.client_subject : null;
+    this.tls = head.tls === true;
+    // Not enumerable, so that logging or JSON.stringify(session) shows the request only.
+    Object.defineProperty(this, '_s', { value: new SessionState(link, id) });
+  }
+
+  get remoteIp() { return this.remote_ip; }
+  get instanceId() { return this.instance_id; }
+  get sessionId() { return this.session_id; }
+  get pathArray() { return this.path_array; }
+  get queryObject() { return this.query_object; }
+  get clientSubject() { return this.client_subject; }
+  get sessionData() { return this.session_data; }
+  set sessionData(v) { this.session_data = v; }
+
+  get onData() { return this._s.onData; }
+  set onData(fn) { this._s.onData = checkCallback(fn, 'onData'); schedulePump(this); }
+  get on_data() { return this._s.onData; }
+  set on_data(fn) { this.onData = fn; }
+  get onEnd() { return this._s.onEnd; }
+  set onEnd(fn) { this._s.onEnd = checkCallback(fn, 'onEnd'); schedulePump(this); }
+  get on_end() { return this._s.onEnd; }
+  set on_end(fn) { this.onEnd = fn; }
+  get onClose() { return this._s.onClose; }
+  set onClose(fn) { this._s.onClose = checkCallback(fn, 'onClose'); }
+  get on_close() { return this._s.onClose; }
+  set on_close(fn) { this.onClose = fn; }
+
+  get closed() { return this._s.closing; }
+
+  // Returns false when part of the data waits in the connector for credit.
+  write(data, headers) {
+    const st = this._s;
+    if (st.closing) return false;
+    const buf = toBuffer(data, 'write()');
+    if (this.protocol === 'http' && !st.headSent) {
+      const head = headers === undefined || headers === null ? null : encodeHead(headers, st.link.maxFrame);
+      st.headSent = true;
+      if (head) st.out.push({ kind: K_HEAD, buf: head, ctl: true });
+    }
+    if (this.protocol === 'ws') {
+      if (buf.length > MAX_MESSAGE) throw new RangeError('a WebSocket message is at most 16 MiB');
+      st.out.push({ kind: typeof data === 'string' ? K_TEXT : K_DATA, buf: buf, off: 0, msg: true });
+    } else if (buf.length > 0) {
+      st.out.push({ kind: K_DATA, buf: buf, off: 0, msg: false });
+    }
+    return flush(this);
+  }
+
+  write_raw(data) {
+    const st = this._s;
+    if (st.closing) return false;
+    const buf = toBuffer(data, 'write_raw()');
+    st.headSent = true; // on HTTP, raw bytes follow the default head
+    if (buf.length > 0) st.out.push({ kind: K_RAW, buf: buf, off: 0, msg: false });
+    return flush(this);
+  }
+
+  writeRaw(data) {
+    return this.write_raw(data);
+  }
+
+  close(code, reason) {
+    const st = this._s;
+    if (st.closing) return;
+    let payload = EMPTY;
+    if (code !== undefined && code !== null) {
+      if (!Number.isInteger(code) || code < 0 || code > 65535) throw new RangeError('close(code): code must be an integer 0..65535');
+      payload = closePayload(code, reason);
+    } else if (this.protocol === 'ws') {
+      payload = closePayload(1000, reason);
+    } else if (reason !== undefined && reason !== null && reason !== '') {
+      payload = closePayload(0, reason);
+    }
+    sendClose(this, payload);
+  }
+}
+
+// Sends what credit allows, in order; returns whether nothing is left waiting.
+function flush(s) {
+  const st = s._s;
+  const link = st.link;
+  const limit = Math.min(link.maxFrame, link.window);
+  while (st.out.length > 0) {
+    const it = st.out[0];
+    if (it.ctl) {
+      st.out.shift();
+      link.send(it.kind, st.id, it.buf);
+      if (it.kind === K_CLOSE) {
+        forget(s);
+        return true;
+      }
+      continue;
+    }
+    const rest = it.buf.length - it.off;
+    if (it.msg && it.buf.length <= limit) {
+      // A message that fits in one frame is never fragmented.
+      if (rest > st.sendCredit) return false;
+      st.out.shift();
+      st.sendCredit -= rest;
+      link.send(it.kind, st.id, it.buf);
+      continue;
+    }
+    // A byte stream may be cut anywhere, and a message too large for one
+    // frame goes out as more fragments, each as large as credit allows.
+    const n = Math.min(rest, st.sendCredit, limit);
+    if (n === 0) return false;
+    const last = n === rest;
+    link.send(last || !it.msg ? it.kind : K_MORE, st.id, it.buf.subarray(it.off, it.off + n));
+    it.off += n;
+    st.sendCredit -= n;
+    if (last) st.out.shift();
+  }
+  return true;
+}
+
+function sendClose(s, payload) {
+  const st = s._s;
+  st.closing = true;
+  st.events = [];
+  st.frags = [];
+  st.out.push({ kind: K_CLOSE, buf: payload, ctl: true });
+  flush(s);
+}
+
+function forget(s) {
+  const st = s._s;
+  st.closing = true;
+  st.out = [];
+  st.events = [];
+  st.frags = [];
+  st.fragBytes = 0;
+  if (st.link.sessions.get(st.id) === s) st.link.sessions.delete(st.id);
+}
+
+function grant(s, n) {
+  const st = s._s;
+  if (n === 0 || st.closing) return;
+  st.recvCredit += n;
+  st.link.send(K_CREDIT, st.id, u32(n));
+}
+
+function fault(s, err, where) {
+  const st = s._s;
+  process.stderr.write('apm_module: session ' + st.id + ': ' + where + ' failed: ' + describe(err) + '\n');
+  if (st.closing) return;
+  if (s.protocol === 'http' && !st.headSent) {
+    st.headSent = true;
+    st.out.push({ kind: K_HEAD, buf: Buffer.from('{"x-status":"500","content-type":"text/plain"}'), ctl: true });
+    st.out.push({ kind: K_DATA, buf: Buffer.from('Internal Server Error\n'), off: 0, msg: false });
+  }
+  sendClose(s, s.protocol === 'ws' ? closePayload(1011, 'internal error') : EMPTY);
+}
+
+// Setting a callback from inside the app's own code must not run another
+// callback re-entrantly, so delivery waits for a microtask.
+function schedulePump(s) {
+  const st = s._s;
+  if (st.pumpScheduled || st.events.length === 0) return;
+  st.pumpScheduled = true;
+  queueMicrotask(() => {
+    st.pumpScheduled = false;
+    pump(s);
+  });
+}
+
+// Delivers data and end in order, one callback at a time. While the app's
+// handler is still running (an async handler awaiting something), an event
+// waits for its callback to be set rather than being dropped. Credit for data
+// goes back only once its callback has returned, or its Promise settled.
+function pump(s) {
+  const st = s._s;
+  if (st.pumping) return;
+  st.pumping = true;
+  try {
+    while (!st.busy && !st.closing && st.events.length > 0) {
+      const ev = st.events[0];
+      const cb = ev.end ? st.onEnd : st.onData;
+      if (!cb && st.handlerPending) break;
+      st.events.shift();
+      if (!cb) {
+        grant(s, ev.credit);
+        continue;
+      }
+      const where = ev.end ? 'onEnd' : 'onData';
+      let r;
+      try {
+        r = ev.end ? cb.call(s) : cb.call(s, ev.data, ev.isBinary);
+      } catch (e) {
+        fault(s, e, where);
+        break;
+      }
+      if (r && typeof r.then === 'function') {
+        st.busy = true;
+        Promise.resolve(r).then(
+          () => {
+            st.busy = false;
+            grant(s, ev.credit);
+            pump(s);
+          },
+          (e) => {
+            st.busy = false;
+            fault(s, e, where);
+          }
+        );
+        break;
+      }
+      grant(s, ev.credit);
+    }
+  } finally {
+    st.pumping = false;
+  }
+}
+
+class Link {
+  constructor(fd, handler) {
+    this.handler = handler;
+    this.maxFrame = DEFAULT_MAX_FRAME;
+    this.window = 0;
+    this.helloSeen = false;
+    this.instanceId = null;
+    this.worker = null;
+    this.sessions = new Map();
+    this.chunks = [];
+    this.buffered = 0;
+    this.need = -1; // length of the frame being read, once its prefix is in
+    let sock;
+    try {
+      sock = new net.Socket({ fd: fd, readable: true, writable: true });
+    } catch (e) {
+      die('cannot use descriptor ' + fd + ' from APM_FD as the channel: ' + e.message);
+    }
+    this.sock = sock;
+    sock.on('data', (chunk) => this.receive(chunk));
+    // The daemon is gone or is stopping this instance: nothing is left to serve.
+    sock.on('end', () => process.exit(0));
+    sock.on('error', (e) => die('channel: ' + e.message));
+  }
+
+  fail(why) {
+    die('connector protocol error: ' + why);
+  }
+
+  send(kind, sid, payload) {
+    const len = payload.length;
+    const hdr = Buffer.allocUnsafe(9);
+    hdr.writeUInt32BE(5 + len, 0);
+    hdr[4] = kind;
+    hdr.writeUInt32BE(sid, 5);
+    if (len === 0) {
+      this.sock.write(hdr);
+    } else if (len <= 16384) {
+      this.sock.write(Buffer.concat([hdr, payload], 9 + len));
+    } else {
+      // Corked, the two writes leave as one writev instead of two syscalls.
+      this.sock.cork();
+      this.sock.write(hdr);
+      this.sock.write(payload);
+      this.sock.uncork();
+    }
+  }
+
+  take(n) {
+    const first = this.chunks[0];
+    this.buffered -= n;
+    if (first.length >= n) {
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      return first.subarray(0, n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.chunks[0];
+      const k = Math.min(c.length, n - off);
+      c.copy(out, off, 0, k);
+      off += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    return out;
+  }
+
+  receive(chunk) {
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    for (;;) {
+      if (this.need < 0) {
+        if (this.buffered < 4) return;
+        const len = this.take(4).readUInt32BE(0);
+        // Checked before reading on, so a corrupt length cannot make the connector buffer gigabytes.
+        if (len < 5 || len > 5 + this.maxFrame) {
+          this.fail('frame length ' + len + ' is outside 5..' + (5 + this.maxFrame));
+          return;
+        }
+        this.need = len;
+      }
+      if (this.buffered < this.need) return;
+      const frame = this.take(this.need);
+      this.need = -1;
+      this.dispatch(frame[0], frame.readUInt32BE(1), frame.subarray(5));
+    }
+  }
+
+  json(payload, what) {
+    let v;
+    try {
+      v = JSON.parse(payload.toString('utf8'));
+    } catch (e) {
+      this.fail(what + ': payload is not JSON (' + e.message + ')');
+    }
+    if (!isPlainObject(v)) this.fail(what + ': payload is not a JSON object');
+    return v;
+  }
+
+  dispatch(kind, sid, payload) {
+    if (!this.helloSeen && kind !== K_HELLO) return this.fail('a frame of kind ' + kind + ' before hello');
+    if (kind >= K_OPEN && kind <= K_CREDIT && sid === 0) return this.fail('a frame of kind ' + kind + ' on session 0');
+    switch (kind) {
+      case K_HELLO:
+        return this.onHello(sid, payload);
+      case K_OPEN:
+        return this.onOpen(sid, payload);
+      case K_DATA:
+      case K_TEXT:
+      case K_MORE:
+        return this.onData(kind, sid, payload);
+      case K_END:
+        return this.onEnd(sid, payload);
+      case K_CLOSE:
+        return this.onClose(sid, payload);
+      case K_CREDIT:
+        return this.onCredit(sid, payload);
+      case K_READY:
+      case K_HEAD:
+      case K_RAW:
+        return this.fail('the daemon sent a frame of kind ' + kind + ', which only a child sends');
+      default:
+        return this.fail('unknown frame kind ' + kind);
+    }
+  }
+
+  onHello(sid, payload) {
+    if (this.helloSeen) return this.fail('a second hello');
+    if (sid !== 0) return this.fail('hello on session ' + sid);
+    const h = this.json(payload, 'hello');
+    if (h.protocol === undefined) return this.fail('hello without protocol');
+    if (h.protocol !== PROTOCOL) {
+      return die('this connector speaks protocol ' + PROTOCOL + ', apm speaks ' + h.protocol + '; update apm_module');
+    }
+    if (!Number.isInteger(h.max_frame) || h.max_frame < 1) return this.fail('hello: max_frame is not a positive integer');
+    if (!Number.isInteger(h.window) || h.window < 1) return this.fail('hello: window is not a positive integer');
+    this.helloSeen = true;
+    this.maxFrame = h.max_frame;
+    this.window = h.window;
+    this.instanceId = h.instance_id === undefined ? null : h.instance_id;
+    this.worker = h.worker === undefined ? null : h.worker;
+    // The handler came with the constructor, so the app is ready as soon as the channel is.
+    const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node });
+    this.send(K_READY, 0, Buffer.from(ready, 'utf8'));
+  }
+
+  onOpen(sid, payload) {
+    if (this.sessions.has(sid)) return this.fail('open for session ' + sid + ', which is already open');
+    const head = this.json(payload, 'open');
+    if (typeof head.protocol !== 'string') return this.fail('open: protocol is not a string');
+    const s = new ApmSession(this, sid, head);
+    this.sessions.set(sid, s);
+    const st = s._s;
+    let r;
+    try {
+      r = this.handler(s);
+    } catch (e) {
+      st.handlerPending = false;
+      fault(s, e, 'the session handler');
+      return;
+    }
+    if (r && typeof r.then === 'function') {
+      Promise.resolve(r).then(
+        () => {
+          st.handlerPending = false;
+          pump(s);
+        },
+        (e) => {
+          st.handlerPending = false;
+          fault(s, e, 'the session handler');
+        }
+      );
+    } else {
+      st.handlerPending = false;
+    }
+  }
+
+  onData(kind, sid, payload) {
+    const s = this.sessions.get(sid);
+    if (!s) return; // closed, its frames crossing the close on the wire, or never opened
+    const st = s._s;
+    if (payload.length > st.recvCredit) {
+      return this.fail('session ' + sid + ': ' + payload.length + ' bytes sent with ' + st.recvCredit + ' bytes of credit');
+    }
+    st.recvCredit -= payload.length;
+    if (st.closing) return;
+    if (kind === K_MORE) {
+      // Fragments are consumed into the connector's buffer: withholding their
+      // credit would deadlock any message larger than the window.
+      st.frags.push(payload);
+      st.fragBytes += payload.length;
+      grant(s, payload.length);
+      return;
+    }
+    let body = payload;
+    if (st.frags.length > 0) {
+      st.frags.push(payload);
+      body = Buffer.concat(st.frags, st.fragBytes + payload.length);
+      st.frags = [];
+      st.fragBytes = 0;
+    }
+    const binary = kind === K_DATA;
+    st.events.push({ end: false, data: binary ? body : body.toString('utf8'), isBinary: binary, credit: payload.length });
+    pump(s);
+  }
+
+  onEnd(sid, payload) {
+    if (payload.length !== 0) return this.fail('end on session ' + sid + ' with a payload');
+    const s = this.sessions.get(sid);
+    if (!s || s._s.closing) return;
+    s._s.events.push({ end: true, credit: 0 });
+    pump(s);
+  }
+
+  onClose(sid, payload) {
+    if (payload.length === 1) return this.fail('close on session ' + sid + ' with a 1-byte payload');
+    const s = this.sessions.get(sid);
+    if (!s) return;
+    const st = s._s;
+    // The app that closed first hears nothing back: its close crossed this one.
+    const notify = !st.closing;
+    forget(s);
+    const cb = st.onClose;
+    if (!notify || !cb) return;
+    const code = payload.length >= 2 ? payload.readUInt16BE(0) : 0;
+    const reason = payload.length > 2 ? payload.subarray(2).toString('utf8') : '';
+    try {
+      const r = cb.call(s, code, reason);
+      if (r && typeof r.then === 'function') Promise.resolve(r).catch((e) => fault(s, e, 'onClose'));
+    } catch (e) {
+      fault(s, e, 'onClose');
+    }
+  }
+
+  onCredit(sid, payload) {
+    if (payload.length !== 4) return this.fail('credit on session ' + sid + ' with a ' + payload.length + '-byte payload');
+    const s = this.sessions.get(sid);
+    if (!s) return;
+    s._s.sendCredit += payload.readUInt32BE(0);
+    flush(s);
+  }
+}
+
+class ApmModule {
+  constructor(handler) {
+    if (process.env.APM !== '1') die('start this app with apm run (APM is not set)');
+    const fd = process.env.APM_FD;
+    if (fd === undefined || fd === '') {
+      die('this worker has no connector channel: give it server lines and upstream connector (APM_FD is not set)');
+    }
+    if (!/^[0-9]+$/.test(fd)) die('APM_FD is not a descriptor number: ' + fd);
+    if (typeof handler !== 'function') throw new TypeError('new ApmModule(handler): handler must be a function');
+    if (constructed) throw new Error('apm_module: only one ApmModule per process can read the channel');
+    constructed = true;
+    Object.defineProperty(this, '_link', { value: new Link(Number(fd), handler) });
+  }
+
+  // Known once hello has arrived, shortly after construction; null before.
+  get instanceId() { return this._link.instanceId; }
+  get instance_id() { return this._link.instanceId; }
+  get worker() { return this._link.worker; }
+}
+
+ApmModule.ApmSession = ApmSession;
+// ---- end of shared body ----
+export default ApmModule;

@@ -1,0 +1,500 @@
+"""apm_module: the Python connector of apm (connector protocol version 1).
+
+One drop-in file, standard library only, Python 3.6+:
+
+    from apm_module import ApmModule, ApmSession
+
+    def on_connect(s: ApmSession):
+        s.write(b'Hello World', {'x-status': '200', 'content-type': 'text/plain'})
+        s.close()
+
+    ApmModule(on_connect).run()
+
+apm owns the client's socket and hands each HTTP request, WebSocket or TCP
+connection to the app as a session, over the descriptor named by APM_FD
+(docs/connector-protocol.md is the contract). The loop is single-threaded:
+callbacks run one at a time, and sessions may only be used from them.
+"""
+
+import json
+import os
+import platform
+import selectors
+import socket
+import struct
+import sys
+import traceback
+from collections import deque
+from itertools import islice
+from urllib.parse import parse_qsl, unquote
+
+__all__ = ['ApmModule', 'ApmSession', 'PROTOCOL']
+
+PROTOCOL = 1
+
+HELLO, READY = 1, 2
+OPEN, DATA, TEXT, MORE, END, HEAD, RAW, CLOSE, CREDIT = 16, 17, 18, 19, 20, 21, 22, 23, 24
+
+# Frame prefix: length (of kind + session + payload), kind, session.
+_PREFIX = struct.Struct('>IBI')
+_U32 = struct.Struct('>I')
+_U16 = struct.Struct('>H')
+
+# Until `hello` announces max_frame, the version 1 value bounds frames.
+_DEFAULT_MAX_FRAME = 1 << 20
+_DEFAULT_WINDOW = 256 * 1024
+
+
+def _die(message):
+    sys.stderr.write('apm_module: %s\n' % message)
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+class _ProtocolError(Exception):
+    """apm sent something version 1 does not allow: the link is unusable."""
+
+
+def _parse_query(query):
+    # A repeated key becomes a list, as with Node's querystring.
+    result = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in result:
+            result[name] = value
+        elif isinstance(result[name], list):
+            result[name].append(value)
+        else:
+            result[name] = [result[name], value]
+    return result
+
+
+def _parse_cookies(header):
+    cookies = {}
+    for part in header.split(';'):
+        name, sep, value = part.strip().partition('=')
+        name = name.strip()
+        if not sep or not name or name in cookies:
+            # The first of two same-named cookies is the most specific one.
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        cookies[name] = unquote(value)
+    return cookies
+
+
+def _head_payload(headers):
+    head = {}
+    for name, value in headers.items():
+        if isinstance(value, (list, tuple)):
+            head[str(name)] = [str(v) for v in value]
+        else:
+            head[str(name)] = str(value)
+    return json.dumps(head).encode('utf-8')
+
+
+def _as_bytes(data):
+    if isinstance(data, bytes):
+        return data
+    # A copy: the app may reuse its bytearray while the bytes wait for credit.
+    return memoryview(data).tobytes()
+
+
+def _utf8_cut(payload, size):
+    """The largest cut <= size that does not split a UTF-8 sequence."""
+    cut = size
+    while cut > 0 and cut < len(payload) and (payload[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut
+
+
+class ApmSession(object):
+    """One HTTP request, WebSocket or TCP connection.
+
+    The app assigns the callbacks it wants:
+      on_data(data, is_binary)  body bytes (HTTP), bytes (TCP), or a whole
+                                WebSocket message (str for text, bytes for binary)
+      on_end()                  HTTP: the request body is complete
+      on_close(code, reason)    apm closed the session (the client went away,
+                                or sent a WebSocket close); not called after
+                                the app's own close()
+    """
+
+    def __init__(self, module, session_id, head):
+        self.protocol = head.get('protocol') or 'http'
+        self.method = head.get('method') or ''
+        self.path = head.get('path') or ''
+        # Split before decoding, so that an encoded '/' stays inside its segment.
+        self.path_array = [unquote(p) for p in self.path.split('/') if p]
+        self.query = head.get('query') or ''
+        self.query_object = _parse_query(self.query)
+        self.headers = head.get('headers') or {}
+        self.cookies = _parse_cookies(self.headers.get('cookie') or '')
+        self.remote_ip = head.get('remote_ip')
+        self.tls = bool(head.get('tls'))
+        self.client_subject = head.get('client_subject')
+        self.session_id = session_id
+        self.instance_id = module.instance_id
+        self.session_data = {}
+        self.on_data = None
+        self.on_end = None
+        self.on_close = None
+
+        self._module = module
+        self._open = True        # false once a close went out or came in
+        self._closing = False    # the app called close(); it waits behind queued writes
+        self._started = False    # HTTP: the response has begun (head or body sent)
+        self._credit = module._window      # bytes we may still send
+        self._allowance = module._window   # bytes apm may still send us
+        self._queue = deque()    # [kind, payload] waiting for credit, in order
+        self._partial = bytearray()        # a WebSocket message arriving in `more` fragments
+
+    def __repr__(self):
+        return '<ApmSession %d %s %s %s>' % (self.session_id, self.protocol, self.method, self.path)
+
+    def write(self, data, headers=None):
+        """Send body bytes (HTTP), bytes (TCP) or one WebSocket message.
+
+        For WebSocket a str is a text message and bytes a binary one. For
+        HTTP, `headers` on the first write is the response head ('x-status'
+        is the status; a list value sends the header several times); later
+        headers are ignored. Writes never block: what exceeds the session's
+        credit waits in the connector.
+        """
+        if self._closing or not self._open:
+            return
+        if self.protocol == 'ws':
+            if isinstance(data, str):
+                self._enqueue(TEXT, data.encode('utf-8'))
+            else:
+                self._enqueue(DATA, _as_bytes(data))
+            return
+        if isinstance(data, str):
+            data = data.encode('utf-8')
+        else:
+            data = _as_bytes(data)
+        if self.protocol == 'http' and not self._started:
+            self._started = True
+            if headers:
+                self._enqueue(HEAD, _head_payload(headers))
+        if data:
+            self._enqueue(DATA, data)
+
+    def write_raw(self, data):
+        """Bytes for the client's socket as they are (WebSocket: outside its
+        framing; HTTP and TCP: the same as write())."""
+        if self._closing or not self._open:
+            return
+        data = _as_bytes(data.encode('utf-8') if isinstance(data, str) else data)
+        self._started = True
+        if data:
+            self._enqueue(RAW, data)
+
+    def close(self, code=None, reason=None):
+        """End the session once the queued writes are out (HTTP: ends the
+        response; WebSocket: close code and reason, 1000 by default)."""
+        if self._closing or not self._open:
+            return
+        self._closing = True
+        if code is None and reason is None and self.protocol != 'ws':
+            payload = b''
+        else:
+            if code is None:
+                code = 1000 if self.protocol == 'ws' else 0
+            payload = _U16.pack(code) + (reason or '').encode('utf-8')
+        self._enqueue(CLOSE, payload)
+
+    # The connector's side.
+
+    def _enqueue(self, kind, payload):
+        self._queue.append([kind, payload])
+        self._pump()
+
+    def _pump(self):
+        """Move queued writes to the channel as far as credit allows."""
+        module = self._module
+        queue = self._queue
+        while queue and self._open:
+            kind, payload = queue[0]
+            if kind == HEAD or kind == CLOSE:
+                module._send(kind, self.session_id, payload)
+                queue.popleft()
+                if kind == CLOSE:
+                    self._forget()
+                continue
+            room = min(module._max_frame, self._credit)
+            if len(payload) <= room:
+                module._send(kind, self.session_id, payload)
+                self._credit -= len(payload)
+                queue.popleft()
+                continue
+            # Too big for one frame now: send the part credit allows. A
+            # WebSocket message goes out as `more` fragments so that apm
+            # reassembles it; bytes of a stream need no such marking.
+            if kind == TEXT:
+                room = _utf8_cut(payload, room)
+            if room == 0:
+                return
+            lead = MORE if self.protocol == 'ws' and kind in (DATA, TEXT) else kind
+            view = memoryview(payload)
+            module._send(lead, self.session_id, view[:room])
+            self._credit -= room
+            queue[0][1] = view[room:]
+
+    def _forget(self):
+        self._open = False
+        self._queue.clear()
+        self._partial = bytearray()
+        self._module._sessions.pop(self.session_id, None)
+
+    def _failed(self):
+        """An app callback raised: end the session the way the client can
+        understand best."""
+        if self._closing or not self._open:
+            return
+        if self.protocol == 'http' and not self._started:
+            self.write(b'Internal Server Error\n', {'x-status': '500', 'content-type': 'text/plain'})
+        if self.protocol == 'ws':
+            self.close(1011, 'internal error')
+        else:
+            self.close()
+
+
+class ApmModule(object):
+    """The connector: checks the environment, greets apm, and runs the loop.
+
+    Attributes after construction: instance_id and worker (from apm's hello).
+    """
+
+    def __init__(self, on_connect=None):
+        self.on_connect = on_connect
+        if os.environ.get('APM') != '1':
+            _die('start this app with apm run (APM is not set)')
+        fd_text = os.environ.get('APM_FD')
+        if not fd_text:
+            _die('this worker has no connector channel: give it server lines '
+                 'and upstream connector (APM_FD is not set)')
+        try:
+            fd = int(fd_text)
+            # fromfd duplicates the descriptor (not inheritable), so the
+            # original is closed: the app's own children do not get the channel.
+            self._sock = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+            os.close(fd)
+        except (ValueError, OSError) as e:
+            _die('APM_FD=%s is not a usable channel: %s' % (fd_text, e))
+        self._max_frame = _DEFAULT_MAX_FRAME
+        self._window = _DEFAULT_WINDOW
+        self._sessions = {}
+        self._inbuf = bytearray()
+        self._out = deque()
+        self._selector = None
+        self._writing = False
+        try:
+            self._handshake()
+        except _ProtocolError as e:
+            _die('protocol error from apm: %s' % e)
+
+    def _handshake(self):
+        # apm writes hello as soon as the process starts, so blocking here
+        # is short; it makes instance_id available before run().
+        length = _U32.unpack(self._recv_exact(4))[0]
+        if not 5 <= length <= 5 + self._max_frame:
+            raise _ProtocolError('a frame of %d bytes (the limit is %d)' % (length, 5 + self._max_frame))
+        body = self._recv_exact(length)
+        if body[0] != HELLO or _U32.unpack_from(body, 1)[0] != 0:
+            raise _ProtocolError('the first frame is kind %d, not hello' % body[0])
+        try:
+            hello = json.loads(body[5:].decode('utf-8'))
+            version = hello['protocol']
+        except (ValueError, TypeError, KeyError) as e:
+            raise _ProtocolError('hello is not a JSON object with a protocol: %s' % e)
+        if version != PROTOCOL:
+            _die('this connector speaks protocol %d, apm speaks %s; update apm_module' % (PROTOCOL, version))
+        self.worker = hello.get('worker')
+        self.instance_id = hello.get('instance_id')
+        self._max_frame = int(hello.get('max_frame', _DEFAULT_MAX_FRAME))
+        self._window = int(hello.get('window', _DEFAULT_WINDOW))
+
+    def _recv_exact(self, size):
+        chunks = []
+        while size:
+            chunk = self._sock.recv(size)
+            if not chunk:
+                sys.exit(0)  # apm closed the channel before greeting
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b''.join(chunks)
+
+    def run(self):
+        """Serve sessions until apm closes the channel. Does not return."""
+        if self.on_connect is None:
+            raise ValueError('ApmModule needs an on_connect(session) handler')
+        ready = {'protocol': PROTOCOL, 'connector': 'python %s' % platform.python_version()}
+        self._send(READY, 0, json.dumps(ready).encode('utf-8'))
+        self._sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ)
+        try:
+            while True:
+                self._flush()
+                for _key, events in self._selector.select():
+                    if events & selectors.EVENT_READ:
+                        self._read()
+        except _ProtocolError as e:
+            _die('protocol error from apm: %s' % e)
+
+    # The channel.
+
+    def _send(self, kind, session, payload):
+        self._out.append(_PREFIX.pack(5 + len(payload), kind, session))
+        if len(payload):
+            self._out.append(payload)
+
+    def _flush(self):
+        out = self._out
+        while out:
+            try:
+                sent = self._sock.sendmsg(list(islice(out, 64)))
+            except BlockingIOError:
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                sys.exit(0)  # apm is gone; it restarts or stops us anyway
+            while sent:
+                first = out[0]
+                if len(first) <= sent:
+                    sent -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(first)[sent:]
+                    sent = 0
+        # Ask for writability only while something waits, or select spins.
+        if bool(out) != self._writing:
+            self._writing = bool(out)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
+            self._selector.modify(self._sock, events)
+
+    def _read(self):
+        while True:
+            try:
+                chunk = self._sock.recv(256 * 1024)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                chunk = b''
+            if not chunk:
+                sys.exit(0)  # apm closed the channel: it is stopping this instance
+            self._inbuf += chunk
+            self._parse()
+
+    def _parse(self):
+        buf = self._inbuf
+        pos = 0
+        try:
+            while len(buf) - pos >= 4:
+                length = _U32.unpack_from(buf, pos)[0]
+                # Checked before waiting for the rest: a bad length must not
+                # make us buffer gigabytes.
+                if not 5 <= length <= 5 + self._max_frame:
+                    raise _ProtocolError('a frame of %d bytes (the limit is %d)'
+                                         % (length, 5 + self._max_frame))
+                if len(buf) - pos - 4 < length:
+                    break
+                kind = buf[pos + 4]
+                session = _U32.unpack_from(buf, pos + 5)[0]
+                payload = bytes(buf[pos + 9:pos + 4 + length])
+                pos += 4 + length
+                self._dispatch(kind, session, payload)
+        finally:
+            del buf[:pos]
+
+    def _dispatch(self, kind, session_id, payload):
+        if kind not in (OPEN, DATA, TEXT, MORE, END, CLOSE, CREDIT):
+            raise _ProtocolError('kind %d is not for a connector to receive' % kind)
+        if session_id == 0:
+            raise _ProtocolError('kind %d on the channel instead of a session' % kind)
+        if kind == OPEN:
+            self._open_session(session_id, payload)
+            return
+        session = self._sessions.get(session_id)
+        if session is None:
+            return  # it ended; frames may cross a close on the wire
+        if kind == CREDIT:
+            if len(payload) != 4:
+                raise _ProtocolError('a credit of %d bytes' % len(payload))
+            session._credit += _U32.unpack(payload)[0]
+            session._pump()
+        elif kind == CLOSE:
+            if len(payload) == 1:
+                raise _ProtocolError('a close of one byte')
+            code = _U16.unpack_from(payload)[0] if payload else 0
+            reason = payload[2:].decode('utf-8', 'replace')
+            app_closed = session._closing
+            session._forget()
+            if not app_closed:
+                self._call(session, session.on_close, code, reason)
+        elif kind == END:
+            if not session._closing:
+                self._call(session, session.on_end)
+        else:
+            self._receive(session, kind, payload)
+
+    def _open_session(self, session_id, payload):
+        if session_id in self._sessions:
+            raise _ProtocolError('open for session %d, which is open' % session_id)
+        try:
+            head = json.loads(payload.decode('utf-8'))
+        except ValueError as e:
+            raise _ProtocolError('open is not JSON: %s' % e)
+        if not isinstance(head, dict):
+            raise _ProtocolError('open is not a JSON object')
+        session = ApmSession(self, session_id, head)
+        self._sessions[session_id] = session
+        self._call(session, self.on_connect, session)
+
+    def _receive(self, session, kind, payload):
+        session._allowance -= len(payload)
+        if session._allowance < 0:
+            raise _ProtocolError('session %d: data beyond the window' % session.session_id)
+        if session._closing:
+            return  # the app has answered; nobody wants the rest
+        if session.protocol == 'ws':
+            if kind == MORE:
+                # apm sends the rest of a big message only as credit comes
+                # back, so fragments are credited as soon as they are buffered.
+                session._partial += payload
+                self._give_credit(session, len(payload))
+                return
+            message = payload
+            if session._partial:
+                session._partial += payload
+                message = bytes(session._partial)
+                session._partial = bytearray()
+            if kind == TEXT:
+                try:
+                    message = message.decode('utf-8')
+                except UnicodeDecodeError:
+                    raise _ProtocolError('session %d: a text message that is not UTF-8' % session.session_id)
+            self._call(session, session.on_data, message, kind == DATA)
+        else:
+            # A byte stream: `more` fragments are just bytes, passed on as they come.
+            self._call(session, session.on_data, payload, True)
+        # Consumed once the app's callback has returned.
+        self._give_credit(session, len(payload))
+
+    def _give_credit(self, session, size):
+        if size and session._open:
+            session._allowance += size
+            self._send(CREDIT, session.session_id, _U32.pack(size))
+
+    def _call(self, session, callback, *args):
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            # The app's bug ends its session, not the instance.
+            sys.stderr.write('apm_module: session %d: uncaught exception in %s\n'
+                             % (session.session_id, getattr(callback, '__name__', 'a callback')))
+            traceback.print_exc()
+            sys.stderr.flush()
+            session._failed()

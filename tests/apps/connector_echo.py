@@ -1,0 +1,107 @@
+"""The shared connector test app ("connector_echo"), Python flavour.
+
+Same behaviour in every language; see tests/connectors/conformance.py,
+which drives it as apm's daemon would.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'connectors'))
+
+from apm_module import ApmModule  # noqa: E402
+
+
+def serve_http(s):
+    # A line per request on stdout: it must reach the log, not the channel.
+    print('connector_echo: %s %s' % (s.method, s.path), flush=True)
+    s.session_data['body_length'] = 0
+
+    if s.path == '/corrupt':
+        # Bypasses the connector: a length far beyond max_frame. The
+        # connector moved the channel off fd 3, so use the descriptor it holds.
+        os.write(apm._sock.fileno(), b'\xff\xff\xff\xff' + b'junk!')
+        return
+
+    if s.path == '/echo':
+        headers = {'x-status': '200', 'content-type': 'application/octet-stream'}
+
+        def echo(chunk, is_binary):
+            s.write(chunk, headers)
+
+        def done():
+            s.write(b'', headers)  # sends the head if the body was empty
+            s.close()
+
+        s.on_data = echo
+        s.on_end = done
+        return
+
+    def count(chunk, is_binary):
+        s.session_data['body_length'] += len(chunk)
+
+    def answer():
+        if s.path.startswith('/status/'):
+            status = s.path[len('/status/'):]
+            s.write('status %s' % status, {'x-status': status, 'content-type': 'text/plain'})
+        elif s.path == '/cookies':
+            s.write('ok', {'x-status': '200', 'content-type': 'text/plain', 'set-cookie': ['a=1', 'b=2']})
+        else:
+            s.write(json.dumps({
+                'lang': 'python',
+                'method': s.method,
+                'path': s.path,
+                'path_array': s.path_array,
+                'query': s.query,
+                'query_object': s.query_object,
+                'headers': s.headers,
+                'cookies': s.cookies,
+                'remote_ip': s.remote_ip,
+                'session_id': s.session_id,
+                'instance_id': s.instance_id,
+                'client_subject': s.client_subject,
+                'tls': s.tls,
+                'pid': os.getpid(),
+                'body_length': s.session_data['body_length'],
+                'env_index': os.environ.get('APM_INDEX'),
+            }), {'x-status': '200', 'content-type': 'application/json'})
+        s.close()
+
+    s.on_data = count
+    s.on_end = answer
+
+
+def serve_ws(s):
+    def on_data(data, is_binary):
+        if not is_binary and data == 'close':
+            s.close(4000, 'bye')
+        elif not is_binary and data == 'raw':
+            s.write_raw(bytes([0x81, 0x04]) + b'raw!')
+        else:
+            s.write(data)  # str goes back as text, bytes as binary
+
+    s.on_data = on_data
+    s.on_close = lambda code, reason: None
+
+
+def serve_tcp(s):
+    def on_data(data, is_binary):
+        s.write(data)
+        if data.endswith(b'quit\n'):
+            s.close()
+
+    s.on_data = on_data
+
+
+def on_connect(s):
+    if s.protocol == 'ws':
+        serve_ws(s)
+    elif s.protocol == 'tcp':
+        serve_tcp(s)
+    else:
+        serve_http(s)
+
+
+apm = ApmModule(on_connect)
+apm.run()

@@ -1558,6 +1558,39 @@ fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
 }
 
 #[test]
+fn a_client_that_never_finishes_its_headers_is_timed_out_and_frees_its_slot() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_slowloris");
+    let (port, _) = load_headers_worker(&d, "s", "http", "max_conns 1; keep_alive 1s;");
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The only connection slot (max_conns 1) is free again.
+    assert!(
+        http_raw(
+            port,
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        .starts_with("HTTP/1.1 200")
+    );
+}
+
+#[test]
 fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgrades() {
     use std::io::{Read, Write};
     let d = Daemon::new("proxy_headers");

@@ -9,11 +9,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apm_compiler::ir::VanguardRules;
 use apm_compiler::values::PathPattern;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::{Clock, DefaultClock, Reference};
 use governor::{Quota, RateLimiter};
 
 /// Proof that Vanguard let this request or connection through.
@@ -35,8 +35,12 @@ pub enum Refusal {
     TooMany { retry_after: Duration },
 }
 
-type KeyedLimiter<K> =
-    RateLimiter<K, governor::state::keyed::DefaultKeyedStateStore<K>, DefaultClock>;
+type KeyedLimiter<K, C> = RateLimiter<
+    K,
+    governor::state::keyed::DefaultKeyedStateStore<K>,
+    C,
+    governor::middleware::NoOpMiddleware<<C as Clock>::Instant>,
+>;
 
 /// Per-client state is keyed by family: an IPv4 key takes 4 bytes where an
 /// `IpAddr` takes 17, which halves what a flood of addresses costs.
@@ -54,23 +58,20 @@ impl From<IpAddr> for Key {
     }
 }
 
-struct Limiter {
-    v4: KeyedLimiter<u32>,
-    v6: KeyedLimiter<u128>,
+struct Limiter<C: Clock> {
+    v4: KeyedLimiter<u32, C>,
+    v6: KeyedLimiter<u128, C>,
 }
 
-impl Limiter {
-    fn new(quota: Quota) -> Limiter {
+impl<C: Clock + Clone> Limiter<C> {
+    fn new(quota: Quota, clock: &C) -> Limiter<C> {
         Limiter {
-            v4: RateLimiter::keyed(quota),
-            v6: RateLimiter::keyed(quota),
+            v4: RateLimiter::new(quota, Default::default(), clock.clone()),
+            v6: RateLimiter::new(quota, Default::default(), clock.clone()),
         }
     }
 
-    fn check(
-        &self,
-        ip: IpAddr,
-    ) -> Result<(), governor::NotUntil<<DefaultClock as Clock>::Instant>> {
+    fn check(&self, ip: IpAddr) -> Result<(), governor::NotUntil<C::Instant>> {
         match Key::from(ip) {
             Key::V4(key) => self.v4.check_key(&key),
             Key::V6(key) => self.v6.check_key(&key),
@@ -245,21 +246,23 @@ impl PathRules {
     }
 }
 
-pub struct Vanguard {
+/// `C` is the clock of rate limits and bans: the system's, or a fake one
+/// that tests advance by hand.
+pub struct Vanguard<C: Clock = DefaultClock> {
     pub rules: VanguardRules,
     allow: Ranges,
     deny: Ranges,
     paths: PathRules,
     counters: Counters,
-    limiter: Option<Limiter>,
-    clock: DefaultClock,
+    limiter: Option<Limiter<C>>,
+    clock: C,
     bans: RwLock<Bans>,
-    born: Instant,
+    born: C::Instant,
     /// When state of departed clients was last dropped, in ms since `born`.
     swept_at: AtomicU64,
 }
 
-impl std::fmt::Debug for Vanguard {
+impl<C: Clock> std::fmt::Debug for Vanguard<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vanguard")
             .field("rules", &self.rules)
@@ -273,6 +276,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Vanguard {
     pub fn new(rules: &VanguardRules) -> Vanguard {
+        Vanguard::with_clock(rules, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> Vanguard<C> {
+    pub fn with_clock(rules: &VanguardRules, clock: C) -> Vanguard<C> {
         let limiter = rules.rate_limit.as_ref().and_then(|limit| {
             let rate = NonZeroU32::new(limit.value)?;
             let burst = rules
@@ -280,7 +289,10 @@ impl Vanguard {
                 .as_ref()
                 .and_then(|b| NonZeroU32::new(b.value))
                 .unwrap_or(rate);
-            Some(Limiter::new(Quota::per_second(rate).allow_burst(burst)))
+            Some(Limiter::new(
+                Quota::per_second(rate).allow_burst(burst),
+                &clock,
+            ))
         });
         Vanguard {
             rules: rules.clone(),
@@ -289,9 +301,9 @@ impl Vanguard {
             paths: PathRules::new(&rules.ban_path),
             counters: Counters::default(),
             limiter,
-            clock: DefaultClock::default(),
+            born: clock.now(),
+            clock,
             bans: RwLock::default(),
-            born: Instant::now(),
             swept_at: AtomicU64::new(0),
         }
     }
@@ -319,7 +331,7 @@ impl Vanguard {
 
     /// Now, in ms since the Vanguard was made: the clock bans are kept in.
     fn now(&self) -> u64 {
-        self.born.elapsed().as_millis() as u64
+        Duration::from(self.clock.now().duration_since(self.born)).as_millis() as u64
     }
 
     fn ip_allowed(&self, ip: IpAddr) -> bool {
@@ -476,12 +488,17 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn rules(text: &str) -> Vanguard {
+    use governor::clock::FakeRelativeClock;
+
+    /// A Vanguard whose time stands still until the test advances `clock`.
+    fn rules(text: &str) -> (Vanguard<FakeRelativeClock>, FakeRelativeClock) {
         let config = format!("worker {{ exec x; vanguard {{ {text} }} }}");
         let loader = apm_compiler::MemLoader::new().file("a.conf", config);
         let compilation = apm_compiler::compile(Path::new("a.conf"), &loader).unwrap();
         assert_eq!(compilation.diagnostics, vec![]);
-        Vanguard::new(compilation.config.workers[0].vanguard.as_ref().unwrap())
+        let clock = FakeRelativeClock::default();
+        let rules = compilation.config.workers[0].vanguard.as_ref().unwrap();
+        (Vanguard::with_clock(rules, clock.clone()), clock)
     }
 
     #[test]
@@ -490,7 +507,7 @@ mod tests {
         assert_eq!(normalize_path("/%2e%2e/.env"), "/.env");
         assert_eq!(normalize_path("//wp-admin/./x.php#frag"), "/wp-admin/x.php");
         assert_eq!(normalize_path("/static/"), "/static/");
-        let v = rules("ban_path *.php, /.git*, *wp-*, /.env;");
+        let (v, _) = rules("ban_path *.php, /.git*, *wp-*, /.env;");
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for target in [
             "/index.php?a=b",
@@ -511,7 +528,7 @@ mod tests {
 
     #[test]
     fn ip_lists_allow_only_listed_and_refuse_banned() {
-        let v = rules("allow_ip 10.0.0.0/8; ban_ip 10.6.6.0/24;");
+        let (v, _) = rules("allow_ip 10.0.0.0/8; ban_ip 10.6.6.0/24;");
         assert!(v.admit_connection("10.1.2.3".parse().unwrap()).is_ok());
         assert_eq!(
             v.admit_connection("10.6.6.6".parse().unwrap()).unwrap_err(),
@@ -526,15 +543,18 @@ mod tests {
 
     #[test]
     fn a_burst_passes_back_to_back_and_the_next_is_refused() {
-        let v = rules("rate_limit 1; rate_burst 5;");
+        let (v, _) = rules("rate_limit 2; rate_burst 5;");
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         for i in 0..5 {
             assert!(v.admit_request(ip, "/").is_ok(), "request {i} of the burst");
         }
-        match v.admit_request(ip, "/") {
-            Err(Refusal::TooMany { retry_after }) => assert!(retry_after >= Duration::from_secs(1)),
-            other => panic!("{other:?}"),
-        }
+        // One request refills every 500 ms; Retry-After is in whole seconds.
+        assert_eq!(
+            v.admit_request(ip, "/").unwrap_err(),
+            Refusal::TooMany {
+                retry_after: Duration::from_secs(1)
+            }
+        );
         assert!(
             v.admit_request("192.0.2.8".parse().unwrap(), "/").is_ok(),
             "limits are per client"
@@ -542,8 +562,31 @@ mod tests {
     }
 
     #[test]
-    fn a_breach_with_ban_ttl_bans_the_client() {
-        let v = rules("rate_limit 2; ban_ttl 1h;");
+    fn a_spent_burst_refills_at_the_rate() {
+        let (v, clock) = rules("rate_limit 10; rate_burst 3;");
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        for _ in 0..3 {
+            assert!(v.admit_request(ip, "/").is_ok());
+        }
+        assert!(v.admit_request(ip, "/").is_err());
+        clock.advance(Duration::from_millis(99));
+        assert!(v.admit_request(ip, "/").is_err(), "not yet: one per 100 ms");
+        clock.advance(Duration::from_millis(1));
+        assert!(v.admit_request(ip, "/").is_ok(), "one request refilled");
+        assert!(v.admit_request(ip, "/").is_err(), "and only one");
+        clock.advance(Duration::from_secs(1));
+        for i in 0..3 {
+            assert!(
+                v.admit_request(ip, "/").is_ok(),
+                "the whole burst is back: {i}"
+            );
+        }
+        assert!(v.admit_request(ip, "/").is_err());
+    }
+
+    #[test]
+    fn a_breach_with_ban_ttl_bans_the_client_until_it_expires() {
+        let (v, clock) = rules("rate_limit 2; ban_ttl 10s;");
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         assert!(v.admit_request(ip, "/").is_ok());
         assert!(v.admit_request(ip, "/").is_ok());
@@ -553,11 +596,20 @@ mod tests {
             Refusal::Forbidden,
             "banned everywhere for ban_ttl"
         );
+        clock.advance(Duration::from_secs(9));
+        assert_eq!(v.admit_request(ip, "/").unwrap_err(), Refusal::Forbidden);
+        assert_eq!(v.stats().banned_now, 1);
+        // A ban is kept in whole seconds: it ends within a second after ban_ttl.
+        clock.advance(Duration::from_secs(2));
+        assert!(v.admit_request(ip, "/").is_ok(), "the ban expired");
+        let stats = v.stats();
+        // The breach itself counts as rate-limited, the refusals after it as banned.
+        assert_eq!((stats.rate_limited, stats.banned), (1, 2), "{stats:?}");
     }
 
     #[test]
     fn refilled_buckets_and_expired_bans_are_dropped() {
-        let v = rules("rate_limit 1000; rate_burst 1; ban_ttl 10ms;");
+        let (v, clock) = rules("rate_limit 1000; rate_burst 1; ban_ttl 10ms;");
         for i in 0..1000u32 {
             let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
             let _ = v.admit_request(ip, "/");
@@ -571,38 +623,20 @@ mod tests {
             "{flooded:?}"
         );
         assert!(flooded.bans.len() <= LISTED_BANS);
-        // Any later request sweeps once the sweep interval has passed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let _ = v.admit_request("192.0.2.1".parse().unwrap(), "/");
-            let bans = v.bans.read().unwrap().iter().count();
-            if v.stats().tracked <= 1 && bans == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "state was never dropped");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    #[test]
-    fn a_spent_burst_refills_with_time() {
-        let v = rules("rate_limit 20; rate_burst 2;");
-        let ip: IpAddr = "192.0.2.10".parse().unwrap();
-        let mut refused = false;
-        for _ in 0..10 {
-            refused |= v.admit_request(ip, "/").is_err();
-        }
-        assert!(refused, "ten requests at once exceed a burst of 2");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while v.admit_request(ip, "/").is_err() {
-            assert!(Instant::now() < deadline, "the bucket never refilled");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Within the sweep interval nothing is dropped...
+        clock.advance(SWEEP_EVERY / 2);
+        let _ = v.admit_request("192.0.2.1".parse().unwrap(), "/");
+        assert!(v.stats().tracked > 900);
+        // ...after it, the next request sweeps what refilled or expired.
+        clock.advance(SWEEP_EVERY);
+        let _ = v.admit_request("192.0.2.1".parse().unwrap(), "/");
+        assert_eq!(v.stats().tracked, 1, "only the client of this request");
+        assert_eq!(v.bans.read().unwrap().iter().count(), 0);
     }
 
     #[test]
     fn ipv6_ranges_and_ipv4_mapped_clients() {
-        let v = rules("ban_ip 2001:db8::/32, 198.51.100.0/24;");
+        let (v, _) = rules("ban_ip 2001:db8::/32, 198.51.100.0/24;");
         let judge = |ip: &str| v.admit_connection(ip.parse().unwrap()).is_ok();
         assert!(!judge("2001:db8:1::5"));
         assert!(judge("2001:db9::5"));

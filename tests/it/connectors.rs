@@ -411,3 +411,42 @@ fn the_session_carries_the_verified_client_certificate_subject() {
     );
     assert_eq!(session["headers"]["x-forwarded-proto"], "https");
 }
+
+#[test]
+fn a_listener_stays_open_across_restarts_and_moves_with_its_address() {
+    let d = Daemon::new("listener_moves");
+    let (first, second) = (free_port(), free_port());
+    let conf = |port: u16| {
+        format!(
+            "worker {{ name m; exec python3; params {}; startup_grace 200; server http://127.0.0.1:{port}; }}\n",
+            repo("tests/apps/connector_echo.py").display()
+        )
+    };
+    let config = d.write("apm.conf", &conf(first));
+    d.ok(&["load", config.to_str().unwrap()]);
+    d.wait_running("m");
+    // While the only instance restarts, the socket keeps accepting: clients
+    // wait in the backlog or get a 503, never a refused connection.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut connections = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                TcpStream::connect(("127.0.0.1", first)).expect("the listener stays open");
+                connections += 1;
+            }
+            connections
+        })
+    };
+    d.ok(&["restart", "m"]);
+    d.wait_running("m");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(prober.join().unwrap() > 0);
+    // A reload that moves the worker closes the old address.
+    std::fs::write(&config, conf(second)).unwrap();
+    d.ok(&["reload", config.to_str().unwrap()]);
+    d.wait_running("m");
+    assert_eq!(http_get(second).map(|(status, _)| status), Some(200));
+    assert!(TcpStream::connect(("127.0.0.1", first)).is_err());
+}

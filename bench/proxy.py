@@ -20,6 +20,7 @@ the run) and wrk speaks HTTPS to them. Needs wrk, nginx and openssl
 root).
 
 Usage: cargo build --release --examples -p apm-runtime && cargo build --release && [TLS=1] python3 bench/proxy.py
+(APM_BIN=path measures another apm binary.)
 """
 
 import json
@@ -156,7 +157,7 @@ def main():
     tls = os.environ.get("TLS") == "1"
     scheme = "https" if tls else "http"
     hello = os.path.abspath("target/release/examples/hello")
-    apm = os.path.abspath("target/release/apm")
+    apm = os.path.abspath(os.environ.get("APM_BIN", "target/release/apm"))
     root = tempfile.mkdtemp(prefix="apm-bench-proxy-")
     procs = []
     env = dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-proxy-{os.getpid()}")

@@ -208,11 +208,22 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     (TlsSetting::Broken, _) | (TlsSetting::Off, true) => return,
                     (TlsSetting::Off, false) => (stream, None),
                 };
-                let pick = move || {
+                // A keep-alive client keeps the instance it was given while
+                // that instance gets traffic; others take the next in turn.
+                let pick = move |kept: Option<SocketAddr>| {
                     let route = routes.borrow();
                     let list = &route.backends;
-                    let backend = (!list.is_empty())
-                        .then(|| list[next.fetch_add(1, Ordering::Relaxed) % list.len()].clone());
+                    let backend = kept
+                        .and_then(|kept| {
+                            list.iter()
+                                .find(|b| matches!(b, Backend::Port(a) if *a == kept))
+                                .cloned()
+                        })
+                        .or_else(|| {
+                            (!list.is_empty()).then(|| {
+                                list[next.fetch_add(1, Ordering::Relaxed) % list.len()].clone()
+                            })
+                        });
                     (backend, route.options.clone())
                 };
                 match raw_permit {
@@ -225,7 +236,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                             tls: tls.is_some(),
                             client_subject: tls.as_ref().and_then(|t| t.client_subject.as_ref()),
                         };
-                        splice(stream, pick().0, head, permit).await;
+                        splice(stream, pick(None).0, head, permit).await;
                     }
                 }
                 drop(permit);
@@ -312,20 +323,36 @@ pub(crate) fn text(status: StatusCode, message: String) -> Response<Body> {
     response
 }
 
+/// One client connection, as its requests see it.
+struct Connection {
+    client: Option<IpAddr>,
+    tls: Option<Secure>,
+    worker: String,
+    /// The connection to an instance that this client's requests reuse.
+    upstream: std::sync::Mutex<Pinned>,
+}
+
 async fn serve_http(
     stream: Box<dyn Io>,
     client: Option<IpAddr>,
     worker: String,
     options: &Options,
     tls: Option<Secure>,
-    pick: impl Fn() -> (Option<Backend>, Options) + Clone + Send + Sync + 'static,
+    pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Options) + Clone + Send + Sync + 'static,
 ) {
+    let connection = Arc::new(Connection {
+        client,
+        tls,
+        worker,
+        upstream: std::sync::Mutex::default(),
+    });
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (pick, worker, tls) = (pick.clone(), worker.clone(), tls.clone());
+        let (pick, connection) = (pick.clone(), connection.clone());
         async move {
-            let (backend, options) = pick();
+            let kept = connection.upstream.lock().expect("upstream").backend();
+            let (backend, options) = pick(kept);
             Ok::<_, std::convert::Infallible>(
-                forward(request, client, tls.as_ref(), &worker, backend, &options).await,
+                forward(request, &connection, backend, &options).await,
             )
         }
     });
@@ -335,27 +362,12 @@ async fn serve_http(
         builder.header_read_timeout(options.keep_alive);
     }
     // hyper lowercases header names; it keeps the client's spelling (which
-    // the pooled client then writes upstream) only when asked to.
+    // the upstream connection then writes) only when asked to.
     builder.preserve_header_case(!options.lowercase_headers);
     let _ = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
-}
-
-type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Incoming,
->;
-
-fn upstream_client() -> &'static UpstreamClient {
-    static CLIENT: std::sync::OnceLock<UpstreamClient> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(|| {
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .http1_preserve_header_case(true)
-            .build_http()
-    })
 }
 
 /// A request id unique within this daemon's life.
@@ -441,14 +453,12 @@ fn refused(refusal: Refusal, ban_response: String) -> Response<Body> {
 
 async fn forward(
     request: Request<Incoming>,
-    client: Option<IpAddr>,
-    tls: Option<&Secure>,
-    worker: &str,
+    connection: &Connection,
     backend: Option<Backend>,
     options: &Options,
 ) -> Response<Body> {
-    match gate(&request, client, options) {
-        Ok(permit) => relay(request, permit, client, tls, worker, backend, options).await,
+    match gate(&request, connection.client, options) {
+        Ok(permit) => relay(request, permit, connection, backend, options).await,
         Err((refusal, ban_response)) => refused(refusal, ban_response),
     }
 }
@@ -460,12 +470,15 @@ const CLIENT_SUBJECT: &str = "x-client-cert-subject";
 async fn relay(
     mut request: Request<Incoming>,
     _permit: Permit,
-    client: Option<IpAddr>,
-    tls: Option<&Secure>,
-    worker: &str,
+    connection: &Connection,
     backend: Option<Backend>,
     options: &Options,
 ) -> Response<Body> {
+    let (client, tls, worker) = (
+        connection.client,
+        connection.tls.as_ref(),
+        connection.worker.as_str(),
+    );
     let Some(backend) = backend else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -534,7 +547,7 @@ async fn relay(
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
     let response = match backend {
-        Backend::Port(backend) => to_port(request, worker, backend).await,
+        Backend::Port(backend) => to_port(request, connection, backend).await,
         Backend::Connector(link) => {
             let head = Head {
                 protocol: "http",
@@ -552,28 +565,49 @@ async fn relay(
     response
 }
 
-/// Sends a request to an instance's own port.
+/// Sends a request to an instance's own port, over the client's pinned
+/// connection to it, an idle one, or a new one.
 async fn to_port(
     mut request: Request<Incoming>,
-    worker: &str,
+    connection: &Connection,
     backend: SocketAddr,
 ) -> Response<Body> {
-    // Connections to the instances are pooled and kept alive, as nginx's
-    // upstream keepalive does.
-    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    match format!("http://{backend}{target}").parse() {
-        Ok(uri) => *request.uri_mut() = uri,
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request target: {e}\n"),
-            );
-        }
+    let worker = &connection.worker;
+    let held = connection.upstream.lock().expect("upstream").take(backend);
+    let mut reused = held.or_else(|| idle().take(backend));
+    if let Some(sender) = &mut reused
+        && sender.ready().await.is_err()
+    {
+        reused = None; // the instance closed it meanwhile
     }
+    let mut sender = match reused {
+        Some(sender) => sender,
+        None => match connect(backend).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{worker} failed to answer: {e}\n"),
+                );
+            }
+        },
+    };
+    // Origin form: the instance sees the path, and the client's Host header.
+    let target = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    *request.uri_mut() = target.into();
     // A WebSocket (or any upgrade): once the instance agrees, both sides are
     // spliced byte for byte.
     let client_upgrade = hyper::upgrade::on(&mut request);
-    match upstream_client().request(request).await {
+    let response = sender.send_request(request).await;
+    if !matches!(&response, Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS) {
+        // The next request waits in `ready` until this response's body is through.
+        connection.upstream.lock().expect("upstream").0 = Some((backend, sender));
+    }
+    match response {
         Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
@@ -592,6 +626,88 @@ async fn to_port(
             StatusCode::BAD_GATEWAY,
             format!("{worker} failed to answer: {e}\n"),
         ),
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+
+async fn connect(backend: SocketAddr) -> Result<Sender, BoxError> {
+    let stream = TcpStream::connect(backend).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(connection.with_upgrades());
+    Ok(sender)
+}
+
+/// A client connection's connection to its instance; parked for other
+/// clients when the client leaves.
+#[derive(Default)]
+struct Pinned(Option<(SocketAddr, Sender)>);
+
+impl Pinned {
+    fn backend(&self) -> Option<SocketAddr> {
+        self.0.as_ref().map(|(backend, _)| *backend)
+    }
+
+    /// The connection, if it goes to `backend`; one to another is parked.
+    fn take(&mut self, backend: SocketAddr) -> Option<Sender> {
+        match self.0.take() {
+            Some((address, sender)) if address == backend => Some(sender),
+            Some((address, sender)) => {
+                idle().park(address, sender);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some((address, sender)) = self.0.take() {
+            idle().park(address, sender);
+        }
+    }
+}
+
+/// Idle connections to the instances, kept alive for the next clients as
+/// nginx's upstream keepalive does. Requests of one client connection do
+/// not come here: they stay on the connection pinned to it.
+#[derive(Default)]
+struct Idle(std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<Sender>>>);
+
+/// Idle connections kept per instance; more are closed.
+const IDLE_PER_INSTANCE: usize = 64;
+
+fn idle() -> &'static Idle {
+    static IDLE: std::sync::OnceLock<Idle> = std::sync::OnceLock::new();
+    IDLE.get_or_init(Idle::default)
+}
+
+impl Idle {
+    fn park(&self, backend: SocketAddr, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.0.lock().expect("idle");
+        // Connections to instances that are gone close; forget them.
+        idle.retain(|_, senders| {
+            senders.retain(|s| !s.is_closed());
+            !senders.is_empty()
+        });
+        let senders = idle.entry(backend).or_default();
+        if senders.len() < IDLE_PER_INSTANCE {
+            senders.push(sender);
+        }
+    }
+
+    fn take(&self, backend: SocketAddr) -> Option<Sender> {
+        let mut idle = self.0.lock().expect("idle");
+        let senders = idle.get_mut(&backend)?;
+        std::iter::from_fn(|| senders.pop()).find(|s| !s.is_closed())
     }
 }
 

@@ -265,10 +265,13 @@ enum Socket {
 impl Socket {
     async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
-            Socket::Tcp(listener) => listener
-                .accept()
-                .await
-                .map(|(s, a)| Accepted::Tcp(s, a.ip())),
+            Socket::Tcp(listener) => {
+                let (stream, address) = listener.accept().await?;
+                // Small writes (a WebSocket frame's header, then its payload)
+                // must not wait for the peer's delayed ACK.
+                stream.set_nodelay(true)?;
+                Ok(Accepted::Tcp(stream, address.ip()))
+            }
             Socket::Unix(listener) => listener.accept().await.map(|(s, _)| Accepted::Unix(s)),
         }
     }
@@ -299,6 +302,7 @@ async fn splice(
         None => {}
         Some(Backend::Port(backend)) => {
             if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                let _ = upstream.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
         }

@@ -450,3 +450,25 @@ fn a_listener_stays_open_across_restarts_and_moves_with_its_address() {
     assert_eq!(http_get(second).map(|(status, _)| status), Some(200));
     assert!(TcpStream::connect(("127.0.0.1", first)).is_err());
 }
+
+/// The Autobahn fuzzing-client cases (`tests/autobahn.py --quick`): the same
+/// verdicts through a `ws://` listener in `upstream port` mode as directly,
+/// and every case passing against apm's own WebSocket in connector mode.
+#[test]
+fn the_websocket_proxy_passes_the_autobahn_cases() {
+    let output = Command::new("python3")
+        .arg(repo("tests/autobahn.py"))
+        .args(["--quick", "--apm", env!("CARGO_BIN_EXE_apm")])
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains("autobahn, connector mode: 301 passed, 0 failed"),
+        "{report}"
+    );
+}

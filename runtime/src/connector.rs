@@ -391,7 +391,9 @@ pub(crate) enum ToClient {
 pub(crate) trait ClientSide {
     async fn next(&mut self) -> FromClient;
     /// Delivers what the child sent; an error means the client is gone.
-    async fn deliver(&mut self, message: ToClient) -> Result<(), ()>;
+    /// `more` says that further frames of the child are already queued, so
+    /// a client side may gather them into one write.
+    async fn deliver(&mut self, message: ToClient, more: bool) -> Result<(), ()>;
 }
 
 /// Carries a session both ways until either side closes it.
@@ -415,19 +417,20 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &Value, mut client: impl Client
             inbound = session.rx.recv() => {
                 let Some(inbound) = inbound else {
                     session.open = false;
-                    let _ = client.deliver(ToClient::Gone).await;
+                    let _ = client.deliver(ToClient::Gone, false).await;
                     return;
                 };
+                let more = !session.rx.is_empty();
                 let delivery = match inbound {
                     Inbound::Credit(bytes) => {
                         session.credit = session.credit.saturating_add(bytes);
                         continue;
                     }
-                    Inbound::Head(head) => client.deliver(ToClient::Head(head)).await,
+                    Inbound::Head(head) => client.deliver(ToClient::Head(head), more).await,
                     Inbound::Message { kind: Kind::More, bytes } => {
                         if partial.len() + bytes.len() > MAX_MESSAGE {
                             session.close(1009, "message too big");
-                            let _ = client.deliver(ToClient::Close { code: 1009, reason: String::new() }).await;
+                            let _ = client.deliver(ToClient::Close { code: 1009, reason: String::new() }, false).await;
                             return;
                         }
                         partial.extend_from_slice(&bytes);
@@ -445,13 +448,13 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &Value, mut client: impl Client
                         let delivered = client.deliver(match kind {
                             Kind::Raw => ToClient::Raw(message),
                             _ => ToClient::Message { text: kind == Kind::Text, bytes: message },
-                        }).await;
+                        }, more).await;
                         session.consumed(size);
                         delivered
                     }
                     Inbound::Close { code, reason } => {
                         session.open = false;
-                        let _ = client.deliver(ToClient::Close { code, reason }).await;
+                        let _ = client.deliver(ToClient::Close { code, reason }, false).await;
                         return;
                     }
                 };

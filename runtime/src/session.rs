@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -41,6 +41,7 @@ pub(crate) async fn http(
         body: Some(body),
         respond: Some(respond),
         body_tx: None,
+        gathered: None,
     };
     tokio::spawn(async move { pump(&link, &head, exchange).await });
     response.await.unwrap_or_else(|_| gone())
@@ -61,18 +62,32 @@ struct Exchange {
     respond: Option<oneshot::Sender<Response<Body>>>,
     /// The response body, once the head is sent.
     body_tx: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+    /// The head and body so far, while the child's next frames are already
+    /// queued: a response that is complete by then goes out whole, in one
+    /// write and without a body channel.
+    gathered: Option<(Map<String, Value>, BytesMut)>,
 }
 
+/// The most a response gathers before it is streamed.
+const GATHER: usize = 64 * 1024;
+
 impl Exchange {
-    fn send_head(&mut self, head: Map<String, Value>) {
-        let Some(respond) = self.respond.take() else {
-            return;
-        };
+    /// Sends the response head; the body follows through `body_tx`.
+    fn stream(&mut self, head: Map<String, Value>) {
         // One chunk in the channel: credit goes back to the child only once
         // hyper has taken the previous chunk for the client.
         let (body_tx, body_rx) = mpsc::channel(1);
         self.body_tx = Some(body_tx);
-        let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(body_rx)));
+        self.respond(
+            head,
+            BodyExt::boxed(StreamBody::new(tokio_stream_from(body_rx))),
+        );
+    }
+
+    fn respond(&mut self, head: Map<String, Value>, body: Body) {
+        let Some(respond) = self.respond.take() else {
+            return;
+        };
         let mut response = Response::new(body);
         for (name, value) in head {
             if name.eq_ignore_ascii_case("x-status") {
@@ -147,19 +162,36 @@ impl ClientSide for Exchange {
         }
     }
 
-    async fn deliver(&mut self, message: ToClient) -> Result<(), ()> {
+    async fn deliver(&mut self, message: ToClient, more: bool) -> Result<(), ()> {
         match message {
-            ToClient::Head(head) => self.send_head(head),
-            ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => {
-                self.send_head(Map::new());
-                let body_tx = self.body_tx.as_ref().ok_or(())?;
-                body_tx.send(Ok(Frame::data(bytes))).await.map_err(|_| ())?;
+            ToClient::Head(head) => {
+                if self.respond.is_some() {
+                    self.gathered = Some((head, BytesMut::new()));
+                }
             }
+            ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => match &mut self.gathered {
+                Some((_, gathered)) => gathered.extend_from_slice(&bytes),
+                None if self.respond.is_some() => {
+                    self.gathered = Some((Map::new(), BytesMut::from(bytes)));
+                }
+                None => {
+                    let body_tx = self.body_tx.as_ref().ok_or(())?;
+                    body_tx.send(Ok(Frame::data(bytes))).await.map_err(|_| ())?;
+                }
+            },
             ToClient::Close { .. } => {
-                self.send_head(Map::new());
+                let (head, body) = self.gathered.take().unwrap_or_default();
+                self.respond(
+                    head,
+                    Full::new(body.freeze())
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
                 self.body_tx = None;
+                return Ok(());
             }
             ToClient::Gone => {
+                self.gathered = None;
                 if let Some(respond) = self.respond.take() {
                     let _ = respond.send(gone());
                 } else if let Some(body_tx) = self.body_tx.take() {
@@ -168,6 +200,21 @@ impl ClientSide for Exchange {
                         .send(Err("the instance ended during the response".into()))
                         .await;
                 }
+                return Ok(());
+            }
+        }
+        // Nothing more queued (or enough gathered): what is gathered streams.
+        let enough = |(_, body): &(_, BytesMut)| body.len() >= GATHER;
+        if (!more || self.gathered.as_ref().is_some_and(enough))
+            && let Some((head, body)) = self.gathered.take()
+        {
+            self.stream(head);
+            if !body.is_empty() {
+                let body_tx = self.body_tx.as_ref().ok_or(())?;
+                body_tx
+                    .send(Ok(Frame::data(body.freeze())))
+                    .await
+                    .map_err(|_| ())?;
             }
         }
         Ok(())
@@ -282,7 +329,7 @@ impl ClientSide for WebSocket {
         }
     }
 
-    async fn deliver(&mut self, message: ToClient) -> Result<(), ()> {
+    async fn deliver(&mut self, message: ToClient, _more: bool) -> Result<(), ()> {
         match message {
             ToClient::Head(_) => Ok(()),
             ToClient::Message { text: true, bytes } => {
@@ -366,7 +413,7 @@ impl ClientSide for Tcp {
         }
     }
 
-    async fn deliver(&mut self, message: ToClient) -> Result<(), ()> {
+    async fn deliver(&mut self, message: ToClient, _more: bool) -> Result<(), ()> {
         match message {
             ToClient::Head(_) => Ok(()),
             ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => {

@@ -174,28 +174,37 @@ impl Link {
 
     async fn read_frames(
         &self,
-        reader: tokio::net::unix::OwnedReadHalf,
+        mut reader: tokio::net::unix::OwnedReadHalf,
         changed: &(impl Fn() + Send + Sync),
     ) -> Result<(), String> {
-        let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
+        // Frames are cut out of one buffer, each read taking what is there.
+        let mut buffer = BytesMut::with_capacity(64 * 1024);
+        let mut fill = async |buffer: &mut BytesMut, wanted: usize| -> Result<bool, String> {
+            while buffer.len() < wanted {
+                buffer.reserve((wanted - buffer.len()).max(64 * 1024));
+                match reader.read_buf(buffer).await {
+                    Ok(0) if buffer.is_empty() => return Ok(false),
+                    Ok(0) => return Err("the channel ended inside a frame".to_owned()),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("cannot read the channel: {e}")),
+                }
+            }
+            Ok(true)
+        };
         loop {
-            let length = match reader.read_u32().await {
-                Ok(length) => length as usize,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(format!("cannot read the channel: {e}")),
-            };
+            if !fill(&mut buffer, 4).await? {
+                return Ok(());
+            }
+            let length = u32::from_be_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
             if !(HEADER..=HEADER + MAX_FRAME).contains(&length) {
                 return Err(format!(
                     "a frame of {length} bytes (the limit is {})",
                     HEADER + MAX_FRAME
                 ));
             }
-            let mut body = vec![0; length];
-            reader
-                .read_exact(&mut body)
-                .await
-                .map_err(|e| format!("the channel ended inside a frame: {e}"))?;
-            let body = Bytes::from(body);
+            fill(&mut buffer, 4 + length).await?;
+            let mut body = buffer.split_to(4 + length).freeze();
+            let body = body.split_off(4);
             let kind = Kind::from_u8(body[0]).ok_or_else(|| format!("unknown kind {}", body[0]))?;
             let session = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
             let payload = body.slice(HEADER..);
@@ -266,7 +275,7 @@ impl Link {
     }
 
     /// Opens a session with the given head.
-    fn open(self: &Arc<Link>, head: &Value) -> Session {
+    fn open(self: &Arc<Link>, head: &[u8]) -> Session {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sessions = self.sessions.lock().expect("sessions");
         let id = loop {
@@ -283,7 +292,7 @@ impl Link {
             },
         );
         drop(sessions);
-        self.send(Kind::Open, id, head.to_string().as_bytes());
+        self.send(Kind::Open, id, head);
         Session {
             id,
             link: self.clone(),
@@ -397,7 +406,7 @@ pub(crate) trait ClientSide {
 }
 
 /// Carries a session both ways until either side closes it.
-pub(crate) async fn pump(link: &Arc<Link>, head: &Value, mut client: impl ClientSide) {
+pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientSide) {
     let mut session = link.open(head);
     let fragment = MAX_FRAME.min(WINDOW as usize);
     // Frames waiting for credit; the client is not read while any wait.
@@ -492,36 +501,66 @@ pub(crate) struct Head<'a> {
 }
 
 impl Head<'_> {
-    pub fn to_json(&self) -> Value {
-        let mut headers = Map::new();
-        if let Some(request) = self.request {
-            for (name, value) in &request.headers {
-                let value = String::from_utf8_lossy(value.as_bytes());
-                match headers.get_mut(name.as_str()) {
-                    Some(Value::String(joined)) => {
-                        joined.push_str(if name == hyper::header::COOKIE {
-                            "; "
-                        } else {
-                            ", "
-                        });
-                        joined.push_str(&value);
-                    }
-                    _ => {
-                        headers.insert(name.as_str().to_owned(), Value::String(value.into_owned()));
-                    }
-                }
-            }
+    /// The head as the JSON payload of `open`, written straight from the
+    /// request: every request makes one.
+    pub fn to_json(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            protocol: &'a str,
+            method: &'a str,
+            path: &'a str,
+            query: &'a str,
+            headers: Headers<'a>,
+            remote_ip: Option<std::net::IpAddr>,
+            tls: bool,
+            client_subject: Option<std::borrow::Cow<'a, str>>,
         }
-        json!({
-            "protocol": self.protocol,
-            "method": self.request.map_or("", |r| r.method.as_str()),
-            "path": self.request.map_or("", |r| r.uri.path()),
-            "query": self.request.and_then(|r| r.uri.query()).unwrap_or(""),
-            "headers": headers,
-            "remote_ip": self.remote_ip.map(|ip| ip.to_string()),
-            "tls": self.tls,
-            "client_subject": self.client_subject.map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        })
+        let json = Json {
+            protocol: self.protocol,
+            method: self.request.map_or("", |r| r.method.as_str()),
+            path: self.request.map_or("", |r| r.uri.path()),
+            query: self.request.and_then(|r| r.uri.query()).unwrap_or(""),
+            headers: Headers(self.request.map(|r| &r.headers)),
+            remote_ip: self.remote_ip,
+            tls: self.tls,
+            client_subject: self
+                .client_subject
+                .map(|s| String::from_utf8_lossy(s.as_bytes())),
+        };
+        serde_json::to_vec(&json).expect("a head always serializes")
+    }
+}
+
+/// Request headers as one JSON object: names lowercased (as hyper keeps
+/// them), repeated headers joined.
+struct Headers<'a>(Option<&'a hyper::HeaderMap>);
+
+impl serde::Serialize for Headers<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Some(headers) = self.0 else {
+            return serializer.serialize_map(Some(0))?.end();
+        };
+        let mut map = serializer.serialize_map(Some(headers.keys_len()))?;
+        for name in headers.keys() {
+            let mut values = headers
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()));
+            let first = values.next().unwrap_or_default();
+            let joined = values.fold(first, |mut joined, value| {
+                let separator = if name == hyper::header::COOKIE {
+                    "; "
+                } else {
+                    ", "
+                };
+                joined.to_mut().push_str(separator);
+                joined.to_mut().push_str(&value);
+                joined
+            });
+            map.serialize_entry(name.as_str(), &joined)?;
+        }
+        map.end()
     }
 }
 
@@ -594,7 +633,7 @@ mod tests {
             .await
             .unwrap();
         changed.recv().await.unwrap();
-        let mut session = link.open(&json!({}));
+        let mut session = link.open(b"{}");
         let chunk = vec![0; MAX_FRAME.min(WINDOW as usize)];
         theirs
             .write_all(&frame(Kind::Data, session.id, &chunk))

@@ -196,6 +196,13 @@ class SessionState {
     this.onData = null;
     this.onEnd = null;
     this.onClose = null;
+    this.parsed = null;
+  }
+
+  cached(name, parse) {
+    if (this.parsed === null) this.parsed = {};
+    if (!(name in this.parsed)) this.parsed[name] = parse();
+    return this.parsed[name];
   }
 }
 
@@ -207,11 +214,8 @@ class ApmSession {
     this.protocol = head.protocol;
     this.method = typeof head.method === 'string' ? head.method : '';
     this.path = path;
-    this.path_array = splitPath(path);
     this.query = query;
-    this.query_object = parseQuery(query);
     this.headers = headers;
-    this.cookies = parseCookies(typeof headers.cookie === 'string' ? headers.cookie : '');
     this.remote_ip = typeof head.remote_ip === 'string' ? head.remote_ip : null;
     this.session_id = id;
     this.instance_id = link.instanceId;
@@ -222,6 +226,14 @@ class ApmSession {
     Object.defineProperty(this, '_s', { value: new SessionState(link, id) });
   }
 
+  // Parsed on first use: most handlers read few of them, and every request
+  // would pay for all three.
+  get path_array() { return this._s.cached('path_array', () => splitPath(this.path)); }
+  get query_object() { return this._s.cached('query_object', () => parseQuery(this.query)); }
+  get cookies() {
+    const cookie = this.headers.cookie;
+    return this._s.cached('cookies', () => parseCookies(typeof cookie === 'string' ? cookie : ''));
+  }
   get remoteIp() { return this.remote_ip; }
   get instanceId() { return this.instance_id; }
   get sessionId() { return this.session_id; }

@@ -10,7 +10,8 @@
   - a Node hello-world under apm's Node connector, 2 instances,
   - the same app written with `http` under PM2 cluster mode, `-i 2` (PM2
     from npm, in a temporary directory; SKIP_PM2=1 leaves both Node rows out).
-Prints req/s, p50 and p99, the ratio apm / nginx (target: at or above
+Each setup is measured ROUNDS times (default 3), the setups taking turns;
+prints the medians of req/s, p50 and p99, the ratio apm / nginx (target: at or above
 nginx's req/s, with a p99 no worse), the ratio with / without Vanguard
 (target: >= 0.95), the ratio Node connector / PM2 (target: >= 1.0) and the
 daemon's memory under load (target: under 50 MB).
@@ -121,8 +122,9 @@ def wait_instances(port, count, deadline=10):
         connection.close()
 
 
-def node_rows(apm, env, root):
-    """The Node connector under apm against the plain-http app under PM2."""
+def node_targets(apm, env, root):
+    """Starts the Node connector app under apm and the plain-http app under
+    PM2; returns their ports and PM2, to stop at the end."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from daemon import Pm2
 
@@ -138,16 +140,15 @@ def node_rows(apm, env, root):
     subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
     wait_port(node_port)
     wait_instances(node_port, 2)
-    rows = {"apm node": wrk(node_port)}
     pm2 = Pm2(root)
-    try:
-        pm2.env["PORT"] = str(pm2_port)
-        pm2("start", http_app, "-i", "2", "--name", "hello")
-        wait_port(pm2_port)
-        rows["pm2 -i 2"] = wrk(pm2_port)
-    finally:
-        pm2.stop()
-    return rows
+    pm2.env["PORT"] = str(pm2_port)
+    pm2("start", http_app, "-i", "2", "--name", "hello")
+    wait_port(pm2_port)
+    return {"apm node": (node_port, "http"), "pm2 -i 2": (pm2_port, "http")}, pm2
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 def main():
@@ -160,6 +161,7 @@ def main():
     apm = os.path.abspath(os.environ.get("APM_BIN", "target/release/apm"))
     root = tempfile.mkdtemp(prefix="apm-bench-proxy-")
     procs = []
+    pm2 = None
     env = dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-proxy-{os.getpid()}")
     try:
         backend = free_port()
@@ -200,20 +202,31 @@ http {{
         wait_port(apm_port)
         wait_port(guarded_port)
 
-        results = {
-            "direct": wrk(backend),
-            "nginx": wrk(nginx_port, scheme),
-            "apm": wrk(apm_port, scheme),
-            "apm+vg": wrk(guarded_port, scheme),
+        targets = {
+            "direct": (backend, "http"),
+            "nginx": (nginx_port, scheme),
+            "apm": (apm_port, scheme),
+            "apm+vg": (guarded_port, scheme),
         }
         if not tls and os.environ.get("SKIP_PM2") != "1":
-            results.update(node_rows(apm, env, root))
+            node, pm2 = node_targets(apm, env, root)
+            targets.update(node)
+        # The setups take turns, ROUNDS times, and each row is the median
+        # of its runs: a shared 2-core machine drifts by more than the
+        # differences measured here, and turns spread the drift evenly.
+        rounds = int(os.environ.get("ROUNDS", "3"))
+        runs = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, (port, target_scheme) in targets.items():
+                runs[name].append(wrk(port, target_scheme))
+        results = {name: tuple(median([run[i] for run in measured]) for i in range(3)) for name, measured in runs.items()}
         daemon_pid = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["daemon"]["pid"]
         with open(f"/proc/{daemon_pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-        print(f"{'setup':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"medians of {rounds} interleaved runs of wrk -t2 -c64 -d10s")
+        print(f"{'setup':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   req/s of each run")
         for name, (rps, p50, p99) in results.items():
-            print(f"{name:<8} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f}")
+            print(f"{name:<8} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
         apm_rps, _, apm_p99 = results["apm"]
         nginx_rps, _, nginx_p99 = results["nginx"]
         print(f"{'with TLS: ' if tls else ''}apm / nginx req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
@@ -222,6 +235,8 @@ http {{
         if "pm2 -i 2" in results:
             print(f"apm Node connector (2 instances) / PM2 cluster mode (-i 2) req/s: {results['apm node'][0] / results['pm2 -i 2'][0]:.2f} (target >= 1.0)")
     finally:
+        if pm2 is not None:
+            pm2.stop()
         subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
         for p in procs:
             p.terminate()

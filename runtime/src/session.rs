@@ -43,8 +43,19 @@ pub(crate) async fn http(
         body_tx: None,
         gathered: None,
     };
-    tokio::spawn(async move { pump(&link, &head, exchange).await });
-    response.await.unwrap_or_else(|_| gone())
+    // The session runs here until the response is ready, which for most
+    // responses is when it ends; only a response still streaming goes on
+    // in a task of its own. A client gone before that drops the session.
+    let mut session = Box::pin(async move { pump(&link, &head, exchange).await });
+    let mut response = response;
+    let response = tokio::select! {
+        response = &mut response => {
+            tokio::spawn(session);
+            response
+        }
+        () = &mut session => response.await,
+    };
+    response.unwrap_or_else(|_| gone())
 }
 
 fn gone() -> Response<Body> {

@@ -193,8 +193,7 @@ fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
         ));
         workers.push((name, lang, ports, socket));
     }
-    let config = d.write("apm.conf", &config);
-    d.ok(&["load", config.to_str().unwrap()]);
+    d.load(&config);
     for (name, lang, [http, ws, tcp], socket) in workers {
         d.wait_running(name);
         // Round robin over both instances, each session described by the connector.
@@ -335,14 +334,10 @@ fn a_child_that_corrupts_its_channel_is_restarted_and_the_others_keep_serving() 
     let d = Daemon::new("connector_corrupt");
     let port = free_port();
     let app = repo("tests/apps/connector_echo.py");
-    let config = d.write(
-        "apm.conf",
-        &format!(
+    d.load(&format!(
             "worker {{ name c; exec python3; params {}; instances 2; startup_grace 200; restart_err true; err_delay 100; server http://127.0.0.1:{port}; }}\n",
             app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
+        ));
     d.wait_running("c");
     let before = d.worker("c").unwrap();
     let corrupt = request(
@@ -380,15 +375,11 @@ fn the_session_carries_the_verified_client_certificate_subject() {
         return;
     }
     let port = free_port();
-    let config = d.write(
-        "apm.conf",
-        &format!(
+    d.load(&format!(
             "worker {{ name s; exec python3; params {}; startup_grace 200; server https://127.0.0.1:{port}; \
              tls on; tls_cert site.pem; tls_key site.key; tls_ca ca.pem; }}\n",
             repo("tests/apps/connector_echo.py").display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
+        ));
     d.wait_running("s");
     let client = format!(
         "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nctx.load_cert_chain({cert:?}, {key:?})\n\
@@ -422,8 +413,7 @@ fn a_listener_stays_open_across_restarts_and_moves_with_its_address() {
             repo("tests/apps/connector_echo.py").display()
         )
     };
-    let config = d.write("apm.conf", &conf(first));
-    d.ok(&["load", config.to_str().unwrap()]);
+    let config = d.load(&conf(first));
     d.wait_running("m");
     // While the only instance restarts, the socket keeps accepting: clients
     // wait in the backlog or get a 503, never a refused connection.

@@ -1186,8 +1186,7 @@ fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
              worker {{ name other; exec sleep; params 4502; startup_grace 100; instances {other}; }}\n"
         )
     };
-    let config = d.write("apm.conf", &text(1, 1));
-    d.ok(&["load", config.to_str().unwrap()]);
+    d.load(&text(1, 1));
     d.wait_running("watched");
     d.write("apm.conf", &text(2, 2));
     wait_until(PATIENCE, "watched to scale to 2", || {
@@ -1381,14 +1380,10 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
     let app = d.write("bodies.py", BODY_APP);
     let port = free_port();
     let marker = d.path("hung");
-    let config = d.write(
-        "app.conf",
-        &format!(
+    d.load(&format!(
             "worker {{ name b; exec python3; params {}; instances 2; upstream port; startup_grace 1000; server http://127.0.0.1:{port}; env MARKER={marker}; }}\n",
             app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
+        ));
     d.wait_running("b");
     let post = |head: &str, body: &[u8]| {
         use std::io::{Read, Write};
@@ -1484,14 +1479,10 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
 fn load_headers_worker(d: &Daemon, name: &str, scheme: &str, settings: &str) -> (u16, PathBuf) {
     let app = d.write("headers.py", HEADERS_APP);
     let port = free_port();
-    let config = d.write(
-        "app.conf",
-        &format!(
+    let config = d.load(&format!(
             "worker {{\n    name {name}; exec python3; params {}; upstream port; startup_grace 300;\n    server {scheme}://127.0.0.1:{port};\n    {settings}\n}}\n",
             app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
+        ));
     d.wait_running(name);
     (port, config)
 }
@@ -1762,15 +1753,11 @@ fn vanguard_judges_the_forwarded_client_only_with_trust_proxy_and_bans_expire() 
     let app = d.write("headers.py", HEADERS_APP);
     let (distrusting, trusting) = (free_port(), free_port());
     let rules = "ban_ip 203.0.113.0/24, 2001:db8::/32; rate_limit 1; rate_burst 1; ban_ttl 100ms;";
-    let config = d.write(
-        "app.conf",
-        &format!(
+    d.load(&format!(
             "worker {{ name a; exec python3; params {app}; upstream port; startup_grace 300; server http://127.0.0.1:{distrusting}; trust_proxy false; vanguard {{ {rules} }} }}\n\
              worker {{ name b; exec python3; params {app}; upstream port; startup_grace 300; server http://127.0.0.1:{trusting}; trust_proxy true; vanguard {{ {rules} }} }}\n",
             app = app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
+        ));
     d.wait_running("a");
     d.wait_running("b");
     let status = |port: u16, forwarded: &str| {
@@ -2033,15 +2020,11 @@ fn raw_tcp_is_spliced_and_a_banned_client_gets_a_reset() {
         "import os, socketserver\nclass E(socketserver.BaseRequestHandler):\n    def handle(self):\n        while True:\n            data = self.request.recv(1024)\n            if not data:\n                return\n            self.request.sendall(data)\nsocketserver.ThreadingTCPServer(('127.0.0.1', int(os.environ['PORT'])), E).serve_forever()\n",
     );
     let (open_port, banned_port) = (free_port(), free_port());
-    let config = d.write(
-        "app.conf",
-        &format!(
+    d.load(&format!(
             "worker {{ name open; exec python3; params {app}; upstream port; startup_grace 300; server tcp://127.0.0.1:{open_port}; }}\n\
              worker {{ name shut; exec python3; params {app}; upstream port; startup_grace 300; server tcp://127.0.0.1:{banned_port};\n    vanguard {{ ban_ip 127.0.0.0/8; }}\n}}\n",
             app = app.display()
-        ),
-    );
-    d.ok(&["load", config.to_str().unwrap()]);
+        ));
     d.wait_running("open");
     d.wait_running("shut");
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", open_port)).unwrap();

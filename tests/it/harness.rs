@@ -155,6 +155,13 @@ impl Daemon {
         path
     }
 
+    /// Writes `text` as `apm.conf` in the temporary directory and loads it.
+    pub(crate) fn load(&self, text: &str) -> PathBuf {
+        let config = self.write("apm.conf", text);
+        self.ok(&["load", config.to_str().unwrap()]);
+        config
+    }
+
     /// A path in the temporary directory, as a string for scripts.
     pub(crate) fn path(&self, name: &str) -> String {
         self.dir().join(name).display().to_string()

@@ -144,8 +144,11 @@ impl Link {
         link.send(Kind::Hello, 0, hello.to_string().as_bytes());
         tokio::spawn(write_frames(writer, queue));
         let reading = link.clone();
+        let hint = tokio::spawn(hint_if_never_ready(link.clone()));
         tokio::spawn(async move {
-            if let Err(why) = reading.read_frames(reader, &changed).await {
+            let read = reading.read_frames(reader, &changed).await;
+            hint.abort();
+            if let Err(why) = read {
                 crate::log(format_args!(
                     "{}: connector protocol error: {why}; restarting it",
                     reading.label
@@ -300,6 +303,24 @@ impl Link {
             credit: WINDOW,
             open: true,
         }
+    }
+}
+
+/// How long a process may run without its connector saying `ready` before
+/// the daemon log suggests why.
+const READY_HINT_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An app that listens on a port itself (the usual mistake after moving from
+/// PM2) runs fine but never says `ready`, so it gets no traffic: say so once.
+async fn hint_if_never_ready(link: Arc<Link>) {
+    tokio::time::sleep(READY_HINT_AFTER).await;
+    if !link.is_ready() {
+        crate::log(format_args!(
+            "{}: its connector has not said `ready` after {} s, so it gets no traffic; \
+             an app that listens on a port itself needs `upstream port;`",
+            link.label,
+            READY_HINT_AFTER.as_secs()
+        ));
     }
 }
 

@@ -462,3 +462,23 @@ fn the_websocket_proxy_passes_the_autobahn_cases() {
         "{report}"
     );
 }
+
+#[test]
+fn an_app_without_a_connector_gets_no_traffic_and_the_log_says_why() {
+    let d = Daemon::new("connector_missing");
+    let port = free_port();
+    // A process that never speaks the protocol, as an app that listens on
+    // a port of its own would (without `upstream port`).
+    d.load(&format!(
+        "worker {{ name plain; exec sleep; params 600; startup_grace 100; server http://127.0.0.1:{port}; }}\n"
+    ));
+    d.wait_status("plain", "running");
+    assert_eq!(d.worker("plain").unwrap()["instances"][0]["serving"], false);
+    assert_eq!(http_get(port).map(|(status, _)| status), Some(503));
+    let log = d.dir().join("home/apm.log");
+    wait_until(PATIENCE, "the hint in the daemon log", || {
+        std::fs::read_to_string(&log).is_ok_and(|text| {
+            text.contains("plain#0: its connector has not said `ready` after 5 s, so it gets no traffic; an app that listens on a port itself needs `upstream port;`")
+        })
+    });
+}

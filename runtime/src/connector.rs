@@ -9,7 +9,7 @@
 //! more than the credit the daemon gave.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,6 +24,10 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const WINDOW: u32 = 256 * 1024;
 /// The largest WebSocket message, in either direction.
 pub const MAX_MESSAGE: usize = 16 << 20;
+/// Beyond this many bytes waiting for a child that does not read, its link
+/// takes no new sessions: each session is bounded by its window, and this
+/// bounds how many a stuck child can hold.
+pub const MAX_QUEUED: usize = 16 << 20;
 /// A frame's length prefix counts the kind and session fields too.
 const HEADER: usize = 5;
 
@@ -104,6 +108,8 @@ pub struct Link {
     sessions: Mutex<HashMap<u32, Entry>>,
     next_session: AtomicU32,
     ready: AtomicBool,
+    /// Bytes handed to the writer and not yet written to the child.
+    queued: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Link {
@@ -133,6 +139,7 @@ impl Link {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU32::new(1),
             ready: AtomicBool::new(false),
+            queued: Arc::default(),
         });
         let hello = json!({
             "protocol": PROTOCOL,
@@ -142,7 +149,7 @@ impl Link {
             "window": WINDOW,
         });
         link.send(Kind::Hello, 0, hello.to_string().as_bytes());
-        tokio::spawn(write_frames(writer, queue));
+        tokio::spawn(write_frames(writer, queue, link.queued.clone()));
         let reading = link.clone();
         let hint = tokio::spawn(hint_if_never_ready(link.clone()));
         tokio::spawn(async move {
@@ -172,7 +179,9 @@ impl Link {
     }
 
     fn send(&self, kind: Kind, session: u32, payload: &[u8]) {
-        let _ = self.out.send(frame(kind, session, payload));
+        let frame = frame(kind, session, payload);
+        self.queued.fetch_add(frame.len(), Ordering::Relaxed);
+        let _ = self.out.send(frame);
     }
 
     async fn read_frames(
@@ -277,8 +286,12 @@ impl Link {
         }
     }
 
-    /// Opens a session with the given head.
-    fn open(self: &Arc<Link>, head: &[u8]) -> Session {
+    /// Opens a session with the given head, unless the child is too far
+    /// behind to take one.
+    fn open(self: &Arc<Link>, head: &[u8]) -> Option<Session> {
+        if self.queued.load(Ordering::Relaxed) > MAX_QUEUED {
+            return None;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sessions = self.sessions.lock().expect("sessions");
         let id = loop {
@@ -296,13 +309,13 @@ impl Link {
         );
         drop(sessions);
         self.send(Kind::Open, id, head);
-        Session {
+        Some(Session {
             id,
             link: self.clone(),
             rx,
             credit: WINDOW,
             open: true,
-        }
+        })
     }
 }
 
@@ -327,12 +340,14 @@ async fn hint_if_never_ready(link: Arc<Link>) {
 async fn write_frames(
     writer: tokio::net::unix::OwnedWriteHalf,
     mut queue: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut writer = tokio::io::BufWriter::with_capacity(64 * 1024, writer);
     while let Some(frame) = queue.recv().await {
         if writer.write_all(&frame).await.is_err() {
             return;
         }
+        queued.fetch_sub(frame.len(), Ordering::Relaxed);
         // Frames queued meanwhile go out in the same write.
         if queue.is_empty() && writer.flush().await.is_err() {
             return;
@@ -414,6 +429,8 @@ pub(crate) enum ToClient {
     },
     /// The child's channel closed (it exited or broke the protocol).
     Gone,
+    /// The child is too far behind reading its channel to take a session.
+    Busy,
 }
 
 /// The client's end of a session: an HTTP exchange, a WebSocket or a TCP
@@ -428,7 +445,10 @@ pub(crate) trait ClientSide {
 
 /// Carries a session both ways until either side closes it.
 pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientSide) {
-    let mut session = link.open(head);
+    let Some(mut session) = link.open(head) else {
+        let _ = client.deliver(ToClient::Busy, false).await;
+        return;
+    };
     let fragment = MAX_FRAME.min(WINDOW as usize);
     // Frames waiting for credit; the client is not read while any wait.
     let mut pending: VecDeque<(Kind, Bytes)> = VecDeque::new();
@@ -654,7 +674,7 @@ mod tests {
             .await
             .unwrap();
         changed.recv().await.unwrap();
-        let mut session = link.open(b"{}");
+        let mut session = link.open(b"{}").unwrap();
         let chunk = vec![0; MAX_FRAME.min(WINDOW as usize)];
         theirs
             .write_all(&frame(Kind::Data, session.id, &chunk))

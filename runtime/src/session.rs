@@ -213,6 +213,15 @@ impl ClientSide for Exchange {
                 }
                 return Ok(());
             }
+            ToClient::Busy => {
+                if let Some(respond) = self.respond.take() {
+                    let _ = respond.send(text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the instance is not reading its sessions; try again later\n".to_owned(),
+                    ));
+                }
+                return Ok(());
+            }
         }
         // Nothing more queued (or enough gathered): what is gathered streams.
         let enough = |(_, body): &(_, BytesMut)| body.len() >= GATHER;
@@ -363,6 +372,10 @@ impl ClientSide for WebSocket {
                 self.close(1011, "the instance ended".to_owned()).await;
                 Err(())
             }
+            ToClient::Busy => {
+                self.close(1013, "try again later".to_owned()).await;
+                Err(())
+            }
         }
     }
 }
@@ -430,7 +443,7 @@ impl ClientSide for Tcp {
             ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => {
                 self.write.write_all(&bytes).await.map_err(|_| ())
             }
-            ToClient::Close { .. } | ToClient::Gone => {
+            ToClient::Close { .. } | ToClient::Gone | ToClient::Busy => {
                 let _ = self.write.shutdown().await;
                 Err(())
             }

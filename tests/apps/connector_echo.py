@@ -7,6 +7,7 @@ which drives it as apm's daemon would.
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'connectors'))
 
@@ -22,6 +23,11 @@ def serve_http(s):
         # Bypasses the connector: a length far beyond max_frame. The
         # connector moved the channel off fd 3, so use the descriptor it holds.
         os.write(apm._sock.fileno(), b'\xff\xff\xff\xff' + b'junk!')
+        return
+
+    if s.path == '/stuck':
+        # Stops the whole connector: the channel is no longer read.
+        time.sleep(3600)
         return
 
     if s.path == '/echo':

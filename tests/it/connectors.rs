@@ -482,3 +482,62 @@ fn an_app_without_a_connector_gets_no_traffic_and_the_log_says_why() {
         })
     });
 }
+
+#[test]
+fn a_child_that_stops_reading_takes_no_more_sessions_once_its_backlog_is_full() {
+    let d = Daemon::new("connector_stuck");
+    let port = free_port();
+    d.load(&format!(
+        "worker {{ name s; exec python3; params {}; startup_grace 200; server http://127.0.0.1:{port}; }}\n",
+        repo("tests/apps/connector_echo.py").display()
+    ));
+    d.wait_running("s");
+    let send = |request: &[u8]| {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(request).unwrap();
+        stream
+    };
+    let _stuck = send(b"GET /stuck HTTP/1.1\r\nHost: a\r\n\r\n");
+    // Each request's body (less than a window) goes to the daemon's backlog
+    // for the child, which reads nothing now: about 80 of them fill it,
+    // after which a new request is refused at once.
+    let body = vec![b'x'; 200 * 1024];
+    let mut request = format!(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut held = Vec::new();
+    let refused = wait_for("a request refused with 503", || {
+        // A few at a time; the last of each batch is asked for an answer.
+        held.extend((0..7).map(|_| send(&request)));
+        let mut stream = send(&request);
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut first = [0u8; 12];
+        match stream.read_exact(&mut first) {
+            Ok(()) => {
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest);
+                Some([&first[..], &rest].concat())
+            }
+            Err(_) => {
+                held.push(stream);
+                None
+            }
+        }
+    });
+    let text = String::from_utf8_lossy(&refused);
+    assert!(
+        text.starts_with("HTTP/1.1 503")
+            && text.ends_with("the instance is not reading its sessions; try again later\n"),
+        "{text}"
+    );
+    assert!(
+        held.len() >= 60,
+        "refused after only {} sessions",
+        held.len()
+    );
+}

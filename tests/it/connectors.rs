@@ -19,13 +19,6 @@ fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn have_node() -> bool {
-    Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// The test app in each connector flavour this machine can run:
 /// (worker name, exec, app file, the `lang` it reports).
 fn apps() -> Vec<(&'static str, &'static str, PathBuf, &'static str)> {

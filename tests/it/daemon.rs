@@ -1269,11 +1269,7 @@ fn the_proxy_spreads_http_over_running_instances_and_answers_503_without_any() {
 
 #[test]
 fn a_converted_pm2_cluster_app_answers_on_its_pm2_port() {
-    if std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !have_node() {
         eprintln!("skipped: node is not installed");
         return;
     }
@@ -1588,6 +1584,7 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
     let app = d.write("headers.py", HEADERS_APP);
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
+    // Through `apm run` flags, `-key=false` form included.
     d.ok(&[
         "run",
         "python3",
@@ -1972,23 +1969,7 @@ fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
 #[test]
 fn the_proxy_rejects_malformed_oversized_and_smuggling_requests() {
     let d = Daemon::new("proxy_bad_input");
-    let app = d.write("headers.py", HEADERS_APP);
-    let port = free_port();
-    let server = format!("http://127.0.0.1:{port}");
-    d.ok(&[
-        "run",
-        "python3",
-        app.to_str().unwrap(),
-        "-name",
-        "b",
-        "-upstream",
-        "port",
-        "-server",
-        &server,
-        "-startup_grace",
-        "300",
-    ]);
-    d.wait_running("b");
+    let (port, _) = load_headers_worker(&d, "b", "http", "");
     let status = |request: &str| {
         http_raw(port, request)
             .split(' ')

@@ -414,3 +414,11 @@ pub(crate) fn http_raw(port: u16, request: &str) -> String {
     let _ = stream.read_to_string(&mut response);
     response
 }
+
+/// Whether Node.js can be run here (the Node tests skip without it).
+pub(crate) fn have_node() -> bool {
+    Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}

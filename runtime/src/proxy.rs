@@ -229,13 +229,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 match raw_permit {
                     None => serve_http(stream, client, worker, &options, tls, pick).await,
                     Some(permit) => {
-                        let head = Head {
-                            protocol: "tcp",
-                            request: None,
-                            remote_ip: client,
-                            tls: tls.is_some(),
-                            client_subject: tls.as_ref().and_then(|t| t.client_subject.as_ref()),
-                        };
+                        let head = Secure::head("tcp", client, tls.as_ref());
                         splice(stream, pick(None).0, head, permit).await;
                     }
                 }
@@ -251,6 +245,24 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
 struct Secure {
     /// The verified certificate's subject, with `tls_ca`.
     client_subject: Option<HeaderValue>,
+}
+
+impl Secure {
+    /// A connector session's head for a client over this connection (or
+    /// over plain text, without one).
+    fn head<'a>(
+        protocol: &'static str,
+        client: Option<IpAddr>,
+        tls: Option<&'a Secure>,
+    ) -> Head<'a> {
+        Head {
+            protocol,
+            request: None,
+            remote_ip: client,
+            tls: tls.is_some(),
+            client_subject: tls.and_then(|t| t.client_subject.as_ref()),
+        }
+    }
 }
 
 /// A connection from either kind of listener.
@@ -553,14 +565,7 @@ async fn relay(
     let response = match backend {
         Backend::Port(backend) => to_port(request, connection, backend).await,
         Backend::Connector(link) => {
-            let head = Head {
-                protocol: "http",
-                request: None,
-                remote_ip: client,
-                tls: tls.is_some(),
-                client_subject: tls.and_then(|t| t.client_subject.as_ref()),
-            };
-            crate::session::http(request, link, head).await
+            crate::session::http(request, link, Secure::head("http", client, tls)).await
         }
     };
     if let Some(trace) = traced {

@@ -33,7 +33,9 @@ use crate::vanguard::{Permit, Refusal, Vanguard};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Route {
     pub backends: Vec<Backend>,
-    pub options: Options,
+    /// Shared: every request takes the options of the moment, and a
+    /// clone is then a count, not a copy of the trace header's name.
+    pub options: Arc<Options>,
 }
 
 /// A running instance, as the proxy reaches it.
@@ -354,7 +356,7 @@ async fn serve_http(
     worker: String,
     options: &Options,
     tls: Option<Secure>,
-    pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Options) + Clone + Send + Sync + 'static,
+    pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + 'static,
 ) {
     let connection = Arc::new(Connection {
         client,

@@ -861,7 +861,7 @@ impl Supervisor {
                     .iter()
                     .filter_map(Instance::backend)
                     .collect(),
-                options: crate::proxy::Options {
+                options: Arc::new(crate::proxy::Options {
                     trust_proxy: spec.trust_proxy.value,
                     trace_header: spec.trace_header.as_ref().map(|h| h.value.clone()),
                     keep_alive: spec.keep_alive.as_duration(),
@@ -870,7 +870,7 @@ impl Supervisor {
                     vanguard: worker.guard.clone(),
                     tls: worker.tls.clone(),
                     connector: spec.upstream.value == "connector",
-                },
+                }),
             };
             worker.routes.send_if_modified(|current| {
                 let changed = *current != route;

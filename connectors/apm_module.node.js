@@ -41,6 +41,8 @@ const MAX_MESSAGE = 16 * 1048576;
 // A WebSocket close reason longer than this cannot go in a close frame.
 const MAX_CLOSE_REASON = 123;
 const EMPTY = Buffer.alloc(0);
+// Frames of one tick adding up to at most this are written as one buffer.
+const COALESCE_BYTES = 65536;
 
 // A second reader on the descriptor would steal frames from the first.
 let constructed = false;
@@ -454,7 +456,8 @@ class Link {
     this.chunks = [];
     this.buffered = 0;
     this.need = -1; // length of the frame being read, once its prefix is in
-    this.corked = false;
+    this.outFrames = []; // kind, session, payload of each frame sent in this tick
+    this.outBytes = 0;
     let sock;
     try {
       sock = new net.Socket({ fd: fd, readable: true, writable: true });
@@ -473,23 +476,42 @@ class Link {
   }
 
   send(kind, sid, payload) {
-    if (!this.corked) {
+    if (this.outFrames.length === 0) {
       // Frames sent in one tick (a head, its body, the close) leave in one
-      // writev, and apm wakes up once for them.
-      this.corked = true;
-      this.sock.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.sock.uncork();
-      });
+      // write, and apm wakes up once for them.
+      process.nextTick(() => this.writeFrames());
     }
-    const len = payload.length;
-    const hdr = Buffer.allocUnsafe(9);
-    hdr.writeUInt32BE(5 + len, 0);
-    hdr[4] = kind;
-    hdr.writeUInt32BE(sid, 5);
-    this.sock.write(hdr);
-    if (len > 0) this.sock.write(payload);
+    this.outFrames.push(kind, sid, payload);
+    this.outBytes += 9 + payload.length;
+  }
+
+  writeFrames() {
+    const frames = this.outFrames;
+    const total = this.outBytes;
+    this.outFrames = [];
+    this.outBytes = 0;
+    // Small frames are copied into one buffer: one stream write costs less
+    // than one per header and payload. Large payloads are not copied.
+    const copy = total <= COALESCE_BYTES;
+    const out = Buffer.allocUnsafe(copy ? total : 9 * (frames.length / 3));
+    let off = 0;
+    if (!copy) this.sock.cork();
+    for (let i = 0; i < frames.length; i += 3) {
+      const payload = frames[i + 2];
+      const start = off;
+      out.writeUInt32BE(5 + payload.length, off);
+      out[off + 4] = frames[i];
+      out.writeUInt32BE(frames[i + 1], off + 5);
+      off += 9;
+      if (copy) {
+        off += payload.copy(out, off);
+      } else {
+        this.sock.write(out.subarray(start, off));
+        if (payload.length > 0) this.sock.write(payload);
+      }
+    }
+    if (copy) this.sock.write(out);
+    else this.sock.uncork();
   }
 
   take(n) {

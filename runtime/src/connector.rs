@@ -568,7 +568,11 @@ impl Head<'_> {
                 .client_subject
                 .map(|s| String::from_utf8_lossy(s.as_bytes())),
         };
-        serde_json::to_vec(&json).expect("a head always serializes")
+        // Room for a typical head, which would otherwise grow the buffer
+        // several times over.
+        let mut out = Vec::with_capacity(512);
+        serde_json::to_writer(&mut out, &json).expect("a head always serializes");
+        out
     }
 }
 

@@ -387,8 +387,9 @@ async fn serve_http(
     // daemon's CPU per proxied request.
     builder.writev(false);
     // hyper lowercases header names; it keeps the client's spelling (which
-    // the upstream connection then writes) only when asked to.
-    builder.preserve_header_case(!options.lowercase_headers);
+    // the upstream connection then writes) only when asked to. A connector
+    // gets them lowercased whatever the client wrote.
+    builder.preserve_header_case(!options.lowercase_headers && !options.connector);
     let _ = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()

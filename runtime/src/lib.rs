@@ -14,6 +14,7 @@ pub mod state;
 pub mod supervisor;
 pub mod sys;
 pub mod tls;
+mod upstream;
 pub mod vanguard;
 
 /// The daemon log is its stderr: one timestamped line per event.

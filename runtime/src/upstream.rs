@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -57,7 +58,11 @@ pub(crate) async fn to_port(
     let response = sender.send_request(request).await;
     if !matches!(&response, Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS) {
         // The next request waits in `ready` until this response's body is through.
-        pinned.lock().expect("upstream").0 = Some((backend, sender));
+        let kept = Kept {
+            sender,
+            since: Instant::now(),
+        };
+        pinned.lock().expect("upstream").0 = Some((backend, kept));
     }
     match response {
         Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -101,10 +106,30 @@ async fn connect(backend: SocketAddr) -> Result<Sender, BoxError> {
     Ok(sender)
 }
 
+/// An upstream connection idle for longer is closed rather than reused.
+/// Instances close idle keep-alive connections themselves (Node after 5 s,
+/// gunicorn after 2 s), and a request sent on one just as the instance
+/// closes it would fail with a 502; a new loopback connection costs far
+/// less than that, and under load no connection sits idle this long.
+const IDLE_LIMIT: Duration = Duration::from_secs(1);
+
+/// A connection to an instance, between two requests.
+struct Kept {
+    sender: Sender,
+    /// When its last response arrived.
+    since: Instant,
+}
+
+impl Kept {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < IDLE_LIMIT
+    }
+}
+
 /// A client connection's connection to its instance; parked for other
 /// clients when the client leaves.
 #[derive(Default)]
-pub(crate) struct Pinned(Option<(SocketAddr, Sender)>);
+pub(crate) struct Pinned(Option<(SocketAddr, Kept)>);
 
 impl Pinned {
     pub(crate) fn backend(&self) -> Option<SocketAddr> {
@@ -114,9 +139,9 @@ impl Pinned {
     /// The connection, if it goes to `backend`; one to another is parked.
     fn take(&mut self, backend: SocketAddr) -> Option<Sender> {
         match self.0.take() {
-            Some((address, sender)) if address == backend => Some(sender),
-            Some((address, sender)) => {
-                idle().park(address, sender);
+            Some((address, kept)) if address == backend => kept.usable().then_some(kept.sender),
+            Some((address, kept)) => {
+                idle().park(address, kept);
                 None
             }
             None => None,
@@ -126,8 +151,8 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        if let Some((address, sender)) = self.0.take() {
-            idle().park(address, sender);
+        if let Some((address, kept)) = self.0.take() {
+            idle().park(address, kept);
         }
     }
 }
@@ -136,7 +161,7 @@ impl Drop for Pinned {
 /// nginx's upstream keepalive does. Requests of one client connection do
 /// not come here: they stay on the connection pinned to it.
 #[derive(Default)]
-struct Idle(std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<Sender>>>);
+struct Idle(std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<Kept>>>);
 
 /// Idle connections kept per instance; more are closed.
 const IDLE_PER_INSTANCE: usize = 64;
@@ -147,26 +172,29 @@ fn idle() -> &'static Idle {
 }
 
 impl Idle {
-    fn park(&self, backend: SocketAddr, sender: Sender) {
-        if sender.is_closed() {
+    fn park(&self, backend: SocketAddr, kept: Kept) {
+        if !kept.usable() {
             return;
         }
         let mut idle = self.0.lock().expect("idle");
-        // Connections to instances that are gone close; forget them.
-        idle.retain(|_, senders| {
-            senders.retain(|s| !s.is_closed());
-            !senders.is_empty()
+        // Connections to instances that are gone close, others grow old;
+        // forget them.
+        idle.retain(|_, kept| {
+            kept.retain(Kept::usable);
+            !kept.is_empty()
         });
-        let senders = idle.entry(backend).or_default();
-        if senders.len() < IDLE_PER_INSTANCE {
-            senders.push(sender);
+        let kept_here = idle.entry(backend).or_default();
+        if kept_here.len() < IDLE_PER_INSTANCE {
+            kept_here.push(kept);
         }
     }
 
     fn take(&self, backend: SocketAddr) -> Option<Sender> {
         let mut idle = self.0.lock().expect("idle");
-        let senders = idle.get_mut(&backend)?;
-        std::iter::from_fn(|| senders.pop()).find(|s| !s.is_closed())
+        let kept = idle.get_mut(&backend)?;
+        std::iter::from_fn(|| kept.pop())
+            .find(Kept::usable)
+            .map(|kept| kept.sender)
     }
 }
 

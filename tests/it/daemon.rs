@@ -1313,7 +1313,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 if not data:
                     return
                 self.connection.sendall(data.upper())
-        body = ("xff=%s id=%s subject=%s\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"), self.headers.get("X-Client-Cert-Subject"))).encode()
+        body = ("xff=%s id=%s subject=%s peer=%d\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"), self.headers.get("X-Client-Cert-Subject"), self.client_address[1])).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1652,6 +1652,57 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
     let mut echoed = [0u8; 5];
     stream.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"HELLO");
+}
+
+#[test]
+fn an_upstream_connection_idle_for_a_second_is_not_reused() {
+    use std::io::Read;
+    let d = Daemon::new("proxy_idle_upstream");
+    let (port, _) = load_headers_worker(&d, "p", "http", "");
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The port of the connection each request reached the instance on.
+    let mut upstream_port = || {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .expect(&text);
+                if body.len() == length {
+                    assert!(head.starts_with("HTTP/1.1 200"), "{text}");
+                    let peer = body.trim_end().rsplit_once("peer=").expect(&text).1;
+                    return peer.parse::<u16>().unwrap();
+                }
+            }
+            let n = client.read(&mut buffer).unwrap();
+            assert!(n > 0, "closed after {text:?}");
+            seen.extend_from_slice(&buffer[..n]);
+        }
+    };
+    let first = upstream_port();
+    assert_eq!(
+        upstream_port(),
+        first,
+        "a keep-alive client's requests share a connection"
+    );
+    // Idle past apm's limit: the instance would still take a request on it,
+    // but one that closes idle connections (Node after 5 s, gunicorn after
+    // 2 s) could close it just as the request goes out, so apm opens a new one.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(upstream_port(), first);
 }
 
 #[test]

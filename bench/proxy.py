@@ -11,7 +11,8 @@
   - the same app written with `http` under PM2 cluster mode, `-i 2` (PM2
     from npm, in a temporary directory; SKIP_PM2=1 leaves both Node rows out).
 Each setup is measured ROUNDS times (default 3), the setups taking turns;
-prints the medians of req/s, p50 and p99, the ratio apm / nginx (target: at or above
+prints the medians of req/s, p50, p99 and the CPU time the serving processes
+(proxy and app) spent per request, the ratio apm / nginx (target: at or above
 nginx's req/s, with a p99 no worse), the ratio with / without Vanguard
 (target: >= 0.95), the ratio Node connector / PM2 (target: >= 1.0) and the
 daemon's memory under load (target: under 50 MB).
@@ -60,15 +61,47 @@ def ensure(tool, package):
     subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, stdout=subprocess.DEVNULL)
 
 
-def wrk(port, scheme="http"):
+def wrk(port, scheme, pids):
+    """req/s, p50 and p99 in ms, and the CPU time the processes `pids`
+    (proxy and app) spent per request, in µs."""
+    before = cpu_ticks(pids)
     out = subprocess.run(["wrk", "-t2", "-c64", "-d10s", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    ticks = cpu_ticks(pids) - before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
 
     def latency(pct):
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return rps, latency(50), latency(99)
+    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests
+
+
+def cpu_ticks(pids):
+    """CPU time (user + system, in clock ticks) used so far by the
+    processes `pids`, all their threads."""
+    total = 0
+    for pid in pids:
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            pass  # a thread that ended in between
+    return total
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def apm_pids(apm, env, worker):
+    """The daemon's pid and those of `worker`'s instances."""
+    listing = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)
+    instances = [i["pid"] for w in listing["workers"] if w["name"] == worker for i in w["instances"]]
+    return listing["daemon"]["pid"], instances
 
 
 def make_certificate(root, name="site", usage="serverAuth", subject="/CN=127.0.0.1"):
@@ -144,7 +177,10 @@ def node_targets(apm, env, root):
     pm2.env["PORT"] = str(pm2_port)
     pm2("start", http_app, "-i", "2", "--name", "hello")
     wait_port(pm2_port)
-    return {"apm node": (node_port, "http"), "pm2 -i 2": (pm2_port, "http")}, pm2
+    daemon, instances = apm_pids(apm, env, "node")
+    # PM2's cluster master hands each connection to a worker: count it too.
+    pm2_pids = [pm2.daemon_pid(), *children(pm2.daemon_pid())]
+    return {"apm node": (node_port, "http", [daemon, *instances]), "pm2 -i 2": (pm2_port, "http", pm2_pids)}, pm2
 
 
 def median(values):
@@ -202,11 +238,15 @@ http {{
         wait_port(apm_port)
         wait_port(guarded_port)
 
+        # Each setup with the processes that serve it (proxy and app), whose
+        # CPU per request is measured: a steadier figure than req/s here.
+        backend_pid = procs[0].pid
+        apm_daemon, (hello_pid,) = apm_pids(apm, env, "hello")
         targets = {
-            "direct": (backend, "http"),
-            "nginx": (nginx_port, scheme),
-            "apm": (apm_port, scheme),
-            "apm+vg": (guarded_port, scheme),
+            "direct": (backend, "http", [backend_pid]),
+            "nginx": (nginx_port, scheme, [*children(procs[1].pid), backend_pid]),
+            "apm": (apm_port, scheme, [apm_daemon, hello_pid]),
+            "apm+vg": (guarded_port, scheme, [apm_daemon, *apm_pids(apm, env, "guarded")[1]]),
         }
         if not tls and os.environ.get("SKIP_PM2") != "1":
             node, pm2 = node_targets(apm, env, root)
@@ -217,18 +257,18 @@ http {{
         rounds = int(os.environ.get("ROUNDS", "3"))
         runs = {name: [] for name in targets}
         for _ in range(rounds):
-            for name, (port, target_scheme) in targets.items():
-                runs[name].append(wrk(port, target_scheme))
-        results = {name: tuple(median([run[i] for run in measured]) for i in range(3)) for name, measured in runs.items()}
-        daemon_pid = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["daemon"]["pid"]
-        with open(f"/proc/{daemon_pid}/status") as f:
+            for name, (port, target_scheme, pids) in targets.items():
+                runs[name].append(wrk(port, target_scheme, pids))
+        results = {name: tuple(median([run[i] for run in measured]) for i in range(4)) for name, measured in runs.items()}
+        with open(f"/proc/{apm_daemon}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
         print(f"medians of {rounds} interleaved runs of wrk -t2 -c64 -d10s")
-        print(f"{'setup':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}   req/s of each run")
-        for name, (rps, p50, p99) in results.items():
-            print(f"{name:<8} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
-        apm_rps, _, apm_p99 = results["apm"]
-        nginx_rps, _, nginx_p99 = results["nginx"]
+        print("CPU: what the proxy and the app processes spent per request, in µs")
+        print(f"{'setup':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>6}   req/s of each run")
+        for name, (rps, p50, p99, cpu) in results.items():
+            print(f"{name:<8} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f} {cpu:>6.1f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
+        apm_rps, _, apm_p99, _ = results["apm"]
+        nginx_rps, _, nginx_p99, _ = results["nginx"]
         print(f"{'with TLS: ' if tls else ''}apm / nginx req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
         print(f"apm with / without Vanguard (100 paths, 1,000 CIDRs, rate limit not hit) req/s: {results['apm+vg'][0] / apm_rps:.2f} (target >= 0.95)")
         print(f"apm daemon peak memory under load: {rss:.1f} MB (target < 50 MB)")

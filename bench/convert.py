@@ -11,10 +11,9 @@ Usage: cargo build --release && python3 bench/convert.py [--apm target/release/a
 import argparse
 import os
 import shutil
-import statistics
-import subprocess
 import tempfile
-import time
+
+from common import median_time
 
 
 def ecosystem(apps):
@@ -36,15 +35,6 @@ def ecosystem(apps):
         for i in range(apps)
     )
     return f"const path = require('path');\nmodule.exports = {{\n  apps: [\n{entries}\n  ]\n}};\n"
-
-
-def median_time(argv, repeat=11):
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def main():

@@ -16,10 +16,11 @@ Usage: cargo build --release && python3 bench/daemon.py [--apm target/release/ap
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
+
+from common import apm_env, median_time
 
 
 def rss_mb(pid):
@@ -30,19 +31,10 @@ def rss_mb(pid):
     return float("nan")
 
 
-def timed(argv, env, repeat):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 class Apm:
     def __init__(self, binary, root):
         self.binary = binary
-        self.env = dict(os.environ, APM_HOME=os.path.join(root, "apm-home"), APM_SOCKET=f"apm-bench-{os.getpid()}", NO_COLOR="1")
+        self.env = apm_env(root, "daemon")
 
     def __call__(self, *args):
         return subprocess.run([self.binary, *args], env=self.env, capture_output=True, text=True, check=True).stdout
@@ -61,7 +53,7 @@ class Apm:
         return wait_since(start, os.path.join(self.env["APM_HOME"], "logs", "probe.out.log"), "apm-ready")
 
     def list_time(self, repeat=21):
-        return timed([self.binary, "ls"], self.env, repeat)
+        return median_time([self.binary, "ls"], self.env, repeat)
 
     def stop(self):
         subprocess.run([self.binary, "exit", "daemon"], env=self.env, capture_output=True)
@@ -105,7 +97,7 @@ class Pm2:
         return wait_since(start, os.path.join(self.home, "logs", "probe-out.log"), "pm2-ready")
 
     def list_time(self, repeat=5):
-        return timed([self.binary, "ls"], self.env, repeat)
+        return median_time([self.binary, "ls"], self.env, repeat)
 
     def stop(self):
         subprocess.run([self.binary, "kill"], env=self.env, capture_output=True)

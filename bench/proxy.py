@@ -27,30 +27,14 @@ Usage: cargo build --release --examples -p apm-runtime && cargo build --release 
 
 import json
 import os
-import sys
 import re
 import shutil
-import socket
+import statistics
 import subprocess
 import tempfile
 import time
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, deadline=10):
-    end = time.time() + deadline
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on {port}")
+from common import apm_env, free_port, wait_port
 
 
 def ensure(tool, package):
@@ -158,7 +142,6 @@ def wait_instances(port, count, deadline=10):
 def node_targets(apm, env, root):
     """Starts the Node connector app under apm and the plain-http app under
     PM2; returns their ports and PM2, to stop at the end."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from daemon import Pm2
 
     connector_app, http_app = os.path.join(root, "hello_connector.js"), os.path.join(root, "hello_http.js")
@@ -183,10 +166,6 @@ def node_targets(apm, env, root):
     return {"apm node": (node_port, "http", [daemon, *instances]), "pm2 -i 2": (pm2_port, "http", pm2_pids)}, pm2
 
 
-def median(values):
-    return sorted(values)[len(values) // 2]
-
-
 def main():
     ensure("wrk", "wrk")
     ensure("nginx", "nginx")
@@ -198,7 +177,7 @@ def main():
     root = tempfile.mkdtemp(prefix="apm-bench-proxy-")
     procs = []
     pm2 = None
-    env = dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-proxy-{os.getpid()}")
+    env = apm_env(root, "proxy")
     try:
         backend = free_port()
         procs.append(subprocess.Popen([hello], env=dict(os.environ, PORT=str(backend))))
@@ -259,7 +238,7 @@ http {{
         for _ in range(rounds):
             for name, (port, target_scheme, pids) in targets.items():
                 runs[name].append(wrk(port, target_scheme, pids))
-        results = {name: tuple(median([run[i] for run in measured]) for i in range(4)) for name, measured in runs.items()}
+        results = {name: tuple(statistics.median([run[i] for run in measured]) for i in range(4)) for name, measured in runs.items()}
         with open(f"/proc/{apm_daemon}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
         print(f"medians of {rounds} interleaved runs of wrk -t2 -c64 -d10s")

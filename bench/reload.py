@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 import time
 
+from common import apm_env
+
 WORKERS = 200
 
 
@@ -33,7 +35,7 @@ def main():
     args = parser.parse_args()
     apm = os.path.abspath(args.apm)
     root = tempfile.mkdtemp(prefix="apm-bench-reload-")
-    env = dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-reload-{os.getpid()}", NO_COLOR="1")
+    env = apm_env(root, "reload")
     path = os.path.join(root, "apm.conf")
 
     def run(*argv):

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 
-from proxy import free_port, make_certificate, wait_port
+from common import apm_env, free_port, wait_port
+from proxy import make_certificate
 
 VENV = os.path.abspath("target/sslyze-venv")
 
@@ -33,7 +34,7 @@ def main():
     hello = os.path.abspath("target/release/examples/hello")
     apm = os.path.abspath("target/release/apm")
     root = tempfile.mkdtemp(prefix="apm-bench-tls-")
-    env = dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-tls-{os.getpid()}")
+    env = apm_env(root, "tls")
     try:
         cert, key = make_certificate(root)
         client_cert, client_key = make_certificate(root, "client", "clientAuth", "/CN=scanner")

@@ -1,0 +1,41 @@
+"""What the benchmark scripts share: timing a command, ports, and an apm
+daemon environment of their own."""
+
+import os
+import socket
+import statistics
+import subprocess
+import time
+
+
+def median_time(argv, env=None, repeat=11):
+    """The median wall time (s) of running `argv` to its end, `repeat` times."""
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def apm_env(root, name):
+    """The environment of a daemon of the benchmark's own: its home under
+    `root`, a socket no other run uses, no colours in its output."""
+    return dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-{name}-{os.getpid()}", NO_COLOR="1")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=10):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listens on {port}")

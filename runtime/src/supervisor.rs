@@ -898,7 +898,7 @@ impl Supervisor {
     }
 
     /// Points the running processes' output at the worker's current log
-    /// files and prefix, after an update changed them.
+    /// files and prefix, after an update or a rename changed them.
     fn retarget(&mut self, name: &str) {
         let Some(spec) = self.workers.get(name).map(|w| w.spec.clone()) else {
             return;
@@ -944,6 +944,9 @@ impl Supervisor {
                 .insert(instance.id, (new.to_owned(), instance.index));
         }
         self.workers.insert(new.to_owned(), worker);
+        // Its running processes write under the new name from now on, as
+        // `apm log new` expects; what they wrote before stays in the old files.
+        self.retarget(new);
         self.dirty = true;
         Ok(())
     }

@@ -307,6 +307,49 @@ fn stop_sends_sigkill_after_kill_timeout_to_the_whole_group() {
 }
 
 #[test]
+fn rename_keeps_the_process_and_its_output_follows_the_new_name_and_copy_starts_a_twin() {
+    let d = Daemon::new("rename");
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.05; done",
+        "-name",
+        "old",
+        "-startup_grace",
+        "100",
+    ]);
+    let before = pids(&d.wait_running("old"));
+    wait_until(PATIENCE, "output under the old name", || {
+        d.log("old", false).contains("old | line 2")
+    });
+
+    d.ok(&["rename", "old", "new"]);
+    assert!(d.worker("old").is_none(), "{}", d.list());
+    assert_eq!(
+        pids(&d.wait_running("new")),
+        before,
+        "a rename restarts nothing"
+    );
+    // The running process's next lines go to the new name's log at once.
+    wait_until(PATIENCE, "output under the new name", || {
+        d.log("new", false).contains("new | line")
+    });
+
+    d.ok(&["copy", "new", "twin"]);
+    let twin = pids(&d.wait_running("twin"));
+    assert_ne!(twin, before, "the copy is a process of its own");
+    wait_until(PATIENCE, "the copy's own output", || {
+        d.log("twin", false).contains("twin | line 1")
+    });
+    assert_eq!(
+        pids(&d.wait_running("new")),
+        before,
+        "copying leaves the original alone"
+    );
+}
+
+#[test]
 fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \

@@ -14,6 +14,10 @@ fn apm(args: &[&str], cwd: &Path) -> Output {
         .unwrap()
 }
 
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -231,5 +235,55 @@ fn check_reports_a_certificate_and_key_that_do_not_match() {
             && text.contains("title=E0018")
             && text.contains("c1.pem"),
         "{text}"
+    );
+}
+
+#[test]
+fn fmt_checks_shows_the_diff_and_rewrites_keeping_comments() {
+    let dir = tempfile::tempdir().unwrap();
+    let messy = "# the api\nworker{name api;exec node;   params server.js;}\n";
+    write(dir.path(), "apm.conf", messy);
+    let read = || std::fs::read_to_string(dir.path().join("apm.conf")).unwrap();
+
+    let check = apm(&["fmt", "apm.conf", "--check"], dir.path());
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    assert!(
+        stderr(&check).contains("apm.conf is not formatted"),
+        "{}",
+        stderr(&check)
+    );
+    let diff = apm(&["fmt", "apm.conf", "--diff"], dir.path());
+    assert_eq!(diff.status.code(), Some(1));
+    let text = stdout(&diff);
+    assert!(
+        text.contains("-worker{name api;exec node;   params server.js;}")
+            && text.contains("+worker {"),
+        "{text}"
+    );
+    assert_eq!(read(), messy, "--check and --diff leave the file alone");
+
+    let rewrite = apm(&["fmt", "apm.conf"], dir.path());
+    assert_eq!(rewrite.status.code(), Some(0), "{}", stderr(&rewrite));
+    let formatted = read();
+    assert!(formatted.starts_with("# the api\n"), "{formatted}");
+    assert_ne!(formatted, messy);
+    assert_eq!(
+        apm(&["fmt", "apm.conf", "--check"], dir.path())
+            .status
+            .code(),
+        Some(0)
+    );
+
+    write(
+        dir.path(),
+        "broken.conf",
+        "worker { name x; exec \"unclosed; }\n",
+    );
+    let broken = apm(&["fmt", "broken.conf"], dir.path());
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(
+        stderr(&broken).contains("syntax errors"),
+        "{}",
+        stderr(&broken)
     );
 }

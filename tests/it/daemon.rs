@@ -350,6 +350,71 @@ fn rename_keeps_the_process_and_its_output_follows_the_new_name_and_copy_starts_
 }
 
 #[test]
+fn wait_grep_stopall_unload_and_boot_do_what_the_cli_says() {
+    let d = Daemon::new("cli-table");
+    for name in ["alpha", "beta"] {
+        d.write(
+            &format!("{name}.sh"),
+            &format!("echo {name}-ready\nexec sleep 1000\n"),
+        );
+    }
+    let config = d.load(
+        "worker { name alpha; exec sh; params alpha.sh; startup_grace 100; }\n\
+         worker { name beta; exec sh; params beta.sh; startup_grace 100; }\n",
+    );
+    d.ok(&["wait", "alpha", "--timeout", "20s"]);
+    d.wait_running("beta");
+
+    // A worker that never runs: `wait` gives up with exit 1.
+    d.apm(&["run", "false", "-name", "never", "-startup_grace", "100"]);
+    let waited = d.apm(&["wait", "never", "--timeout", "1s"]);
+    assert_eq!(waited.status.code(), Some(1), "{}", describe(&waited));
+
+    wait_until(PATIENCE, "both workers' first lines", || {
+        stdout(&d.apm(&["grep", "ready"])).lines().count() == 2
+    });
+    let found = stdout(&d.ok(&["grep", "ready", "beta"]));
+    let [line] = found.lines().collect::<Vec<_>>()[..] else {
+        panic!("{found}")
+    };
+    assert!(
+        line.starts_with("beta: ") && line.ends_with(" beta | beta-ready"),
+        "{found}"
+    );
+    assert_eq!(d.apm(&["grep", "no line has this"]).status.code(), Some(1));
+    assert_eq!(d.apm(&["grep", "ready", "nobody"]).status.code(), Some(2));
+
+    d.ok(&["stopall"]);
+    for name in ["alpha", "beta", "never"] {
+        let worker = d.worker(name).unwrap();
+        assert!(
+            ["stopped", "crashed"].contains(&worker["status"].as_str().unwrap()),
+            "{worker}"
+        );
+    }
+    assert!(d.socket_up(), "stopall leaves the daemon running");
+
+    d.ok(&["unload", config.to_str().unwrap()]);
+    assert_eq!(
+        d.worker_names(),
+        ["never"],
+        "unload removes the file's workers"
+    );
+
+    // `boot` loads the system config, here named by APM_CONFIG.
+    d.write("gamma.sh", "echo gamma-ready\nexec sleep 1000\n");
+    let system = d.write(
+        "system.conf",
+        "worker { name gamma; exec sh; params gamma.sh; startup_grace 100; }\n",
+    );
+    let mut boot = d.command(&["boot"]);
+    boot.env("APM_CONFIG", &system);
+    let booted = run(boot);
+    assert!(booted.status.success(), "{}", describe(&booted));
+    d.wait_running("gamma");
+}
+
+#[test]
 fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \

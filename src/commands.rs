@@ -572,14 +572,23 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
 }
 
 /// The lines of a log file, of one stream when both streams share it.
-fn log_lines(path: &Path, only: Option<&str>) -> Vec<String> {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    text.lines()
+/// A log file's complete lines (those of one stream when `only` names its
+/// marker), and the offset just after them, where following goes on: a
+/// line written meanwhile is neither lost nor printed twice.
+fn log_lines(path: &Path, only: Option<&str>) -> (Vec<String>, u64) {
+    let mut bytes = std::fs::read(path).unwrap_or_default();
+    bytes.truncate(
+        bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |end| end + 1),
+    );
+    let lines = String::from_utf8_lossy(&bytes)
+        .lines()
         .filter(|l| only.is_none_or(|marker| l.split(' ').nth(2) == Some(marker)))
         .map(str::to_owned)
-        .collect()
+        .collect();
+    (lines, bytes.len() as u64)
 }
 
 pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> u8 {
@@ -594,14 +603,13 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
         (false, true) => (info.status.out_log.clone(), Some("|")),
         (true, true) => (info.status.err_log.clone(), Some("!")),
     };
-    let all = log_lines(&path, only);
+    let (all, mut position) = log_lines(&path, only);
     for line in &all[all.len().saturating_sub(lines)..] {
         println!("{line}");
     }
     if !follow {
         return exit::OK;
     }
-    let mut position = std::fs::metadata(&path).map_or(0, |m| m.len());
     let mut partial = String::new();
     loop {
         std::thread::sleep(Duration::from_millis(100));
@@ -648,7 +656,11 @@ pub fn grep(place: &Place, pattern: &str, worker: Option<&str>) -> u8 {
             paths.push(&status.err_log);
         }
         for path in paths {
-            for line in log_lines(path, None).iter().filter(|l| l.contains(pattern)) {
+            for line in log_lines(path, None)
+                .0
+                .iter()
+                .filter(|l| l.contains(pattern))
+            {
                 found = true;
                 println!("{}: {line}", status.name);
             }

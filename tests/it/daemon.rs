@@ -415,6 +415,58 @@ fn wait_grep_stopall_unload_and_boot_do_what_the_cli_says() {
 }
 
 #[test]
+fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
+    let d = Daemon::new("log-follow");
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        "echo oops >&2; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done",
+        "-name",
+        "ticker",
+        "-startup_grace",
+        "100",
+    ]);
+    wait_until(PATIENCE, "five ticks", || {
+        d.log("ticker", false).contains("| tick 5")
+    });
+    let last = stdout(&d.ok(&["log", "ticker", "--lines", "1"]));
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.contains("ticker | tick "), "{last}");
+    let errors = d.log("ticker", true);
+    assert!(
+        errors.contains("ticker ! oops") && !errors.contains("tick 1"),
+        "{errors}"
+    );
+
+    // `-f` prints the last lines, then each new one as it is written.
+    let mut follow = d
+        .command(&["log", "ticker", "-f", "--lines", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let tick = |line: &str| -> u64 { line.rsplit(' ').next().unwrap().parse().unwrap() };
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let line = rx.recv_timeout(PATIENCE).expect("a followed line");
+        seen.push(tick(&line));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "lines in order, none missed or repeated: {seen:?}"
+    );
+}
+
+#[test]
 fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \

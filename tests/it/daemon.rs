@@ -350,7 +350,7 @@ fn rename_keeps_the_process_and_its_output_follows_the_new_name_and_copy_starts_
 }
 
 #[test]
-fn wait_grep_stopall_unload_and_boot_do_what_the_cli_says() {
+fn wait_grep_restart_all_stopall_unload_and_boot_do_what_the_cli_says() {
     let d = Daemon::new("cli-table");
     for name in ["alpha", "beta"] {
         d.write(
@@ -383,6 +383,17 @@ fn wait_grep_stopall_unload_and_boot_do_what_the_cli_says() {
     );
     assert_eq!(d.apm(&["grep", "no line has this"]).status.code(), Some(1));
     assert_eq!(d.apm(&["grep", "ready", "nobody"]).status.code(), Some(2));
+
+    // `restart` needs a worker's name, or --force to restart them all.
+    assert_eq!(d.apm(&["restart"]).status.code(), Some(2));
+    let before = [
+        pids(&d.wait_running("alpha")),
+        pids(&d.wait_running("beta")),
+    ];
+    d.apm(&["restart", "--force"]); // `never` fails again: exit 1
+    for (name, old) in ["alpha", "beta"].into_iter().zip(before) {
+        assert_ne!(pids(&d.wait_running(name)), old, "{name} restarted");
+    }
 
     d.ok(&["stopall"]);
     for name in ["alpha", "beta", "never"] {

@@ -571,7 +571,6 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
     exit::OK
 }
 
-/// The lines of a log file, of one stream when both streams share it.
 /// A log file's complete lines (those of one stream when `only` names its
 /// marker), and the offset just after them, where following goes on: a
 /// line written meanwhile is neither lost nor printed twice.

@@ -562,6 +562,13 @@ fn env_env_index_and_apm_reach_the_child() {
                 && log.contains("envy#1 | vars FOO=foo BAR=b a r APM=1 IDX=1")
         },
     );
+    // `apm env` shows the running process's environment as it really is.
+    let env = stdout(&d.ok(&["env", "envy"]));
+    for var in ["FOO=foo", "BAR=b a r", "APM=1", "APM_INDEX=0"] {
+        assert!(env.lines().any(|l| l == var), "{var} in {env}");
+    }
+    let json: Value = serde_json::from_str(&stdout(&d.ok(&["env", "envy", "--json"]))).unwrap();
+    assert_eq!(json["BAR"], "b a r", "{json}");
 }
 
 #[test]

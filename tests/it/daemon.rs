@@ -1233,6 +1233,34 @@ fn reload_applies_the_plan_and_keeps_untouched_processes() {
     let again = stdout(&d.ok(&["reload", file]));
     assert!(again.contains("= 4 unchanged"), "{again}");
     assert_eq!(pid_map(&d)["a"], after["a"]);
+
+    // `reload <worker>` applies that worker's part of its file's plan only.
+    d.write(
+        "app.conf",
+        "worker { name a; exec sleep; params 4121; startup_grace 100; kill_timeout 3s; }\n\
+         worker { name b; exec sleep; params 4102; startup_grace 100; instances 3; }\n\
+         worker { name c; exec sleep; params 4123; startup_grace 100; }\n\
+         worker { name d; exec sleep; params 4105; startup_grace 100; }\n",
+    );
+    let one = stdout(&d.ok(&["reload", "c"]));
+    assert!(
+        one.contains("~ restart c: params 4113 → 4123") && !one.contains("restart a"),
+        "{one}"
+    );
+    let now = pid_map(&d);
+    assert_ne!(now["c"], after["c"]);
+    assert_eq!(now["a"], after["a"], "a's change waits for its own reload");
+    // `--all --force` restarts every worker of every file, changed or not.
+    d.ok(&["reload", "--all", "--force"]);
+    let forced = pid_map(&d);
+    for name in ["a", "b", "c", "d"] {
+        assert!(
+            forced[name].iter().all(|pid| !now[name].contains(pid)),
+            "{name} restarted: {:?} → {:?}",
+            now[name],
+            forced[name]
+        );
+    }
 }
 
 #[test]

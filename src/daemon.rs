@@ -83,7 +83,7 @@ pub fn run(place: Place, detach: bool) -> u8 {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("apm: cannot start the daemon's runtime: {e}");
+            log(format_args!("apm: cannot start the daemon's runtime: {e}"));
             return exit::FAILED;
         }
     };
@@ -116,14 +116,17 @@ fn bind(place: &Place) -> Result<UnixListener, String> {
 
 async fn serve(place: Place) -> u8 {
     if let Err(e) = std::fs::create_dir_all(&place.home) {
-        eprintln!("apm: cannot create {}: {e}", place.home.display());
+        log(format_args!(
+            "apm: cannot create {}: {e}",
+            place.home.display()
+        ));
         return exit::FAILED;
     }
     let _ = std::fs::set_permissions(&place.home, std::fs::Permissions::from_mode(0o700));
     let listener = match bind(&place) {
         Ok(listener) => listener,
         Err(message) => {
-            eprintln!("apm: {message}");
+            log(format_args!("apm: {message}"));
             return exit::FAILED;
         }
     };
@@ -171,7 +174,7 @@ async fn serve(place: Place) -> u8 {
     ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
-            eprintln!("apm: cannot handle signals");
+            log(format_args!("apm: cannot handle signals"));
             return exit::FAILED;
         }
     };

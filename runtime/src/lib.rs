@@ -17,9 +17,12 @@ pub mod tls;
 mod upstream;
 pub mod vanguard;
 
-/// The daemon log is its stderr: one timestamped line per event.
+/// The daemon log is its stderr: one timestamped line per event. A log
+/// that cannot be written (a full disk) loses the line, not the daemon:
+/// `eprintln!` would panic.
 pub fn log(message: std::fmt::Arguments) {
-    eprintln!("{} {message}", timestamp());
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{} {message}", timestamp());
 }
 
 /// Now, in RFC 3339 with milliseconds, UTC.

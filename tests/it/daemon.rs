@@ -987,6 +987,57 @@ fn a_foreground_daemon_stops_its_workers_and_exits_0_on_sigterm() {
 }
 
 #[test]
+fn a_full_disk_drops_log_lines_but_loses_no_worker_and_blocks_no_child() {
+    let d = Daemon::new("full-disk");
+    // The daemon's own log and the worker's log both on a device that is
+    // always full: every write fails with ENOSPC.
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut daemon = d
+        .command(&["daemon", "--foreground"])
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .unwrap();
+    let daemon_pid = daemon.id();
+    wait_until(PATIENCE, "the foreground daemon to listen", || {
+        d.socket_up() && d.daemon_pid() == Some(daemon_pid)
+    });
+    let done = d.path("done");
+    // More output than a pipe holds: a daemon that stopped reading it
+    // would leave the child blocked before it gets to `touch`.
+    d.ok(&[
+        "run",
+        "sh",
+        "-c",
+        &format!(
+            "head -c 2000000 /dev/zero | tr '\\0' x | fold -w 100; touch {done}; exec sleep 1009"
+        ),
+        "-name",
+        "chatty",
+        "-log",
+        "/dev/full",
+        "-startup_grace",
+        "100",
+    ]);
+    wait_until(PATIENCE, "the child to get through its output", || {
+        Path::new(&done).exists()
+    });
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon is still up"
+    );
+    assert_eq!(d.wait_running("chatty")["name"], "chatty");
+    d.ok(&["exit", "daemon"]);
+    let status = wait_for("the daemon to exit", || daemon.try_wait().unwrap());
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
 fn a_client_of_another_uid_is_refused_with_exit_3() {
     let d = Daemon::new("peercred");
     d.ok(&[

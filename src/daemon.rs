@@ -161,18 +161,20 @@ async fn serve(place: Place) -> u8 {
     let reloading = daemon.clone();
     tokio::spawn(async move {
         while let Some(due) = due.recv().await {
-            auto_reload(&reloading, due).await;
+            reload_logged(&reloading, due, "auto reload").await;
         }
     });
     restore(&daemon).await;
     let loading = daemon.clone();
     tokio::spawn(async move { load_user_config(&loading).await });
 
-    let (mut terminate, mut interrupt) = match (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut terminate, mut interrupt, mut hangup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         _ => {
             log(format_args!("apm: cannot handle signals"));
             return exit::FAILED;
@@ -187,12 +189,23 @@ async fn serve(place: Place) -> u8 {
             }
             _ = terminate.recv() => { shutdown(&daemon, "SIGTERM").await; break; }
             _ = interrupt.recv() => { shutdown(&daemon, "SIGINT").await; break; }
+            _ = hangup.recv() => { tokio::spawn(reload_all_logged(daemon.clone())); }
             _ = daemon.exit.notified() => break,
         }
     }
     let _ = std::fs::remove_file(&pid_file);
     log(format_args!("daemon stopped"));
     exit::OK
+}
+
+/// SIGHUP: every loaded config file is reloaded, as `apm reload --all`
+/// does (the meaning nginx and supervisord give it, and what `systemctl
+/// reload` sends); the daemon itself never stops on it.
+async fn reload_all_logged(daemon: Arc<Daemon>) {
+    log(format_args!("SIGHUP: reloading every loaded config file"));
+    for root in files_of(&daemon.supervisor).await {
+        reload_logged(&daemon, watch::Due { root, only: None }, "SIGHUP reload").await;
+    }
 }
 
 async fn shutdown(daemon: &Daemon, why: &str) {
@@ -262,9 +275,7 @@ async fn restore(daemon: &Daemon) {
         }
     }
     // Files that workers came from are watched again, as when they were loaded.
-    let mut files: Vec<PathBuf> = files_of(&daemon.supervisor).await;
-    files.dedup();
-    for file in files {
+    for file in files_of(&daemon.supervisor).await {
         let _ = compile_file(daemon, &file);
     }
     for name in to_start {
@@ -673,7 +684,7 @@ fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
     compile_block(&print::worker_with(&settings, spec))
 }
 
-/// The config files the registered workers came from, sorted.
+/// The config files the registered workers came from, sorted, each once.
 async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
     let statuses = supervisor
         .call(|reply| Command::List { reply })
@@ -687,6 +698,7 @@ async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
         })
         .collect();
     files.sort();
+    files.dedup();
     files
 }
 
@@ -714,14 +726,15 @@ fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilatio
     Ok(compilation)
 }
 
-/// A reload the watcher found due: errors keep the running config and go
-/// to the daemon log with their file, line and column.
-async fn auto_reload(daemon: &Daemon, due: watch::Due) {
+/// A reload nobody waits for (the watcher found it due, or SIGHUP asked
+/// for it): what it does, and errors with their file, line and column, go
+/// to the daemon log; a file with errors keeps the running config.
+async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
     let (mut plan, specs) = match file_plan(daemon, &due.root, false).await {
         Ok(found) => found,
         Err(response) => {
             log(format_args!(
-                "auto reload of {}: {}",
+                "{why} of {}: {}",
                 due.root.display(),
                 response.error.unwrap_or_default().trim_end()
             ));
@@ -736,14 +749,14 @@ async fn auto_reload(daemon: &Daemon, due: watch::Due) {
         return;
     }
     log(format_args!(
-        "auto reload of {}:\n{}",
+        "{why} of {}:\n{}",
         due.root.display(),
         plan.render().trim_end()
     ));
     for applied in apply(daemon, &due.root, &plan, specs).await {
         if let Some(error) = applied.error {
             log(format_args!(
-                "auto reload: {} {}: {error}",
+                "{why}: {} {}: {error}",
                 applied.action, applied.worker
             ));
         }
@@ -810,8 +823,7 @@ async fn reload_targets(
             )),
         },
         ReloadTarget::All => {
-            let mut files = files_of(&daemon.supervisor).await;
-            files.dedup();
+            let files = files_of(&daemon.supervisor).await;
             Ok(files.into_iter().map(|f| (f, None)).collect())
         }
     }

@@ -1315,6 +1315,35 @@ fn reload_applies_the_plan_and_keeps_untouched_processes() {
 }
 
 #[test]
+fn sighup_reloads_every_loaded_file_and_the_daemon_stays() {
+    let d = Daemon::new("sighup");
+    let config = d.write(
+        "app.conf",
+        "worker { name a; exec sleep; params 4401; startup_grace 100; }\n",
+    );
+    d.ok(&["load", config.to_str().unwrap()]);
+    let before = pids(&d.wait_running("a"));
+    let daemon = d.daemon_pid().unwrap();
+    d.write(
+        "app.conf",
+        "worker { name a; exec sleep; params 4402; startup_grace 100; }\n",
+    );
+    kill(Pid::from_raw(daemon as i32), Signal::SIGHUP).unwrap();
+    let after = wait_for("the edited worker to restart", || {
+        let worker = d.worker("a")?;
+        let now = pids(&worker);
+        (worker["status"] == "running" && !now.is_empty() && now != before).then_some(now)
+    });
+    let args = std::fs::read_to_string(format!("/proc/{}/cmdline", after[0])).unwrap();
+    assert!(args.contains("4402"), "{args:?}");
+    assert_eq!(
+        d.daemon_pid(),
+        Some(daemon),
+        "SIGHUP does not stop the daemon"
+    );
+}
+
+#[test]
 fn a_reload_of_a_broken_file_changes_nothing() {
     let d = Daemon::new("reload_broken");
     let config = d.write(

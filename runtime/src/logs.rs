@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -44,6 +45,39 @@ pub struct Target {
 /// An open log file; lines sent to it are appended in order.
 pub struct LogFile {
     tx: mpsc::Sender<Vec<u8>>,
+    rotation: Arc<Rotation>,
+}
+
+/// `log_max_size` and `log_max_files` of the workers writing a file; a
+/// hot update changes them while it is open.
+#[derive(Default)]
+pub struct Rotation {
+    /// Bytes after which the file is rotated; 0 never rotates it.
+    max_size: AtomicU64,
+    /// Rotated files kept: `NAME.1` (the newest) to `NAME.<keep>`.
+    keep: AtomicU32,
+}
+
+impl Rotation {
+    pub fn new(max_size: Option<u64>, keep: u32) -> Rotation {
+        Rotation {
+            max_size: AtomicU64::new(max_size.unwrap_or(0)),
+            keep: AtomicU32::new(keep.max(1)),
+        }
+    }
+
+    fn set(&self, other: &Rotation) {
+        let (max_size, keep) = other.get();
+        self.max_size.store(max_size, Ordering::Relaxed);
+        self.keep.store(keep, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> (u64, u32) {
+        (
+            self.max_size.load(Ordering::Relaxed),
+            self.keep.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// The log files in use, shared by every instance that writes to one path.
@@ -53,42 +87,61 @@ pub struct LogFiles {
 }
 
 impl LogFiles {
-    pub fn open(&mut self, path: &Path) -> Arc<LogFile> {
+    /// The file at `path`, opened if no one writes to it yet; its rotation
+    /// becomes `rotation` either way (the settings of its latest opener).
+    pub fn open(&mut self, path: &Path, rotation: Rotation) -> Arc<LogFile> {
         if let Some(file) = self.open.get(path).and_then(Weak::upgrade) {
+            file.rotation.set(&rotation);
             return file;
         }
         self.open.retain(|_, file| file.strong_count() > 0);
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(path.to_path_buf(), rx));
-        let file = Arc::new(LogFile { tx });
+        let rotation = Arc::new(rotation);
+        tokio::spawn(write_lines(path.to_path_buf(), rx, rotation.clone()));
+        let file = Arc::new(LogFile { tx, rotation });
         self.open.insert(path.to_path_buf(), Arc::downgrade(&file));
         file
     }
 }
 
-async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>, rotation: Arc<Rotation>) {
     if let Some(dir) = path.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
     }
-    let mut file = None;
+    let mut file: Option<(tokio::fs::File, u64)> = None;
     let mut failing = false;
-    while let Some(first) = rx.recv().await {
-        let mut batch = first;
-        while let Ok(more) = rx.try_recv() {
-            batch.extend_from_slice(&more);
+    let mut lines = Vec::new();
+    while rx.recv_many(&mut lines, QUEUE).await > 0 {
+        let (max_size, keep) = rotation.get();
+        let mut written = true;
+        // The lines for the current file, written together.
+        let mut batch = Vec::new();
+        for line in lines.drain(..) {
+            if file.is_none() {
+                file = open_for_append(&path).await;
+            }
+            let Some((f, size)) = file.as_mut() else {
+                written = false;
+                break;
+            };
+            // A line that would take a non-empty file past `log_max_size`
+            // goes to a new one (a longer line still goes somewhere).
+            let pending = *size + batch.len() as u64;
+            if max_size > 0 && pending > 0 && pending + line.len() as u64 > max_size {
+                written &= f.write_all(&batch).await.is_ok();
+                batch.clear();
+                drop(file.take());
+                rotate(&path, keep).await;
+                file = open_for_append(&path).await;
+            }
+            batch.extend_from_slice(&line);
         }
-        if file.is_none() {
-            file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .await
-                .ok();
+        if let Some((f, size)) = file.as_mut()
+            && !batch.is_empty()
+        {
+            written &= f.write_all(&batch).await.is_ok();
+            *size += batch.len() as u64;
         }
-        let written = match file.as_mut() {
-            Some(f) => f.write_all(&batch).await.is_ok(),
-            None => false,
-        };
         // Report a failing disk once, not once per line; reopen next time.
         if !written {
             if !failing {
@@ -101,6 +154,32 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>) {
         }
         failing = !written;
     }
+}
+
+/// The file opened for appending, with its size.
+async fn open_for_append(path: &Path) -> Option<(tokio::fs::File, u64)> {
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .ok()?;
+    let size = file.metadata().await.map_or(0, |m| m.len());
+    Some((file, size))
+}
+
+/// `NAME` becomes `NAME.1`, `NAME.1` becomes `NAME.2` and so on; the one
+/// beyond `keep` is overwritten.
+async fn rotate(path: &Path, keep: u32) {
+    let numbered = |n: u32| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    };
+    for n in (1..keep).rev() {
+        let _ = tokio::fs::rename(numbered(n), numbered(n + 1)).await;
+    }
+    let _ = tokio::fs::rename(path, numbered(1)).await;
 }
 
 /// Copies one stream of a child to its log, line by line, until it closes.

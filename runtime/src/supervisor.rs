@@ -884,14 +884,20 @@ impl Supervisor {
     fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
         let prefix = log_prefix(spec, index);
+        let rotation = || {
+            logs::Rotation::new(
+                spec.log_max_size.as_ref().map(|s| s.value.0),
+                spec.log_max_files.value,
+            )
+        };
         let out = Target {
-            file: self.logs.open(&out_path),
+            file: self.logs.open(&out_path, rotation()),
             prefix: prefix.clone(),
         };
         (
             out,
             Target {
-                file: self.logs.open(&err_path),
+                file: self.logs.open(&err_path, rotation()),
                 prefix,
             },
         )

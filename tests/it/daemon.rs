@@ -426,6 +426,51 @@ fn wait_grep_restart_all_stopall_unload_and_boot_do_what_the_cli_says() {
 }
 
 #[test]
+fn logs_rotate_at_log_max_size_keeping_log_max_files() {
+    let d = Daemon::new("rotation");
+    d.write(
+        "chatty.sh",
+        "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); echo \"line $i of a log that grows\"; done; echo finished; exec sleep 1010\n",
+    );
+    d.load(
+        "worker { name chatty; exec sh; params chatty.sh; startup_grace 100; log_max_size 10K; log_max_files 2; }\n",
+    );
+    let log = d.home.join("logs").join("chatty.out.log");
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", log.display()));
+    wait_until(PATIENCE, "the last line", || {
+        d.log("chatty", false).contains("| finished")
+    });
+    for path in [log.clone(), numbered(1), numbered(2)] {
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            size > 0 && size <= 10 * 1024,
+            "{}: {size} bytes",
+            path.display()
+        );
+    }
+    assert!(
+        !numbered(3).exists(),
+        "only log_max_files rotated files are kept"
+    );
+    // The kept files hold the end of the output, in order, none of it
+    // lost or repeated across a rotation.
+    let numbers: Vec<u32> = [numbered(2), numbered(1), log]
+        .iter()
+        .flat_map(|path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            text.lines()
+                .filter_map(|l| l.split("| line ").nth(1)?.split(' ').next()?.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert_eq!(numbers.last(), Some(&3000));
+    assert!(
+        numbers.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{numbers:?}"
+    );
+}
+
+#[test]
 fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
     let d = Daemon::new("log-follow");
     d.ok(&[

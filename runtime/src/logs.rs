@@ -40,6 +40,8 @@ impl Stream {
 pub struct Target {
     pub file: Arc<LogFile>,
     pub prefix: String,
+    /// `strip_ansi`: colours and other terminal escapes are left out.
+    pub strip_ansi: bool,
 }
 
 /// An open log file; lines sent to it are appended in order.
@@ -208,7 +210,7 @@ pub async fn pump(
             head.extend_from_slice(&line[..room.min(line.len())]);
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        let (log, mut entry) = {
+        let (log, mut entry, strip) = {
             let target = target.borrow();
             (
                 target.file.clone(),
@@ -219,12 +221,82 @@ pub async fn pump(
                     which.marker()
                 )
                 .into_bytes(),
+                target.strip_ansi,
             )
         };
-        entry.extend_from_slice(text);
+        if strip {
+            strip_ansi(text, &mut entry);
+        } else {
+            entry.extend_from_slice(text);
+        }
         entry.push(b'\n');
         if log.tx.send(entry).await.is_err() {
             return;
         }
+    }
+}
+
+/// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`
+/// … a final byte, colours among them), OSC (`ESC ]` … BEL or `ESC \\`,
+/// terminal titles and links) and two-byte escapes.
+fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
+    const ESC: u8 = 0x1b;
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] != ESC {
+            out.push(text[i]);
+            i += 1;
+            continue;
+        }
+        i += 1;
+        match text.get(i) {
+            Some(b'[') => {
+                // Parameters and intermediates, then one final byte.
+                i += 1;
+                while i < text.len() && !(0x40..=0x7e).contains(&text[i]) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            Some(b']') => {
+                i += 1;
+                while i < text.len()
+                    && text[i] != 0x07
+                    && !(text[i] == ESC && text.get(i + 1) == Some(&b'\\'))
+                {
+                    i += 1;
+                }
+                i += if text.get(i) == Some(&ESC) { 2 } else { 1 };
+            }
+            Some(_) => i += 1,
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    fn stripped(text: &[u8]) -> String {
+        let mut out = Vec::new();
+        strip_ansi(text, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn strip_ansi_leaves_the_text_of_coloured_and_titled_lines() {
+        assert_eq!(stripped(b"\x1b[1;31mred\x1b[0m plain"), "red plain");
+        assert_eq!(stripped(b"\x1b]0;title\x07after"), "after");
+        assert_eq!(
+            stripped(b"\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\"),
+            "link"
+        );
+        assert_eq!(stripped(b"a\x1bMb"), "ab");
+        assert_eq!(stripped("naïve \u{1b}[2Kdone".as_bytes()), "naïve done");
+        // Cut off mid-sequence: nothing of it is kept, nothing panics.
+        assert_eq!(stripped(b"x\x1b[12"), "x");
+        assert_eq!(stripped(b"x\x1b"), "x");
+        assert_eq!(stripped(b"x\x1b]title"), "x");
     }
 }

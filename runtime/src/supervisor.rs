@@ -893,12 +893,14 @@ impl Supervisor {
         let out = Target {
             file: self.logs.open(&out_path, rotation()),
             prefix: prefix.clone(),
+            strip_ansi: spec.strip_ansi.value,
         };
         (
             out,
             Target {
                 file: self.logs.open(&err_path, rotation()),
                 prefix,
+                strip_ansi: spec.strip_ansi.value,
             },
         )
     }

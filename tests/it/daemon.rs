@@ -471,6 +471,39 @@ fn logs_rotate_at_log_max_size_keeping_log_max_files() {
 }
 
 #[test]
+fn strip_ansi_keeps_colour_codes_out_of_the_log() {
+    let d = Daemon::new("strip-ansi");
+    let script = r"printf '\033[1;31mred\033[0m alert\n'; exec sleep 1011";
+    for (name, strip) in [("plain", "-strip_ansi=false"), ("stripped", "-strip_ansi")] {
+        d.ok(&[
+            "run",
+            "sh",
+            "-c",
+            script,
+            "-name",
+            name,
+            strip,
+            "-startup_grace",
+            "100",
+        ]);
+    }
+    wait_until(PATIENCE, "both lines", || {
+        d.log("plain", false).contains("alert") && d.log("stripped", false).contains("alert")
+    });
+    assert!(
+        d.log("plain", false)
+            .contains("plain | \u{1b}[1;31mred\u{1b}[0m alert"),
+        "{:?}",
+        d.log("plain", false)
+    );
+    assert!(
+        d.log("stripped", false).contains("stripped | red alert"),
+        "{:?}",
+        d.log("stripped", false)
+    );
+}
+
+#[test]
 fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
     let d = Daemon::new("log-follow");
     d.ok(&[

@@ -571,23 +571,44 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
     exit::OK
 }
 
-/// A log file's complete lines (those of one stream when `only` names its
-/// marker), and the offset just after them, where following goes on: a
-/// line written meanwhile is neither lost nor printed twice.
-fn log_lines(path: &Path, only: Option<&str>) -> (Vec<String>, u64) {
-    let mut bytes = std::fs::read(path).unwrap_or_default();
-    bytes.truncate(
-        bytes
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |end| end + 1),
-    );
-    let lines = String::from_utf8_lossy(&bytes)
-        .lines()
-        .filter(|l| only.is_none_or(|marker| l.split(' ').nth(2) == Some(marker)))
-        .map(str::to_owned)
-        .collect();
-    (lines, bytes.len() as u64)
+/// Streams a log file's complete lines to `each`, one at a time: a log of
+/// gigabytes costs its reading, not its size in memory. Returns the offset
+/// just after the last complete line, where following goes on: a line
+/// written meanwhile is neither lost nor printed twice.
+fn each_log_line(path: &Path, mut each: impl FnMut(&str)) -> u64 {
+    use std::io::BufRead;
+    let Ok(file) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let (mut line, mut end) = (Vec::new(), 0);
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return end,
+            Ok(_) => {}
+        }
+        let Some(text) = line.strip_suffix(b"\n") else {
+            return end; // a line still being written
+        };
+        end += line.len() as u64;
+        each(&String::from_utf8_lossy(text));
+    }
+}
+
+/// The last `count` lines of a log (of one stream when `only` names its
+/// marker), and where following goes on.
+fn last_log_lines(path: &Path, only: Option<&str>, count: usize) -> (Vec<String>, u64) {
+    let mut kept = std::collections::VecDeque::new();
+    let end = each_log_line(path, |line| {
+        if count > 0 && only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker)) {
+            if kept.len() == count {
+                kept.pop_front();
+            }
+            kept.push_back(line.to_owned());
+        }
+    });
+    (kept.into(), end)
 }
 
 pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> u8 {
@@ -602,8 +623,8 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
         (false, true) => (info.status.out_log.clone(), Some("|")),
         (true, true) => (info.status.err_log.clone(), Some("!")),
     };
-    let (all, mut position) = log_lines(&path, only);
-    for line in &all[all.len().saturating_sub(lines)..] {
+    let (last, mut position) = last_log_lines(&path, only, lines);
+    for line in last {
         println!("{line}");
     }
     if !follow {
@@ -655,14 +676,12 @@ pub fn grep(place: &Place, pattern: &str, worker: Option<&str>) -> u8 {
             paths.push(&status.err_log);
         }
         for path in paths {
-            for line in log_lines(path, None)
-                .0
-                .iter()
-                .filter(|l| l.contains(pattern))
-            {
-                found = true;
-                println!("{}: {line}", status.name);
-            }
+            each_log_line(path, |line| {
+                if line.contains(pattern) {
+                    found = true;
+                    println!("{}: {line}", status.name);
+                }
+            });
         }
     }
     if worker.is_some_and(|w| !statuses.iter().any(|s| s.name == w)) {

@@ -720,6 +720,7 @@ fn stdout_and_stderr_logs_are_separate_named_and_survive_a_daemon_crash() {
         );
     };
     check("before the crash");
+    d.wait_saved(&[("lw", true, &[])]);
 
     let pid = d.daemon_pid().unwrap();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
@@ -930,6 +931,15 @@ fn a_killed_daemon_is_replaced_without_orphans_or_duplicates() {
     assert_eq!(old.len(), 3);
     assert_eq!(processes_running(&["sleep", &arg]).len(), 3);
 
+    // The stop and the processes must be in the state file before the crash.
+    let [one_pid] = pids(&d.worker("one").unwrap())[..] else {
+        panic!()
+    };
+    d.wait_saved(&[
+        ("off", false, &[]),
+        ("one", true, &[one_pid]),
+        ("two", true, &pids(&d.worker("two").unwrap())),
+    ]);
     let daemon = d.daemon_pid().unwrap();
     kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
     wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
@@ -986,6 +996,7 @@ fn a_killed_daemons_orphans_are_ended_even_when_their_group_leader_is_gone() {
     let orphans = wait_for("the background sleep", || {
         Some(processes_running(&["sleep", &arg])).filter(|p| p.len() == 1)
     });
+    d.wait_saved(&[("gc", true, &[leader])]);
 
     let daemon = d.daemon_pid().unwrap();
     kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();

@@ -139,6 +139,34 @@ impl Daemon {
             .ok()
     }
 
+    /// Until the state file (written on a thread of its own, shortly after
+    /// each change) says what a test about a daemon crash relies on: for
+    /// each named worker, whether it should run and the pids it has.
+    pub(crate) fn wait_saved(&self, expected: &[(&str, bool, &[u32])]) {
+        wait_until(PATIENCE, "the state file to record the workers", || {
+            let Some(state) = std::fs::read(self.home.join("state.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            else {
+                return false;
+            };
+            let workers = state["workers"].as_array().cloned().unwrap_or_default();
+            expected.iter().all(|(name, running, pids)| {
+                workers.iter().any(|w| {
+                    let saved: Vec<u64> = w["processes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["pid"].as_u64())
+                        .collect();
+                    w["name"] == *name
+                        && w["running"] == *running
+                        && pids.iter().all(|pid| saved.contains(&u64::from(*pid)))
+                })
+            })
+        });
+    }
+
     /// `apm log NAME [--err] --lines 1000`.
     pub(crate) fn log(&self, name: &str, err: bool) -> String {
         let mut args = vec!["log", name, "--lines", "1000"];

@@ -1,6 +1,6 @@
 //! The CLI commands that talk to the daemon, and how their answers are shown.
 
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -571,17 +571,21 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
     exit::OK
 }
 
-/// Streams a log file's complete lines to `each`, one at a time: a log of
-/// gigabytes costs its reading, not its size in memory. Returns the offset
-/// just after the last complete line, where following goes on: a line
+/// Streams a log file's complete lines from offset `from` to `each`, one at
+/// a time: a log of gigabytes costs its reading, not its size in memory.
+/// Returns the offset just after the last complete line, where following
+/// goes on: a line still being written is read whole next time, and a line
 /// written meanwhile is neither lost nor printed twice.
-fn each_log_line(path: &Path, mut each: impl FnMut(&str)) -> u64 {
+fn each_log_line(path: &Path, from: u64, mut each: impl FnMut(&str)) -> u64 {
     use std::io::BufRead;
-    let Ok(file) = std::fs::File::open(path) else {
-        return 0;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return from;
     };
+    if from > 0 && file.seek(SeekFrom::Start(from)).is_err() {
+        return from;
+    }
     let mut reader = std::io::BufReader::new(file);
-    let (mut line, mut end) = (Vec::new(), 0);
+    let (mut line, mut end) = (Vec::new(), from);
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
@@ -596,12 +600,18 @@ fn each_log_line(path: &Path, mut each: impl FnMut(&str)) -> u64 {
     }
 }
 
+/// Whether a log line is of the stream whose marker is `only` (any, without
+/// one): both streams may share a file.
+fn in_stream(line: &str, only: Option<&str>) -> bool {
+    only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker))
+}
+
 /// The last `count` lines of a log (of one stream when `only` names its
 /// marker), and where following goes on.
 fn last_log_lines(path: &Path, only: Option<&str>, count: usize) -> (Vec<String>, u64) {
     let mut kept = std::collections::VecDeque::new();
-    let end = each_log_line(path, |line| {
-        if count > 0 && only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker)) {
+    let end = each_log_line(path, 0, |line| {
+        if count > 0 && in_stream(line, only) {
             if kept.len() == count {
                 kept.pop_front();
             }
@@ -630,33 +640,23 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
     if !follow {
         return exit::OK;
     }
-    let mut partial = String::new();
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let Ok(mut file) = std::fs::File::open(&path) else {
-            continue;
-        };
-        let len = file.metadata().map_or(0, |m| m.len());
+        let len = std::fs::metadata(&path).map_or(position, |m| m.len());
         if len < position {
             position = 0; // rotated or truncated
         }
-        if len == position || file.seek(SeekFrom::Start(position)).is_err() {
+        if len == position {
             continue;
         }
-        let mut chunk = Vec::new();
-        if file.read_to_end(&mut chunk).is_err() {
-            continue;
-        }
-        position += chunk.len() as u64;
-        partial.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = partial.find('\n') {
-            let line: String = partial.drain(..=end).collect();
-            let line = line.trim_end_matches('\n');
-            if only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker))
-                && writeln!(std::io::stdout(), "{line}").is_err()
-            {
-                return exit::OK;
+        let mut reader_gone = false;
+        position = each_log_line(&path, position, |line| {
+            if !reader_gone && in_stream(line, only) {
+                reader_gone = writeln!(std::io::stdout(), "{line}").is_err();
             }
+        });
+        if reader_gone {
+            return exit::OK;
         }
     }
 }
@@ -676,7 +676,7 @@ pub fn grep(place: &Place, pattern: &str, worker: Option<&str>) -> u8 {
             paths.push(&status.err_log);
         }
         for path in paths {
-            each_log_line(path, |line| {
+            each_log_line(path, 0, |line| {
                 if line.contains(pattern) {
                     found = true;
                     println!("{}: {line}", status.name);

@@ -95,6 +95,13 @@ impl Exchange {
         );
     }
 
+    /// Passes a chunk of a streamed response on; an error means the client
+    /// is gone.
+    async fn send_body(&self, bytes: Bytes) -> Result<(), ()> {
+        let body_tx = self.body_tx.as_ref().ok_or(())?;
+        body_tx.send(Ok(Frame::data(bytes))).await.map_err(|_| ())
+    }
+
     fn respond(&mut self, head: Map<String, Value>, body: Body) {
         let Some(respond) = self.respond.take() else {
             return;
@@ -185,10 +192,7 @@ impl ClientSide for Exchange {
                 None if self.respond.is_some() => {
                     self.gathered = Some((Map::new(), BytesMut::from(bytes)));
                 }
-                None => {
-                    let body_tx = self.body_tx.as_ref().ok_or(())?;
-                    body_tx.send(Ok(Frame::data(bytes))).await.map_err(|_| ())?;
-                }
+                None => self.send_body(bytes).await?,
             },
             ToClient::Close { .. } => {
                 let (head, body) = self.gathered.take().unwrap_or_default();
@@ -230,11 +234,7 @@ impl ClientSide for Exchange {
         {
             self.stream(head);
             if !body.is_empty() {
-                let body_tx = self.body_tx.as_ref().ok_or(())?;
-                body_tx
-                    .send(Ok(Frame::data(body.freeze())))
-                    .await
-                    .map_err(|_| ())?;
+                self.send_body(body.freeze()).await?;
             }
         }
         Ok(())

@@ -237,11 +237,11 @@ fn err_grace_gives_long_runs_a_fresh_budget_but_not_fast_failures() {
         "100",
     ];
     let slow = d.path("slow.txt");
-    let mut args = vec!["run", "sh", "-c"];
-    let slow_script = format!("{}; sleep 1; exit 1", stamp(&slow));
-    args.extend([slow_script.as_str(), "-name", "slow"]);
-    args.extend(common);
-    d.ok(&args);
+    d.run_sh(
+        "slow",
+        &format!("{}; sleep 1; exit 1", stamp(&slow)),
+        &common,
+    );
     let fast = d.path("fast.txt");
     let fast_script = format!("{}; exit 1", stamp(&fast));
     let mut args = vec!["run", "sh", "-c", fast_script.as_str(), "-name", "fast"];
@@ -264,18 +264,11 @@ fn err_grace_gives_long_runs_a_fresh_budget_but_not_fast_failures() {
 #[test]
 fn stop_sends_sigkill_after_kill_timeout_to_the_whole_group() {
     let d = Daemon::new("kill-timeout");
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        "trap '' TERM; while :; do sleep 0.1; done",
-        "-name",
+    d.run_sh(
         "stubborn",
-        "-kill_timeout",
-        "1500",
-        "-startup_grace",
-        "100",
-    ]);
+        "trap '' TERM; while :; do sleep 0.1; done",
+        &["-kill_timeout", "1500", "-startup_grace", "100"],
+    );
     let worker = d.wait_running("stubborn");
     let [pid] = pids(&worker)[..] else {
         panic!("{worker}")
@@ -309,16 +302,11 @@ fn stop_sends_sigkill_after_kill_timeout_to_the_whole_group() {
 #[test]
 fn rename_keeps_the_process_and_its_output_follows_the_new_name_and_copy_starts_a_twin() {
     let d = Daemon::new("rename");
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.05; done",
-        "-name",
+    d.run_sh(
         "old",
-        "-startup_grace",
-        "100",
-    ]);
+        "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.05; done",
+        &["-startup_grace", "100"],
+    );
     let before = pids(&d.wait_running("old"));
     wait_until(PATIENCE, "output under the old name", || {
         d.log("old", false).contains("old | line 2")
@@ -475,17 +463,7 @@ fn strip_ansi_keeps_colour_codes_out_of_the_log() {
     let d = Daemon::new("strip-ansi");
     let script = r"printf '\033[1;31mred\033[0m alert\n'; exec sleep 1011";
     for (name, strip) in [("plain", "-strip_ansi=false"), ("stripped", "-strip_ansi")] {
-        d.ok(&[
-            "run",
-            "sh",
-            "-c",
-            script,
-            "-name",
-            name,
-            strip,
-            "-startup_grace",
-            "100",
-        ]);
+        d.run_sh(name, script, &[strip, "-startup_grace", "100"]);
     }
     wait_until(PATIENCE, "both lines", || {
         d.log("plain", false).contains("alert") && d.log("stripped", false).contains("alert")
@@ -506,16 +484,11 @@ fn strip_ansi_keeps_colour_codes_out_of_the_log() {
 #[test]
 fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
     let d = Daemon::new("log-follow");
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        "echo oops >&2; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done",
-        "-name",
+    d.run_sh(
         "ticker",
-        "-startup_grace",
-        "100",
-    ]);
+        "echo oops >&2; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done",
+        &["-startup_grace", "100"],
+    );
     wait_until(PATIENCE, "five ticks", || {
         d.log("ticker", false).contains("| tick 5")
     });
@@ -560,20 +533,18 @@ fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \
                   while :; do sleep 0.1; done";
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        script,
-        "-name",
+    d.run_sh(
         "sig",
-        "-instances",
-        "2",
-        "-env_index",
-        "APM_INDEX",
-        "-startup_grace",
-        "100",
-    ]);
+        script,
+        &[
+            "-instances",
+            "2",
+            "-env_index",
+            "APM_INDEX",
+            "-startup_grace",
+            "100",
+        ],
+    );
     d.wait_running("sig");
     wait_until(PATIENCE, "both instances to trap their signals", || {
         let log = d.log("sig", false);
@@ -615,22 +586,20 @@ fn signal_reaches_only_the_named_instance() {
 fn env_env_index_and_apm_reach_the_child() {
     let d = Daemon::new("env");
     let script = r#"echo "vars FOO=$FOO BAR=$BAR APM=$APM IDX=$APM_INDEX"; sleep 1002"#;
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        script,
-        "-name",
+    d.run_sh(
         "envy",
-        "-instances",
-        "2",
-        "-env",
-        "FOO=foo,BAR=b a r",
-        "-env_index",
-        "APM_INDEX",
-        "-startup_grace",
-        "100",
-    ]);
+        script,
+        &[
+            "-instances",
+            "2",
+            "-env",
+            "FOO=foo,BAR=b a r",
+            "-env_index",
+            "APM_INDEX",
+            "-startup_grace",
+            "100",
+        ],
+    );
     wait_until(
         PATIENCE,
         "both instances to print their environment",
@@ -686,16 +655,11 @@ fn a_quick_clean_exit_is_not_a_startup_failure() {
 #[test]
 fn stdout_and_stderr_logs_are_separate_named_and_survive_a_daemon_crash() {
     let d = Daemon::new("logs");
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        "echo out-line; echo err-line >&2; sleep 1003",
-        "-name",
+    d.run_sh(
         "lw",
-        "-startup_grace",
-        "100",
-    ]);
+        "echo out-line; echo err-line >&2; sleep 1003",
+        &["-startup_grace", "100"],
+    );
     wait_until(PATIENCE, "both lines in the logs", || {
         d.log("lw", false).contains("out-line") && d.log("lw", true).contains("err-line")
     });
@@ -980,16 +944,7 @@ fn a_killed_daemons_orphans_are_ended_even_when_their_group_leader_is_gone() {
     // The shell dies of SIGPIPE once the daemon that reads its stdout is
     // gone; its background sleep stays behind in the group.
     let script = format!("sleep {arg} & while :; do echo tick; sleep 0.1; done");
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        &script,
-        "-name",
-        "gc",
-        "-startup_grace",
-        "100",
-    ]);
+    d.run_sh("gc", &script, &["-startup_grace", "100"]);
     let [leader] = pids(&d.wait_running("gc"))[..] else {
         panic!()
     };
@@ -1099,20 +1054,13 @@ fn a_full_disk_drops_log_lines_but_loses_no_worker_and_blocks_no_child() {
     let done = d.path("done");
     // More output than a pipe holds: a daemon that stopped reading it
     // would leave the child blocked before it gets to `touch`.
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
+    d.run_sh(
+        "chatty",
         &format!(
             "head -c 2000000 /dev/zero | tr '\\0' x | fold -w 100; touch {done}; exec sleep 1009"
         ),
-        "-name",
-        "chatty",
-        "-log",
-        "/dev/full",
-        "-startup_grace",
-        "100",
-    ]);
+        &["-log", "/dev/full", "-startup_grace", "100"],
+    );
     wait_until(PATIENCE, "the child to get through its output", || {
         Path::new(&done).exists()
     });
@@ -1195,18 +1143,11 @@ fn user_runs_the_child_as_that_user_and_an_unknown_user_is_refused() {
         return;
     };
     // The child's working directory must be one it may enter.
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        "echo uid=$(id -u); sleep 1010",
-        "-name",
+    d.run_sh(
         "as",
-        "-user",
-        "apmtest",
-        "-path",
-        "/",
-    ]);
+        "echo uid=$(id -u); sleep 1010",
+        &["-user", "apmtest", "-path", "/"],
+    );
     let worker = d.wait_running("as");
     let [pid] = pids(&worker)[..] else {
         panic!("{worker}")
@@ -1239,18 +1180,11 @@ fn user_gives_the_child_that_users_home_and_name() {
         return;
     };
     let d = Daemon::new("user-env");
-    d.ok(&[
-        "run",
-        "sh",
-        "-c",
-        "echo home=$HOME user=$USER logname=$LOGNAME; sleep 1012",
-        "-name",
+    d.run_sh(
         "as",
-        "-user",
-        "apmtest",
-        "-path",
-        "/",
-    ]);
+        "echo home=$HOME user=$USER logname=$LOGNAME; sleep 1012",
+        &["-user", "apmtest", "-path", "/"],
+    );
     let expected = format!(
         "as | home={} user=apmtest logname=apmtest",
         user.dir.display()

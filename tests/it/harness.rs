@@ -64,6 +64,13 @@ impl Daemon {
         command
     }
 
+    /// `apm run sh -c SCRIPT -name NAME FLAGS…`, which must succeed.
+    pub(crate) fn run_sh(&self, name: &str, script: &str, flags: &[&str]) -> Output {
+        let mut args = vec!["run", "sh", "-c", script, "-name", name];
+        args.extend_from_slice(flags);
+        self.ok(&args)
+    }
+
     /// Runs the CLI and returns what it did.
     pub(crate) fn apm(&self, args: &[&str]) -> Output {
         run(self.command(args))

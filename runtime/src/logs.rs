@@ -52,7 +52,6 @@ pub struct LogFile {
 
 /// `log_max_size` and `log_max_files` of the workers writing a file; a
 /// hot update changes them while it is open.
-#[derive(Default)]
 pub struct Rotation {
     /// Bytes after which the file is rotated; 0 never rotates it.
     max_size: AtomicU64,

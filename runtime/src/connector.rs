@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -86,10 +86,176 @@ fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     payload
 }
 
+/// A child's `head`: the response's status (`x-status`) and headers, read
+/// straight from its JSON: every response has one, and going through a
+/// JSON map first cost an allocation per name and per value.
+#[derive(Debug, Default)]
+pub(crate) struct ResponseHead {
+    pub status: hyper::StatusCode,
+    pub headers: hyper::HeaderMap,
+}
+
+impl<'de> serde::Deserialize<'de> for ResponseHead {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(HeadVisitor)
+    }
+}
+
+struct HeadVisitor;
+
+impl<'de> serde::de::Visitor<'de> for HeadVisitor {
+    type Value = ResponseHead;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of response headers")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<ResponseHead, M::Error> {
+        let mut head = ResponseHead::default();
+        while let Some(key) = map.next_key::<HeadKey>()? {
+            match key {
+                HeadKey::Status => {
+                    // A string or a number; anything else is not a status.
+                    let status = match map.next_value::<Value>()? {
+                        Value::String(s) => s,
+                        Value::Number(n) => n.to_string(),
+                        _ => String::new(),
+                    };
+                    head.status = hyper::StatusCode::from_bytes(status.trim().as_bytes())
+                        .unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+                }
+                HeadKey::Header(name) => map.next_value_seed(AppendValues {
+                    headers: &mut head.headers,
+                    name,
+                    nested: false,
+                })?,
+                // A name HTTP cannot carry is dropped, not the response.
+                HeadKey::Invalid => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(head)
+    }
+}
+
+enum HeadKey {
+    Status,
+    Header(hyper::header::HeaderName),
+    Invalid,
+}
+
+impl<'de> serde::Deserialize<'de> for HeadKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = HeadKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a header name")
+            }
+            fn visit_str<E>(self, name: &str) -> Result<HeadKey, E> {
+                Ok(if name.eq_ignore_ascii_case("x-status") {
+                    HeadKey::Status
+                } else {
+                    hyper::header::HeaderName::from_bytes(name.as_bytes())
+                        .map_or(HeadKey::Invalid, HeadKey::Header)
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Appends a header's value (a string, or an array of them for several
+/// `set-cookie`) to the response's headers. A number or a boolean is taken
+/// as its text; a value HTTP cannot carry is dropped.
+struct AppendValues<'a> {
+    headers: &'a mut hyper::HeaderMap,
+    name: hyper::header::HeaderName,
+    /// Inside an array, where a further array is not a header value.
+    nested: bool,
+}
+
+impl AppendValues<'_> {
+    fn append(&mut self, text: &str) {
+        if let Ok(value) = hyper::header::HeaderValue::from_str(text) {
+            self.headers.append(self.name.clone(), value);
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for AppendValues<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AppendValues<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a header value: a string or an array of strings")
+    }
+
+    fn visit_str<E>(mut self, value: &str) -> Result<(), E> {
+        self.append(value);
+        Ok(())
+    }
+
+    fn visit_u64<E>(mut self, value: u64) -> Result<(), E> {
+        self.append(&value.to_string());
+        Ok(())
+    }
+
+    fn visit_i64<E>(mut self, value: i64) -> Result<(), E> {
+        self.append(&value.to_string());
+        Ok(())
+    }
+
+    fn visit_f64<E>(mut self, value: f64) -> Result<(), E> {
+        self.append(&value.to_string());
+        Ok(())
+    }
+
+    fn visit_bool<E>(mut self, value: bool) -> Result<(), E> {
+        self.append(if value { "true" } else { "false" });
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        if self.nested {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            return Ok(());
+        }
+        while seq
+            .next_element_seed(AppendValues {
+                headers: &mut *self.headers,
+                name: self.name.clone(),
+                nested: true,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
 /// What the child sent on a session.
 #[derive(Debug)]
 enum Inbound {
-    Head(Map<String, Value>),
+    Head(ResponseHead),
     Message { kind: Kind, bytes: Bytes },
     Close { code: u16, reason: String },
     Credit(u32),
@@ -417,7 +583,7 @@ pub(crate) enum FromClient {
 
 /// What the child sent, for the client side to deliver.
 pub(crate) enum ToClient {
-    Head(Map<String, Value>),
+    Head(ResponseHead),
     Message {
         text: bool,
         bytes: Bytes,
@@ -640,6 +806,45 @@ mod tests {
         stream.read_exact(&mut body).await.unwrap();
         let session = u32::from_be_bytes(body[1..5].try_into().unwrap());
         (body[0], session, body[5..].to_vec())
+    }
+
+    #[test]
+    fn a_response_head_is_read_into_status_and_headers() {
+        let head: ResponseHead = serde_json::from_slice(
+            br#"{"X-Status":" 404","content-type":"text/plain","set-cookie":["a=1","b=2"],
+                "content-length":3,"x-ok":true,"bad name":"x","x-nested":["c",["d"]],
+                "x-null":null,"x-object":{"a":1},"x-crlf":"a\r\nb","x-escaped":"\u00e9"}"#,
+        )
+        .unwrap();
+        assert_eq!(head.status, hyper::StatusCode::NOT_FOUND);
+        let values = |name: &str| -> Vec<&str> {
+            head.headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("<opaque>"))
+                .collect()
+        };
+        assert_eq!(values("content-type"), ["text/plain"]);
+        assert_eq!(values("set-cookie"), ["a=1", "b=2"]);
+        assert_eq!(values("content-length"), ["3"]);
+        assert_eq!(values("x-ok"), ["true"]);
+        assert_eq!(values("x-nested"), ["c"]);
+        assert_eq!(values("x-escaped"), ["<opaque>"]);
+        assert_eq!(head.headers.len(), 7, "{:?}", head.headers);
+
+        let status = |json: &str| serde_json::from_str::<ResponseHead>(json).unwrap().status;
+        assert_eq!(status("{}"), hyper::StatusCode::OK);
+        assert_eq!(status(r#"{"x-status":201}"#), hyper::StatusCode::CREATED);
+        assert_eq!(
+            status(r#"{"x-status":"2000"}"#),
+            hyper::StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            status(r#"{"x-status":null}"#),
+            hyper::StatusCode::BAD_GATEWAY
+        );
+        assert!(serde_json::from_str::<ResponseHead>("[]").is_err());
+        assert!(serde_json::from_str::<ResponseHead>(r#"{"a":"b""#).is_err());
     }
 
     #[tokio::test]

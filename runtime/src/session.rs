@@ -8,17 +8,18 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::connector::{ClientSide, FromClient, Head, Link, MAX_MESSAGE, ToClient, pump};
+use crate::connector::{
+    ClientSide, FromClient, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
+};
 use crate::proxy::{Body, BoxError, Io, text};
 
 /// Serves one HTTP request, or a WebSocket handshake, as a session.
@@ -76,7 +77,7 @@ struct Exchange {
     /// The head and body so far, while the child's next frames are already
     /// queued: a response that is complete by then goes out whole, in one
     /// write and without a body channel.
-    gathered: Option<(Map<String, Value>, BytesMut)>,
+    gathered: Option<(ResponseHead, BytesMut)>,
 }
 
 /// The most a response gathers before it is streamed.
@@ -84,7 +85,7 @@ const GATHER: usize = 64 * 1024;
 
 impl Exchange {
     /// Sends the response head; the body follows through `body_tx`.
-    fn stream(&mut self, head: Map<String, Value>) {
+    fn stream(&mut self, head: ResponseHead) {
         // One chunk in the channel: credit goes back to the child only once
         // hyper has taken the previous chunk for the client.
         let (body_tx, body_rx) = mpsc::channel(1);
@@ -102,38 +103,13 @@ impl Exchange {
         body_tx.send(Ok(Frame::data(bytes))).await.map_err(|_| ())
     }
 
-    fn respond(&mut self, head: Map<String, Value>, body: Body) {
+    fn respond(&mut self, head: ResponseHead, body: Body) {
         let Some(respond) = self.respond.take() else {
             return;
         };
         let mut response = Response::new(body);
-        for (name, value) in head {
-            if name.eq_ignore_ascii_case("x-status") {
-                let status = value
-                    .as_str()
-                    .map(str::to_owned)
-                    .or_else(|| value.as_u64().map(|n| n.to_string()))
-                    .and_then(|s| StatusCode::from_bytes(s.trim().as_bytes()).ok());
-                *response.status_mut() = status.unwrap_or(StatusCode::BAD_GATEWAY);
-                continue;
-            }
-            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-                continue;
-            };
-            let values = match value {
-                Value::Array(values) => values,
-                value => vec![value],
-            };
-            for value in values {
-                let value = match value {
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    response.headers_mut().append(name.clone(), value);
-                }
-            }
-        }
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
         let _ = respond.send(response);
     }
 }
@@ -190,7 +166,7 @@ impl ClientSide for Exchange {
             ToClient::Message { bytes, .. } | ToClient::Raw(bytes) => match &mut self.gathered {
                 Some((_, gathered)) => gathered.extend_from_slice(&bytes),
                 None if self.respond.is_some() => {
-                    self.gathered = Some((Map::new(), BytesMut::from(bytes)));
+                    self.gathered = Some((ResponseHead::default(), BytesMut::from(bytes)));
                 }
                 None => self.send_body(bytes).await?,
             },

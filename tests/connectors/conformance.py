@@ -168,10 +168,18 @@ class Link(object):
         self.violations = []
         self.broken = None      # why nothing more can be read
         self.next_id = 1
+        self.piece_size = None  # send frames in pieces of this many bytes
 
     def send(self, kind, session, payload=b''):
+        wire = frame(kind, session, payload)
         try:
-            self.sock.sendall(frame(kind, session, payload))
+            if self.piece_size is None:
+                self.sock.sendall(wire)
+                return
+            for start in range(0, len(wire), self.piece_size):
+                self.sock.sendall(wire[start:start + self.piece_size])
+                # A pause between pieces, so that the child reads them one by one.
+                time.sleep(0.0005)
         except socket.timeout:
             raise Fail('the child stopped reading its channel (a write timed out)')
         except OSError as e:
@@ -505,6 +513,20 @@ def case_http_echo_flow_control(link, ctx):
     return 'held at %d bytes until credit came' % held
 
 
+def case_frames_in_pieces(link, ctx):
+    """Frames that arrive cut anywhere, even inside a length prefix: a
+    connector must reassemble them across reads."""
+    body = b'0123456789' * 30
+    link.piece_size = 3
+    try:
+        s = link.http('POST', '/echo', headers={'content-length': str(len(body))}, body=body)
+    finally:
+        link.piece_size = None
+    link.finish(s, 'the echo of a request sent 3 bytes at a time')
+    expect(s.status() == 200, 'status %r' % (s.status(),))
+    expect(bytes(s.body) == body, 'the echo differs: %s' % differ(bytes(s.body), body))
+
+
 def case_concurrent_sessions(link, ctx):
     sessions = [link.open('http', 'POST', '/json', 'i=%d' % i) for i in range(20)]
     for i, s in enumerate(sessions):
@@ -675,6 +697,7 @@ def main():
         ('http two set-cookie values', case_http_cookies),
         ('http empty echo', case_http_echo_empty),
         ('http 3 MiB echo within credit', case_http_echo_flow_control),
+        ('frames cut into 3-byte pieces', case_frames_in_pieces),
         ('20 concurrent sessions', case_concurrent_sessions),
         ('ws text echo', case_ws_text),
         ('ws binary echo', case_ws_binary),

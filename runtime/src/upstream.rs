@@ -32,7 +32,9 @@ pub(crate) async fn to_port(
     }
     let mut sender = match reused {
         Some(sender) => sender,
-        None => match connect(backend).await {
+        // Boxed: a new connection is the rare case, and its future, inline,
+        // would make every request's future larger to move.
+        None => match Box::pin(connect(backend)).await {
             Ok(sender) => sender,
             Err(e) => {
                 return text(

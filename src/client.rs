@@ -112,13 +112,17 @@ pub fn call(place: &Place, call: Call, autostart: bool) -> Result<Response, Fail
     };
     let mut line = serde_json::to_vec(&request).expect("requests serialise");
     line.push(b'\n');
-    match exchange(place, &line, autostart) {
+    let response = match exchange(place, &line, autostart) {
         Err(Exchange::Lost(_)) if autostart => {
             std::thread::sleep(Duration::from_millis(50));
             exchange(place, &line, true).map_err(|e| e.into_failure(place))
         }
         result => result.map_err(|e| e.into_failure(place)),
+    }?;
+    if let Some(warning) = &response.warning {
+        eprintln!("apm: warning: {warning}");
     }
+    Ok(response)
 }
 
 enum Exchange {

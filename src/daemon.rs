@@ -429,9 +429,17 @@ async fn call<T>(
 }
 
 async fn dispatch(daemon: &Daemon, call_: Call) -> Response {
-    match handle(daemon, call_).await {
-        Ok(response) | Err(response) => response,
+    let changes = call_.changes_workers();
+    let (Ok(mut response) | Err(mut response)) = handle(daemon, call_).await;
+    // Answered once the state file holds the change (a failed call may have
+    // changed some workers too): a daemon killed right after must not
+    // bring back what the user was told is gone, or lose what was added.
+    if changes && let Err(e) = daemon.supervisor.saved().await {
+        response.warning = Some(format!(
+            "done, but not saved ({e}): a daemon restarted now would not know of it"
+        ));
     }
+    response
 }
 
 async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
@@ -704,6 +712,10 @@ async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
 
 /// Compiles a loaded config file; one without errors is watched for
 /// `auto_reload` and `watch_conf`.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the call's answer, made at most once per call"
+)]
 fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
     let mut compilation = compile(path, &FsLoader).map_err(|e| {
         Response::error(

@@ -86,6 +86,35 @@ pub enum Call {
     Exit,
 }
 
+impl Call {
+    /// Whether the call may change the registered workers or whether they
+    /// should run: what the state file records.
+    pub fn changes_workers(&self) -> bool {
+        match self {
+            Call::Run { .. }
+            | Call::Load { .. }
+            | Call::Unload { .. }
+            | Call::Start { .. }
+            | Call::Stop { .. }
+            | Call::Restart { .. }
+            | Call::RestartAll
+            | Call::Remove { .. }
+            | Call::StopAll
+            | Call::Update { .. }
+            | Call::Rename { .. }
+            | Call::Copy { .. } => true,
+            Call::Reload { dry_run, .. } => !dry_run,
+            Call::Ping
+            | Call::Signal { .. }
+            | Call::List
+            | Call::Info { .. }
+            | Call::Wait { .. }
+            | Call::Plan { .. }
+            | Call::Exit => false,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ReloadTarget {
@@ -106,6 +135,9 @@ pub struct Response {
     pub exit: Option<u8>,
     #[serde(default)]
     pub data: serde_json::Value,
+    /// Said on stderr whether or not the call succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl Response {
@@ -115,6 +147,7 @@ impl Response {
             error: None,
             exit: None,
             data: serde_json::to_value(data).unwrap_or_default(),
+            warning: None,
         }
     }
 
@@ -124,6 +157,7 @@ impl Response {
             error: Some(message.into()),
             exit: Some(exit),
             data: serde_json::Value::Null,
+            warning: None,
         }
     }
 }

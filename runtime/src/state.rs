@@ -4,11 +4,15 @@
 //!
 //! Writes are atomic (temporary file, fsync, rename, fsync of the
 //! directory) and done on a thread of their own, so a slow or full disk
-//! never stalls supervision; a burst of changes is written once.
+//! never stalls supervision; a burst of changes is written once. A command
+//! that changed something is answered once the file holds the change
+//! (`Progress`), so a daemon killed right after the answer does not forget it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -72,31 +76,80 @@ pub fn save(path: &Path, state: &State) -> std::io::Result<()> {
 
 /// Saves states on a thread of its own; the newest state wins.
 pub struct Saver {
-    tx: mpsc::Sender<State>,
+    tx: mpsc::Sender<(u64, State)>,
+    progress: Arc<Progress>,
 }
 
 impl Saver {
     pub fn spawn(path: PathBuf) -> Saver {
-        let (tx, rx) = mpsc::channel::<State>();
+        let (tx, rx) = mpsc::channel::<(u64, State)>();
+        let progress = Arc::new(Progress {
+            requested: AtomicU64::new(0),
+            written: tokio::sync::watch::Sender::new(Written::default()),
+        });
+        let writer = progress.clone();
         std::thread::Builder::new()
             .name("apm-state".into())
             .spawn(move || {
-                while let Ok(mut state) = rx.recv() {
+                while let Ok(mut newest) = rx.recv() {
                     // Only the newest of a burst matters.
                     while let Ok(newer) = rx.try_recv() {
-                        state = newer;
+                        newest = newer;
                     }
-                    if let Err(e) = save(&path, &state) {
+                    let (generation, state) = newest;
+                    let error = save(&path, &state).err().map(|e| {
                         crate::log(format_args!("cannot save state to {}: {e}", path.display()));
-                    }
+                        format!("cannot write {}: {e}", path.display())
+                    });
+                    writer.written.send_replace(Written { generation, error });
                 }
             })
             .expect("spawning the state thread");
-        Saver { tx }
+        Saver { tx, progress }
     }
 
     pub fn save(&self, state: State) {
-        let _ = self.tx.send(state);
+        let generation = self.progress.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self.tx.send((generation, state));
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+}
+
+/// How far the state file has caught up with the states handed to the saver.
+pub struct Progress {
+    /// The generation of the newest state handed over.
+    requested: AtomicU64,
+    written: tokio::sync::watch::Sender<Written>,
+}
+
+/// The newest state written (or tried).
+#[derive(Clone, Debug, Default)]
+struct Written {
+    generation: u64,
+    error: Option<String>,
+}
+
+/// Beyond this, a command is answered without waiting for the state file
+/// (a disk that hangs must not hang the CLI); the answer says so.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+impl Progress {
+    /// Waits until every state handed over so far is on disk; an error says
+    /// why it is not.
+    pub async fn caught_up(&self) -> Result<(), String> {
+        let target = self.requested.load(Ordering::SeqCst);
+        let mut written = self.written.subscribe();
+        match tokio::time::timeout(PATIENCE, written.wait_for(|w| w.generation >= target)).await {
+            Ok(Ok(written)) => written.error.clone().map_or(Ok(()), Err),
+            Ok(Err(_)) => Err("the state thread has stopped".to_owned()),
+            Err(_) => Err(format!(
+                "the state file was not written within {} s",
+                PATIENCE.as_secs()
+            )),
+        }
     }
 }
 

@@ -126,6 +126,10 @@ pub enum Command {
         signal: Signal,
         reply: Reply<Vec<u32>>,
     },
+    /// Answered once every message before it is handled (`Handle::saved`).
+    Handed {
+        reply: Reply<()>,
+    },
     List {
         reply: Reply<Vec<WorkerStatus>>,
     },
@@ -161,6 +165,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
+    saved: Arc<crate::state::Progress>,
 }
 
 impl Handle {
@@ -172,6 +177,15 @@ impl Handle {
             .map_err(|_| "the supervisor has stopped".to_owned())?;
         rx.await
             .map_err(|_| "the supervisor has stopped".to_owned())?
+    }
+
+    /// Waits until the state file holds every change answered so far.
+    pub async fn saved(&self) -> Result<(), String> {
+        // Messages are handled in order, each with its changes handed to
+        // the state thread before the next: once this one is answered,
+        // every change answered before it has been handed over.
+        self.call(|reply| Command::Handed { reply }).await?;
+        self.saved.caught_up().await
     }
 }
 
@@ -307,6 +321,8 @@ impl Supervisor {
     /// Starts the supervisor task; `home` is `APM_HOME`.
     pub fn spawn(home: &Path) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
+        let saver = Saver::spawn(home.join("state.json"));
+        let saved = saver.progress();
         let supervisor = Supervisor {
             workers: BTreeMap::new(),
             ids: HashMap::new(),
@@ -314,14 +330,14 @@ impl Supervisor {
             tx: tx.clone(),
             home: home.to_path_buf(),
             logs: LogFiles::default(),
-            saver: Saver::spawn(home.join("state.json")),
+            saver,
             waiters: Vec::new(),
             dirty: false,
             listeners: HashMap::new(),
             warned_listeners: Vec::new(),
         };
         tokio::spawn(supervisor.run(rx));
-        Handle { tx }
+        Handle { tx, saved }
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
@@ -424,6 +440,9 @@ impl Supervisor {
                 reply,
             } => {
                 let _ = reply.send(self.signal(&name, index, signal));
+            }
+            Command::Handed { reply } => {
+                let _ = reply.send(Ok(()));
             }
             Command::List { reply } => {
                 let names: Vec<String> = self.workers.keys().cloned().collect();

@@ -938,6 +938,41 @@ fn a_killed_daemon_is_replaced_without_orphans_or_duplicates() {
 }
 
 #[test]
+fn what_a_command_changed_survives_a_daemon_killed_as_soon_as_it_answers() {
+    let d = Daemon::new("crash-answered");
+    let kill_daemon = || {
+        let daemon = d.daemon_pid().unwrap();
+        kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
+        wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
+    };
+    // Each command is followed at once by the kill, with no wait for the
+    // state file: the answer itself must mean the change is on disk.
+    d.run_sh("kept", "exec sleep 600", &["-startup_grace", "100"]);
+    d.run_sh("gone", "exec sleep 600", &["-startup_grace", "100"]);
+    kill_daemon();
+    assert_eq!(d.worker_names(), ["gone", "kept"]);
+    d.ok(&["stop", "kept"]);
+    d.ok(&["remove", "gone"]);
+    kill_daemon();
+    assert_eq!(d.worker_names(), ["kept"]);
+    assert_eq!(d.worker("kept").unwrap()["enabled"], false);
+    d.ok(&["rename", "kept", "renamed"]);
+    kill_daemon();
+    assert_eq!(d.worker_names(), ["renamed"]);
+
+    // A state file that cannot be written (a full disk): the command is
+    // done, and says that it is not saved.
+    std::os::unix::fs::symlink("/dev/full", d.home.join("state.tmp")).unwrap();
+    let started = d.ok(&["start", "renamed"]);
+    assert!(
+        stderr(&started).contains("warning: done, but not saved"),
+        "{}",
+        describe(&started)
+    );
+    d.wait_running("renamed");
+}
+
+#[test]
 fn a_killed_daemons_orphans_are_ended_even_when_their_group_leader_is_gone() {
     let d = Daemon::new("crash-orphans");
     let arg = (300_000_000 + std::process::id()).to_string();

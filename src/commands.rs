@@ -576,11 +576,17 @@ pub fn env(place: &Place, name: &str, json: bool) -> u8 {
 /// Returns the offset just after the last complete line, where following
 /// goes on: a line still being written is read whole next time, and a line
 /// written meanwhile is neither lost nor printed twice.
-fn each_log_line(path: &Path, from: u64, mut each: impl FnMut(&str)) -> u64 {
+fn each_log_line(path: &Path, from: u64, each: impl FnMut(&str)) -> u64 {
+    match std::fs::File::open(path) {
+        Ok(file) => each_line_of(&file, from, each),
+        Err(_) => from,
+    }
+}
+
+/// `each_log_line` on a file already open: the one being followed, which
+/// may have been renamed away by a rotation meanwhile.
+fn each_line_of(mut file: &std::fs::File, from: u64, mut each: impl FnMut(&str)) -> u64 {
     use std::io::BufRead;
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return from;
-    };
     if from > 0 && file.seek(SeekFrom::Start(from)).is_err() {
         return from;
     }
@@ -608,9 +614,9 @@ fn in_stream(line: &str, only: Option<&str>) -> bool {
 
 /// The last `count` lines of a log (of one stream when `only` names its
 /// marker), and where following goes on.
-fn last_log_lines(path: &Path, only: Option<&str>, count: usize) -> (Vec<String>, u64) {
+fn last_log_lines(file: &std::fs::File, only: Option<&str>, count: usize) -> (Vec<String>, u64) {
     let mut kept = std::collections::VecDeque::new();
-    let end = each_log_line(path, 0, |line| {
+    let end = each_line_of(file, 0, |line| {
         if count > 0 && in_stream(line, only) {
             if kept.len() == count {
                 kept.pop_front();
@@ -633,29 +639,55 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
         (false, true) => (info.status.out_log.clone(), Some("|")),
         (true, true) => (info.status.err_log.clone(), Some("!")),
     };
-    let (last, mut position) = last_log_lines(&path, only, lines);
+    // Followed from the end of its last lines, through rotations.
+    let mut followed = std::fs::File::open(&path).ok();
+    let (last, mut position) = followed
+        .as_ref()
+        .map_or((Vec::new(), 0), |file| last_log_lines(file, only, lines));
     for line in last {
         println!("{line}");
     }
     if !follow {
         return exit::OK;
     }
+    let identity = |file: &std::fs::File| {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().ok().map(|m| (m.dev(), m.ino(), m.len()))
+    };
+    let reader_gone = std::cell::Cell::new(false);
+    let mut print = |line: &str| {
+        if !reader_gone.get() && in_stream(line, only) {
+            reader_gone.set(writeln!(std::io::stdout(), "{line}").is_err());
+        }
+    };
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let len = std::fs::metadata(&path).map_or(position, |m| m.len());
-        if len < position {
-            position = 0; // rotated or truncated
-        }
-        if len == position {
-            continue;
-        }
-        let mut reader_gone = false;
-        position = each_log_line(&path, position, |line| {
-            if !reader_gone && in_stream(line, only) {
-                reader_gone = writeln!(std::io::stdout(), "{line}").is_err();
+        // Looked at before the followed file is read: once a rotation has
+        // put a new file under the name, nothing more goes to the old one,
+        // so reading the old one to its end first loses no line.
+        let current = std::fs::File::open(&path).ok();
+        if let Some(file) = &followed {
+            if identity(file).is_some_and(|(_, _, len)| len < position) {
+                position = 0; // truncated where it is
             }
-        });
-        if reader_gone {
+            position = each_line_of(file, position, &mut print);
+        }
+        let renewed = match (&followed, &current) {
+            (Some(old), Some(new)) => {
+                identity(old).map(|(dev, ino, _)| (dev, ino))
+                    != identity(new).map(|(dev, ino, _)| (dev, ino))
+            }
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if renewed {
+            followed = current;
+            position = 0;
+            if let Some(file) = &followed {
+                position = each_line_of(file, position, &mut print);
+            }
+        }
+        if reader_gone.get() {
             return exit::OK;
         }
     }

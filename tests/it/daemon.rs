@@ -529,6 +529,60 @@ fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
 }
 
 #[test]
+fn log_follow_goes_on_through_rotations_without_losing_a_line() {
+    let d = Daemon::new("follow-rotation");
+    // About a thousand 40-byte lines a second into 10 KB files: a rotation
+    // every quarter second, between the follower's reads.
+    d.run_sh(
+        "gush",
+        "i=0; while :; do i=$((i+1)); echo \"line $i of a log that grows\"; \
+         [ $((i % 50)) -eq 0 ] && sleep 0.05; done",
+        &[
+            "-startup_grace",
+            "100",
+            "-log_max_size",
+            "10K",
+            "-log_max_files",
+            "2",
+        ],
+    );
+    let mut follow = d
+        .command(&["log", "gush", "-f", "--lines", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let number = |line: &str| -> u64 {
+        let n = line
+            .split("| line ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next());
+        n.and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line:?}"))
+    };
+    let mut seen = Vec::new();
+    while seen.len() < 1500 {
+        let line = rx.recv_timeout(PATIENCE).expect("a followed line");
+        seen.push(number(&line));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let gaps: Vec<_> = seen
+        .windows(2)
+        .filter(|pair| pair[1] != pair[0] + 1)
+        .collect();
+    assert!(gaps.is_empty(), "lines missed or repeated at {gaps:?}");
+    let rotated = d.home.join("logs").join("gush.out.log.2");
+    assert!(rotated.exists(), "the log rotated while followed");
+}
+
+#[test]
 fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \

@@ -119,8 +119,8 @@ pub fn call(place: &Place, call: Call, autostart: bool) -> Result<Response, Fail
         }
         result => result.map_err(|e| e.into_failure(place)),
     }?;
-    if let Some(warning) = &response.warning {
-        eprintln!("apm: warning: {warning}");
+    for notice in &response.notices {
+        eprintln!("apm: {notice}");
     }
     Ok(response)
 }

@@ -11,7 +11,7 @@ use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
 use apm_runtime::state::{self, Origin, SavedProcess};
 use apm_runtime::supervisor::{self, Command, Handle, Supervisor};
-use apm_runtime::{log, procfs};
+use apm_runtime::{log, procfs, unbuilt};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -435,8 +435,8 @@ async fn dispatch(daemon: &Daemon, call_: Call) -> Response {
     // changed some workers too): a daemon killed right after must not
     // bring back what the user was told is gone, or lose what was added.
     if changes && let Err(e) = daemon.supervisor.saved().await {
-        response.warning = Some(format!(
-            "done, but not saved ({e}): a daemon restarted now would not know of it"
+        response.notices.push(format!(
+            "warning: done, but not saved ({e}): a daemon restarted now would not know of it"
         ));
     }
     response
@@ -452,6 +452,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             let origin = Origin::Cli {
                 config: print::worker(&spec),
             };
+            let unenforced = unbuilt::worker_note(&spec);
             result(
                 sup.call(|reply| Command::Register {
                     name,
@@ -463,6 +464,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 .await,
                 exit::FAILED,
             )
+            .noting(unenforced)
         }
         Call::Load { path } => load(daemon, &path).await?,
         Call::Unload { path } => {
@@ -638,11 +640,18 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         } => {
             let files = reload_targets(daemon, target).await?;
             let mut reloads = Vec::new();
+            let mut unenforced = Vec::new();
             for (path, only) in files {
                 let (mut plan, specs) = file_plan(daemon, &path, force).await?;
                 if let Some(name) = &only {
                     plan.steps.retain(|step| step.worker() == name);
                 }
+                unenforced.extend(
+                    specs
+                        .iter()
+                        .filter(|spec| only.as_ref().is_none_or(|name| spec.name.value == *name))
+                        .filter_map(unbuilt::worker_note),
+                );
                 let applied = if dry_run {
                     Vec::new()
                 } else {
@@ -650,7 +659,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 };
                 reloads.push(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan, "applied": applied }));
             }
-            Response::data(reloads)
+            Response::data(reloads).noting(unenforced)
         }
         Call::Exit => {
             shutdown(daemon, "apm exit daemon").await;
@@ -979,6 +988,7 @@ async fn apply(
 /// order of the file.
 async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
     let compilation = compile_file(daemon, path)?;
+    let unenforced = unbuilt::notes(&compilation.config);
     let existing = call(daemon, |reply| Command::List { reply }).await?;
     let mut to_start = Vec::new();
     let mut skipped = Vec::new();
@@ -1032,5 +1042,5 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
             .map_err(|e| Response::error(exit::FAILED, e))?;
         outcomes.push(serde_json::json!({ "worker": name, "report": report }));
     }
-    Ok(Response::data(outcomes))
+    Ok(Response::data(outcomes).noting(unenforced))
 }

@@ -86,6 +86,16 @@ pub enum Call {
     Exit,
 }
 
+impl Response {
+    /// The response with notes about keys its config sets that this
+    /// version does not enforce (`apm_runtime::unbuilt`).
+    pub fn noting(mut self, unenforced: impl IntoIterator<Item = String>) -> Response {
+        self.notices
+            .extend(unenforced.into_iter().map(|line| format!("note: {line}")));
+        self
+    }
+}
+
 impl Call {
     /// Whether the call may change the registered workers or whether they
     /// should run: what the state file records.
@@ -135,9 +145,10 @@ pub struct Response {
     pub exit: Option<u8>,
     #[serde(default)]
     pub data: serde_json::Value,
-    /// Said on stderr whether or not the call succeeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
+    /// Lines for stderr, whether or not the call succeeded, each starting
+    /// with `warning:` or `note:`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
 }
 
 impl Response {
@@ -147,7 +158,7 @@ impl Response {
             error: None,
             exit: None,
             data: serde_json::to_value(data).unwrap_or_default(),
-            warning: None,
+            notices: Vec::new(),
         }
     }
 
@@ -157,7 +168,7 @@ impl Response {
             error: Some(message.into()),
             exit: Some(exit),
             data: serde_json::Value::Null,
-            warning: None,
+            notices: Vec::new(),
         }
     }
 }

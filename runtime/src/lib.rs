@@ -14,6 +14,7 @@ pub mod state;
 pub mod supervisor;
 pub mod sys;
 pub mod tls;
+pub mod unbuilt;
 mod upstream;
 pub mod vanguard;
 

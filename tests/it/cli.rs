@@ -67,6 +67,37 @@ fn check_valid_file_with_includes_prints_a_summary_and_exits_0() {
 }
 
 #[test]
+fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "apm.conf",
+        "worker { name api; exec node; memory_limit 512M; watch *.js; }\nworker { name plain; exec node; }\n",
+    );
+    let output = apm(&["check", "apm.conf"], dir.path());
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let notes: Vec<String> = stdout(&output)
+        .lines()
+        .filter(|l| l.starts_with("note: "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "note: worker `api` sets keys this version of apm accepts but does not enforce yet: \
+          `watch` (file watching), `memory_limit` (memory limits)"
+        ]
+    );
+    let json = apm(&["check", "--json", "apm.conf"], dir.path());
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        report["not_enforced"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+}
+
+#[test]
 fn check_json_reports_positions_and_nulls_the_config_on_errors() {
     let dir = tempfile::tempdir().unwrap();
     write(

@@ -583,6 +583,34 @@ fn log_follow_goes_on_through_rotations_without_losing_a_line() {
 }
 
 #[test]
+fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
+    let d = Daemon::new("unbuilt");
+    let ran = d.run_sh(
+        "capped",
+        "exec sleep 600",
+        &["-memory_limit", "64M", "-startup_grace", "100"],
+    );
+    assert!(
+        stderr(&ran).contains("apm: note: worker `capped` sets keys this version of apm accepts but does not enforce yet: `memory_limit` (memory limits)"),
+        "{}",
+        describe(&ran)
+    );
+    let plain = d.run_sh("plain", "exec sleep 600", &["-startup_grace", "100"]);
+    assert!(!stderr(&plain).contains("note:"), "{}", describe(&plain));
+    let path = d.write(
+        "watched.conf",
+        "worker { name watched; exec sleep; params 600; watch *.js; startup_grace 100; }\n",
+    );
+    let loaded = d.ok(&["load", path.to_str().unwrap()]);
+    assert!(
+        stderr(&loaded).contains("worker `watched` sets keys")
+            && stderr(&loaded).contains("`watch` (file watching)"),
+        "{}",
+        describe(&loaded)
+    );
+}
+
+#[test]
 fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \

@@ -1,0 +1,92 @@
+//! Keys the config language accepts for features this version does not run
+//! yet. Configs that set them stay valid (they will work as the features
+//! land), and `apm check`, `run`, `load` and `reload` say which of them a
+//! config sets: nobody should rely on a memory cap or a health check that
+//! is not there.
+
+use apm_compiler::ir::{Config, DaemonConfig, WorkerSpec};
+
+/// Each such key, with the feature it belongs to.
+const NOT_ENFORCED: &[(&str, &str)] = &[
+    ("gui_port", "the web dashboard"),
+    ("gui_bind", "the web dashboard"),
+    ("gui_password", "the web dashboard"),
+    ("watch", "file watching"),
+    ("watch_delay", "file watching"),
+    ("watch_ignore", "file watching"),
+    ("rolling", "rolling restarts"),
+    ("rolling_delay", "rolling restarts"),
+    ("session_persist", "session migration"),
+    ("session_wait", "session migration"),
+    ("stats_interval", "stats collection"),
+    ("log_time_format", "custom log timestamps"),
+    ("syslog", "syslog output"),
+    ("syslog_tag", "syslog output"),
+    ("health_check", "health checks"),
+    ("health_check_interval", "health checks"),
+    ("health_check_timeout", "health checks"),
+    ("health_check_threshold", "health checks"),
+    ("augur_full_scan", "augur's dependency scan"),
+    ("memory_limit", "memory limits"),
+    ("listen", "IPC between workers"),
+    ("ipc_timeout", "IPC between workers"),
+];
+
+/// One line per block that sets such keys, for people; none when the
+/// config relies on nothing missing.
+pub fn notes(config: &Config) -> Vec<String> {
+    let daemon = note("daemon { }", &daemon_keys(&config.daemon));
+    daemon
+        .into_iter()
+        .chain(config.workers.iter().filter_map(worker_note))
+        .collect()
+}
+
+/// The line for one worker, when it sets such keys.
+pub fn worker_note(spec: &WorkerSpec) -> Option<String> {
+    let mut keys = unenforced(spec.settings());
+    if spec.statsd.is_some() {
+        keys.push(("statsd { }", "StatsD metrics"));
+    }
+    note(&spec.label(), &keys)
+}
+
+fn daemon_keys(daemon: &DaemonConfig) -> Vec<(&'static str, &'static str)> {
+    unenforced(daemon.settings())
+}
+
+fn unenforced(settings: Vec<(&'static str, Vec<String>)>) -> Vec<(&'static str, &'static str)> {
+    settings
+        .into_iter()
+        .filter_map(|(key, _)| NOT_ENFORCED.iter().find(|(k, _)| *k == key).copied())
+        .collect()
+}
+
+fn note(block: &str, keys: &[(&str, &str)]) -> Option<String> {
+    if keys.is_empty() {
+        return None;
+    }
+    let listed: Vec<String> = keys
+        .iter()
+        .map(|(key, feature)| format!("`{key}` ({feature})"))
+        .collect();
+    Some(format!(
+        "{block} sets keys this version of apm accepts but does not enforce yet: {}",
+        listed.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_key_exists_in_the_schema() {
+        for (key, _) in NOT_ENFORCED {
+            assert!(
+                apm_compiler::schema::all_keys().any(|def| def.name == *key),
+                "{key}"
+            );
+        }
+    }
+}

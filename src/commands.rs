@@ -613,18 +613,67 @@ fn in_stream(line: &str, only: Option<&str>) -> bool {
 }
 
 /// The last `count` lines of a log (of one stream when `only` names its
-/// marker), and where following goes on.
+/// marker), and where following goes on: the end of its last complete line.
+/// Read backwards from the end, so a log of gigabytes costs the lines shown.
 fn last_log_lines(file: &std::fs::File, only: Option<&str>, count: usize) -> (Vec<String>, u64) {
-    let mut kept = std::collections::VecDeque::new();
-    let end = each_line_of(file, 0, |line| {
-        if count > 0 && in_stream(line, only) {
-            if kept.len() == count {
-                kept.pop_front();
-            }
-            kept.push_back(line.to_owned());
+    last_lines_in_blocks(file, only, count, 64 * 1024)
+}
+
+fn last_lines_in_blocks(
+    mut file: &std::fs::File,
+    only: Option<&str>,
+    count: usize,
+    block: usize,
+) -> (Vec<String>, u64) {
+    use std::io::Read;
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return (Vec::new(), 0);
+    };
+    // `tail` holds the bytes from `start` up to the end of the last line
+    // not yet taken; `end` is where the newest complete line ends.
+    let (mut start, mut tail) = (len, Vec::<u8>::new());
+    let mut end = None;
+    let mut found = std::collections::VecDeque::new();
+    while start > 0 && (end.is_none() || found.len() < count) {
+        let size = block.min(start as usize);
+        start -= size as u64;
+        let mut chunk = vec![0; size];
+        if file.seek(SeekFrom::Start(start)).is_err() || file.read_exact(&mut chunk).is_err() {
+            break;
         }
-    });
-    (kept.into(), end)
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        if end.is_none() {
+            // A line still being written is not shown: following starts there.
+            match tail.iter().rposition(|&b| b == b'\n') {
+                Some(newline) => {
+                    end = Some(start + newline as u64 + 1);
+                    tail.truncate(newline + 1);
+                }
+                None => continue,
+            }
+        }
+        // Take the complete lines at the back; the front may be part of one.
+        while found.len() < count {
+            let body = &tail[..tail.len() - 1];
+            let Some(newline) = body.iter().rposition(|&b| b == b'\n') else {
+                break;
+            };
+            let line = String::from_utf8_lossy(&body[newline + 1..]).into_owned();
+            tail.truncate(newline + 1);
+            if in_stream(&line, only) {
+                found.push_front(line);
+            }
+        }
+    }
+    // At the start of the file, what is left is its first line.
+    if start == 0 && end.is_some() && found.len() < count && !tail.is_empty() {
+        let line = String::from_utf8_lossy(&tail[..tail.len() - 1]).into_owned();
+        if in_stream(&line, only) {
+            found.push_front(line);
+        }
+    }
+    (found.into(), end.unwrap_or(0))
 }
 
 pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> u8 {
@@ -978,4 +1027,53 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
         println!("✓ {} {verb} {}", names.join(", "), target.display());
     }
     exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_lines_are_read_backwards_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut text = String::new();
+        for i in 0..50 {
+            let marker = if i % 3 == 0 { "!" } else { "|" };
+            text.push_str(&format!("t w {marker} line {i} {}\n", "x".repeat(i % 7)));
+        }
+        let complete = text.len() as u64;
+        text.push_str("t w | still being writ");
+        std::fs::write(&path, &text).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let forward = |only: Option<&str>, count: usize| -> Vec<String> {
+            let all: Vec<String> = text
+                .lines()
+                .take(50)
+                .filter(|l| in_stream(l, only))
+                .map(str::to_owned)
+                .collect();
+            all[all.len().saturating_sub(count)..].to_vec()
+        };
+        for block in [1, 2, 7, 16, 64, 4096] {
+            for only in [None, Some("|"), Some("!")] {
+                for count in [0, 1, 3, 17, 49, 50, 80] {
+                    let (lines, end) = last_lines_in_blocks(&file, only, count, block);
+                    assert_eq!(
+                        lines,
+                        forward(only, count),
+                        "block {block} {only:?} {count}"
+                    );
+                    assert_eq!(end, complete, "block {block}");
+                }
+            }
+        }
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let file = std::fs::File::open(&empty).unwrap();
+        assert_eq!(last_lines_in_blocks(&file, None, 5, 8), (Vec::new(), 0));
+        std::fs::write(&empty, "partial").unwrap();
+        let file = std::fs::File::open(&empty).unwrap();
+        assert_eq!(last_lines_in_blocks(&file, None, 5, 8), (Vec::new(), 0));
+    }
 }

@@ -531,12 +531,14 @@ fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
 #[test]
 fn log_follow_goes_on_through_rotations_without_losing_a_line() {
     let d = Daemon::new("follow-rotation");
-    // About a thousand 40-byte lines a second into 10 KB files: a rotation
-    // every quarter second, between the follower's reads.
+    // At most 400 40-byte lines a second into 10 KB files: a rotation every
+    // 0.6 s or more, several while the follower reads 1,500 lines, each far
+    // apart from the next (two rotations between two reads would skip a
+    // whole file, as with `tail -F`).
     d.run_sh(
         "gush",
         "i=0; while :; do i=$((i+1)); echo \"line $i of a log that grows\"; \
-         [ $((i % 50)) -eq 0 ] && sleep 0.05; done",
+         [ $((i % 20)) -eq 0 ] && sleep 0.05; done",
         &[
             "-startup_grace",
             "100",

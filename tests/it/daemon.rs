@@ -502,26 +502,13 @@ fn log_shows_the_last_lines_of_either_stream_and_follows_new_ones() {
     );
 
     // `-f` prints the last lines, then each new one as it is written.
-    let mut follow = d
-        .command(&["log", "ticker", "-f", "--lines", "2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let follow = d.follow_log(&["log", "ticker", "-f", "--lines", "2"]);
     let tick = |line: &str| -> u64 { line.rsplit(' ').next().unwrap().parse().unwrap() };
     let mut seen = Vec::new();
     while seen.len() < 6 {
-        let line = rx.recv_timeout(PATIENCE).expect("a followed line");
-        seen.push(tick(&line));
+        seen.push(tick(&follow.next_line()));
     }
-    let _ = follow.kill();
-    let _ = follow.wait();
+    drop(follow);
     assert!(
         seen.windows(2).all(|pair| pair[1] == pair[0] + 1),
         "lines in order, none missed or repeated: {seen:?}"
@@ -548,18 +535,7 @@ fn log_follow_goes_on_through_rotations_without_losing_a_line() {
             "2",
         ],
     );
-    let mut follow = d
-        .command(&["log", "gush", "-f", "--lines", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let follow = d.follow_log(&["log", "gush", "-f", "--lines", "1"]);
     let number = |line: &str| -> u64 {
         let n = line
             .split("| line ")
@@ -570,11 +546,9 @@ fn log_follow_goes_on_through_rotations_without_losing_a_line() {
     };
     let mut seen = Vec::new();
     while seen.len() < 1500 {
-        let line = rx.recv_timeout(PATIENCE).expect("a followed line");
-        seen.push(number(&line));
+        seen.push(number(&follow.next_line()));
     }
-    let _ = follow.kill();
-    let _ = follow.wait();
+    drop(follow);
     let gaps: Vec<_> = seen
         .windows(2)
         .filter(|pair| pair[1] != pair[0] + 1)
@@ -770,9 +744,7 @@ fn stdout_and_stderr_logs_are_separate_named_and_survive_a_daemon_crash() {
     check("before the crash");
     d.wait_saved(&[("lw", true, &[])]);
 
-    let pid = d.daemon_pid().unwrap();
-    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    wait_until(PATIENCE, "the daemon to die", || !alive(pid));
+    let pid = d.kill_daemon();
     // `apm log` starts a new daemon, which still finds the logs.
     check("after the crash");
     assert_ne!(d.daemon_pid(), Some(pid));
@@ -988,9 +960,7 @@ fn a_killed_daemon_is_replaced_without_orphans_or_duplicates() {
         ("one", true, &[one_pid]),
         ("two", true, &pids(&d.worker("two").unwrap())),
     ]);
-    let daemon = d.daemon_pid().unwrap();
-    kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
-    wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
+    let daemon = d.kill_daemon();
 
     // `apm ls` starts a new daemon, which brings everything back.
     assert_eq!(d.worker_names(), ["off", "one", "two"]);
@@ -1024,24 +994,19 @@ fn a_killed_daemon_is_replaced_without_orphans_or_duplicates() {
 #[test]
 fn what_a_command_changed_survives_a_daemon_killed_as_soon_as_it_answers() {
     let d = Daemon::new("crash-answered");
-    let kill_daemon = || {
-        let daemon = d.daemon_pid().unwrap();
-        kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
-        wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
-    };
     // Each command is followed at once by the kill, with no wait for the
     // state file: the answer itself must mean the change is on disk.
     d.run_sh("kept", "exec sleep 600", &["-startup_grace", "100"]);
     d.run_sh("gone", "exec sleep 600", &["-startup_grace", "100"]);
-    kill_daemon();
+    d.kill_daemon();
     assert_eq!(d.worker_names(), ["gone", "kept"]);
     d.ok(&["stop", "kept"]);
     d.ok(&["remove", "gone"]);
-    kill_daemon();
+    d.kill_daemon();
     assert_eq!(d.worker_names(), ["kept"]);
     assert_eq!(d.worker("kept").unwrap()["enabled"], false);
     d.ok(&["rename", "kept", "renamed"]);
-    kill_daemon();
+    d.kill_daemon();
     assert_eq!(d.worker_names(), ["renamed"]);
 
     // A state file that cannot be written (a full disk): the command is
@@ -1072,9 +1037,7 @@ fn a_killed_daemons_orphans_are_ended_even_when_their_group_leader_is_gone() {
     });
     d.wait_saved(&[("gc", true, &[leader])]);
 
-    let daemon = d.daemon_pid().unwrap();
-    kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).unwrap();
-    wait_until(PATIENCE, "the daemon to die", || !alive(daemon));
+    d.kill_daemon();
     // Once init has reaped the leader, only its group id recalls it.
     wait_until(PATIENCE, "the group leader to be reaped", || {
         stat_fields(leader).is_none()

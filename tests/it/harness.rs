@@ -23,6 +23,25 @@ pub(crate) const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ───────────────────────────── harness ─────────────────────────────
 
+/// A running `apm log -f`; it is killed when dropped.
+pub(crate) struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    pub(crate) fn next_line(&self) -> String {
+        self.lines.recv_timeout(PATIENCE).expect("a followed line")
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One isolated daemon: its own `APM_HOME` (inside a temporary directory that
 /// also holds the test's files) and its own abstract socket name.
 pub(crate) struct Daemon {
@@ -144,6 +163,29 @@ impl Daemon {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and waits until it
+    /// is gone; returns its pid.
+    pub(crate) fn kill_daemon(&self) -> u32 {
+        let pid = self.daemon_pid().expect("a running daemon");
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        wait_until(PATIENCE, "the daemon to die", || !alive(pid));
+        pid
+    }
+
+    /// `apm log …` with `-f` among `args`, its lines read as they come.
+    pub(crate) fn follow_log(&self, args: &[&str]) -> Follower {
+        let mut child = self.command(args).stdout(Stdio::piped()).spawn().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Follower { child, lines }
     }
 
     /// Until the state file (written on a thread of its own, shortly after

@@ -321,20 +321,29 @@ class ApmSession {
   }
 }
 
+// Head and close frames are not counted against credit.
+function isControl(kind) {
+  return kind === K_HEAD || kind === K_CLOSE;
+}
+
+// The largest payload of one flow-controlled frame.
+function frameLimit(link) {
+  return Math.min(link.maxFrame, link.window);
+}
+
 // Sends a frame at once when nothing waits before it and credit allows it
 // whole, as for most responses; anything else takes its turn in the queue.
 // Returns whether nothing is left waiting.
 function enqueue(s, kind, buf, msg) {
   const st = s._s;
-  const link = st.link;
-  const ctl = kind === K_HEAD || kind === K_CLOSE;
-  if (st.out.length === 0 && (ctl || (buf.length <= st.sendCredit && buf.length <= Math.min(link.maxFrame, link.window)))) {
+  const ctl = isControl(kind);
+  if (st.out.length === 0 && (ctl || (buf.length <= st.sendCredit && buf.length <= frameLimit(st.link)))) {
     if (!ctl) st.sendCredit -= buf.length;
-    link.send(kind, st.id, buf);
+    st.link.send(kind, st.id, buf);
     if (kind === K_CLOSE) forget(s);
     return true;
   }
-  st.out.push(ctl ? { kind: kind, buf: buf, ctl: true } : { kind: kind, buf: buf, off: 0, msg: msg });
+  st.out.push({ kind: kind, buf: buf, off: 0, msg: msg });
   return flush(s);
 }
 
@@ -342,10 +351,10 @@ function enqueue(s, kind, buf, msg) {
 function flush(s) {
   const st = s._s;
   const link = st.link;
-  const limit = Math.min(link.maxFrame, link.window);
+  const limit = frameLimit(link);
   while (st.out.length > 0) {
     const it = st.out[0];
-    if (it.ctl) {
+    if (isControl(it.kind)) {
       st.out.shift();
       link.send(it.kind, st.id, it.buf);
       if (it.kind === K_CLOSE) {

@@ -699,9 +699,9 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
     if !follow {
         return exit::OK;
     }
-    let identity = |file: &std::fs::File| {
+    let inode = |file: &std::fs::File| {
         use std::os::unix::fs::MetadataExt;
-        file.metadata().ok().map(|m| (m.dev(), m.ino(), m.len()))
+        file.metadata().ok().map(|m| (m.dev(), m.ino()))
     };
     let reader_gone = std::cell::Cell::new(false);
     let mut print = |line: &str| {
@@ -716,25 +716,19 @@ pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> 
         // so reading the old one to its end first loses no line.
         let current = std::fs::File::open(&path).ok();
         if let Some(file) = &followed {
-            if identity(file).is_some_and(|(_, _, len)| len < position) {
+            if file.metadata().is_ok_and(|m| m.len() < position) {
                 position = 0; // truncated where it is
             }
             position = each_line_of(file, position, &mut print);
         }
-        let renewed = match (&followed, &current) {
-            (Some(old), Some(new)) => {
-                identity(old).map(|(dev, ino, _)| (dev, ino))
-                    != identity(new).map(|(dev, ino, _)| (dev, ino))
-            }
-            (None, Some(_)) => true,
-            (_, None) => false,
-        };
+        let renewed = current
+            .as_ref()
+            .is_some_and(|new| followed.as_ref().is_none_or(|old| inode(old) != inode(new)));
         if renewed {
             followed = current;
-            position = 0;
-            if let Some(file) = &followed {
-                position = each_line_of(file, position, &mut print);
-            }
+            position = followed
+                .as_ref()
+                .map_or(0, |file| each_line_of(file, 0, &mut print));
         }
         if reader_gone.get() {
             return exit::OK;

@@ -4,7 +4,7 @@
 //! config sets: nobody should rely on a memory cap or a health check that
 //! is not there.
 
-use apm_compiler::ir::{Config, DaemonConfig, WorkerSpec};
+use apm_compiler::ir::{Config, WorkerSpec};
 
 /// Each such key, with the feature it belongs to.
 const NOT_ENFORCED: &[(&str, &str)] = &[
@@ -35,7 +35,7 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
 /// One line per block that sets such keys, for people; none when the
 /// config relies on nothing missing.
 pub fn notes(config: &Config) -> Vec<String> {
-    let daemon = note("daemon { }", &daemon_keys(&config.daemon));
+    let daemon = note("daemon { }", &unenforced(config.daemon.settings()));
     daemon
         .into_iter()
         .chain(config.workers.iter().filter_map(worker_note))
@@ -49,10 +49,6 @@ pub fn worker_note(spec: &WorkerSpec) -> Option<String> {
         keys.push(("statsd { }", "StatsD metrics"));
     }
     note(&spec.label(), &keys)
-}
-
-fn daemon_keys(daemon: &DaemonConfig) -> Vec<(&'static str, &'static str)> {
-    unenforced(daemon.settings())
 }
 
 fn unenforced(settings: Vec<(&'static str, Vec<String>)>) -> Vec<(&'static str, &'static str)> {

@@ -3,7 +3,9 @@
 --latency`) against, in one run:
   - a tiny hyper backend directly,
   - the same backend behind nginx (proxy_pass with an upstream keepalive
-    pool, 1 worker),
+    pool, 1 worker), as it is ("nginx") and forwarding what apm forwards:
+    the client's Host and X-Forwarded-For/-Proto/-Host ("nginx+xf", the
+    comparison of equal work),
   - the same backend behind apm (`upstream port`, 1 instance),
   - the same again with a Vanguard block of 100 path rules, 1,000 CIDRs and
     a rate limit that is not hit,
@@ -184,8 +186,14 @@ def main():
         wait_port(backend)
 
         cert, key = make_certificate(root) if tls else (None, None)
-        nginx_port = free_port()
-        nginx_listen = f"listen 127.0.0.1:{nginx_port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};" if tls else f"listen 127.0.0.1:{nginx_port};"
+        nginx_port, nginx_xf_port = free_port(), free_port()
+
+        def nginx_listen(port):
+            return f"listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};" if tls else f"listen 127.0.0.1:{port};"
+
+        proxy = 'proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";'
+        # What apm adds to a forwarded request, for a comparison of equal work.
+        forwarded = "proxy_set_header Host $http_host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;"
         conf = os.path.join(root, "nginx.conf")
         with open(conf, "w") as f:
             f.write(f"""worker_processes 1;
@@ -195,14 +203,13 @@ events {{ worker_connections 1024; }}
 http {{
     access_log off;
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
-    server {{
-        {nginx_listen}
-        location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-    }}
+    server {{ {nginx_listen(nginx_port)} location / {{ {proxy} }} }}
+    server {{ {nginx_listen(nginx_xf_port)} location / {{ {proxy} {forwarded} }} }}
 }}
 """)
         procs.append(subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"]))
         wait_port(nginx_port)
+        wait_port(nginx_xf_port)
 
         apm_port, guarded_port = free_port(), free_port()
         tls_keys = f"tls on; tls_cert {cert}; tls_key {key};" if tls else ""
@@ -224,6 +231,7 @@ http {{
         targets = {
             "direct": (backend, "http", [backend_pid]),
             "nginx": (nginx_port, scheme, [*children(procs[1].pid), backend_pid]),
+            "nginx+xf": (nginx_xf_port, scheme, [*children(procs[1].pid), backend_pid]),
             "apm": (apm_port, scheme, [apm_daemon, hello_pid]),
             "apm+vg": (guarded_port, scheme, [apm_daemon, *apm_pids(apm, env, "guarded")[1]]),
         }
@@ -243,12 +251,13 @@ http {{
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
         print(f"medians of {rounds} interleaved runs of wrk -t2 -c64 -d10s")
         print("CPU: what the proxy and the app processes spent per request, in µs")
-        print(f"{'setup':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>6}   req/s of each run")
+        print(f"{'setup':<9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>6}   req/s of each run")
         for name, (rps, p50, p99, cpu) in results.items():
-            print(f"{name:<8} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f} {cpu:>6.1f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
+            print(f"{name:<9} {rps:>10.0f} {p50:>8.2f} {p99:>8.2f} {cpu:>6.1f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
         apm_rps, _, apm_p99, _ = results["apm"]
-        nginx_rps, _, nginx_p99, _ = results["nginx"]
-        print(f"{'with TLS: ' if tls else ''}apm / nginx req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
+        for nginx in ["nginx", "nginx+xf"]:
+            nginx_rps, _, nginx_p99, _ = results[nginx]
+            print(f"{'with TLS: ' if tls else ''}apm / {nginx} req/s: {apm_rps / nginx_rps:.2f} (target >= 1.0); p99 {apm_p99:.2f} vs {nginx_p99:.2f} ms (target: no worse)")
         print(f"apm with / without Vanguard (100 paths, 1,000 CIDRs, rate limit not hit) req/s: {results['apm+vg'][0] / apm_rps:.2f} (target >= 0.95)")
         print(f"apm daemon peak memory under load: {rss:.1f} MB (target < 50 MB)")
         if "pm2 -i 2" in results:

@@ -386,8 +386,10 @@ async fn serve_http(
     builder.writev(false);
     // hyper lowercases header names; it keeps the client's spelling (which
     // the upstream connection then writes) only when asked to. A connector
-    // gets them lowercased whatever the client wrote.
+    // gets them lowercased whatever the client wrote. Responses go out with
+    // Title-Case names, whatever the instance wrote (decision 16).
     builder.preserve_header_case(!options.lowercase_headers && !options.connector);
+    builder.title_case_headers(true);
     let _ = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()

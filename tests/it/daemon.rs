@@ -1743,6 +1743,7 @@ class H(http.server.BaseHTTPRequestHandler):
         body = ("%d %s %s cookie=%s names=%s\n" % (size, digest.hexdigest(), self.path, self.headers.get("Cookie"), names)).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("x-app-NAME", "1")
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *args):
@@ -1797,6 +1798,8 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
             )),
         "{empty}"
     );
+    // Response header names reach the client in Title-Case (decision 16).
+    assert!(empty.contains("\r\nX-App-Name: 1\r\n"), "{empty}");
     d.ok(&["update", "b", "-lowercase_hdrs", "-no-restart"]);
     wait_until(PATIENCE, "lowercase_hdrs to apply live", || {
         post(

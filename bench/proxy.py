@@ -6,6 +6,9 @@
     pool, 1 worker), as it is ("nginx") and forwarding what apm forwards:
     the client's Host and X-Forwarded-For/-Proto/-Host ("nginx+xf", the
     comparison of equal work),
+  - the same backend behind the least a hyper proxy does (no header read or
+    added; runtime/examples/floor.rs), plain HTTP only: the part of apm's
+    cost that is hyper's own,
   - the same backend behind apm (`upstream port`, 1 instance),
   - the same again with a Vanguard block of 100 path rules, 1,000 CIDRs and
     a rate limit that is not hit,
@@ -211,6 +214,12 @@ http {{
         wait_port(nginx_port)
         wait_port(nginx_xf_port)
 
+        # The least a hyper proxy does (runtime/examples/floor.rs): what apm's
+        # own work per request is measured against.
+        floor_port = free_port()
+        procs.append(subprocess.Popen([os.path.abspath("target/release/examples/floor")], env=dict(os.environ, PORT=str(floor_port), UPSTREAM=str(backend))))
+        wait_port(floor_port)
+
         apm_port, guarded_port = free_port(), free_port()
         tls_keys = f"tls on; tls_cert {cert}; tls_key {key};" if tls else ""
         workers = "".join(
@@ -232,6 +241,7 @@ http {{
             "direct": (backend, "http", [backend_pid]),
             "nginx": (nginx_port, scheme, [*children(procs[1].pid), backend_pid]),
             "nginx+xf": (nginx_xf_port, scheme, [*children(procs[1].pid), backend_pid]),
+            **({} if tls else {"hyper": (floor_port, "http", [procs[2].pid, backend_pid])}),
             "apm": (apm_port, scheme, [apm_daemon, hello_pid]),
             "apm+vg": (guarded_port, scheme, [apm_daemon, *apm_pids(apm, env, "guarded")[1]]),
         }

@@ -352,6 +352,102 @@ struct Connection {
     worker: String,
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
+    activity: Activity,
+}
+
+/// What `keep_alive` looks at: whether a request is being answered, and
+/// since when none has been.
+struct Activity {
+    opened: std::time::Instant,
+    answering: AtomicUsize,
+    /// When the last answer ended, in µs after `opened`.
+    idle_since: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: std::time::Instant::now(),
+            answering: AtomicUsize::new(0),
+            idle_since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// When the connection has been idle for `keep_alive`: no request
+    /// answered in that time, whatever the client sent meanwhile (a client
+    /// that never finishes a request's head included). One timer per
+    /// connection, re-armed only when it fires: hyper's own head timeout
+    /// armed one per request, and woke the runtime's driver through a
+    /// syscall for some of them.
+    async fn idle_for(&self, keep_alive: std::time::Duration) {
+        let mut deadline = self.opened + keep_alive;
+        loop {
+            tokio::time::sleep_until(deadline.into()).await;
+            let now = std::time::Instant::now();
+            deadline = if self.answering.load(Ordering::Acquire) > 0 {
+                now + keep_alive
+            } else {
+                let micros = self.idle_since.load(Ordering::Acquire);
+                self.opened + std::time::Duration::from_micros(micros) + keep_alive
+            };
+            if deadline <= now {
+                return;
+            }
+        }
+    }
+}
+
+/// A request being answered, until its response's body is through (or
+/// dropped with the connection).
+struct Answering(Arc<Connection>);
+
+impl Answering {
+    fn start(connection: Arc<Connection>) -> Answering {
+        connection.activity.answering.fetch_add(1, Ordering::AcqRel);
+        Answering(connection)
+    }
+
+    fn with(self, response: Response<Body>) -> Response<Answer> {
+        response.map(|body| Answer {
+            body,
+            _answering: self,
+        })
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let activity = &self.0.activity;
+        let micros = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        activity.idle_since.store(micros, Ordering::Release);
+        activity.answering.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response's body, holding its request's `Answering` while it streams.
+struct Answer {
+    body: Body,
+    _answering: Answering,
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn serve_http(
@@ -368,18 +464,16 @@ async fn serve_http(
         tls,
         worker,
         upstream: std::sync::Mutex::default(),
+        activity: Activity::new(),
     });
     // The request's future is `forward`'s own: each async layer around it
     // would keep its own copy of the request, and hyper moves the whole
     // future as it takes it (measured: 2.7 KB copied twice per request).
+    let watched = connection.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         forward(request, connection.clone(), pick.clone())
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(hyper_util::rt::TokioTimer::new());
-    if !options.keep_alive.is_zero() {
-        builder.header_read_timeout(options.keep_alive);
-    }
     // Head and body copied into one buffer and written with one write()
     // cost less than a writev() of the pieces: measured ~4 % of the
     // daemon's CPU per proxied request.
@@ -390,10 +484,18 @@ async fn serve_http(
     // Title-Case names, whatever the instance wrote (decision 16).
     builder.preserve_header_case(!options.lowercase_headers && !options.connector);
     builder.title_case_headers(true);
-    let _ = builder
+    let serving = builder
         .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
-        .await;
+        .with_upgrades();
+    if options.keep_alive.is_zero() {
+        let _ = serving.await;
+    } else {
+        // An upgraded connection (a WebSocket) lives on in its own task.
+        tokio::select! {
+            _ = serving => {}
+            () = watched.activity.idle_for(options.keep_alive) => {}
+        }
+    }
 }
 
 /// A request id unique within this daemon's life.
@@ -480,17 +582,20 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Serves one request: Vanguard's verdict, the instance, the forwarded
-/// headers, and the instance's answer.
+/// headers, and the instance's answer, which keeps the connection from
+/// being idle until its body is through.
 async fn forward(
     mut request: Request<Incoming>,
     connection: Arc<Connection>,
     pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>),
-) -> Result<Response<Body>, std::convert::Infallible> {
+) -> Result<Response<Answer>, std::convert::Infallible> {
+    let answering = Answering::start(connection);
+    let connection = &*answering.0;
     let kept = connection.upstream.lock().expect("upstream").backend();
     let (backend, options) = pick(kept);
     let _permit = match gate(&request, connection.client, &options) {
         Ok(permit) => permit,
-        Err((refusal, ban_response)) => return Ok(refused(refusal, ban_response)),
+        Err((refusal, ban_response)) => return Ok(answering.with(refused(refusal, ban_response))),
     };
     let (client, tls, worker) = (
         connection.client,
@@ -498,12 +603,13 @@ async fn forward(
         connection.worker.as_str(),
     );
     let Some(backend) = backend else {
-        return Ok(text(
+        let unavailable = text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no instance of {worker} is running\n"),
-        ));
+        );
+        return Ok(answering.with(unavailable));
     };
-    let traced = prepare(&mut request, &connection, &options);
+    let traced = prepare(&mut request, connection, &options);
     let response = match backend {
         Backend::Port(backend) => {
             upstream::to_port(request, &connection.upstream, worker, backend).await
@@ -522,7 +628,7 @@ async fn forward(
     if let Some(trace) = traced {
         trace.log(worker, client, response.status());
     }
-    Ok(response)
+    Ok(answering.with(response))
 }
 
 /// Sets the forwarded headers on a request; with `trace_header`, also what

@@ -1689,10 +1689,20 @@ fn a_converted_pm2_cluster_app_answers_on_its_pm2_port() {
 }
 
 const HEADERS_APP: &str = r#"
-import http.server, os
+import http.server, os, time
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"6\r\nfirst\n\r\n")
+            self.wfile.flush()
+            time.sleep(1.5)
+            self.wfile.write(b"5\r\nlast\n\r\n0\r\n\r\n")
+            return
         if self.headers.get("Upgrade"):
             self.send_response(101)
             self.send_header("Upgrade", self.headers.get("Upgrade"))
@@ -1968,6 +1978,16 @@ fn a_client_that_never_finishes_its_headers_is_timed_out_and_frees_its_slot() {
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
         )
         .starts_with("HTTP/1.1 200")
+    );
+    // A request being answered is not idle, however long its answer takes
+    // to start or pauses in its body.
+    let slow = http_raw(
+        port,
+        "GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        slow.starts_with("HTTP/1.1 200") && slow.contains("first\n") && slow.contains("last\n"),
+        "{slow}"
     );
 }
 

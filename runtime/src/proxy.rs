@@ -602,6 +602,15 @@ async fn forward(
         connection.tls.as_ref(),
         connection.worker.as_str(),
     );
+    // A tunnel to wherever the client names is a forward proxy's job, not
+    // an app's; a `tcp://` listener carries raw connections to instances.
+    if request.method() == hyper::Method::CONNECT {
+        let refusal = text(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not forwarded: apm is a reverse proxy\n".to_owned(),
+        );
+        return Ok(answering.with(refusal));
+    }
     let Some(backend) = backend else {
         let unavailable = text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -649,6 +658,10 @@ fn prepare(
         path: request.uri().path().to_owned(),
         started: std::time::Instant::now(),
     });
+    let request_authority = request
+        .uri()
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
     let headers = request.headers_mut();
     // Without trust_proxy, a client's own X-Forwarded-For is not believed.
     let chain = headers
@@ -684,6 +697,11 @@ fn prepare(
         if let Some(id) = headers.get(&name) {
             trace.id = String::from_utf8_lossy(id.as_bytes()).into_owned();
         }
+    }
+    // A request target in absolute form names the host itself, and it wins
+    // over the Host header (RFC 9112, 3.2.2): the instance sees that host.
+    if let Some(host) = request_authority {
+        headers.insert(hyper::header::HOST, host);
     }
     let proto = if tls.is_some() { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));

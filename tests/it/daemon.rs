@@ -1714,7 +1714,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 if not data:
                     return
                 self.connection.sendall(data.upper())
-        body = ("xff=%s id=%s subject=%s peer=%d\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"), self.headers.get("X-Client-Cert-Subject"), self.client_address[1])).encode()
+        body = ("xff=%s id=%s subject=%s host=%s peer=%d\n" % (self.headers.get("X-Forwarded-For"), self.headers.get("X-Request-Id"), self.headers.get("X-Client-Cert-Subject"), self.headers.get("Host"), self.client_address[1])).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -2453,6 +2453,21 @@ fn the_proxy_rejects_malformed_oversized_and_smuggling_requests() {
     let smuggling = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n";
     // Conflicting framing is refused, never forwarded.
     assert!(["400", "501"].contains(&status(smuggling).as_str()));
+    // No tunnels: CONNECT is refused whole, not sent to the instance.
+    let connect = http_raw(
+        port,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    );
+    assert!(
+        connect.starts_with("HTTP/1.1 501") && connect.contains("reverse proxy"),
+        "{connect}"
+    );
+    // A target in absolute form names the host the instance sees.
+    let absolute = http_raw(
+        port,
+        "GET http://named.example/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    );
+    assert!(absolute.contains("host=named.example peer="), "{absolute}");
     // The proxy is still serving.
     assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
 }

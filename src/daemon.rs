@@ -992,22 +992,36 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
     let existing = call(daemon, |reply| Command::List { reply }).await?;
     let mut to_start = Vec::new();
     let mut skipped = Vec::new();
+    let mut notes = Vec::new();
+    let this_file = Origin::File {
+        path: path.to_path_buf(),
+    };
     for spec in compilation.config.workers {
         let name = spec.name.value.clone();
         let autostart = spec.autostart.value;
-        match existing.iter().find(|s| s.name == name) {
+        let registered = existing.iter().find(|s| s.name == name);
+        // A worker of that name from elsewhere is left as it is, and this
+        // file's is not loaded: say so, or "already running" would pass
+        // another program off as this file's.
+        if let Some(other) = registered.filter(|s| s.origin != this_file) {
+            let from = match &other.origin {
+                Origin::File { path } => format!("loaded from {}", path.display()),
+                Origin::Cli { .. } => "started with `apm run`".to_owned(),
+            };
+            notes.push(format!(
+                "this file's {name} is not loaded: the {name} already registered was {from} (`apm remove {name}` first, or rename one of them)"
+            ));
+        }
+        match registered {
             Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => skipped.push(name),
             // `autostart false`: registered, started only by `apm start`.
             Some(_) if !autostart => skipped.push(name),
             Some(_) => to_start.push(name),
             None => {
-                let origin = Origin::File {
-                    path: path.to_path_buf(),
-                };
                 call(daemon, |reply| Command::Register {
                     name: name.clone(),
                     spec: Box::new(spec),
-                    origin,
+                    origin: this_file.clone(),
                     start: false,
                     reply,
                 })
@@ -1042,5 +1056,5 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
             .map_err(|e| Response::error(exit::FAILED, e))?;
         outcomes.push(serde_json::json!({ "worker": name, "report": report }));
     }
-    Ok(Response::data(outcomes).noting(unenforced))
+    Ok(Response::data(outcomes).noting(notes.into_iter().chain(unenforced)))
 }

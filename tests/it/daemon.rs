@@ -587,6 +587,28 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
 }
 
 #[test]
+fn load_says_when_a_name_is_taken_by_a_worker_from_elsewhere() {
+    let d = Daemon::new("name_taken");
+    d.run_sh("web", "exec sleep 600", &["-startup_grace", "100"]);
+    let pid = d.worker("web").unwrap()["instances"][0]["pid"].clone();
+    let path = d.write(
+        "web.conf",
+        "worker { name web; exec sleep; params 700; startup_grace 100; }\nworker { name other; exec sleep; params 700; startup_grace 100; }\n",
+    );
+    let loaded = d.ok(&["load", path.to_str().unwrap()]);
+    assert!(
+        stderr(&loaded).contains("note: this file's web is not loaded: the web already registered was started with `apm run` (`apm remove web` first, or rename one of them)"),
+        "{}",
+        describe(&loaded)
+    );
+    assert!(!stderr(&loaded).contains("other"), "{}", describe(&loaded));
+    assert_eq!(d.worker("web").unwrap()["instances"][0]["pid"], pid);
+    // Loading it again is no news for the workers that are its own.
+    let again = d.ok(&["load", path.to_str().unwrap()]);
+    assert!(!stderr(&again).contains("other"), "{}", describe(&again));
+}
+
+#[test]
 fn signal_reaches_only_the_named_instance() {
     let d = Daemon::new("signals");
     let script = "trap 'echo got-usr1 $APM_INDEX' USR1; trap 'echo got-usr2 $APM_INDEX' USR2; echo ready $APM_INDEX; \

@@ -23,6 +23,12 @@ pub(crate) async fn to_port(
     worker: &str,
     backend: SocketAddr,
 ) -> Response<Body> {
+    let failed = |e: &dyn std::fmt::Display| {
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("{worker} failed to answer: {e}\n"),
+        )
+    };
     let held = pinned.lock().expect("upstream").take(backend);
     let mut reused = held.or_else(|| idle().take(backend));
     if let Some(sender) = &mut reused
@@ -36,12 +42,7 @@ pub(crate) async fn to_port(
         // would make every request's future larger to move.
         None => match Box::pin(connect(backend)).await {
             Ok(sender) => sender,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{worker} failed to answer: {e}\n"),
-                );
-            }
+            Err(e) => return failed(&e),
         },
     };
     // Origin form: the instance sees the path, and the client's Host header.
@@ -57,7 +58,22 @@ pub(crate) async fn to_port(
         .headers()
         .contains_key(hyper::header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut request));
-    let response = sender.send_request(request).await;
+    let response = match sender.try_send_request(request).await {
+        Ok(response) => Ok(response),
+        Err(mut unsent) => match unsent.take_message() {
+            // The instance closed the connection (an idle keep-alive one it
+            // timed out) before the request went out on it: nothing was
+            // sent, so any request may go again, on a new connection.
+            Some(request) => match Box::pin(connect(backend)).await {
+                Ok(fresh) => {
+                    sender = fresh;
+                    sender.send_request(request).await
+                }
+                Err(e) => return failed(&e),
+            },
+            None => Err(unsent.into_error()),
+        },
+    };
     if !matches!(&response, Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS) {
         // The next request waits in `ready` until this response's body is through.
         let kept = Kept {
@@ -87,10 +103,7 @@ pub(crate) async fn to_port(
             boxed(response)
         }
         Ok(response) => boxed(response),
-        Err(e) => text(
-            StatusCode::BAD_GATEWAY,
-            format!("{worker} failed to answer: {e}\n"),
-        ),
+        Err(e) => failed(&e),
     }
 }
 

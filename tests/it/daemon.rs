@@ -1783,6 +1783,92 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
 
+/// Answers every request on a keep-alive connection, and closes every
+/// connection it has once the file `$MARKERS/close-now` appears (then
+/// writes `$MARKERS/closed`), as an instance timing out idle connections.
+const CLOSING_APP: &str = r#"
+import os, socket, threading, time
+markers = os.environ["MARKERS"]
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(os.environ["PORT"])))
+listener.listen(16)
+open_connections = []
+def serve(c):
+    pending = b""
+    while True:
+        while b"\r\n\r\n" not in pending:
+            data = c.recv(65536)
+            if not data:
+                return
+            pending += data
+        head, pending = pending.split(b"\r\n\r\n", 1)
+        body = b"answered " + head.split(b" ")[1] + b"\n"
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+def closer():
+    while not os.path.exists(os.path.join(markers, "close-now")):
+        time.sleep(0.01)
+    for c in list(open_connections):
+        try:
+            c.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    open(os.path.join(markers, "closed"), "w").close()
+threading.Thread(target=closer, daemon=True).start()
+while True:
+    c, _ = listener.accept()
+    open_connections.append(c)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_closed_idle");
+    let app = d.write("closing.py", CLOSING_APP);
+    let markers = d.path("");
+    let port = free_port();
+    d.load(&format!(
+        "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; env MARKERS={markers}; }}\n",
+        app.display()
+    ));
+    d.wait_running("c");
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    client
+        .write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut first = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !first.ends_with(b"answered /1\n") {
+        let n = client.read(&mut buffer).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&first));
+        first.extend_from_slice(&buffer[..n]);
+    }
+    // With the daemon stopped, the client's next request arrives first and
+    // the instance's close of the connection it would go out on right
+    // after: the daemon, woken, sends the request before it reads the close.
+    let daemon = Pid::from_raw(d.daemon_pid().unwrap() as i32);
+    kill(daemon, Signal::SIGSTOP).unwrap();
+    client
+        .write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    d.write("close-now", "");
+    let closed = std::path::Path::new(&markers).join("closed");
+    wait_until(PATIENCE, "the instance to close its connections", || {
+        closed.exists()
+    });
+    kill(daemon, Signal::SIGCONT).unwrap();
+    let mut second = String::new();
+    let _ = client.read_to_string(&mut second);
+    assert!(
+        second.starts_with("HTTP/1.1 200") && second.ends_with("answered /2\n"),
+        "{second}"
+    );
+}
+
 #[test]
 fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
     let sha256_hex = |bytes: &[u8]| {

@@ -224,7 +224,11 @@ fn is_websocket(request: &Request<Incoming>) -> bool {
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
-    has(hyper::header::UPGRADE, "websocket") && has(hyper::header::CONNECTION, "upgrade")
+    // RFC 6455 4.1: the opening handshake is a GET; any other method is a
+    // plain request, whatever its headers say.
+    request.method() == hyper::Method::GET
+        && has(hyper::header::UPGRADE, "websocket")
+        && has(hyper::header::CONNECTION, "upgrade")
 }
 
 /// Answers the handshake and runs the WebSocket as a session once the

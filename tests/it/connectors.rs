@@ -293,6 +293,15 @@ fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
         let mut upgraded = websocket(&format!("ws://127.0.0.1:{http}/up"));
         upgraded.send(Message::text("again")).unwrap();
         assert_eq!(receive(&mut upgraded), Message::text("again"), "{name}");
+        // Only a GET opens a WebSocket; a POST with the same headers is a request.
+        let posted = request(
+            http,
+            "POST /up HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(posted.status, 200, "{name}: {}", posted.head);
+        let session: Value = serde_json::from_slice(&posted.body).unwrap();
+        assert_eq!(session["method"], "POST", "{name}");
 
         // Raw TCP: bytes echoed; the child closes after `quit`.
         let mut raw = TcpStream::connect(("127.0.0.1", tcp)).unwrap();

@@ -145,6 +145,13 @@ async fn serve(place: Place) -> u8 {
         place.socket
     ));
 
+    match apm_runtime::sys::raise_open_files_limit() {
+        Ok((soft, raised)) if raised > soft => log(format_args!(
+            "open files limit raised from {soft} to {raised} (children get {soft})"
+        )),
+        Ok(_) => {}
+        Err(e) => log(format_args!("cannot read the open files limit: {e}")),
+    }
     let supervisor = Supervisor::spawn(&place.home);
     let access = Access {
         owner: nix::unistd::geteuid(),
@@ -180,13 +187,17 @@ async fn serve(place: Place) -> u8 {
             return exit::FAILED;
         }
     };
+    let mut errors = apm_runtime::AcceptErrors::default();
+    let control = format!("@{}", daemon.place.socket);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    errors.accepted();
                     tokio::spawn(connection(daemon.clone(), stream));
                 }
-            }
+                Err(e) => errors.failed(e, &control).await,
+            },
             _ = terminate.recv() => { shutdown(&daemon, "SIGTERM").await; break; }
             _ = interrupt.recv() => { shutdown(&daemon, "SIGINT").await; break; }
             _ = hangup.recv() => { tokio::spawn(reload_all_logged(daemon.clone())); }

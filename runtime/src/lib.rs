@@ -26,6 +26,40 @@ pub fn log(message: std::fmt::Arguments) {
     let _ = writeln!(std::io::stderr(), "{} {message}", timestamp());
 }
 
+/// What an accept loop makes of `accept`'s errors. One connection's own
+/// (reset or aborted before it was taken) pass at once. The others (out of
+/// descriptors or memory) last until something is freed, and retrying at
+/// once would spin the daemon's one thread, its control socket included:
+/// they are logged once per episode and retried every 100 ms.
+#[derive(Default)]
+pub struct AcceptErrors {
+    failing: bool,
+}
+
+impl AcceptErrors {
+    pub fn accepted(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            log(format_args!("accepting connections again"));
+        }
+    }
+
+    pub async fn failed(&mut self, error: std::io::Error, on: impl std::fmt::Display) {
+        use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
+        if matches!(
+            error.kind(),
+            ConnectionAborted | ConnectionReset | Interrupted
+        ) {
+            return;
+        }
+        if !std::mem::replace(&mut self.failing, true) {
+            log(format_args!(
+                "cannot accept connections on {on}: {error}; retrying every 100 ms"
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Now, in RFC 3339 with milliseconds, UTC.
 pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()

@@ -150,12 +150,14 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
         }
     };
     let scheme = server.scheme;
+    let shown = server.to_string();
     let next = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(async move {
         // `max_conns`: beyond it, new connections wait in the kernel's backlog.
         // A changed limit starts a new count; connections under the old one
         // finish as they are.
         let mut limit: Option<(u32, Arc<tokio::sync::Semaphore>)> = None;
+        let mut errors = crate::AcceptErrors::default();
         loop {
             let max = routes.borrow().options.max_conns;
             if limit.as_ref().map_or(0, |(m, _)| *m) != max {
@@ -166,8 +168,15 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 Some((_, semaphore)) => semaphore.clone().acquire_owned().await.ok(),
                 None => None,
             };
-            let Ok(accepted) = listener.accept().await else {
-                continue;
+            let accepted = match listener.accept().await {
+                Ok(accepted) => {
+                    errors.accepted();
+                    accepted
+                }
+                Err(e) => {
+                    errors.failed(e, &shown).await;
+                    continue;
+                }
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             tokio::spawn(async move {

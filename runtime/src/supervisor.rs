@@ -1407,6 +1407,7 @@ fn build_command(
             sys::run_as(&mut command, run_as);
         }
     }
+    sys::restore_open_files_limit(&mut command);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -68,6 +68,39 @@ pub fn run_as(command: &mut tokio::process::Command, user: RunAs) {
     }
 }
 
+/// The open-file limits the daemon was started with, which its children
+/// get back: a soft limit above 1024 breaks programs that `select()`.
+static STARTED_WITH: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raises the daemon's soft limit of open files to its hard limit, as Go
+/// programs do: each proxied connection holds two descriptors, and the
+/// usual soft limit of 1024 would cap a server at about 500 clients.
+/// Returns the soft limit before and after.
+pub fn raise_open_files_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = STARTED_WITH.set((soft, hard));
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
+
+/// Gives the child the open-file limits the daemon was started with.
+pub fn restore_open_files_limit(command: &mut tokio::process::Command) {
+    let Some(&(soft, hard)) = STARTED_WITH.get() else {
+        return;
+    };
+    // SAFETY: setrlimit is a system call on two integers; nothing is
+    // allocated in the forked child.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// The descriptor a connector finds its channel on (`APM_FD`).
 pub const CONNECTOR_FD: i32 = 3;
 

@@ -1998,6 +1998,80 @@ fn load_headers_worker(d: &Daemon, name: &str, scheme: &str, settings: &str) -> 
 /// The TLS settings for the certificates of `certs::make_certificates`.
 const SITE_TLS: &str = "tls on; tls_cert site.pem; tls_key site.key;";
 
+/// The soft and hard limits of open files of process `pid`.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let (soft, hard) = (fields.next().unwrap(), fields.next().unwrap());
+    (soft.to_owned(), hard.to_owned())
+}
+
+#[test]
+fn the_daemon_raises_its_open_files_limit_and_children_get_the_one_it_had() {
+    let d = Daemon::new("nofile");
+    d.start_with_ulimit("-S -n 256");
+    let (soft, hard) = open_files_limits(d.daemon_pid().unwrap());
+    assert_eq!(soft, hard, "the daemon takes its hard limit");
+    d.run_sh("child", "exec sleep 600", &["-startup_grace", "100"]);
+    let child = pids(&d.worker("child").unwrap())[0];
+    assert_eq!(open_files_limits(child), ("256".to_owned(), hard));
+}
+
+#[test]
+fn a_daemon_out_of_descriptors_waits_for_them_instead_of_spinning() {
+    let d = Daemon::new("emfile");
+    // A hard limit of 64: the daemon cannot raise it.
+    d.start_with_ulimit("-n 64");
+    let (port, _) = load_headers_worker(&d, "e", "http", "");
+    let pid = d.daemon_pid().unwrap();
+    // Idle clients, more than the daemon has descriptors for; those
+    // beyond it wait in the listener's backlog.
+    let clients: Vec<_> = (0..80)
+        .map_while(|_| {
+            std::net::TcpStream::connect_timeout(
+                &(std::net::Ipv4Addr::LOCALHOST, port).into(),
+                Duration::from_secs(1),
+            )
+            .ok()
+        })
+        .collect();
+    let log = d.dir().join("home/apm.log");
+    wait_until(PATIENCE, "the daemon to run out of descriptors", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| {
+            l.contains(&format!(
+                "cannot accept connections on http://127.0.0.1:{port}: Too many open files"
+            ))
+        })
+    });
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        // utime and stime, the 14th and 15th fields of the whole line.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    // A daemon retrying accept at once burns its whole second (100 ticks).
+    let spent = ticks() - before;
+    assert!(
+        spent < 30,
+        "{spent} ticks in a second, {} clients",
+        clients.len()
+    );
+    drop(clients);
+    assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
+    d.ok(&["ls"]);
+}
+
 #[test]
 fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
     use std::io::{Read, Write};

@@ -72,9 +72,27 @@ impl Daemon {
     }
 
     pub(crate) fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_apm"));
+        let mut command = self.command_of(env!("CARGO_BIN_EXE_apm"));
+        command.args(args);
         command
-            .args(args)
+    }
+
+    /// Starts the daemon under the open-files limits a shell's `ulimit
+    /// ULIMIT` sets (`-n 64`, `-S -n 256`).
+    pub(crate) fn start_with_ulimit(&self, ulimit: &str) {
+        let mut command = self.command_of("sh");
+        command.args([
+            "-c",
+            &format!("ulimit {ulimit} && exec \"$0\" ls"),
+            env!("CARGO_BIN_EXE_apm"),
+        ]);
+        let output = run(command);
+        assert!(output.status.success(), "{}", describe(&output));
+    }
+
+    fn command_of(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
             .current_dir(self.dir())
             .env("APM_HOME", &self.home)
             .env("APM_SOCKET", &self.socket)

@@ -1850,8 +1850,15 @@ fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one
     // With the daemon stopped, the client's next request arrives first and
     // the instance's close of the connection it would go out on right
     // after: the daemon, woken, sends the request before it reads the close.
-    let daemon = Pid::from_raw(d.daemon_pid().unwrap() as i32);
+    let pid = d.daemon_pid().unwrap();
+    let daemon = Pid::from_raw(pid as i32);
     kill(daemon, Signal::SIGSTOP).unwrap();
+    wait_until(PATIENCE, "the daemon to stop", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    });
     client
         .write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .unwrap();

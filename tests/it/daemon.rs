@@ -2142,12 +2142,14 @@ fn a_client_that_never_finishes_its_headers_is_timed_out_and_frees_its_slot() {
     use std::io::{Read, Write};
     let d = Daemon::new("proxy_slowloris");
     let (port, _) = load_headers_worker(&d, "s", "http", "max_conns 1; keep_alive 1s;");
+    // From before the connection: keep_alive counts from when the daemon
+    // accepted it, which a loaded machine may delay.
+    let started = Instant::now();
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
         .unwrap();
-    let started = Instant::now();
     let mut answer = Vec::new();
     let _ = slow.read_to_end(&mut answer);
     let waited = started.elapsed();

@@ -124,10 +124,7 @@ fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
 }
 
 fn request(port: u16, text: &str) -> Answer {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut stream = connect(port);
     stream.write_all(text.as_bytes()).unwrap();
     read_answer(&mut stream)
 }

@@ -1833,10 +1833,7 @@ fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one
         app.display()
     ));
     d.wait_running("c");
-    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut client = connect(port);
     client
         .write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
         .unwrap();
@@ -1900,10 +1897,7 @@ fn bodies_pass_whole_and_a_killed_instance_costs_only_its_own_request() {
     d.wait_running("b");
     let post = |head: &str, body: &[u8]| {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        let mut stream = connect(port);
         stream.write_all(head.as_bytes()).unwrap();
         stream.write_all(body).unwrap();
         let mut answer = String::new();
@@ -2084,14 +2078,7 @@ fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
     use std::io::{Read, Write};
     let d = Daemon::new("proxy_conns");
     let (port, _) = load_headers_worker(&d, "c", "http", "max_conns 1; keep_alive 2s;");
-    let open = || {
-        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream
-    };
-    let mut first = open();
+    let mut first = connect(port);
     first
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         .unwrap();
@@ -2110,7 +2097,7 @@ fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
     }
     assert!(answer.starts_with(b"HTTP/1.1 200"));
     // The second connection waits while the first one is open...
-    let mut second = open();
+    let mut second = connect(port);
     second
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -2145,9 +2132,7 @@ fn a_client_that_never_finishes_its_headers_is_timed_out_and_frees_its_slot() {
     // From before the connection: keep_alive counts from when the daemon
     // accepted it, which a loaded machine may delay.
     let started = Instant::now();
-    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut slow = connect(port);
     slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
         .unwrap();
     let mut answer = Vec::new();
@@ -2234,10 +2219,7 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
         http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1")
     });
     // An upgrade: after the 101, bytes flow both ways through the proxy.
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect(port);
     stream
         .write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
         .unwrap();
@@ -2264,10 +2246,7 @@ fn an_upstream_connection_idle_for_a_second_is_not_reused() {
     use std::io::Read;
     let d = Daemon::new("proxy_idle_upstream");
     let (port, _) = load_headers_worker(&d, "p", "http", "");
-    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut client = connect(port);
     // The port of the connection each request reached the instance on.
     let mut upstream_port = || {
         client

@@ -497,13 +497,20 @@ pub(crate) fn http_get(port: u16) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// A client connection to a local port. Reads time out after 30 s, so a
+/// daemon that never answers fails the test instead of hanging it.
+pub(crate) fn connect(port: u16) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
 /// A raw HTTP/1.1 exchange: the request text, then the whole answer until close.
 pub(crate) fn http_raw(port: u16, request: &str) -> String {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect(port);
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);

@@ -161,12 +161,15 @@ fn exchange(place: &Place, line: &[u8], autostart: bool) -> Result<Response, Exc
         }
         Err(e) => return Err(Exchange::Failed(Failure::unreachable(place, e))),
     };
-    stream.write_all(line).map_err(Exchange::Lost)?;
+    // A daemon that refuses this user answers before it reads the request,
+    // and may have closed the connection before the request is written:
+    // its answer is read all the same.
+    let sent = stream.write_all(line);
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(Exchange::Lost)?;
+    let read = BufReader::new(stream).read_line(&mut answer);
     if answer.is_empty() {
+        sent.map_err(Exchange::Lost)?;
+        read.map_err(Exchange::Lost)?;
         return Err(Exchange::Lost(std::io::Error::new(
             std::io::ErrorKind::ConnectionAborted,
             "the daemon closed the connection without answering",

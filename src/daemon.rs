@@ -364,18 +364,20 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         Err(_) => return,
     };
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    if BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await
-        .is_err()
-    {
-        return;
-    }
+    // Refused before anything is read: a client that may not drive the
+    // daemon must not hold it waiting for a line either.
     let response = if !daemon.access.admits(uid) {
         log(format_args!("refused a client of uid {uid}"));
         Response::error(exit::UNREACHABLE, daemon.access.refusal(uid))
     } else {
+        let mut line = String::new();
+        if BufReader::new(read.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .await
+            .is_err()
+        {
+            return;
+        }
         match serde_json::from_str::<Request>(&line) {
             Ok(request) if request.protocol == PROTOCOL => dispatch(&daemon, request.call).await,
             Ok(request) => Response::error(

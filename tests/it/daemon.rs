@@ -1204,6 +1204,24 @@ fn a_client_of_another_uid_is_refused_with_exit_3() {
     );
     assert!(text.contains("uid 65534"), "{text}");
     assert!(stdout(&output).is_empty(), "{}", describe(&output));
+    // Refused before it sends anything: such a client cannot hold the
+    // daemon waiting for its request.
+    let silent = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(10)\ns.connect('\\0' + sys.argv[1])\nprint(s.recv(65536).decode())",
+            &d.socket,
+        ])
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&silent.stdout).contains("permission denied"),
+        "{}",
+        describe(&silent)
+    );
     // The refused CLI started no daemon of its own.
     assert_eq!(d.daemon_pid(), Some(pid));
     assert_eq!(d.list()["daemon"]["pid"], pid);

@@ -382,26 +382,43 @@ impl Activity {
         }
     }
 
-    /// When the connection has been idle for `keep_alive`: no request
-    /// answered in that time, whatever the client sent meanwhile (a client
-    /// that never finishes a request's head included). One timer per
-    /// connection, re-armed only when it fires: hyper's own head timeout
-    /// armed one per request, and woke the runtime's driver through a
-    /// syscall for some of them.
+    /// Since when no request has been answered, if none is being answered.
+    fn idle_since(&self) -> Option<std::time::Instant> {
+        (self.answering.load(Ordering::Acquire) == 0).then(|| {
+            let micros = self.idle_since.load(Ordering::Acquire);
+            self.opened + std::time::Duration::from_micros(micros)
+        })
+    }
+}
+
+impl Connection {
+    /// When the connection has been idle for `keep_alive` (never, for 0):
+    /// no request answered in that time, whatever the client sent meanwhile
+    /// (a client that never finishes a request's head included). Meanwhile,
+    /// a connection to an instance that an idle client will not use again
+    /// is closed. One timer per connection that fires once a second (or
+    /// each `keep_alive`, if shorter): hyper's own head timeout armed one
+    /// per request, and woke the runtime's driver through a syscall for
+    /// some of them.
     async fn idle_for(&self, keep_alive: std::time::Duration) {
-        let mut deadline = self.opened + keep_alive;
+        let closes = !keep_alive.is_zero();
+        let tick = if closes {
+            upstream::IDLE_LIMIT.min(keep_alive)
+        } else {
+            upstream::IDLE_LIMIT
+        };
+        let mut ticks = tokio::time::interval(tick);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is at once
         loop {
-            tokio::time::sleep_until(deadline.into()).await;
-            let now = std::time::Instant::now();
-            deadline = if self.answering.load(Ordering::Acquire) > 0 {
-                now + keep_alive
-            } else {
-                let micros = self.idle_since.load(Ordering::Acquire);
-                self.opened + std::time::Duration::from_micros(micros) + keep_alive
+            ticks.tick().await;
+            let Some(idle_since) = self.activity.idle_since() else {
+                continue;
             };
-            if deadline <= now {
+            if closes && idle_since.elapsed() >= keep_alive {
                 return;
             }
+            self.upstream.lock().expect("upstream").close_if_stale();
         }
     }
 }
@@ -496,14 +513,10 @@ async fn serve_http(
     let serving = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    if options.keep_alive.is_zero() {
-        let _ = serving.await;
-    } else {
-        // An upgraded connection (a WebSocket) lives on in its own task.
-        tokio::select! {
-            _ = serving => {}
-            () = watched.activity.idle_for(options.keep_alive) => {}
-        }
+    // An upgraded connection (a WebSocket) lives on in its own task.
+    tokio::select! {
+        _ = serving => {}
+        () = watched.idle_for(options.keep_alive) => {}
     }
 }
 

@@ -156,7 +156,7 @@ async fn open(backend: SocketAddr) -> Result<Sender, BoxError> {
 /// gunicorn after 2 s), and a request sent on one just as the instance
 /// closes it would fail with a 502; a new loopback connection costs far
 /// less than that, and under load no connection sits idle this long.
-const IDLE_LIMIT: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_LIMIT: Duration = Duration::from_secs(1);
 
 /// A connection to an instance, between two requests.
 struct Kept {
@@ -179,6 +179,15 @@ pub(crate) struct Pinned(Option<(SocketAddr, Kept)>);
 impl Pinned {
     pub(crate) fn backend(&self) -> Option<SocketAddr> {
         self.0.as_ref().map(|(backend, _)| *backend)
+    }
+
+    /// Closes the connection if it will not be used again: an idle client
+    /// would otherwise keep it open, with its buffers and the instance's
+    /// side of it, until it leaves.
+    pub(crate) fn close_if_stale(&mut self) {
+        if self.0.as_ref().is_some_and(|(_, kept)| !kept.usable()) {
+            self.0 = None;
+        }
     }
 
     /// The connection, if it goes to `backend`; one to another is parked.

@@ -1804,6 +1804,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 /// Answers every request on a keep-alive connection, and closes every
 /// connection it has once the file `$MARKERS/close-now` appears (then
 /// writes `$MARKERS/closed`), as an instance timing out idle connections.
+/// A line in `$MARKERS/ended` for each connection that carried requests
+/// and was closed by the other side.
 const CLOSING_APP: &str = r#"
 import os, socket, threading, time
 markers = os.environ["MARKERS"]
@@ -1814,15 +1816,20 @@ listener.listen(16)
 open_connections = []
 def serve(c):
     pending = b""
+    answered = 0
     while True:
         while b"\r\n\r\n" not in pending:
             data = c.recv(65536)
             if not data:
+                if answered:
+                    with open(os.path.join(markers, "ended"), "a") as ended:
+                        ended.write("a connection that carried %d requests\n" % answered)
                 return
             pending += data
         head, pending = pending.split(b"\r\n\r\n", 1)
         body = b"answered " + head.split(b" ")[1] + b"\n"
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        answered += 1
 def closer():
     while not os.path.exists(os.path.join(markers, "close-now")):
         time.sleep(0.01)
@@ -1889,6 +1896,42 @@ fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one
         second.starts_with("HTTP/1.1 200") && second.ends_with("answered /2\n"),
         "{second}"
     );
+}
+
+#[test]
+fn an_idle_client_does_not_keep_a_connection_to_the_instance_open() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_idle_upstream");
+    let app = d.write("closing.py", CLOSING_APP);
+    let markers = d.path("");
+    let port = free_port();
+    d.load(&format!(
+        "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; env MARKERS={markers}; }}\n",
+        app.display()
+    ));
+    d.wait_running("c");
+    let mut client = connect(port);
+    let mut ask = |path: &str| {
+        client
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !answer.ends_with(format!("answered {path}\n").as_bytes()) {
+            let n = client.read(&mut buffer).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buffer[..n]);
+        }
+    };
+    ask("/1");
+    ask("/2");
+    // The client stays, idle (keep_alive is two minutes); the daemon's
+    // connection to the instance goes once it would not be used again.
+    let ended = std::path::Path::new(&markers).join("ended");
+    wait_until(PATIENCE, "the connection to the instance to close", || {
+        std::fs::read_to_string(&ended).is_ok_and(|e| e == "a connection that carried 2 requests\n")
+    });
+    ask("/3");
 }
 
 #[test]

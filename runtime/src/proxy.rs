@@ -207,15 +207,17 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     ),
                 };
                 let (stream, tls) = match (&options.tls, scheme.is_tls()) {
-                    (TlsSetting::On(tls), _) => match tls.0.accept(stream).await {
-                        Ok(stream) => {
-                            let peer = Secure {
-                                client_subject: crate::tls::client_subject(stream.get_ref().1),
-                            };
-                            (Box::new(stream) as Box<dyn Io>, Some(peer))
+                    (TlsSetting::On(tls), _) => {
+                        match handshake(tls, stream, options.keep_alive).await {
+                            Some(stream) => {
+                                let peer = Secure {
+                                    client_subject: crate::tls::client_subject(stream.get_ref().1),
+                                };
+                                (Box::new(stream) as Box<dyn Io>, Some(peer))
+                            }
+                            None => return, // a failed handshake: nothing to forward
                         }
-                        Err(_) => return, // a failed handshake: nothing to forward
-                    },
+                    }
                     // A TLS listener whose certificate could not be loaded
                     // refuses rather than serve plain text.
                     (TlsSetting::Broken, _) | (TlsSetting::Off, true) => return,
@@ -251,6 +253,24 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
         }
     });
     Ok(Listener { task, path })
+}
+
+/// A TLS handshake, which must end within `keep_alive` (if not 0): a
+/// client that starts one and never finishes it is a slow client like one
+/// that never finishes a request's head, and must not keep a `max_conns`
+/// slot.
+async fn handshake(
+    tls: &Tls,
+    stream: Box<dyn Io>,
+    keep_alive: std::time::Duration,
+) -> Option<tokio_rustls::server::TlsStream<Box<dyn Io>>> {
+    let accepting = tls.0.accept(stream);
+    let accepted = if keep_alive.is_zero() {
+        accepting.await
+    } else {
+        tokio::time::timeout(keep_alive, accepting).await.ok()?
+    };
+    accepted.ok()
 }
 
 /// What a TLS handshake established about the client.

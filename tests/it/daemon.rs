@@ -2512,6 +2512,41 @@ fn https_listeners_terminate_tls() {
 }
 
 #[test]
+fn a_tls_client_that_never_finishes_its_handshake_is_timed_out_and_frees_its_slot() {
+    use std::io::Read;
+    let d = Daemon::new("tls_slowloris");
+    if !certs::make_certificates(d.dir()) {
+        eprintln!("skipped: openssl could not make test certificates");
+        return;
+    }
+    let settings = format!("{SITE_TLS} max_conns 1; keep_alive 1s;");
+    let (port, _) = load_headers_worker(&d, "s", "https", &settings);
+    let started = Instant::now();
+    let mut silent = connect(port);
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
+    // The only slot is free again: a real TLS client is served.
+    let client = format!(
+        "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nprint(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
+        ca = d.path("ca.pem")
+    );
+    let output = Command::new("python3")
+        .args(["-c", &client])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("xff=127.0.0.1"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
 fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     let d = Daemon::new("drain");
     let app = d.write(

@@ -43,7 +43,8 @@ pub(crate) async fn to_port(
             Err(e) => return failed(&e),
         },
     };
-    // Origin form: the instance sees the path, and the client's Host header.
+    // Origin form: the instance sees the path, and the host in the Host
+    // header (`prepare` put an absolute-form target's host there).
     let target = request
         .uri()
         .path_and_query()

@@ -193,7 +193,6 @@ async fn serve(place: Place) -> u8 {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    errors.accepted();
                     tokio::spawn(connection(daemon.clone(), stream));
                 }
                 Err(e) => errors.failed(e, &control).await,

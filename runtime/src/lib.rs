@@ -30,19 +30,14 @@ pub fn log(message: std::fmt::Arguments) {
 /// (reset or aborted before it was taken) pass at once. The others (out of
 /// descriptors or memory) last until something is freed, and retrying at
 /// once would spin the daemon's one thread, its control socket included:
-/// they are logged once per episode and retried every 100 ms.
+/// they are retried every 100 ms, and logged at most every 10 s (a flood
+/// that keeps the daemon at its limit would otherwise fill the log).
 #[derive(Default)]
 pub struct AcceptErrors {
-    failing: bool,
+    logged: Option<std::time::Instant>,
 }
 
 impl AcceptErrors {
-    pub fn accepted(&mut self) {
-        if std::mem::take(&mut self.failing) {
-            log(format_args!("accepting connections again"));
-        }
-    }
-
     pub async fn failed(&mut self, error: std::io::Error, on: impl std::fmt::Display) {
         use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
         if matches!(
@@ -51,7 +46,9 @@ impl AcceptErrors {
         ) {
             return;
         }
-        if !std::mem::replace(&mut self.failing, true) {
+        let quiet_for = self.logged.map(|at| at.elapsed());
+        if quiet_for.is_none_or(|quiet| quiet >= std::time::Duration::from_secs(10)) {
+            self.logged = Some(std::time::Instant::now());
             log(format_args!(
                 "cannot accept connections on {on}: {error}; retrying every 100 ms"
             ));

@@ -169,10 +169,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 None => None,
             };
             let accepted = match listener.accept().await {
-                Ok(accepted) => {
-                    errors.accepted();
-                    accepted
-                }
+                Ok(accepted) => accepted,
                 Err(e) => {
                     errors.failed(e, &shown).await;
                     continue;

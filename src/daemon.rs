@@ -150,7 +150,7 @@ async fn serve(place: Place) -> u8 {
             "open files limit raised from {soft} to {raised} (children get {soft})"
         )),
         Ok(_) => {}
-        Err(e) => log(format_args!("cannot read the open files limit: {e}")),
+        Err(e) => log(format_args!("cannot raise the open files limit: {e}")),
     }
     let supervisor = Supervisor::spawn(&place.home);
     let access = Access {

@@ -1846,10 +1846,8 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-#[test]
-fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one() {
-    use std::io::{Read, Write};
-    let d = Daemon::new("proxy_closed_idle");
+/// Loads `CLOSING_APP` as worker `c`; its port and markers directory.
+fn load_closing_app(d: &Daemon) -> (u16, String) {
     let app = d.write("closing.py", CLOSING_APP);
     let markers = d.path("");
     let port = free_port();
@@ -1858,17 +1856,31 @@ fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one
         app.display()
     ));
     d.wait_running("c");
-    let mut client = connect(port);
+    (port, markers)
+}
+
+/// A keep-alive request to `CLOSING_APP`, read to the end of its answer.
+fn ask_closing_app(client: &mut std::net::TcpStream, path: &str) {
+    use std::io::{Read, Write};
     client
-        .write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
         .unwrap();
-    let mut first = Vec::new();
+    let mut answer = Vec::new();
     let mut buffer = [0u8; 4096];
-    while !first.ends_with(b"answered /1\n") {
+    while !answer.ends_with(format!("answered {path}\n").as_bytes()) {
         let n = client.read(&mut buffer).unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&first));
-        first.extend_from_slice(&buffer[..n]);
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..n]);
     }
+}
+
+#[test]
+fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one() {
+    use std::io::{Read, Write};
+    let d = Daemon::new("proxy_closed_idle");
+    let (port, markers) = load_closing_app(&d);
+    let mut client = connect(port);
+    ask_closing_app(&mut client, "/1");
     // With the daemon stopped, the client's next request arrives first and
     // the instance's close of the connection it would go out on right
     // after: the daemon, woken, sends the request before it reads the close.
@@ -1900,38 +1912,18 @@ fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one
 
 #[test]
 fn an_idle_client_does_not_keep_a_connection_to_the_instance_open() {
-    use std::io::{Read, Write};
     let d = Daemon::new("proxy_idle_upstream");
-    let app = d.write("closing.py", CLOSING_APP);
-    let markers = d.path("");
-    let port = free_port();
-    d.load(&format!(
-        "worker {{ name c; exec python3; params {}; upstream port; startup_grace 300; server http://127.0.0.1:{port}; env MARKERS={markers}; }}\n",
-        app.display()
-    ));
-    d.wait_running("c");
+    let (port, markers) = load_closing_app(&d);
     let mut client = connect(port);
-    let mut ask = |path: &str| {
-        client
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut answer = Vec::new();
-        let mut buffer = [0u8; 4096];
-        while !answer.ends_with(format!("answered {path}\n").as_bytes()) {
-            let n = client.read(&mut buffer).unwrap();
-            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buffer[..n]);
-        }
-    };
-    ask("/1");
-    ask("/2");
+    ask_closing_app(&mut client, "/1");
+    ask_closing_app(&mut client, "/2");
     // The client stays, idle (keep_alive is two minutes); the daemon's
     // connection to the instance goes once it would not be used again.
     let ended = std::path::Path::new(&markers).join("ended");
     wait_until(PATIENCE, "the connection to the instance to close", || {
         std::fs::read_to_string(&ended).is_ok_and(|e| e == "a connection that carried 2 requests\n")
     });
-    ask("/3");
+    ask_closing_app(&mut client, "/3");
 }
 
 #[test]

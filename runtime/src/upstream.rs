@@ -38,7 +38,9 @@ pub(crate) async fn to_port(
     }
     let mut sender = match reused {
         Some(sender) => sender,
-        None => match connect(backend).await {
+        // Boxed: a new connection is the rare case, and its future, inline,
+        // would make every request's future larger to move.
+        None => match Box::pin(connect(backend)).await {
             Ok(sender) => sender,
             Err(e) => return failed(&e),
         },
@@ -72,7 +74,7 @@ pub(crate) async fn to_port(
         // The instance closed the connection (an idle keep-alive one it
         // timed out) before the request went out on it: nothing was sent,
         // so any request may go again, on a new connection.
-        Err(request) => match resend(backend, request).await {
+        Err(request) => match Box::pin(resend(backend, request)).await {
             Ok((fresh, answered)) => {
                 sender = fresh;
                 answered
@@ -115,30 +117,19 @@ pub(crate) async fn to_port(
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
-/// Boxed, and made outside the caller's future: a new connection is the
-/// rare case, and its future, inline, would make every request's future
-/// larger to move.
-fn connect(
-    backend: SocketAddr,
-) -> std::pin::Pin<Box<impl Future<Output = Result<Sender, BoxError>> + Send>> {
-    Box::pin(open(backend))
-}
-
-/// Sends a request on a new connection; boxed as `connect` is.
-fn resend(
+/// Sends a request on a new connection.
+async fn resend(
     backend: SocketAddr,
     request: Request<Incoming>,
-) -> std::pin::Pin<Box<impl Future<Output = Result<(Sender, Answered), BoxError>> + Send>> {
-    Box::pin(async move {
-        let mut sender = open(backend).await?;
-        let response = sender.send_request(request).await;
-        Ok((sender, response))
-    })
+) -> Result<(Sender, Answered), BoxError> {
+    let mut sender = connect(backend).await?;
+    let response = sender.send_request(request).await;
+    Ok((sender, response))
 }
 
 type Answered = Result<Response<Incoming>, hyper::Error>;
 
-async fn open(backend: SocketAddr) -> Result<Sender, BoxError> {
+async fn connect(backend: SocketAddr) -> Result<Sender, BoxError> {
     let stream = TcpStream::connect(backend).await?;
     stream.set_nodelay(true)?;
     let (sender, connection) = hyper::client::conn::http1::Builder::new()

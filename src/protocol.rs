@@ -87,11 +87,12 @@ pub enum Call {
 }
 
 impl Response {
-    /// The response with notes about keys its config sets that this
-    /// version does not enforce (`apm_runtime::unbuilt`).
-    pub fn noting(mut self, unenforced: impl IntoIterator<Item = String>) -> Response {
+    /// The response with `note:` lines: keys its config sets that this
+    /// version does not enforce (`apm_runtime::unbuilt`), workers a load
+    /// left out.
+    pub fn noting(mut self, notes: impl IntoIterator<Item = String>) -> Response {
         self.notices
-            .extend(unenforced.into_iter().map(|line| format!("note: {line}")));
+            .extend(notes.into_iter().map(|line| format!("note: {line}")));
         self
     }
 }

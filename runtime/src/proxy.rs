@@ -387,7 +387,7 @@ struct Activity {
     opened: std::time::Instant,
     answering: AtomicUsize,
     /// When the last answer ended, in µs after `opened`.
-    idle_since: std::sync::atomic::AtomicU64,
+    answered_at: std::sync::atomic::AtomicU64,
 }
 
 impl Activity {
@@ -395,14 +395,14 @@ impl Activity {
         Activity {
             opened: std::time::Instant::now(),
             answering: AtomicUsize::new(0),
-            idle_since: std::sync::atomic::AtomicU64::new(0),
+            answered_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Since when no request has been answered, if none is being answered.
     fn idle_since(&self) -> Option<std::time::Instant> {
         (self.answering.load(Ordering::Acquire) == 0).then(|| {
-            let micros = self.idle_since.load(Ordering::Acquire);
+            let micros = self.answered_at.load(Ordering::Acquire);
             self.opened + std::time::Duration::from_micros(micros)
         })
     }
@@ -462,7 +462,7 @@ impl Drop for Answering {
     fn drop(&mut self) {
         let activity = &self.0.activity;
         let micros = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
-        activity.idle_since.store(micros, Ordering::Release);
+        activity.answered_at.store(micros, Ordering::Release);
         activity.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }

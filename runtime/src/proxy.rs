@@ -509,10 +509,10 @@ async fn serve_http(
         upstream: std::sync::Mutex::default(),
         activity: Activity::new(),
     });
+    let watched = connection.clone();
     // The request's future is `forward`'s own: each async layer around it
     // would keep its own copy of the request, and hyper moves the whole
     // future as it takes it (measured: 2.7 KB copied twice per request).
-    let watched = connection.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         forward(request, connection.clone(), pick.clone())
     });

@@ -45,6 +45,7 @@ pub struct Target {
 }
 
 /// An open log file; lines sent to it are appended in order.
+#[derive(Debug)]
 pub struct LogFile {
     tx: mpsc::Sender<Vec<u8>>,
     rotation: Arc<Rotation>,
@@ -52,11 +53,28 @@ pub struct LogFile {
 
 /// `log_max_size` and `log_max_files` of the workers writing a file; a
 /// hot update changes them while it is open.
+#[derive(Debug)]
 pub struct Rotation {
     /// Bytes after which the file is rotated; 0 never rotates it.
     max_size: AtomicU64,
     /// Rotated files kept: `NAME.1` (the newest) to `NAME.<keep>`.
     keep: AtomicU32,
+}
+
+/// The same file: two handles to one open log are equal.
+impl PartialEq for LogFile {
+    fn eq(&self, other: &LogFile) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl LogFile {
+    /// Appends a line the daemon writes itself, unless the writer is that
+    /// far behind (a stalled disk): then the line is dropped, so the caller
+    /// (a request being answered) never waits for the disk.
+    pub fn append(&self, line: Vec<u8>) {
+        let _ = self.tx.try_send(line);
+    }
 }
 
 impl Rotation {

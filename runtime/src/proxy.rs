@@ -57,13 +57,21 @@ impl PartialEq for Backend {
     }
 }
 
+/// The header that carries each forwarded request's id, and the log that
+/// gets a line per request: the worker's stdout log (decision 20).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tracing {
+    pub header: HeaderName,
+    pub log: Arc<crate::logs::LogFile>,
+}
+
 /// The worker's proxy options (Proxy / HTTP in the reference).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
     /// Take the client address from `X-Forwarded-For` / `X-Real-IP`.
     pub trust_proxy: bool,
-    /// A header carrying a unique id per forwarded request.
-    pub trace_header: Option<String>,
+    /// `trace_header`: each forwarded request carries a unique id.
+    pub tracing: Option<Tracing>,
     /// Idle timeout of client keep-alive connections.
     pub keep_alive: std::time::Duration,
     /// Concurrent connections per listener; 0 is unlimited.
@@ -673,8 +681,10 @@ async fn forward(
             .await
         }
     };
-    if let Some(trace) = traced {
-        trace.log(worker, client, response.status());
+    if let (Some(trace), Some(tracing)) = (traced, &options.tracing) {
+        tracing
+            .log
+            .append(trace.line(worker, client, response.status()));
     }
     Ok(answering.with(response))
 }
@@ -687,11 +697,8 @@ fn prepare(
     options: &Options,
 ) -> Option<Trace> {
     let (client, tls) = (connection.client, connection.tls.as_ref());
-    let trace_name = options
-        .trace_header
-        .as_deref()
-        .and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok());
-    let mut traced = trace_name.as_ref().map(|_| Trace {
+    let trace_name = options.tracing.as_ref().map(|tracing| &tracing.header);
+    let mut traced = trace_name.map(|_| Trace {
         id: String::new(),
         method: request.method().clone(),
         path: request.uri().path().to_owned(),
@@ -726,14 +733,14 @@ fn prepare(
         None => headers.remove(CLIENT_SUBJECT),
     };
     // With `trace_header`, each request keeps the id it came with or gets
-    // one, and the daemon log gets a line that carries it.
+    // one, and the worker's log gets a line that carries it.
     if let (Some(name), Some(trace)) = (trace_name, traced.as_mut()) {
-        if !headers.contains_key(&name)
+        if !headers.contains_key(name)
             && let Ok(id) = HeaderValue::from_str(&trace_id())
         {
             headers.insert(name.clone(), id);
         }
-        if let Some(id) = headers.get(&name) {
+        if let Some(id) = headers.get(name) {
             trace.id = String::from_utf8_lossy(id.as_bytes()).into_owned();
         }
     }
@@ -750,8 +757,8 @@ fn prepare(
     traced
 }
 
-/// What the daemon log says about a traced request. The query string is left
-/// out: it often carries tokens.
+/// What the worker's log says about a traced request. The query string is
+/// left out: it often carries tokens.
 struct Trace {
     id: String,
     method: hyper::Method,
@@ -760,15 +767,20 @@ struct Trace {
 }
 
 impl Trace {
-    fn log(self, worker: &str, client: Option<IpAddr>, status: StatusCode) {
+    /// A log line in the format of the instances' lines, from `apm` (the
+    /// stream marker is stdout's, so `apm log` shows it with the app's).
+    fn line(self, worker: &str, client: Option<IpAddr>, status: StatusCode) -> Vec<u8> {
         let client = client.map_or_else(|| "unix".to_owned(), |ip| ip.to_string());
-        crate::log(format_args!(
-            "{worker} {} {client} {} {} -> {} in {:.1} ms",
+        format!(
+            "{} apm {} {worker} {} {client} {} {} -> {} in {:.1} ms\n",
+            crate::timestamp(),
+            crate::logs::Stream::Out.marker(),
             self.id,
             self.method,
             self.path,
             status.as_u16(),
             self.started.elapsed().as_secs_f64() * 1000.0
-        ));
+        )
+        .into_bytes()
     }
 }

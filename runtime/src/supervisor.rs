@@ -874,6 +874,16 @@ impl Supervisor {
     fn publish_backends(&mut self) {
         for worker in self.workers.values() {
             let spec = &worker.spec;
+            let tracing = spec
+                .trace_header
+                .as_ref()
+                .and_then(|h| hyper::header::HeaderName::from_bytes(h.value.as_bytes()).ok())
+                .map(|header| crate::proxy::Tracing {
+                    header,
+                    log: self
+                        .logs
+                        .open(&log_paths(&self.home, spec).0, rotation(spec)),
+                });
             let route = crate::proxy::Route {
                 backends: worker
                     .instances
@@ -882,7 +892,7 @@ impl Supervisor {
                     .collect(),
                 options: Arc::new(crate::proxy::Options {
                     trust_proxy: spec.trust_proxy.value,
-                    trace_header: spec.trace_header.as_ref().map(|h| h.value.clone()),
+                    tracing,
                     keep_alive: spec.keep_alive.as_duration(),
                     max_conns: spec.max_conns.value,
                     lowercase_headers: spec.lowercase_hdrs.value,
@@ -903,21 +913,15 @@ impl Supervisor {
     fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
         let prefix = log_prefix(spec, index);
-        let rotation = || {
-            logs::Rotation::new(
-                spec.log_max_size.as_ref().map(|s| s.value.0),
-                spec.log_max_files.value,
-            )
-        };
         let out = Target {
-            file: self.logs.open(&out_path, rotation()),
+            file: self.logs.open(&out_path, rotation(spec)),
             prefix: prefix.clone(),
             strip_ansi: spec.strip_ansi.value,
         };
         (
             out,
             Target {
-                file: self.logs.open(&err_path, rotation()),
+                file: self.logs.open(&err_path, rotation(spec)),
                 prefix,
                 strip_ansi: spec.strip_ansi.value,
             },
@@ -1328,6 +1332,13 @@ pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {
         (None, None) => home.join("logs").join(format!("{name}.err.log")),
     };
     (out, err)
+}
+
+fn rotation(spec: &WorkerSpec) -> logs::Rotation {
+    logs::Rotation::new(
+        spec.log_max_size.as_ref().map(|s| s.value.0),
+        spec.log_max_files.value,
+    )
 }
 
 fn log_prefix(spec: &WorkerSpec, index: usize) -> String {

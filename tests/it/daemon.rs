@@ -2254,19 +2254,22 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
     );
     // Only a verified certificate names the client.
     assert!(answer.contains("subject=None"), "{answer}");
-    // The trace id is logged with the request, the query string is not.
+    // The trace id is in the worker's log with the request (as a line of
+    // apm's), the query string is not.
     let id = answer
         .split("id=")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap()
         .to_owned();
-    let log = d.dir().join("home/apm.log");
-    wait_until(PATIENCE, "the trace id in the daemon log", || {
-        std::fs::read_to_string(&log)
-            .is_ok_and(|text| text.contains(&format!("h {id} 127.0.0.1 GET / -> 200 in ")))
+    let traced = format!(" apm | h {id} 127.0.0.1 GET / -> 200 in ");
+    let log = || String::from_utf8(d.ok(&["log", "h", "--lines", "100"]).stdout).unwrap();
+    wait_until(PATIENCE, "the trace id in the worker's log", || {
+        log().contains(&traced)
     });
-    assert!(!std::fs::read_to_string(&log).unwrap().contains("s3cret"));
+    assert!(!log().contains("s3cret"));
+    let daemon_log = std::fs::read_to_string(d.dir().join("home/apm.log")).unwrap();
+    assert!(!daemon_log.contains(&id), "{daemon_log}");
     d.ok(&["update", "h", "-trust_proxy", "-no-restart"]);
     wait_until(PATIENCE, "trust_proxy to apply live", || {
         http_raw(port, spoofed).contains("xff=6.6.6.6, 127.0.0.1")

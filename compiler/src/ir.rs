@@ -80,7 +80,7 @@ schema_block! {
         lowercase_hdrs: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Lowercase HTTP header names before forwarding.";
         keep_alive: Setting<Millis> = MS, default Some("120000"), since "2.0", reload Hot, "Idle timeout of HTTP keep-alive client connections.";
         max_conns: Setting<u32> = COUNT, default Some("0"), since "2.0", reload Hot, "Maximum concurrent connections per listener; 0 means unlimited.";
-        trace_header: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "Header that carries a unique id per forwarded request (e.g. x-request-id); each such request gets a line with its id in the worker's stdout log.";
+        trace_header: Option<Setting<String>> = Kind::HeaderName, default None, since "2.0", reload Hot, "Header that carries a unique id per forwarded request (e.g. x-request-id); each such request gets a line with its id in the worker's stdout log.";
         session_persist: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Migrate open sessions across rolling restarts.";
         session_wait: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "How long a migrated session waits for a new instance.";
         // File watcher / rolling restart / stats

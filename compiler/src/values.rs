@@ -54,6 +54,8 @@ pub enum Kind {
     User,
     /// An OS group name.
     Group,
+    /// An HTTP header name: a token of RFC 9110.
+    HeaderName,
 }
 
 impl Kind {
@@ -85,6 +87,7 @@ impl Kind {
             Kind::Enum(variants) => format!("one of {}", variants.join(", ")),
             Kind::User => "an OS user name".into(),
             Kind::Group => "an OS group name".into(),
+            Kind::HeaderName => "an HTTP header name (x-request-id)".into(),
         }
     }
 
@@ -322,6 +325,14 @@ fn is_worker_name(text: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// A token (RFC 9110, 5.6.2): what a header name may be.
+fn is_header_name(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 fn is_env_name(text: &str) -> bool {
     let mut bytes = text.bytes();
     bytes
@@ -345,6 +356,9 @@ impl FromValue for String {
                 };
                 Err(Problem::new(format!("`{text}` is not a valid worker name")).help(hint))
             }
+            Kind::HeaderName if is_header_name(text) => Ok(text.to_owned()),
+            Kind::HeaderName => Err(Problem::new(format!("`{text}` is not an HTTP header name"))
+                .help("use letters, digits and `-` (x-request-id); no spaces or `:`")),
             Kind::EnvName if is_env_name(text) => Ok(text.to_owned()),
             Kind::EnvName => Err(Problem::new(format!(
                 "`{text}` is not an environment variable name"

@@ -231,13 +231,7 @@ pub async fn pump(
             let target = target.borrow();
             (
                 target.file.clone(),
-                format!(
-                    "{} {} {} ",
-                    crate::timestamp(),
-                    target.prefix,
-                    which.marker()
-                )
-                .into_bytes(),
+                line_start(&target.prefix, which),
                 target.strip_ansi,
             )
         };
@@ -251,6 +245,12 @@ pub async fn pump(
             return;
         }
     }
+}
+
+/// How every log line starts: `TIMESTAMP PREFIX MARKER ` (`apm log` finds a
+/// line's stream by its marker, the third word).
+pub fn line_start(prefix: &str, which: Stream) -> Vec<u8> {
+    format!("{} {prefix} {} ", crate::timestamp(), which.marker()).into_bytes()
 }
 
 /// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`

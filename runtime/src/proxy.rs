@@ -681,10 +681,8 @@ async fn forward(
             .await
         }
     };
-    if let (Some(trace), Some(tracing)) = (traced, &options.tracing) {
-        tracing
-            .log
-            .append(trace.line(worker, client, response.status()));
+    if let Some(trace) = traced {
+        trace.log(worker, client, response.status());
     }
     Ok(answering.with(response))
 }
@@ -697,8 +695,9 @@ fn prepare(
     options: &Options,
 ) -> Option<Trace> {
     let (client, tls) = (connection.client, connection.tls.as_ref());
-    let trace_name = options.tracing.as_ref().map(|tracing| &tracing.header);
-    let mut traced = trace_name.map(|_| Trace {
+    let tracing = options.tracing.as_ref();
+    let mut traced = tracing.map(|tracing| Trace {
+        log: tracing.log.clone(),
         id: String::new(),
         method: request.method().clone(),
         path: request.uri().path().to_owned(),
@@ -734,7 +733,8 @@ fn prepare(
     };
     // With `trace_header`, each request keeps the id it came with or gets
     // one, and the worker's log gets a line that carries it.
-    if let (Some(name), Some(trace)) = (trace_name, traced.as_mut()) {
+    if let (Some(tracing), Some(trace)) = (tracing, traced.as_mut()) {
+        let name = &tracing.header;
         if !headers.contains_key(name)
             && let Ok(id) = HeaderValue::from_str(&trace_id())
         {
@@ -760,6 +760,7 @@ fn prepare(
 /// What the worker's log says about a traced request. The query string is
 /// left out: it often carries tokens.
 struct Trace {
+    log: Arc<crate::logs::LogFile>,
     id: String,
     method: hyper::Method,
     path: String,
@@ -767,20 +768,21 @@ struct Trace {
 }
 
 impl Trace {
-    /// A log line in the format of the instances' lines, from `apm` (the
-    /// stream marker is stdout's, so `apm log` shows it with the app's).
-    fn line(self, worker: &str, client: Option<IpAddr>, status: StatusCode) -> Vec<u8> {
+    /// Appends a line in the format of the instances' lines, from `apm`
+    /// (on stdout's stream, so `apm log` shows it with the app's).
+    fn log(self, worker: &str, client: Option<IpAddr>, status: StatusCode) {
+        use std::io::Write;
         let client = client.map_or_else(|| "unix".to_owned(), |ip| ip.to_string());
-        format!(
-            "{} apm {} {worker} {} {client} {} {} -> {} in {:.1} ms\n",
-            crate::timestamp(),
-            crate::logs::Stream::Out.marker(),
+        let mut line = crate::logs::line_start("apm", crate::logs::Stream::Out);
+        let _ = writeln!(
+            line,
+            "{worker} {} {client} {} {} -> {} in {:.1} ms",
             self.id,
             self.method,
             self.path,
             status.as_u16(),
             self.started.elapsed().as_secs_f64() * 1000.0
-        )
-        .into_bytes()
+        );
+        self.log.append(line);
     }
 }

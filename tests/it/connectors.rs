@@ -146,13 +146,9 @@ fn get_json(port: u16, target: &str) -> Value {
     serde_json::from_slice(&answer.body).unwrap()
 }
 
-fn websocket(url: &str) -> tungstenite::WebSocket<TcpStream> {
-    let address = url.trim_start_matches("ws://").split('/').next().unwrap();
-    let stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    tungstenite::client(url, stream).unwrap().0
+fn websocket(port: u16, path: &str) -> tungstenite::WebSocket<TcpStream> {
+    let url = format!("ws://127.0.0.1:{port}{path}");
+    tungstenite::client(url, connect(port)).unwrap().0
 }
 
 /// The next data or close message, skipping pongs.
@@ -263,7 +259,7 @@ fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
         );
 
         // WebSocket on the ws:// listener: text, binary, ping, close code.
-        let mut client = websocket(&format!("ws://127.0.0.1:{ws}/chat"));
+        let mut client = websocket(ws, "/chat");
         client.send(Message::text("héllo")).unwrap();
         assert_eq!(receive(&mut client), Message::text("héllo"), "{name}");
         let blob: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
@@ -287,7 +283,7 @@ fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
             other => panic!("{name}: expected a close, got {other:?}"),
         }
         // And as an upgrade of a request on the http:// listener.
-        let mut upgraded = websocket(&format!("ws://127.0.0.1:{http}/up"));
+        let mut upgraded = websocket(http, "/up");
         upgraded.send(Message::text("again")).unwrap();
         assert_eq!(receive(&mut upgraded), Message::text("again"), "{name}");
         // Only a GET opens a WebSocket; a POST with the same headers is a request.
@@ -301,8 +297,7 @@ fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
         assert_eq!(session["method"], "POST", "{name}");
 
         // Raw TCP: bytes echoed; the child closes after `quit`.
-        let mut raw = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
-        raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut raw = connect(tcp);
         raw.write_all(b"ping\n").unwrap();
         let mut echo = [0u8; 5];
         raw.read_exact(&mut echo).unwrap();

@@ -2749,18 +2749,12 @@ fn raw_tcp_is_spliced_and_a_banned_client_gets_a_reset() {
         ));
     d.wait_running("open");
     d.wait_running("shut");
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", open_port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut stream = connect(open_port);
     stream.write_all(b"ping").unwrap();
     let mut echoed = [0u8; 4];
     stream.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"ping");
-    let mut refused = std::net::TcpStream::connect(("127.0.0.1", banned_port)).unwrap();
-    refused
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let mut refused = connect(banned_port);
     // The reset reaches either the write or, if the write went out first, the read.
     let error = match refused.write_all(b"ping") {
         Err(error) => error,

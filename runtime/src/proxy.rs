@@ -651,11 +651,20 @@ async fn forward(
     );
     // A tunnel to wherever the client names is a forward proxy's job, not
     // an app's; a `tcp://` listener carries raw connections to instances.
+    // The connection closes with the refusal: a client may already be
+    // sending the tunnel's bytes, which are no requests.
     if request.method() == hyper::Method::CONNECT {
-        let refusal = text(
+        let mut refusal = text(
             StatusCode::NOT_IMPLEMENTED,
             "CONNECT is not forwarded: apm is a reverse proxy\n".to_owned(),
         );
+        refusal
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(answering.with(refusal));
+    }
+    if let Some(fault) = host_fault(&request) {
+        let refusal = text(StatusCode::BAD_REQUEST, format!("{fault}\n"));
         return Ok(answering.with(refusal));
     }
     let Some(backend) = backend else {
@@ -685,6 +694,56 @@ async fn forward(
         trace.log(worker, client, response.status());
     }
     Ok(answering.with(response))
+}
+
+/// What makes a request's host ambiguous, if anything (RFC 9112, 3.2): an
+/// HTTP/1.1 request carries exactly one `Host`, naming a host and maybe a
+/// port; a proxy and an app that each picked a different host of one
+/// request would route, log or cache it apart. A target in absolute form
+/// names the host itself, without user information (RFC 9110, 4.2.4).
+fn host_fault(request: &Request<Incoming>) -> Option<&'static str> {
+    if request
+        .uri()
+        .authority()
+        .is_some_and(|authority| authority.as_str().contains('@'))
+    {
+        return Some("the request target carries user information (user@host)");
+    }
+    let mut hosts = request.headers().get_all(hyper::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if request.version() >= hyper::Version::HTTP_11 => {
+            Some("an HTTP/1.1 request needs a Host header")
+        }
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (Some(host), None) if !names_a_host(host.as_bytes()) => {
+            Some("the Host header is not a host with an optional port")
+        }
+        _ => None,
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110, 7.2), or empty, as a client sends
+/// for a target without a host.
+fn names_a_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    if value.contains(&b'@') || hyper::http::uri::Authority::try_from(value).is_err() {
+        return false;
+    }
+    // After an IPv6 literal's `]`, or else from the one colon on.
+    let after_host = match value.iter().rposition(|&b| b == b']') {
+        Some(end) => &value[end + 1..],
+        None => value
+            .iter()
+            .position(|&b| b == b':')
+            .map_or(&[][..], |colon| &value[colon..]),
+    };
+    match after_host.split_first() {
+        None => true,
+        Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
 }
 
 /// Sets the forwarded headers on a request; with `trace_header`, also what
@@ -784,5 +843,38 @@ impl Trace {
             self.started.elapsed().as_secs_f64() * 1000.0
         );
         self.log.append(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_a_host;
+
+    #[test]
+    fn a_host_header_names_a_host_and_maybe_a_port() {
+        for good in [
+            "",
+            "example.com",
+            "example.com:8080",
+            "example.com:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(names_a_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "a b",
+            "a/b",
+            "user@example.com",
+            "example.com:80:81",
+            "example.com:http",
+            "[::1]x",
+            "[::1",
+            "example.com?x",
+        ] {
+            assert!(!names_a_host(bad.as_bytes()), "{bad}");
+        }
     }
 }

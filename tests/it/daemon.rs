@@ -1759,6 +1759,22 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def do_POST(self):
+        body = b""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(self.rfile.readline().split(b";")[0], 16)
+                body += self.rfile.read(n)
+                self.rfile.readline()
+                if n == 0:
+                    break
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        answer = ("te=%s cl=%s body=%s\n" % (self.headers.get("Transfer-Encoding"), self.headers.get("Content-Length"), body.decode())).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
     def log_message(self, *args):
         pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
@@ -2711,17 +2727,33 @@ fn the_proxy_rejects_malformed_oversized_and_smuggling_requests() {
         "x".repeat(1 << 20)
     );
     assert_eq!(status(&huge), "431");
-    let smuggling = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n";
-    // Conflicting framing is refused, never forwarded.
-    assert!(["400", "501"].contains(&status(smuggling).as_str()));
-    // No tunnels: CONNECT is refused whole, not sent to the instance.
-    let connect = http_raw(
-        port,
-        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
-    );
+    // Conflicting framing (RFC 9112, 6.3): Transfer-Encoding wins, the
+    // instance never sees the Content-Length an app could pick instead, and
+    // the connection closes after the answer, so what follows the chunked
+    // body is never taken for a request.
+    let mut smuggler = connect(port);
+    smuggler
+        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut smuggler, &mut answer)
+        .expect("the proxy closes the connection after answering");
     assert!(
-        connect.starts_with("HTTP/1.1 501") && connect.contains("reverse proxy"),
-        "{connect}"
+        answer.matches("HTTP/1.1 ").count() == 1
+            && answer.ends_with("te=chunked cl=None body=hello\n"),
+        "{answer}"
+    );
+    // No tunnels: CONNECT is refused whole, not sent to the instance, and
+    // the connection closes with the refusal.
+    let mut tunnel = connect(port);
+    tunnel
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .unwrap();
+    let mut refusal = String::new();
+    std::io::Read::read_to_string(&mut tunnel, &mut refusal).expect("closed after the refusal");
+    assert!(
+        refusal.starts_with("HTTP/1.1 501") && refusal.contains("reverse proxy"),
+        "{refusal}"
     );
     // A target in absolute form names the host the instance sees.
     let absolute = http_raw(
@@ -2729,6 +2761,37 @@ fn the_proxy_rejects_malformed_oversized_and_smuggling_requests() {
         "GET http://named.example/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
     );
     assert!(absolute.contains("host=named.example peer="), "{absolute}");
+    // A host the proxy and the instance could read differently is refused
+    // before it reaches the instance.
+    for (request, fault) in [
+        (
+            "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "needs a Host",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+            "more than one Host",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: a.example/x\r\nConnection: close\r\n\r\n",
+            "not a host",
+        ),
+        (
+            "GET http://user@a.example/ HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            "user information",
+        ),
+    ] {
+        let answer = http_raw(port, request);
+        assert!(
+            answer.starts_with("HTTP/1.1 400")
+                && answer.contains(fault)
+                && !answer.contains("peer="),
+            "{request:?}: {answer}"
+        );
+    }
+    // HTTP/1.0 had no Host: such a request is still served.
+    let old = http_raw(port, "GET / HTTP/1.0\r\n\r\n");
+    assert!(old.starts_with("HTTP/1.0 200"), "{old}");
     // The proxy is still serving.
     assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
 }

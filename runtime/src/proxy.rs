@@ -19,7 +19,7 @@ use apm_compiler::values::{ListenAddr, Scheme, ServerUrl};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -627,6 +627,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Serves one request: Vanguard's verdict, the instance, the forwarded
 /// headers, and the instance's answer, which keeps the connection from
@@ -675,7 +677,7 @@ async fn forward(
         return Ok(answering.with(unavailable));
     };
     let traced = prepare(&mut request, connection, &options);
-    let response = match backend {
+    let mut response = match backend {
         Backend::Port(backend) => {
             upstream::to_port(request, &connection.upstream, worker, backend).await
         }
@@ -693,7 +695,54 @@ async fn forward(
     if let Some(trace) = traced {
         trace.log(worker, client, response.status());
     }
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(response.headers_mut(), false);
+    }
     Ok(answering.with(response))
+}
+
+/// Whether a header, comma-separated, lists `token` (case-insensitive).
+pub(crate) fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Hop-by-hop fields (RFC 9110, 7.6.1) speak of one connection, the
+/// client's to apm or apm's to the instance, so neither side's reach the
+/// other: `Connection` and the fields it names, `Keep-Alive`,
+/// `Proxy-Connection`, `TE` (but for `trailers`) and `Upgrade`. A client's
+/// `Connection: close` thus ends its own connection, not the pooled one to
+/// the instance, and an instance's ends its own, not the client's. An
+/// upgrade keeps `Upgrade` and `Connection: upgrade`, which the other side
+/// needs to switch. `Host` stays whatever `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let hop_by_hop = [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, UPGRADE];
+    if !headers.keys().any(|name| hop_by_hop.contains(name)) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| *name != hyper::header::HOST)
+        .collect();
+    let trailers = lists_token(headers, TE, "trailers");
+    let upgrade = upgrading.then(|| headers.get(UPGRADE).cloned()).flatten();
+    for name in named.iter().chain(&hop_by_hop) {
+        headers.remove(name);
+    }
+    if let Some(protocol) = upgrade {
+        headers.insert(UPGRADE, protocol);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 /// What makes a request's host ambiguous, if anything (RFC 9112, 3.2): an
@@ -766,7 +815,12 @@ fn prepare(
         .uri()
         .authority()
         .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
+    // Before apm adds its own fields: a client naming them in `Connection`
+    // cannot take them away.
+    let upgrading = request.headers().contains_key(UPGRADE)
+        && lists_token(request.headers(), CONNECTION, "upgrade");
     let headers = request.headers_mut();
+    strip_hop_by_hop(headers, upgrading);
     // Without trust_proxy, a client's own X-Forwarded-For is not believed.
     let chain = headers
         .get(&X_FORWARDED_FOR)

@@ -218,17 +218,12 @@ impl ClientSide for Exchange {
 }
 
 fn is_websocket(request: &Request<Incoming>) -> bool {
-    let has = |name, token: &str| {
-        request.headers().get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
+    let headers = request.headers();
     // RFC 6455 4.1: the opening handshake is a GET; any other method is a
     // plain request, whatever its headers say.
     request.method() == hyper::Method::GET
-        && has(hyper::header::UPGRADE, "websocket")
-        && has(hyper::header::CONNECTION, "upgrade")
+        && crate::proxy::lists_token(headers, hyper::header::UPGRADE, "websocket")
+        && crate::proxy::lists_token(headers, hyper::header::CONNECTION, "upgrade")
 }
 
 /// Answers the handshake and runs the WebSocket as a session once the

@@ -1743,6 +1743,23 @@ class H(http.server.BaseHTTPRequestHandler):
             time.sleep(1.5)
             self.wfile.write(b"5\r\nlast\n\r\n0\r\n\r\n")
             return
+        if self.path == "/headers":
+            body = "".join("%s: %s\n" % item for item in self.headers.items()).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.path == "/hop":
+            self.send_response(200)
+            self.send_header("Connection", "close, X-Private")
+            self.send_header("X-Private", "instance")
+            self.send_header("Keep-Alive", "timeout=1")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"hop\n")
+            self.close_connection = True
+            return
         if self.headers.get("Upgrade"):
             self.send_response(101)
             self.send_header("Upgrade", self.headers.get("Upgrade"))
@@ -2315,7 +2332,6 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
 
 #[test]
 fn an_upstream_connection_idle_for_a_second_is_not_reused() {
-    use std::io::Read;
     let d = Daemon::new("proxy_idle_upstream");
     let (port, _) = load_headers_worker(&d, "p", "http", "");
     let mut client = connect(port);
@@ -2324,29 +2340,10 @@ fn an_upstream_connection_idle_for_a_second_is_not_reused() {
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
             .unwrap();
-        let mut seen = Vec::new();
-        let mut buffer = [0u8; 1024];
-        loop {
-            let text = String::from_utf8_lossy(&seen).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .expect(&text);
-                if body.len() == length {
-                    assert!(head.starts_with("HTTP/1.1 200"), "{text}");
-                    let peer = body.trim_end().rsplit_once("peer=").expect(&text).1;
-                    return peer.parse::<u16>().unwrap();
-                }
-            }
-            let n = client.read(&mut buffer).unwrap();
-            assert!(n > 0, "closed after {text:?}");
-            seen.extend_from_slice(&buffer[..n]);
-        }
+        let (head, body) = read_one_answer(&mut client);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let peer = body.trim_end().rsplit_once("peer=").expect(&body).1;
+        peer.parse::<u16>().unwrap()
     };
     let first = upstream_port();
     assert_eq!(
@@ -2705,6 +2702,59 @@ fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
     assert!(
         !new_serial.is_empty() && new_serial != old_serial,
         "new connections get the new certificate: {old_serial} vs {new_serial}"
+    );
+}
+
+#[test]
+fn hop_by_hop_fields_stay_on_their_own_connection() {
+    let d = Daemon::new("proxy_hop");
+    let (port, _) = load_headers_worker(&d, "h", "http", "");
+    let mut client = connect(port);
+    // What the client says of its connection to apm never reaches the
+    // instance, and a field it names in `Connection` is removed with it.
+    client
+        .write_all(b"GET /headers HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Private\r\nX-Private: client\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers, deflate\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\n")
+        .unwrap();
+    let (head, seen) = read_one_answer(&mut client);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = seen.to_ascii_lowercase();
+    for gone in [
+        "connection:",
+        "x-private:",
+        "keep-alive:",
+        "proxy-connection:",
+        "upgrade:",
+    ] {
+        assert!(!seen.contains(gone), "{gone} reached the instance:\n{seen}");
+    }
+    assert!(
+        seen.contains("te: trailers\n")
+            && seen.contains("x-kept: yes\n")
+            && seen.contains("host: a\n"),
+        "{seen}"
+    );
+    // What the instance says of its connection to apm never reaches the
+    // client: its `Connection: close` closes that connection, not the client's.
+    client
+        .write_all(b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let (head, body) = read_one_answer(&mut client);
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        head.starts_with("HTTP/1.1 200")
+            && body == "hop\n"
+            && !lower.contains("connection:")
+            && !lower.contains("keep-alive:")
+            && !lower.contains("x-private:"),
+        "{head}"
+    );
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_one_answer(&mut client);
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "the client's connection stays open: {head}"
     );
 }
 

@@ -507,6 +507,32 @@ pub(crate) fn connect(port: u16) -> std::net::TcpStream {
     stream
 }
 
+/// One answer with a `Content-Length`, read from a connection that stays
+/// open: its head and its body.
+pub(crate) fn read_one_answer(stream: &mut impl std::io::Read) -> (String, String) {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or_else(|| panic!("no Content-Length: {text}"));
+            if body.len() >= length {
+                return (head.to_owned(), body.to_owned());
+            }
+        }
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "closed before a whole answer: {text:?}");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+}
+
 /// A raw HTTP/1.1 exchange: the request text, then the whole answer until close.
 pub(crate) fn http_raw(port: u16, request: &str) -> String {
     use std::io::{Read, Write};

@@ -662,7 +662,7 @@ async fn forward(
         );
         refusal
             .headers_mut()
-            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            .insert(CONNECTION, HeaderValue::from_static("close"));
         return Ok(answering.with(refusal));
     }
     if let Some(fault) = host_fault(&request) {
@@ -795,8 +795,8 @@ fn names_a_host(value: &[u8]) -> bool {
     }
 }
 
-/// Sets the forwarded headers on a request; with `trace_header`, also what
-/// the daemon log will say of it.
+/// Drops a request's hop-by-hop fields and sets the forwarded ones; with
+/// `trace_header`, also what the worker's log will say of it.
 fn prepare(
     request: &mut Request<Incoming>,
     connection: &Connection,

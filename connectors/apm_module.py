@@ -19,6 +19,7 @@ callbacks run one at a time, and sessions may only be used from them.
 import json
 import os
 import platform
+import re
 import selectors
 import socket
 import struct
@@ -26,7 +27,7 @@ import sys
 import traceback
 from collections import deque
 from itertools import islice
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote_to_bytes
 
 __all__ = ['ApmModule', 'ApmSession', 'PROTOCOL']
 
@@ -55,10 +56,28 @@ class _ProtocolError(Exception):
     """apm sent something version 1 does not allow: the link is unusable."""
 
 
+_MALFORMED_ESCAPE = re.compile('%(?![0-9A-Fa-f]{2})')
+
+
+def _decode(text):
+    # As JavaScript's decodeURIComponent, which the Node connector uses: a
+    # malformed escape or bytes that are not UTF-8 leave the text as sent.
+    if '%' not in text or _MALFORMED_ESCAPE.search(text):
+        return text
+    try:
+        return unquote_to_bytes(text).decode('utf-8')
+    except UnicodeDecodeError:
+        return text
+
+
 def _parse_query(query):
     # A repeated key becomes a list, as with Node's querystring.
     result = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
+    for pair in query.split('&'):
+        if not pair:
+            continue
+        name, _, value = pair.partition('=')
+        name, value = _decode(name.replace('+', ' ')), _decode(value.replace('+', ' '))
         if name not in result:
             result[name] = value
         elif isinstance(result[name], list):
@@ -79,7 +98,7 @@ def _parse_cookies(header):
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
-        cookies[name] = unquote(value)
+        cookies[name] = _decode(value)
     return cookies
 
 
@@ -125,7 +144,7 @@ class ApmSession(object):
         self.method = head.get('method') or ''
         self.path = head.get('path') or ''
         # Split before decoding, so that an encoded '/' stays inside its segment.
-        self.path_array = [unquote(p) for p in self.path.split('/') if p]
+        self.path_array = [_decode(p) for p in self.path.split('/') if p]
         self.query = head.get('query') or ''
         self.query_object = _parse_query(self.query)
         self.headers = head.get('headers') or {}

@@ -467,6 +467,22 @@ def case_http_request_fields(link, ctx):
     return 'lang %r' % answer.get('lang')
 
 
+def case_http_malformed_escapes(link, ctx):
+    # A malformed escape or bytes that are not UTF-8 leave a piece as the
+    # client sent it, in every language (as JavaScript's decodeURIComponent).
+    headers = {'host': 'example.test', 'cookie': 'c=%ff; d=%41; e=%e2%82%ac'}
+    s = link.finish(link.http('GET', '/a%zz/%ff%00/%41%zz/%e2%82%ac/%41', 'q=%zz&r=%e9&s=%e2%82%ac&t=a+b%21',
+                              headers), 'the JSON answer')
+    answer = json_answer(s)
+    wrong = []
+    for key, want in [('path_array', ['a%zz', '%ff%00', '%41%zz', '\u20ac', 'A']),
+                      ('query_object', {'q': '%zz', 'r': '%e9', 's': '\u20ac', 't': 'a b!'}),
+                      ('cookies', {'c': '%ff', 'd': 'A', 'e': '\u20ac'})]:
+        if answer.get(key) != want:
+            wrong.append('%s is %r, not %r' % (key, answer.get(key), want))
+    expect(not wrong, '; '.join(wrong))
+
+
 def case_http_status(link, ctx):
     s = link.finish(link.http('GET', '/status/404'), 'the answer')
     expect(s.status() == 404, 'status %r, not 404' % (s.status(),))
@@ -693,6 +709,7 @@ def main():
     for name, case in [
         ('hello then ready', case_handshake),
         ('http request fields', case_http_request_fields),
+        ('http malformed escapes kept as sent', case_http_malformed_escapes),
         ('http status 404', case_http_status),
         ('http two set-cookie values', case_http_cookies),
         ('http empty echo', case_http_echo_empty),

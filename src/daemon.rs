@@ -706,6 +706,10 @@ fn merge_settings(
 }
 
 fn renamed(spec: &WorkerSpec, new: &str) -> Result<WorkerSpec, String> {
+    apm_compiler::values::check_worker_name(new).map_err(|problem| match problem.help {
+        Some(help) => format!("{}: {help}", problem.message),
+        None => problem.message,
+    })?;
     let settings = merge_settings(
         spec.settings(),
         vec![("name".to_owned(), vec![new.to_owned()])],

@@ -351,5 +351,6 @@ fn default_name(exec_name: &str) -> String {
                 '_'
             }
         })
+        .take(crate::values::MAX_WORKER_NAME)
         .collect()
 }

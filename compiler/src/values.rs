@@ -69,7 +69,7 @@ impl Kind {
             Kind::Int { min, max } => format!("a whole number from {min} to {max}"),
             Kind::Text => "a string".into(),
             Kind::Secret => "a string (never printed)".into(),
-            Kind::WorkerName => "a worker name of letters, digits, `_`, `.` and `-`".into(),
+            Kind::WorkerName => format!("a worker name of letters, digits, `_`, `.` and `-`, at most {MAX_WORKER_NAME} long"),
             Kind::EnvName => "an environment variable name".into(),
             Kind::Path => "a path ($VAR expanded, relative to the config file)".into(),
             Kind::Server => "a listener URL (http://0.0.0.0:3000, tcp://127.0.0.1:9000, http://unix:/run/app.sock)".into(),
@@ -318,6 +318,31 @@ macro_rules! int_from_value {
 }
 int_from_value!(u8, u16, u32, u64);
 
+/// Log files are named after their worker (`NAME.out.log.N`), and Linux
+/// allows file names of 255 bytes.
+pub const MAX_WORKER_NAME: usize = 200;
+
+/// Whether `text` may name a worker: in a config, and as the new name of
+/// `apm rename` and `apm copy`.
+pub fn check_worker_name(text: &str) -> Result<(), Problem> {
+    if text.len() > MAX_WORKER_NAME {
+        return Err(
+            Problem::new(format!("the worker name is {} characters long", text.len())).help(
+                format!("use at most {MAX_WORKER_NAME}: log files are named after the worker"),
+            ),
+        );
+    }
+    if is_worker_name(text) {
+        return Ok(());
+    }
+    let hint = if text.contains('#') {
+        "`#` is reserved: `name#N` addresses instance N on the CLI"
+    } else {
+        "use letters, digits, `_`, `.` and `-` only"
+    };
+    Err(Problem::new(format!("`{text}` is not a valid worker name")).help(hint))
+}
+
 fn is_worker_name(text: &str) -> bool {
     !text.is_empty()
         && text
@@ -347,15 +372,7 @@ impl FromValue for String {
             Kind::Text | Kind::Group => Ok(text.to_owned()),
             Kind::User if text.is_empty() => Err(Problem::new("the user name is empty")),
             Kind::User => Ok(text.to_owned()),
-            Kind::WorkerName if is_worker_name(text) => Ok(text.to_owned()),
-            Kind::WorkerName => {
-                let hint = if text.contains('#') {
-                    "`#` is reserved: `name#N` addresses instance N on the CLI"
-                } else {
-                    "use letters, digits, `_`, `.` and `-` only"
-                };
-                Err(Problem::new(format!("`{text}` is not a valid worker name")).help(hint))
-            }
+            Kind::WorkerName => check_worker_name(text).map(|()| text.to_owned()),
             Kind::HeaderName if is_header_name(text) => Ok(text.to_owned()),
             Kind::HeaderName => Err(Problem::new(format!("`{text}` is not an HTTP header name"))
                 .help("use letters, digits and `-` (x-request-id); no spaces or `:`")),

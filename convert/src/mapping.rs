@@ -2,6 +2,7 @@
 //! it has none. The conversion and `docs/convert.md` both come from `FIELDS`.
 
 use apm_compiler::ir::WorkerSpec;
+use apm_compiler::values::MAX_WORKER_NAME;
 use serde_json::{Map, Value};
 
 /// What converting one app collects: settings in order, warnings (`# WARN:`
@@ -229,10 +230,11 @@ fn name(_: &App, value: &Value, out: &mut Out) {
                 '-'
             }
         })
+        .take(MAX_WORKER_NAME)
         .collect();
     if name != original {
         out.note(format!(
-            "name `{original}` became `{name}`: apm names use letters, digits, `_`, `.` and `-`"
+            "name `{original}` became `{name}`: apm names use letters, digits, `_`, `.` and `-`, at most {MAX_WORKER_NAME} of them"
         ));
     }
     out.set1("name", name);

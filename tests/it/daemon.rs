@@ -335,6 +335,32 @@ fn rename_keeps_the_process_and_its_output_follows_the_new_name_and_copy_starts_
         before,
         "copying leaves the original alone"
     );
+
+    // A new name that cannot be one is refused in a line about that name.
+    let long = "w".repeat(201);
+    for (command, bad, says) in [
+        (
+            "rename",
+            "../x",
+            "`../x` is not a valid worker name: use letters",
+        ),
+        (
+            "copy",
+            "twin#2",
+            "`twin#2` is not a valid worker name: `#` is reserved",
+        ),
+        (
+            "rename",
+            long.as_str(),
+            "201 characters long: use at most 200",
+        ),
+    ] {
+        let refused = d.apm(&[command, "new", bad]);
+        assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+        let err = stderr(&refused);
+        assert!(err.contains(says) && err.lines().count() == 1, "{err}");
+    }
+    assert_eq!(pids(&d.wait_running("new")), before);
 }
 
 #[test]

@@ -132,59 +132,63 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>, rotation: A
     let mut lines = Vec::new();
     while rx.recv_many(&mut lines, QUEUE).await > 0 {
         let (max_size, keep) = rotation.get();
-        let mut written = true;
+        let mut failure = None;
         // The lines for the current file, written together.
         let mut batch = Vec::new();
         for line in lines.drain(..) {
             if file.is_none() {
-                file = open_for_append(&path).await;
+                file = noted(open_for_append(&path).await, &mut failure);
             }
             let Some((f, size)) = file.as_mut() else {
-                written = false;
                 break;
             };
             // A line that would take a non-empty file past `log_max_size`
             // goes to a new one (a longer line still goes somewhere).
             let pending = *size + batch.len() as u64;
             if max_size > 0 && pending > 0 && pending + line.len() as u64 > max_size {
-                written &= f.write_all(&batch).await.is_ok();
+                noted(f.write_all(&batch).await, &mut failure);
                 batch.clear();
                 drop(file.take());
                 rotate(&path, keep).await;
-                file = open_for_append(&path).await;
+                file = noted(open_for_append(&path).await, &mut failure);
             }
             batch.extend_from_slice(&line);
         }
         if let Some((f, size)) = file.as_mut()
             && !batch.is_empty()
+            && noted(f.write_all(&batch).await, &mut failure).is_some()
         {
-            written &= f.write_all(&batch).await.is_ok();
             *size += batch.len() as u64;
         }
         // Report a failing disk once, not once per line; reopen next time.
-        if !written {
+        if let Some(error) = &failure {
             if !failing {
                 crate::log(format_args!(
-                    "cannot write log {}; lines are dropped until it works again",
+                    "cannot write log {}: {error}; lines are dropped until it works again",
                     path.display()
                 ));
             }
             file = None;
         }
-        failing = !written;
+        failing = failure.is_some();
     }
 }
 
+/// The value of an IO step that worked; the error of one that failed is
+/// kept for the report.
+fn noted<T>(result: std::io::Result<T>, failure: &mut Option<std::io::Error>) -> Option<T> {
+    result.map_err(|error| *failure = Some(error)).ok()
+}
+
 /// The file opened for appending, with its size.
-async fn open_for_append(path: &Path) -> Option<(tokio::fs::File, u64)> {
+async fn open_for_append(path: &Path) -> std::io::Result<(tokio::fs::File, u64)> {
     let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .await
-        .ok()?;
+        .await?;
     let size = file.metadata().await.map_or(0, |m| m.len());
-    Some((file, size))
+    Ok((file, size))
 }
 
 /// `NAME` becomes `NAME.1`, `NAME.1` becomes `NAME.2` and so on; the one

@@ -1205,6 +1205,29 @@ fn a_full_disk_drops_log_lines_but_loses_no_worker_and_blocks_no_child() {
 }
 
 #[test]
+fn a_log_that_cannot_be_opened_is_reported_once_with_its_reason() {
+    let d = Daemon::new("log-unopenable");
+    // A file name longer than Linux allows (255 bytes).
+    let log = d.path(&format!("{}.log", "l".repeat(300)));
+    d.run_sh(
+        "unlogged",
+        "while :; do echo line; sleep 0.05; done",
+        &["-log", &log, "-startup_grace", "100"],
+    );
+    let daemon_log = d.dir().join("home/apm.log");
+    wait_until(PATIENCE, "the daemon log to say why", || {
+        std::fs::read_to_string(&daemon_log).is_ok_and(|text| text.contains("File name too long"))
+    });
+    let text = std::fs::read_to_string(&daemon_log).unwrap();
+    assert_eq!(
+        text.matches("cannot write log").count(),
+        1,
+        "once, not per line: {text}"
+    );
+    assert_eq!(d.wait_running("unlogged")["name"], "unlogged");
+}
+
+#[test]
 fn a_client_of_another_uid_is_refused_with_exit_3() {
     let d = Daemon::new("peercred");
     d.ok(&[

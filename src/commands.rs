@@ -443,6 +443,12 @@ pub fn list(place: &Place, json: bool) -> u8 {
         human_bytes(listing.daemon.memory_bytes)
     ));
     let _ = std::io::stdout().write_all(out.as_bytes());
+    if let Some(notice) = &listing.daemon.notice {
+        eprintln!(
+            "warning: {notice} (see {})",
+            place.home.join("apm.log").display()
+        );
+    }
     exit::OK
 }
 

@@ -70,6 +70,8 @@ struct Daemon {
     access: Access,
     exit: Notify,
     watcher: Arc<Watcher>,
+    /// Set when the state file could not be read at start.
+    notice: std::sync::OnceLock<String>,
 }
 
 pub fn run(place: Place, detach: bool) -> u8 {
@@ -164,6 +166,7 @@ async fn serve(place: Place) -> u8 {
         access,
         exit: Notify::new(),
         watcher,
+        notice: std::sync::OnceLock::new(),
     });
     let reloading = daemon.clone();
     tokio::spawn(async move {
@@ -241,12 +244,16 @@ async fn restore(daemon: &Daemon) {
         Ok(None) => return,
         Err(e) => {
             let aside = path.with_extension(format!("corrupt-{}", std::process::id()));
-            let _ = std::fs::rename(&path, &aside);
-            log(format_args!(
-                "cannot read {}: {e}; set aside as {}",
-                path.display(),
-                aside.display()
-            ));
+            let kept = match std::fs::rename(&path, &aside) {
+                Ok(()) => format!("set aside as {}", aside.display()),
+                Err(rename) => format!("left in place ({rename})"),
+            };
+            let notice = format!(
+                "the state file {} could not be read ({e}): {kept}; the workers it listed were not restored",
+                path.display()
+            );
+            log(format_args!("{notice}"));
+            let _ = daemon.notice.set(notice);
             return;
         }
     };
@@ -457,7 +464,7 @@ async fn dispatch(daemon: &Daemon, call_: Call) -> Response {
 async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
     let sup = &daemon.supervisor;
     Ok(match call_ {
-        Call::Ping => Response::data(pong()),
+        Call::Ping => Response::data(pong(daemon)),
         Call::Run { config, start } => {
             let spec = compile_block(&config).map_err(|e| Response::error(exit::FAILED, e))?;
             let name = spec.name.value.clone();
@@ -622,7 +629,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         }
         Call::List => {
             let workers = call(daemon, |reply| Command::List { reply }).await?;
-            Response::data(serde_json::json!({ "workers": workers, "daemon": pong() }))
+            Response::data(serde_json::json!({ "workers": workers, "daemon": pong(daemon) }))
         }
         Call::Info { name } => {
             let (status, spec) = call(daemon, |reply| Command::Info { name, reply }).await?;
@@ -676,18 +683,19 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Exit => {
             shutdown(daemon, "apm exit daemon").await;
             daemon.exit.notify_one();
-            Response::data(pong())
+            Response::data(pong(daemon))
         }
     })
 }
 
-fn pong() -> Pong {
+fn pong(daemon: &Daemon) -> Pong {
     let pid = std::process::id();
     Pong {
         pid,
         version: VERSION.to_owned(),
         protocol: PROTOCOL,
         memory_bytes: procfs::stat(pid).map_or(0, |s| s.rss_bytes),
+        notice: daemon.notice.get().cloned(),
     }
 }
 

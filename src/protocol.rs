@@ -181,4 +181,8 @@ pub struct Pong {
     pub version: String,
     pub protocol: u32,
     pub memory_bytes: u64,
+    /// What went wrong as the daemon started that its user should know:
+    /// an unreadable state file, whose workers were not restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }

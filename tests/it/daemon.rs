@@ -1205,6 +1205,40 @@ fn a_full_disk_drops_log_lines_but_loses_no_worker_and_blocks_no_child() {
 }
 
 #[test]
+fn an_unreadable_state_file_is_set_aside_and_ls_says_its_workers_were_not_restored() {
+    let d = Daemon::new("state-unreadable");
+    d.run_sh("kept", "exec sleep 1009", &["-startup_grace", "100"]);
+    d.wait_running("kept");
+    d.ok(&["exit", "daemon"]);
+    let state = d.home.join("state.json");
+    std::fs::write(
+        &state,
+        "{\"format\": 1, \"workers\": [ {\"name\": \"kept\", trunc",
+    )
+    .unwrap();
+    let listed = d.ok(&["ls"]);
+    let warning = stderr(&listed);
+    assert!(
+        warning.starts_with("warning: the state file")
+            && warning.contains("set aside as")
+            && warning.contains("were not restored"),
+        "{warning}"
+    );
+    let notice = d.list()["daemon"]["notice"].as_str().unwrap().to_owned();
+    let aside = notice
+        .split("set aside as ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(
+        std::fs::read_to_string(aside).unwrap().ends_with("trunc"),
+        "the unreadable file is kept for whoever can mend it"
+    );
+}
+
+#[test]
 fn a_log_that_cannot_be_opened_is_reported_once_with_its_reason() {
     let d = Daemon::new("log-unopenable");
     // A file name longer than Linux allows (255 bytes).

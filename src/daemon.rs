@@ -70,7 +70,7 @@ struct Daemon {
     access: Access,
     exit: Notify,
     watcher: Arc<Watcher>,
-    /// Set when the state file could not be read at start.
+    /// Set when the state file, or workers in it, could not be restored.
     notice: std::sync::OnceLock<String>,
 }
 
@@ -269,6 +269,7 @@ async fn restore(daemon: &Daemon) {
         ));
     }
     let mut to_start = Vec::new();
+    let mut unrestored = Vec::new();
     for worker in saved.workers {
         match spec_of(&worker.name, &worker.origin) {
             Ok(spec) => {
@@ -285,11 +286,24 @@ async fn restore(daemon: &Daemon) {
                 match registered {
                     Ok(_) if worker.running => to_start.push(worker.name),
                     Ok(_) => {}
-                    Err(e) => log(format_args!("cannot restore {}: {e}", worker.name)),
+                    Err(e) => {
+                        log(format_args!("cannot restore {}: {e}", worker.name));
+                        unrestored.push(worker.name);
+                    }
                 }
             }
-            Err(e) => log(format_args!("cannot restore {}: {e}", worker.name)),
+            Err(e) => {
+                log(format_args!("cannot restore {}: {e}", worker.name));
+                unrestored.push(worker.name);
+            }
         }
+    }
+    if !unrestored.is_empty() {
+        let _ = daemon.notice.set(format!(
+            "{} worker(s) of the state file could not be restored: {} (the daemon log says why; fix and load again)",
+            unrestored.len(),
+            unrestored.join(", ")
+        ));
     }
     // Files that workers came from are watched again, as when they were loaded.
     for file in files_of(&daemon.supervisor).await {

@@ -182,7 +182,7 @@ pub struct Pong {
     pub protocol: u32,
     pub memory_bytes: u64,
     /// What went wrong as the daemon started that its user should know:
-    /// an unreadable state file, whose workers were not restored.
+    /// workers of the state file it could not restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
 }

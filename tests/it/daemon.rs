@@ -1239,6 +1239,28 @@ fn an_unreadable_state_file_is_set_aside_and_ls_says_its_workers_were_not_restor
 }
 
 #[test]
+fn a_worker_whose_file_broke_while_the_daemon_was_down_is_named_by_ls() {
+    let d = Daemon::new("state-file-broke");
+    let config = d.load(
+        "worker {\n    name filed;\n    exec sleep;\n    params 1009;\n    startup_grace 100;\n}\n",
+    );
+    d.wait_running("filed");
+    d.ok(&["exit", "daemon"]);
+    std::fs::write(
+        &config,
+        "worker {\n    name filed;\n    exec sleep;\n    params 1009\n",
+    )
+    .unwrap();
+    let listed = d.ok(&["ls"]);
+    let warning = stderr(&listed);
+    assert!(
+        warning.contains("1 worker(s) of the state file could not be restored: filed"),
+        "{warning}"
+    );
+    assert!(d.worker("filed").is_none(), "{}", d.list());
+}
+
+#[test]
 fn a_log_that_cannot_be_opened_is_reported_once_with_its_reason() {
     let d = Daemon::new("log-unopenable");
     // A file name longer than Linux allows (255 bytes).

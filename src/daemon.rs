@@ -9,7 +9,7 @@ use std::time::Duration;
 use apm_compiler::ir::WorkerSpec;
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
-use apm_runtime::state::{self, Origin, SavedProcess};
+use apm_runtime::state::{self, Origin, SavedProcess, SavedWorker};
 use apm_runtime::supervisor::{self, Command, Handle, Supervisor};
 use apm_runtime::{log, procfs, unbuilt};
 use nix::sys::signal::Signal;
@@ -270,9 +270,17 @@ async fn restore(daemon: &Daemon) {
     }
     let mut to_start = Vec::new();
     let mut unrestored = Vec::new();
+    let mut as_last_run = Vec::new();
     for worker in saved.workers {
-        match spec_of(&worker.name, &worker.origin) {
-            Ok(spec) => {
+        match restorable(&worker) {
+            Ok((spec, broken_file)) => {
+                if let Some(why) = broken_file {
+                    log(format_args!(
+                        "{} is restored as it last ran: {why}",
+                        worker.name
+                    ));
+                    as_last_run.push(worker.name.clone());
+                }
                 let registered = daemon
                     .supervisor
                     .call(|reply| Command::Register {
@@ -298,12 +306,23 @@ async fn restore(daemon: &Daemon) {
             }
         }
     }
+    let mut notices = Vec::new();
     if !unrestored.is_empty() {
-        let _ = daemon.notice.set(format!(
+        notices.push(format!(
             "{} worker(s) of the state file could not be restored: {} (the daemon log says why; fix and load again)",
             unrestored.len(),
             unrestored.join(", ")
         ));
+    }
+    if !as_last_run.is_empty() {
+        notices.push(format!(
+            "{} worker(s) run as they last ran, since their file no longer compiles: {} (`apm reload FILE` once it is fixed)",
+            as_last_run.len(),
+            as_last_run.join(", ")
+        ));
+    }
+    if !notices.is_empty() {
+        let _ = daemon.notice.set(notices.join("; "));
     }
     // Files that workers came from are watched again, as when they were loaded.
     for file in files_of(&daemon.supervisor).await {
@@ -355,26 +374,35 @@ fn compile_block(text: &str) -> Result<WorkerSpec, String> {
         .ok_or_else(|| "no worker in the config".to_owned())
 }
 
-fn spec_of(name: &str, origin: &Origin) -> Result<WorkerSpec, String> {
-    match origin {
-        Origin::Cli { config } => compile_block(config),
-        Origin::File { path } => {
-            let compilation = compile(path, &FsLoader)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            if compilation.has_errors() {
-                return Err(format!(
-                    "{} has errors:\n{}",
-                    path.display(),
-                    render::human(&compilation, false)
-                ));
-            }
-            compilation
+/// The spec to restore a saved worker with: from its file as the file is
+/// now, or, when the file cannot be read or has errors (edited while the
+/// daemon was down), from the block it last ran with, and then why. A
+/// file that compiles but no longer defines the worker has let it go.
+fn restorable(worker: &SavedWorker) -> Result<(WorkerSpec, Option<String>), String> {
+    let path = match &worker.origin {
+        Origin::Cli { config } => return compile_block(config).map(|spec| (spec, None)),
+        Origin::File { path } => path,
+    };
+    let broken = match compile(path, &FsLoader) {
+        Err(e) => format!("cannot read {}: {e}", path.display()),
+        Ok(compilation) if compilation.has_errors() => format!(
+            "{} has errors:\n{}",
+            path.display(),
+            render::human(&compilation, false)
+        ),
+        Ok(compilation) => {
+            return compilation
                 .config
                 .workers
                 .into_iter()
-                .find(|w| w.name.value == name)
-                .ok_or_else(|| format!("{} no longer defines `{name}`", path.display()))
+                .find(|w| w.name.value == worker.name)
+                .map(|spec| (spec, None))
+                .ok_or_else(|| format!("{} no longer defines `{}`", path.display(), worker.name));
         }
+    };
+    match &worker.config {
+        Some(config) => compile_block(config).map(|spec| (spec, Some(broken))),
+        None => Err(broken),
     }
 }
 

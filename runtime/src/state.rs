@@ -42,6 +42,11 @@ pub struct SavedWorker {
     /// The desired state: whether it should be running.
     pub running: bool,
     pub processes: Vec<SavedProcess>,
+    /// For a worker loaded from a file, the `worker { }` block it runs
+    /// with: it is restored from that block when the file no longer
+    /// compiles (edited while the daemon was down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// A process apm started, identified by pid and start time together, so a
@@ -174,6 +179,7 @@ mod tests {
                     pid: 42,
                     start_ticks: 7,
                 }],
+                config: None,
             }],
         };
         save(&path, &state).unwrap();

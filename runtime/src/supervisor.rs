@@ -261,6 +261,8 @@ impl Port {
 
 struct Worker {
     spec: Arc<WorkerSpec>,
+    /// `spec` as a `worker { }` block, for the state file.
+    block: Arc<str>,
     policy: Policy,
     origin: Origin,
     /// The desired state.
@@ -535,6 +537,7 @@ impl Supervisor {
             policy: Policy::from_spec(&spec),
             guard: guard_for(&spec),
             tls: tls_for(&name, &spec),
+            block: block_of(&spec),
             spec: Arc::new(spec),
             origin,
             enabled,
@@ -802,6 +805,7 @@ impl Supervisor {
         {
             worker.tls = tls_for(&name, &spec);
         }
+        worker.block = block_of(&spec);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         self.dirty = true;
@@ -968,6 +972,7 @@ impl Supervisor {
         let mut worker = self.workers.remove(old).expect("checked");
         let mut spec = worker.spec.as_ref().clone();
         spec.name.value = new.to_owned();
+        worker.block = block_of(&spec);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         for instance in &worker.instances {
@@ -1146,6 +1151,7 @@ impl Supervisor {
                             })
                         })
                         .collect(),
+                    config: matches!(w.origin, Origin::File { .. }).then(|| w.block.to_string()),
                 })
                 .collect(),
         }
@@ -1316,6 +1322,10 @@ fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
         (None, Some(signal)) => ExitStatus::Signal(signal),
         (None, None) => ExitStatus::Code(-1),
     }
+}
+
+fn block_of(spec: &WorkerSpec) -> Arc<str> {
+    apm_compiler::print::worker(spec).into()
 }
 
 /// Where a worker's stdout and stderr go: `log` and `err_log`, else files

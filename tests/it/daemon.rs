@@ -1239,20 +1239,46 @@ fn an_unreadable_state_file_is_set_aside_and_ls_says_its_workers_were_not_restor
 }
 
 #[test]
-fn a_worker_whose_file_broke_while_the_daemon_was_down_is_named_by_ls() {
+fn a_worker_whose_file_broke_while_the_daemon_was_down_runs_as_it_last_ran() {
     let d = Daemon::new("state-file-broke");
-    let config = d.load(
-        "worker {\n    name filed;\n    exec sleep;\n    params 1009;\n    startup_grace 100;\n}\n",
-    );
+    let good =
+        "worker {\n    name filed;\n    exec sleep;\n    params 1009;\n    startup_grace 100;\n}\n";
+    let config = d.load(good);
     d.wait_running("filed");
     d.ok(&["exit", "daemon"]);
-    std::fs::write(
-        &config,
-        "worker {\n    name filed;\n    exec sleep;\n    params 1009\n",
-    )
-    .unwrap();
-    let listed = d.ok(&["ls"]);
-    let warning = stderr(&listed);
+    // A typo made while the daemon was down loses nothing...
+    std::fs::write(&config, good.replace("1009;", "1009")).unwrap();
+    let warning = stderr(&d.ok(&["ls"]));
+    assert!(
+        warning.contains(
+            "1 worker(s) run as they last ran, since their file no longer compiles: filed"
+        ),
+        "{warning}"
+    );
+    d.wait_running("filed");
+    // ...and once the file is fixed, a reload applies it as usual.
+    std::fs::write(&config, good.replace("1009", "1031")).unwrap();
+    d.ok(&["reload", config.to_str().unwrap()]);
+    wait_until(PATIENCE, "the fixed file's params to be applied", || {
+        d.worker("filed").is_some_and(|w| {
+            pids(&w).iter().any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.ends_with(b"1031\0"))
+            })
+        })
+    });
+
+    // A state file of a version that kept no such block (or a block that
+    // no longer compiles) leaves the worker out, and `apm ls` names it.
+    d.ok(&["exit", "daemon"]);
+    std::fs::write(&config, good.replace("1009;", "1009")).unwrap();
+    let state = d.home.join("state.json");
+    let mut saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    saved["workers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("config");
+    std::fs::write(&state, saved.to_string()).unwrap();
+    let warning = stderr(&d.ok(&["ls"]));
     assert!(
         warning.contains("1 worker(s) of the state file could not be restored: filed"),
         "{warning}"

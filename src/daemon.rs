@@ -272,38 +272,36 @@ async fn restore(daemon: &Daemon) {
     let mut unrestored = Vec::new();
     let mut as_last_run = Vec::new();
     for worker in saved.workers {
-        match restorable(&worker) {
-            Ok((spec, broken_file)) => {
-                if let Some(why) = broken_file {
-                    log(format_args!(
-                        "{} is restored as it last ran: {why}",
-                        worker.name
-                    ));
-                    as_last_run.push(worker.name.clone());
-                }
-                let registered = daemon
-                    .supervisor
-                    .call(|reply| Command::Register {
-                        name: worker.name.clone(),
-                        spec: Box::new(spec),
-                        origin: worker.origin,
-                        start: false,
-                        reply,
-                    })
-                    .await;
-                match registered {
-                    Ok(_) if worker.running => to_start.push(worker.name),
-                    Ok(_) => {}
-                    Err(e) => {
-                        log(format_args!("cannot restore {}: {e}", worker.name));
-                        unrestored.push(worker.name);
-                    }
-                }
-            }
+        let (name, running) = (worker.name.clone(), worker.running);
+        let restored = match restorable(&worker) {
+            Ok((spec, broken_file)) => daemon
+                .supervisor
+                .call(|reply| Command::Register {
+                    name: name.clone(),
+                    spec: Box::new(spec),
+                    origin: worker.origin,
+                    start: false,
+                    reply,
+                })
+                .await
+                .map(|_| broken_file)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match restored {
             Err(e) => {
-                log(format_args!("cannot restore {}: {e}", worker.name));
-                unrestored.push(worker.name);
+                log(format_args!("cannot restore {name}: {e}"));
+                unrestored.push(name);
+                continue;
             }
+            Ok(Some(why)) => {
+                log(format_args!("{name} is restored as it last ran: {why}"));
+                as_last_run.push(name.clone());
+            }
+            Ok(None) => {}
+        }
+        if running {
+            to_start.push(name);
         }
     }
     let mut notices = Vec::new();

@@ -261,8 +261,9 @@ impl Port {
 
 struct Worker {
     spec: Arc<WorkerSpec>,
-    /// `spec` as a `worker { }` block, for the state file.
-    block: Arc<str>,
+    /// For a worker from a file, `spec` as a `worker { }` block, which the
+    /// state file keeps to restore it from (a CLI worker's origin is one).
+    file_block: Option<String>,
     policy: Policy,
     origin: Origin,
     /// The desired state.
@@ -537,7 +538,7 @@ impl Supervisor {
             policy: Policy::from_spec(&spec),
             guard: guard_for(&spec),
             tls: tls_for(&name, &spec),
-            block: block_of(&spec),
+            file_block: file_block(&spec, &origin),
             spec: Arc::new(spec),
             origin,
             enabled,
@@ -805,7 +806,7 @@ impl Supervisor {
         {
             worker.tls = tls_for(&name, &spec);
         }
-        worker.block = block_of(&spec);
+        worker.file_block = file_block(&spec, &origin);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         self.dirty = true;
@@ -972,7 +973,7 @@ impl Supervisor {
         let mut worker = self.workers.remove(old).expect("checked");
         let mut spec = worker.spec.as_ref().clone();
         spec.name.value = new.to_owned();
-        worker.block = block_of(&spec);
+        worker.file_block = file_block(&spec, &origin);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         for instance in &worker.instances {
@@ -1151,7 +1152,7 @@ impl Supervisor {
                             })
                         })
                         .collect(),
-                    config: matches!(w.origin, Origin::File { .. }).then(|| w.block.to_string()),
+                    config: w.file_block.clone(),
                 })
                 .collect(),
         }
@@ -1324,8 +1325,8 @@ fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
     }
 }
 
-fn block_of(spec: &WorkerSpec) -> Arc<str> {
-    apm_compiler::print::worker(spec).into()
+fn file_block(spec: &WorkerSpec, origin: &Origin) -> Option<String> {
+    matches!(origin, Origin::File { .. }).then(|| apm_compiler::print::worker(spec))
 }
 
 /// Where a worker's stdout and stderr go: `log` and `err_log`, else files

@@ -796,8 +796,16 @@ pub fn version(place: &Place, json: bool) -> u8 {
 
 pub fn exit_daemon(place: &Place) -> u8 {
     match client::call(place, Call::Exit, false) {
-        Ok(Response { ok: true, .. }) => {
-            println!("daemon stopped");
+        Ok(Response { ok: true, data, .. }) => {
+            // The daemon answers before its process ends: a command run right
+            // after must not reach it, nor a file it still writes be changed
+            // under it, so the answer waits for the process to be gone.
+            let pid = serde_json::from_value::<Pong>(data).map_or(0, |p| p.pid);
+            if gone(pid, Duration::from_secs(10)) {
+                println!("daemon stopped");
+            } else {
+                println!("daemon stopped its workers; pid {pid} has not ended yet");
+            }
             exit::OK
         }
         Ok(Response {
@@ -810,6 +818,20 @@ pub fn exit_daemon(place: &Place) -> u8 {
             println!("no daemon is running on @{}", place.socket);
             exit::OK
         }
+    }
+}
+
+/// Whether process `pid` ends (or is a zombie) within `patience`.
+fn gone(pid: u32, patience: Duration) -> bool {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if apm_runtime::procfs::stat(pid).is_none_or(|stat| stat.zombie) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -227,6 +227,11 @@ async fn shutdown(daemon: &Daemon, why: &str) {
         .supervisor
         .call(|reply| Command::Shutdown { reply })
         .await;
+    // The workers' last state, written by the state thread, must not be
+    // cut off by the process's end, nor land after the daemon is gone.
+    if let Err(e) = daemon.supervisor.saved().await {
+        log(format_args!("the final state was not saved: {e}"));
+    }
 }
 
 /// `allow_group` from `$APM_HOME/config.conf`, when it sets one.

@@ -1212,7 +1212,11 @@ fn an_unreadable_state_file_is_set_aside_and_ls_says_its_workers_were_not_restor
     let d = Daemon::new("state-unreadable");
     d.run_sh("kept", "exec sleep 1009", &["-startup_grace", "100"]);
     d.wait_running("kept");
+    let pid = d.daemon_pid().unwrap();
     d.ok(&["exit", "daemon"]);
+    // Once `exit daemon` is answered the daemon is gone: the next command
+    // cannot reach it, nor its last state write land on the file below.
+    assert!(!alive(pid), "daemon pid {pid} outlived `apm exit daemon`");
     let state = d.home.join("state.json");
     std::fs::write(
         &state,

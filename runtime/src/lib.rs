@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod connector;
+mod filewatch;
 pub mod lifecycle;
 pub mod logs;
 pub mod procfs;

@@ -160,6 +160,11 @@ enum Msg {
     },
     /// A worker's wait for `depends_on` may have run out.
     Recheck,
+    /// A file the worker's `watch` patterns match changed.
+    Changed {
+        name: String,
+        file: PathBuf,
+    },
 }
 
 #[derive(Clone)]
@@ -318,6 +323,18 @@ pub struct Supervisor {
     listeners: HashMap<String, (String, crate::proxy::Listener)>,
     /// Listener addresses already reported as unusable, to say it once.
     warned_listeners: Vec<String>,
+    /// The file watches of the workers with `watch` patterns, by worker.
+    watching: HashMap<String, Watching>,
+}
+
+/// A worker's file watch and what it was made from.
+struct Watching {
+    /// The spec it was made for; another one is looked at again.
+    source: Arc<WorkerSpec>,
+    spec: crate::filewatch::WatchSpec,
+    /// None when it could not start (said once, in the daemon log).
+    #[expect(dead_code, reason = "held: the watch ends when it is dropped")]
+    watch: Option<crate::filewatch::FileWatch>,
 }
 
 impl Supervisor {
@@ -338,6 +355,7 @@ impl Supervisor {
             dirty: false,
             listeners: HashMap::new(),
             warned_listeners: Vec::new(),
+            watching: HashMap::new(),
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx, saved }
@@ -349,6 +367,7 @@ impl Supervisor {
                 Msg::Command(command) => self.command(command),
                 Msg::Event { id, event } => self.event(id, event),
                 Msg::Recheck => {}
+                Msg::Changed { name, file } => self.changed(&name, &file),
             }
             self.settle();
         }
@@ -362,6 +381,7 @@ impl Supervisor {
         // After the waiters: a removed worker's listener closes before the
         // CLI hears that it is gone.
         self.reconcile_listeners();
+        self.reconcile_watches();
         self.publish_backends();
         if std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
@@ -839,6 +859,69 @@ impl Supervisor {
             name,
             reply: remap(reply, Some),
         });
+    }
+
+    /// Starts, replaces and ends file watches as workers' `watch` keys (and
+    /// where they run) ask.
+    fn reconcile_watches(&mut self) {
+        let workers = &self.workers;
+        self.watching
+            .retain(|name, _| workers.get(name).is_some_and(|w| !w.spec.watch.is_empty()));
+        for (name, worker) in workers {
+            let known = self.watching.get(name);
+            // Most messages change no spec: only a new one is looked at.
+            if worker.spec.watch.is_empty()
+                || known.is_some_and(|k| Arc::ptr_eq(&k.source, &worker.spec))
+            {
+                continue;
+            }
+            let Some(spec) = watch_spec(&self.home, worker) else {
+                self.watching.remove(name);
+                continue;
+            };
+            if let Some(known) = self.watching.get_mut(name)
+                && known.spec == spec
+            {
+                known.source = worker.spec.clone();
+                continue;
+            }
+            let (tx, worker_name) = (self.tx.clone(), name.clone());
+            let changed = move |file| {
+                let _ = tx.send(Msg::Changed {
+                    name: worker_name.clone(),
+                    file,
+                });
+            };
+            let watch = crate::filewatch::start(name, &spec, changed)
+                .inspect_err(|e| {
+                    crate::log(format_args!(
+                        "{name}: cannot watch {}: {e}; file changes do not restart it",
+                        spec.root.display()
+                    ));
+                })
+                .ok();
+            let source = worker.spec.clone();
+            self.watching.insert(
+                name.clone(),
+                Watching {
+                    source,
+                    spec,
+                    watch,
+                },
+            );
+        }
+    }
+
+    /// A watched file changed: a worker meant to run restarts (a stopped
+    /// one stays stopped).
+    fn changed(&mut self, name: &str, file: &Path) {
+        if self.workers.get(name).is_some_and(|w| w.enabled) {
+            crate::log(format_args!(
+                "{name}: {} changed, restarting",
+                file.display()
+            ));
+            self.restart(name);
+        }
     }
 
     /// Opens the listeners the workers' `server` lines ask for and closes
@@ -1331,6 +1414,32 @@ fn file_block(spec: &WorkerSpec, origin: &Origin) -> Option<String> {
 
 /// Where a worker's stdout and stderr go: `log` and `err_log`, else files
 /// named after it under `$APM_HOME/logs`. With only `log`, both share it.
+/// What a worker's `watch` keys ask for: its tree is the directory it runs
+/// in (`path`), or, without one, its config file's.
+fn watch_spec(home: &Path, worker: &Worker) -> Option<crate::filewatch::WatchSpec> {
+    let spec = &worker.spec;
+    if spec.watch.is_empty() {
+        return None;
+    }
+    let root = match (&spec.path, &worker.origin) {
+        (Some(path), _) => path.value.clone(),
+        (None, Origin::File { path }) => path.parent()?.to_path_buf(),
+        (None, Origin::Cli { .. }) => return None,
+    };
+    let home = std::path::absolute(home).unwrap_or_else(|_| home.to_path_buf());
+    let (out, err) = log_paths(&home, spec);
+    let values = |settings: &[apm_compiler::schema::Setting<String>]| {
+        settings.iter().map(|s| s.value.clone()).collect()
+    };
+    Some(crate::filewatch::WatchSpec {
+        root,
+        patterns: values(&spec.watch),
+        ignore: values(&spec.watch_ignore),
+        delay: spec.watch_delay.as_duration(),
+        skip: vec![home, out, err],
+    })
+}
+
 pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {
     let name = &spec.name.value;
     let out = spec.log.as_ref().map_or_else(

@@ -601,12 +601,12 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     assert!(!stderr(&plain).contains("note:"), "{}", describe(&plain));
     let path = d.write(
         "watched.conf",
-        "worker { name watched; exec sleep; params 600; watch *.js; startup_grace 100; }\n",
+        "worker { name watched; exec sleep; params 600; rolling true; startup_grace 100; }\n",
     );
     let loaded = d.ok(&["load", path.to_str().unwrap()]);
     assert!(
         stderr(&loaded).contains("worker `watched` sets keys")
-            && stderr(&loaded).contains("`watch` (file watching)"),
+            && stderr(&loaded).contains("`rolling` (rolling restarts)"),
         "{}",
         describe(&loaded)
     );
@@ -3009,4 +3009,119 @@ fn raw_tcp_is_spliced_and_a_banned_client_gets_a_reset() {
         ),
         "{error}"
     );
+}
+
+#[test]
+fn watch_restarts_the_worker_when_a_watched_file_changes() {
+    let d = Daemon::new("watch");
+    let app = d.dir();
+    std::fs::create_dir_all(app.join("node_modules/pkg")).unwrap();
+    std::fs::write(app.join("server.js"), "1").unwrap();
+    // No `-path`: the CLI's working directory, which holds APM_HOME, whose
+    // state file (a `*.json`) changes with every restart.
+    d.run_sh(
+        "watched",
+        "exec sleep 1013",
+        &[
+            "-watch",
+            "*.js,*.json,config",
+            "-watch_ignore",
+            "*node_modules*",
+            "-watch_delay",
+            "50",
+            "-startup_grace",
+            "100",
+        ],
+    );
+    let pid_after = |previous: u32| {
+        wait_for("a restart", || {
+            let worker = d.worker("watched")?;
+            let pid = *pids(&worker).first()?;
+            (pid != previous && worker["status"] == "running").then_some((pid, restarts(&worker)))
+        })
+    };
+    let first = pids(&d.wait_running("watched"))[0];
+    std::fs::write(app.join("server.js"), "2").unwrap();
+    let (second, count) = pid_after(first);
+    assert!(!alive(first), "the old process is gone");
+    let log = std::fs::read_to_string(d.home.join("apm.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "watched: {} changed, restarting",
+            app.join("server.js").display()
+        )),
+        "{log}"
+    );
+
+    // Neither ignored nor unmatched files, nor the state file, restart it;
+    // nor does a change restart a stopped worker.
+    d.run_sh(
+        "resting",
+        "exec sleep 1013",
+        &[
+            "-watch",
+            "rest.txt",
+            "-watch_delay",
+            "50",
+            "-startup_grace",
+            "100",
+        ],
+    );
+    d.ok(&["stop", "resting"]);
+    std::fs::write(app.join("node_modules/pkg/index.js"), "x").unwrap();
+    std::fs::write(app.join("notes.txt"), "x").unwrap();
+    std::fs::write(app.join("rest.txt"), "x").unwrap();
+    // A bound on something that must not happen: forty times watch_delay.
+    std::thread::sleep(Duration::from_secs(2));
+    let worker = d.worker("watched").unwrap();
+    assert_eq!((pids(&worker)[0], restarts(&worker)), (second, count));
+    assert_eq!(d.worker("resting").unwrap()["status"], "stopped");
+
+    // A directory made after the start, with a file an editor renamed into
+    // place; then a directory named by a pattern, made with its file in it.
+    std::fs::create_dir_all(app.join("lib/deep")).unwrap();
+    std::fs::write(app.join("lib/deep/.util.js.swp"), "x").unwrap();
+    std::fs::rename(
+        app.join("lib/deep/.util.js.swp"),
+        app.join("lib/deep/util.js"),
+    )
+    .unwrap();
+    let (third, _) = pid_after(second);
+    let staged = d.dir().join("staged");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("settings.ini"), "x").unwrap();
+    std::fs::rename(&staged, app.join("config")).unwrap();
+    let (fourth, _) = pid_after(third);
+
+    // Watch keys apply live: the new watch sees the next change.
+    d.ok(&[
+        "update",
+        "watched",
+        "-watch",
+        "*.ini",
+        "-watch_delay",
+        "60",
+        "-no-restart",
+    ]);
+    assert_eq!(pids(&d.wait_running("watched"))[0], fourth);
+    std::fs::write(app.join("config/settings.ini"), "y").unwrap();
+    pid_after(fourth);
+
+    // A worker from a file without `path` watches its file's directory.
+    let site = app.join("site");
+    std::fs::create_dir(&site).unwrap();
+    let config = site.join("apm.conf");
+    std::fs::write(
+        &config,
+        "worker { name filed; exec sleep; params 1013; watch pages; watch_delay 50; startup_grace 100; }\n",
+    )
+    .unwrap();
+    d.ok(&["load", config.to_str().unwrap()]);
+    let filed = pids(&d.wait_running("filed"))[0];
+    std::fs::create_dir(site.join("pages")).unwrap();
+    std::fs::write(site.join("pages/index.html"), "x").unwrap();
+    wait_until(PATIENCE, "the file's worker to restart", || {
+        d.worker("filed")
+            .is_some_and(|w| w["status"] == "running" && pids(&w).first() != Some(&filed))
+    });
 }

@@ -283,7 +283,21 @@ struct Worker {
     /// Its TLS setup, rebuilt when its TLS keys change (new connections use it).
     tls: crate::proxy::TlsSetting,
     deps_timed_out: bool,
+    /// A rolling restart under way (`rolling`).
+    rolling: Option<Rolling>,
 }
+
+/// A rolling restart: instance `current` was restarted; the next one is
+/// once it serves and `rolling_delay` has passed.
+struct Rolling {
+    current: usize,
+    next_at: Option<Instant>,
+}
+
+/// How long a rolling restart waits for a restarted instance that runs but
+/// takes no traffic (never accepts on its port, or its connector never says
+/// ready) before it stops, leaving the others as they are.
+const ROLLING_PATIENCE: Duration = Duration::from_secs(30);
 
 enum Waiter {
     Start {
@@ -376,6 +390,7 @@ impl Supervisor {
     /// After every message: dependency waits, shrinking workers, waiters, state file.
     fn settle(&mut self) {
         self.start_ready_dependents();
+        self.advance_rolling();
         self.drop_retired_instances();
         self.answer_waiters();
         // After the waiters: a removed worker's listener closes before the
@@ -565,6 +580,7 @@ impl Supervisor {
             instances,
             deps_deadline: None,
             deps_timed_out: false,
+            rolling: None,
             routes: watch::channel(crate::proxy::Route::default()).0,
         };
         self.workers.insert(name, worker);
@@ -603,6 +619,7 @@ impl Supervisor {
     fn stop(&mut self, name: &str, disable: bool) {
         if let Some(worker) = self.workers.get_mut(name) {
             worker.deps_deadline = None;
+            worker.rolling = None;
             if disable {
                 worker.enabled = false;
                 self.dirty = true;
@@ -612,11 +629,84 @@ impl Supervisor {
     }
 
     fn restart(&mut self, name: &str) {
-        if let Some(worker) = self.workers.get_mut(name) {
-            worker.enabled = true;
-            self.dirty = true;
+        let Some(worker) = self.workers.get_mut(name) else {
+            return;
+        };
+        worker.enabled = true;
+        self.dirty = true;
+        if worker.spec.rolling.value && worker.instances.len() > 1 {
+            worker.rolling = Some(Rolling {
+                current: 0,
+                next_at: None,
+            });
+            self.step(name, 0, Event::Restart);
+        } else {
+            worker.rolling = None;
+            self.send_all(name, Event::Restart);
         }
-        self.send_all(name, Event::Restart);
+    }
+
+    /// Moves rolling restarts on: the next instance restarts once the one
+    /// restarted before it serves and `rolling_delay` has passed. One that
+    /// does not come back stops the rolling restart, so the instances not
+    /// yet restarted keep serving with their previous process.
+    fn advance_rolling(&mut self) {
+        let now = Instant::now();
+        let names: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.rolling.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let worker = self.workers.get_mut(&name).expect("listed above");
+            let rolling = worker.rolling.as_mut().expect("listed above");
+            let Some(instance) = worker.instances.get(rolling.current) else {
+                worker.rolling = None;
+                continue;
+            };
+            let serves = worker.spec.server.is_empty() || instance.backend().is_some();
+            let mut next = None;
+            let wake = match instance.life.phase {
+                Phase::Running { .. } if serves => match rolling.next_at {
+                    None => {
+                        let at = now + worker.spec.rolling_delay.as_duration();
+                        rolling.next_at = Some(at);
+                        Some(at)
+                    }
+                    Some(at) if now >= at => {
+                        rolling.current += 1;
+                        rolling.next_at = None;
+                        next = Some(rolling.current);
+                        None
+                    }
+                    Some(_) => None,
+                },
+                Phase::Running { since, .. } if now < since + ROLLING_PATIENCE => {
+                    Some(since + ROLLING_PATIENCE)
+                }
+                Phase::Starting { .. } | Phase::Stopping { .. } | Phase::Draining { .. } => None,
+                ref phase => {
+                    crate::log(format_args!(
+                        "{name}: rolling restart stopped: instance {} did not come back to serve ({}); the instances after it keep their processes",
+                        rolling.current,
+                        phase.name()
+                    ));
+                    worker.rolling = None;
+                    None
+                }
+            };
+            if let Some(index) = next {
+                if index < worker.instances.len() {
+                    self.step(&name, index, Event::Restart);
+                } else {
+                    worker.rolling = None;
+                }
+            }
+            if let Some(at) = wake {
+                self.wake_at(at);
+            }
+        }
     }
 
     fn send_all(&mut self, name: &str, event: Event) {
@@ -1134,6 +1224,7 @@ impl Supervisor {
                     }
                     Some(worker)
                         if worker.deps_deadline.is_none()
+                            && worker.rolling.is_none()
                             && worker.instances.iter().all(|i| settled(worker, i)) =>
                     {
                         let _ = reply.send(Ok(start_report(&name, worker)));

@@ -11,8 +11,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("gui_port", "the web dashboard"),
     ("gui_bind", "the web dashboard"),
     ("gui_password", "the web dashboard"),
-    ("rolling", "rolling restarts"),
-    ("rolling_delay", "rolling restarts"),
     ("session_persist", "session migration"),
     ("session_wait", "session migration"),
     ("stats_interval", "stats collection"),

@@ -601,12 +601,12 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     assert!(!stderr(&plain).contains("note:"), "{}", describe(&plain));
     let path = d.write(
         "watched.conf",
-        "worker { name watched; exec sleep; params 600; rolling true; startup_grace 100; }\n",
+        "worker { name watched; exec sleep; params 600; health_check on; startup_grace 100; }\n",
     );
     let loaded = d.ok(&["load", path.to_str().unwrap()]);
     assert!(
         stderr(&loaded).contains("worker `watched` sets keys")
-            && stderr(&loaded).contains("`rolling` (rolling restarts)"),
+            && stderr(&loaded).contains("`health_check` (health checks)"),
         "{}",
         describe(&loaded)
     );
@@ -3124,4 +3124,160 @@ fn watch_restarts_the_worker_when_a_watched_file_changes() {
         d.worker("filed")
             .is_some_and(|w| w["status"] == "running" && pids(&w).first() != Some(&filed))
     });
+}
+
+#[test]
+fn rolling_restarts_one_instance_at_a_time_and_stops_at_one_that_does_not_come_back() {
+    let d = Daemon::new("rolling");
+    let events = d.path("events");
+    let broken = d.path("broken");
+    // Each process says when it starts and when it is asked to stop; one
+    // started while `broken` exists fails at once.
+    let script = format!(
+        "[ -e {broken} ] && exit 3; echo \"start $IDX $(date +%s%N)\" >> {events}; \
+         trap 'echo \"stop $IDX $(date +%s%N)\" >> {events}; exit 0' TERM; sleep 1013 & wait $!"
+    );
+    d.run_sh(
+        "rolled",
+        &script,
+        &[
+            "-instances",
+            "3",
+            "-env_index",
+            "IDX",
+            "-rolling",
+            "-rolling_delay",
+            "600",
+            "-startup_grace",
+            "100",
+        ],
+    );
+    let before = pids(&d.wait_running("rolled"));
+    let seen = lines(&events).len();
+    d.ok(&["restart", "rolled"]);
+    // Answered once the last instance is back.
+    let after = pids(&d.wait_running("rolled"));
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+    let log: Vec<(String, u32, u128)> = lines(&events)[seen..]
+        .iter()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (
+                fields[0].to_owned(),
+                fields[1].parse().unwrap(),
+                fields[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let order: Vec<(&str, u32)> = log.iter().map(|(what, i, _)| (what.as_str(), *i)).collect();
+    assert_eq!(
+        order,
+        [
+            ("stop", 0),
+            ("start", 0),
+            ("stop", 1),
+            ("start", 1),
+            ("stop", 2),
+            ("start", 2)
+        ],
+        "one at a time"
+    );
+    for pair in [(1, 2), (3, 4)] {
+        let waited_ms = (log[pair.1].2 - log[pair.0].2) / 1_000_000;
+        // startup_grace (running from then on) and rolling_delay make 700
+        // ms from the spawn; the start line is written a little after it.
+        assert!(
+            waited_ms >= 500,
+            "the next stop came {waited_ms} ms after the start"
+        );
+    }
+
+    std::fs::write(&broken, "").unwrap();
+    let failed = d.apm(&["restart", "rolled"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));
+    let worker = d.worker("rolled").unwrap();
+    let instances = worker["instances"].as_array().unwrap();
+    assert_eq!(instances[0]["status"], "crashed", "{worker}");
+    let kept: Vec<Value> = instances[1..].iter().map(|i| i["pid"].clone()).collect();
+    assert_eq!(kept, [after[1], after[2]], "the others keep serving");
+    let daemon_log = std::fs::read_to_string(d.home.join("apm.log")).unwrap();
+    assert!(
+        daemon_log.contains(
+            "rolled: rolling restart stopped: instance 0 did not come back to serve (crashed)"
+        ),
+        "{daemon_log}"
+    );
+}
+
+#[test]
+fn a_rolling_restart_of_a_proxied_worker_loses_no_request() {
+    let d = Daemon::new("rolling-proxy");
+    // An app that takes a while to listen: running is not serving yet.
+    let app = d.write(
+        "app.py",
+        &PORT_APP.replace(
+            "http.server.HTTPServer(",
+            "import time; time.sleep(0.5); http.server.HTTPServer(",
+        ),
+    );
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "web",
+        "-instances",
+        "2",
+        "-upstream",
+        "port",
+        "-server",
+        &server,
+        "-rolling",
+        "-rolling_delay",
+        "100",
+        "-drain_timeout",
+        "1000",
+        "-startup_grace",
+        "100",
+    ]);
+    wait_until(PATIENCE, "both instances to serve", || {
+        d.worker("web").is_some_and(|w| {
+            w["instances"]
+                .as_array()
+                .is_some_and(|i| i.iter().all(|i| i["serving"] == true))
+        })
+    });
+    let before = pids(&d.worker("web").unwrap());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                statuses.push(http_get(port).map_or(0, |(status, _)| status));
+            }
+            statuses
+        })
+    };
+    d.ok(&["restart", "web"]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = client.join().unwrap();
+    let after = pids(&d.worker("web").unwrap());
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+    let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        failed.is_empty() && statuses.len() > 10,
+        "{} of {} requests failed, the first with {:?}",
+        failed.len(),
+        statuses.len(),
+        failed.first()
+    );
 }

@@ -102,7 +102,7 @@ schema_block! {
         log_max_size: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", reload Hot, "Rotate a log file when it grows beyond this size.";
         log_max_files: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("5"), since "2.0", reload Hot, "Rotated log files to keep.";
         // Health, drain & memory
-        health_check: Option<Setting<HealthCheck>> = Kind::HealthCheck, default None, since "2.0", reload Hot, "`on` (the child checks in) or a URL apm polls.";
+        health_check: Option<Setting<HealthCheck>> = Kind::HealthCheck, default None, since "2.0", reload Restart, "`on` (the child checks in) or a URL apm polls.";
         health_check_interval: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "Interval between health probes.";
         health_check_timeout: Setting<Millis> = MS, default Some("3000"), since "2.0", reload Hot, "Timeout of one pull-mode probe.";
         health_check_threshold: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("3"), since "2.0", reload Hot, "Consecutive failures before an instance is unhealthy.";

@@ -358,8 +358,13 @@ fn watch(app: &App, value: &Value, out: &mut Out) {
         other => list(other),
     };
     out.set("watch", globs);
-    // PM2 never watches node_modules or dot-files.
-    let mut ignore = vec!["*node_modules*".to_owned(), ".*".to_owned()];
+    // PM2 never watches node_modules or dot-files, at any depth: `.*` is one
+    // at the top of the tree, `*/.*` one below it.
+    let mut ignore = vec![
+        "*node_modules*".to_owned(),
+        ".*".to_owned(),
+        "*/.*".to_owned(),
+    ];
     match app.get("ignore_watch") {
         Some(Value::Array(items)) => {
             for item in items {
@@ -637,7 +642,7 @@ pub static FIELDS: &[Field] = &[
     field!("listen_timeout", "`startup_grace`", listen_timeout),
     field!(
         "watch",
-        "`watch` (true watches everything, `*`), with `watch_ignore *node_modules*, .*` as PM2 never watches those",
+        "`watch` (true watches everything, `*`), with `watch_ignore *node_modules*, .*, */.*` as PM2 never watches those",
         watch
     ),
     field!(

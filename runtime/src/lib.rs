@@ -6,6 +6,7 @@
 
 pub mod connector;
 mod filewatch;
+mod health;
 pub mod lifecycle;
 pub mod logs;
 pub mod procfs;

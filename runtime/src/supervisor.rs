@@ -37,6 +37,10 @@ pub struct InstanceStatus {
     /// instance traffic (it runs, and accepts on its port or said `ready`).
     #[serde(default)]
     pub serving: Option<bool>,
+    /// For a worker with `health_check`: whether this process has passed
+    /// a check.
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -165,6 +169,12 @@ enum Msg {
         name: String,
         file: PathBuf,
     },
+    /// What the health check of an instance's process `pid` found.
+    Health {
+        id: u64,
+        pid: u32,
+        verdict: crate::health::Verdict,
+    },
 }
 
 #[derive(Clone)]
@@ -210,6 +220,10 @@ struct Instance {
     port: Option<Port>,
     /// The current process's connector channel, with `upstream connector`.
     link: Option<Arc<crate::connector::Link>>,
+    /// The current process's health check, with `health_check`.
+    health: Option<crate::health::Check>,
+    /// Whether the current process has passed a health check.
+    healthy: bool,
 }
 
 /// An instance's loopback port with `upstream port`. It gets traffic once
@@ -285,18 +299,35 @@ struct Worker {
     deps_timed_out: bool,
     /// A rolling restart under way (`rolling`).
     rolling: Option<Rolling>,
+    /// Its health check settings, which its processes' checks follow.
+    health_settings: watch::Sender<crate::health::Settings>,
 }
 
-/// A rolling restart: instance `current` was restarted; the next one is
-/// once it serves and `rolling_delay` has passed.
+/// A rolling restart: instance `current` was restarted at `since`; the
+/// next one is once it serves and `rolling_delay` has passed.
 struct Rolling {
     current: usize,
+    since: Instant,
     next_at: Option<Instant>,
+    /// Whether a wake-up at the deadline of `current` is set.
+    deadline_set: bool,
 }
 
-/// How long a rolling restart waits for a restarted instance that runs but
-/// takes no traffic (never accepts on its port, or its connector never says
-/// ready) before it stops, leaving the others as they are.
+impl Rolling {
+    fn at(current: usize, now: Instant) -> Rolling {
+        Rolling {
+            current,
+            since: now,
+            next_at: None,
+            deadline_set: false,
+        }
+    }
+}
+
+/// How long a rolling restart waits, beyond the instance's stop and
+/// `startup_grace`, for a restarted instance to take traffic (accept on its
+/// port, say ready on its connector, pass a health check) before it stops,
+/// leaving the others as they are.
 const ROLLING_PATIENCE: Duration = Duration::from_secs(30);
 
 enum Waiter {
@@ -339,6 +370,8 @@ pub struct Supervisor {
     warned_listeners: Vec<String>,
     /// The file watches of the workers with `watch` patterns, by worker.
     watching: HashMap<String, Watching>,
+    /// The endpoint push-mode health checks call, once one is needed.
+    check_ins: Option<crate::health::Endpoint>,
 }
 
 /// A worker's file watch and what it was made from.
@@ -370,6 +403,7 @@ impl Supervisor {
             listeners: HashMap::new(),
             warned_listeners: Vec::new(),
             watching: HashMap::new(),
+            check_ins: None,
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx, saved }
@@ -382,6 +416,7 @@ impl Supervisor {
                 Msg::Event { id, event } => self.event(id, event),
                 Msg::Recheck => {}
                 Msg::Changed { name, file } => self.changed(&name, &file),
+                Msg::Health { id, pid, verdict } => self.health(id, pid, verdict),
             }
             self.settle();
         }
@@ -562,6 +597,8 @@ impl Supervisor {
             targets: None,
             port: None,
             link: None,
+            health: None,
+            healthy: false,
         }
     }
 
@@ -573,6 +610,7 @@ impl Supervisor {
             policy: Policy::from_spec(&spec),
             guard: guard_for(&spec),
             tls: tls_for(&name, &spec),
+            health_settings: watch::channel(health_settings(&spec)).0,
             file_block: file_block(&spec, &origin),
             spec: Arc::new(spec),
             origin,
@@ -635,10 +673,7 @@ impl Supervisor {
         worker.enabled = true;
         self.dirty = true;
         if worker.spec.rolling.value && worker.instances.len() > 1 {
-            worker.rolling = Some(Rolling {
-                current: 0,
-                next_at: None,
-            });
+            worker.rolling = Some(Rolling::at(0, Instant::now()));
             self.step(name, 0, Event::Restart);
         } else {
             worker.rolling = None;
@@ -665,37 +700,57 @@ impl Supervisor {
                 worker.rolling = None;
                 continue;
             };
-            let serves = worker.spec.server.is_empty() || instance.backend().is_some();
+            let spec = &worker.spec;
+            let serves = (spec.server.is_empty() || instance.backend().is_some())
+                && (spec.health_check.is_none() || instance.healthy);
+            let deadline = rolling.since
+                + spec.drain_timeout.as_duration()
+                + spec.kill_timeout.as_duration()
+                + spec.startup_grace.as_duration()
+                + ROLLING_PATIENCE;
             let mut next = None;
-            let wake = match instance.life.phase {
+            let mut wake = None;
+            match instance.life.phase {
                 Phase::Running { .. } if serves => match rolling.next_at {
                     None => {
-                        let at = now + worker.spec.rolling_delay.as_duration();
+                        let at = now + spec.rolling_delay.as_duration();
                         rolling.next_at = Some(at);
-                        Some(at)
+                        wake = Some(at);
                     }
                     Some(at) if now >= at => {
-                        rolling.current += 1;
-                        rolling.next_at = None;
+                        *rolling = Rolling::at(rolling.current + 1, now);
                         next = Some(rolling.current);
-                        None
                     }
-                    Some(_) => None,
+                    Some(_) => {}
                 },
-                Phase::Running { since, .. } if now < since + ROLLING_PATIENCE => {
-                    Some(since + ROLLING_PATIENCE)
+                Phase::Starting { .. }
+                | Phase::Running { .. }
+                | Phase::Stopping { .. }
+                | Phase::Draining { .. }
+                    if now < deadline =>
+                {
+                    if !std::mem::replace(&mut rolling.deadline_set, true) {
+                        wake = Some(deadline);
+                    }
                 }
-                Phase::Starting { .. } | Phase::Stopping { .. } | Phase::Draining { .. } => None,
                 ref phase => {
+                    let why = match phase {
+                        Phase::Starting { .. }
+                        | Phase::Running { .. }
+                        | Phase::Stopping { .. }
+                        | Phase::Draining { .. } => format!(
+                            "is not serving {} s after its restart",
+                            (deadline - rolling.since).as_secs()
+                        ),
+                        other => format!("did not come back ({})", other.name()),
+                    };
                     crate::log(format_args!(
-                        "{name}: rolling restart stopped: instance {} did not come back to serve ({}); the instances after it keep their processes",
-                        rolling.current,
-                        phase.name()
+                        "{name}: rolling restart stopped: instance {} {why}; the instances after it keep their processes",
+                        rolling.current
                     ));
                     worker.rolling = None;
-                    None
                 }
-            };
+            }
             if let Some(index) = next {
                 if index < worker.instances.len() {
                     self.step(&name, index, Event::Restart);
@@ -788,6 +843,8 @@ impl Supervisor {
         instance.spawn_error = None;
         instance.port = None;
         instance.link = None;
+        instance.health = None;
+        instance.healthy = false;
         let port = if spec.upstream.value == "port" {
             match crate::proxy::free_port() {
                 Ok(port) => Some(port),
@@ -801,6 +858,17 @@ impl Supervisor {
         instance.port = port.map(Port::new);
         let mut command = match build_command(&spec, index, port) {
             Ok(command) => command,
+            Err(error) => return spawn_failed(name, instance, error),
+        };
+        let listening = instance.port.as_ref().map(|p| p.accepting.clone());
+        let health = match health_mode(&spec, port, listening, &mut self.check_ins) {
+            Ok(Some((mode, url))) => {
+                if let Some(url) = url {
+                    command.env("APM_HEALTH_URL", url);
+                }
+                Some(mode)
+            }
+            Ok(None) => None,
             Err(error) => return spawn_failed(name, instance, error),
         };
         // Only a worker that receives traffic gets a connector channel.
@@ -851,6 +919,14 @@ impl Supervisor {
                     "{name}#{index}: no connector channel: {error}"
                 )),
             }
+        }
+        if let Some(mode) = health {
+            let (tx, id) = (self.tx.clone(), instance.id);
+            let report = move |verdict| {
+                let _ = tx.send(Msg::Health { id, pid, verdict });
+            };
+            let settings = worker.health_settings.subscribe();
+            instance.health = Some(crate::health::start(mode, settings, report));
         }
         instance.start_ticks = procfs::stat(pid).map(|s| s.start_ticks);
         instance.started = Some(Instant::now());
@@ -916,6 +992,10 @@ impl Supervisor {
         {
             worker.tls = tls_for(&name, &spec);
         }
+        worker.health_settings.send_if_modified(|settings| {
+            let new = health_settings(&spec);
+            std::mem::replace(settings, new) != new
+        });
         worker.file_block = file_block(&spec, &origin);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
@@ -999,6 +1079,35 @@ impl Supervisor {
                     watch,
                 },
             );
+        }
+    }
+
+    /// A health check's verdict on the process it checks (one that has
+    /// ended since says nothing). An unhealthy one is restarted.
+    fn health(&mut self, id: u64, pid: u32, verdict: crate::health::Verdict) {
+        let Some((name, index)) = self.ids.get(&id).cloned() else {
+            return;
+        };
+        let Some(instance) = self
+            .workers
+            .get_mut(&name)
+            .and_then(|w| w.instances.get_mut(index))
+        else {
+            return;
+        };
+        if instance.life.phase.pid() != Some(pid) {
+            return;
+        }
+        match verdict {
+            crate::health::Verdict::Passed => instance.healthy = true,
+            crate::health::Verdict::Unhealthy(why) => {
+                crate::log(format_args!(
+                    "{name}#{index}: unhealthy ({why}); restarting it"
+                ));
+                instance.healthy = false;
+                instance.health = None;
+                self.step(&name, index, Event::Restart);
+            }
         }
     }
 
@@ -1367,6 +1476,11 @@ impl Supervisor {
                     memory_bytes: stat.map_or(0, |s| s.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
                     serving: (!worker.spec.server.is_empty()).then(|| instance.backend().is_some()),
+                    healthy: worker
+                        .spec
+                        .health_check
+                        .is_some()
+                        .then_some(instance.healthy),
                 }
             })
             .collect();
@@ -1529,6 +1643,73 @@ fn watch_spec(home: &Path, worker: &Worker) -> Option<crate::filewatch::WatchSpe
         delay: spec.watch_delay.as_duration(),
         skip: vec![home, out, err],
     })
+}
+
+/// How a process of `spec` is health-checked, with the `APM_HEALTH_URL`
+/// it is given in push mode. With `upstream port`, a pull-mode URL's
+/// request goes to the instance's own port (the URL's host stays its
+/// `Host`), since each instance is checked on its own, once it listens.
+fn health_mode(
+    spec: &WorkerSpec,
+    port: Option<u16>,
+    listening: Option<Arc<std::sync::atomic::AtomicBool>>,
+    check_ins: &mut Option<crate::health::Endpoint>,
+) -> Result<Option<(crate::health::Mode, Option<String>)>, String> {
+    use apm_compiler::values::HealthCheck;
+    let Some(check) = &spec.health_check else {
+        return Ok(None);
+    };
+    match &check.value {
+        HealthCheck::Pull(url) => {
+            let uri: hyper::Uri = url
+                .parse()
+                .map_err(|e| format!("health_check {url}: {e}"))?;
+            let host = uri
+                .authority()
+                .map(|a| a.to_string())
+                .ok_or_else(|| format!("health_check {url}: no host"))?;
+            let uri = match port {
+                Some(port) => {
+                    let mut parts = uri.into_parts();
+                    parts.authority = Some(
+                        format!("127.0.0.1:{port}")
+                            .parse()
+                            .expect("an address is an authority"),
+                    );
+                    hyper::Uri::from_parts(parts).map_err(|e| e.to_string())?
+                }
+                None => uri,
+            };
+            let mode = crate::health::Mode::Pull {
+                uri,
+                host,
+                listening,
+            };
+            Ok(Some((mode, None)))
+        }
+        HealthCheck::Push => {
+            if check_ins.is_none() {
+                *check_ins = Some(
+                    crate::health::Endpoint::start()
+                        .map_err(|e| format!("no health check-in endpoint: {e}"))?,
+                );
+            }
+            let endpoint = check_ins.as_ref().expect("started above");
+            let (check_in, url) = endpoint
+                .check_in()
+                .map_err(|e| format!("no health check-in token: {e}"))?;
+            Ok(Some((crate::health::Mode::Push(check_in), Some(url))))
+        }
+    }
+}
+
+fn health_settings(spec: &WorkerSpec) -> crate::health::Settings {
+    crate::health::Settings {
+        first: spec.startup_grace.as_duration(),
+        interval: spec.health_check_interval.as_duration(),
+        timeout: spec.health_check_timeout.as_duration(),
+        threshold: spec.health_check_threshold.value,
+    }
 }
 
 pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {

@@ -600,13 +600,13 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     let plain = d.run_sh("plain", "exec sleep 600", &["-startup_grace", "100"]);
     assert!(!stderr(&plain).contains("note:"), "{}", describe(&plain));
     let path = d.write(
-        "watched.conf",
-        "worker { name watched; exec sleep; params 600; health_check on; startup_grace 100; }\n",
+        "migrating.conf",
+        "worker { name migrating; exec sleep; params 600; session_persist on; startup_grace 100; }\n",
     );
     let loaded = d.ok(&["load", path.to_str().unwrap()]);
     assert!(
-        stderr(&loaded).contains("worker `watched` sets keys")
-            && stderr(&loaded).contains("`health_check` (health checks)"),
+        stderr(&loaded).contains("worker `migrating` sets keys")
+            && stderr(&loaded).contains("`session_persist` (session migration)"),
         "{}",
         describe(&loaded)
     );
@@ -1793,23 +1793,19 @@ fn the_proxy_spreads_http_over_running_instances_and_answers_503_without_any() {
     let app = d.write("app.py", PORT_APP);
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
-    d.ok(&[
-        "run",
-        "python3",
-        app.to_str().unwrap(),
-        "-name",
+    d.run_port_app(
         "web",
-        "-instances",
-        "2",
-        "-upstream",
-        "port",
-        "-env_index",
-        "APM_INDEX",
-        "-server",
+        &app,
         &server,
-        "-startup_grace",
-        "300",
-    ]);
+        &[
+            "-instances",
+            "2",
+            "-env_index",
+            "APM_INDEX",
+            "-startup_grace",
+            "300",
+        ],
+    );
     d.wait_running("web");
     let bodies: Vec<String> = (0..4)
         .map(|_| http_get(port).expect("an answer").1)
@@ -2388,22 +2384,18 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
     // Through `apm run` flags, `-key=false` form included.
-    d.ok(&[
-        "run",
-        "python3",
-        app.to_str().unwrap(),
-        "-name",
+    d.run_port_app(
         "h",
-        "-upstream",
-        "port",
-        "-server",
+        &app,
         &server,
-        "-startup_grace",
-        "300",
-        "-trust_proxy=false",
-        "-trace_header",
-        "x-request-id",
-    ]);
+        &[
+            "-startup_grace",
+            "300",
+            "-trust_proxy=false",
+            "-trace_header",
+            "x-request-id",
+        ],
+    );
     d.wait_running("h");
     let spoofed = "GET /?token=s3cret HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nX-Client-Cert-Subject: CN=admin\r\nConnection: close\r\n\r\n";
     let answer = http_raw(port, spoofed);
@@ -2492,19 +2484,7 @@ fn the_proxy_listens_on_a_unix_socket() {
     let app = d.write("headers.py", HEADERS_APP);
     let socket = d.path("api.sock");
     let server = format!("http://unix:{socket}");
-    d.ok(&[
-        "run",
-        "python3",
-        app.to_str().unwrap(),
-        "-name",
-        "u",
-        "-upstream",
-        "port",
-        "-server",
-        &server,
-        "-startup_grace",
-        "300",
-    ]);
+    d.run_port_app("u", &app, &server, &["-startup_grace", "300"]);
     d.wait_running("u");
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     stream
@@ -2692,23 +2672,19 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     let server = format!("http://127.0.0.1:{port}");
     let marker = d.path("request-arrived");
     let env = format!("MARKER={marker}");
-    d.ok(&[
-        "run",
-        "python3",
-        app.to_str().unwrap(),
-        "-name",
+    d.run_port_app(
         "slow",
-        "-upstream",
-        "port",
-        "-server",
+        &app,
         &server,
-        "-startup_grace",
-        "300",
-        "-drain_timeout",
-        "3s",
-        "-env",
-        &env,
-    ]);
+        &[
+            "-startup_grace",
+            "300",
+            "-drain_timeout",
+            "3s",
+            "-env",
+            &env,
+        ],
+    );
     d.wait_running("slow");
     let request = std::thread::spawn(move || http_get(port));
     // The request is in flight (it takes a second) when the stop comes.
@@ -3205,9 +3181,8 @@ fn rolling_restarts_one_instance_at_a_time_and_stops_at_one_that_does_not_come_b
     assert_eq!(kept, [after[1], after[2]], "the others keep serving");
     let daemon_log = std::fs::read_to_string(d.home.join("apm.log")).unwrap();
     assert!(
-        daemon_log.contains(
-            "rolled: rolling restart stopped: instance 0 did not come back to serve (crashed)"
-        ),
+        daemon_log
+            .contains("rolled: rolling restart stopped: instance 0 did not come back (crashed)"),
         "{daemon_log}"
     );
 }
@@ -3225,26 +3200,22 @@ fn a_rolling_restart_of_a_proxied_worker_loses_no_request() {
     );
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
-    d.ok(&[
-        "run",
-        "python3",
-        app.to_str().unwrap(),
-        "-name",
+    d.run_port_app(
         "web",
-        "-instances",
-        "2",
-        "-upstream",
-        "port",
-        "-server",
+        &app,
         &server,
-        "-rolling",
-        "-rolling_delay",
-        "100",
-        "-drain_timeout",
-        "1000",
-        "-startup_grace",
-        "100",
-    ]);
+        &[
+            "-instances",
+            "2",
+            "-rolling",
+            "-rolling_delay",
+            "100",
+            "-drain_timeout",
+            "1000",
+            "-startup_grace",
+            "100",
+        ],
+    );
     wait_until(PATIENCE, "both instances to serve", || {
         d.worker("web").is_some_and(|w| {
             w["instances"]
@@ -3280,4 +3251,195 @@ fn a_rolling_restart_of_a_proxied_worker_loses_no_request() {
         statuses.len(),
         failed.first()
     );
+}
+
+const HEALTH_APP: &str = r#"
+import http.server, os
+sick = os.path.join(os.environ["SICK_DIR"], "sick-" + os.environ["APM_INDEX"])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        status = 503 if os.path.exists(sick) else 200
+        with open(sick.replace("sick-", "probe-"), "w") as seen:
+            seen.write("%s %s" % (self.path, self.headers.get("Host")))
+        body = b"ok\n"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H)
+if os.environ.get("CERT"):
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(os.environ["CERT"], os.environ["KEY"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// Waits until every instance of the worker has passed a health check.
+fn wait_healthy(d: &Daemon, name: &str) -> Vec<u32> {
+    wait_for("every instance to be healthy", || {
+        let worker = d.worker(name)?;
+        let instances = worker["instances"].as_array()?;
+        instances
+            .iter()
+            .all(|i| i["healthy"] == true && i["status"] == "running")
+            .then(|| pids(&worker))
+    })
+}
+
+#[test]
+fn an_instance_failing_its_pull_health_checks_is_restarted_alone() {
+    let d = Daemon::new("health-pull");
+    let app = d.write("health.py", HEALTH_APP);
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let sick_dir = format!("SICK_DIR={}", d.dir().display());
+    d.run_port_app(
+        "web",
+        &app,
+        &server,
+        &[
+            "-instances",
+            "2",
+            "-env_index",
+            "APM_INDEX",
+            "-env",
+            &sick_dir,
+            // Each instance is checked on its own port, not this one.
+            "-health_check",
+            "http://localhost:3000/health",
+            "-health_check_interval",
+            "100",
+            "-health_check_threshold",
+            "2",
+            "-startup_grace",
+            "100",
+        ],
+    );
+    let before = wait_healthy(&d, "web");
+    std::fs::write(d.dir().join("sick-1"), "").unwrap();
+    let daemon_log = d.home.join("apm.log");
+    wait_until(PATIENCE, "instance 1 to be restarted", || {
+        std::fs::read_to_string(&daemon_log).is_ok_and(|log| {
+            log.contains("web#1: unhealthy (2 failed health check(s) in a row, the last: answered 503 Service Unavailable); restarting it")
+        })
+    });
+    std::fs::remove_file(d.dir().join("sick-1")).unwrap();
+    let after = wait_healthy(&d, "web");
+    assert_eq!(after[0], before[0], "the healthy instance is left alone");
+    assert_ne!(after[1], before[1]);
+    let log = std::fs::read_to_string(&daemon_log).unwrap();
+    assert!(!log.contains("web#0: unhealthy"), "{log}");
+    // Each instance got the URL's path and Host on its own port.
+    for index in 0..2 {
+        let seen = std::fs::read_to_string(d.dir().join(format!("probe-{index}"))).unwrap();
+        assert_eq!(seen, "/health localhost:3000");
+    }
+
+    // An https:// URL is probed over TLS, the app's self-signed certificate
+    // and all, at the URL itself when the worker has no `upstream port`.
+    if !certs::self_signed(d.dir(), "app.key", "app.pem", "/CN=app") {
+        eprintln!("skipped the https part: openssl could not make a certificate");
+        return;
+    }
+    let tls_port = free_port();
+    let env: Vec<String> = [
+        format!("PORT={tls_port}"),
+        "APM_INDEX=tls".to_owned(),
+        format!("CERT={}", d.path("app.pem")),
+        format!("KEY={}", d.path("app.key")),
+    ]
+    .into_iter()
+    .chain(std::iter::once(sick_dir.clone()))
+    .collect();
+    let mut args = vec!["run", "python3", app.to_str().unwrap(), "-name", "secure"];
+    for pair in &env {
+        args.extend(["-env", pair.as_str()]);
+    }
+    let url = format!("https://127.0.0.1:{tls_port}/ready");
+    args.extend([
+        "-health_check",
+        &url,
+        "-health_check_interval",
+        "100",
+        "-startup_grace",
+        "2000",
+    ]);
+    d.ok(&args);
+    wait_healthy(&d, "secure");
+    let seen = std::fs::read_to_string(d.dir().join("probe-tls")).unwrap();
+    assert_eq!(seen, format!("/ready 127.0.0.1:{tls_port}"));
+}
+
+#[test]
+fn an_instance_that_stops_calling_apm_health_url_is_restarted() {
+    let d = Daemon::new("health-push");
+    let stop = d.path("stop-checking-in");
+    let script = d.write(
+        "pusher.py",
+        &format!(
+            "import os, time, urllib.request\n\
+             url = os.environ['APM_HEALTH_URL']\n\
+             while True:\n\
+             \x20   if not os.path.exists({stop:?}):\n\
+             \x20       urllib.request.urlopen(url).read()\n\
+             \x20   time.sleep(0.05)\n"
+        ),
+    );
+    d.ok(&[
+        "run",
+        "python3",
+        script.to_str().unwrap(),
+        "-name",
+        "pusher",
+        "-health_check",
+        "on",
+        "-health_check_interval",
+        "1000",
+        "-health_check_threshold",
+        "2",
+        "-startup_grace",
+        "100",
+    ]);
+    let first = wait_healthy(&d, "pusher")[0];
+    // The endpoint knows this process's token and no other.
+    let env: Value = serde_json::from_str(&stdout(&d.ok(&["env", "pusher", "--json"]))).unwrap();
+    let url = env["APM_HEALTH_URL"].as_str().unwrap().to_owned();
+    let (authority, token) = url
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|rest| rest.split_once('/'))
+        .unwrap();
+    let endpoint: u16 = authority.parse().unwrap();
+    let ask = |path: &str| {
+        http_raw(
+            endpoint,
+            &format!("GET /{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert!(ask(token).starts_with("HTTP/1.1 204"), "{}", ask(token));
+    assert!(ask("0123456789abcdef0123456789abcdef").starts_with("HTTP/1.1 404"));
+    assert_eq!(token.len(), 32);
+
+    // The interval applies to the running check at once.
+    d.ok(&[
+        "update",
+        "pusher",
+        "-health_check_interval",
+        "400",
+        "-no-restart",
+    ]);
+    assert_eq!(pids(&d.worker("pusher").unwrap())[0], first);
+    std::fs::write(&stop, "").unwrap();
+    let daemon_log = d.home.join("apm.log");
+    wait_until(PATIENCE, "the silent process to be restarted", || {
+        std::fs::read_to_string(&daemon_log)
+            .is_ok_and(|log| log.contains("pusher#0: unhealthy (2 failed health check(s) in a row, the last: no call to APM_HEALTH_URL in 400 ms); restarting it"))
+    });
+    std::fs::remove_file(&stop).unwrap();
+    let second = wait_healthy(&d, "pusher")[0];
+    assert_ne!(first, second);
+    // The old process's token is gone with it.
+    assert!(ask(token).starts_with("HTTP/1.1 404"));
 }

@@ -108,6 +108,31 @@ impl Daemon {
         self.ok(&args)
     }
 
+    /// `apm run python3 APP -name NAME -upstream port -server SERVER FLAGS…`,
+    /// which must succeed.
+    pub(crate) fn run_port_app(
+        &self,
+        name: &str,
+        app: &Path,
+        server: &str,
+        flags: &[&str],
+    ) -> Output {
+        let app = app.to_str().unwrap();
+        let mut args = vec![
+            "run",
+            "python3",
+            app,
+            "-name",
+            name,
+            "-upstream",
+            "port",
+            "-server",
+            server,
+        ];
+        args.extend_from_slice(flags);
+        self.ok(&args)
+    }
+
     /// Runs the CLI and returns what it did.
     pub(crate) fn apm(&self, args: &[&str]) -> Output {
         run(self.command(args))

@@ -493,8 +493,18 @@ pub fn info(place: &Place, name: &str, json: bool) -> u8 {
             .as_deref()
             .map(|e| format!(", last exit: {e}"))
             .unwrap_or_default();
+        let serving = match i.serving {
+            Some(true) => ", serving",
+            Some(false) => ", gets no traffic",
+            None => "",
+        };
+        let healthy = match i.healthy {
+            Some(true) => ", healthy",
+            Some(false) => ", not healthy yet",
+            None => "",
+        };
         println!(
-            "  #{:<3} {:<9} pid {pid:<8} restarts {}{last}",
+            "  #{:<3} {:<9} pid {pid:<8} restarts {}{serving}{healthy}{last}",
             i.index, i.status, i.restarts
         );
     }

@@ -341,12 +341,7 @@ fn a_child_that_corrupts_its_channel_is_restarted_and_the_others_keep_serving() 
     assert_eq!(corrupt.status, 502, "{}", corrupt.head);
     // The other instance answers meanwhile; the broken one comes back.
     assert_eq!(http_get(port).map(|(s, _)| s), Some(200));
-    let log = d.dir().join("home/apm.log");
-    wait_until(PATIENCE, "the protocol error in the daemon log", || {
-        std::fs::read_to_string(&log).is_ok_and(|text| {
-            text.contains("connector protocol error: a frame of 4294967295 bytes")
-        })
-    });
+    d.wait_daemon_log("connector protocol error: a frame of 4294967295 bytes");
     wait_until(PATIENCE, "the broken instance to be restarted", || {
         d.worker("c")
             .is_some_and(|w| restarts(&w) > restarts(&before) && pids(&w) != pids(&before))
@@ -469,12 +464,7 @@ fn an_app_without_a_connector_gets_no_traffic_and_the_log_says_why() {
     d.wait_status("plain", "running");
     assert_eq!(d.worker("plain").unwrap()["instances"][0]["serving"], false);
     assert_eq!(http_get(port).map(|(status, _)| status), Some(503));
-    let log = d.dir().join("home/apm.log");
-    wait_until(PATIENCE, "the hint in the daemon log", || {
-        std::fs::read_to_string(&log).is_ok_and(|text| {
-            text.contains("plain#0: its connector has not said `ready` after 5 s, so it gets no traffic; an app that listens on a port itself needs `upstream port;`")
-        })
-    });
+    d.wait_daemon_log("plain#0: its connector has not said `ready` after 5 s, so it gets no traffic; an app that listens on a port itself needs `upstream port;`");
 }
 
 #[test]

@@ -1303,11 +1303,8 @@ fn a_log_that_cannot_be_opened_is_reported_once_with_its_reason() {
         "while :; do echo line; sleep 0.05; done",
         &["-log", &log, "-startup_grace", "100"],
     );
-    let daemon_log = d.dir().join("home/apm.log");
-    wait_until(PATIENCE, "the daemon log to say why", || {
-        std::fs::read_to_string(&daemon_log).is_ok_and(|text| text.contains("File name too long"))
-    });
-    let text = std::fs::read_to_string(&daemon_log).unwrap();
+    d.wait_daemon_log("File name too long");
+    let text = d.daemon_log();
     assert_eq!(
         text.matches("cannot write log").count(),
         1,
@@ -1738,10 +1735,7 @@ fn auto_reload_applies_an_edit_of_an_included_file_and_ignores_a_broken_one() {
     d.wait_running("b");
     // A broken edit is logged with its position and changes nothing.
     d.write("conf.d/b.conf", "worker { name b exec sleep; }\n");
-    let log = d.dir().join("home/apm.log");
-    wait_until(PATIENCE, "the broken edit to be logged", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("b.conf:1:17"))
-    });
+    d.wait_daemon_log("b.conf:1:17");
     assert!(d.worker("b").is_some(), "b still runs");
     assert_eq!(pids(&d.worker("a").unwrap()).len(), 2);
 }
@@ -1761,7 +1755,7 @@ fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
     wait_until(PATIENCE, "watched to scale to 2", || {
         d.worker("watched").is_some_and(|w| pids(&w).len() == 2)
     });
-    let log = std::fs::read_to_string(d.dir().join("home/apm.log")).unwrap();
+    let log = d.daemon_log();
     assert!(
         log.contains("↕ scale watched 1 → 2") && !log.contains("scale other"),
         "{log}"
@@ -2260,14 +2254,9 @@ fn a_daemon_out_of_descriptors_waits_for_them_instead_of_spinning() {
             .ok()
         })
         .collect();
-    let log = d.dir().join("home/apm.log");
-    wait_until(PATIENCE, "the daemon to run out of descriptors", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| {
-            l.contains(&format!(
-                "cannot accept connections on http://127.0.0.1:{port}: Too many open files"
-            ))
-        })
-    });
+    d.wait_daemon_log(&format!(
+        "cannot accept connections on http://127.0.0.1:{port}: Too many open files"
+    ));
     let ticks = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let fields: Vec<&str> = stat
@@ -2420,7 +2409,7 @@ fn the_proxy_distrusts_client_forwarding_headers_adds_trace_ids_and_passes_upgra
         log().contains(&traced)
     });
     assert!(!log().contains("s3cret"));
-    let daemon_log = std::fs::read_to_string(d.dir().join("home/apm.log")).unwrap();
+    let daemon_log = d.daemon_log();
     assert!(!daemon_log.contains(&id), "{daemon_log}");
     d.ok(&["update", "h", "-trust_proxy", "-no-restart"]);
     wait_until(PATIENCE, "trust_proxy to apply live", || {
@@ -3020,7 +3009,7 @@ fn watch_restarts_the_worker_when_a_watched_file_changes() {
     std::fs::write(app.join("server.js"), "2").unwrap();
     let (second, count) = pid_after(first);
     assert!(!alive(first), "the old process is gone");
-    let log = std::fs::read_to_string(d.home.join("apm.log")).unwrap();
+    let log = d.daemon_log();
     assert!(
         log.contains(&format!(
             "watched: {} changed, restarting",
@@ -3179,7 +3168,7 @@ fn rolling_restarts_one_instance_at_a_time_and_stops_at_one_that_does_not_come_b
     assert_eq!(instances[0]["status"], "crashed", "{worker}");
     let kept: Vec<Value> = instances[1..].iter().map(|i| i["pid"].clone()).collect();
     assert_eq!(kept, [after[1], after[2]], "the others keep serving");
-    let daemon_log = std::fs::read_to_string(d.home.join("apm.log")).unwrap();
+    let daemon_log = d.daemon_log();
     assert!(
         daemon_log
             .contains("rolled: rolling restart stopped: instance 0 did not come back (crashed)"),
@@ -3319,18 +3308,15 @@ fn an_instance_failing_its_pull_health_checks_is_restarted_alone() {
         ],
     );
     let before = wait_healthy(&d, "web");
+    let info = stdout(&d.ok(&["info", "web"]));
+    assert!(info.contains(", serving, healthy"), "{info}");
     std::fs::write(d.dir().join("sick-1"), "").unwrap();
-    let daemon_log = d.home.join("apm.log");
-    wait_until(PATIENCE, "instance 1 to be restarted", || {
-        std::fs::read_to_string(&daemon_log).is_ok_and(|log| {
-            log.contains("web#1: unhealthy (2 failed health check(s) in a row, the last: answered 503 Service Unavailable); restarting it")
-        })
-    });
+    d.wait_daemon_log("web#1: unhealthy (2 failed health check(s) in a row, the last: answered 503 Service Unavailable); restarting it");
     std::fs::remove_file(d.dir().join("sick-1")).unwrap();
     let after = wait_healthy(&d, "web");
     assert_eq!(after[0], before[0], "the healthy instance is left alone");
     assert_ne!(after[1], before[1]);
-    let log = std::fs::read_to_string(&daemon_log).unwrap();
+    let log = d.daemon_log();
     assert!(!log.contains("web#0: unhealthy"), "{log}");
     // Each instance got the URL's path and Host on its own port.
     for index in 0..2 {
@@ -3432,11 +3418,7 @@ fn an_instance_that_stops_calling_apm_health_url_is_restarted() {
     ]);
     assert_eq!(pids(&d.worker("pusher").unwrap())[0], first);
     std::fs::write(&stop, "").unwrap();
-    let daemon_log = d.home.join("apm.log");
-    wait_until(PATIENCE, "the silent process to be restarted", || {
-        std::fs::read_to_string(&daemon_log)
-            .is_ok_and(|log| log.contains("pusher#0: unhealthy (2 failed health check(s) in a row, the last: no call to APM_HEALTH_URL in 400 ms); restarting it"))
-    });
+    d.wait_daemon_log("pusher#0: unhealthy (2 failed health check(s) in a row, the last: no call to APM_HEALTH_URL in 400 ms); restarting it");
     std::fs::remove_file(&stop).unwrap();
     let second = wait_healthy(&d, "pusher")[0];
     assert_ne!(first, second);

@@ -133,6 +133,18 @@ impl Daemon {
         self.ok(&args)
     }
 
+    /// The daemon's log as written so far (empty before it exists).
+    pub(crate) fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.home.join("apm.log")).unwrap_or_default()
+    }
+
+    /// Waits until the daemon's log says `text`.
+    pub(crate) fn wait_daemon_log(&self, text: &str) {
+        wait_until(PATIENCE, &format!("the daemon log to say `{text}`"), || {
+            self.daemon_log().contains(text)
+        });
+    }
+
     /// Runs the CLI and returns what it did.
     pub(crate) fn apm(&self, args: &[&str]) -> Output {
         run(self.command(args))

@@ -15,6 +15,7 @@ mod session;
 pub mod state;
 pub mod supervisor;
 pub mod sys;
+mod syslog;
 pub mod tls;
 pub mod unbuilt;
 mod upstream;

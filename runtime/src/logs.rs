@@ -42,6 +42,8 @@ pub struct Target {
     pub prefix: String,
     /// `strip_ansi`: colours and other terminal escapes are left out.
     pub strip_ansi: bool,
+    /// `syslog`: where the lines go too.
+    pub syslog: Option<Arc<crate::syslog::Sink>>,
 }
 
 /// An open log file; lines sent to it are appended in order.
@@ -210,6 +212,7 @@ async fn rotate(path: &Path, keep: u32) {
 pub async fn pump(
     stream: impl AsyncRead + Unpin,
     which: Stream,
+    pid: u32,
     target: watch::Receiver<Target>,
     head: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
@@ -233,6 +236,9 @@ pub async fn pump(
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         let (log, mut entry, strip) = {
             let target = target.borrow();
+            if let Some(syslog) = &target.syslog {
+                syslog.send(which, pid, text);
+            }
             (
                 target.file.clone(),
                 line_start(&target.prefix, which),
@@ -260,7 +266,7 @@ pub fn line_start(prefix: &str, which: Stream) -> Vec<u8> {
 /// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`
 /// … a final byte, colours among them), OSC (`ESC ]` … BEL or `ESC \\`,
 /// terminal titles and links) and two-byte escapes.
-fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
     const ESC: u8 = 0x1b;
     let mut i = 0;
     while i < text.len() {

@@ -301,6 +301,8 @@ struct Worker {
     rolling: Option<Rolling>,
     /// Its health check settings, which its processes' checks follow.
     health_settings: watch::Sender<crate::health::Settings>,
+    /// Where its lines go too, with `syslog`.
+    syslog: Option<Arc<crate::syslog::Sink>>,
 }
 
 /// A rolling restart: instance `current` was restarted at `since`; the
@@ -611,6 +613,7 @@ impl Supervisor {
             guard: guard_for(&spec),
             tls: tls_for(&name, &spec),
             health_settings: watch::channel(health_settings(&spec)).0,
+            syslog: syslog_for(&name, &spec),
             file_block: file_block(&spec, &origin),
             spec: Arc::new(spec),
             origin,
@@ -936,12 +939,13 @@ impl Supervisor {
         let (err_tx, err_rx) = watch::channel(err_target);
         instance.targets = Some((out_tx, err_tx));
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(logs::pump(stdout, Stream::Out, out_rx, None));
+            tokio::spawn(logs::pump(stdout, Stream::Out, pid, out_rx, None));
         }
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(logs::pump(
                 stderr,
                 Stream::Err,
+                pid,
                 err_rx,
                 Some(instance.stderr_head.clone()),
             ));
@@ -991,6 +995,9 @@ impl Supervisor {
             || spec.tls.value
         {
             worker.tls = tls_for(&name, &spec);
+        }
+        if (&spec.syslog, &spec.syslog_tag) != (&worker.spec.syslog, &worker.spec.syslog_tag) {
+            worker.syslog = syslog_for(&name, &spec);
         }
         worker.health_settings.send_if_modified(|settings| {
             let new = health_settings(&spec);
@@ -1200,10 +1207,15 @@ impl Supervisor {
     fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
         let prefix = log_prefix(spec, index);
+        let syslog = self
+            .workers
+            .get(&spec.name.value)
+            .and_then(|w| w.syslog.clone());
         let out = Target {
             file: self.logs.open(&out_path, rotation(spec)),
             prefix: prefix.clone(),
             strip_ansi: spec.strip_ansi.value,
+            syslog: syslog.clone(),
         };
         (
             out,
@@ -1211,6 +1223,7 @@ impl Supervisor {
                 file: self.logs.open(&err_path, rotation(spec)),
                 prefix,
                 strip_ansi: spec.strip_ansi.value,
+                syslog,
             },
         )
     }
@@ -1256,6 +1269,8 @@ impl Supervisor {
         let mut spec = worker.spec.as_ref().clone();
         spec.name.value = new.to_owned();
         worker.file_block = file_block(&spec, &origin);
+        // Its syslog messages carry its name, unless `syslog_tag` says otherwise.
+        worker.syslog = syslog_for(new, &spec);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         for instance in &worker.instances {
@@ -1502,6 +1517,15 @@ impl Supervisor {
             vanguard: worker.guard.as_ref().map(|g| g.0.stats()),
         }
     }
+}
+
+fn syslog_for(name: &str, spec: &WorkerSpec) -> Option<Arc<crate::syslog::Sink>> {
+    let url = &spec.syslog.as_ref()?.value;
+    let tag = spec.syslog_tag.as_ref().map_or(name, |t| t.value.as_str());
+    crate::syslog::Sink::start(name, url, tag)
+        .inspect_err(|e| crate::log(format_args!("{name}: syslog {url}: {e}")))
+        .ok()
+        .map(Arc::new)
 }
 
 fn tls_for(name: &str, spec: &WorkerSpec) -> crate::proxy::TlsSetting {

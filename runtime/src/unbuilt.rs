@@ -1,8 +1,8 @@
 //! Keys the config language accepts for features this version does not run
 //! yet. Configs that set them stay valid (they will work as the features
 //! land), and `apm check`, `run`, `load` and `reload` say which of them a
-//! config sets: nobody should rely on a memory cap or a health check that
-//! is not there.
+//! config sets: nobody should rely on a memory cap or a dashboard that is
+//! not there.
 
 use apm_compiler::ir::{Config, WorkerSpec};
 
@@ -15,8 +15,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("session_wait", "session migration"),
     ("stats_interval", "stats collection"),
     ("log_time_format", "custom log timestamps"),
-    ("syslog", "syslog output"),
-    ("syslog_tag", "syslog output"),
     ("augur_full_scan", "augur's dependency scan"),
     ("memory_limit", "memory limits"),
     ("listen", "IPC between workers"),

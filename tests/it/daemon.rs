@@ -3425,3 +3425,75 @@ fn an_instance_that_stops_calling_apm_health_url_is_restarted() {
     // The old process's token is gone with it.
     assert!(ask(token).starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn syslog_sends_each_line_as_an_rfc_5424_message_over_udp_and_tcp() {
+    use std::io::Read;
+    let d = Daemon::new("syslog");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let udp_url = format!("syslog://{}", udp.local_addr().unwrap());
+    let script = "printf '\\033[31mred\\033[0m line\\n'; echo oops >&2; exec sleep 1017";
+    d.run_sh(
+        "sys",
+        script,
+        &[
+            "-syslog",
+            &udp_url,
+            "-syslog_tag",
+            "my app",
+            "-startup_grace",
+            "100",
+        ],
+    );
+    let pid = pids(&d.wait_running("sys"))[0];
+    let mut datagrams: Vec<String> = (0..2)
+        .map(|_| {
+            let mut buffer = [0u8; 2048];
+            let n = udp.recv(&mut buffer).expect("a datagram");
+            String::from_utf8_lossy(&buffer[..n]).into_owned()
+        })
+        .collect();
+    datagrams.sort();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let expect = |pri: u8, text: &str, message: &str| {
+        let fields: Vec<&str> = message.splitn(8, ' ').collect();
+        assert_eq!(fields[0], format!("<{pri}>1"), "{message}");
+        assert!(fields[1].ends_with('Z'), "an RFC 3339 time: {message}");
+        assert_eq!(
+            fields[2..7],
+            [host.trim(), "myapp", &pid.to_string(), "-", "-"],
+            "{message}"
+        );
+        assert_eq!(fields[7], text, "{message}");
+    };
+    // user.err for stderr, user.info for stdout; no escape codes.
+    expect(11, "oops", &datagrams[0]);
+    expect(14, "red line", &datagrams[1]);
+    // The log file keeps the colours (`strip_ansi` is off).
+    assert!(d.log("sys", false).contains("\u{1b}[31mred"));
+
+    // Over TCP, each message is framed by its length (RFC 6587).
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_url = format!("tcp://{}", tcp.local_addr().unwrap());
+    d.run_sh(
+        "framed",
+        "echo one; echo two; exec sleep 1017",
+        &["-syslog", &tcp_url, "-startup_grace", "100"],
+    );
+    let (mut stream, _) = tcp.accept().unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut received = String::new();
+    let mut buffer = [0u8; 1024];
+    while !received.ends_with(" - - two") {
+        let n = stream.read(&mut buffer).expect("the messages");
+        assert!(n > 0, "closed after {received:?}");
+        received.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    let (length, rest) = received.split_once(' ').unwrap();
+    let first = &rest[..length.parse::<usize>().unwrap()];
+    assert!(
+        first.starts_with("<14>1 ") && first.contains(" framed ") && first.ends_with(" - - one"),
+        "{received:?}"
+    );
+}

@@ -13,6 +13,7 @@ pub mod procfs;
 pub mod proxy;
 mod session;
 pub mod state;
+mod statsd;
 pub mod supervisor;
 pub mod sys;
 mod syslog;

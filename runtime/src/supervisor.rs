@@ -303,6 +303,8 @@ struct Worker {
     health_settings: watch::Sender<crate::health::Settings>,
     /// Where its lines go too, with `syslog`.
     syslog: Option<Arc<crate::syslog::Sink>>,
+    /// Its metrics reporter, with `statsd { }`.
+    statsd: Option<crate::statsd::Reporter>,
 }
 
 /// A rolling restart: instance `current` was restarted at `since`; the
@@ -435,6 +437,7 @@ impl Supervisor {
         self.reconcile_listeners();
         self.reconcile_watches();
         self.publish_backends();
+        self.publish_stats();
         if std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
         }
@@ -614,6 +617,10 @@ impl Supervisor {
             tls: tls_for(&name, &spec),
             health_settings: watch::channel(health_settings(&spec)).0,
             syslog: syslog_for(&name, &spec),
+            statsd: spec
+                .statsd
+                .as_ref()
+                .map(|config| crate::statsd::Reporter::start(&name, config)),
             file_block: file_block(&spec, &origin),
             spec: Arc::new(spec),
             origin,
@@ -999,6 +1006,12 @@ impl Supervisor {
         if (&spec.syslog, &spec.syslog_tag) != (&worker.spec.syslog, &worker.spec.syslog_tag) {
             worker.syslog = syslog_for(&name, &spec);
         }
+        if spec.statsd.as_ref() != worker.statsd.as_ref().map(|r| &r.config) {
+            worker.statsd = spec
+                .statsd
+                .as_ref()
+                .map(|config| crate::statsd::Reporter::start(&name, config));
+        }
         worker.health_settings.send_if_modified(|settings| {
             let new = health_settings(&spec);
             std::mem::replace(settings, new) != new
@@ -1036,6 +1049,24 @@ impl Supervisor {
             name,
             reply: remap(reply, Some),
         });
+    }
+
+    /// Hands the statsd reporters their instances' current processes.
+    fn publish_stats(&self) {
+        for worker in self.workers.values() {
+            if let Some(reporter) = &worker.statsd {
+                reporter.publish(
+                    worker
+                        .instances
+                        .iter()
+                        .map(|i| crate::statsd::InstanceSample {
+                            pid: i.life.phase.pid(),
+                            restarts: i.life.attempts.saturating_sub(1),
+                        })
+                        .collect(),
+                );
+            }
+        }
     }
 
     /// Starts, replaces and ends file watches as workers' `watch` keys (and
@@ -1269,8 +1300,13 @@ impl Supervisor {
         let mut spec = worker.spec.as_ref().clone();
         spec.name.value = new.to_owned();
         worker.file_block = file_block(&spec, &origin);
-        // Its syslog messages carry its name, unless `syslog_tag` says otherwise.
+        // Its syslog messages and metrics carry its name (its syslog
+        // messages unless `syslog_tag` names them).
         worker.syslog = syslog_for(new, &spec);
+        worker.statsd = spec
+            .statsd
+            .as_ref()
+            .map(|config| crate::statsd::Reporter::start(new, config));
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         for instance in &worker.instances {

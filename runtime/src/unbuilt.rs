@@ -33,11 +33,7 @@ pub fn notes(config: &Config) -> Vec<String> {
 
 /// The line for one worker, when it sets such keys.
 pub fn worker_note(spec: &WorkerSpec) -> Option<String> {
-    let mut keys = unenforced(spec.settings());
-    if spec.statsd.is_some() {
-        keys.push(("statsd { }", "StatsD metrics"));
-    }
-    note(&spec.label(), &keys)
+    note(&spec.label(), &unenforced(spec.settings()))
 }
 
 fn unenforced(settings: Vec<(&'static str, Vec<String>)>) -> Vec<(&'static str, &'static str)> {

@@ -3497,3 +3497,60 @@ fn syslog_sends_each_line_as_an_rfc_5424_message_over_udp_and_tcp() {
         "{received:?}"
     );
 }
+
+#[test]
+fn statsd_reports_each_instances_gauges_over_udp() {
+    let d = Daemon::new("statsd");
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(PATIENCE)).unwrap();
+    let address = server.local_addr().unwrap();
+    d.load(&format!(
+        "worker {{\n    name metered;\n    exec sleep;\n    params 1019;\n    instances 2;\n    startup_grace 100;\n    statsd {{ host {address}; prefix \"my app\"; interval 100; }}\n}}\n"
+    ));
+    let pids = pids(&d.wait_running("metered"));
+    let expected = |index: usize| {
+        let memory = resident_bytes(pids[index]);
+        move |lines: &[String]| {
+            let gauge = |metric: &str| {
+                let name = format!("my_app.metered.{index}.{metric}:");
+                lines
+                    .iter()
+                    .find_map(|l| l.strip_prefix(&name)?.strip_suffix("|g"))
+                    .map(str::to_owned)
+            };
+            gauge("up").as_deref() == Some("1")
+                && gauge("restarts").as_deref() == Some("0")
+                && gauge("cpu").is_some_and(|c| c.parse::<f64>().is_ok())
+                && gauge("memory").is_some_and(|m| m.parse::<u64>().unwrap() * 2 > memory)
+        }
+    };
+    let (first, second) = (expected(0), expected(1));
+    // A report is a datagram of lines; both instances are in one.
+    wait_until(PATIENCE, "a report of both running instances", || {
+        let mut buffer = [0u8; 2048];
+        let n = server.recv(&mut buffer).expect("a report");
+        let lines: Vec<String> = String::from_utf8_lossy(&buffer[..n])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        first(&lines) && second(&lines)
+    });
+    // A stopped worker's instances are reported down.
+    d.ok(&["stop", "metered"]);
+    wait_until(PATIENCE, "a report of the stopped instances", || {
+        let mut buffer = [0u8; 2048];
+        let n = server.recv(&mut buffer).expect("a report");
+        let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        text.contains("my_app.metered.0.up:0|g") && text.contains("my_app.metered.1.up:0|g")
+    });
+}
+
+/// A process's resident memory in bytes, from `/proc`.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .map_or(0, |kb| kb.trim().parse::<u64>().unwrap() * 1024)
+}

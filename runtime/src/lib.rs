@@ -65,3 +65,24 @@ impl AcceptErrors {
 pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
+
+/// The first address `host:port` resolves to (syslog and StatsD servers).
+pub(crate) async fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("cannot resolve it: {e}"))?
+        .next()
+        .ok_or_else(|| "it resolves to no address".to_owned())
+}
+
+/// A UDP socket on an ephemeral port of `target`'s address family.
+pub(crate) async fn udp_socket_for(
+    target: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::UdpSocket> {
+    let local: std::net::SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    tokio::net::UdpSocket::bind(local).await
+}

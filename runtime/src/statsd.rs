@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use apm_compiler::ir::StatsdConfig;
@@ -146,17 +145,8 @@ fn gauges(
 
 /// Sends the lines, several to a datagram as StatsD servers read them.
 async fn send(host: &str, lines: &[String]) -> Result<(), String> {
-    let target: SocketAddr = tokio::net::lookup_host(host)
-        .await
-        .map_err(|e| format!("cannot resolve it: {e}"))?
-        .next()
-        .ok_or("it resolves to no address")?;
-    let local: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        ([0u16; 8], 0).into()
-    };
-    let socket = tokio::net::UdpSocket::bind(local)
+    let target = crate::resolve(host).await?;
+    let socket = crate::udp_socket_for(target)
         .await
         .map_err(|e| e.to_string())?;
     let mut datagram = String::new();

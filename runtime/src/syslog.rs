@@ -110,7 +110,7 @@ async fn deliver(
         }
     };
     loop {
-        let target = match resolve(&address).await {
+        let target = match crate::resolve(&address).await {
             Ok(target) => target,
             Err(e) => {
                 report(e);
@@ -137,14 +137,6 @@ async fn deliver(
     }
 }
 
-async fn resolve(address: &str) -> Result<SocketAddr, String> {
-    tokio::net::lookup_host(address)
-        .await
-        .map_err(|e| format!("cannot resolve it: {e}"))?
-        .next()
-        .ok_or_else(|| "it resolves to no address".to_owned())
-}
-
 /// Drops what arrives for `RECONNECT`; false once the sink is gone.
 async fn wait_or_drain(rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
     let pause = tokio::time::sleep(RECONNECT);
@@ -158,12 +150,7 @@ async fn wait_or_drain(rx: &mut mpsc::Receiver<Vec<u8>>) -> bool {
 }
 
 async fn send_udp(target: SocketAddr, rx: &mut mpsc::Receiver<Vec<u8>>) -> Result<(), String> {
-    let local: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        ([0u16; 8], 0).into()
-    };
-    let socket = tokio::net::UdpSocket::bind(local)
+    let socket = crate::udp_socket_for(target)
         .await
         .map_err(|e| e.to_string())?;
     socket.connect(target).await.map_err(|e| e.to_string())?;

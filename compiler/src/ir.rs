@@ -107,7 +107,7 @@ schema_block! {
         health_check_timeout: Setting<Millis> = MS, default Some("3000"), since "2.0", reload Hot, "Timeout of one pull-mode probe.";
         health_check_threshold: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("3"), since "2.0", reload Hot, "Consecutive failures before an instance is unhealthy.";
         drain_timeout: Setting<Millis> = MS, default Some("0"), since "2.0", reload Hot, "Time in-flight requests get to finish before a stop; 0 stops at once.";
-        memory_limit: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", reload Restart, "Per-child memory cap through cgroups v2.";
+        memory_limit: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", reload Restart, "Per-instance memory cap through a memory cgroup (needs a root daemon).";
         // TLS & IPC
         tls: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Restart, "Terminate TLS on this worker's listeners.";
         tls_cert: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Restart, "PEM certificate chain.";

@@ -222,6 +222,8 @@ struct Instance {
     link: Option<Arc<crate::connector::Link>>,
     /// The current process's health check, with `health_check`.
     health: Option<crate::health::Check>,
+    /// Its memory cgroup, with `memory_limit`.
+    cgroup: Option<crate::cgroup::Group>,
     /// Whether the current process has passed a health check.
     healthy: bool,
 }
@@ -376,6 +378,8 @@ pub struct Supervisor {
     watching: HashMap<String, Watching>,
     /// The endpoint push-mode health checks call, once one is needed.
     check_ins: Option<crate::health::Endpoint>,
+    /// Workers whose `memory_limit` could not be enforced, to say it once.
+    warned_memory: Vec<String>,
 }
 
 /// A worker's file watch and what it was made from.
@@ -408,6 +412,7 @@ impl Supervisor {
             warned_listeners: Vec::new(),
             watching: HashMap::new(),
             check_ins: None,
+            warned_memory: Vec::new(),
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx, saved }
@@ -604,6 +609,7 @@ impl Supervisor {
             link: None,
             health: None,
             healthy: false,
+            cgroup: None,
         }
     }
 
@@ -803,6 +809,21 @@ impl Supervisor {
                 if let Some(pid) = instance.life.phase.pid() {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
+                if instance
+                    .cgroup
+                    .as_ref()
+                    .is_some_and(|g| g.killed_for_memory())
+                {
+                    let limit = worker
+                        .spec
+                        .memory_limit
+                        .as_ref()
+                        .map(|l| l.value.0)
+                        .unwrap_or_default();
+                    crate::log(format_args!(
+                        "{name}#{index}: killed by the kernel for going over memory_limit ({limit} bytes)"
+                    ));
+                }
                 instance.last_exit = Some(status);
                 instance.start_ticks = None;
                 self.dirty = true;
@@ -866,7 +887,25 @@ impl Supervisor {
             None
         };
         instance.port = port.map(Port::new);
-        let mut command = match build_command(&spec, index, port) {
+        let cgroup = match &spec.memory_limit {
+            Some(limit) => match memory_group(name, &self.home, instance, limit.value.0) {
+                Ok(procs) => Some(procs),
+                Err(error) => {
+                    if !self.warned_memory.iter().any(|w| w == name) {
+                        self.warned_memory.push(name.to_owned());
+                        crate::log(format_args!(
+                            "{name}: memory_limit is not enforced: {error} (it needs a root daemon and a memory cgroup controller)"
+                        ));
+                    }
+                    None
+                }
+            },
+            None => {
+                instance.cgroup = None;
+                None
+            }
+        };
+        let mut command = match build_command(&spec, index, port, cgroup) {
             Ok(command) => command,
             Err(error) => return spawn_failed(name, instance, error),
         };
@@ -1705,6 +1744,33 @@ fn watch_spec(home: &Path, worker: &Worker) -> Option<crate::filewatch::WatchSpe
     })
 }
 
+/// The memory cgroup an instance's next process joins, made or renewed
+/// with `limit`: its `cgroup.procs`, opened for the child to write.
+fn memory_group(
+    name: &str,
+    home: &Path,
+    instance: &mut Instance,
+    limit: u64,
+) -> Result<std::fs::File, String> {
+    match &mut instance.cgroup {
+        Some(group) => group.renew(limit)?,
+        None => {
+            // Named after the daemon's home too: two daemons may run a
+            // worker of the same name.
+            let home = home.as_os_str().as_encoded_bytes();
+            let daemon = home.iter().fold(0x811c_9dc5_u32, |h, b| {
+                (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+            });
+            let group = format!("apm-{daemon:08x}-{name}-{}", instance.index);
+            instance.cgroup = Some(crate::cgroup::Group::prepare(&group, limit)?);
+        }
+    }
+    let group = instance.cgroup.as_ref().expect("set above");
+    group
+        .procs()
+        .map_err(|e| format!("cannot open its cgroup.procs: {e}"))
+}
+
 /// How a process of `spec` is health-checked, with the `APM_HEALTH_URL`
 /// it is given in push mode. With `upstream port`, a pull-mode URL's
 /// request goes to the instance's own port (the URL's host stays its
@@ -1830,6 +1896,7 @@ fn build_command(
     spec: &WorkerSpec,
     index: usize,
     port: Option<u16>,
+    cgroup: Option<std::fs::File>,
 ) -> Result<tokio::process::Command, String> {
     let mut command = tokio::process::Command::new(&spec.exec.value);
     command.args(spec.params.iter().map(|p| &p.value));
@@ -1857,6 +1924,10 @@ fn build_command(
     }
     if let Some(var) = &spec.env_index {
         command.env(&var.value, index.to_string());
+    }
+    // Joined while the child may still write the group's file.
+    if let Some(procs) = cgroup {
+        sys::join_cgroup(&mut command, procs);
     }
     if let Some(run_as) = run_as {
         let me = nix::unistd::geteuid();

@@ -54,6 +54,20 @@ impl RunAs {
     }
 }
 
+/// Makes the child join the cgroup whose `cgroup.procs` is `procs` before
+/// exec (and before a privilege drop, registered after this, which would
+/// forbid the write).
+pub fn join_cgroup(command: &mut tokio::process::Command, procs: std::fs::File) {
+    // SAFETY: the closure makes one write system call on a descriptor
+    // opened before the fork (and closed on exec); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::write(&procs, b"0")?;
+            Ok(())
+        });
+    }
+}
+
 /// Makes the child drop to `user` (groups, then group, then user) before exec.
 pub fn run_as(command: &mut tokio::process::Command, user: RunAs) {
     // SAFETY: the closure only makes the setgroups, setgid and setuid system

@@ -1,8 +1,8 @@
 //! Keys the config language accepts for features this version does not run
 //! yet. Configs that set them stay valid (they will work as the features
 //! land), and `apm check`, `run`, `load` and `reload` say which of them a
-//! config sets: nobody should rely on a memory cap or a dashboard that is
-//! not there.
+//! config sets: nobody should rely on a dependency scan or a dashboard
+//! that is not there.
 
 use apm_compiler::ir::{Config, WorkerSpec};
 
@@ -16,7 +16,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("stats_interval", "stats collection"),
     ("log_time_format", "custom log timestamps"),
     ("augur_full_scan", "augur's dependency scan"),
-    ("memory_limit", "memory limits"),
     ("listen", "IPC between workers"),
     ("ipc_timeout", "IPC between workers"),
 ];

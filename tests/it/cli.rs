@@ -72,7 +72,7 @@ fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
     write(
         dir.path(),
         "apm.conf",
-        "worker { name api; exec node; memory_limit 512M; session_persist on; }\nworker { name plain; exec node; }\n",
+        "worker { name api; exec node; listen jobs; session_persist on; }\nworker { name plain; exec node; }\n",
     );
     let output = apm(&["check", "apm.conf"], dir.path());
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
@@ -85,7 +85,7 @@ fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
         notes,
         [
             "note: worker `api` sets keys this version of apm accepts but does not enforce yet: \
-          `session_persist` (session migration), `memory_limit` (memory limits)"
+          `session_persist` (session migration), `listen` (IPC between workers)"
         ]
     );
     let json = apm(&["check", "--json", "apm.conf"], dir.path());

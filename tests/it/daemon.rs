@@ -588,12 +588,12 @@ fn log_follow_goes_on_through_rotations_without_losing_a_line() {
 fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     let d = Daemon::new("unbuilt");
     let ran = d.run_sh(
-        "capped",
+        "scanned",
         "exec sleep 600",
-        &["-memory_limit", "64M", "-startup_grace", "100"],
+        &["-augur_full_scan", "-startup_grace", "100"],
     );
     assert!(
-        stderr(&ran).contains("apm: note: worker `capped` sets keys this version of apm accepts but does not enforce yet: `memory_limit` (memory limits)"),
+        stderr(&ran).contains("apm: note: worker `scanned` sets keys this version of apm accepts but does not enforce yet: `augur_full_scan` (augur's dependency scan)"),
         "{}",
         describe(&ran)
     );
@@ -3553,4 +3553,64 @@ fn resident_bytes(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().strip_suffix("kB"))
         .map_or(0, |kb| kb.trim().parse::<u64>().unwrap() * 1024)
+}
+
+#[test]
+fn memory_limit_puts_each_instance_in_a_cgroup_and_the_kernel_kills_one_over_it() {
+    let d = Daemon::new("memory-limit");
+    d.run_sh(
+        "capped",
+        "exec sleep 1021",
+        &["-memory_limit", "48M", "-startup_grace", "100"],
+    );
+    let pid = pids(&d.wait_running("capped"))[0];
+    if d.daemon_log().contains("memory_limit is not enforced") {
+        eprintln!("skipped: no memory cgroup here\n{}", d.daemon_log());
+        return;
+    }
+    // The process runs in a group of its own with the limit.
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let group = own
+        .lines()
+        .find_map(|l| {
+            let (_, path) = l.split_once(":memory:").or_else(|| l.split_once("0::"))?;
+            path.contains("-capped-0").then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| panic!("in no group of its own: {own}"));
+    let dir = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| Path::new(root).join(group.trim_start_matches('/')))
+        .find(|dir| dir.is_dir())
+        .unwrap();
+    let limit = ["memory.limit_in_bytes", "memory.max"]
+        .iter()
+        .find_map(|file| std::fs::read_to_string(dir.join(file)).ok())
+        .unwrap();
+    assert_eq!(limit.trim(), (48 * 1024 * 1024).to_string());
+
+    // One that goes over it is killed, said, and restarted by its policy.
+    d.ok(&[
+        "run",
+        "python3",
+        "-c",
+        "import time; x = bytearray(200 * 1024 * 1024); time.sleep(1000)",
+        "-name",
+        "greedy",
+        "-memory_limit",
+        "48M",
+        "-restart_err",
+        "-err_delay",
+        "100",
+        "-startup_grace",
+        "0",
+    ]);
+    d.wait_daemon_log(
+        "greedy#0: killed by the kernel for going over memory_limit (50331648 bytes)",
+    );
+    wait_until(PATIENCE, "greedy to be restarted", || {
+        d.worker("greedy").is_some_and(|w| restarts(&w) > 0)
+    });
+    d.ok(&["remove", "greedy"]);
+    d.ok(&["remove", "capped"]);
+    assert!(!dir.exists(), "a removed worker's group is removed");
 }

@@ -1496,6 +1496,11 @@ impl Supervisor {
                     {
                         Some(Waiter::Shutdown { reply })
                     } else {
+                        // Empty now: the memory cgroups go with the daemon
+                        // (the next one makes them again).
+                        for instance in self.workers.values_mut().flat_map(|w| &mut w.instances) {
+                            instance.cgroup = None;
+                        }
                         let _ = reply.send(Ok(()));
                         None
                     }

@@ -97,6 +97,19 @@ pub fn show_start(report: &StartReport) -> bool {
             }
             println!("{}", "─".repeat(62));
         }
+        if let Some(diagnosis) = &instance.diagnosis {
+            for hint in &diagnosis.hints {
+                println!("  → {hint}");
+            }
+            if let Some(missing) = &diagnosis.missing {
+                println!(
+                    "  → augur — also missing ({}): {}   → {}",
+                    missing.names.len(),
+                    missing.names.join(" "),
+                    missing.install
+                );
+            }
+        }
     }
     let ok = report.ok();
     if !ok {

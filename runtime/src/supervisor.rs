@@ -77,6 +77,9 @@ pub struct InstanceStart {
     /// The first bytes of its stderr, when its first attempt failed.
     pub stderr: String,
     pub error: Option<String>,
+    /// Augur's reading of a failed start.
+    #[serde(default)]
+    pub diagnosis: Option<crate::augur::Diagnosis>,
 }
 
 impl StartReport {
@@ -1677,6 +1680,9 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
             } else {
                 i.stderr_head.lock().map(|h| h.clone()).unwrap_or_default()
             };
+            let stderr = String::from_utf8_lossy(&stderr).into_owned();
+            let project = worker.spec.path.as_ref().map(|p| p.value.as_path());
+            let diagnosis = (!ok).then(|| crate::augur::diagnose(&stderr, project));
             InstanceStart {
                 index: i.index,
                 pid: i.life.phase.pid(),
@@ -1687,8 +1693,9 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
                     i.last_exit.map(|s| s.to_string())
                 },
                 uptime_ms: i.started.map_or(0, |s| (now - s).as_millis() as u64),
-                stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                stderr,
                 error: i.spawn_error.clone(),
+                diagnosis,
             }
         })
         .collect();

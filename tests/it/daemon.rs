@@ -3615,3 +3615,55 @@ fn memory_limit_puts_each_instance_in_a_cgroup_and_the_kernel_kills_one_over_it(
     d.ok(&["exit", "daemon"]);
     assert!(!dir.exists(), "the groups go with the daemon");
 }
+
+#[test]
+fn augur_reads_a_failed_start_and_lists_every_missing_dependency() {
+    let d = Daemon::new("augur");
+    let project = d.dir().join("api");
+    std::fs::create_dir_all(project.join("node_modules/express")).unwrap();
+    std::fs::write(project.join("node_modules/express/package.json"), "{}").unwrap();
+    std::fs::write(
+        project.join("package.json"),
+        r#"{"dependencies": {"express": "4", "redis": "4", "ws": "8", "axios": "1"}}"#,
+    )
+    .unwrap();
+    let path = project.display().to_string();
+    // What Node prints when a dependency is missing, without needing Node.
+    let failed = d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        "echo \"Error: Cannot find module 'redis'\" >&2; echo \"  code: 'MODULE_NOT_FOUND',\" >&2; exit 1",
+        "-name",
+        "api",
+        "-path",
+        &path,
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));
+    let out = stdout(&failed);
+    assert!(
+        out.contains("  → missing node module redis — run npm install\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "  → augur — also missing (2): ws axios   → cd {path} && npm install ws axios\n"
+        )),
+        "{out}"
+    );
+    // A real interpreter's failure.
+    let python = d.apm(&[
+        "run",
+        "python3",
+        "-c",
+        "import apm_augur_absent_module",
+        "-name",
+        "py",
+    ]);
+    assert!(
+        stdout(&python)
+            .contains("  → missing Python module apm_augur_absent_module — pip install it"),
+        "{}",
+        describe(&python)
+    );
+}

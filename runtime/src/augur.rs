@@ -36,6 +36,18 @@ pub fn diagnose(stderr: &str, project: Option<&Path>) -> Diagnosis {
     Diagnosis { hints, missing }
 }
 
+/// `augur_full_scan`: what keeps a process of the project in `dir` from
+/// starting (its declared dependencies not installed), if anything.
+pub fn preflight(dir: &Path) -> Option<String> {
+    let missing = scan(dir)?;
+    (!missing.names.is_empty()).then(|| {
+        format!(
+            "augur_full_scan: {} declared dependencies are not installed (not started)",
+            missing.names.len()
+        )
+    })
+}
+
 /// The text between `start` and the next `end` after it.
 fn between<'t>(text: &'t str, start: &str, end: &str) -> Option<&'t str> {
     let from = text.find(start)? + start.len();

@@ -890,6 +890,14 @@ impl Supervisor {
             None
         };
         instance.port = port.map(Port::new);
+        if spec.augur_full_scan.value
+            && let Some(problem) = spec
+                .path
+                .as_ref()
+                .and_then(|path| crate::augur::preflight(&path.value))
+        {
+            return spawn_failed(name, instance, problem);
+        }
         let cgroup = match &spec.memory_limit {
             Some(limit) => match memory_group(name, &self.home, instance, limit.value.0) {
                 Ok(procs) => Some(procs),

@@ -1,7 +1,7 @@
 //! Keys the config language accepts for features this version does not run
 //! yet. Configs that set them stay valid (they will work as the features
 //! land), and `apm check`, `run`, `load` and `reload` say which of them a
-//! config sets: nobody should rely on a dependency scan or a dashboard
+//! config sets: nobody should rely on a session migration or a dashboard
 //! that is not there.
 
 use apm_compiler::ir::{Config, WorkerSpec};
@@ -15,7 +15,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("session_wait", "session migration"),
     ("stats_interval", "stats collection"),
     ("log_time_format", "custom log timestamps"),
-    ("augur_full_scan", "augur's dependency scan"),
     ("listen", "IPC between workers"),
     ("ipc_timeout", "IPC between workers"),
 ];

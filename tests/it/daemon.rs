@@ -588,12 +588,12 @@ fn log_follow_goes_on_through_rotations_without_losing_a_line() {
 fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     let d = Daemon::new("unbuilt");
     let ran = d.run_sh(
-        "scanned",
+        "sampled",
         "exec sleep 600",
-        &["-augur_full_scan", "-startup_grace", "100"],
+        &["-stats_interval", "1000", "-startup_grace", "100"],
     );
     assert!(
-        stderr(&ran).contains("apm: note: worker `scanned` sets keys this version of apm accepts but does not enforce yet: `augur_full_scan` (augur's dependency scan)"),
+        stderr(&ran).contains("apm: note: worker `sampled` sets keys this version of apm accepts but does not enforce yet: `stats_interval` (stats collection)"),
         "{}",
         describe(&ran)
     );
@@ -3651,6 +3651,42 @@ fn augur_reads_a_failed_start_and_lists_every_missing_dependency() {
         )),
         "{out}"
     );
+    // With augur_full_scan, a project missing dependencies is not started.
+    let preflight = d.apm(&[
+        "run",
+        "sh",
+        "-c",
+        "echo started; exec sleep 1023",
+        "-name",
+        "checked",
+        "-path",
+        &path,
+        "-augur_full_scan",
+        "-startup_grace",
+        "100",
+    ]);
+    assert_eq!(preflight.status.code(), Some(1), "{}", describe(&preflight));
+    let out = stdout(&preflight);
+    assert!(
+        out.contains("augur_full_scan: 3 declared dependencies are not installed (not started)")
+            && out.contains("augur — also missing (3): redis ws axios"),
+        "{out}"
+    );
+    assert!(!d.log("checked", false).contains("started"));
+    for module in ["redis", "ws", "axios"] {
+        std::fs::create_dir_all(project.join("node_modules").join(module)).unwrap();
+        std::fs::write(
+            project
+                .join("node_modules")
+                .join(module)
+                .join("package.json"),
+            "{}",
+        )
+        .unwrap();
+    }
+    d.ok(&["start", "checked"]);
+    d.wait_running("checked");
+
     // A real interpreter's failure.
     let python = d.apm(&[
         "run",

@@ -429,23 +429,7 @@ pub fn list(place: &Place, json: bool) -> u8 {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for (i, row) in rows.iter().enumerate() {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            let padded = format!("{cell:<w$}  ", w = widths[c]);
-            line.push_str(&match (i, c) {
-                (0, _) => paint(&padded, "1"),
-                (_, 1) => paint(&padded, status_color(cell)),
-                _ => padded,
-            });
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = table(&rows);
     if listing.workers.is_empty() {
         out.push_str("no workers; start one with `apm run <program>` or `apm load <file>`\n");
     }
@@ -463,6 +447,97 @@ pub fn list(place: &Place, json: bool) -> u8 {
         );
     }
     exit::OK
+}
+
+/// Rows as aligned columns, the first row (the header) in bold and the
+/// second column (a status) in its colour.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let padded = format!("{cell:<w$}  ", w = widths[c]);
+            line.push_str(&match (i, c) {
+                (0, _) => paint(&padded, "1"),
+                (_, 1) => paint(&padded, status_color(cell)),
+                _ => padded,
+            });
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `apm monitor`: the instances of every worker, redrawn every
+/// `interval` (on a terminal; elsewhere one frame after another), `count`
+/// times or until interrupted. Each frame's CPU is that of the interval
+/// before it, as the daemon measures CPU between two looks.
+pub fn monitor(place: &Place, interval: Duration, count: Option<u64>) -> u8 {
+    let terminal = std::io::stdout().is_terminal();
+    let mut shown = 0;
+    loop {
+        let listing = match request(place, Call::List).and_then(decode::<Listing>) {
+            Ok(listing) => listing,
+            Err(code) => return code,
+        };
+        let mut frame = String::new();
+        if terminal {
+            // Home and clear, so each frame replaces the last.
+            frame.push_str("\x1b[H\x1b[2J");
+        } else if shown > 0 {
+            frame.push('\n');
+        }
+        frame.push_str(&format!(
+            "apm monitor — {} worker(s), daemon pid {} using {}, every {} (Ctrl-C quits)\n",
+            listing.workers.len(),
+            listing.daemon.pid,
+            human_bytes(listing.daemon.memory_bytes),
+            human_duration(interval.as_millis() as u64),
+        ));
+        let mut rows = vec![
+            [
+                "instance", "status", "pid", "cpu", "memory", "restarts", "uptime",
+            ]
+            .map(String::from),
+        ];
+        for worker in &listing.workers {
+            for i in &worker.instances {
+                rows.push([
+                    format!("{}#{}", worker.name, i.index),
+                    i.status.clone(),
+                    i.pid.map_or("-".to_owned(), |p| p.to_string()),
+                    format!("{:.1}%", i.cpu_percent),
+                    if i.memory_bytes == 0 {
+                        "-".to_owned()
+                    } else {
+                        human_bytes(i.memory_bytes)
+                    },
+                    i.restarts.to_string(),
+                    i.uptime_ms.map_or("-".to_owned(), human_duration),
+                ]);
+            }
+        }
+        frame.push_str(&table(&rows));
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(frame.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            // The reader is gone (`apm monitor | head`).
+            return exit::OK;
+        }
+        drop(stdout);
+        shown += 1;
+        if count.is_some_and(|count| shown >= count) {
+            return exit::OK;
+        }
+        std::thread::sleep(interval);
+    }
 }
 
 #[derive(Deserialize)]

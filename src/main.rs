@@ -101,6 +101,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of every instance's status, CPU and memory.
+    Monitor {
+        /// How often it redraws.
+        #[arg(long, default_value = "1s")]
+        interval: String,
+        /// Stop after this many frames (for scripts).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// A worker's configuration and live state.
     Info {
         worker: String,
@@ -314,6 +323,17 @@ fn main() -> ExitCode {
         },
         Command::Exit { .. } => commands::exit_daemon(&place),
         Command::List { json } => commands::list(&place, json),
+        Command::Monitor { interval, count } => match commands::parse_duration(&interval) {
+            Ok(interval) if !interval.is_zero() => commands::monitor(&place, interval, count),
+            Ok(_) => {
+                eprintln!("apm: --interval must be more than 0");
+                exit::USAGE
+            }
+            Err(e) => {
+                eprintln!("apm: --interval: {e}");
+                exit::USAGE
+            }
+        },
         Command::Info { worker, json } => commands::info(&place, &worker, json),
         Command::Env { worker, json } => commands::env(&place, &worker, json),
         Command::Log {

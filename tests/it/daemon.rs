@@ -3703,3 +3703,34 @@ fn augur_reads_a_failed_start_and_lists_every_missing_dependency() {
         describe(&python)
     );
 }
+
+#[test]
+fn monitor_redraws_every_instance_until_its_count() {
+    let d = Daemon::new("monitor");
+    d.run_sh(
+        "watched",
+        "exec sleep 1025",
+        &["-instances", "2", "-startup_grace", "100"],
+    );
+    let pids = pids(&d.wait_running("watched"));
+    let started = Instant::now();
+    let out = stdout(&d.ok(&["monitor", "--interval", "200ms", "--count", "3"]));
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "it waits between frames"
+    );
+    let frames: Vec<&str> = out.split("apm monitor — ").skip(1).collect();
+    assert_eq!(frames.len(), 3, "{out}");
+    for frame in frames {
+        for (index, pid) in pids.iter().enumerate() {
+            let row = frame
+                .lines()
+                .find(|l| l.starts_with(&format!("watched#{index} ")))
+                .unwrap_or_else(|| panic!("no row for instance {index}: {frame}"));
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(cells[1..3], ["running", pid.to_string().as_str()], "{row}");
+        }
+    }
+    let refused = d.apm(&["monitor", "--interval", "0"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+}

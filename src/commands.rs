@@ -472,6 +472,20 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
+/// `apm gui [stop]`.
+pub fn gui(place: &Place, stop: bool) -> u8 {
+    let data = match request(place, Call::Gui { stop }) {
+        Ok(data) => data,
+        Err(code) => return code,
+    };
+    match (data["url"].as_str(), data["stopped"].as_str()) {
+        (Some(url), _) => println!("apm GUI: {url}"),
+        (None, Some(url)) => println!("the GUI on {url} is stopped"),
+        (None, None) => println!("no GUI was running"),
+    }
+    exit::OK
+}
+
 /// `apm monitor`: the instances of every worker, redrawn every
 /// `interval` (on a terminal; elsewhere one frame after another), `count`
 /// times or until interrupted. Each frame's CPU is that of the interval
@@ -719,7 +733,11 @@ fn in_stream(line: &str, only: Option<&str>) -> bool {
 /// The last `count` lines of a log (of one stream when `only` names its
 /// marker), and where following goes on: the end of its last complete line.
 /// Read backwards from the end, so a log of gigabytes costs the lines shown.
-fn last_log_lines(file: &std::fs::File, only: Option<&str>, count: usize) -> (Vec<String>, u64) {
+pub(crate) fn last_log_lines(
+    file: &std::fs::File,
+    only: Option<&str>,
+    count: usize,
+) -> (Vec<String>, u64) {
     last_lines_in_blocks(file, only, count, 64 * 1024)
 }
 

@@ -23,6 +23,9 @@ use crate::exit;
 use crate::protocol::{Call, PROTOCOL, Pong, ReloadTarget, Request, Response, VERSION};
 use crate::watch::{self, Watcher};
 
+#[path = "gui.rs"]
+mod gui;
+
 /// A request line longer than this is refused.
 const MAX_REQUEST: u64 = 1 << 20;
 /// How long orphans of a crashed daemon get to end after SIGTERM.
@@ -72,6 +75,12 @@ struct Daemon {
     watcher: Arc<Watcher>,
     /// Set when the state file, or workers in it, could not be restored.
     notice: std::sync::OnceLock<String>,
+    /// Itself, for the tasks it starts that call back (the GUI).
+    this: std::sync::Weak<Daemon>,
+    /// The web dashboard, while it runs.
+    gui: std::sync::Mutex<Option<gui::Gui>>,
+    /// The GUI settings of the last loaded file that set `gui_port`.
+    gui_settings: std::sync::Mutex<Option<gui::Settings>>,
 }
 
 pub fn run(place: Place, detach: bool) -> u8 {
@@ -160,13 +169,16 @@ async fn serve(place: Place) -> u8 {
         allow_group: allow_group(&place.home),
     };
     let (watcher, mut due) = Watcher::start();
-    let daemon = Arc::new(Daemon {
+    let daemon = Arc::new_cyclic(|this| Daemon {
         place,
         supervisor,
         access,
         exit: Notify::new(),
         watcher,
         notice: std::sync::OnceLock::new(),
+        this: this.clone(),
+        gui: std::sync::Mutex::default(),
+        gui_settings: std::sync::Mutex::default(),
     });
     let reloading = daemon.clone();
     tokio::spawn(async move {
@@ -357,6 +369,83 @@ async fn load_user_config(daemon: &Daemon) {
         )),
     }
 }
+
+fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A loaded file that sets `gui_port` starts the GUI with its settings (or
+/// restarts it, if they changed); a failure is logged, the load goes on.
+async fn follow_gui_settings(daemon: &Daemon, settings: gui::Settings) {
+    *locked(&daemon.gui_settings) = Some(settings.clone());
+    if locked(&daemon.gui)
+        .as_ref()
+        .is_some_and(|g| g.settings == settings)
+    {
+        return;
+    }
+    // Settings it refuses leave a running GUI as it is.
+    if let Some(refused) = gui::refusal(&settings) {
+        log(format_args!("GUI not started: {refused}"));
+        return;
+    }
+    match start_gui(daemon, settings).await {
+        Ok(url) => log(format_args!("GUI on {url}")),
+        Err(e) => log(format_args!("GUI not started: {e}")),
+    }
+}
+
+/// Starts the GUI in place of the one running, if any; its URL.
+async fn start_gui(daemon: &Daemon, settings: gui::Settings) -> Result<String, String> {
+    // The old one lets go of its port first.
+    let old = locked(&daemon.gui).take();
+    if let Some(old) = old {
+        old.stop().await;
+    }
+    let this = daemon
+        .this
+        .upgrade()
+        .ok_or_else(|| "the daemon is stopping".to_owned())?;
+    let started = gui::start(this, settings)?;
+    let url = started.url.clone();
+    *locked(&daemon.gui) = Some(started);
+    Ok(url)
+}
+
+/// `apm gui [stop]`.
+async fn gui_call(daemon: &Daemon, stop: bool) -> Response {
+    if stop {
+        let running = locked(&daemon.gui).take();
+        let mut stopped = None;
+        if let Some(gui) = running {
+            stopped = Some(gui.url.clone());
+            gui.stop().await;
+        }
+        return Response::data(serde_json::json!({ "stopped": stopped }));
+    }
+    if let Some(url) = locked(&daemon.gui).as_ref().map(|g| g.url.clone()) {
+        return Response::data(serde_json::json!({ "url": url }));
+    }
+    // Without a file that set `gui_port`: the reference's port, and the
+    // other settings' defaults.
+    let settings = locked(&daemon.gui_settings)
+        .clone()
+        .unwrap_or(gui::Settings {
+            port: DEFAULT_GUI_PORT,
+            bind: apm_compiler::values::Ip::default().0,
+            password: None,
+        });
+    match start_gui(daemon, settings).await {
+        Ok(url) => {
+            log(format_args!("GUI on {url}"));
+            Response::data(serde_json::json!({ "url": url }))
+        }
+        Err(e) => Response::error(exit::FAILED, e),
+    }
+}
+
+/// `apm gui`'s port when no loaded file names one (the reference's example).
+const DEFAULT_GUI_PORT: u16 = 6789;
 
 /// Compiles one `worker { }` block; the errors rendered for people.
 fn compile_block(text: &str) -> Result<WorkerSpec, String> {
@@ -725,6 +814,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             }
             Response::data(reloads).noting(unenforced)
         }
+        Call::Gui { stop } => gui_call(daemon, stop).await,
         Call::Exit => {
             shutdown(daemon, "apm exit daemon").await;
             daemon.exit.notify_one();
@@ -1057,6 +1147,9 @@ async fn apply(
 /// order of the file.
 async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
     let compilation = compile_file(daemon, path)?;
+    if compilation.config.daemon.gui_port.value != 0 {
+        follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await;
+    }
     let unenforced = unbuilt::notes(&compilation.config);
     let existing = call(daemon, |reply| Command::List { reply }).await?;
     let mut to_start = Vec::new();

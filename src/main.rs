@@ -101,6 +101,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start the web dashboard and print its URL; `apm gui stop` stops it.
+    Gui {
+        #[arg(value_parser = ["stop"])]
+        stop: Option<String>,
+    },
     /// A live view of every instance's status, CPU and memory.
     Monitor {
         /// How often it redraws.
@@ -323,6 +328,7 @@ fn main() -> ExitCode {
         },
         Command::Exit { .. } => commands::exit_daemon(&place),
         Command::List { json } => commands::list(&place, json),
+        Command::Gui { stop } => commands::gui(&place, stop.is_some()),
         Command::Monitor { interval, count } => match commands::parse_duration(&interval) {
             Ok(interval) if !interval.is_zero() => commands::monitor(&place, interval, count),
             Ok(_) => {

@@ -83,6 +83,10 @@ pub enum Call {
         force: bool,
         dry_run: bool,
     },
+    /// `apm gui [stop]`.
+    Gui {
+        stop: bool,
+    },
     Exit,
 }
 
@@ -121,6 +125,7 @@ impl Call {
             | Call::Info { .. }
             | Call::Wait { .. }
             | Call::Plan { .. }
+            | Call::Gui { .. }
             | Call::Exit => false,
         }
     }

@@ -1,16 +1,13 @@
 //! Keys the config language accepts for features this version does not run
 //! yet. Configs that set them stay valid (they will work as the features
 //! land), and `apm check`, `run`, `load` and `reload` say which of them a
-//! config sets: nobody should rely on a session migration or a dashboard
-//! that is not there.
+//! config sets: nobody should rely on a session migration or an IPC
+//! channel that is not there.
 
 use apm_compiler::ir::{Config, WorkerSpec};
 
 /// Each such key, with the feature it belongs to.
 const NOT_ENFORCED: &[(&str, &str)] = &[
-    ("gui_port", "the web dashboard"),
-    ("gui_bind", "the web dashboard"),
-    ("gui_password", "the web dashboard"),
     ("session_persist", "session migration"),
     ("session_wait", "session migration"),
     ("stats_interval", "stats collection"),

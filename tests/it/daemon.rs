@@ -3734,3 +3734,106 @@ fn monitor_redraws_every_instance_until_its_count() {
     let refused = d.apm(&["monitor", "--interval", "0"]);
     assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
 }
+
+/// `METHOD PATH` to the GUI with extra header lines; the whole answer.
+fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
+    http_raw(
+        port,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+#[test]
+fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
+    let d = Daemon::new("gui");
+    let port = free_port();
+    std::fs::create_dir_all(&d.home).unwrap();
+    std::fs::write(
+        d.home.join("config.conf"),
+        format!("daemon {{ gui_port {port}; gui_bind 127.0.0.1; }}\n"),
+    )
+    .unwrap();
+    d.run_sh(
+        "shown",
+        "echo hello-gui; exec sleep 1027",
+        &["-startup_grace", "100"],
+    );
+    let first = pids(&d.wait_running("shown"))[0];
+    wait_until(PATIENCE, "the GUI to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let page = gui_request(port, "GET", "/", "");
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("<title>apm</title>"),
+        "{page}"
+    );
+    if have_node() {
+        // The page's script at least parses.
+        let script = page
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .unwrap()
+            .0;
+        let file = d.write("gui.js", script);
+        let checked = run({
+            let mut node = Command::new("node");
+            node.arg("--check").arg(&file);
+            node
+        });
+        assert!(checked.status.success(), "{}", describe(&checked));
+    }
+    let (_, body) = gui_request(port, "GET", "/api/workers", "")
+        .split_once("\r\n\r\n")
+        .map(|(h, b)| (h.to_owned(), b.to_owned()))
+        .unwrap();
+    let listing: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listing["workers"][0]["name"], "shown", "{listing}");
+    wait_until(PATIENCE, "the log to show the line", || {
+        gui_request(port, "GET", "/api/log?worker=shown", "").contains("hello-gui")
+    });
+    // A change needs the header a page of another site cannot send.
+    let forged = gui_request(port, "POST", "/api/workers/shown/restart", "");
+    assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
+    let restarted = gui_request(
+        port,
+        "POST",
+        "/api/workers/shown/restart",
+        "X-Apm-Gui: 1\r\n",
+    );
+    assert!(restarted.starts_with("HTTP/1.1 200"), "{restarted}");
+    assert_ne!(pids(&d.wait_running("shown"))[0], first);
+
+    // `apm gui stop` closes it, `apm gui` opens it again.
+    assert!(stdout(&d.ok(&["gui", "stop"])).contains("is stopped"));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    let url = stdout(&d.ok(&["gui"]));
+    assert_eq!(url.trim(), format!("apm GUI: http://127.0.0.1:{port}/"));
+
+    // A file that sets a password restarts it behind the password.
+    d.load(&format!(
+        "daemon {{ gui_port {port}; gui_bind 127.0.0.1; gui_password s3cret; }}\n"
+    ));
+    let asked = gui_request(port, "GET", "/api/workers", "");
+    assert!(
+        asked.starts_with("HTTP/1.1 401")
+            && asked.to_lowercase().contains("www-authenticate: basic"),
+        "{asked}"
+    );
+    let wrong = gui_request(port, "GET", "/", "Authorization: Basic dTp3cm9uZw==\r\n");
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let right = gui_request(port, "GET", "/", "Authorization: Basic OnMzY3JldA==\r\n");
+    assert!(right.starts_with("HTTP/1.1 200"), "{right}");
+
+    // All interfaces without a password are refused; the running GUI stays.
+    std::fs::write(
+        d.dir().join("open.conf"),
+        format!("daemon {{ gui_port {}; }}\n", free_port()),
+    )
+    .unwrap();
+    d.ok(&["load", d.path("open.conf").as_str()]);
+    d.wait_daemon_log("GUI not started: the GUI would listen on 0.0.0.0 without a password");
+    let still = gui_request(port, "GET", "/", "Authorization: Basic OnMzY3JldA==\r\n");
+    assert!(still.starts_with("HTTP/1.1 200"), "{still}");
+}

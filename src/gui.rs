@@ -7,6 +7,8 @@
 //! request needs it (HTTP Basic, compared in constant time), and a change
 //! also needs the `X-Apm-Gui` header, which a page of another site cannot
 //! send, so a browser logged in cannot be made to click for someone else.
+//! Without a password it answers only requests that name it by address
+//! or `localhost` (against DNS rebinding).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -121,10 +123,13 @@ async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener, password:
             let (daemon, password) = (daemon.clone(), password.clone());
             async move { Ok::<_, Infallible>(answer(&daemon, password.as_deref(), request).await) }
         });
-        tokio::spawn(
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-        );
+        // A connection that sends no head for a while (an idle keep-alive,
+        // a client that never finishes) is closed.
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(30));
+        tokio::spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
     }
 }
 
@@ -168,11 +173,37 @@ fn authorized(password: Option<&str>, request: &Request<hyper::body::Incoming>) 
         .unwrap_or(false)
 }
 
+/// Whether the request names the GUI by an address or `localhost`. A
+/// GUI without a password listens on loopback only, and a web page whose
+/// own host name is made to resolve to 127.0.0.1 (DNS rebinding) would
+/// otherwise be of the GUI's origin: it could read logs and press buttons.
+fn named_by_address(request: &Request<hyper::body::Incoming>) -> bool {
+    let Some(host) = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
 async fn answer(
     daemon: &Daemon,
     password: Option<&str>,
     request: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
+    if password.is_none() && !named_by_address(&request) {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "open the apm GUI by its address (127.0.0.1 or localhost), or set gui_password",
+        );
+    }
     if !authorized(password, &request) {
         let mut response = refused(StatusCode::UNAUTHORIZED, "the apm GUI needs its password");
         response.headers_mut().insert(

@@ -3793,6 +3793,17 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     wait_until(PATIENCE, "the log to show the line", || {
         gui_request(port, "GET", "/api/log?worker=shown", "").contains("hello-gui")
     });
+    // A page whose host name was made to resolve to 127.0.0.1 is refused.
+    let rebound = http_raw(
+        port,
+        "GET /api/workers HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n",
+    );
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    let local = http_raw(
+        port,
+        "GET /api/workers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(local.starts_with("HTTP/1.1 200"), "{local}");
     // A change needs the header a page of another site cannot send.
     let forged = gui_request(port, "POST", "/api/workers/shown/restart", "");
     assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");

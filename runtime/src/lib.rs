@@ -77,7 +77,8 @@ pub(crate) async fn resolve(address: &str) -> Result<std::net::SocketAddr, Strin
         .ok_or_else(|| "it resolves to no address".to_owned())
 }
 
-/// A UDP socket on an ephemeral port of `target`'s address family.
+/// A UDP socket connected to `target` from an ephemeral port: the kernel
+/// drops whatever anyone else sends to that port.
 pub(crate) async fn udp_socket_for(
     target: std::net::SocketAddr,
 ) -> std::io::Result<tokio::net::UdpSocket> {
@@ -86,5 +87,7 @@ pub(crate) async fn udp_socket_for(
     } else {
         ([0u16; 8], 0).into()
     };
-    tokio::net::UdpSocket::bind(local).await
+    let socket = tokio::net::UdpSocket::bind(local).await?;
+    socket.connect(target).await?;
+    Ok(socket)
 }

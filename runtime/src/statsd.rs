@@ -153,7 +153,7 @@ async fn send(host: &str, lines: &[String]) -> Result<(), String> {
     for line in lines {
         if !datagram.is_empty() && datagram.len() + 1 + line.len() > DATAGRAM {
             socket
-                .send_to(datagram.as_bytes(), target)
+                .send(datagram.as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;
             datagram.clear();
@@ -165,7 +165,7 @@ async fn send(host: &str, lines: &[String]) -> Result<(), String> {
     }
     if !datagram.is_empty() {
         socket
-            .send_to(datagram.as_bytes(), target)
+            .send(datagram.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
     }

@@ -153,7 +153,6 @@ async fn send_udp(target: SocketAddr, rx: &mut mpsc::Receiver<Vec<u8>>) -> Resul
     let socket = crate::udp_socket_for(target)
         .await
         .map_err(|e| e.to_string())?;
-    socket.connect(target).await.map_err(|e| e.to_string())?;
     while let Some(message) = rx.recv().await {
         // A datagram lost (no one listening, a full buffer) is syslog over
         // UDP's contract; the next one is tried all the same.

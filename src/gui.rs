@@ -90,15 +90,13 @@ pub fn start(daemon: Arc<Daemon>, settings: Settings) -> Result<Gui, String> {
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(|e| format!("cannot listen on {address}: {e}"))?;
-    let host = if settings.bind.is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        settings.bind.to_string()
+    // On every interface, it is also on this machine's loopback.
+    let shown = match settings.bind {
+        IpAddr::V4(any) if any.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+        IpAddr::V6(any) if any.is_unspecified() => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        bind => bind,
     };
-    let url = format!(
-        "http://{}/",
-        SocketAddr::new(host.parse().expect("an address"), settings.port)
-    );
+    let url = format!("http://{}/", SocketAddr::new(shown, settings.port));
     let password = settings.password.clone().map(Arc::<str>::from);
     let task = tokio::spawn(serve(daemon, listener, password));
     Ok(Gui {

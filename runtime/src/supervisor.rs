@@ -691,7 +691,13 @@ impl Supervisor {
         };
         worker.enabled = true;
         self.dirty = true;
-        if worker.spec.rolling.value && worker.instances.len() > 1 {
+        // Rolling keeps some instances serving; with none running there is
+        // nothing to keep, and they all start at once.
+        let serving = worker
+            .instances
+            .iter()
+            .any(|i| matches!(i.life.phase, Phase::Running { .. }));
+        if worker.spec.rolling.value && worker.instances.len() > 1 && serving {
             worker.rolling = Some(Rolling::at(0, Instant::now()));
             self.step(name, 0, Event::Restart);
         } else {

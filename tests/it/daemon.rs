@@ -3160,6 +3160,22 @@ fn rolling_restarts_one_instance_at_a_time_and_stops_at_one_that_does_not_come_b
         );
     }
 
+    // A stopped worker has nothing to keep serving: all start at once.
+    d.ok(&["stop", "rolled"]);
+    let seen = lines(&events).len();
+    d.ok(&["restart", "rolled"]);
+    let starts: Vec<u128> = lines(&events)[seen..]
+        .iter()
+        .map(|line| line.split(' ').nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(starts.len(), 3, "{starts:?}");
+    let spread_ms = (starts.iter().max().unwrap() - starts.iter().min().unwrap()) / 1_000_000;
+    assert!(
+        spread_ms < 600,
+        "started {spread_ms} ms apart: one at a time"
+    );
+    let after = pids(&d.wait_running("rolled"));
+
     std::fs::write(&broken, "").unwrap();
     let failed = d.apm(&["restart", "rolled"]);
     assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));

@@ -109,13 +109,7 @@ pub fn start(daemon: Arc<Daemon>, settings: Settings) -> Result<Gui, String> {
 async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener, password: Option<Arc<str>>) {
     let mut errors = apm_runtime::AcceptErrors::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                errors.failed(e, "the GUI").await;
-                continue;
-            }
-        };
+        let stream = errors.next(&listener, "the GUI").await;
         let (daemon, password) = (daemon.clone(), password.clone());
         let service = hyper::service::service_fn(move |request| {
             let (daemon, password) = (daemon.clone(), password.clone());

@@ -314,13 +314,7 @@ impl Endpoint {
 async fn serve(listener: tokio::net::TcpListener, tokens: Tokens) {
     let mut errors = crate::AcceptErrors::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                errors.failed(e, "the health check-in endpoint").await;
-                continue;
-            }
-        };
+        let stream = errors.next(&listener, "the health check-in endpoint").await;
         let tokens = tokens.clone();
         let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
             let known = lock(&tokens)

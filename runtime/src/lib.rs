@@ -44,6 +44,21 @@ pub struct AcceptErrors {
 }
 
 impl AcceptErrors {
+    /// The next connection on a TCP listener, through whatever errors
+    /// come first.
+    pub async fn next(
+        &mut self,
+        listener: &tokio::net::TcpListener,
+        on: &str,
+    ) -> tokio::net::TcpStream {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => return stream,
+                Err(e) => self.failed(e, on).await,
+            }
+        }
+    }
+
     pub async fn failed(&mut self, error: std::io::Error, on: impl std::fmt::Display) {
         use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
         if matches!(

@@ -11,7 +11,7 @@ use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
 use apm_runtime::state::{self, Origin, SavedProcess, SavedWorker};
 use apm_runtime::supervisor::{self, Command, Handle, Supervisor};
-use apm_runtime::{log, procfs, unbuilt};
+use apm_runtime::{locked, log, procfs, unbuilt};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -368,10 +368,6 @@ async fn load_user_config(daemon: &Daemon) {
             response.error.unwrap_or_default()
         )),
     }
-}
-
-fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A loaded file that sets `gui_port` starts the GUI with its settings (or

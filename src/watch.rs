@@ -74,7 +74,7 @@ impl Watcher {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        apm_runtime::locked(&self.state)
     }
 
     /// Records what a freshly compiled file asks for, and watches its directories.

@@ -190,10 +190,10 @@ async fn watch(
                     // Events were lost: whatever changed, something did.
                     Some(filter.root.clone())
                 } else if event.mask.contains(EventMask::IGNORED) {
-                    lock(&tree).dirs.remove(&event.wd);
+                    crate::locked(&tree).dirs.remove(&event.wd);
                     None
                 } else {
-                    let dir = lock(&tree).dirs.get(&event.wd).cloned();
+                    let dir = crate::locked(&tree).dirs.get(&event.wd).cloned();
                     let (Some(dir), Some(name)) = (dir, event.name) else { continue };
                     let path = dir.join(name);
                     if event.mask.contains(EventMask::ISDIR) {
@@ -221,10 +221,6 @@ async fn watch(
     }
 }
 
-fn lock(tree: &Mutex<Tree>) -> std::sync::MutexGuard<'_, Tree> {
-    tree.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Watches `top` and every directory under it the filter enters (symbolic
 /// links are not followed, so a link cannot make a cycle); returns, when
 /// `report`, the first counted file found.
@@ -249,7 +245,7 @@ fn add_tree(
         {
             // Added and recorded under one lock: an event of the new watch
             // must find its directory.
-            let mut tree = lock(tree);
+            let mut tree = crate::locked(tree);
             match tree.watches.add(&dir, mask) {
                 Ok(wd) => {
                     tree.dirs.insert(wd, dir.clone());
@@ -299,7 +295,7 @@ fn errno(error: &std::io::Error) -> Errno {
 /// A directory moved away: its watches and those below it go (a move
 /// within the tree is walked again at its new place).
 fn forget(tree: &Mutex<Tree>, dir: &Path) {
-    let mut tree = lock(tree);
+    let mut tree = crate::locked(tree);
     let gone: Vec<WatchDescriptor> = tree
         .dirs
         .iter()

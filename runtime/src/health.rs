@@ -257,17 +257,13 @@ pub struct CheckIn {
 
 impl Drop for CheckIn {
     fn drop(&mut self) {
-        lock(&self.tokens).remove(&self.token);
+        crate::locked(&self.tokens).remove(&self.token);
     }
 }
 
 const CHECK_IN_CONNECTION: Duration = Duration::from_secs(30);
 
 type Tokens = Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>;
-
-fn lock(tokens: &Tokens) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
-    tokens.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The daemon's check-in endpoint: `GET` or `POST /TOKEN` on a loopback
 /// port, answered 204 for a token it gave out and 404 for any other.
@@ -298,7 +294,7 @@ impl Endpoint {
         std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let seen = Arc::new(AtomicBool::new(false));
-        lock(&self.tokens).insert(token.clone(), seen.clone());
+        crate::locked(&self.tokens).insert(token.clone(), seen.clone());
         let url = format!("http://127.0.0.1:{}/{token}", self.port);
         Ok((
             CheckIn {
@@ -317,7 +313,7 @@ async fn serve(listener: tokio::net::TcpListener, tokens: Tokens) {
         let stream = errors.next(&listener, "the health check-in endpoint").await;
         let tokens = tokens.clone();
         let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-            let known = lock(&tokens)
+            let known = crate::locked(&tokens)
                 .get(request.uri().path().trim_start_matches('/'))
                 .map(|seen| seen.store(true, Ordering::Release))
                 .is_some();

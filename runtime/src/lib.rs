@@ -83,6 +83,13 @@ pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// A mutex's guard even after a thread panicked holding it: what these
+/// mutexes guard (tables, buffers) stays whole between statements, and a
+/// daemon that panicked on every later use would lose far more.
+pub fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The first address `host:port` resolves to (syslog and StatsD servers).
 pub(crate) async fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
     tokio::net::lookup_host(address)

@@ -229,7 +229,7 @@ pub async fn pump(
             Ok(_) => {}
         }
         if let Some(head) = &head {
-            let mut head = head.lock().unwrap_or_else(|e| e.into_inner());
+            let mut head = crate::locked(head);
             let room = STDERR_HEAD.saturating_sub(head.len());
             head.extend_from_slice(&line[..room.min(line.len())]);
         }

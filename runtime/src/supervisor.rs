@@ -626,10 +626,7 @@ impl Supervisor {
             tls: tls_for(&name, &spec),
             health_settings: watch::channel(health_settings(&spec)).0,
             syslog: syslog_for(&name, &spec),
-            statsd: spec
-                .statsd
-                .as_ref()
-                .map(|config| crate::statsd::Reporter::start(&name, config)),
+            statsd: statsd_for(&name, &spec),
             file_block: file_block(&spec, &origin),
             spec: Arc::new(spec),
             origin,
@@ -1063,10 +1060,7 @@ impl Supervisor {
             worker.syslog = syslog_for(&name, &spec);
         }
         if spec.statsd.as_ref() != worker.statsd.as_ref().map(|r| &r.config) {
-            worker.statsd = spec
-                .statsd
-                .as_ref()
-                .map(|config| crate::statsd::Reporter::start(&name, config));
+            worker.statsd = statsd_for(&name, &spec);
         }
         worker.health_settings.send_if_modified(|settings| {
             let new = health_settings(&spec);
@@ -1359,10 +1353,7 @@ impl Supervisor {
         // Its syslog messages and metrics carry its name (its syslog
         // messages unless `syslog_tag` names them).
         worker.syslog = syslog_for(new, &spec);
-        worker.statsd = spec
-            .statsd
-            .as_ref()
-            .map(|config| crate::statsd::Reporter::start(new, config));
+        worker.statsd = statsd_for(new, &spec);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
         for instance in &worker.instances {
@@ -1614,6 +1605,11 @@ impl Supervisor {
             vanguard: worker.guard.as_ref().map(|g| g.0.stats()),
         }
     }
+}
+
+fn statsd_for(name: &str, spec: &WorkerSpec) -> Option<crate::statsd::Reporter> {
+    let config = spec.statsd.as_ref()?;
+    Some(crate::statsd::Reporter::start(name, config))
 }
 
 fn syslog_for(name: &str, spec: &WorkerSpec) -> Option<Arc<crate::syslog::Sink>> {

@@ -2288,10 +2288,7 @@ fn max_conns_holds_extra_connections_back_and_keep_alive_closes_idle_ones() {
     let d = Daemon::new("proxy_conns");
     let (port, _) = load_headers_worker(&d, "c", "http", "max_conns 1; keep_alive 2s;");
     let mut first = connect(port);
-    first
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .unwrap();
-    let (head, _) = read_one_answer(&mut first);
+    let (head, _) = exchange(&mut first, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut buffer = [0u8; 4096];
     // The second connection waits while the first one is open...
@@ -2445,10 +2442,7 @@ fn an_upstream_connection_idle_for_a_second_is_not_reused() {
     let mut client = connect(port);
     // The port of the connection each request reached the instance on.
     let mut upstream_port = || {
-        client
-            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-            .unwrap();
-        let (head, body) = read_one_answer(&mut client);
+        let (head, body) = exchange(&mut client, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         let peer = body.trim_end().rsplit_once("peer=").expect(&body).1;
         peer.parse::<u16>().unwrap()
@@ -2804,10 +2798,7 @@ fn hop_by_hop_fields_stay_on_their_own_connection() {
     let mut client = connect(port);
     // What the client says of its connection to apm never reaches the
     // instance, and a field it names in `Connection` is removed with it.
-    client
-        .write_all(b"GET /headers HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Private\r\nX-Private: client\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers, deflate\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\n")
-        .unwrap();
-    let (head, seen) = read_one_answer(&mut client);
+    let (head, seen) = exchange(&mut client, b"GET /headers HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Private\r\nX-Private: client\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers, deflate\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let seen = seen.to_ascii_lowercase();
     for gone in [
@@ -2827,10 +2818,7 @@ fn hop_by_hop_fields_stay_on_their_own_connection() {
     );
     // What the instance says of its connection to apm never reaches the
     // client: its `Connection: close` closes that connection, not the client's.
-    client
-        .write_all(b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n")
-        .unwrap();
-    let (head, body) = read_one_answer(&mut client);
+    let (head, body) = exchange(&mut client, b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n");
     let lower = head.to_ascii_lowercase();
     assert!(
         head.starts_with("HTTP/1.1 200")
@@ -2840,10 +2828,7 @@ fn hop_by_hop_fields_stay_on_their_own_connection() {
             && !lower.contains("x-private:"),
         "{head}"
     );
-    client
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .unwrap();
-    let (head, _) = read_one_answer(&mut client);
+    let (head, _) = exchange(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert!(
         head.starts_with("HTTP/1.1 200"),
         "the client's connection stays open: {head}"

@@ -544,9 +544,17 @@ pub(crate) fn connect(port: u16) -> std::net::TcpStream {
     stream
 }
 
-/// One answer with a `Content-Length`, read from a connection that stays
-/// open: its head and its body.
-pub(crate) fn read_one_answer(stream: &mut impl std::io::Read) -> (String, String) {
+/// Sends `request` on a connection that stays open and reads its one
+/// answer (with a `Content-Length`): its head and its body.
+pub(crate) fn exchange(
+    stream: &mut (impl std::io::Read + std::io::Write),
+    request: &[u8],
+) -> (String, String) {
+    stream.write_all(request).unwrap();
+    read_one_answer(stream)
+}
+
+fn read_one_answer(stream: &mut impl std::io::Read) -> (String, String) {
     let mut seen = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {

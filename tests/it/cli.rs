@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::certs;
+use crate::harness::prerequisite_missing;
 
 fn apm(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_apm"))
@@ -147,7 +148,7 @@ fn check_json_carries_the_ir_when_valid() {
     // A real certificate and key: `apm check` loads them as TLS would.
     let made = certs::self_signed(dir.path(), "k.pem", "c.pem", "/CN=localhost");
     if !made {
-        eprintln!("skipped: openssl could not make a test certificate");
+        prerequisite_missing("openssl could not make a test certificate");
         return;
     }
     let output = apm(&["check", "apm.conf", "--json"], dir.path());
@@ -249,7 +250,7 @@ fn check_reports_a_certificate_and_key_that_do_not_match() {
     for (key, cert) in [("k1.pem", "c1.pem"), ("k2.pem", "c2.pem")] {
         let made = certs::self_signed(dir.path(), key, cert, "/CN=localhost");
         if !made {
-            eprintln!("skipped: openssl could not make a test certificate");
+            prerequisite_missing("openssl could not make a test certificate");
             return;
         }
     }

@@ -42,7 +42,7 @@ fn apps() -> Vec<(&'static str, &'static str, PathBuf, &'static str)> {
             "node-esm",
         ));
     } else {
-        eprintln!("node is not installed: the Node connectors are not tested");
+        prerequisite_missing("node is not installed: the Node connectors are not tested");
     }
     apps
 }
@@ -360,7 +360,7 @@ fn the_session_carries_the_verified_client_certificate_subject() {
             "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
         )
     {
-        eprintln!("skipped: openssl could not make test certificates");
+        prerequisite_missing("openssl could not make test certificates");
         return;
     }
     let port = free_port();

@@ -68,6 +68,7 @@ fn every_connector_passes_the_protocol_harness() {
 #[test]
 fn the_esm_connector_is_generated_from_the_commonjs_one() {
     if !have_node() {
+        prerequisite_missing("node is not installed");
         return;
     }
     let output = Command::new("node")

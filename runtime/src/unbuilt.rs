@@ -34,8 +34,16 @@ pub fn worker_note(spec: &WorkerSpec) -> Option<String> {
 fn unenforced(settings: Vec<(&'static str, Vec<String>)>) -> Vec<(&'static str, &'static str)> {
     settings
         .into_iter()
-        .filter_map(|(key, _)| NOT_ENFORCED.iter().find(|(k, _)| *k == key).copied())
+        .filter_map(|(key, _)| not_built(key).map(|feature| (key, feature)))
         .collect()
+}
+
+/// The feature a key belongs to when this version does not run it yet.
+pub fn not_built(key: &str) -> Option<&'static str> {
+    NOT_ENFORCED
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|&(_, feature)| feature)
 }
 
 fn note(block: &str, keys: &[(&str, &str)]) -> Option<String> {

@@ -319,3 +319,51 @@ fn fmt_checks_shows_the_diff_and_rewrites_keeping_comments() {
         stderr(&broken)
     );
 }
+
+/// The help a new user reaches for: `apm help run` and `apm run --help` show
+/// the worker flags with defaults in the units configs use, mark the
+/// features not built yet, and point to the full listing; `apm help` names
+/// the `ls` alias and the help command itself.
+#[test]
+fn help_shows_the_worker_flags_of_run_and_update() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["help", "run"][..],
+        &["run", "--help"],
+        &["update", "--help"],
+    ] {
+        let output = apm(args, dir.path());
+        let text = stdout(&output);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert!(
+            text.contains("-keep_alive") && text.contains("[default: 2m]"),
+            "{args:?}:\n{text}"
+        );
+        assert!(text.contains("-restart_delay") && text.contains("[default: 250ms]"));
+        assert!(
+            text.lines()
+                .any(|l| l.contains("-session_persist") && l.contains("not built yet")),
+            "{args:?}:\n{text}"
+        );
+        assert!(text.contains("`apm -h --full`"), "{args:?}:\n{text}");
+        assert!(!text.contains("defaults to the daemon log"), "{text}");
+    }
+    let output = apm(&["help"], dir.path());
+    let text = stdout(&output);
+    assert!(output.status.success());
+    assert!(text.contains("[alias: ls]"), "{text}");
+    assert!(text.contains("apm help COMMAND"), "{text}");
+    let log = stdout(&apm(&["help", "log"], dir.path()));
+    for flag in ["--err", "--follow", "--lines"] {
+        let line = log
+            .lines()
+            .find(|l| l.trim_start().starts_with('-') && l.contains(flag))
+            .unwrap_or_default();
+        assert!(
+            line.split(flag)
+                .nth(1)
+                .is_some_and(|rest| rest.trim().len() > 10),
+            "{log}"
+        );
+    }
+}

@@ -8,5 +8,6 @@ mod corpus;
 mod daemon;
 mod docs;
 mod harness;
+mod logs;
 mod reload;
 mod sections;

@@ -43,7 +43,10 @@ impl Stream {
 #[derive(Clone)]
 pub struct Target {
     pub file: Arc<LogFile>,
+    /// The prefix, its `çN-` colours rendered (or left out with `strip_ansi`).
     pub prefix: String,
+    /// `log_time_format`, its colours rendered likewise; `None` is RFC 3339.
+    pub time_format: Option<String>,
     /// `strip_ansi`: colours and other terminal escapes are left out.
     pub strip_ansi: bool,
     /// `syslog`: where the lines go too.
@@ -281,7 +284,7 @@ pub async fn pump(
             }
             (
                 target.file.clone(),
-                line_start(&target.prefix, which),
+                line_start(&target.prefix, target.time_format.as_deref(), which),
                 target.strip_ansi,
             )
         };
@@ -298,9 +301,26 @@ pub async fn pump(
 }
 
 /// How every log line starts: `TIMESTAMP PREFIX MARKER ` (`apm log` finds a
-/// line's stream by its marker, the third word).
-pub fn line_start(prefix: &str, which: Stream) -> Vec<u8> {
-    format!("{} {prefix} {} ", crate::timestamp(), which.marker()).into_bytes()
+/// line's stream by its marker, the first ` | ` or ` ! `), the timestamp in
+/// the worker's `log_time_format` when it has one.
+pub fn line_start(prefix: &str, time_format: Option<&str>, which: Stream) -> Vec<u8> {
+    let stamp = time_format.map_or_else(crate::timestamp, |format| {
+        crate::logstyle::strftime(format, std::time::SystemTime::now())
+    });
+    format!("{stamp} {prefix} {} ", which.marker()).into_bytes()
+}
+
+/// The stream marker of a line `line_start` began: the first ` | ` or
+/// ` ! ` in it, since a timestamp format or a prefix may hold spaces.
+pub fn marker_of(line: &str) -> Option<&'static str> {
+    [Stream::Out, Stream::Err]
+        .into_iter()
+        .filter_map(|s| {
+            line.find(&format!(" {} ", s.marker()))
+                .map(|at| (at, s.marker()))
+        })
+        .min()
+        .map(|(_, marker)| marker)
 }
 
 /// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`
@@ -343,7 +363,20 @@ pub(crate) fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_ansi;
+    use super::{marker_of, strip_ansi};
+
+    #[test]
+    fn the_marker_is_found_after_a_timestamp_or_prefix_with_spaces() {
+        assert_eq!(
+            marker_of("2024-01-01T00:00:00.000Z api | hello ! x"),
+            Some("|")
+        );
+        assert_eq!(
+            marker_of("2024/01/01 00:00:00 my api#1 ! boom | y"),
+            Some("!")
+        );
+        assert_eq!(marker_of("no marker here"), None);
+    }
 
     fn stripped(text: &[u8]) -> String {
         let mut out = Vec::new();

@@ -1258,6 +1258,7 @@ impl Supervisor {
                     log: self
                         .logs
                         .open(&log_paths(&self.home, spec).0, rotation(spec)),
+                    time_format: log_time_format(spec).map(Arc::from),
                 });
             let route = crate::proxy::Route {
                 backends: worker
@@ -1287,7 +1288,9 @@ impl Supervisor {
     /// Where an instance's stdout and stderr lines go under `spec`.
     fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
-        let prefix = log_prefix(spec, index);
+        let colour = !spec.strip_ansi.value;
+        let prefix = crate::logstyle::colours(&log_prefix(spec, index), colour);
+        let time_format = log_time_format(spec);
         let syslog = self
             .workers
             .get(&spec.name.value)
@@ -1295,6 +1298,7 @@ impl Supervisor {
         let out = Target {
             file: self.logs.open(&out_path, rotation(spec)),
             prefix: prefix.clone(),
+            time_format: time_format.clone(),
             strip_ansi: spec.strip_ansi.value,
             syslog: syslog.clone(),
         };
@@ -1303,6 +1307,7 @@ impl Supervisor {
             Target {
                 file: self.logs.open(&err_path, rotation(spec)),
                 prefix,
+                time_format,
                 strip_ansi: spec.strip_ansi.value,
                 syslog,
             },
@@ -1879,6 +1884,12 @@ fn rotation(spec: &WorkerSpec) -> logs::Rotation {
         spec.log_max_size.as_ref().map(|s| s.value.0),
         spec.log_max_files.value,
     )
+}
+
+/// `log_time_format` with its colours, as the worker's log lines use it.
+fn log_time_format(spec: &WorkerSpec) -> Option<String> {
+    let format = &spec.log_time_format.as_ref()?.value;
+    Some(crate::logstyle::colours(format, !spec.strip_ansi.value))
 }
 
 fn log_prefix(spec: &WorkerSpec, index: usize) -> String {

@@ -11,7 +11,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("session_persist", "session migration"),
     ("session_wait", "session migration"),
     ("stats_interval", "stats collection"),
-    ("log_time_format", "custom log timestamps"),
     ("listen", "IPC between workers"),
     ("ipc_timeout", "IPC between workers"),
 ];

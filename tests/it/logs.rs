@@ -85,3 +85,63 @@ fn long_lines_to_a_stalled_log_keep_the_daemon_small() {
         describe(&exit)
     );
 }
+
+/// `prefix` colours (`çN-`) and `log_time_format` shape every line, `apm log
+/// --err` still tells the streams apart although the stamp has spaces, and
+/// `strip_ansi` leaves the colours out.
+#[test]
+fn prefix_colours_and_time_format_shape_the_lines() {
+    let d = Daemon::new("log_style");
+    let script = "echo out-line; echo err-line >&2; exec sleep 600";
+    let shared = d.path("styled.log");
+    d.run_sh(
+        "styled",
+        script,
+        &[
+            "-prefix",
+            "ç208-api",
+            "-log_time_format",
+            "%Y/%m/%d %H:%M:%S UTC",
+            "-log",
+            &shared,
+        ],
+    );
+    d.run_sh("plain", script, &["-prefix", "ç2-quiet", "-strip_ansi"]);
+    wait_until(PATIENCE, "both lines in the shared log", || {
+        std::fs::read_to_string(&shared)
+            .is_ok_and(|t| t.contains("err-line") && t.contains("out-line"))
+    });
+    let text = std::fs::read_to_string(&shared).unwrap();
+    for line in text.lines() {
+        // `YYYY/MM/DD HH:MM:SS UTC`, then the coloured prefix.
+        let shape: String = line
+            .chars()
+            .take(23)
+            .map(|c| if c.is_ascii_digit() { '9' } else { c })
+            .collect();
+        assert_eq!(shape, "9999/99/99 99:99:99 UTC", "{line:?}");
+        assert!(
+            line[23..].starts_with(" \x1b[38;5;208mapi\x1b[0m "),
+            "{line:?}"
+        );
+    }
+    let errors = stdout(&d.ok(&["log", "styled", "--err"]));
+    assert!(
+        errors.contains("err-line") && !errors.contains("out-line"),
+        "{errors}"
+    );
+    let outs = stdout(&d.ok(&["log", "styled"]));
+    assert!(
+        outs.contains("out-line") && !outs.contains("err-line"),
+        "{outs}"
+    );
+
+    wait_until(PATIENCE, "the plain worker's line", || {
+        d.log("plain", false).contains("out-line")
+    });
+    let plain = d.log("plain", false);
+    assert!(
+        plain.contains(" quiet | out-line") && !plain.contains('\x1b'),
+        "{plain:?}"
+    );
+}

@@ -115,8 +115,8 @@ impl Civil {
 }
 
 /// `format` with its strftime tokens replaced by `time` in UTC: `%Y %y %m
-/// %d %e %H %I %M %S %L` (milliseconds) `%p %j %a %A %b %B %F %T %s %z %Z
-/// %%`. An unknown token stays as written, so a typo shows in the log
+/// %d %e %H %I %M %S %L` (milliseconds, also `%3f`) `%p %j %a %A %b %B %F
+/// %T %s %z %:z %Z %%`. An unknown token stays as written, so a typo shows in the log
 /// instead of vanishing.
 pub fn strftime(format: &str, time: SystemTime) -> String {
     let t = Civil::at(time);
@@ -152,6 +152,16 @@ pub fn strftime(format: &str, time: SystemTime) -> String {
             'T' => format!("{:02}:{:02}:{:02}", t.hour, t.minute, t.second),
             's' => t.unix.to_string(),
             'z' => "+0000".to_owned(),
+            // chrono's spellings, which `apm convert` writes for PM2's
+            // `log_date_format`: milliseconds and an offset with a colon.
+            '3' if chars.as_str().starts_with('f') => {
+                chars.next();
+                format!("{:03}", t.milli)
+            }
+            ':' if chars.as_str().starts_with('z') => {
+                chars.next();
+                "+00:00".to_owned()
+            }
             'Z' => "UTC".to_owned(),
             '%' => "%".to_owned(),
             other => format!("%{other}"),
@@ -185,6 +195,7 @@ mod tests {
         );
         assert_eq!(strftime("%I %p %s %% %q", t), "01 PM 1709211909 % %q");
         assert_eq!(strftime("trailing %", t), "trailing %");
+        assert_eq!(strftime("%S.%3f%:z %3x", t), "09.042+00:00 %3x");
         // Midnight is 12 AM; the epoch was a Thursday; 31 December of a leap year is day 366.
         assert_eq!(strftime("%I %p %a %F", at(0)), "12 AM Thu 1970-01-01");
         assert_eq!(strftime("%j %F", at(1_735_603_200_000)), "366 2024-12-31");

@@ -10,7 +10,6 @@ use apm_compiler::ir::{Config, WorkerSpec};
 const NOT_ENFORCED: &[(&str, &str)] = &[
     ("session_persist", "session migration"),
     ("session_wait", "session migration"),
-    ("stats_interval", "stats collection"),
     ("listen", "IPC between workers"),
     ("ipc_timeout", "IPC between workers"),
 ];

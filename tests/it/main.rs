@@ -11,3 +11,4 @@ mod harness;
 mod logs;
 mod reload;
 mod sections;
+mod stats;

@@ -223,7 +223,11 @@ mod tests {
             };
             saver.save(state.clone());
             progress.caught_up().await.unwrap();
-            assert_eq!(load(&path).unwrap(), Some(state), "written before caught_up returns");
+            assert_eq!(
+                load(&path).unwrap(),
+                Some(state),
+                "written before caught_up returns"
+            );
         }
 
         let unwritable = Saver::spawn(dir.path().join("missing").join("state.json"));

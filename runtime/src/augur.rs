@@ -1,13 +1,23 @@
 //! Augur, the startup-failure diagnostician: for an instance that failed
 //! its start, one-line hints read from its stderr (the classifier), and
-//! the dependencies its project declares but does not have installed (the
+//! the dependencies its project needs but does not have installed (the
 //! deep scan: `package.json` against `node_modules`, `composer.json`
-//! against `vendor`), so that "copied the code, forgot to install"
-//! takes one restart instead of one per missing package.
+//! against `vendor`, `requirements.txt` against the interpreter's
+//! site-packages, a `Gemfile` against the gem directories, and without
+//! any manifest the entry file's imports), so that "copied the code,
+//! forgot to install" takes one restart instead of one per missing
+//! package. It reads files only: it runs no interpreter.
 
-use std::path::Path;
+mod node;
+mod python;
+mod ruby;
 
+use std::path::{Path, PathBuf};
+
+use apm_compiler::ir::WorkerSpec;
 use serde::{Deserialize, Serialize};
+
+use crate::procfs::Listener;
 
 /// What augur found for a failed start.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -24,28 +34,135 @@ pub struct Missing {
     pub install: String,
 }
 
-pub fn diagnose(stderr: &str, project: Option<&Path>) -> Diagnosis {
-    let (hints, named) = classify(stderr);
-    let missing = project.and_then(scan).and_then(|mut missing| {
-        missing.names.retain(|n| !named.contains(n));
-        (!missing.names.is_empty()).then(|| Missing {
-            install: format!("{} {}", missing.install, missing.names.join(" ")),
-            names: missing.names,
+pub fn diagnose(stderr: &str, spec: &WorkerSpec) -> Diagnosis {
+    diagnose_program(stderr, &Program::of(spec), &crate::procfs::tcp_listener)
+}
+
+/// `augur_full_scan`: what keeps a process of the worker from starting
+/// (dependencies of its project not installed), if anything.
+pub fn preflight(spec: &WorkerSpec) -> Option<String> {
+    let scan = scan(&Program::of(spec))?;
+    (!scan.names.is_empty()).then(|| {
+        format!(
+            "augur_full_scan: {} {} are not installed (not started)",
+            scan.names.len(),
+            scan.what
+        )
+    })
+}
+
+/// What augur needs of a worker: the program it runs and where.
+#[derive(Clone, Debug, Default)]
+struct Program {
+    /// Its `path`; without one nothing is scanned (the daemon's own
+    /// directory is no project).
+    dir: Option<PathBuf>,
+    exec: String,
+    params: Vec<String>,
+    /// Its `env` entries, which win over the daemon's environment.
+    env: Vec<(String, String)>,
+}
+
+impl Program {
+    fn of(spec: &WorkerSpec) -> Program {
+        Program {
+            dir: spec.path.as_ref().map(|p| p.value.clone()),
+            exec: spec.exec.value.clone(),
+            params: spec.params.iter().map(|p| p.value.clone()).collect(),
+            env: spec
+                .env
+                .iter()
+                .map(|e| (e.value.key.clone(), e.value.value.clone()))
+                .collect(),
+        }
+    }
+
+    /// An environment variable as the worker sees it.
+    fn var(&self, key: &str) -> Option<String> {
+        match self.env.iter().rev().find(|(k, _)| k == key) {
+            Some((_, value)) => Some(value.clone()),
+            None => std::env::var(key).ok(),
+        }
+    }
+
+    /// Where a command the worker runs is found: relative to its
+    /// directory when it has a slash, else through its PATH. Not resolved
+    /// through symlinks: a venv's `bin/python` tells its venv by where it is.
+    fn which(&self, command: &str) -> Option<PathBuf> {
+        let executable = |path: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            path.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
+        if command.contains('/') {
+            let path = match &self.dir {
+                Some(dir) => dir.join(command),
+                None => PathBuf::from(command),
+            };
+            return executable(&path).then_some(path);
+        }
+        let path = self.var("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(command))
+            .find(|candidate| executable(candidate))
+    }
+
+    /// The source file the program starts from: its first param that
+    /// names a Node or Python file, or the exec itself when it is one.
+    fn entry(&self) -> Option<(Language, PathBuf)> {
+        let dir = self.dir.as_deref()?;
+        self.params
+            .iter()
+            .chain(std::iter::once(&self.exec))
+            .find_map(|name| Some((Language::of(name)?, dir.join(name))))
+            .filter(|(_, path)| path.is_file())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Language {
+    Node,
+    Python,
+}
+
+impl Language {
+    fn of(file: &str) -> Option<Language> {
+        let extension = Path::new(file).extension()?.to_str()?;
+        match extension {
+            "js" | "mjs" | "cjs" => Some(Language::Node),
+            "py" => Some(Language::Python),
+            _ => None,
+        }
+    }
+}
+
+fn diagnose_program(
+    stderr: &str,
+    program: &Program,
+    listener: &dyn Fn(u16) -> Option<Listener>,
+) -> Diagnosis {
+    let (hints, named) = classify(stderr, listener);
+    let missing = scan(program).and_then(|scan| {
+        let names: Vec<String> = scan
+            .names
+            .into_iter()
+            .filter(|n| !named.iter().any(|m| same_package(m, n)))
+            .collect();
+        (!names.is_empty()).then(|| Missing {
+            install: match scan.install {
+                Install::Listing(command) => format!("{command} {}", names.join(" ")),
+                Install::Whole(command) => command,
+            },
+            names,
         })
     });
     Diagnosis { hints, missing }
 }
 
-/// `augur_full_scan`: what keeps a process of the project in `dir` from
-/// starting (its declared dependencies not installed), if anything.
-pub fn preflight(dir: &Path) -> Option<String> {
-    let missing = scan(dir)?;
-    (!missing.names.is_empty()).then(|| {
-        format!(
-            "augur_full_scan: {} declared dependencies are not installed (not started)",
-            missing.names.len()
-        )
-    })
+/// Whether a module a hint names is the package a scan lists: Python's
+/// names ignore case and treat `-`, `_` and `.` alike (PEP 503).
+fn same_package(a: &str, b: &str) -> bool {
+    python::normalise(a) == python::normalise(b)
 }
 
 /// The text between `start` and the next `end` after it.
@@ -56,7 +173,11 @@ fn between<'t>(text: &'t str, start: &str, end: &str) -> Option<&'t str> {
 }
 
 /// The hints for stderr, each once, and the packages they name as missing.
-fn classify(stderr: &str) -> (Vec<String>, Vec<String>) {
+/// `listener` tells who listens on a port a failed bind names.
+fn classify(
+    stderr: &str,
+    listener: &dyn Fn(u16) -> Option<Listener>,
+) -> (Vec<String>, Vec<String>) {
     let mut hints: Vec<String> = Vec::new();
     let mut named = Vec::new();
     let mut hint = |text: String| {
@@ -64,7 +185,9 @@ fn classify(stderr: &str) -> (Vec<String>, Vec<String>) {
             hints.push(text);
         }
     };
-    for line in stderr.lines() {
+    let lines: Vec<&str> = stderr.lines().collect();
+    for (at, line) in lines.iter().enumerate() {
+        let line = *line;
         if let Some(module) = between(line, "Cannot find module '", "'") {
             if module.starts_with('.') || module.starts_with('/') {
                 hint(format!("a file the program requires is missing: {module}"));
@@ -114,11 +237,10 @@ fn classify(stderr: &str) -> (Vec<String>, Vec<String>) {
             hint(format!(
                 "command {command} not found — install it or fix PATH"
             ));
-        } else if line.contains("EADDRINUSE") || line.contains("Address already in use") {
-            hint(
-                "its port is already in use: another process listens on it (`ss -ltnp` names it)"
-                    .to_owned(),
-            );
+        } else if line.contains("EADDRINUSE")
+            || line.to_ascii_lowercase().contains("address already in use")
+        {
+            hint(port_in_use(busy_port(&lines, at), listener));
         } else if line.contains("ECONNREFUSED") || line.contains("Connection refused") {
             hint("a service it connects to at start is not running or not reachable".to_owned());
         } else if line.contains("EACCES") || line.contains("Permission denied") {
@@ -151,6 +273,101 @@ fn classify(stderr: &str) -> (Vec<String>, Vec<String>) {
     (hints, named)
 }
 
+/// The port a failed bind names: on its line (Node's `:::3000`, Go's
+/// `listen tcp :8080: bind: …`), else on the nearest line that names one
+/// (Python's `OSError: [Errno 98] Address already in use` names none; its
+/// traceback or the program's own output may).
+fn busy_port(lines: &[&str], at: usize) -> Option<u16> {
+    const NEARBY: usize = 6;
+    (0..=NEARBY)
+        .flat_map(|d| [at.checked_sub(d), Some(at + d).filter(|_| d > 0)])
+        .flatten()
+        .filter_map(|i| lines.get(i))
+        .find_map(|line| port_named(line))
+}
+
+/// A port a line names as an address: `host:port` where the host is
+/// empty, an IP address (`[::]`, `0.0.0.0`, `::` as in Node's `:::3000`),
+/// `localhost`, `*` or a URL's; `port 8000` or `--port=8000`; or Python's
+/// `('0.0.0.0', 8000)`. Times (`12:30:45`) and `Errno 98` are not ports.
+fn port_named(line: &str) -> Option<u16> {
+    let port = |digits: &str| {
+        let digits: String = digits.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u16>().ok().filter(|&p| p > 0)
+    };
+    let starts_with_digit = |text: &str| text.starts_with(|c: char| c.is_ascii_digit());
+    let host_like = |host: &str| {
+        let (url, host) = match host.split_once("://") {
+            Some((_, host)) => (true, host),
+            None => (false, host),
+        };
+        host.is_empty()
+            || host == "*"
+            || host == "localhost"
+            || host.chars().all(|c| c == ':')
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+            || url
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+    };
+    let mut after_port = false;
+    for word in line
+        .split(|c: char| c.is_whitespace() || "\"'(),".contains(c))
+        .filter(|w| !w.is_empty())
+    {
+        // Go's `listen tcp :8080: bind:` ends the address with a colon.
+        let address = word.strip_suffix(':').unwrap_or(word);
+        if let Some((host, digits)) = address.rsplit_once(':')
+            && starts_with_digit(digits)
+            && host_like(host)
+        {
+            return port(digits);
+        }
+        let option = word.trim_start_matches('-').to_ascii_lowercase();
+        if let Some(digits) = option.strip_prefix("port=") {
+            return port(digits);
+        }
+        if after_port && starts_with_digit(word) {
+            return port(word);
+        }
+        after_port = word
+            .trim_start_matches('-')
+            .trim_end_matches(':')
+            .eq_ignore_ascii_case("port");
+    }
+    // Python's address tuple: `('0.0.0.0', 8000)`.
+    let quoted = line.split_once(['\'', '"'])?.1;
+    let (host, rest) = quoted.split_once(['\'', '"'])?;
+    let digits = rest.strip_prefix(',')?.trim_start();
+    (host_like(host) && starts_with_digit(digits))
+        .then(|| port(digits))
+        .flatten()
+}
+
+/// The hint for a port in use, naming who holds it when that is visible.
+fn port_in_use(port: Option<u16>, listener: &dyn Fn(u16) -> Option<Listener>) -> String {
+    let Some(port) = port else {
+        return "its port is already in use: another process listens on it (`ss -ltnp` names it)"
+            .to_owned();
+    };
+    match listener(port) {
+        Some(Listener {
+            process: Some((pid, command)),
+            ..
+        }) => format!("port {port} is already in use by pid {pid} ({command})"),
+        Some(Listener { uid, process: None }) => format!(
+            "port {port} is already in use by a process of uid {uid} that the daemon cannot see (`ss -ltnp` as root names it)"
+        ),
+        None => format!(
+            "port {port} is already in use, though nothing listens on it now (`ss -ltnp` as root names a holder)"
+        ),
+    }
+}
+
 /// `bash: foo: command not found`, `sh: 1: foo: not found`.
 fn command_not_found(line: &str) -> Option<&str> {
     let rest = line
@@ -159,9 +376,28 @@ fn command_not_found(line: &str) -> Option<&str> {
     rest.rsplit(": ").next().filter(|c| !c.is_empty())
 }
 
-/// The declared dependencies of the project in `dir` that are not
-/// installed, with the command that installs such a list.
-fn scan(dir: &Path) -> Option<Missing> {
+/// What a project needs and does not have installed.
+struct Scan {
+    names: Vec<String>,
+    /// What the names are, for `augur_full_scan`'s message.
+    what: &'static str,
+    install: Install,
+}
+
+/// The command that installs what is missing, run in the project.
+enum Install {
+    /// Followed by the missing names.
+    Listing(String),
+    /// Installs everything the manifest declares.
+    Whole(String),
+}
+
+/// The dependencies of the program's project that are not installed:
+/// those its manifest declares (the first of `package.json`,
+/// `composer.json`, `requirements.txt`, `Gemfile`), or without any, those
+/// its entry file imports.
+fn scan(program: &Program) -> Option<Scan> {
+    let dir = program.dir.as_deref()?;
     let manifest = |name: &str| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
     };
@@ -178,22 +414,16 @@ fn scan(dir: &Path) -> Option<Missing> {
         }
         names
     };
+    let cd = |command: &str| format!("cd {} && {command}", dir.display());
     if let Some(json) = manifest("package.json") {
         let names = declared(&json, &["dependencies", "devDependencies"])
             .into_iter()
-            // Node looks in `node_modules` of the directory and of each above it.
-            .filter(|name| {
-                !dir.ancestors().any(|d| {
-                    d.join("node_modules")
-                        .join(name)
-                        .join("package.json")
-                        .is_file()
-                })
-            })
+            .filter(|name| !node::installed(dir, name))
             .collect();
-        return Some(Missing {
+        return Some(Scan {
             names,
-            install: format!("cd {} && npm install", dir.display()),
+            what: "declared dependencies",
+            install: Install::Listing(cd("npm install")),
         });
     }
     if let Some(json) = manifest("composer.json") {
@@ -203,12 +433,47 @@ fn scan(dir: &Path) -> Option<Missing> {
             .filter(|name| name.contains('/'))
             .filter(|name| !dir.join("vendor").join(name).is_dir())
             .collect();
-        return Some(Missing {
+        return Some(Scan {
             names,
-            install: format!("cd {} && composer require", dir.display()),
+            what: "declared dependencies",
+            install: Install::Listing(cd("composer require")),
         });
     }
-    None
+    if dir.join("requirements.txt").is_file() {
+        let python = python::Environment::of(program);
+        return Some(Scan {
+            names: python.missing_requirements(&dir.join("requirements.txt"), dir),
+            what: "declared dependencies",
+            install: Install::Whole(cd(&format!("{} install -r requirements.txt", python.pip))),
+        });
+    }
+    if dir.join("Gemfile").is_file() {
+        return Some(Scan {
+            names: ruby::missing_gems(dir),
+            what: "declared gems",
+            install: Install::Whole(cd("bundle install")),
+        });
+    }
+    let (language, entry) = program.entry()?;
+    let source = std::fs::read_to_string(&entry).ok()?;
+    match language {
+        Language::Node => Some(Scan {
+            names: node::imports(&source)
+                .into_iter()
+                .filter(|name| !node::resolvable(program, &entry, name))
+                .collect(),
+            what: "imported packages",
+            install: Install::Listing(cd("npm install")),
+        }),
+        Language::Python => {
+            let python = python::Environment::of(program);
+            Some(Scan {
+                names: python.missing_imports(&source, &entry)?,
+                what: "imported modules",
+                install: Install::Listing(cd(&format!("{} install", python.pip))),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,7 +481,19 @@ mod tests {
     use super::*;
 
     fn hints(stderr: &str) -> Vec<String> {
-        classify(stderr).0
+        classify(stderr, &|_| None).0
+    }
+
+    /// A program run in `dir`, diagnosed as if nothing listened anywhere.
+    fn in_dir(dir: &Path) -> Program {
+        Program {
+            dir: Some(dir.to_path_buf()),
+            ..Program::default()
+        }
+    }
+
+    fn diagnose(stderr: &str, program: &Program) -> Diagnosis {
+        diagnose_program(stderr, program, &|_| None)
     }
 
     #[test]
@@ -268,6 +545,10 @@ mod tests {
             ),
             (
                 "Error: listen EADDRINUSE: address already in use :::3000",
+                "port 3000 is already in use, though nothing listens on it now (`ss -ltnp` as root names a holder)",
+            ),
+            (
+                "OSError: [Errno 98] Address already in use",
                 "its port is already in use: another process listens on it (`ss -ltnp` names it)",
             ),
             (
@@ -312,7 +593,7 @@ mod tests {
             r#"{"dependencies": {"express": "4", "redis": "4", "@scope/util": "1"}, "devDependencies": {"ws": "8"}}"#,
         )
         .unwrap();
-        let diagnosis = diagnose("Error: Cannot find module 'redis'", Some(&project));
+        let diagnosis = diagnose("Error: Cannot find module 'redis'", &in_dir(&project));
         assert_eq!(
             diagnosis.hints,
             ["missing node module redis — run npm install"]
@@ -331,10 +612,10 @@ mod tests {
             r#"{"require": {"php": ">=8.1", "ext-json": "*", "monolog/monolog": "3", "guzzlehttp/guzzle": "7"}}"#,
         )
         .unwrap();
-        let missing = diagnose("", Some(&php)).missing.unwrap();
+        let missing = diagnose("", &in_dir(&php)).missing.unwrap();
         assert_eq!(missing.names, ["guzzlehttp/guzzle"]);
         assert!(
-            diagnose("", Some(dir.path())).missing.is_none(),
+            diagnose("", &in_dir(dir.path())).missing.is_none(),
             "no manifest"
         );
     }

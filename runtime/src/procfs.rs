@@ -126,8 +126,8 @@ fn listening_sockets(table: &str, port: u16) -> Vec<(u64, u32)> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let local_port = fields.get(1)?.rsplit(':').next()?;
-            let listening = u16::from_str_radix(local_port, 16).ok()? == port
-                && *fields.get(3)? == LISTEN;
+            let listening =
+                u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == LISTEN;
             listening.then_some(())?;
             Some((fields.get(9)?.parse().ok()?, fields.get(7)?.parse().ok()?))
         })

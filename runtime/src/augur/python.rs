@@ -1,0 +1,650 @@
+//! Python: the interpreter a worker runs and where it finds packages
+//! (`requirements.txt` against them), and the modules a source file
+//! imports that it cannot find.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::Program;
+
+/// `sys.builtin_module_names` of Debian 12's CPython 3.11
+/// (`/usr/bin/python3.11`), a superset of a default build's: modules
+/// compiled into the interpreter, found in no directory.
+const BUILTIN_MODULES: &[&str] = &[
+    "__main__",
+    "_abc",
+    "_ast",
+    "_bisect",
+    "_blake2",
+    "_codecs",
+    "_collections",
+    "_csv",
+    "_datetime",
+    "_elementtree",
+    "_functools",
+    "_heapq",
+    "_imp",
+    "_io",
+    "_locale",
+    "_md5",
+    "_opcode",
+    "_operator",
+    "_pickle",
+    "_posixsubprocess",
+    "_random",
+    "_sha1",
+    "_sha256",
+    "_sha3",
+    "_sha512",
+    "_signal",
+    "_socket",
+    "_sre",
+    "_stat",
+    "_statistics",
+    "_string",
+    "_struct",
+    "_symtable",
+    "_thread",
+    "_tokenize",
+    "_tracemalloc",
+    "_warnings",
+    "_weakref",
+    "array",
+    "atexit",
+    "binascii",
+    "builtins",
+    "cmath",
+    "errno",
+    "faulthandler",
+    "fcntl",
+    "gc",
+    "grp",
+    "itertools",
+    "marshal",
+    "math",
+    "posix",
+    "pwd",
+    "pyexpat",
+    "select",
+    "spwd",
+    "sys",
+    "syslog",
+    "time",
+    "unicodedata",
+    "xxsubtype",
+    "zlib",
+];
+
+/// How deep `-r` includes of requirements files are followed.
+const INCLUDE_DEPTH: usize = 8;
+
+/// A name as PEP 503 compares them: lower case, runs of `-`, `_` and `.`
+/// as one `-`.
+pub(super) fn normalise(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "-_.".contains(c) {
+            if !out.ends_with('-') {
+                out.push('-');
+            }
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+/// Where the worker's Python finds modules and packages.
+#[derive(Debug, Default)]
+pub(super) struct Environment {
+    /// site-packages and dist-packages directories, with the directories
+    /// their `.pth` files add.
+    site: Vec<PathBuf>,
+    /// The standard library's directories (`lib/python3.X` and its
+    /// `lib-dynload`); empty when the interpreter was not found.
+    stdlib: Vec<PathBuf>,
+    /// The `version` of the interpreter (`3.11`), when known.
+    version: Option<String>,
+    /// The pip that installs into it.
+    pub(super) pip: String,
+}
+
+impl Environment {
+    /// The environment of the interpreter the worker runs (its exec, the
+    /// shebang of its exec, else `python3` through its PATH), with the
+    /// project's virtualenvs and Debian's dist-packages.
+    pub(super) fn of(program: &Program) -> Environment {
+        let mut environment = Environment {
+            pip: "pip".to_owned(),
+            ..Environment::default()
+        };
+        if let Some(dir) = &program.dir {
+            for venv in [".venv", "venv", "env"].map(|v| dir.join(v)) {
+                if venv.join("pyvenv.cfg").is_file() {
+                    environment.site.extend(site_packages(&venv));
+                    if environment.pip == "pip" {
+                        environment.pip = venv.join("bin/pip").display().to_string();
+                    }
+                }
+            }
+        }
+        if let Some(python) = interpreter(program) {
+            environment.add_interpreter(program, &python);
+        }
+        environment
+            .site
+            .push(PathBuf::from("/usr/lib/python3/dist-packages"));
+        environment
+            .site
+            .extend(versioned_dirs(Path::new("/usr/local/lib"), "dist-packages"));
+        if let Some(home) = program.var("HOME") {
+            environment.site.extend(versioned_dirs(
+                &Path::new(&home).join(".local/lib"),
+                "site-packages",
+            ));
+        }
+        environment.site.extend(pth_paths(&environment.site));
+        environment
+    }
+
+    /// The interpreter's own directories: a venv's site-packages (found
+    /// by the `pyvenv.cfg` beside its `bin/`, before following the
+    /// `bin/python` symlink to the base interpreter), then the base's
+    /// standard library and, unless a venv hides them, site-packages.
+    fn add_interpreter(&mut self, program: &Program, python: &Path) {
+        let mut path = python.to_path_buf();
+        let mut in_venv = false;
+        let mut base_site = true;
+        for _ in 0..40 {
+            if !in_venv && let Some(venv) = path.parent().and_then(Path::parent) {
+                let config = std::fs::read_to_string(venv.join("pyvenv.cfg"));
+                if let Ok(config) = config {
+                    in_venv = true;
+                    self.site.extend(site_packages(venv));
+                    if self.pip == "pip" {
+                        self.pip = venv.join("bin/pip").display().to_string();
+                    }
+                    base_site = setting(&config, "include-system-site-packages")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                    self.version = setting(&config, "version").map(|v| minor_version(&v));
+                    // `home` is the base interpreter's directory, also
+                    // for a venv made with --copies.
+                    if let Some(home) = setting(&config, "home") {
+                        path = Path::new(&home).join(path.file_name().unwrap_or_default());
+                        continue;
+                    }
+                }
+            }
+            match std::fs::read_link(&path) {
+                Ok(target) => path = path.parent().unwrap_or(Path::new("/")).join(target),
+                Err(_) => match pyenv_shim(program, &path) {
+                    Some(real) => path = real,
+                    None => break,
+                },
+            }
+        }
+        let Some(prefix) = path.parent().and_then(Path::parent) else {
+            return;
+        };
+        // `python3.11` names its version; `python3` does not.
+        if let Some(version) = path
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix("python"))
+            .filter(|v| v.contains('.'))
+        {
+            self.version.get_or_insert_with(|| version.to_owned());
+        }
+        let stdlib: Vec<PathBuf> = match &self.version {
+            Some(version) => vec![prefix.join(format!("lib/python{version}"))],
+            None => versioned_dirs(&prefix.join("lib"), ""),
+        };
+        for dir in stdlib.into_iter().filter(|d| d.join("os.py").is_file()) {
+            if base_site {
+                self.site.push(dir.join("site-packages"));
+            }
+            self.stdlib.push(dir.join("lib-dynload"));
+            self.stdlib.push(dir);
+        }
+    }
+
+    /// The requirements of a requirements file (and those it includes)
+    /// that no site-packages directory has a distribution of.
+    pub(super) fn missing_requirements(&self, file: &Path, project: &Path) -> Vec<String> {
+        let mut declared = Vec::new();
+        let root = project
+            .canonicalize()
+            .unwrap_or_else(|_| project.to_path_buf());
+        let mut read = HashSet::new();
+        requirements(file, &root, INCLUDE_DEPTH, &mut read, &mut declared);
+        let markers = Markers {
+            python_version: self.version.clone(),
+        };
+        let installed = self.distributions();
+        let mut missing: Vec<String> = Vec::new();
+        for (name, marker) in declared {
+            // A requirement whose marker is false here, or unclear, is not claimed.
+            if marker.is_some_and(|m| markers.evaluate(&m) != Some(true)) {
+                continue;
+            }
+            let normal = normalise(&name);
+            if !installed.contains(&normal) && !missing.iter().any(|m| normalise(m) == normal) {
+                missing.push(name);
+            }
+        }
+        missing
+    }
+
+    /// The PEP 503 names of the distributions installed in site-packages.
+    fn distributions(&self) -> HashSet<String> {
+        let mut names = HashSet::new();
+        for entry in self.site.iter().flat_map(|dir| entries(dir)) {
+            let Some(stem) = [".dist-info", ".egg-info", ".egg"]
+                .iter()
+                .find_map(|suffix| entry.strip_suffix(suffix))
+            else {
+                continue;
+            };
+            // `Name-1.0`, or `Name` for an egg-info without a version; a
+            // name's own `-` is written `_` in these directory names.
+            let name = stem.split('-').next().unwrap_or(stem);
+            names.insert(normalise(name));
+        }
+        names
+    }
+
+    /// The top-level modules a Python source file imports at its top
+    /// level (not indented: an import in a `try` or a function may be
+    /// optional) that the interpreter cannot find; `None` when its
+    /// standard library was not found, so that nothing is claimed.
+    pub(super) fn missing_imports(&self, source: &str, entry: &Path) -> Option<Vec<String>> {
+        if self.stdlib.is_empty() {
+            return None;
+        }
+        let mut dirs: Vec<PathBuf> = entry.parent().map(Path::to_path_buf).into_iter().collect();
+        dirs.extend(self.stdlib.iter().cloned());
+        dirs.extend(self.site.iter().cloned());
+        let mut available: HashSet<String> = HashSet::new();
+        for entry in dirs.iter().flat_map(|dir| entries(dir)) {
+            let module = entry.split('.').next().unwrap_or(&entry);
+            let is_module =
+                !entry.contains('.') || [".py", ".pyc", ".so"].iter().any(|s| entry.ends_with(s));
+            if is_module {
+                available.insert(module.to_owned());
+            }
+        }
+        // setuptools' editable installs map names to directories in a finder.
+        let editable: String = self
+            .site
+            .iter()
+            .flat_map(|dir| {
+                entries(dir)
+                    .into_iter()
+                    .filter(|e| e.starts_with("__editable__") && e.ends_with("finder.py"))
+                    .map(move |e| dir.join(e))
+            })
+            .filter_map(|finder| std::fs::read_to_string(finder).ok())
+            .collect();
+        let found = |module: &str| {
+            BUILTIN_MODULES.contains(&module)
+                || available.contains(module)
+                || editable.contains(&format!("'{module}'"))
+        };
+        let mut missing: Vec<String> = Vec::new();
+        for module in imports(source) {
+            if !found(&module) && !missing.contains(&module) {
+                missing.push(module);
+            }
+        }
+        Some(missing)
+    }
+}
+
+/// The `lib/python3*/site-packages` directories of a venv.
+fn site_packages(venv: &Path) -> Vec<PathBuf> {
+    versioned_dirs(&venv.join("lib"), "site-packages")
+}
+
+/// `dir/python3*/under` for each `python3*` directory in `dir`.
+fn versioned_dirs(dir: &Path, under: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = entries(dir)
+        .into_iter()
+        .filter(|name| name.starts_with("python3"))
+        .map(|name| dir.join(name).join(under))
+        .filter(|path| path.is_dir())
+        .collect();
+    found.sort();
+    found
+}
+
+/// The names in a directory (none when it cannot be read).
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect()
+}
+
+/// The directories `.pth` files add to the path (their lines that are
+/// not comments or `import` statements), relative to their directory.
+fn pth_paths(site: &[PathBuf]) -> Vec<PathBuf> {
+    let mut added = Vec::new();
+    for dir in site {
+        for name in entries(dir).into_iter().filter(|n| n.ends_with(".pth")) {
+            let Ok(text) = std::fs::read_to_string(dir.join(&name)) else {
+                continue;
+            };
+            added.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("import"))
+                    .map(|l| dir.join(l))
+                    .filter(|p| p.is_dir()),
+            );
+        }
+    }
+    added
+}
+
+/// `key = value` of a `pyvenv.cfg`.
+fn setting(config: &str, key: &str) -> Option<String> {
+    config.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_owned())
+    })
+}
+
+/// `3.11` of `3.11.7`.
+fn minor_version(version: &str) -> String {
+    version.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+/// The Python the worker runs: its exec when that is a Python, else the
+/// interpreter its exec's shebang names when that is one, else `python3`
+/// through its PATH. Unresolved: a venv's `bin/python` is a symlink.
+fn interpreter(program: &Program) -> Option<PathBuf> {
+    let is_python = |path: &Path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("python"))
+    };
+    let exec = program.which(&program.exec);
+    if let Some(exec) = exec.as_ref().filter(|e| is_python(e)) {
+        return Some(exec.clone());
+    }
+    let shebang = exec.and_then(|exec| {
+        let head = std::fs::read(&exec).ok()?;
+        let line = head.strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
+        let line = String::from_utf8_lossy(line).into_owned();
+        let mut words = line.split_whitespace();
+        let first = words.next()?;
+        let python = if first.ends_with("/env") {
+            program.which(words.find(|w| !w.starts_with('-'))?)?
+        } else {
+            PathBuf::from(first)
+        };
+        is_python(&python).then_some(python)
+    });
+    shebang.or_else(|| program.which("python3"))
+}
+
+/// The interpreter a pyenv shim (`$PYENV_ROOT/shims/python3`, a script)
+/// runs: the first version of `PYENV_VERSION`, else of the nearest
+/// `.python-version` at or above the project, else of
+/// `$PYENV_ROOT/version`, that has the program.
+fn pyenv_shim(program: &Program, shim: &Path) -> Option<PathBuf> {
+    let shims = shim.parent()?;
+    let root = shims.parent()?;
+    if shims.file_name()? != "shims" || !root.join("versions").is_dir() {
+        return None;
+    }
+    let chosen = program
+        .var("PYENV_VERSION")
+        .map(|v| v.replace(':', " "))
+        .or_else(|| {
+            let dir = program.dir.as_deref()?;
+            dir.ancestors()
+                .find_map(|d| std::fs::read_to_string(d.join(".python-version")).ok())
+        })
+        .or_else(|| std::fs::read_to_string(root.join("version")).ok())?;
+    chosen
+        .split_whitespace()
+        .filter(|v| !v.starts_with('#'))
+        .map(|version| {
+            root.join("versions")
+                .join(version)
+                .join("bin")
+                .join(shim.file_name().unwrap_or_default())
+        })
+        .find(|path| path.is_file())
+}
+
+/// The requirements of a requirements file, with their markers, and of
+/// the files it includes with `-r` that are inside the project. `-c`
+/// constraint files are not followed: they pin versions of what others
+/// require and require nothing themselves.
+fn requirements(
+    file: &Path,
+    root: &Path,
+    depth: usize,
+    read: &mut HashSet<PathBuf>,
+    out: &mut Vec<(String, Option<String>)>,
+) {
+    let Ok(file) = file.canonicalize() else {
+        return;
+    };
+    if depth == 0 || !file.starts_with(root) || !read.insert(file.clone()) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return;
+    };
+    let dir = file.parent().unwrap_or(root);
+    for line in logical_lines(&text) {
+        if let Some(option) = line.strip_prefix('-') {
+            let included = ["r ", "r\t", "-requirement ", "-requirement="]
+                .iter()
+                .find_map(|prefix| option.strip_prefix(prefix))
+                .or_else(|| option.strip_prefix('r').filter(|r| !r.starts_with('-')));
+            if let Some(included) = included.map(str::trim).filter(|i| !i.is_empty()) {
+                requirements(&dir.join(included), root, depth - 1, read, out);
+            }
+            continue;
+        }
+        out.extend(requirement(&line));
+    }
+}
+
+/// The lines of a requirements file without comments (`#` at the start
+/// or after a space) and blank lines, `\` continuations joined.
+fn logical_lines(text: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut pending = String::new();
+    for raw in text.lines() {
+        let code = match raw.find('#') {
+            Some(0) => "",
+            Some(at) if raw[..at].ends_with(char::is_whitespace) => &raw[..at],
+            _ => raw,
+        };
+        match code.trim_end().strip_suffix('\\') {
+            Some(head) => pending.push_str(head),
+            None => {
+                pending.push_str(code);
+                let line = pending.trim().to_owned();
+                pending.clear();
+                if !line.is_empty() {
+                    lines.push(line);
+                }
+            }
+        }
+    }
+    lines
+}
+
+/// The name and marker of a PEP 508 requirement line: extras, version
+/// specifiers and per-requirement options (`--hash`) dropped; a URL or
+/// path by its `#egg=` name, else none.
+fn requirement(line: &str) -> Option<(String, Option<String>)> {
+    let name_end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    let rest = &line[name_end..];
+    let is_path = name.is_empty()
+        || name.starts_with('.')
+        || rest.starts_with("://")
+        || rest.starts_with('+')
+        || rest.starts_with(':')
+        || [".whl", ".zip", ".tar.gz", ".tgz"]
+            .iter()
+            .any(|e| name.ends_with(e));
+    if is_path {
+        let egg = line.split_once("#egg=")?.1;
+        let egg = egg.split(['&', ' ', '[']).next()?;
+        return (!egg.is_empty()).then(|| (egg.to_owned(), None));
+    }
+    // `name @ url ; marker` needs a space before the `;`; others do not.
+    let marker = if rest.trim_start().starts_with('@') {
+        rest.split_once(" ;").map(|(_, m)| m)
+    } else {
+        rest.split_once(';').map(|(_, m)| m)
+    };
+    let marker = marker.map(|m| m.split(" --").next().unwrap_or(m).trim().to_owned());
+    Some((name.to_owned(), marker.filter(|m| !m.is_empty())))
+}
+
+/// What PEP 508 markers compare, for this machine.
+struct Markers {
+    python_version: Option<String>,
+}
+
+impl Markers {
+    /// A marker made of `variable op 'value'` comparisons joined by `and`
+    /// and `or`; `None` when it holds anything else (parentheses, a
+    /// variable not known here).
+    fn evaluate(&self, marker: &str) -> Option<bool> {
+        if marker.contains('(') {
+            return None;
+        }
+        let mut any = false;
+        for alternative in marker.split(" or ") {
+            let mut all = true;
+            for comparison in alternative.split(" and ") {
+                all &= self.compare(comparison.trim())?;
+            }
+            any |= all;
+        }
+        Some(any)
+    }
+
+    fn compare(&self, comparison: &str) -> Option<bool> {
+        const OPERATORS: &[&str] = &[
+            "not in", "===", "==", "!=", "<=", ">=", "~=", "<", ">", "in",
+        ];
+        let (left, op, right) = OPERATORS.iter().find_map(|op| {
+            let (l, r) = comparison.split_once(&format!(" {op} ")).or_else(|| {
+                // Operators other than `in` may go without spaces.
+                (!op.contains("in"))
+                    .then(|| comparison.split_once(op))
+                    .flatten()
+            })?;
+            Some((l.trim(), *op, r.trim()))
+        })?;
+        let literal = |s: &str| {
+            let s = s.trim();
+            (s.len() >= 2
+                && (s.starts_with('"') && s.ends_with('"')
+                    || s.starts_with('\'') && s.ends_with('\'')))
+            .then(|| s[1..s.len() - 1].to_owned())
+        };
+        let value = |s: &str| literal(s).or_else(|| self.variable(s));
+        let (left, right, version) = (value(left)?, value(right)?, is_version(comparison));
+        if version {
+            let (l, r) = (version_key(&left)?, version_key(&right)?);
+            return match op {
+                "==" | "===" => Some(l == r),
+                "!=" => Some(l != r),
+                "<" => Some(l < r),
+                "<=" => Some(l <= r),
+                ">" => Some(l > r),
+                ">=" => Some(l >= r),
+                _ => None,
+            };
+        }
+        match op {
+            "==" | "===" => Some(left == right),
+            "!=" => Some(left != right),
+            "in" => Some(right.contains(&left)),
+            "not in" => Some(!right.contains(&left)),
+            _ => None,
+        }
+    }
+
+    fn variable(&self, name: &str) -> Option<String> {
+        let arch = std::env::consts::ARCH;
+        Some(match name {
+            "os_name" => "posix".to_owned(),
+            "sys_platform" => "linux".to_owned(),
+            "platform_system" => "Linux".to_owned(),
+            "platform_machine" => arch.to_owned(),
+            "implementation_name" => "cpython".to_owned(),
+            "platform_python_implementation" => "CPython".to_owned(),
+            "python_version" => self.python_version.clone()?,
+            _ => return None,
+        })
+    }
+}
+
+fn is_version(comparison: &str) -> bool {
+    comparison.contains("python_version")
+}
+
+/// `3.11` as `[3, 11]`, for comparing.
+fn version_key(version: &str) -> Option<Vec<u32>> {
+    version.split('.').map(|p| p.parse().ok()).collect()
+}
+
+/// The top-level modules that a source file's top-level `import x.y` and
+/// `from x import …` statements name (relative ones skipped), each once;
+/// lines inside triple-quoted strings skipped.
+fn imports(source: &str) -> Vec<String> {
+    let mut modules: Vec<String> = Vec::new();
+    let mut in_string: Option<&str> = None;
+    for line in source.lines() {
+        let starts_in_string = in_string.is_some();
+        for quote in ["\"\"\"", "'''"] {
+            let count = line.matches(quote).count();
+            if count % 2 == 1 && in_string.is_none_or(|q| q == quote) {
+                in_string = if in_string.is_some() {
+                    None
+                } else {
+                    Some(quote)
+                };
+            }
+        }
+        if starts_in_string || line.starts_with(char::is_whitespace) {
+            continue;
+        }
+        let code = line.split('#').next().unwrap_or(line);
+        for statement in code.split(';').map(str::trim) {
+            let names: Vec<&str> = if let Some(rest) = statement.strip_prefix("import ") {
+                rest.split(',').collect()
+            } else if let Some(rest) = statement.strip_prefix("from ") {
+                vec![rest.split_whitespace().next().unwrap_or("")]
+            } else {
+                continue;
+            };
+            for name in names {
+                let name = name.split_whitespace().next().unwrap_or("");
+                let top = name.split('.').next().unwrap_or("");
+                let valid = !top.is_empty()
+                    && !top.starts_with(|c: char| c.is_ascii_digit())
+                    && top.chars().all(|c| c.is_alphanumeric() || c == '_');
+                if valid && !modules.iter().any(|m| m == top) {
+                    modules.push(top.to_owned());
+                }
+            }
+        }
+    }
+    modules
+}

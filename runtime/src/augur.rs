@@ -41,12 +41,16 @@ pub fn diagnose(stderr: &str, spec: &WorkerSpec) -> Diagnosis {
 /// `augur_full_scan`: what keeps a process of the worker from starting
 /// (dependencies of its project not installed), if anything.
 pub fn preflight(spec: &WorkerSpec) -> Option<String> {
-    let scan = scan(&Program::of(spec))?;
+    preflight_message(&Program::of(spec))
+}
+
+fn preflight_message(program: &Program) -> Option<String> {
+    let scan = scan(program)?;
+    let what = scan.what[usize::from(scan.names.len() > 1)];
     (!scan.names.is_empty()).then(|| {
         format!(
-            "augur_full_scan: {} {} are not installed (not started)",
-            scan.names.len(),
-            scan.what
+            "augur_full_scan: {} {what} not installed (not started)",
+            scan.names.len()
         )
     })
 }
@@ -379,8 +383,8 @@ fn command_not_found(line: &str) -> Option<&str> {
 /// What a project needs and does not have installed.
 struct Scan {
     names: Vec<String>,
-    /// What the names are, for `augur_full_scan`'s message.
-    what: &'static str,
+    /// What one name and several names are, for `augur_full_scan`'s message.
+    what: [&'static str; 2],
     install: Install,
 }
 
@@ -422,7 +426,7 @@ fn scan(program: &Program) -> Option<Scan> {
             .collect();
         return Some(Scan {
             names,
-            what: "declared dependencies",
+            what: ["declared dependency is", "declared dependencies are"],
             install: Install::Listing(cd("npm install")),
         });
     }
@@ -435,7 +439,7 @@ fn scan(program: &Program) -> Option<Scan> {
             .collect();
         return Some(Scan {
             names,
-            what: "declared dependencies",
+            what: ["declared dependency is", "declared dependencies are"],
             install: Install::Listing(cd("composer require")),
         });
     }
@@ -443,14 +447,14 @@ fn scan(program: &Program) -> Option<Scan> {
         let python = python::Environment::of(program);
         return Some(Scan {
             names: python.missing_requirements(&dir.join("requirements.txt"), dir),
-            what: "declared dependencies",
+            what: ["declared dependency is", "declared dependencies are"],
             install: Install::Whole(cd(&format!("{} install -r requirements.txt", python.pip))),
         });
     }
     if dir.join("Gemfile").is_file() {
         return Some(Scan {
             names: ruby::missing_gems(dir),
-            what: "declared gems",
+            what: ["declared gem is", "declared gems are"],
             install: Install::Whole(cd("bundle install")),
         });
     }
@@ -462,14 +466,14 @@ fn scan(program: &Program) -> Option<Scan> {
                 .into_iter()
                 .filter(|name| !node::resolvable(program, &entry, name))
                 .collect(),
-            what: "imported packages",
+            what: ["imported package is", "imported packages are"],
             install: Install::Listing(cd("npm install")),
         }),
         Language::Python => {
             let python = python::Environment::of(program);
             Some(Scan {
                 names: python.missing_imports(&source, &entry)?,
-                what: "imported modules",
+                what: ["imported module is", "imported modules are"],
                 install: Install::Listing(cd(&format!("{} install", python.pip))),
             })
         }
@@ -617,6 +621,185 @@ mod tests {
         assert!(
             diagnose("", &in_dir(dir.path())).missing.is_none(),
             "no manifest"
+        );
+    }
+
+    #[test]
+    fn the_port_of_a_failed_bind_is_read_from_each_runtimes_words() {
+        let cases = [
+            (
+                "Error: listen EADDRINUSE: address already in use :::3000",
+                Some(3000),
+            ),
+            (
+                "Error: listen EADDRINUSE: address already in use 127.0.0.1:3001",
+                Some(3001),
+            ),
+            ("listen tcp :8080: bind: address already in use", Some(8080)),
+            (
+                "listen tcp 0.0.0.0:8081: bind: address already in use",
+                Some(8081),
+            ),
+            (
+                "listen tcp [::]:8082: bind: address already in use",
+                Some(8082),
+            ),
+            (
+                "ERROR:    [Errno 98] error while attempting to bind on address ('0.0.0.0', 8000): address already in use",
+                Some(8000),
+            ),
+            ("    s.bind((\"\", 8001))", Some(8001)),
+            ("Port 5000 is in use by another program.", Some(5000)),
+            ("serving with --port=5001", Some(5001)),
+            ("Listening on http://localhost:5002/", Some(5002)),
+            ("OSError: [Errno 98] Address already in use", None),
+            ("2026-12-04 12:30:45 starting", None),
+            ("  File \"/srv/app.py\", line 12, in <module>", None),
+            ("listen tcp :70000: bind: address already in use", None),
+        ];
+        for (line, port) in cases {
+            assert_eq!(port_named(line), port, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_python_bind_failure_finds_its_port_on_a_nearby_line() {
+        let traceback = "Traceback (most recent call last):
+  File \"/srv/app.py\", line 4, in <module>
+    server = HTTPServer((\"0.0.0.0\", 8765), Handler)
+  File \"/usr/lib/python3.11/socketserver.py\", line 466, in server_bind
+    self.socket.bind(self.server_address)
+OSError: [Errno 98] Address already in use";
+        let busy = |port| {
+            (port == 8765).then(|| Listener {
+                uid: 0,
+                process: Some((1234, "python3 -m http.server 8765".to_owned())),
+            })
+        };
+        assert_eq!(
+            classify(traceback, &busy).0,
+            ["port 8765 is already in use by pid 1234 (python3 -m http.server 8765)"]
+        );
+        // Too far from the error to be its port.
+        let far = format!(
+            "listening on 0.0.0.0:9999\n{}OSError: [Errno 98] Address already in use",
+            "x\n".repeat(7)
+        );
+        assert_eq!(
+            classify(&far, &busy).0,
+            ["its port is already in use: another process listens on it (`ss -ltnp` names it)"]
+        );
+        let hidden = |_| {
+            Some(Listener {
+                uid: 1001,
+                process: None,
+            })
+        };
+        assert_eq!(
+            classify("listen tcp :8080: bind: address already in use", &hidden).0,
+            [
+                "port 8080 is already in use by a process of uid 1001 that the daemon cannot see (`ss -ltnp` as root names it)"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_holder_of_a_port_is_this_test_when_it_listens() {
+        let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let stderr = format!("Error: listen EADDRINUSE: address already in use :::{port}");
+        let diagnosis =
+            diagnose_program(&stderr, &Program::default(), &crate::procfs::tcp_listener);
+        let me = std::process::id();
+        assert_eq!(diagnosis.hints.len(), 1);
+        assert!(
+            diagnosis.hints[0].starts_with(&format!("port {port} is already in use by pid {me} (")),
+            "{:?}",
+            diagnosis.hints
+        );
+    }
+
+    #[test]
+    fn each_manifest_gets_its_install_command_and_without_one_the_entry_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |path: &Path, text: &str| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        let python = dir.path().join("py");
+        write(
+            &python.join("requirements.txt"),
+            "Flask>=2\napm-augur-absent-one\n",
+        );
+        let program = Program {
+            exec: "python3".to_owned(),
+            params: vec!["app.py".to_owned()],
+            ..in_dir(&python)
+        };
+        let diagnosis = diagnose("ModuleNotFoundError: No module named 'flask'", &program);
+        assert_eq!(
+            diagnosis.missing,
+            Some(Missing {
+                names: vec!["apm-augur-absent-one".to_owned()],
+                install: format!("cd {} && pip install -r requirements.txt", python.display()),
+            }),
+            "flask is named by the hint already"
+        );
+        let venv = python.join("venv");
+        write(&venv.join("pyvenv.cfg"), "home = /nonexistent\n");
+        assert_eq!(
+            diagnose("", &program).missing.unwrap().install,
+            format!(
+                "cd {} && {}/bin/pip install -r requirements.txt",
+                python.display(),
+                venv.display()
+            )
+        );
+
+        let ruby = dir.path().join("rb");
+        write(&ruby.join("Gemfile"), "gem 'apm-augur-absent-gem'\n");
+        assert_eq!(
+            diagnose("", &in_dir(&ruby)).missing,
+            Some(Missing {
+                names: vec!["apm-augur-absent-gem".to_owned()],
+                install: format!("cd {} && bundle install", ruby.display()),
+            })
+        );
+
+        let node = dir.path().join("js");
+        write(
+            &node.join("src/server.mjs"),
+            "import express from 'express';\nimport fs from 'node:fs';\nimport { x } from './x.js';\nconst ws = require('ws');\n",
+        );
+        std::fs::create_dir_all(node.join("node_modules/express")).unwrap();
+        let program = Program {
+            exec: "node".to_owned(),
+            params: vec![
+                "--enable-source-maps".to_owned(),
+                "src/server.mjs".to_owned(),
+            ],
+            ..in_dir(&node)
+        };
+        assert_eq!(
+            diagnose("", &program).missing,
+            Some(Missing {
+                names: vec!["ws".to_owned()],
+                install: format!("cd {} && npm install ws", node.display()),
+            })
+        );
+        assert_eq!(
+            preflight_message(&program).as_deref(),
+            Some("augur_full_scan: 1 imported package is not installed (not started)")
+        );
+        // The exec itself may be the entry file.
+        let script = Program {
+            exec: "src/server.mjs".to_owned(),
+            ..in_dir(&node)
+        };
+        assert_eq!(diagnose("", &script).missing.unwrap().names, ["ws"]);
+        assert!(
+            diagnose("", &in_dir(&node)).missing.is_none(),
+            "no entry file"
         );
     }
 }

@@ -401,6 +401,7 @@ fn pyenv_shim(program: &Program, shim: &Path) -> Option<PathBuf> {
     let chosen = program
         .var("PYENV_VERSION")
         .map(|v| v.replace(':', " "))
+        .filter(|v| !v.trim().is_empty())
         .or_else(|| {
             let dir = program.dir.as_deref()?;
             dir.ancestors()
@@ -647,4 +648,281 @@ fn imports(source: &str) -> Vec<String> {
         }
     }
     modules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A fake interpreter installed under `prefix`: `bin/python3.11`, a
+    /// standard library with `os.py`, and an empty site-packages.
+    fn fake_python(prefix: &Path) -> PathBuf {
+        let python = prefix.join("bin/python3.11");
+        write(&python, "");
+        std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write(&prefix.join("lib/python3.11/os.py"), "");
+        write(&prefix.join("lib/python3.11/json/__init__.py"), "");
+        write(
+            &prefix.join("lib/python3.11/lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so"),
+            "",
+        );
+        std::fs::create_dir_all(prefix.join("lib/python3.11/site-packages")).unwrap();
+        python
+    }
+
+    fn program(dir: &Path, exec: &Path) -> Program {
+        Program {
+            dir: Some(dir.to_path_buf()),
+            exec: exec.display().to_string(),
+            params: vec!["app.py".to_owned()],
+            // Nothing of the machine's own Python.
+            env: vec![
+                ("PATH".to_owned(), String::new()),
+                ("HOME".to_owned(), "/nonexistent".to_owned()),
+            ],
+        }
+    }
+
+    #[test]
+    fn requirements_are_pep_508_names_with_includes_inside_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("app");
+        write(
+            &project.join("requirements.txt"),
+            "# the web part\n\
+             --index-url https://pypi.example/simple\n\
+             -e .\n\
+             Flask[async]>=2.0,<3 ; python_version >= \"3.8\"\n\
+             requests==2.31.0 \\\n    --hash=sha256:abc\n\
+             pywin32 ; sys_platform == 'win32'\n\
+             uvloop; platform_system != \"Windows\" and implementation_name == 'cpython'\n\
+             odd ; platform_release > '5'\n\
+             mypkg @ https://example.com/mypkg-1.0.tar.gz ; os_name == 'posix'\n\
+             git+https://github.com/example/dep.git#egg=git_dep\n\
+             https://example.com/no-name.tar.gz\n\
+             ./local/wheel-1.0-py3-none-any.whl\n\
+             -r more/dev.txt\n\
+             -c constraints.txt\n\
+             -r ../outside.txt\n",
+        );
+        write(
+            &project.join("more/dev.txt"),
+            "pytest  # tests\n-r ../requirements.txt\n",
+        );
+        write(&project.join("constraints.txt"), "only-pinned==1.0\n");
+        write(&dir.path().join("outside.txt"), "not-ours\n");
+        let mut declared = Vec::new();
+        requirements(
+            &project.join("requirements.txt"),
+            &project.canonicalize().unwrap(),
+            INCLUDE_DEPTH,
+            &mut HashSet::new(),
+            &mut declared,
+        );
+        let names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "Flask", "requests", "pywin32", "uvloop", "odd", "mypkg", "git_dep", "pytest"
+            ]
+        );
+        let markers = Markers {
+            python_version: Some("3.11".to_owned()),
+        };
+        let evaluated: Vec<Option<bool>> = declared
+            .iter()
+            .filter_map(|(_, m)| m.as_deref())
+            .map(|m| markers.evaluate(m))
+            .collect();
+        assert_eq!(
+            evaluated,
+            [Some(true), Some(false), Some(true), None, Some(true)]
+        );
+        assert_eq!(
+            Markers {
+                python_version: Some("3.7".to_owned())
+            }
+            .evaluate("python_version >= \"3.8\""),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn a_requirement_is_installed_in_a_project_venv_or_the_interpreters_site_packages() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        let python = fake_python(&base);
+        write(
+            &base.join("lib/python3.11/site-packages/Apm_Augur_Base_Only-6.0.dist-info/METADATA"),
+            "",
+        );
+        let project = dir.path().join("app");
+        write(
+            &project.join("requirements.txt"),
+            "flask\nrequests\napm-augur.base-only\ntyping-extensions\nZope.Interface\nabsent-package\n",
+        );
+        // A venv whose python links to the base interpreter.
+        let venv = project.join(".venv");
+        write(
+            &venv.join("pyvenv.cfg"),
+            &format!("home = {}\nversion = 3.11.7\n", base.join("bin").display()),
+        );
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        symlink(&python, venv.join("bin/python")).unwrap();
+        let site = venv.join("lib/python3.11/site-packages");
+        write(&site.join("Flask-3.0.0.dist-info/METADATA"), "");
+        write(&site.join("requests.egg-info/PKG-INFO"), "");
+        write(&site.join("typing_extensions-4.9.0.dist-info/METADATA"), "");
+        write(&site.join("zope.interface-6.1.dist-info/METADATA"), "");
+
+        // Run by the venv's python: its site-packages, not the base's
+        // (include-system-site-packages is off).
+        let by_venv = Environment::of(&program(&project, &venv.join("bin/python")));
+        assert_eq!(
+            by_venv.missing_requirements(&project.join("requirements.txt"), &project),
+            ["apm-augur.base-only", "absent-package"]
+        );
+        assert_eq!(by_venv.pip, venv.join("bin/pip").display().to_string());
+        assert_eq!(by_venv.version.as_deref(), Some("3.11"));
+
+        // Run by the base interpreter, without the venv in the project.
+        std::fs::remove_dir_all(&venv).unwrap();
+        let by_base = Environment::of(&program(&project, &python));
+        assert_eq!(
+            by_base.missing_requirements(&project.join("requirements.txt"), &project),
+            [
+                "flask",
+                "requests",
+                "typing-extensions",
+                "Zope.Interface",
+                "absent-package"
+            ]
+        );
+        assert_eq!(by_base.pip, "pip");
+    }
+
+    #[test]
+    fn imports_are_found_in_the_project_the_stdlib_site_packages_and_builtins() {
+        let dir = tempfile::tempdir().unwrap();
+        let python = fake_python(&dir.path().join("prefix"));
+        let site = dir.path().join("prefix/lib/python3.11/site-packages");
+        write(&site.join("numpy/__init__.py"), "");
+        write(
+            &site.join("_cffi_backend.cpython-311-x86_64-linux-gnu.so"),
+            "",
+        );
+        write(&site.join("six.py"), "");
+        write(
+            &site.join("extra.pth"),
+            &format!(
+                "# a comment\nimport sys\n{}\n",
+                dir.path().join("added").display()
+            ),
+        );
+        write(&dir.path().join("added/fromtheph/__init__.py"), "");
+        let project = dir.path().join("app");
+        write(&project.join("helpers.py"), "");
+        std::fs::create_dir_all(project.join("models")).unwrap();
+        let source = "\"\"\"Usage:\nimport not_code\n\"\"\"\n\
+                      from __future__ import annotations\n\
+                      import os, sys as system\n\
+                      import json.decoder\n\
+                      import _ssl, math, itertools\n\
+                      from . import sibling\n\
+                      from .models import User\n\
+                      import helpers; import models\n\
+                      import numpy as np\n\
+                      import six, _cffi_backend, fromtheph\n\
+                      from flask import Flask  # the web part\n\
+                      try:\n    import ujson\nexcept ImportError:\n    pass\n\
+                      import absent_one\n";
+        write(&project.join("app.py"), source);
+        write(&dir.path().join("prefix/lib/python3.11/__future__.py"), "");
+        let environment = Environment::of(&program(&project, &python));
+        assert_eq!(
+            environment.missing_imports(source, &project.join("app.py")),
+            Some(vec!["flask".to_owned(), "absent_one".to_owned()])
+        );
+        // Without a standard library found, nothing is claimed.
+        let lost = Environment::of(&program(&project, Path::new("/nonexistent/python3")));
+        assert_eq!(lost.missing_imports(source, &project.join("app.py")), None);
+    }
+
+    #[test]
+    fn the_machines_pythons_find_their_standard_library() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = "import os\nimport sys\nimport json\nimport time\nimport itertools\n\
+                      import collections\nimport asyncio\nimport apm_augur_surely_absent\n";
+        write(&dir.path().join("app.py"), source);
+        // The one in PATH (here a pyenv shim) and Debian's.
+        let pythons: Vec<Program> = ["python3", "/usr/bin/python3"]
+            .into_iter()
+            .map(|exec| Program {
+                dir: Some(dir.path().to_path_buf()),
+                exec: exec.to_owned(),
+                ..Program::default()
+            })
+            .filter(|program| program.which(&program.exec).is_some())
+            .collect();
+        if pythons.is_empty() {
+            eprintln!("skipped: no python3 in PATH");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("python3 is a prerequisite under CI");
+            }
+        }
+        for program in pythons {
+            let environment = Environment::of(&program);
+            assert_eq!(
+                environment.missing_imports(source, &dir.path().join("app.py")),
+                Some(vec!["apm_augur_surely_absent".to_owned()]),
+                "{}: {environment:?}",
+                program.exec
+            );
+        }
+    }
+
+    #[test]
+    fn a_pyenv_shim_runs_the_version_the_project_chooses() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("pyenv");
+        write(
+            &root.join("shims/python3"),
+            "#!/usr/bin/env bash\nexec pyenv exec python3\n",
+        );
+        write(&root.join("version"), "3.12.1\n");
+        for version in ["3.11.7", "3.12.1"] {
+            let python = fake_python(&root.join("versions").join(version));
+            symlink(&python, python.with_file_name("python3")).unwrap();
+        }
+        let project = dir.path().join("app");
+        write(&project.join(".python-version"), "3.11.7\n");
+        let mut program = Program {
+            dir: Some(project.clone()),
+            // Empty is unset, whatever the test's own environment says.
+            env: vec![("PYENV_VERSION".to_owned(), String::new())],
+            ..Program::default()
+        };
+        let shim = root.join("shims/python3");
+        let real = pyenv_shim(&program, &shim).unwrap();
+        assert_eq!(real, root.join("versions/3.11.7/bin/python3"));
+        let mut environment = Environment::default();
+        environment.add_interpreter(&program, &shim);
+        assert_eq!(
+            environment.stdlib[1],
+            root.join("versions/3.11.7/lib/python3.11")
+        );
+        program
+            .env
+            .push(("PYENV_VERSION".to_owned(), "3.12.1".to_owned()));
+        assert_eq!(
+            pyenv_shim(&program, &shim).unwrap(),
+            root.join("versions/3.12.1/bin/python3")
+        );
+    }
 }

@@ -207,3 +207,103 @@ fn locked_versions(lock: &str) -> Vec<(String, String)> {
     }
     versions
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    const GEMFILE: &str = r#"source 'https://rubygems.org'
+ruby '3.1.2'
+
+gem 'sinatra', '~> 3.0'
+gem "rack", require: false   # the server interface
+gem 'nokogiri'
+# gem 'commented-out'
+gem 'local_gem', path: 'vendor/local_gem'
+gem 'from_git', git: 'https://github.com/example/from_git.git'
+gem 'wdm', platforms: [:mingw, :x64_mingw]
+gem 'puma'
+gem 'sinatra'
+
+group :development, :test do
+  gem 'rspec'
+end
+
+platforms :jruby do
+  gem 'jruby-openssl'
+end
+"#;
+
+    const LOCK: &str = "GEM
+  remote: https://rubygems.org/
+  specs:
+    mustermann (3.0.0)
+      ruby2_keywords (~> 0.0.1)
+    nokogiri (1.15.0-arm64-darwin)
+    nokogiri (1.15.0-x86_64-linux)
+    rack (2.2.8)
+    rspec (3.12.0)
+    sinatra (3.1.0)
+      mustermann (~> 3.0)
+
+PLATFORMS
+  x86_64-linux
+
+DEPENDENCIES
+  rack
+  sinatra (~> 3.0)
+";
+
+    #[test]
+    fn a_gemfile_declares_the_gems_bundler_installs_here() {
+        assert_eq!(
+            declared_gems(GEMFILE),
+            ["sinatra", "rack", "nokogiri", "puma", "rspec"]
+        );
+        assert_eq!(
+            locked_versions(LOCK),
+            [
+                ("mustermann", "3.0.0"),
+                ("nokogiri", "1.15.0"),
+                ("rack", "2.2.8"),
+                ("rspec", "3.12.0"),
+                ("sinatra", "3.1.0"),
+            ]
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_gem_is_installed_at_its_locked_version_in_a_bundle_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path();
+        write(&project.join("Gemfile"), GEMFILE);
+        let vendored = project.join("vendor/bundle/ruby/3.1.0");
+        write(&vendored.join("specifications/sinatra-3.1.0.gemspec"), "");
+        // A gem whose name extends rack's.
+        write(&vendored.join("specifications/rack-test-2.1.0.gemspec"), "");
+        std::fs::create_dir_all(vendored.join("gems/nokogiri-1.15.0-x86_64-linux")).unwrap();
+        // bundler's configured path.
+        write(
+            &project.join(".bundle/config"),
+            "---\nBUNDLE_PATH: \"gems_here\"\n",
+        );
+        write(
+            &project.join("gems_here/ruby/3.1.0/specifications/puma-6.4.0.gemspec"),
+            "",
+        );
+        assert_eq!(missing_gems(project), ["rack", "rspec"]);
+        // Without a lock, any version will do; with one, its version.
+        write(&vendored.join("specifications/rack-2.2.7.gemspec"), "");
+        assert_eq!(missing_gems(project), ["rspec"]);
+        write(&project.join("Gemfile.lock"), LOCK);
+        assert_eq!(missing_gems(project), ["rack", "rspec"]);
+        write(&vendored.join("specifications/rack-2.2.8.gemspec"), "");
+        assert_eq!(missing_gems(project), ["rspec"]);
+    }
+}

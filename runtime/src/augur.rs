@@ -282,7 +282,9 @@ fn classify(
 /// (Python's `OSError: [Errno 98] Address already in use` names none; its
 /// traceback or the program's own output may).
 fn busy_port(lines: &[&str], at: usize) -> Option<u16> {
-    const NEARBY: usize = 6;
+    // A Python traceback through socketserver puts the program's own
+    // line (with its address) about 10 lines above the error.
+    const NEARBY: usize = 20;
     (0..=NEARBY)
         .flat_map(|d| [at.checked_sub(d), Some(at + d).filter(|_| d > 0)])
         .flatten()
@@ -683,7 +685,7 @@ OSError: [Errno 98] Address already in use";
         // Too far from the error to be its port.
         let far = format!(
             "listening on 0.0.0.0:9999\n{}OSError: [Errno 98] Address already in use",
-            "x\n".repeat(7)
+            "x\n".repeat(21)
         );
         assert_eq!(
             classify(&far, &busy).0,

@@ -55,6 +55,26 @@ fn preflight_message(program: &Program) -> Option<String> {
     })
 }
 
+/// The first MiB of a regular file, as text. A project's files are its
+/// owner's choice and the daemon reads them in its supervisor: a FIFO
+/// must not hold it, nor a huge file fill it.
+fn read_text(path: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const LARGEST: u64 = 1 << 20;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(LARGEST).read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// What augur needs of a worker: the program it runs and where.
 #[derive(Clone, Debug, Default)]
 struct Program {
@@ -405,7 +425,7 @@ enum Install {
 fn scan(program: &Program) -> Option<Scan> {
     let dir = program.dir.as_deref()?;
     let manifest = |name: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+        serde_json::from_str(&read_text(&dir.join(name))?).ok()
     };
     let declared = |json: &serde_json::Value, sections: &[&str]| -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
@@ -461,7 +481,7 @@ fn scan(program: &Program) -> Option<Scan> {
         });
     }
     let (language, entry) = program.entry()?;
-    let source = std::fs::read_to_string(&entry).ok()?;
+    let source = read_text(&entry)?;
     match language {
         Language::Node => Some(Scan {
             names: node::imports(&source)
@@ -803,5 +823,52 @@ OSError: [Errno 98] Address already in use";
             diagnose("", &in_dir(&node)).missing.is_none(),
             "no entry file"
         );
+    }
+
+    /// A project's files are its owner's: a FIFO or a huge file where a
+    /// manifest belongs must not hold or fill the daemon, which scans them
+    /// in its supervisor.
+    #[test]
+    fn a_fifo_or_a_huge_file_in_the_project_does_not_hold_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = |path: &Path| {
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+        };
+        let node = dir.path().join("node");
+        std::fs::create_dir_all(&node).unwrap();
+        fifo(&node.join("package.json"));
+        let python = dir.path().join("python");
+        std::fs::create_dir_all(&python).unwrap();
+        std::fs::write(
+            python.join("requirements.txt"),
+            "-r more.txt\napm-augur-absent\n",
+        )
+        .unwrap();
+        fifo(&python.join("more.txt"));
+        let ruby = dir.path().join("ruby");
+        std::fs::create_dir_all(&ruby).unwrap();
+        std::fs::write(ruby.join("Gemfile"), "gem 'apm-augur-absent'\n").unwrap();
+        fifo(&ruby.join("Gemfile.lock"));
+        let huge = dir.path().join("huge");
+        std::fs::create_dir_all(&huge).unwrap();
+        let file = std::fs::File::create(huge.join("requirements.txt")).unwrap();
+        file.set_len(1 << 40).unwrap();
+
+        let (done, finished) = std::sync::mpsc::channel();
+        let projects = [node, python, ruby, huge];
+        std::thread::spawn(move || {
+            let found: Vec<Option<Missing>> = projects
+                .iter()
+                .map(|p| diagnose("", &in_dir(p)).missing)
+                .collect();
+            done.send(found).unwrap();
+        });
+        let found = finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the scans end");
+        assert_eq!(found[0], None);
+        assert_eq!(found[1].as_ref().unwrap().names, ["apm-augur-absent"]);
+        assert_eq!(found[2].as_ref().unwrap().names, ["apm-augur-absent"]);
+        assert_eq!(found[3], None, "its first MiB declares nothing");
     }
 }

@@ -182,7 +182,10 @@ fn quoted(rest: &str) -> Option<&str> {
 
 /// The package a bare specifier names, if it is neither a path nor built in.
 fn package(specifier: &str) -> Option<String> {
+    // npm's names, and paths within packages; a template's `${x}` is none.
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "@/._-~".contains(c);
     if specifier.is_empty()
+        || !specifier.chars().all(allowed)
         || specifier.starts_with(['.', '/'])
         || specifier.starts_with("node:")
         || specifier.contains(':')

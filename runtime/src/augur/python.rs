@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::Program;
+use super::{Program, read_text};
 
 /// `sys.builtin_module_names` of Debian 12's CPython 3.11
 /// (`/usr/bin/python3.11`), a superset of a default build's: modules
@@ -156,23 +156,26 @@ impl Environment {
         let mut in_venv = false;
         let mut base_site = true;
         for _ in 0..40 {
-            if !in_venv && let Some(venv) = path.parent().and_then(Path::parent) {
-                let config = std::fs::read_to_string(venv.join("pyvenv.cfg"));
-                if let Ok(config) = config {
-                    in_venv = true;
-                    self.site.extend(site_packages(venv));
-                    if self.pip == "pip" {
-                        self.pip = venv.join("bin/pip").display().to_string();
-                    }
-                    base_site = setting(&config, "include-system-site-packages")
-                        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-                    self.version = setting(&config, "version").map(|v| minor_version(&v));
-                    // `home` is the base interpreter's directory, also
-                    // for a venv made with --copies.
-                    if let Some(home) = setting(&config, "home") {
-                        path = Path::new(&home).join(path.file_name().unwrap_or_default());
-                        continue;
-                    }
+            let venv = path.parent().and_then(Path::parent).map(Path::to_path_buf);
+            if !in_venv
+                && let Some(venv) = venv
+                && let Some(config) = read_text(&venv.join("pyvenv.cfg"))
+            {
+                in_venv = true;
+                self.site.extend(site_packages(&venv));
+                if self.pip == "pip" {
+                    self.pip = venv.join("bin/pip").display().to_string();
+                }
+                base_site = setting(&config, "include-system-site-packages")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                self.version = setting(&config, "version")
+                    .or_else(|| setting(&config, "version_info"))
+                    .map(|v| minor_version(&v));
+                // `home` is the base interpreter's directory, also for a
+                // venv made with --copies.
+                if let Some(home) = setting(&config, "home") {
+                    path = Path::new(&home).join(path.file_name().unwrap_or_default());
+                    continue;
                 }
             }
             match std::fs::read_link(&path) {
@@ -282,7 +285,7 @@ impl Environment {
                     .filter(|e| e.starts_with("__editable__") && e.ends_with("finder.py"))
                     .map(move |e| dir.join(e))
             })
-            .filter_map(|finder| std::fs::read_to_string(finder).ok())
+            .filter_map(|finder| read_text(&finder))
             .collect();
         let found = |module: &str| {
             BUILTIN_MODULES.contains(&module)
@@ -316,11 +319,14 @@ fn versioned_dirs(dir: &Path, under: &str) -> Vec<PathBuf> {
     found
 }
 
-/// The names in a directory (none when it cannot be read).
+/// The names in a directory (none when it cannot be read), at most
+/// 100,000: a project's venv is its owner's to fill.
 fn entries(dir: &Path) -> Vec<String> {
+    const MOST: usize = 100_000;
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
+        .take(MOST)
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect()
 }
@@ -331,7 +337,7 @@ fn pth_paths(site: &[PathBuf]) -> Vec<PathBuf> {
     let mut added = Vec::new();
     for dir in site {
         for name in entries(dir).into_iter().filter(|n| n.ends_with(".pth")) {
-            let Ok(text) = std::fs::read_to_string(dir.join(&name)) else {
+            let Some(text) = read_text(&dir.join(&name)) else {
                 continue;
             };
             added.extend(
@@ -373,9 +379,8 @@ fn interpreter(program: &Program) -> Option<PathBuf> {
         return Some(exec.clone());
     }
     let shebang = exec.and_then(|exec| {
-        let head = std::fs::read(&exec).ok()?;
-        let line = head.strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
-        let line = String::from_utf8_lossy(line).into_owned();
+        let head = read_text(&exec)?;
+        let line = head.strip_prefix("#!")?.lines().next()?;
         let mut words = line.split_whitespace();
         let first = words.next()?;
         let python = if first.ends_with("/env") {
@@ -405,9 +410,9 @@ fn pyenv_shim(program: &Program, shim: &Path) -> Option<PathBuf> {
         .or_else(|| {
             let dir = program.dir.as_deref()?;
             dir.ancestors()
-                .find_map(|d| std::fs::read_to_string(d.join(".python-version")).ok())
+                .find_map(|d| read_text(&d.join(".python-version")))
         })
-        .or_else(|| std::fs::read_to_string(root.join("version")).ok())?;
+        .or_else(|| read_text(&root.join("version")))?;
     chosen
         .split_whitespace()
         .filter(|v| !v.starts_with('#'))
@@ -437,7 +442,7 @@ fn requirements(
     if depth == 0 || !file.starts_with(root) || !read.insert(file.clone()) {
         return;
     }
-    let Ok(text) = std::fs::read_to_string(&file) else {
+    let Some(text) = read_text(&file) else {
         return;
     };
     let dir = file.parent().unwrap_or(root);
@@ -502,7 +507,11 @@ fn requirement(line: &str) -> Option<(String, Option<String>)> {
     if is_path {
         let egg = line.split_once("#egg=")?.1;
         let egg = egg.split(['&', ' ', '[']).next()?;
-        return (!egg.is_empty()).then(|| (egg.to_owned(), None));
+        let valid = !egg.is_empty()
+            && egg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        return valid.then(|| (egg.to_owned(), None));
     }
     // `name @ url ; marker` needs a space before the `;`; others do not.
     let marker = if rest.trim_start().starts_with('@') {

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::read_text;
+
 /// The gem directories of a system: `gem install` as root on Debian
 /// (`/var/lib/gems/3.1.0`), the gems that come with Ruby
 /// (`/usr/lib/ruby/gems/3.1.0`, its default gems in
@@ -21,10 +23,10 @@ const SYSTEM_GEM_HOMES: &[&str] = &[
 /// The gems of the `Gemfile` in `dir` that no gem directory has: at the
 /// version its `Gemfile.lock` resolved, when there is one, else any.
 pub(super) fn missing_gems(dir: &Path) -> Vec<String> {
-    let Ok(gemfile) = std::fs::read_to_string(dir.join("Gemfile")) else {
+    let Some(gemfile) = read_text(&dir.join("Gemfile")) else {
         return Vec::new();
     };
-    let lock = std::fs::read_to_string(dir.join("Gemfile.lock")).unwrap_or_default();
+    let lock = read_text(&dir.join("Gemfile.lock")).unwrap_or_default();
     let locked = locked_versions(&lock);
     let mut homes: Vec<PathBuf> = bundle_paths(dir)
         .iter()
@@ -81,7 +83,7 @@ fn is_installed(entry: &str, name: &str, version: Option<&str>) -> bool {
 /// `BUNDLE_PATH` of its `.bundle/config`.
 fn bundle_paths(dir: &Path) -> Vec<PathBuf> {
     let mut paths = vec![dir.join("vendor/bundle")];
-    let config = std::fs::read_to_string(dir.join(".bundle/config")).unwrap_or_default();
+    let config = read_text(&dir.join(".bundle/config")).unwrap_or_default();
     paths.extend(config.lines().find_map(|line| {
         let value = line.trim().strip_prefix("BUNDLE_PATH:")?;
         let value = value.trim().trim_matches(['"', '\'']);
@@ -171,7 +173,11 @@ fn declared_gems(gemfile: &str) -> Vec<String> {
         let Some(quote) = rest.chars().next().filter(|c| *c == '\'' || *c == '"') else {
             continue;
         };
-        let Some(name) = rest[1..].split(quote).next().filter(|n| !n.is_empty()) else {
+        let Some(name) = rest[1..].split(quote).next().filter(|n| {
+            !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        }) else {
             continue;
         };
         if !names.iter().any(|n| n == name) {

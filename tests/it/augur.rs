@@ -19,8 +19,16 @@ fn augur_lists_the_requirements_a_python_project_has_not_installed() {
          pywin32 ; sys_platform == \"win32\"\n",
     )
     .unwrap();
-    std::fs::write(project.join("more/dev.txt"), "Apm_Augur.Second==2.0  # tests\n").unwrap();
-    std::fs::write(project.join("app.py"), "import json\nimport apm_augur_absent\n").unwrap();
+    std::fs::write(
+        project.join("more/dev.txt"),
+        "Apm_Augur.Second==2.0  # tests\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("app.py"),
+        "import json\nimport apm_augur_absent\n",
+    )
+    .unwrap();
     let path = project.display().to_string();
     let failed = d.apm(&["run", "python3", "app.py", "-name", "api", "-path", &path]);
     assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));
@@ -77,7 +85,10 @@ fn augur_names_the_process_that_holds_a_port() {
     let failed = d.apm(&["run", "python3", app.to_str().unwrap(), "-name", "web"]);
     assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));
     let out = stdout(&failed);
-    assert!(out.contains("OSError: [Errno 98] Address already in use"), "{out}");
+    assert!(
+        out.contains("OSError: [Errno 98] Address already in use"),
+        "{out}"
+    );
     let me = std::process::id();
     assert!(
         out.contains(&format!("  → port {port} is already in use by pid {me} (")),

@@ -1,7 +1,7 @@
 //! apm's integration tests, one binary so that they link once.
 
-mod certs;
 mod augur;
+mod certs;
 mod cli;
 mod connectors;
 mod convert;

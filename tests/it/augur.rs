@@ -66,6 +66,41 @@ fn augur_lists_the_requirements_a_python_project_has_not_installed() {
     assert!(!d.log("checked", false).contains("started"));
 }
 
+/// Without a manifest, the entry file's imports: the standard library's
+/// are found where the daemon's python3 keeps them, the absent ones listed.
+#[test]
+fn augur_reads_the_imports_of_a_python_entry_file_without_a_manifest() {
+    let d = Daemon::new("augur_imports");
+    let project = d.dir().join("script");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("main.py"),
+        "import os, sys, json, time, itertools, collections, asyncio\n\
+         from helpers import greet\n\
+         import apm_augur_first_absent\n\
+         import apm_augur_second_absent\n",
+    )
+    .unwrap();
+    std::fs::write(
+        project.join("helpers.py"),
+        "def greet(): pass\n",
+    )
+    .unwrap();
+    let path = project.display().to_string();
+    let failed = d.apm(&[
+        "run", "python3", "-u", "main.py", "-name", "script", "-path", &path,
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));
+    let out = stdout(&failed);
+    assert!(
+        out.contains("  → missing Python module apm_augur_first_absent")
+            && out.contains(&format!(
+                "  → augur — also missing (1): apm_augur_second_absent   → cd {path} && pip install apm_augur_second_absent\n"
+            )),
+        "{out}"
+    );
+}
+
 /// A worker that cannot bind its port: the hint names the port and the
 /// process that holds it, here this test.
 #[test]

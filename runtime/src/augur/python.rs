@@ -98,7 +98,7 @@ pub(super) fn normalise(name: &str) -> String {
 #[derive(Debug, Default)]
 pub(super) struct Environment {
     /// site-packages and dist-packages directories, with the directories
-    /// their `.pth` files add.
+    /// their `.pth` files add, `PYTHONPATH`'s and the project's own.
     site: Vec<PathBuf>,
     /// The standard library's directories (`lib/python3.X` and its
     /// `lib-dynload`); empty when the interpreter was not found.
@@ -144,6 +144,10 @@ impl Environment {
             ));
         }
         environment.site.extend(pth_paths(&environment.site));
+        let python_path = program.var("PYTHONPATH").unwrap_or_default();
+        environment.site.extend(std::env::split_paths(&python_path));
+        // `python -m` runs with the working directory first on the path.
+        environment.site.extend(program.dir.clone());
         environment
     }
 
@@ -257,10 +261,11 @@ impl Environment {
 
     /// The top-level modules a Python source file imports at its top
     /// level (not indented: an import in a `try` or a function may be
-    /// optional) that the interpreter cannot find; `None` when its
-    /// standard library was not found, so that nothing is claimed.
+    /// optional) that the interpreter cannot find; `None`, so that nothing
+    /// is claimed, when its standard library was not found or the file
+    /// changes its own path (`sys.path.insert(0, "lib")`).
     pub(super) fn missing_imports(&self, source: &str, entry: &Path) -> Option<Vec<String>> {
-        if self.stdlib.is_empty() {
+        if self.stdlib.is_empty() || source.contains("sys.path") || source.contains("addsitedir") {
             return None;
         }
         let mut dirs: Vec<PathBuf> = entry.parent().map(Path::to_path_buf).into_iter().collect();
@@ -857,6 +862,11 @@ mod tests {
         assert_eq!(
             environment.missing_imports(source, &project.join("app.py")),
             Some(vec!["flask".to_owned(), "absent_one".to_owned()])
+        );
+        let changes_its_path = format!("import sys\nsys.path.insert(0, 'lib')\n{source}");
+        assert_eq!(
+            environment.missing_imports(&changes_its_path, &project.join("app.py")),
+            None
         );
         // Without a standard library found, nothing is claimed.
         let lost = Environment::of(&program(&project, Path::new("/nonexistent/python3")));

@@ -506,6 +506,12 @@ fn scan(program: &Program) -> Option<Scan> {
 mod tests {
     use super::*;
 
+    /// Writes a file of a test's project, with its directories.
+    pub(super) fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
     fn hints(stderr: &str) -> Vec<String> {
         classify(stderr, &|_| None).0
     }
@@ -744,10 +750,6 @@ OSError: [Errno 98] Address already in use";
     #[test]
     fn each_manifest_gets_its_install_command_and_without_one_the_entry_file_is_read() {
         let dir = tempfile::tempdir().unwrap();
-        let write = |path: &Path, text: &str| {
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        };
         let python = dir.path().join("py");
         write(
             &python.join("requirements.txt"),

@@ -667,12 +667,8 @@ fn imports(source: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::augur::tests::write;
     use std::os::unix::fs::{PermissionsExt, symlink};
-
-    fn write(path: &Path, text: &str) {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
 
     /// A fake interpreter installed under `prefix`: `bin/python3.11`, a
     /// standard library with `os.py`, and an empty site-packages.

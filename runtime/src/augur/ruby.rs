@@ -217,11 +217,7 @@ fn locked_versions(lock: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn write(path: &Path, text: &str) {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
+    use crate::augur::tests::write;
 
     const GEMFILE: &str = r#"source 'https://rubygems.org'
 ruby '3.1.2'

@@ -81,11 +81,7 @@ fn augur_reads_the_imports_of_a_python_entry_file_without_a_manifest() {
          import apm_augur_second_absent\n",
     )
     .unwrap();
-    std::fs::write(
-        project.join("helpers.py"),
-        "def greet(): pass\n",
-    )
-    .unwrap();
+    std::fs::write(project.join("helpers.py"), "def greet(): pass\n").unwrap();
     let path = project.display().to_string();
     let failed = d.apm(&[
         "run", "python3", "-u", "main.py", "-name", "script", "-path", &path,
@@ -142,6 +138,38 @@ fn augur_names_the_process_that_holds_a_port() {
     assert!(
         out.contains(&format!("  → port {port} is already in use by pid {me} (")),
         "{out}"
+    );
+    drop(held);
+}
+
+/// A daemon that is not root cannot see which process of another user
+/// holds a port: the hint names the owner's uid and how to learn more.
+#[test]
+fn augur_names_the_uid_of_a_holder_a_non_root_daemon_cannot_see() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        prerequisite_missing("starting a daemon as uid 65534 needs root");
+        return;
+    }
+    let d = Daemon::new("augur_hidden");
+    // A daemon of uid 65534 keeps its state in the test's directory.
+    std::fs::set_permissions(d.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(&d.home).unwrap();
+    std::os::unix::fs::chown(&d.home, Some(65534), Some(65534)).unwrap();
+    let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let go = format!("echo 'listen tcp :{port}: bind: address already in use' >&2; exit 1");
+    let mut command = d.command(&["run", "sh", "-c", &go, "-name", "web", "-path", "/"]);
+    command.uid(65534).gid(65534);
+    let failed = run(command);
+    assert_eq!(failed.status.code(), Some(1), "{}", describe(&failed));
+    assert!(
+        stdout(&failed).contains(&format!(
+            "  → port {port} is already in use by a process of uid 0 that the daemon cannot see (`ss -ltnp` as root names it)\n"
+        )),
+        "{}",
+        describe(&failed)
     );
     drop(held);
 }

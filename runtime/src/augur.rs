@@ -23,7 +23,7 @@ use crate::procfs::Listener;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Diagnosis {
     pub hints: Vec<String>,
-    /// Declared dependencies not installed, beyond those the hints name.
+    /// Dependencies of the project not installed, beyond those the hints name.
     pub missing: Option<Missing>,
 }
 

@@ -116,9 +116,9 @@ fn expand(pattern: &Path) -> Vec<PathBuf> {
 }
 
 /// The gems a Gemfile declares with `gem 'name'`, each once; not those
-/// taken from a `path:` or a git repository (bundler keeps them elsewhere)
-/// or only for another platform (`platforms: :windows`, a `platforms
-/// :jruby do` block).
+/// taken from a `path:` or a git repository (bundler keeps them elsewhere),
+/// only for another platform (`platforms: :windows`, a `platforms :jruby
+/// do` block) or under a condition (`install_if … do`).
 fn declared_gems(gemfile: &str) -> Vec<String> {
     const OTHER_PLATFORMS: &[&str] = &[
         "mingw",
@@ -154,7 +154,10 @@ fn declared_gems(gemfile: &str) -> Vec<String> {
             continue;
         }
         if line.ends_with(" do") || line.contains(" do |") {
-            if skipping.is_none() && line.starts_with("platform") && elsewhere(line) {
+            // `install_if` runs a condition augur cannot evaluate.
+            let conditional =
+                line.starts_with("install_if") || line.starts_with("platform") && elsewhere(line);
+            if skipping.is_none() && conditional {
                 skipping = Some(depth);
             }
             depth += 1;
@@ -239,6 +242,11 @@ end
 platforms :jruby do
   gem 'jruby-openssl'
 end
+
+install_if -> { RUBY_PLATFORM =~ /darwin/ } do
+  gem 'rb-fsevent'
+end
+gem 'after-blocks'
 "#;
 
     const LOCK: &str = "GEM
@@ -265,7 +273,14 @@ DEPENDENCIES
     fn a_gemfile_declares_the_gems_bundler_installs_here() {
         assert_eq!(
             declared_gems(GEMFILE),
-            ["sinatra", "rack", "nokogiri", "puma", "rspec"]
+            [
+                "sinatra",
+                "rack",
+                "nokogiri",
+                "puma",
+                "rspec",
+                "after-blocks"
+            ]
         );
         assert_eq!(
             locked_versions(LOCK),
@@ -287,6 +302,7 @@ DEPENDENCIES
         write(&project.join("Gemfile"), GEMFILE);
         let vendored = project.join("vendor/bundle/ruby/3.1.0");
         write(&vendored.join("specifications/sinatra-3.1.0.gemspec"), "");
+        write(&vendored.join("specifications/after-blocks-1.0.gemspec"), "");
         // A gem whose name extends rack's.
         write(&vendored.join("specifications/rack-test-2.1.0.gemspec"), "");
         std::fs::create_dir_all(vendored.join("gems/nokogiri-1.15.0-x86_64-linux")).unwrap();

@@ -467,10 +467,11 @@ fn scan(program: &Program) -> Option<Scan> {
     }
     if dir.join("requirements.txt").is_file() {
         let python = python::Environment::of(program);
+        let pip = python.pip();
         return Some(Scan {
             names: python.missing_requirements(&dir.join("requirements.txt"), dir),
             what: ["declared dependency is", "declared dependencies are"],
-            install: Install::Whole(cd(&format!("{} install -r requirements.txt", python.pip))),
+            install: Install::Whole(cd(&format!("{pip} install -r requirements.txt"))),
         });
     }
     if dir.join("Gemfile").is_file() {
@@ -493,10 +494,11 @@ fn scan(program: &Program) -> Option<Scan> {
         }),
         Language::Python => {
             let python = python::Environment::of(program);
+            let pip = python.pip();
             Some(Scan {
                 names: python.missing_imports(&source, &entry)?,
                 what: ["imported module is", "imported modules are"],
-                install: Install::Listing(cd(&format!("{} install", python.pip))),
+                install: Install::Listing(cd(&format!("{pip} install"))),
             })
         }
     }

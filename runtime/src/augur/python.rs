@@ -105,8 +105,9 @@ pub(super) struct Environment {
     stdlib: Vec<PathBuf>,
     /// The `version` of the interpreter (`3.11`), when known.
     version: Option<String>,
-    /// The pip that installs into it.
-    pub(super) pip: String,
+    /// The virtualenv it installs into: the project's, else the one the
+    /// interpreter runs in.
+    venv: Option<PathBuf>,
 }
 
 impl Environment {
@@ -114,17 +115,12 @@ impl Environment {
     /// shebang of its exec, else `python3` through its PATH), with the
     /// project's virtualenvs and Debian's dist-packages.
     pub(super) fn of(program: &Program) -> Environment {
-        let mut environment = Environment {
-            pip: "pip".to_owned(),
-            ..Environment::default()
-        };
+        let mut environment = Environment::default();
         if let Some(dir) = &program.dir {
             for venv in [".venv", "venv", "env"].map(|v| dir.join(v)) {
                 if venv.join("pyvenv.cfg").is_file() {
                     environment.site.extend(site_packages(&venv));
-                    if environment.pip == "pip" {
-                        environment.pip = venv.join("bin/pip").display().to_string();
-                    }
+                    environment.venv.get_or_insert(venv);
                 }
             }
         }
@@ -167,9 +163,7 @@ impl Environment {
             {
                 in_venv = true;
                 self.site.extend(site_packages(&venv));
-                if self.pip == "pip" {
-                    self.pip = venv.join("bin/pip").display().to_string();
-                }
+                self.venv.get_or_insert(venv);
                 base_site = setting(&config, "include-system-site-packages")
                     .is_some_and(|v| v.eq_ignore_ascii_case("true"));
                 self.version = setting(&config, "version")
@@ -211,6 +205,14 @@ impl Environment {
             }
             self.stdlib.push(dir.join("lib-dynload"));
             self.stdlib.push(dir);
+        }
+    }
+
+    /// The pip that installs into it.
+    pub(super) fn pip(&self) -> String {
+        match &self.venv {
+            Some(venv) => venv.join("bin/pip").display().to_string(),
+            None => "pip".to_owned(),
         }
     }
 
@@ -798,7 +800,7 @@ mod tests {
             by_venv.missing_requirements(&project.join("requirements.txt"), &project),
             ["apm-augur.base-only", "absent-package"]
         );
-        assert_eq!(by_venv.pip, venv.join("bin/pip").display().to_string());
+        assert_eq!(by_venv.pip(), venv.join("bin/pip").display().to_string());
         assert_eq!(by_venv.version.as_deref(), Some("3.11"));
 
         // Run by the base interpreter, without the venv in the project.
@@ -814,7 +816,7 @@ mod tests {
                 "absent-package"
             ]
         );
-        assert_eq!(by_base.pip, "pip");
+        assert_eq!(by_base.pip(), "pip");
     }
 
     #[test]

@@ -302,7 +302,10 @@ DEPENDENCIES
         write(&project.join("Gemfile"), GEMFILE);
         let vendored = project.join("vendor/bundle/ruby/3.1.0");
         write(&vendored.join("specifications/sinatra-3.1.0.gemspec"), "");
-        write(&vendored.join("specifications/after-blocks-1.0.gemspec"), "");
+        write(
+            &vendored.join("specifications/after-blocks-1.0.gemspec"),
+            "",
+        );
         // A gem whose name extends rack's.
         write(&vendored.join("specifications/rack-test-2.1.0.gemspec"), "");
         std::fs::create_dir_all(vendored.join("gems/nokogiri-1.15.0-x86_64-linux")).unwrap();

@@ -945,10 +945,7 @@ impl Supervisor {
         };
         instance.port = port.map(Port::new);
         if spec.augur_full_scan.value
-            && let Some(problem) = spec
-                .path
-                .as_ref()
-                .and_then(|path| crate::augur::preflight(&path.value))
+            && let Some(problem) = crate::augur::preflight(&spec)
         {
             return spawn_failed(name, instance, problem);
         }
@@ -1738,8 +1735,7 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
                 i.stderr_head.lock().map(|h| h.clone()).unwrap_or_default()
             };
             let stderr = String::from_utf8_lossy(&stderr).into_owned();
-            let project = worker.spec.path.as_ref().map(|p| p.value.as_path());
-            let diagnosis = (!ok).then(|| crate::augur::diagnose(&stderr, project));
+            let diagnosis = (!ok).then(|| crate::augur::diagnose(&stderr, &worker.spec));
             InstanceStart {
                 index: i.index,
                 pid: i.life.phase.pid(),

@@ -84,6 +84,11 @@ struct Daemon {
 }
 
 pub fn run(place: Place, detach: bool) -> u8 {
+    // Nothing a caller had open reaches the workers (decisions: the daemon, rule 8).
+    if let Err(e) = apm_runtime::sys::close_inherited_descriptors() {
+        log(format_args!("apm: cannot close inherited descriptors: {e}"));
+        return exit::FAILED;
+    }
     if detach {
         // Its own session: no terminal, and no signal of the CLI's group reaches it.
         let _ = nix::unistd::setsid();
@@ -115,18 +120,39 @@ fn bind(place: &Place) -> Result<UnixListener, String> {
             listener.set_nonblocking(true).map_err(|e| e.to_string())?;
             UnixListener::from_std(listener).map_err(|e| e.to_string())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let owner = match client::call(place, Call::Ping, false) {
-                Ok(response) => serde_json::from_value::<Pong>(response.data)
-                    .map_or("another process".to_owned(), |p| format!("pid {}", p.pid)),
-                Err(_) => "another process".to_owned(),
-            };
-            Err(format!(
-                "an apm daemon already runs on @{} ({owner}); stop it with `apm exit daemon`",
-                place.socket
-            ))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(name_taken(place)),
         Err(e) => Err(format!("cannot listen on @{}: {e}", place.socket)),
+    }
+}
+
+/// Why the socket name cannot be had: a daemon of ours holds it, or
+/// someone else does (a local user can bind any abstract name first).
+fn name_taken(place: &Place) -> String {
+    let ours = |uid: u32| uid == 0 || uid == nix::unistd::geteuid().as_raw();
+    match client::holder_of(place) {
+        Some(holder) if ours(holder.uid) => {
+            let pid = client::call(place, Call::Ping, false)
+                .ok()
+                .and_then(|response| serde_json::from_value::<Pong>(response.data).ok())
+                .map_or(holder.pid, |pong| pong.pid as i32);
+            format!(
+                "an apm daemon already runs on @{} (pid {pid}); stop it with `apm exit daemon`",
+                place.socket
+            )
+        }
+        Some(holder) => format!(
+            "the socket name @{} is held by a process of {}, not by an apm daemon of root or this user: \
+             it may be squatting the name to receive apm's requests. Have root stop it (`kill {}`), or run the \
+             daemon on another name with APM_SOCKET",
+            place.socket,
+            holder.describe(),
+            holder.pid
+        ),
+        None => format!(
+            "the socket name @{} is held by another process, which could not be identified (root can see it \
+             with `ss -xlp | grep {}`); stop it, or run the daemon on another name with APM_SOCKET",
+            place.socket, place.socket
+        ),
     }
 }
 
@@ -146,6 +172,16 @@ async fn serve(place: Place) -> u8 {
             return exit::FAILED;
         }
     };
+    apm_runtime::daemon_log::rotate_at(&place.log_file());
+    // Counts of repeated log lines are summarised once their minute is
+    // over, also when nothing else is logged.
+    tokio::spawn(async {
+        let mut ticks = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticks.tick().await;
+            apm_runtime::daemon_log::flush();
+        }
+    });
     let pid_file = place.home.join("apm.pid");
     // Holding the socket makes this the only daemon: any pid file left is stale.
     if let Ok(old) = std::fs::read_to_string(&pid_file) {

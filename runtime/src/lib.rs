@@ -7,6 +7,7 @@
 pub mod augur;
 mod cgroup;
 pub mod connector;
+pub mod daemon_log;
 mod filewatch;
 mod health;
 pub mod lifecycle;
@@ -25,12 +26,10 @@ pub mod unbuilt;
 mod upstream;
 pub mod vanguard;
 
-/// The daemon log is its stderr: one timestamped line per event. A log
-/// that cannot be written (a full disk) loses the line, not the daemon:
-/// `eprintln!` would panic.
+/// The daemon log is its stderr: one timestamped line per event, repeated
+/// ones summarised (`daemon_log`).
 pub fn log(message: std::fmt::Arguments) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{} {message}", timestamp());
+    daemon_log::write(&message.to_string());
 }
 
 /// What an accept loop makes of `accept`'s errors. One connection's own

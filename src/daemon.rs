@@ -31,32 +31,37 @@ const MAX_REQUEST: u64 = 1 << 20;
 /// How long orphans of a crashed daemon get to end after SIGTERM.
 const ORPHAN_GRACE: Duration = Duration::from_secs(3);
 
-/// Who may use the socket (decisions: the daemon, rule 2).
+/// Who may use the socket (decisions: the daemon, rule 2), and what a
+/// member of `allow_group` may do (docs/cli.md, decision 33).
 struct Access {
     owner: Uid,
-    allow_group: Option<String>,
+    /// `allow_group` and the file that set it. A file loaded or reloaded
+    /// that sets it takes it over; the file that set it takes it away when
+    /// it is reloaded without it, or unloaded.
+    allow_group: std::sync::Mutex<Option<(String, PathBuf)>>,
+}
+
+enum Role {
+    /// Root or the daemon's owner.
+    Owner,
+    /// A member of `allow_group`, named.
+    Member(String),
 }
 
 impl Access {
-    fn admits(&self, uid: Uid) -> bool {
+    fn role(&self, uid: Uid) -> Option<Role> {
         if uid.is_root() || uid == self.owner {
-            return true;
+            return Some(Role::Owner);
         }
-        let Some(group) = self.allow_group.as_deref() else {
-            return false;
-        };
-        let Ok(Some(group)) = nix::unistd::Group::from_name(group) else {
-            return false;
-        };
-        let Ok(Some(user)) = nix::unistd::User::from_uid(uid) else {
-            return false;
-        };
-        user.gid == group.gid || group.mem.contains(&user.name)
+        let name = locked(&self.allow_group).as_ref()?.0.clone();
+        let group = nix::unistd::Group::from_name(&name).ok()??;
+        let user = nix::unistd::User::from_uid(uid).ok()??;
+        (user.gid == group.gid || group.mem.contains(&user.name)).then_some(Role::Member(name))
     }
 
     fn refusal(&self, uid: Uid) -> String {
-        let group = match &self.allow_group {
-            Some(g) => format!(", and members of group `{g}` (allow_group)"),
+        let group = match &*locked(&self.allow_group) {
+            Some((g, _)) => format!(", and members of group `{g}` (allow_group)"),
             None => String::new(),
         };
         format!(
@@ -64,6 +69,45 @@ impl Access {
              Run apm as that user, or set `daemon {{ allow_group NAME; }}` in its config",
             self.owner
         )
+    }
+
+    /// Why a member may not make this call, when it may not.
+    fn member_refusal(&self, group: &str, call: &Call) -> Option<String> {
+        (self.owner.is_root() && !call.open_to_members()).then(|| {
+            format!(
+                "permission denied: {}. Ask root to do it",
+                crate::protocol::allow_group_rule(group)
+            )
+        })
+    }
+
+    /// Takes the `allow_group` of a file just loaded or reloaded.
+    fn follow(&self, file: &Path, group: Option<&str>) {
+        let mut current = locked(&self.allow_group);
+        let from_file = |c: &Option<(String, PathBuf)>| c.as_ref().is_some_and(|(_, f)| f == file);
+        let new = match group {
+            Some(group) => Some((group.to_owned(), file.to_path_buf())),
+            None if from_file(&current) => None,
+            None => return,
+        };
+        if *current != new {
+            match &new {
+                Some((group, _)) => log(format_args!(
+                    "allow_group is now `{group}` (from {})",
+                    file.display()
+                )),
+                None => log(format_args!(
+                    "allow_group removed: {} no longer sets it",
+                    file.display()
+                )),
+            }
+            *current = new;
+        }
+    }
+
+    /// A file unloaded takes away the `allow_group` it set.
+    fn forget(&self, file: &Path) {
+        self.follow(file, None);
     }
 }
 
@@ -207,7 +251,7 @@ async fn serve(place: Place) -> u8 {
     let supervisor = Supervisor::spawn(&place.home);
     let access = Access {
         owner: nix::unistd::geteuid(),
-        allow_group: allow_group(&place.home),
+        allow_group: std::sync::Mutex::new(allow_group(&place.home)),
     };
     let (watcher, mut due) = Watcher::start();
     let daemon = Arc::new_cyclic(|this| Daemon {
@@ -287,10 +331,16 @@ async fn shutdown(daemon: &Daemon, why: &str) {
     }
 }
 
-/// `allow_group` from `$APM_HOME/config.conf`, when it sets one.
-fn allow_group(home: &Path) -> Option<String> {
-    let compilation = compile(&home.join("config.conf"), &FsLoader).ok()?;
-    compilation.config.daemon.allow_group.map(|g| g.value)
+/// `allow_group` from `$APM_HOME/config.conf`, when it sets one, read
+/// before the socket takes calls so that members are not refused meanwhile.
+fn allow_group(home: &Path) -> Option<(String, PathBuf)> {
+    let path = home.join("config.conf");
+    let compilation = compile(&path, &FsLoader).ok()?;
+    compilation
+        .config
+        .daemon
+        .allow_group
+        .map(|g| (g.value, path))
 }
 
 /// Ends the processes a crashed daemon left and registers its workers again,
@@ -381,8 +431,14 @@ async fn restore(daemon: &Daemon) {
         let _ = daemon.notice.set(notices.join("; "));
     }
     // Files that workers came from are watched again, as when they were loaded.
+    // So is the `allow_group` one of them set.
     for file in files_of(&daemon.supervisor).await {
-        let _ = compile_file(daemon, &file);
+        if let Ok(compilation) = compile_file(daemon, &file) {
+            let allow_group = compilation.config.daemon.allow_group.as_ref();
+            daemon
+                .access
+                .follow(&file, allow_group.map(|g| g.value.as_str()));
+        }
     }
     for name in to_start {
         let supervisor = daemon.supervisor.clone();
@@ -540,13 +596,15 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         Ok(cred) => Uid::from_raw(cred.uid()),
         Err(_) => return,
     };
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     // Refused before anything is read: a client that may not drive the
     // daemon must not hold it waiting for a line either.
-    let response = if !daemon.access.admits(uid) {
+    let Some(role) = daemon.access.role(uid) else {
         log(format_args!("refused a client of uid {uid}"));
-        Response::error(exit::UNREACHABLE, daemon.access.refusal(uid))
-    } else {
+        let refusal = Response::error(exit::UNREACHABLE, daemon.access.refusal(uid));
+        return answer(write, &refusal).await;
+    };
+    let response = {
         let mut line = String::new();
         if BufReader::new(read.take(MAX_REQUEST))
             .read_line(&mut line)
@@ -556,7 +614,13 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             return;
         }
         match serde_json::from_str::<Request>(&line) {
-            Ok(request) if request.protocol == PROTOCOL => dispatch(&daemon, request.call).await,
+            Ok(request) if request.protocol == PROTOCOL => match &role {
+                Role::Member(group) => match daemon.access.member_refusal(group, &request.call) {
+                    Some(refusal) => Response::error(exit::UNREACHABLE, refusal),
+                    None => dispatch(&daemon, request.call).await,
+                },
+                Role::Owner => dispatch(&daemon, request.call).await,
+            },
             Ok(request) => Response::error(
                 exit::UNREACHABLE,
                 version_mismatch(&request.version, Some(request.protocol)),
@@ -574,7 +638,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             }
         }
     };
-    let mut bytes = serde_json::to_vec(&response).unwrap_or_default();
+    answer(write, &response).await;
+}
+
+async fn answer(mut write: tokio::net::unix::OwnedWriteHalf, response: &Response) {
+    let mut bytes = serde_json::to_vec(response).unwrap_or_default();
     bytes.push(b'\n');
     let _ = write.write_all(&bytes).await;
     let _ = write.shutdown().await;
@@ -659,6 +727,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Load { path } => load(daemon, &path).await?,
         Call::Unload { path } => {
             daemon.watcher.forget(&path);
+            daemon.access.forget(&path);
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut removed = Vec::new();
             for status in statuses
@@ -820,7 +889,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             )
         }
         Call::Plan { path, force } => {
-            let (plan, _) = file_plan(daemon, &path, force).await?;
+            let (plan, _, _) = file_plan(daemon, &path, force).await?;
             Response::data(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan }))
         }
         Call::Reload {
@@ -832,7 +901,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             let mut reloads = Vec::new();
             let mut unenforced = Vec::new();
             for (path, only) in files {
-                let (mut plan, specs) = file_plan(daemon, &path, force).await?;
+                let (mut plan, specs, allow_group) = file_plan(daemon, &path, force).await?;
                 if let Some(name) = &only {
                     plan.steps.retain(|step| step.worker() == name);
                 }
@@ -845,6 +914,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 let applied = if dry_run {
                     Vec::new()
                 } else {
+                    daemon.access.follow(&path, allow_group.as_deref());
                     apply(daemon, &path, &plan, specs).await
                 };
                 reloads.push(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan, "applied": applied }));
@@ -947,7 +1017,7 @@ fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilatio
 /// for it): what it does, and errors with their file, line and column, go
 /// to the daemon log; a file with errors keeps the running config.
 async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
-    let (mut plan, specs) = match file_plan(daemon, &due.root, false).await {
+    let (mut plan, specs, allow_group) = match file_plan(daemon, &due.root, false).await {
         Ok(found) => found,
         Err(response) => {
             log(format_args!(
@@ -958,6 +1028,7 @@ async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
             return;
         }
     };
+    daemon.access.follow(&due.root, allow_group.as_deref());
     if let Some(only) = &due.only {
         plan.steps
             .retain(|step| only.iter().any(|w| w == step.worker()));
@@ -980,12 +1051,13 @@ async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
     }
 }
 
-/// The plan that reloading `path` would apply, with the file's new specs.
+/// The plan that reloading `path` would apply, with the file's new specs
+/// and the `allow_group` it sets.
 async fn file_plan(
     daemon: &Daemon,
     path: &Path,
     force: bool,
-) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
+) -> Result<(plan::Plan, Vec<WorkerSpec>, Option<String>), Response> {
     let compilation = compile_file(daemon, path)?;
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
@@ -1008,7 +1080,8 @@ async fn file_plan(
         &new.iter().collect::<Vec<_>>(),
         force,
     );
-    Ok((plan, new))
+    let allow_group = compilation.config.daemon.allow_group.map(|g| g.value);
+    Ok((plan, new, allow_group))
 }
 
 /// Which files a reload reads, each with the one worker to reload when the
@@ -1184,6 +1257,10 @@ async fn apply(
 /// order of the file.
 async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
     let compilation = compile_file(daemon, path)?;
+    let allow_group = compilation.config.daemon.allow_group.as_ref();
+    daemon
+        .access
+        .follow(path, allow_group.map(|g| g.value.as_str()));
     if compilation.config.daemon.gui_port.value != 0 {
         follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await;
     }

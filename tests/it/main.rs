@@ -10,6 +10,6 @@ mod docs;
 mod harness;
 mod logs;
 mod reload;
-mod security_local;
 mod sections;
+mod security_local;
 mod stats;

@@ -5,6 +5,7 @@
 //! The attacker runs as uid 65534 through `setpriv`.
 
 use std::io::BufRead;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
@@ -36,12 +37,7 @@ fn can_be_nobody() -> bool {
 fn as_nobody(program: &str) -> Command {
     let mut command = Command::new("setpriv");
     command
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            program,
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", program])
         .current_dir("/")
         .stdin(Stdio::null());
     command
@@ -83,7 +79,12 @@ sys.stdin.read()
 impl Squatter {
     fn start(socket: &str, listening: bool) -> Squatter {
         let mut child = as_nobody(PYTHON)
-            .args(["-c", SQUATTER, socket, if listening { "listen" } else { "bind" }])
+            .args([
+                "-c",
+                SQUATTER,
+                socket,
+                if listening { "listen" } else { "bind" },
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -173,7 +174,12 @@ fn a_daemon_that_finds_its_socket_name_taken_says_by_whom_and_the_cli_says_it_at
     );
     // Run in the foreground it says the same and exits 1.
     let foreground = d.apm(&["daemon", "--foreground"]);
-    assert_eq!(foreground.status.code(), Some(1), "{}", describe(&foreground));
+    assert_eq!(
+        foreground.status.code(),
+        Some(1),
+        "{}",
+        describe(&foreground)
+    );
     assert!(
         stderr(&foreground).contains("uid 65534 (nobody)"),
         "{}",
@@ -202,11 +208,7 @@ fn descriptors(pid: u32) -> Vec<(u32, String)> {
 fn a_descriptor_open_in_the_shell_that_starts_the_daemon_reaches_no_worker() {
     let d = Daemon::new("fds");
     let secret = d.write("root-only", "the root-only secret\n");
-    std::fs::set_permissions(
-        &secret,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     // The shell's `exec 7<FILE` leaves a descriptor without close-on-exec
     // in the CLI, which starts the daemon.
     let output = run({
@@ -239,7 +241,11 @@ fn a_descriptor_open_in_the_shell_that_starts_the_daemon_reaches_no_worker() {
     let fds: Vec<u32> = descriptors(plain).into_iter().map(|(fd, _)| fd).collect();
     assert_eq!(fds, [0, 1, 2], "{:?}", descriptors(plain));
     // The same for a worker that runs as another user.
-    let user = if nix::unistd::User::from_name("apmtest").ok().flatten().is_some() {
+    let user = if nix::unistd::User::from_name("apmtest")
+        .ok()
+        .flatten()
+        .is_some()
+    {
         "apmtest"
     } else {
         "nobody"
@@ -287,7 +293,11 @@ fn thousands_of_refused_connections_grow_the_daemon_log_by_a_few_lines() {
         (1..=10).contains(&refusals),
         "{refusals} refusal lines:\n{grown}"
     );
-    assert!(grown.len() < 2000, "the log grew by {} bytes:\n{grown}", grown.len());
+    assert!(
+        grown.len() < 2000,
+        "the log grew by {} bytes:\n{grown}",
+        grown.len()
+    );
 }
 
 #[test]
@@ -310,4 +320,92 @@ fn the_daemon_log_is_rotated_past_its_size() {
     let log = d.daemon_log();
     assert!(log.len() < 64 * 1024, "{log}");
     assert!(!log.contains("xxxx"), "{log}");
+}
+
+/// The name of the group that is uid 65534's own, which makes that user a
+/// member without changing the system's groups.
+fn nobodys_group() -> Option<String> {
+    let nobody = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(65534)).ok()??;
+    Some(nix::unistd::Group::from_gid(nobody.gid).ok()??.name)
+}
+
+/// The CLI as uid 65534, with the test daemon's socket.
+fn apm_as_nobody(d: &Daemon, args: &[&str]) -> std::process::Output {
+    let mut command = d.command(args);
+    command.current_dir("/").uid(65534).gid(65534);
+    run(command)
+}
+
+#[test]
+fn allow_group_members_control_a_root_daemons_workers_but_run_nothing_new_and_it_applies_live() {
+    if !can_be_nobody() {
+        return;
+    }
+    let Some(group) = nobodys_group() else {
+        prerequisite_missing("uid 65534 has no group to be a member of");
+        return;
+    };
+    let d = Daemon::new("allow-group");
+    d.run_sh("kept", "exec sleep 1105", &["-startup_grace", "100"]);
+    let first = pids(&d.wait_running("kept"))[0];
+    let outsider = apm_as_nobody(&d, &["ls"]);
+    assert_eq!(outsider.status.code(), Some(3), "{}", describe(&outsider));
+
+    // Loading a file that sets it applies at once.
+    let access = d.write(
+        "access.conf",
+        &format!("daemon {{ allow_group {group}; }}\n"),
+    );
+    d.ok(&["load", access.to_str().unwrap()]);
+    let listed = apm_as_nobody(&d, &["ls"]);
+    assert!(
+        listed.status.success() && stdout(&listed).contains("kept"),
+        "{}",
+        describe(&listed)
+    );
+    let restarted = apm_as_nobody(&d, &["restart", "kept"]);
+    assert!(restarted.status.success(), "{}", describe(&restarted));
+    assert_ne!(pids(&d.wait_running("kept"))[0], first);
+
+    // What runs is not theirs to choose.
+    let denied: [&[&str]; 5] = [
+        &["run", "id", "-name", "mine"],
+        &["update", "kept", "-params", "1"],
+        &["copy", "kept", "copied"],
+        &["remove", "kept"],
+        &["exit", "daemon"],
+    ];
+    for args in denied {
+        let refused = apm_as_nobody(&d, args);
+        assert_eq!(
+            refused.status.code(),
+            Some(3),
+            "{args:?}: {}",
+            describe(&refused)
+        );
+        let text = stderr(&refused);
+        assert!(
+            text.contains(&format!("members of group `{group}` (allow_group)"))
+                && text.contains("run any command as root"),
+            "{args:?}: the rule is named: {text}"
+        );
+    }
+    assert_eq!(d.worker_names(), ["kept"]);
+    assert_eq!(d.wait_running("kept")["name"], "kept");
+
+    // Reloading the file without it takes it away, at once too.
+    std::fs::write(&access, "daemon { }\n").unwrap();
+    d.ok(&["reload", access.to_str().unwrap()]);
+    let refused = apm_as_nobody(&d, &["ls"]);
+    assert_eq!(refused.status.code(), Some(3), "{}", describe(&refused));
+    d.wait_daemon_log("allow_group removed");
+
+    // `apm check` says what members may do.
+    std::fs::write(&access, format!("daemon {{ allow_group {group}; }}\n")).unwrap();
+    let checked = d.ok(&["check", access.to_str().unwrap()]);
+    assert!(
+        stdout(&checked).contains("run any command as root"),
+        "{}",
+        describe(&checked)
+    );
 }

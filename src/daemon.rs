@@ -516,8 +516,10 @@ async fn gui_call(daemon: &Daemon, stop: bool) -> Response {
         }
         return Response::data(serde_json::json!({ "stopped": stopped }));
     }
-    if let Some(url) = locked(&daemon.gui).as_ref().map(|g| g.url.clone()) {
-        return Response::data(serde_json::json!({ "url": url }));
+    // The address with its token, for whoever may drive the daemon.
+    let link = || locked(&daemon.gui).as_ref().map(|g| g.link.clone());
+    if let Some(link) = link() {
+        return Response::data(serde_json::json!({ "url": link }));
     }
     // Without a file that set `gui_port`: the reference's port, and the
     // other settings' defaults.
@@ -531,7 +533,7 @@ async fn gui_call(daemon: &Daemon, stop: bool) -> Response {
     match start_gui(daemon, settings).await {
         Ok(url) => {
             log(format_args!("GUI on {url}"));
-            Response::data(serde_json::json!({ "url": url }))
+            Response::data(serde_json::json!({ "url": link().unwrap_or(url) }))
         }
         Err(e) => Response::error(exit::FAILED, e),
     }

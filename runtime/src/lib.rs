@@ -83,6 +83,14 @@ pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// 128 random bits in hex: a secret for a URL or a header.
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A mutex's guard even after a thread panicked holding it: what these
 /// mutexes guard (tables, buffers) stays whole between statements, and a
 /// daemon that panicked on every later use would lose far more.

@@ -409,3 +409,89 @@ fn allow_group_members_control_a_root_daemons_workers_but_run_nothing_new_and_it
         describe(&checked)
     );
 }
+
+/// `GET PATH` to the GUI on `port` with extra header lines: the status.
+fn gui_status(port: u16, path: &str, headers: &str) -> u16 {
+    let answer = http_raw(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n"),
+    );
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// Wrong guesses sent one after another for two seconds: how many were
+/// looked at (401) and how many refused unseen (429).
+fn guess_for_two_seconds(port: u16, wrong: &str) -> (usize, usize) {
+    let (mut looked_at, mut refused) = (0, 0);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        match gui_status(port, "/api/workers", wrong) {
+            401 => looked_at += 1,
+            429 => refused += 1,
+            other => panic!("a wrong guess got {other}"),
+        }
+    }
+    (looked_at, refused)
+}
+
+#[test]
+fn the_gui_wants_its_token_on_loopback_and_a_burst_of_guesses_is_slowed_and_summarised() {
+    if !can_be_nobody() {
+        return;
+    }
+    let d = Daemon::new("gui-token");
+    let port = free_port();
+    d.load(&format!(
+        "daemon {{ gui_port {port}; gui_bind 127.0.0.1; }}\n"
+    ));
+    let printed = stdout(&d.ok(&["gui"]));
+    let token_file = d.home.join("gui.token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(
+        printed.trim(),
+        format!("apm GUI: http://127.0.0.1:{port}/?token={token}")
+    );
+    // Loopback is no boundary: any local user could connect.
+    assert_eq!(gui_status(port, "/api/workers", ""), 401);
+    assert_eq!(gui_status(port, "/", ""), 401);
+    assert_eq!(
+        gui_status(port, "/api/workers", &format!("X-Apm-Token: {token}\r\n")),
+        200
+    );
+    assert_eq!(gui_status(port, &format!("/?token={token}"), ""), 200);
+    // The token file is the daemon user's alone, from its creation.
+    let meta = std::fs::metadata(&token_file).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, 0));
+    let read = as_nobody("cat").arg(&token_file).output().unwrap();
+    assert!(
+        !read.status.success() && !String::from_utf8_lossy(&read.stdout).contains(&token),
+        "{}",
+        describe(&read)
+    );
+
+    // Guessing: a few looked at, the rest refused unseen.
+    let (looked_at, refused) =
+        guess_for_two_seconds(port, "X-Apm-Token: 0123456789abcdef0123456789abcdef\r\n");
+    assert!(looked_at <= 8, "{looked_at} guesses looked at in 2 s");
+    assert!(refused > looked_at, "{refused} refused");
+    d.wait_daemon_log("wrong tokens in a row from 127.0.0.1");
+    let gui_lines = d.daemon_log().matches("GUI: ").count();
+    assert!(gui_lines <= 10, "{gui_lines} lines:\n{}", d.daemon_log());
+
+    // With a password, the same for wrong passwords.
+    d.load(&format!(
+        "daemon {{ gui_port {port}; gui_bind 127.0.0.1; gui_password s3cret; }}\n"
+    ));
+    wait_until(PATIENCE, "the GUI to ask for its password", || {
+        gui_status(port, "/", "Authorization: Basic OnMzY3JldA==\r\n") == 200
+    });
+    let (looked_at, refused) = guess_for_two_seconds(port, "Authorization: Basic dTp3cm9uZw==\r\n");
+    assert!(looked_at <= 8, "{looked_at} passwords looked at in 2 s");
+    assert!(refused > looked_at, "{refused} refused");
+    d.wait_daemon_log("wrong passwords in a row from 127.0.0.1");
+}

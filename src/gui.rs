@@ -357,15 +357,15 @@ fn query_field<'q>(query: &'q str, key: &str) -> Option<&'q str> {
         .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Whether the request may go on: not from a client locked out, and with
-/// the secret. Failures are counted, and a lockout is logged when it
+/// The refusal of a request from a client locked out, or without the
+/// secret; none when it may go on. Failures are counted, and a lockout is logged when it
 /// begins, with the requests refused during the one before: a burst of
 /// guesses makes a few lines, not one per guess.
-fn admitted(
+fn refusal_of(
     guard: &Guard,
     client: IpAddr,
     request: &Request<hyper::body::Incoming>,
-) -> Result<(), Response<Full<Bytes>>> {
+) -> Option<Response<Full<Bytes>>> {
     let now = Instant::now();
     let what = match guard.secret {
         Secret::Password(_) => "password",
@@ -380,11 +380,11 @@ fn admitted(
             hyper::header::RETRY_AFTER,
             hyper::header::HeaderValue::from(left.as_secs().max(1)),
         );
-        return Err(response);
+        return Some(response);
     }
     if authorized(&guard.secret, request) {
         apm_runtime::locked(&guard.strikes).succeeded(client);
-        return Ok(());
+        return None;
     }
     let lockout = apm_runtime::locked(&guard.strikes).failed(client, now);
     if let Some(lockout) = lockout {
@@ -409,7 +409,7 @@ fn admitted(
             hyper::header::HeaderValue::from_static("Basic realm=\"apm\", charset=\"UTF-8\""),
         );
     }
-    Err(response)
+    Some(response)
 }
 
 /// Whether the request names the GUI by an address or `localhost`. A
@@ -444,7 +444,7 @@ async fn answer(
             "open the apm GUI by its address (127.0.0.1 or localhost), or set gui_password",
         );
     }
-    if let Err(refusal) = admitted(guard, client, &request) {
+    if let Some(refusal) = refusal_of(guard, client, &request) {
         return refusal;
     }
     let path = request.uri().path().to_owned();

@@ -258,6 +258,28 @@ fn a_descriptor_open_in_the_shell_that_starts_the_daemon_reaches_no_worker() {
     };
     let fds: Vec<u32> = descriptors(other).into_iter().map(|(fd, _)| fd).collect();
     assert_eq!(fds, [0, 1, 2], "{:?}", descriptors(other));
+    // A connector child got its channel (it serves only once it said
+    // `ready` over it, which `wait_running` waits for), and nothing of the
+    // caller's.
+    let app = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps/connector_echo.py");
+    d.ok(&[
+        "run",
+        "python3",
+        app.to_str().unwrap(),
+        "-name",
+        "connected",
+        "-server",
+        &format!("http://127.0.0.1:{}", free_port()),
+    ]);
+    let [connected] = pids(&d.wait_running("connected"))[..] else {
+        panic!("one instance")
+    };
+    let fds = descriptors(connected);
+    assert!(
+        fds.iter().any(|(_, target)| target.starts_with("socket:")),
+        "{fds:?}"
+    );
+    assert!(leaked(connected).is_empty(), "{fds:?}");
 }
 
 #[test]

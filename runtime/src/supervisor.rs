@@ -2013,6 +2013,8 @@ fn build_command(
         }
     }
     sys::restore_open_files_limit(&mut command);
+    // Before the connector's channel is passed: it is registered later.
+    sys::only_standard_descriptors(&mut command);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

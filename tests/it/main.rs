@@ -12,4 +12,5 @@ mod harness;
 mod logs;
 mod reload;
 mod sections;
+mod security_local;
 mod stats;

@@ -81,7 +81,13 @@ pub fn save(
             if !live.iter().any(|l| l.name.value == current.name.value)
                 && let Some((file, block)) = current.span.and_then(|span| saver.block(span))
             {
-                let (start, end) = saver.lines_of(file, block.span, true);
+                let (start, mut end) = saver.lines_of(file, block.span, true);
+                // Between two blank lines, one goes too: the blocks around
+                // stay one blank line apart.
+                let text = saver.text(file);
+                if text[..start].ends_with("\n\n") && text[end..].starts_with('\n') {
+                    end += 1;
+                }
                 saver.edit(file, start, end, String::new());
             }
         }
@@ -539,6 +545,69 @@ mod tests {
         assert_eq!(text, "worker { name keep; exec x; }\n");
         assert_eq!(
             save_over(&[(ROOT, file)], "worker { name keep; exec x; }", false),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_worker_removed_between_others_leaves_one_blank_line() {
+        let file = "worker { name a; exec x; }\n\n# about b\n# more\nworker { name b; exec y; }\n\nworker { name c; exec z; }\n";
+        let live = "worker { name a; exec x; }\nworker { name c; exec z; }";
+        assert_eq!(
+            saved_root(&[(ROOT, file)], live),
+            "worker { name a; exec x; }\n\nworker { name c; exec z; }\n"
+        );
+        // The first worker of a file, with nothing above it.
+        let live = "worker { name b; exec y; }\nworker { name c; exec z; }";
+        assert_eq!(
+            saved_root(&[(ROOT, file)], live),
+            "\n# about b\n# more\nworker { name b; exec y; }\n\nworker { name c; exec z; }\n"
+        );
+    }
+
+    #[test]
+    fn a_statement_removed_from_a_shared_line_takes_its_spaces() {
+        let file = "worker { name w; exec x; restart_delay 5s;  instances 2; }\n";
+        let text = saved_root(&[(ROOT, file)], "worker { name w; exec x; instances 2; }");
+        assert_eq!(text, "worker { name w; exec x; instances 2; }\n");
+    }
+
+    #[test]
+    fn a_new_key_is_indented_like_the_statements_not_the_brace() {
+        let file = "worker {\n  name a;\n  exec x;\n}\n";
+        let text = saved_root(&[(ROOT, file)], "worker { name a; exec x; instances 3; }");
+        assert_eq!(text, "worker {\n  name a;\n  exec x;\n  instances 3;\n}\n");
+    }
+
+    #[test]
+    fn nested_vanguard_and_statsd_blocks_are_replaced_added_and_removed() {
+        let file = "worker {\n  name a;\n  exec x;\n  # the firewall\n  vanguard {\n    rate_limit 10;\n  }\n}\n";
+        let changed = saved_root(
+            &[(ROOT, file)],
+            "worker { name a; exec x; vanguard { rate_limit 20; } }",
+        );
+        assert_eq!(
+            changed,
+            "worker {\n  name a;\n  exec x;\n  # the firewall\n  vanguard {\n      rate_limit 20;\n  }\n}\n"
+        );
+        let removed = saved_root(&[(ROOT, file)], "worker { name a; exec x; }");
+        assert_eq!(removed, "worker {\n  name a;\n  exec x;\n}\n");
+        let added = saved_root(
+            &[(ROOT, file)],
+            "worker { name a; exec x; vanguard { rate_limit 10; } statsd { host 127.0.0.1:8125; } }",
+        );
+        assert!(
+            added.starts_with(file.trim_end_matches("}\n"))
+                && added.contains("\n  statsd {\n")
+                && added.ends_with("  }\n}\n"),
+            "{added}"
+        );
+        assert_eq!(
+            save_over(
+                &[(ROOT, file)],
+                "worker { name a; exec x; vanguard { rate_limit 10; } }",
+                true
+            ),
             vec![]
         );
     }

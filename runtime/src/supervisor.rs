@@ -754,7 +754,14 @@ impl Supervisor {
             self.step(name, 0, Event::Restart);
         } else {
             worker.rolling = None;
-            self.send_all(name, Event::Restart);
+            // Instances an update is retiring stay stopped.
+            let kept = worker
+                .instances
+                .len()
+                .min(worker.spec.instances.value as usize);
+            for index in 0..kept {
+                self.step(name, index, Event::Restart);
+            }
         }
     }
 

@@ -7,6 +7,7 @@ mod convert;
 mod corpus;
 mod daemon;
 mod docs;
+mod first_hour;
 mod harness;
 mod reload;
 mod sections;

@@ -193,6 +193,7 @@ pub fn run(place: &Place, args: &[String]) -> u8 {
             config: print::worker(spec),
             start: true,
             environment: apm_runtime::state::Environment::of_this_process(),
+            named: flags.settings.iter().any(|(key, _)| *key == "name"),
         },
     ) {
         Ok(data) => started(data),

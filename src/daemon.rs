@@ -702,6 +702,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             config,
             start,
             environment,
+            named,
         } => {
             let spec = compile_block(&config).map_err(|e| Response::error(exit::FAILED, e))?;
             let name = spec.name.value.clone();
@@ -714,7 +715,14 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 .await;
             let started = match existing {
                 Ok((status, current)) => {
-                    run_again(daemon, status, *current, spec, environment, start).await?
+                    let again = Again {
+                        status,
+                        current: *current,
+                        environment,
+                        start,
+                        named,
+                    };
+                    run_again(daemon, again, spec).await?
                 }
                 Err(_) => {
                     let origin = Origin::Cli {
@@ -1295,13 +1303,29 @@ async fn apply(
 /// (docs/cli.md, decision 54).
 async fn run_again(
     daemon: &Daemon,
-    status: supervisor::WorkerStatus,
-    current: WorkerSpec,
+    again: Again,
     spec: WorkerSpec,
-    environment: Environment,
-    start: bool,
 ) -> Result<Option<supervisor::StartReport>, Response> {
+    let Again {
+        status,
+        current,
+        environment,
+        start,
+        named,
+    } = again;
     let name = spec.name.value.clone();
+    let same = current == spec && *status.environment == environment;
+    // A name that came from the executable's is not a wish to replace
+    // another program of that name.
+    if !named && !same {
+        return Err(Response::error(
+            exit::FAILED,
+            format!(
+                "a worker named `{name}` already exists (this one's name comes from its program): give it another \
+                 with `-name`, or change that one with `apm run … -name {name}` or `apm update {name} …`"
+            ),
+        ));
+    }
     if let Origin::File { path } = &status.origin {
         return Err(Response::error(
             exit::FAILED,
@@ -1334,6 +1358,16 @@ async fn run_again(
     call(daemon, |reply| Command::Start { name, reply })
         .await
         .map(Some)
+}
+
+/// What `run_again` is given besides the new block.
+struct Again {
+    status: supervisor::WorkerStatus,
+    current: WorkerSpec,
+    environment: Environment,
+    start: bool,
+    /// Whether the caller named the worker (`-name`).
+    named: bool,
 }
 
 /// `apm saveconf W FILE` has written W into FILE: W is FILE's from now on,

@@ -32,6 +32,10 @@ pub enum Call {
         /// The caller's environment, which the worker's processes get.
         #[serde(default)]
         environment: apm_runtime::state::Environment,
+        /// Whether the caller gave `-name`: only then does a different
+        /// block change the worker of that name.
+        #[serde(default)]
+        named: bool,
     },
     Load {
         path: PathBuf,

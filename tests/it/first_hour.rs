@@ -390,7 +390,7 @@ fn run_again_with_a_name_changes_that_worker_as_the_reference_says() {
     assert_eq!(scaled.len(), 3);
     assert!(scaled.contains(&first), "{first} in {scaled:?}");
     // Another program: restarted with it.
-    d.ok(&[
+    let other_program = [
         "run",
         "sleep",
         "1013",
@@ -398,22 +398,30 @@ fn run_again_with_a_name_changes_that_worker_as_the_reference_says() {
         "api",
         "-startup_grace",
         "50",
-    ]);
+    ];
+    d.ok(&other_program);
     let worker = d.wait_running("api");
     assert_eq!(pids(&worker).len(), 1);
     assert!(!pids(&worker).contains(&first));
     // A stopped one is started again.
     d.ok(&["stop", "api"]);
-    d.ok(&[
-        "run",
-        "sleep",
-        "1013",
-        "-name",
-        "api",
-        "-startup_grace",
-        "50",
-    ]);
+    d.ok(&other_program);
     d.wait_running("api");
+    // A name that comes from the program's is not a wish to replace
+    // another program of that name; the same call again changes nothing.
+    d.ok(&["run", "sleep", "1013", "-startup_grace", "50"]);
+    let [unnamed] = pids(&d.wait_running("sleep"))[..] else {
+        panic!()
+    };
+    let other = d.apm(&["run", "sleep", "1019"]);
+    assert_eq!(other.status.code(), Some(1), "{}", describe(&other));
+    assert!(
+        stderr(&other).contains("already exists"),
+        "{}",
+        describe(&other)
+    );
+    d.ok(&["run", "sleep", "1013", "-startup_grace", "50"]);
+    assert_eq!(pids(&d.worker("sleep").unwrap()), [unnamed]);
     // A file's worker is changed in its file.
     d.load("worker {\n    name filed;\n    exec sleep;\n    params 1013;\n}\n");
     let refused = d.apm(&["run", "sleep", "1", "-name", "filed"]);

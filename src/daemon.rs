@@ -198,6 +198,10 @@ async fn serve(mut place: Place) -> u8 {
         }
     });
     restore(&daemon).await;
+    let _ = daemon
+        .supervisor
+        .call(|reply| Command::Restored { reply })
+        .await;
     let loading = daemon.clone();
     tokio::spawn(async move { load_user_config(&loading).await });
 

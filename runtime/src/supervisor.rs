@@ -187,6 +187,11 @@ pub enum Command {
     Shutdown {
         reply: Reply<()>,
     },
+    /// The daemon has registered every worker of the state file it started
+    /// with: changes are saved from now on.
+    Restored {
+        reply: Reply<()>,
+    },
 }
 
 enum Msg {
@@ -421,6 +426,10 @@ pub struct Supervisor {
     /// entry marks it as this daemon's (`Supervisor::spawn`).
     base_env: Arc<Vec<(String, String)>>,
     marker: (String, String),
+    /// Until `Restored`, nothing is saved: a state file written halfway
+    /// through a restore, and a daemon killed then, would forget the
+    /// workers not registered yet.
+    restoring: bool,
 }
 
 /// A worker's file watch and what it was made from.
@@ -459,6 +468,7 @@ impl Supervisor {
             check_ins: None,
             base_env: Arc::new(base_env),
             marker,
+            restoring: true,
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx, saved }
@@ -489,7 +499,7 @@ impl Supervisor {
         self.reconcile_watches();
         self.publish_backends();
         self.publish_stats();
-        if std::mem::take(&mut self.dirty) {
+        if !self.restoring && std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
         }
     }
@@ -574,6 +584,10 @@ impl Supervisor {
                 let _ = reply.send(self.signal(&name, index, signal));
             }
             Command::Handed { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+            Command::Restored { reply } => {
+                self.restoring = false;
                 let _ = reply.send(Ok(()));
             }
             Command::List { reply } => {

@@ -256,8 +256,8 @@ fn a_run_replayed_after_a_crash_answers_as_the_first_would_have() {
     let d = Daemon::new("replay");
     d.ok(&["ls"]);
     let old = d.daemon_pid();
-    // The start report waits 3 s of startup grace: the crash comes while
-    // the worker is registered and saved, before the answer.
+    // The start report waits 6 s of startup grace: the crash comes while
+    // the worker is registered and saved, well before the answer.
     let cli = d
         .command(&[
             "run",
@@ -266,7 +266,7 @@ fn a_run_replayed_after_a_crash_answers_as_the_first_would_have() {
             "-name",
             "slow",
             "-startup_grace",
-            "3000",
+            "6000",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -483,6 +483,42 @@ fn a_restore_compiles_each_config_file_once_however_many_workers_it_has() {
     d.kill_daemon();
     assert_eq!(d.worker_names().len(), 300);
     d.wait_daemon_log("restored 300 of 300 worker(s) (0 to run); config files compiled: 1");
+}
+
+#[test]
+fn a_daemon_killed_in_the_middle_of_a_restore_forgets_no_worker() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::new("restore-killed");
+    let workers: String = (0..600)
+        .map(|i| format!("worker {{\n    name w{i};\n    exec sleep;\n    params 1013;\n    autostart false;\n}}\n"))
+        .collect();
+    d.load(&workers);
+    d.wait_saved(&[("w599", false, &[])]);
+    let state = d.home.join("state.json");
+    let inode = || std::fs::metadata(&state).map_or(0, |m| m.ino());
+    for _ in 0..3 {
+        d.kill_daemon();
+        let written = inode();
+        let listing = d
+            .command(&["ls"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The new daemon is killed the moment it first replaces the state
+        // file: were that in the middle of its restore, the file would
+        // list only the workers registered so far.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while inode() == written {
+            assert!(std::time::Instant::now() < deadline, "no state written");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let pid = d.daemon_pid().unwrap();
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        wait_until(PATIENCE, "the daemon to die", || !alive(pid));
+        let _ = run_child(listing, CLI_TIMEOUT);
+        assert_eq!(d.worker_names().len(), 600);
+    }
 }
 
 #[test]

@@ -18,6 +18,17 @@ fn unique_arg(base: u32) -> String {
     (base + std::process::id()).to_string()
 }
 
+/// `apm run` of a worker `api` that sleeps.
+const RUN_API: [&str; 7] = [
+    "run",
+    "sleep",
+    "1013",
+    "-name",
+    "api",
+    "-startup_grace",
+    "50",
+];
+
 /// The worker's instances that have a process.
 fn live_pids(d: &Daemon, name: &str) -> Vec<u32> {
     d.worker(name).map(|w| pids(&w)).unwrap_or_default()
@@ -390,22 +401,13 @@ fn run_again_with_a_name_changes_that_worker_as_the_reference_says() {
     assert_eq!(scaled.len(), 3);
     assert!(scaled.contains(&first), "{first} in {scaled:?}");
     // Another program: restarted with it.
-    let other_program = [
-        "run",
-        "sleep",
-        "1013",
-        "-name",
-        "api",
-        "-startup_grace",
-        "50",
-    ];
-    d.ok(&other_program);
+    d.ok(&RUN_API);
     let worker = d.wait_running("api");
     assert_eq!(pids(&worker).len(), 1);
     assert!(!pids(&worker).contains(&first));
     // A stopped one is started again.
     d.ok(&["stop", "api"]);
-    d.ok(&other_program);
+    d.ok(&RUN_API);
     d.wait_running("api");
     // A name that comes from the program's is not a wish to replace
     // another program of that name; the same call again changes nothing.
@@ -436,15 +438,7 @@ fn run_again_with_a_name_changes_that_worker_as_the_reference_says() {
 #[test]
 fn saveconf_of_a_cli_worker_into_a_file_hands_it_to_that_file() {
     let d = Daemon::new("saveconf-attach");
-    d.ok(&[
-        "run",
-        "sleep",
-        "1013",
-        "-name",
-        "api",
-        "-startup_grace",
-        "50",
-    ]);
+    d.ok(&RUN_API);
     let [pid] = pids(&d.wait_running("api"))[..] else {
         panic!()
     };
@@ -472,14 +466,21 @@ fn saveconf_of_a_cli_worker_into_a_file_hands_it_to_that_file() {
     assert!(scaled.contains(&pid));
 }
 
-#[test]
-fn a_restore_compiles_each_config_file_once_however_many_workers_it_has() {
-    let d = Daemon::new("restore-once");
-    let workers: String = (0..300)
+/// Loads a file of `count` workers `w0`… with `autostart false` (they
+/// cost a restore its work, and no processes), once they are saved.
+fn load_stopped_workers(d: &Daemon, count: usize) {
+    let workers: String = (0..count)
         .map(|i| format!("worker {{\n    name w{i};\n    exec sleep;\n    params 1013;\n    autostart false;\n}}\n"))
         .collect();
     d.load(&workers);
-    d.wait_saved(&[("w299", false, &[])]);
+    let last = format!("w{}", count - 1);
+    d.wait_saved(&[(last.as_str(), false, &[])]);
+}
+
+#[test]
+fn a_restore_compiles_each_config_file_once_however_many_workers_it_has() {
+    let d = Daemon::new("restore-once");
+    load_stopped_workers(&d, 300);
     d.kill_daemon();
     assert_eq!(d.worker_names().len(), 300);
     d.wait_daemon_log("restored 300 of 300 worker(s) (0 to run); config files compiled: 1");
@@ -489,11 +490,7 @@ fn a_restore_compiles_each_config_file_once_however_many_workers_it_has() {
 fn a_daemon_killed_in_the_middle_of_a_restore_forgets_no_worker() {
     use std::os::unix::fs::MetadataExt;
     let d = Daemon::new("restore-killed");
-    let workers: String = (0..600)
-        .map(|i| format!("worker {{\n    name w{i};\n    exec sleep;\n    params 1013;\n    autostart false;\n}}\n"))
-        .collect();
-    d.load(&workers);
-    d.wait_saved(&[("w599", false, &[])]);
+    load_stopped_workers(&d, 600);
     let state = d.home.join("state.json");
     let inode = || std::fs::metadata(&state).map_or(0, |m| m.ino());
     for _ in 0..3 {

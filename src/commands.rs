@@ -748,7 +748,7 @@ fn each_line_of(mut file: &std::fs::File, from: u64, mut each: impl FnMut(&str))
 /// Whether a log line is of the stream whose marker is `only` (any, without
 /// one): both streams may share a file.
 fn in_stream(line: &str, only: Option<&str>) -> bool {
-    only.is_none_or(|marker| line.split(' ').nth(2) == Some(marker))
+    only.is_none_or(|marker| apm_runtime::logs::marker_of(line) == Some(marker))
 }
 
 /// The last `count` lines of a log (of one stream when `only` names its

@@ -100,7 +100,12 @@ pub fn run(place: Place, detach: bool) -> u8 {
             return exit::FAILED;
         }
     };
-    runtime.block_on(serve(place))
+    let code = runtime.block_on(serve(place));
+    // The final state is written by now; a blocking task still stuck in the
+    // kernel (a log write to a stalled disk or FIFO) must not keep the
+    // process alive, which `exit daemon` waits to see gone.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 fn bind(place: &Place) -> Result<UnixListener, String> {

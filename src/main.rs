@@ -14,7 +14,7 @@ mod watch;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use client::Place;
 use protocol::Call;
@@ -35,8 +35,7 @@ pub mod exit {
     name = "apm",
     version,
     about = "Process manager and L4/L7 load balancer",
-    disable_help_subcommand = true,
-    after_help = "Signals: `apm SIGUSR1 <worker>` or `apm SIGHUP <worker>#<index>`.\n`apm -h --full` lists every command with its flags."
+    after_help = "Signals: `apm SIGUSR1 <worker>` or `apm SIGHUP <worker>#<index>`.\n`apm help COMMAND` explains one command; `apm -h --full` lists every command with its flags."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,11 +63,12 @@ enum Command {
     /// Restart a worker; --force restarts every instance at once, ignoring rolling, and without a worker restarts them all.
     Restart {
         worker: Option<String>,
+        /// Restart every instance at once, ignoring `rolling`; without a worker, restart them all.
         #[arg(long)]
         force: bool,
     },
     /// Stop and unregister a worker.
-    #[command(alias = "rm")]
+    #[command(visible_alias = "rm")]
     Remove { worker: String },
     /// Change a running worker's options with the flags of `run`; -no-restart applies without restarting.
     Update {
@@ -96,7 +96,7 @@ enum Command {
         what: String,
     },
     /// List workers: status, pid, instances, uptime, restarts, CPU and memory.
-    #[command(alias = "ls")]
+    #[command(visible_alias = "ls")]
     List {
         #[arg(long)]
         json: bool,
@@ -130,10 +130,13 @@ enum Command {
     /// Show a worker's stdout log, or stderr with --err.
     Log {
         worker: String,
+        /// Show the stderr log instead of stdout.
         #[arg(long)]
         err: bool,
+        /// Keep printing lines as they are written, until interrupted.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// How many of the last lines to print first.
         #[arg(long, default_value_t = 20)]
         lines: usize,
     },
@@ -166,7 +169,7 @@ enum Command {
         json: bool,
     },
     /// Write live workers back to the files they came from (comments and layout kept), or to FILE.
-    #[command(alias = "save")]
+    #[command(visible_alias = "save")]
     Saveconf {
         worker: Option<String>,
         file: Option<PathBuf>,
@@ -213,6 +216,38 @@ enum Command {
     },
 }
 
+/// The worker flags of `run` and `update`, one line each: the schema
+/// table is the flag list (decisions: the CLI, rule 1).
+fn worker_flags_help() -> String {
+    let mut text = String::from(
+        "Worker flags (-key value, --key value or --key=value; -no-KEY sets a boolean false):\n",
+    );
+    for key in apm_compiler::ir::WorkerSpec::KEYS {
+        let default = key
+            .default_shown()
+            .map(|d| format!(" [default: {d}]"))
+            .unwrap_or_default();
+        let unbuilt = apm_runtime::unbuilt::not_built(key.name)
+            .map(|feature| format!(" (not built yet: {feature})"))
+            .unwrap_or_default();
+        text.push_str(&format!(
+            "  -{:<24} {}{default}{unbuilt}\n",
+            key.name, key.doc
+        ));
+    }
+    text.push_str("\n`apm -h --full` lists every command with its flags.");
+    text
+}
+
+/// The command line's definition, with the worker flags in the help of the
+/// commands that take them.
+fn cli_command() -> clap::Command {
+    let flags = worker_flags_help();
+    Cli::command()
+        .mut_subcommand("run", |run| run.after_help(flags.clone()))
+        .mut_subcommand("update", |update| update.after_help(flags.clone()))
+}
+
 fn full_help() -> u8 {
     let mut command = Cli::command();
     let _ = command.print_help();
@@ -220,14 +255,7 @@ fn full_help() -> u8 {
         println!("\n──── apm {} ────", sub.get_name());
         let _ = sub.print_long_help();
     }
-    println!("\n──── worker flags of `apm run` and `apm update` ────");
-    for key in apm_compiler::ir::WorkerSpec::KEYS {
-        let default = key
-            .default
-            .map(|d| format!(" [default: {d}]"))
-            .unwrap_or_default();
-        println!("  -{:<24} {}{default}", key.name, key.doc);
-    }
+    println!("\n──── apm run / apm update ────\n{}", worker_flags_help());
     exit::OK
 }
 
@@ -251,7 +279,10 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--full") && args.iter().any(|a| a == "-h" || a == "--help") {
         return ExitCode::from(full_help());
     }
-    let cli = match Cli::try_parse() {
+    let cli = match cli_command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();

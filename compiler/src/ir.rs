@@ -92,10 +92,10 @@ schema_block! {
         rolling_delay: Setting<Millis> = MS, default Some("1000"), since "2.0", reload Hot, "Delay between instance restarts of a rolling restart.";
         stats_interval: Option<Setting<Millis>> = MS, default None, since "2.0", reload Hot, "Interval between stats collections.";
         // Logging
-        log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Hot, "Stdout log file; defaults to the daemon log.";
-        err_log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Hot, "Stderr log file; defaults to log.";
+        log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Hot, "Stdout log file; defaults to $APM_HOME/logs/NAME.out.log.";
+        err_log: Option<Setting<PathBuf>> = PATH, default None, since "2.0", reload Hot, "Stderr log file; defaults to the log file when log is set, else $APM_HOME/logs/NAME.err.log.";
         prefix: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "Prefix of every log line (çN- colour escapes allowed); defaults to the name.";
-        log_time_format: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "strftime timestamp format of log lines.";
+        log_time_format: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "strftime format (UTC) of each log line's stamp, çN- colours allowed; defaults to RFC 3339 with milliseconds.";
         strip_ansi: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Strip ANSI escapes before writing logs.";
         syslog: Option<Setting<String>> = Kind::Url { schemes: &["syslog", "udp", "tcp"] }, default None, since "2.0", reload Hot, "Syslog destination, e.g. syslog://localhost:514.";
         syslog_tag: Option<Setting<String>> = TEXT, default None, since "2.0", reload Hot, "Tag of syslog messages.";

@@ -281,7 +281,9 @@ pub fn key_reference() -> String {
                 key.name,
                 key.kind.describe().replace('|', "\\|"),
                 if key.many { "yes" } else { "" },
-                key.default.map(|d| format!("`{d}`")).unwrap_or_default(),
+                key.default_shown()
+                    .map(|d| format!("`{d}`"))
+                    .unwrap_or_default(),
                 key.since,
                 match key.reload {
                     crate::schema::Reload::Hot => "applied live",

@@ -45,6 +45,7 @@ pub fn save(
         edits: BTreeMap::new(),
     };
     let root = FileId(0);
+    let mut appended = false;
     for spec in live {
         match compilation
             .config
@@ -56,7 +57,9 @@ pub fn save(
             None => {
                 let text = &compilation.sources.get(root).text;
                 // One blank line between the last block and the new one.
-                let separator = if text.is_empty() || text.ends_with("\n\n") {
+                let separator = if appended {
+                    "\n"
+                } else if text.is_empty() || text.ends_with("\n\n") {
                     ""
                 } else if text.ends_with('\n') {
                     "\n"
@@ -69,6 +72,7 @@ pub fn save(
                     text.len(),
                     format!("{separator}{}", crate::print::worker(spec)),
                 );
+                appended = true;
             }
         }
     }
@@ -343,8 +347,12 @@ impl Saver<'_> {
             .into_iter()
             .map(|(file, mut edits)| {
                 let mut text = self.compilation.sources.get(file).text.clone();
-                edits.sort_by_key(|e| std::cmp::Reverse((e.start, e.end)));
-                for edit in edits {
+                // From the end backwards, so earlier offsets stay true; of
+                // edits at one place (workers appended), the later one first,
+                // so they end up in the order they were made.
+                let mut edits: Vec<(usize, Edit)> = edits.drain(..).enumerate().collect();
+                edits.sort_by_key(|(i, e)| std::cmp::Reverse((e.start, e.end, *i)));
+                for (_, edit) in edits {
                     text.replace_range(edit.start..edit.end, &edit.text);
                 }
                 // A block deleted at the end leaves no blank line behind.
@@ -383,4 +391,202 @@ fn indent_block(text: &str, indent: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::MemLoader;
+    use std::path::Path;
+
+    const ROOT: &str = "/p/apm.conf";
+
+    fn compiled(files: &[(&str, &str)]) -> Compilation {
+        let mut loader = MemLoader::new();
+        for (path, text) in files {
+            loader.add_file(*path, *text);
+        }
+        let compilation = crate::compile(Path::new(ROOT), &loader).unwrap();
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        compilation
+    }
+
+    /// What saving `live` (the workers of `live_text`) over `files` writes.
+    fn save_over(
+        files: &[(&str, &str)],
+        live_text: &str,
+        remove_missing: bool,
+    ) -> Vec<(String, String)> {
+        let current = compiled(files);
+        let live = compiled(&[(ROOT, live_text)]);
+        let live: Vec<&WorkerSpec> = live.config.workers.iter().collect();
+        save(&current, &live, remove_missing)
+            .into_iter()
+            .map(|(path, text)| (path.display().to_string(), text))
+            .collect()
+    }
+
+    fn saved_root(files: &[(&str, &str)], live_text: &str) -> String {
+        let saved = save_over(files, live_text, true);
+        assert_eq!(saved.len(), 1, "{saved:?}");
+        assert_eq!(saved[0].0, ROOT);
+        saved[0].1.clone()
+    }
+
+    const API: &str = "# the API\nworker {\n    name api;\n    exec node;\n    # slow disks here\n    restart_delay 5s;  # measured\n    instances 2; kill_timeout 3s;\n}\n";
+
+    #[test]
+    fn unchanged_workers_change_no_file() {
+        assert_eq!(save_over(&[(ROOT, API)], API, true), vec![]);
+        // Another spelling of the same values is the same.
+        let respelled = API.replace("5s", "5000").replace("3s", "3000ms");
+        assert_eq!(save_over(&[(ROOT, API)], &respelled, true), vec![]);
+    }
+
+    #[test]
+    fn a_changed_value_changes_only_its_value() {
+        let live = API.replace("restart_delay 5s", "restart_delay 7s");
+        let text = saved_root(&[(ROOT, API)], &live);
+        assert_eq!(text, API.replace("restart_delay 5s;", "restart_delay 7s;"));
+    }
+
+    #[test]
+    fn a_key_back_at_its_default_goes_with_its_line_and_the_comment_above_stays() {
+        let live = "worker { name api; exec node; instances 2; kill_timeout 3s; }";
+        let text = saved_root(&[(ROOT, API)], live);
+        assert_eq!(
+            text,
+            "# the API\nworker {\n    name api;\n    exec node;\n    # slow disks here\n    instances 2; kill_timeout 3s;\n}\n"
+        );
+    }
+
+    #[test]
+    fn a_key_sharing_its_line_goes_alone() {
+        let live = "worker { name api; exec node; restart_delay 5s; instances 2; }";
+        let text = saved_root(&[(ROOT, API)], live);
+        assert_eq!(
+            text,
+            API.replace("    instances 2; kill_timeout 3s;\n", "    instances 2; \n")
+        );
+    }
+
+    #[test]
+    fn a_new_key_goes_before_the_closing_brace_indented_like_the_block() {
+        let live = API.replace("instances 2;", "instances 2; rolling true;");
+        let text = saved_root(&[(ROOT, API)], &live);
+        assert_eq!(text, API.replace("3s;\n}", "3s;\n    rolling true;\n}"));
+        // A block on one line gets it on that line.
+        let one_line = "worker { name a; exec x; }\n";
+        let text = saved_root(
+            &[(ROOT, one_line)],
+            "worker { name a; exec x; instances 3; }",
+        );
+        assert_eq!(text, "worker { name a; exec x; instances 3; }\n");
+        // A block whose first statement shares the brace's line.
+        let shared = "  worker { name a;\n    exec x;\n  }\n";
+        let text = saved_root(&[(ROOT, shared)], "worker { name a; exec x; instances 3; }");
+        assert_eq!(
+            text,
+            "  worker { name a;\n    exec x;\n      instances 3;\n  }\n"
+        );
+    }
+
+    #[test]
+    fn a_repeated_key_becomes_one_statement() {
+        let file = "worker {\n    name w;\n    exec x;\n    watch a.js;\n    watch b.js;\n}\n";
+        let text = saved_root(&[(ROOT, file)], "worker { name w; exec x; watch c.js; }");
+        assert_eq!(
+            text,
+            "worker {\n    name w;\n    exec x;\n    watch c.js;\n}\n"
+        );
+    }
+
+    #[test]
+    fn the_order_of_a_set_does_not_matter_but_the_order_of_params_does() {
+        let file = "worker { name w; exec x; env A=1, B=2; params one two; }\n";
+        assert_eq!(
+            save_over(
+                &[(ROOT, file)],
+                "worker { name w; exec x; env B=2, A=1; params one two; }",
+                true
+            ),
+            vec![]
+        );
+        let text = saved_root(
+            &[(ROOT, file)],
+            "worker { name w; exec x; env A=1, B=2; params two one; }",
+        );
+        assert_eq!(
+            text,
+            "worker { name w; exec x; env A=1, B=2; params two, one; }\n"
+        );
+    }
+
+    #[test]
+    fn a_value_needing_quotes_is_quoted() {
+        let file = "worker { name w; exec x; params a; }\n";
+        let text = saved_root(
+            &[(ROOT, file)],
+            "worker { name w; exec x; params \"two words\"; }",
+        );
+        assert_eq!(text, "worker { name w; exec x; params \"two words\"; }\n");
+    }
+
+    #[test]
+    fn removed_workers_go_with_the_comments_above_them_only_when_asked() {
+        let file = "worker { name keep; exec x; }\n\n# about gone\n// and more\nworker {\n    name gone;\n    exec y;\n}\n";
+        let text = saved_root(&[(ROOT, file)], "worker { name keep; exec x; }");
+        assert_eq!(text, "worker { name keep; exec x; }\n");
+        assert_eq!(
+            save_over(&[(ROOT, file)], "worker { name keep; exec x; }", false),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn new_workers_are_appended_one_blank_line_after_the_last() {
+        for (before, separator) in [
+            ("worker { name a; exec x; }", "\n\n"),
+            ("worker { name a; exec x; }\n", "\n"),
+            ("worker { name a; exec x; }\n\n", ""),
+            ("", ""),
+        ] {
+            let live = "worker { name a; exec x; }\nworker { name b; exec y; }";
+            let text = saved_root(&[(ROOT, before)], live);
+            let live_b = compiled(&[(ROOT, live)]);
+            let printed = crate::print::worker(&live_b.config.workers[1]);
+            if before.is_empty() {
+                // The file had no `a`: both are appended, in order.
+                let printed_a = crate::print::worker(&live_b.config.workers[0]);
+                assert_eq!(text, format!("{printed_a}\n{printed}"));
+            } else {
+                assert_eq!(text, format!("{before}{separator}{printed}"), "{before:?}");
+            }
+        }
+        // Several new workers keep their order, a blank line apart.
+        let live =
+            "worker { name a; exec x; }\nworker { name b; exec y; }\nworker { name c; exec z; }";
+        let text = saved_root(&[(ROOT, "worker { name a; exec x; }\n")], live);
+        let b = text.find("name b").unwrap();
+        assert!(b < text.find("name c").unwrap(), "{text}");
+        assert!(text.contains("}\n\nworker {\n    name c"), "{text}");
+    }
+
+    #[test]
+    fn a_worker_in_an_included_file_is_edited_there() {
+        let root = "include conf.d/*.conf;\nworker { name a; exec x; }\n";
+        let included = "worker {\n    name b;\n    exec y;\n    instances 2;\n}\n";
+        let saved = save_over(
+            &[(ROOT, root), ("/p/conf.d/b.conf", included)],
+            "worker { name a; exec x; }\nworker { name b; exec y; instances 4; }",
+            true,
+        );
+        assert_eq!(
+            saved,
+            vec![(
+                "/p/conf.d/b.conf".to_owned(),
+                included.replace("instances 2", "instances 4")
+            )]
+        );
+    }
 }

@@ -131,6 +131,18 @@ pub struct KeyDef {
     pub doc: &'static str,
 }
 
+impl KeyDef {
+    /// The default as help, docs and messages show it: a duration with its
+    /// unit (`2s`, not the table's `2000`), as a user would write it.
+    pub fn default_shown(&self) -> Option<String> {
+        let default = self.default?;
+        Some(match (self.kind, default.parse::<u64>()) {
+            (Kind::Duration, Ok(ms)) => crate::values::Millis(ms).with_unit(),
+            _ => default.to_owned(),
+        })
+    }
+}
+
 /// Every key of every scope, in table order.
 pub fn all_keys() -> impl Iterator<Item = &'static KeyDef> {
     Scope::ALL.into_iter().flat_map(|scope| scope.keys())
@@ -232,10 +244,9 @@ fn bad_value(def: &KeyDef, span: Span, problem: Problem) -> Diagnostic {
         .label(format!("invalid {}", def.name))
         .help(help);
     }
-    let fallback = match (def.default, def.kind) {
-        (Some(default), Kind::Duration) => format!("the default ({default} ms) is used"),
-        (Some(default), _) => format!("the default ({default}) is used"),
-        (None, _) => "it is ignored".to_owned(),
+    let fallback = match def.default_shown() {
+        Some(default) => format!("the default ({default}) is used"),
+        None => "it is ignored".to_owned(),
     };
     Diagnostic::new(
         &codes::INVALID_VALUE,

@@ -175,6 +175,22 @@ impl Millis {
     pub fn as_duration(self) -> std::time::Duration {
         std::time::Duration::from_millis(self.0)
     }
+
+    /// The duration in the largest unit that writes it exactly (`2s`, `2m`,
+    /// `250ms`), as configs write durations; `0` stays `0`.
+    pub fn with_unit(self) -> String {
+        const UNITS: [(u64, &str); 3] = [(3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+        if self.0 == 0 {
+            return "0".to_owned();
+        }
+        UNITS
+            .iter()
+            .find(|(size, _)| self.0.is_multiple_of(*size))
+            .map_or_else(
+                || format!("{}ms", self.0),
+                |(size, unit)| format!("{}{unit}", self.0 / size),
+            )
+    }
 }
 
 impl Serialize for Millis {
@@ -865,6 +881,22 @@ impl FromValue for EnvVar {
 mod tests {
     use super::*;
     use crate::loader::MemLoader;
+
+    #[test]
+    fn durations_are_shown_in_the_largest_exact_unit() {
+        for (ms, shown) in [
+            (0, "0"),
+            (1, "1ms"),
+            (250, "250ms"),
+            (1_500, "1500ms"),
+            (2_000, "2s"),
+            (90_000, "90s"),
+            (120_000, "2m"),
+            (7_200_000, "2h"),
+        ] {
+            assert_eq!(Millis(ms).with_unit(), shown);
+        }
+    }
 
     fn parse<T: FromValue>(text: &str, kind: Kind) -> Result<T, String> {
         let loader = MemLoader::new().env("HOME", "/home/u");

@@ -11,6 +11,7 @@ mod filewatch;
 mod health;
 pub mod lifecycle;
 pub mod logs;
+mod logstyle;
 pub mod procfs;
 pub mod proxy;
 mod session;

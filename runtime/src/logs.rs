@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// A line longer than this is cut into several.
 const MAX_LINE: u64 = 64 * 1024;
@@ -17,6 +17,10 @@ const MAX_LINE: u64 = 64 * 1024;
 pub const STDERR_HEAD: usize = 8 * 1024;
 /// Lines queued per file before readers wait for the disk.
 const QUEUE: usize = 1024;
+/// Bytes queued per file before readers wait for the disk: without it, 1,024
+/// lines of 64 KiB each could wait per file (a worker printing long lines on
+/// several streams took the daemon to 455 MB).
+const QUEUED_BYTES: usize = 1024 * 1024;
 
 /// Which stream a line came from; shown in the line so a shared file can
 /// still be read one stream at a time.
@@ -39,7 +43,10 @@ impl Stream {
 #[derive(Clone)]
 pub struct Target {
     pub file: Arc<LogFile>,
+    /// The prefix, its `çN-` colours rendered (or left out with `strip_ansi`).
     pub prefix: String,
+    /// `log_time_format`, its colours rendered likewise; `None` is RFC 3339.
+    pub time_format: Option<String>,
     /// `strip_ansi`: colours and other terminal escapes are left out.
     pub strip_ansi: bool,
     /// `syslog`: where the lines go too.
@@ -49,9 +56,15 @@ pub struct Target {
 /// An open log file; lines sent to it are appended in order.
 #[derive(Debug)]
 pub struct LogFile {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Queued>,
+    /// `QUEUED_BYTES` permits; a queued line holds as many as it has bytes
+    /// until it is written.
+    room: Arc<Semaphore>,
     rotation: Arc<Rotation>,
 }
+
+/// A line on its way to the disk, with the room it takes in the queue.
+type Queued = (Vec<u8>, OwnedSemaphorePermit);
 
 /// `log_max_size` and `log_max_files` of the workers writing a file; a
 /// hot update changes them while it is open.
@@ -75,8 +88,25 @@ impl LogFile {
     /// far behind (a stalled disk): then the line is dropped, so the caller
     /// (a request being answered) never waits for the disk.
     pub fn append(&self, line: Vec<u8>) {
-        let _ = self.tx.try_send(line);
+        if let Ok(room) = self.room.clone().try_acquire_many_owned(cost(&line)) {
+            let _ = self.tx.try_send((line, room));
+        }
     }
+
+    /// Queues a line of a child's output, waiting while the queue is full;
+    /// false once the file's writer is gone.
+    async fn send(&self, line: Vec<u8>) -> bool {
+        let Ok(room) = self.room.clone().acquire_many_owned(cost(&line)).await else {
+            return false;
+        };
+        self.tx.send((line, room)).await.is_ok()
+    }
+}
+
+/// The queue room a line takes: its length, and never more than the whole
+/// queue (a line longer than that waits for an empty queue, then goes).
+fn cost(line: &[u8]) -> u32 {
+    line.len().clamp(1, QUEUED_BYTES) as u32
 }
 
 impl Rotation {
@@ -119,13 +149,17 @@ impl LogFiles {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rotation = Arc::new(rotation);
         tokio::spawn(write_lines(path.to_path_buf(), rx, rotation.clone()));
-        let file = Arc::new(LogFile { tx, rotation });
+        let file = Arc::new(LogFile {
+            tx,
+            room: Arc::new(Semaphore::new(QUEUED_BYTES)),
+            rotation,
+        });
         self.open.insert(path.to_path_buf(), Arc::downgrade(&file));
         file
     }
 }
 
-async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>, rotation: Arc<Rotation>) {
+async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Queued>, rotation: Arc<Rotation>) {
     if let Some(dir) = path.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
     }
@@ -137,7 +171,10 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Vec<u8>>, rotation: A
         let mut failure = None;
         // The lines for the current file, written together.
         let mut batch = Vec::new();
-        for line in lines.drain(..) {
+        // Their room in the queue is given back once they are written.
+        let mut written = Vec::with_capacity(lines.len());
+        for (line, room) in lines.drain(..) {
+            written.push(room);
             if file.is_none() {
                 file = noted(open_for_append(&path).await, &mut failure);
             }
@@ -182,13 +219,19 @@ fn noted<T>(result: std::io::Result<T>, failure: &mut Option<std::io::Error>) ->
     result.map_err(|error| *failure = Some(error)).ok()
 }
 
-/// The file opened for appending, with its size.
+/// The file opened for appending, with its size. Opened without waiting:
+/// a FIFO with no reader fails (ENXIO, and its lines are dropped until one
+/// comes) instead of holding a thread of the daemon forever; writes then
+/// wait as usual, so a slow reader slows the worker rather than losing lines.
 async fn open_for_append(path: &Path) -> std::io::Result<(tokio::fs::File, u64)> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
     let file = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
         .open(path)
         .await?;
+    fcntl(&file, FcntlArg::F_SETFL(OFlag::O_APPEND)).map_err(std::io::Error::from)?;
     let size = file.metadata().await.map_or(0, |m| m.len());
     Ok((file, size))
 }
@@ -241,7 +284,7 @@ pub async fn pump(
             }
             (
                 target.file.clone(),
-                line_start(&target.prefix, which),
+                line_start(&target.prefix, target.time_format.as_deref(), which),
                 target.strip_ansi,
             )
         };
@@ -251,16 +294,33 @@ pub async fn pump(
             entry.extend_from_slice(text);
         }
         entry.push(b'\n');
-        if log.tx.send(entry).await.is_err() {
+        if !log.send(entry).await {
             return;
         }
     }
 }
 
 /// How every log line starts: `TIMESTAMP PREFIX MARKER ` (`apm log` finds a
-/// line's stream by its marker, the third word).
-pub fn line_start(prefix: &str, which: Stream) -> Vec<u8> {
-    format!("{} {prefix} {} ", crate::timestamp(), which.marker()).into_bytes()
+/// line's stream by its marker, the first ` | ` or ` ! `), the timestamp in
+/// the worker's `log_time_format` when it has one.
+pub fn line_start(prefix: &str, time_format: Option<&str>, which: Stream) -> Vec<u8> {
+    let stamp = time_format.map_or_else(crate::timestamp, |format| {
+        crate::logstyle::strftime(format, std::time::SystemTime::now())
+    });
+    format!("{stamp} {prefix} {} ", which.marker()).into_bytes()
+}
+
+/// The stream marker of a line `line_start` began: the first ` | ` or
+/// ` ! ` in it, since a timestamp format or a prefix may hold spaces.
+pub fn marker_of(line: &str) -> Option<&'static str> {
+    [Stream::Out, Stream::Err]
+        .into_iter()
+        .filter_map(|s| {
+            line.find(&format!(" {} ", s.marker()))
+                .map(|at| (at, s.marker()))
+        })
+        .min()
+        .map(|(_, marker)| marker)
 }
 
 /// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`
@@ -303,7 +363,20 @@ pub(crate) fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_ansi;
+    use super::{marker_of, strip_ansi};
+
+    #[test]
+    fn the_marker_is_found_after_a_timestamp_or_prefix_with_spaces() {
+        assert_eq!(
+            marker_of("2024-01-01T00:00:00.000Z api | hello ! x"),
+            Some("|")
+        );
+        assert_eq!(
+            marker_of("2024/01/01 00:00:00 my api#1 ! boom | y"),
+            Some("!")
+        );
+        assert_eq!(marker_of("no marker here"), None);
+    }
 
     fn stripped(text: &[u8]) -> String {
         let mut out = Vec::new();

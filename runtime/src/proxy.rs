@@ -63,6 +63,8 @@ impl PartialEq for Backend {
 pub struct Tracing {
     pub header: HeaderName,
     pub log: Arc<crate::logs::LogFile>,
+    /// The worker's `log_time_format`, so its trace lines read like its own.
+    pub time_format: Option<Arc<str>>,
 }
 
 /// The worker's proxy options (Proxy / HTTP in the reference).
@@ -806,6 +808,7 @@ fn prepare(
     let tracing = options.tracing.as_ref();
     let mut traced = tracing.map(|tracing| Trace {
         log: tracing.log.clone(),
+        time_format: tracing.time_format.clone(),
         id: String::new(),
         method: request.method().clone(),
         path: request.uri().path().to_owned(),
@@ -874,6 +877,7 @@ fn prepare(
 /// left out: it often carries tokens.
 struct Trace {
     log: Arc<crate::logs::LogFile>,
+    time_format: Option<Arc<str>>,
     id: String,
     method: hyper::Method,
     path: String,
@@ -886,7 +890,8 @@ impl Trace {
     fn log(self, worker: &str, client: Option<IpAddr>, status: StatusCode) {
         use std::io::Write;
         let client = client.map_or_else(|| "unix".to_owned(), |ip| ip.to_string());
-        let mut line = crate::logs::line_start("apm", crate::logs::Stream::Out);
+        let mut line =
+            crate::logs::line_start("apm", self.time_format.as_deref(), crate::logs::Stream::Out);
         let _ = writeln!(
             line,
             "{worker} {} {client} {} {} -> {} in {:.1} ms",

@@ -9,6 +9,7 @@
 //! (`Progress`), so a daemon killed right after the answer does not forget it.
 
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -104,15 +105,15 @@ pub fn save(path: &Path, state: &State) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let temp = path.with_extension("tmp");
     {
-        // Only the daemon's user may read it: it holds callers' environments.
-        use std::os::unix::fs::OpenOptionsExt;
+        // Owner-only from the first byte: the file holds the `worker { }`
+        // blocks of CLI workers, their environments (and secrets) included.
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&temp)?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         file.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
         file.sync_all()?;
     }
@@ -226,10 +227,50 @@ mod tests {
         };
         save(&path, &state).unwrap();
         assert_eq!(load(&path).unwrap(), Some(state.clone()));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "the state file holds environments");
-        assert!(!format!("{:?}", state).contains("s3cret"));
+        assert!(
+            !format!("{state:?}").contains("s3cret"),
+            "Debug hides environments"
+        );
         assert!(!path.with_extension("tmp").exists());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only its owner reads the state file");
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_read_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading fails, and that
+        // must not look like "no state yet" (which would forget every worker).
+        assert!(load(dir.path()).is_err());
+        std::fs::write(dir.path().join("state.json"), "{ not json").unwrap();
+        let error = load(&dir.path().join("state.json")).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn caught_up_waits_for_the_newest_state_and_reports_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let saver = Saver::spawn(path.clone());
+        let progress = saver.progress();
+        progress.caught_up().await.unwrap();
+        for n in 1..=20 {
+            let state = State {
+                format: n,
+                workers: Vec::new(),
+            };
+            saver.save(state.clone());
+            progress.caught_up().await.unwrap();
+            assert_eq!(
+                load(&path).unwrap(),
+                Some(state),
+                "written before caught_up returns"
+            );
+        }
+
+        let unwritable = Saver::spawn(dir.path().join("missing").join("state.json"));
+        unwritable.save(State::default());
+        let error = unwritable.progress().caught_up().await.unwrap_err();
+        assert!(error.starts_with("cannot write"), "{error}");
     }
 }

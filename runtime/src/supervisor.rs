@@ -242,6 +242,16 @@ impl Handle {
     }
 }
 
+/// What a look at a process found: its CPU time then, and its CPU use
+/// since the look before and its memory.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_ticks: u64,
+    at: Instant,
+    cpu_percent: f64,
+    rss_bytes: u64,
+}
+
 struct Instance {
     id: u64,
     index: usize,
@@ -251,7 +261,8 @@ struct Instance {
     stderr_head: Arc<Mutex<Vec<u8>>>,
     spawn_error: Option<String>,
     last_exit: Option<ExitStatus>,
-    cpu_sample: Option<(u64, Instant)>,
+    /// The last look at its process's CPU and memory.
+    usage: Option<Usage>,
     /// Where the current process's stdout and stderr lines go.
     targets: Option<(watch::Sender<Target>, watch::Sender<Target>)>,
     /// The loopback port of the current process, with `upstream port`.
@@ -269,6 +280,46 @@ struct Instance {
 /// An instance's loopback port with `upstream port`. It gets traffic once
 /// the process accepts connections on it.
 impl Instance {
+    /// The process's CPU use (since the previous look, or since its start on
+    /// the first) and memory. With `stats_interval`, /proc is read at most
+    /// once per interval and looks in between get the last figures: every
+    /// viewer (list, monitor, the GUI) sees the same CPU over the same
+    /// window, and many viewers cost one read.
+    fn look(
+        &mut self,
+        pid: u32,
+        now: Instant,
+        uptime: Option<Duration>,
+        interval: Option<Duration>,
+    ) -> Option<Usage> {
+        if let (Some(last), Some(interval)) = (self.usage, interval)
+            && now.duration_since(last.at) < interval
+        {
+            return Some(last);
+        }
+        let stat = procfs::stat(pid)?;
+        let tick = procfs::tick().as_secs_f64();
+        let cpu_percent = match (self.usage, uptime) {
+            (Some(last), _) if now > last.at => {
+                stat.cpu_ticks.saturating_sub(last.cpu_ticks) as f64 * tick
+                    / (now - last.at).as_secs_f64()
+                    * 100.0
+            }
+            (None, Some(up)) if !up.is_zero() => {
+                stat.cpu_ticks as f64 * tick / up.as_secs_f64() * 100.0
+            }
+            _ => 0.0,
+        };
+        let usage = Usage {
+            cpu_ticks: stat.cpu_ticks,
+            at: now,
+            cpu_percent,
+            rss_bytes: stat.rss_bytes,
+        };
+        self.usage = Some(usage);
+        Some(usage)
+    }
+
     /// How the proxy reaches this instance, while it may get traffic.
     fn backend(&self) -> Option<Backend> {
         if !matches!(self.life.phase, Phase::Running { .. }) {
@@ -666,7 +717,7 @@ impl Supervisor {
             stderr_head: Arc::default(),
             spawn_error: None,
             last_exit: None,
-            cpu_sample: None,
+            usage: None,
             targets: None,
             port: None,
             link: None,
@@ -1083,7 +1134,7 @@ impl Supervisor {
         }
         instance.start_ticks = procfs::stat(pid).map(|s| s.start_ticks);
         instance.started = Some(Instant::now());
-        instance.cpu_sample = None;
+        instance.usage = None;
         self.dirty = true;
         let (out_tx, out_rx) = watch::channel(out_target);
         let (err_tx, err_rx) = watch::channel(err_target);
@@ -1355,6 +1406,7 @@ impl Supervisor {
                     log: self
                         .logs
                         .open(&log_paths(&self.home, spec).0, rotation(spec)),
+                    time_format: log_time_format(spec).map(Arc::from),
                 });
             let route = crate::proxy::Route {
                 backends: worker
@@ -1384,7 +1436,9 @@ impl Supervisor {
     /// Where an instance's stdout and stderr lines go under `spec`.
     fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
-        let prefix = log_prefix(spec, index);
+        let colour = !spec.strip_ansi.value;
+        let prefix = crate::logstyle::colours(&log_prefix(spec, index), colour);
+        let time_format = log_time_format(spec);
         let syslog = self
             .workers
             .get(&spec.name.value)
@@ -1392,6 +1446,7 @@ impl Supervisor {
         let out = Target {
             file: self.logs.open(&out_path, rotation(spec)),
             prefix: prefix.clone(),
+            time_format: time_format.clone(),
             strip_ansi: spec.strip_ansi.value,
             syslog: syslog.clone(),
         };
@@ -1400,6 +1455,7 @@ impl Supervisor {
             Target {
                 file: self.logs.open(&err_path, rotation(spec)),
                 prefix,
+                time_format,
                 strip_ansi: spec.strip_ansi.value,
                 syslog,
             },
@@ -1646,35 +1702,26 @@ impl Supervisor {
         let (out_log, err_log) = log_paths(&self.home, &self.workers[name].spec);
         let worker = self.workers.get_mut(name).expect("caller checked");
         let now = Instant::now();
-        let tick = procfs::tick();
+        let interval = worker
+            .spec
+            .stats_interval
+            .as_ref()
+            .map(|i| i.value.as_duration());
         let instances: Vec<InstanceStatus> = worker
             .instances
             .iter_mut()
             .map(|instance| {
                 let pid = instance.life.phase.pid();
-                let stat = pid.and_then(procfs::stat);
                 let uptime = instance.started.filter(|_| pid.is_some()).map(|s| now - s);
-                // CPU since the previous look, or since the start on the first one.
-                let cpu_percent = match (stat, instance.cpu_sample, uptime) {
-                    (Some(stat), Some((ticks, at)), _) if now > at => {
-                        (stat.cpu_ticks.saturating_sub(ticks) as f64 * tick.as_secs_f64())
-                            / (now - at).as_secs_f64()
-                            * 100.0
-                    }
-                    (Some(stat), None, Some(up)) if !up.is_zero() => {
-                        stat.cpu_ticks as f64 * tick.as_secs_f64() / up.as_secs_f64() * 100.0
-                    }
-                    _ => 0.0,
-                };
-                instance.cpu_sample = stat.map(|s| (s.cpu_ticks, now));
+                let usage = pid.and_then(|pid| instance.look(pid, now, uptime, interval));
                 InstanceStatus {
                     index: instance.index,
                     status: instance.life.phase.name().to_owned(),
                     pid,
                     uptime_ms: uptime.map(|u| u.as_millis() as u64),
                     restarts: instance.life.attempts.saturating_sub(1),
-                    cpu_percent: (cpu_percent * 10.0).round() / 10.0,
-                    memory_bytes: stat.map_or(0, |s| s.rss_bytes),
+                    cpu_percent: usage.map_or(0.0, |u| (u.cpu_percent * 10.0).round() / 10.0),
+                    memory_bytes: usage.map_or(0, |u| u.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
                     serving: (!worker.spec.server.is_empty()).then(|| instance.backend().is_some()),
                     healthy: worker
@@ -2000,6 +2047,12 @@ fn rotation(spec: &WorkerSpec) -> logs::Rotation {
         spec.log_max_size.as_ref().map(|s| s.value.0),
         spec.log_max_files.value,
     )
+}
+
+/// `log_time_format` with its colours, as the worker's log lines use it.
+fn log_time_format(spec: &WorkerSpec) -> Option<String> {
+    let format = &spec.log_time_format.as_ref()?.value;
+    Some(crate::logstyle::colours(format, !spec.strip_ansi.value))
 }
 
 fn log_prefix(spec: &WorkerSpec, index: usize) -> String {

@@ -10,8 +10,6 @@ use apm_compiler::ir::{Config, WorkerSpec};
 const NOT_ENFORCED: &[(&str, &str)] = &[
     ("session_persist", "session migration"),
     ("session_wait", "session migration"),
-    ("stats_interval", "stats collection"),
-    ("log_time_format", "custom log timestamps"),
     ("listen", "IPC between workers"),
     ("ipc_timeout", "IPC between workers"),
 ];
@@ -34,8 +32,16 @@ pub fn worker_note(spec: &WorkerSpec) -> Option<String> {
 fn unenforced(settings: Vec<(&'static str, Vec<String>)>) -> Vec<(&'static str, &'static str)> {
     settings
         .into_iter()
-        .filter_map(|(key, _)| NOT_ENFORCED.iter().find(|(k, _)| *k == key).copied())
+        .filter_map(|(key, _)| not_built(key).map(|feature| (key, feature)))
         .collect()
+}
+
+/// The feature a key belongs to when this version does not run it yet.
+pub fn not_built(key: &str) -> Option<&'static str> {
+    NOT_ENFORCED
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|&(_, feature)| feature)
 }
 
 fn note(block: &str, keys: &[(&str, &str)]) -> Option<String> {

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::certs;
+use crate::harness::prerequisite_missing;
 
 fn apm(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_apm"))
@@ -147,7 +148,7 @@ fn check_json_carries_the_ir_when_valid() {
     // A real certificate and key: `apm check` loads them as TLS would.
     let made = certs::self_signed(dir.path(), "k.pem", "c.pem", "/CN=localhost");
     if !made {
-        eprintln!("skipped: openssl could not make a test certificate");
+        prerequisite_missing("openssl could not make a test certificate");
         return;
     }
     let output = apm(&["check", "apm.conf", "--json"], dir.path());
@@ -249,7 +250,7 @@ fn check_reports_a_certificate_and_key_that_do_not_match() {
     for (key, cert) in [("k1.pem", "c1.pem"), ("k2.pem", "c2.pem")] {
         let made = certs::self_signed(dir.path(), key, cert, "/CN=localhost");
         if !made {
-            eprintln!("skipped: openssl could not make a test certificate");
+            prerequisite_missing("openssl could not make a test certificate");
             return;
         }
     }
@@ -317,4 +318,52 @@ fn fmt_checks_shows_the_diff_and_rewrites_keeping_comments() {
         "{}",
         stderr(&broken)
     );
+}
+
+/// The help a new user reaches for: `apm help run` and `apm run --help` show
+/// the worker flags with defaults in the units configs use, mark the
+/// features not built yet, and point to the full listing; `apm help` names
+/// the `ls` alias and the help command itself.
+#[test]
+fn help_shows_the_worker_flags_of_run_and_update() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["help", "run"][..],
+        &["run", "--help"],
+        &["update", "--help"],
+    ] {
+        let output = apm(args, dir.path());
+        let text = stdout(&output);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert!(
+            text.contains("-keep_alive") && text.contains("[default: 2m]"),
+            "{args:?}:\n{text}"
+        );
+        assert!(text.contains("-restart_delay") && text.contains("[default: 250ms]"));
+        assert!(
+            text.lines()
+                .any(|l| l.contains("-session_persist") && l.contains("not built yet")),
+            "{args:?}:\n{text}"
+        );
+        assert!(text.contains("`apm -h --full`"), "{args:?}:\n{text}");
+        assert!(!text.contains("defaults to the daemon log"), "{text}");
+    }
+    let output = apm(&["help"], dir.path());
+    let text = stdout(&output);
+    assert!(output.status.success());
+    assert!(text.contains("[alias: ls]"), "{text}");
+    assert!(text.contains("apm help COMMAND"), "{text}");
+    let log = stdout(&apm(&["help", "log"], dir.path()));
+    for flag in ["--err", "--follow", "--lines"] {
+        let line = log
+            .lines()
+            .find(|l| l.trim_start().starts_with('-') && l.contains(flag))
+            .unwrap_or_default();
+        assert!(
+            line.split(flag)
+                .nth(1)
+                .is_some_and(|rest| rest.trim().len() > 10),
+            "{log}"
+        );
+    }
 }

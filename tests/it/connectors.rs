@@ -42,7 +42,7 @@ fn apps() -> Vec<(&'static str, &'static str, PathBuf, &'static str)> {
             "node-esm",
         ));
     } else {
-        eprintln!("node is not installed: the Node connectors are not tested");
+        prerequisite_missing("node is not installed: the Node connectors are not tested");
     }
     apps
 }
@@ -68,6 +68,7 @@ fn every_connector_passes_the_protocol_harness() {
 #[test]
 fn the_esm_connector_is_generated_from_the_commonjs_one() {
     if !have_node() {
+        prerequisite_missing("node is not installed");
         return;
     }
     let output = Command::new("node")
@@ -360,7 +361,7 @@ fn the_session_carries_the_verified_client_certificate_subject() {
             "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
         )
     {
-        eprintln!("skipped: openssl could not make test certificates");
+        prerequisite_missing("openssl could not make test certificates");
         return;
     }
     let port = free_port();

@@ -1395,8 +1395,8 @@ fn user_runs_the_child_as_that_user_and_an_unknown_user_is_refused() {
     );
 
     let Some(user) = nix::unistd::User::from_name("apmtest").unwrap() else {
-        eprintln!(
-            "skipped: no OS user `apmtest` (create it with `useradd --system --no-create-home apmtest`)"
+        prerequisite_missing(
+            "no OS user `apmtest` (create it with `useradd --system --no-create-home apmtest`)",
         );
         return;
     };
@@ -1432,8 +1432,8 @@ fn user_runs_the_child_as_that_user_and_an_unknown_user_is_refused() {
 #[test]
 fn user_gives_the_child_that_users_home_and_name() {
     let Some(user) = nix::unistd::User::from_name("apmtest").unwrap() else {
-        eprintln!(
-            "skipped: no OS user `apmtest` (create it with `useradd --system --no-create-home apmtest`)"
+        prerequisite_missing(
+            "no OS user `apmtest` (create it with `useradd --system --no-create-home apmtest`)",
         );
         return;
     };
@@ -1830,7 +1830,7 @@ fn the_proxy_spreads_http_over_running_instances_and_answers_503_without_any() {
 #[test]
 fn a_converted_pm2_cluster_app_answers_on_its_pm2_port() {
     if !have_node() {
-        eprintln!("skipped: node is not installed");
+        prerequisite_missing("node is not installed");
         return;
     }
     let d = Daemon::new("convert_e2e");
@@ -2578,7 +2578,7 @@ fn vanguard_judges_the_forwarded_client_only_with_trust_proxy_and_bans_expire() 
 fn https_listeners_terminate_tls() {
     let d = Daemon::new("tls");
     if !certs::make_certificates(d.dir()) {
-        eprintln!("skipped: openssl could not make test certificates");
+        prerequisite_missing("openssl could not make test certificates");
         return;
     }
     let (port, _) = load_headers_worker(&d, "s", "https", SITE_TLS);
@@ -2615,7 +2615,7 @@ fn a_tls_client_that_never_finishes_its_handshake_is_timed_out_and_frees_its_slo
     use std::io::Read;
     let d = Daemon::new("tls_slowloris");
     if !certs::make_certificates(d.dir()) {
-        eprintln!("skipped: openssl could not make test certificates");
+        prerequisite_missing("openssl could not make test certificates");
         return;
     }
     let settings = format!("{SITE_TLS} max_conns 1; keep_alive 1s;");
@@ -2688,7 +2688,7 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
 fn tls_ca_requires_a_client_certificate_it_signed() {
     let d = Daemon::new("mtls");
     if !certs::make_certificates(d.dir()) {
-        eprintln!("skipped: openssl could not make test certificates");
+        prerequisite_missing("openssl could not make test certificates");
         return;
     }
     assert!(certs::signed_by_ca(
@@ -2740,7 +2740,7 @@ fn tls_ca_requires_a_client_certificate_it_signed() {
 fn a_reload_swaps_certificates_for_new_connections_and_keeps_open_ones() {
     let d = Daemon::new("cert_swap");
     if !certs::make_certificates(d.dir()) {
-        eprintln!("skipped: openssl could not make test certificates");
+        prerequisite_missing("openssl could not make test certificates");
         return;
     }
     let (port, config) = load_headers_worker(&d, "s", "https", SITE_TLS);
@@ -3329,7 +3329,7 @@ fn an_instance_failing_its_pull_health_checks_is_restarted_alone() {
     // An https:// URL is probed over TLS, the app's self-signed certificate
     // and all, at the URL itself when the worker has no `upstream port`.
     if !certs::self_signed(d.dir(), "app.key", "app.pem", "/CN=app") {
-        eprintln!("skipped the https part: openssl could not make a certificate");
+        prerequisite_missing("openssl could not make a certificate: the https probe is not tested");
         return;
     }
     let tls_port = free_port();
@@ -3567,7 +3567,7 @@ fn memory_limit_puts_each_instance_in_a_cgroup_and_the_kernel_kills_one_over_it(
     );
     let pid = pids(&d.wait_running("capped"))[0];
     if d.daemon_log().contains("memory_limit is not enforced") {
-        eprintln!("skipped: no memory cgroup here\n{}", d.daemon_log());
+        prerequisite_missing(&format!("no memory cgroup here\n{}", d.daemon_log()));
         return;
     }
     // The process runs in a group of its own with the limit.

@@ -595,3 +595,17 @@ pub(crate) fn have_node() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// Says that a test cannot run here, where `cargo test` shows it, and fails
+/// under `CI=true`, where every prerequisite is installed by `.ci/run` and a
+/// missing one is a broken setup, not a reason to pass. The caller returns
+/// after it. Written to stderr directly, not with `eprintln!`, because the
+/// test harness captures the macro's output and shows it only on failure.
+pub(crate) fn prerequisite_missing(why: &str) {
+    use std::io::Write;
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("a prerequisite is missing under CI=true: {why}");
+    }
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}

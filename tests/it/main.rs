@@ -9,5 +9,7 @@ mod daemon;
 mod docs;
 mod first_hour;
 mod harness;
+mod logs;
 mod reload;
 mod sections;
+mod stats;

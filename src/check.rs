@@ -44,6 +44,13 @@ pub fn run(args: &CheckArgs) -> u8 {
     crate::tls_check::check(&mut compilation);
     let format = if args.json { Format::Json } else { args.format };
     let unenforced = apm_runtime::unbuilt::notes(&compilation.config);
+    // Not a fault of the config, but what it hands out should be said.
+    let access = compilation
+        .config
+        .daemon
+        .allow_group
+        .as_ref()
+        .map(|group| crate::protocol::allow_group_rule(&group.value));
     // With a daemon running (none is started), the plan a reload would apply.
     let plan = if compilation.has_errors() {
         None
@@ -54,7 +61,7 @@ pub fn run(args: &CheckArgs) -> u8 {
         Format::Human => {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             let mut text = render::human(&compilation, color);
-            for note in &unenforced {
+            for note in unenforced.iter().chain(&access) {
                 text.push_str(&format!("note: {note}\n"));
             }
             if let Some(text_plan) = plan.as_ref().and_then(|p| p["text"].as_str()) {
@@ -66,6 +73,9 @@ pub fn run(args: &CheckArgs) -> u8 {
         Format::Json => {
             let mut report = render::json(&compilation);
             report["not_enforced"] = serde_json::json!(unenforced);
+            if let Some(access) = &access {
+                report["access"] = serde_json::json!(access);
+            }
             if let Some(plan) = plan {
                 report["plan"] = plan["plan"].clone();
             }

@@ -3,9 +3,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::exit;
@@ -68,9 +69,109 @@ fn connect(place: &Place) -> std::io::Result<UnixStream> {
     UnixStream::connect_addr(&place.address()?)
 }
 
+/// The process at the other end of a unix socket, from its credentials.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+impl Peer {
+    pub fn of(stream: &UnixStream) -> std::io::Result<Peer> {
+        let cred =
+            nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
+        Ok(Peer {
+            uid: cred.uid(),
+            pid: cred.pid(),
+        })
+    }
+
+    /// `uid 65534 (nobody), pid 1234`.
+    pub fn describe(&self) -> String {
+        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+            .ok()
+            .flatten()
+            .map_or(String::new(), |user| format!(" ({})", user.name));
+        format!("uid {}{name}, pid {}", self.uid, self.pid)
+    }
+}
+
+/// Whether the process answering on the socket name may receive this
+/// caller's requests, which can carry secrets (decisions: the daemon, rule
+/// 7): root, the caller's own uid, or, for a caller who is not root and set
+/// `APM_HOME`, the owner of that directory (how a member of a non-root
+/// daemon's `allow_group` names the daemon it means to use). Anyone else
+/// bound the name first: nothing is sent to it.
+fn check_answerer(place: &Place, stream: &UnixStream) -> Result<(), Failure> {
+    let peer = Peer::of(stream).map_err(|e| {
+        Failure::unreachable(
+            place,
+            format!("cannot learn who answers on the socket: {e}"),
+        )
+    })?;
+    let me = nix::unistd::geteuid();
+    if peer.uid == 0 || peer.uid == me.as_raw() {
+        return Ok(());
+    }
+    let named_home = std::env::var_os("APM_HOME").is_some_and(|h| !h.is_empty());
+    let home_owner = std::fs::metadata(&place.home).ok().map(|m| m.uid());
+    if !me.is_root() && named_home && home_owner == Some(peer.uid) {
+        return Ok(());
+    }
+    let trusted = if me.is_root() {
+        "root".to_owned()
+    } else {
+        format!("root, you (uid {me}), or the owner of APM_HOME when you set it")
+    };
+    Err(Failure {
+        exit: exit::UNREACHABLE,
+        message: format!(
+            "refusing the process that answers on @{}: it runs as {}, and apm only talks to a daemon of {trusted}. \
+             It may be another user's program holding the daemon's socket name to read what you send; nothing was \
+             sent to it. Have root stop it (`kill {}`), or use another socket name with APM_SOCKET",
+            place.socket,
+            peer.describe(),
+            peer.pid
+        ),
+    })
+}
+
+/// Who holds the socket name, for a daemon that cannot bind it: the
+/// process answering on it, or, when it only bound the name without
+/// listening, the process whose descriptor is that socket (found through
+/// `/proc`, which shows other users' descriptors only to root).
+pub fn holder_of(place: &Place) -> Option<Peer> {
+    if let Ok(stream) = connect(place) {
+        return Peer::of(&stream).ok();
+    }
+    let wanted = format!("@{}", place.socket);
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let inode = table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(7) == Some(&wanted.as_str())).then(|| fields[6].to_owned())
+    })?;
+    let link = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let holds = std::fs::read_dir(entry.path().join("fd"))
+                .ok()?
+                .flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.as_os_str() == link.as_str())
+                });
+            let uid = holds.then(|| std::fs::metadata(entry.path()).ok().map(|m| m.uid()))??;
+            Some(Peer { uid, pid })
+        })
+}
+
 /// Starts a daemon in the background, detached from this terminal, with
-/// its output in `$APM_HOME/apm.log`.
-fn start_daemon(place: &Place) -> Result<(), Failure> {
+/// its output in `$APM_HOME/apm.log`; returns it and where its output
+/// starts in that file.
+fn start_daemon(place: &Place) -> Result<(Child, u64), Failure> {
     std::fs::create_dir_all(&place.home).map_err(|e| {
         Failure::unreachable(
             place,
@@ -87,8 +188,9 @@ fn start_daemon(place: &Place) -> Result<(), Failure> {
                 format!("cannot open {}: {e}", place.log_file().display()),
             )
         })?;
+    let start = log.metadata().map_or(0, |m| m.len());
     let exe = std::env::current_exe().map_err(|e| Failure::unreachable(place, e))?;
-    Command::new(exe)
+    let child = Command::new(exe)
         .args(["daemon", "--foreground", "--detach"])
         .stdin(Stdio::null())
         .stdout(
@@ -98,7 +200,31 @@ fn start_daemon(place: &Place) -> Result<(), Failure> {
         .stderr(log)
         .spawn()
         .map_err(|e| Failure::unreachable(place, format!("cannot start the daemon: {e}")))?;
-    Ok(())
+    Ok((child, start))
+}
+
+/// A daemon this CLI started that ended before it listened: what it said.
+fn daemon_failed(place: &Place, status: std::process::ExitStatus, start: u64) -> Failure {
+    let said = std::fs::File::open(place.log_file())
+        .and_then(|mut file| {
+            use std::io::{Read, Seek};
+            file.seek(std::io::SeekFrom::Start(start))?;
+            let mut text = String::new();
+            file.take(64 * 1024).read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .unwrap_or_default();
+    let said: Vec<&str> = said
+        .lines()
+        .map(|line| line.split_once(' ').map_or(line, |(_, text)| text))
+        .collect();
+    Failure::unreachable(
+        place,
+        format!(
+            "the daemon it started ended ({status}) before it listened:\n{}",
+            said.join("\n")
+        ),
+    )
 }
 
 /// Sends one call and returns the response; starts the daemon first when
@@ -144,7 +270,7 @@ fn exchange(place: &Place, line: &[u8], autostart: bool) -> Result<Response, Exc
     let mut stream = match connect(place) {
         Ok(stream) => stream,
         Err(_) if autostart => {
-            start_daemon(place).map_err(Exchange::Failed)?;
+            let (mut daemon, start) = start_daemon(place).map_err(Exchange::Failed)?;
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match connect(place) {
@@ -155,12 +281,18 @@ fn exchange(place: &Place, line: &[u8], autostart: bool) -> Result<Response, Exc
                             format!("{e} (see {})", place.log_file().display()),
                         )));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => {
+                        if let Ok(Some(status)) = daemon.try_wait() {
+                            return Err(Exchange::Failed(daemon_failed(place, status, start)));
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
         }
         Err(e) => return Err(Exchange::Failed(Failure::unreachable(place, e))),
     };
+    check_answerer(place, &stream).map_err(Exchange::Failed)?;
     // A daemon that refuses this user answers before it reads the request,
     // and may have closed the connection before the request is written:
     // its answer is read all the same.

@@ -31,32 +31,37 @@ const MAX_REQUEST: u64 = 1 << 20;
 /// How long orphans of a crashed daemon get to end after SIGTERM.
 const ORPHAN_GRACE: Duration = Duration::from_secs(3);
 
-/// Who may use the socket (decisions: the daemon, rule 2).
+/// Who may use the socket (decisions: the daemon, rule 2), and what a
+/// member of `allow_group` may do (docs/cli.md, decision 33).
 struct Access {
     owner: Uid,
-    allow_group: Option<String>,
+    /// `allow_group` and the file that set it. A file loaded or reloaded
+    /// that sets it takes it over; the file that set it takes it away when
+    /// it is reloaded without it, or unloaded.
+    allow_group: std::sync::Mutex<Option<(String, PathBuf)>>,
+}
+
+enum Role {
+    /// Root or the daemon's owner.
+    Owner,
+    /// A member of `allow_group`, named.
+    Member(String),
 }
 
 impl Access {
-    fn admits(&self, uid: Uid) -> bool {
+    fn role(&self, uid: Uid) -> Option<Role> {
         if uid.is_root() || uid == self.owner {
-            return true;
+            return Some(Role::Owner);
         }
-        let Some(group) = self.allow_group.as_deref() else {
-            return false;
-        };
-        let Ok(Some(group)) = nix::unistd::Group::from_name(group) else {
-            return false;
-        };
-        let Ok(Some(user)) = nix::unistd::User::from_uid(uid) else {
-            return false;
-        };
-        user.gid == group.gid || group.mem.contains(&user.name)
+        let name = locked(&self.allow_group).as_ref()?.0.clone();
+        let group = nix::unistd::Group::from_name(&name).ok()??;
+        let user = nix::unistd::User::from_uid(uid).ok()??;
+        (user.gid == group.gid || group.mem.contains(&user.name)).then_some(Role::Member(name))
     }
 
     fn refusal(&self, uid: Uid) -> String {
-        let group = match &self.allow_group {
-            Some(g) => format!(", and members of group `{g}` (allow_group)"),
+        let group = match &*locked(&self.allow_group) {
+            Some((g, _)) => format!(", and members of group `{g}` (allow_group)"),
             None => String::new(),
         };
         format!(
@@ -64,6 +69,45 @@ impl Access {
              Run apm as that user, or set `daemon {{ allow_group NAME; }}` in its config",
             self.owner
         )
+    }
+
+    /// Why a member may not make this call, when it may not.
+    fn member_refusal(&self, group: &str, call: &Call) -> Option<String> {
+        (self.owner.is_root() && !call.open_to_members()).then(|| {
+            format!(
+                "permission denied: {}. Ask root to do it",
+                crate::protocol::allow_group_rule(group)
+            )
+        })
+    }
+
+    /// Takes the `allow_group` of a file just loaded or reloaded.
+    fn follow(&self, file: &Path, group: Option<&str>) {
+        let mut current = locked(&self.allow_group);
+        let from_file = |c: &Option<(String, PathBuf)>| c.as_ref().is_some_and(|(_, f)| f == file);
+        let new = match group {
+            Some(group) => Some((group.to_owned(), file.to_path_buf())),
+            None if from_file(&current) => None,
+            None => return,
+        };
+        if *current != new {
+            match &new {
+                Some((group, _)) => log(format_args!(
+                    "allow_group is now `{group}` (from {})",
+                    file.display()
+                )),
+                None => log(format_args!(
+                    "allow_group removed: {} no longer sets it",
+                    file.display()
+                )),
+            }
+            *current = new;
+        }
+    }
+
+    /// A file unloaded takes away the `allow_group` it set.
+    fn forget(&self, file: &Path) {
+        self.follow(file, None);
     }
 }
 
@@ -86,6 +130,11 @@ struct Daemon {
 }
 
 pub fn run(place: Place, detach: bool) -> u8 {
+    // Nothing a caller had open reaches the workers (decisions: the daemon, rule 8).
+    if let Err(e) = apm_runtime::sys::close_inherited_descriptors() {
+        log(format_args!("apm: cannot close inherited descriptors: {e}"));
+        return exit::FAILED;
+    }
     if detach {
         // Its own session: no terminal, and no signal of the CLI's group reaches it.
         let _ = nix::unistd::setsid();
@@ -117,18 +166,39 @@ fn bind(place: &Place) -> Result<UnixListener, String> {
             listener.set_nonblocking(true).map_err(|e| e.to_string())?;
             UnixListener::from_std(listener).map_err(|e| e.to_string())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let owner = match client::call(place, Call::Ping, false) {
-                Ok(response) => serde_json::from_value::<Pong>(response.data)
-                    .map_or("another process".to_owned(), |p| format!("pid {}", p.pid)),
-                Err(_) => "another process".to_owned(),
-            };
-            Err(format!(
-                "an apm daemon already runs on @{} ({owner}); stop it with `apm exit daemon`",
-                place.socket
-            ))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(name_taken(place)),
         Err(e) => Err(format!("cannot listen on @{}: {e}", place.socket)),
+    }
+}
+
+/// Why the socket name cannot be had: a daemon of ours holds it, or
+/// someone else does (a local user can bind any abstract name first).
+fn name_taken(place: &Place) -> String {
+    let ours = |uid: u32| uid == 0 || uid == nix::unistd::geteuid().as_raw();
+    match client::holder_of(place) {
+        Some(holder) if ours(holder.uid) => {
+            let pid = client::call(place, Call::Ping, false)
+                .ok()
+                .and_then(|response| serde_json::from_value::<Pong>(response.data).ok())
+                .map_or(holder.pid, |pong| pong.pid as i32);
+            format!(
+                "an apm daemon already runs on @{} (pid {pid}); stop it with `apm exit daemon`",
+                place.socket
+            )
+        }
+        Some(holder) => format!(
+            "the socket name @{} is held by a process of {}, not by an apm daemon of root or this user: \
+             it may be squatting the name to receive apm's requests. Have root stop it (`kill {}`), or run the \
+             daemon on another name with APM_SOCKET",
+            place.socket,
+            holder.describe(),
+            holder.pid
+        ),
+        None => format!(
+            "the socket name @{} is held by another process, which could not be identified (root can see it \
+             with `ss -xlp | grep {}`); stop it, or run the daemon on another name with APM_SOCKET",
+            place.socket, place.socket
+        ),
     }
 }
 
@@ -152,6 +222,16 @@ async fn serve(mut place: Place) -> u8 {
             return exit::FAILED;
         }
     };
+    apm_runtime::daemon_log::rotate_at(&place.log_file());
+    // Counts of repeated log lines are summarised once their minute is
+    // over, also when nothing else is logged.
+    tokio::spawn(async {
+        let mut ticks = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticks.tick().await;
+            apm_runtime::daemon_log::flush();
+        }
+    });
     let pid_file = place.home.join("apm.pid");
     // Holding the socket makes this the only daemon: any pid file left is stale.
     if let Ok(old) = std::fs::read_to_string(&pid_file) {
@@ -181,7 +261,7 @@ async fn serve(mut place: Place) -> u8 {
     let supervisor = Supervisor::spawn(&place.home, base_environment(&place), marker.clone());
     let access = Access {
         owner: nix::unistd::geteuid(),
-        allow_group: allow_group(&place.home),
+        allow_group: std::sync::Mutex::new(allow_group(&place.home)),
     };
     let (watcher, mut due) = Watcher::start();
     let daemon = Arc::new_cyclic(|this| Daemon {
@@ -276,10 +356,16 @@ async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
     }
 }
 
-/// `allow_group` from `$APM_HOME/config.conf`, when it sets one.
-fn allow_group(home: &Path) -> Option<String> {
-    let compilation = compile(&home.join("config.conf"), &FsLoader).ok()?;
-    compilation.config.daemon.allow_group.map(|g| g.value)
+/// `allow_group` from `$APM_HOME/config.conf`, when it sets one, read
+/// before the socket takes calls so that members are not refused meanwhile.
+fn allow_group(home: &Path) -> Option<(String, PathBuf)> {
+    let path = home.join("config.conf");
+    let compilation = compile(&path, &FsLoader).ok()?;
+    compilation
+        .config
+        .daemon
+        .allow_group
+        .map(|g| (g.value, path))
 }
 
 /// The variables of the daemon's own environment that every worker's
@@ -417,13 +503,17 @@ async fn restore(daemon: &Daemon) {
         let _ = daemon.notice.set(notices.join("; "));
     }
     // Files that workers came from are watched again, as when they were
-    // loaded, and the GUI one of them set comes back.
+    // loaded; so are the `allow_group` and the GUI one of them set.
     for file in files_of(&daemon.supervisor).await {
-        if let Ok(compilation) = compile_file(daemon, &file)
-            && compilation.config.daemon.gui_port.value != 0
-        {
-            let _ =
-                follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await;
+        if let Ok(compilation) = compile_file(daemon, &file) {
+            let allow_group = compilation.config.daemon.allow_group.as_ref();
+            daemon
+                .access
+                .follow(&file, allow_group.map(|g| g.value.as_str()));
+            if compilation.config.daemon.gui_port.value != 0 {
+                let _ = follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon))
+                    .await;
+            }
         }
     }
     for name in to_start {
@@ -509,8 +599,10 @@ async fn gui_call(daemon: &Daemon, stop: bool) -> Response {
         }
         return Response::data(serde_json::json!({ "stopped": stopped }));
     }
-    if let Some(url) = locked(&daemon.gui).as_ref().map(|g| g.url.clone()) {
-        return Response::data(serde_json::json!({ "url": url }));
+    // The address with its token, for whoever may drive the daemon.
+    let link = || locked(&daemon.gui).as_ref().map(|g| g.link.clone());
+    if let Some(link) = link() {
+        return Response::data(serde_json::json!({ "url": link }));
     }
     // Without a file that set `gui_port`: the reference's port, and the
     // other settings' defaults.
@@ -524,7 +616,7 @@ async fn gui_call(daemon: &Daemon, stop: bool) -> Response {
     match start_gui(daemon, settings).await {
         Ok(url) => {
             log(format_args!("GUI on {url}"));
-            Response::data(serde_json::json!({ "url": url }))
+            Response::data(serde_json::json!({ "url": link().unwrap_or(url) }))
         }
         Err(e) => Response::error(exit::FAILED, e),
     }
@@ -618,13 +710,15 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         Ok(cred) => Uid::from_raw(cred.uid()),
         Err(_) => return,
     };
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     // Refused before anything is read: a client that may not drive the
     // daemon must not hold it waiting for a line either.
-    let response = if !daemon.access.admits(uid) {
+    let Some(role) = daemon.access.role(uid) else {
         log(format_args!("refused a client of uid {uid}"));
-        Response::error(exit::UNREACHABLE, daemon.access.refusal(uid))
-    } else {
+        let refusal = Response::error(exit::UNREACHABLE, daemon.access.refusal(uid));
+        return answer(write, &refusal).await;
+    };
+    let response = {
         let mut line = String::new();
         if BufReader::new(read.take(MAX_REQUEST))
             .read_line(&mut line)
@@ -634,7 +728,13 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             return;
         }
         match serde_json::from_str::<Request>(&line) {
-            Ok(request) if request.protocol == PROTOCOL => dispatch(&daemon, request.call).await,
+            Ok(request) if request.protocol == PROTOCOL => match &role {
+                Role::Member(group) => match daemon.access.member_refusal(group, &request.call) {
+                    Some(refusal) => Response::error(exit::UNREACHABLE, refusal),
+                    None => dispatch(&daemon, request.call).await,
+                },
+                Role::Owner => dispatch(&daemon, request.call).await,
+            },
             Ok(request) => Response::error(
                 exit::UNREACHABLE,
                 version_mismatch(&request.version, Some(request.protocol)),
@@ -652,7 +752,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
             }
         }
     };
-    let mut bytes = serde_json::to_vec(&response).unwrap_or_default();
+    answer(write, &response).await;
+}
+
+async fn answer(mut write: tokio::net::unix::OwnedWriteHalf, response: &Response) {
+    let mut bytes = serde_json::to_vec(response).unwrap_or_default();
     bytes.push(b'\n');
     let _ = write.write_all(&bytes).await;
     let _ = write.shutdown().await;
@@ -758,6 +862,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Load { path } => load(daemon, &path, Registered::Start).await?,
         Call::Unload { path } => {
             daemon.watcher.forget(&path);
+            daemon.access.forget(&path);
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut removed = Vec::new();
             for status in statuses
@@ -927,7 +1032,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             )
         }
         Call::Plan { path, force } => {
-            let (plan, _) = file_plan(daemon, &path, force).await?;
+            let (plan, _, _) = file_plan(daemon, &path, force).await?;
             Response::data(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan }))
         }
         Call::Reload {
@@ -939,7 +1044,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             let mut reloads = Vec::new();
             let mut unenforced = Vec::new();
             for (path, only) in files {
-                let (mut plan, specs) = file_plan(daemon, &path, force).await?;
+                let (mut plan, specs, allow_group) = file_plan(daemon, &path, force).await?;
                 if let Some(name) = &only {
                     plan.steps.retain(|step| step.worker() == name);
                 }
@@ -952,6 +1057,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 let applied = if dry_run {
                     Vec::new()
                 } else {
+                    daemon.access.follow(&path, allow_group.as_deref());
                     apply(daemon, &path, &plan, specs).await
                 };
                 reloads.push(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan, "applied": applied }));
@@ -1063,7 +1169,7 @@ fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilatio
 /// for it): what it does, and errors with their file, line and column, go
 /// to the daemon log; a file with errors keeps the running config.
 async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
-    let (mut plan, specs) = match file_plan(daemon, &due.root, false).await {
+    let (mut plan, specs, allow_group) = match file_plan(daemon, &due.root, false).await {
         Ok(found) => found,
         Err(response) => {
             log(format_args!(
@@ -1074,6 +1180,7 @@ async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
             return;
         }
     };
+    daemon.access.follow(&due.root, allow_group.as_deref());
     if let Some(only) = &due.only {
         plan.steps
             .retain(|step| only.iter().any(|w| w == step.worker()));
@@ -1096,12 +1203,13 @@ async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
     }
 }
 
-/// The plan that reloading `path` would apply, with the file's new specs.
+/// The plan that reloading `path` would apply, with the file's new specs
+/// and the `allow_group` it sets.
 async fn file_plan(
     daemon: &Daemon,
     path: &Path,
     force: bool,
-) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
+) -> Result<(plan::Plan, Vec<WorkerSpec>, Option<String>), Response> {
     let compilation = compile_file(daemon, path)?;
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
@@ -1124,7 +1232,8 @@ async fn file_plan(
         &new.iter().collect::<Vec<_>>(),
         force,
     );
-    Ok((plan, new))
+    let allow_group = compilation.config.daemon.allow_group.map(|g| g.value);
+    Ok((plan, new, allow_group))
 }
 
 /// Which files a reload reads, each with the one worker to reload when the
@@ -1428,6 +1537,10 @@ async fn load(
     registered_ones: Registered,
 ) -> Result<Response, Response> {
     let compilation = compile_file(daemon, path)?;
+    let allow_group = compilation.config.daemon.allow_group.as_ref();
+    daemon
+        .access
+        .follow(path, allow_group.map(|g| g.value.as_str()));
     let mut warnings = Vec::new();
     if compilation.config.daemon.gui_port.value != 0
         && let Err(e) =

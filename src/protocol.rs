@@ -154,6 +154,50 @@ impl Call {
     }
 }
 
+impl Call {
+    /// Whether a member of `allow_group` may make the call to a root
+    /// daemon: it works on the workers as they are (reads them, starts,
+    /// stops, signals them), rather than choosing what runs, or reading
+    /// files as root (`plan` compiles a file the caller names).
+    pub fn open_to_members(&self) -> bool {
+        match self {
+            Call::Ping
+            | Call::List
+            | Call::Info { .. }
+            | Call::Wait { .. }
+            | Call::Start { .. }
+            | Call::Stop { .. }
+            | Call::Restart { .. }
+            | Call::RestartAll
+            | Call::StopAll
+            | Call::Signal { .. } => true,
+            Call::Run { .. }
+            | Call::Load { .. }
+            | Call::Unload { .. }
+            | Call::Remove { .. }
+            | Call::Update { .. }
+            | Call::Rename { .. }
+            | Call::Copy { .. }
+            | Call::Plan { .. }
+            | Call::Reload { .. }
+            | Call::Gui { .. }
+            | Call::Attach { .. }
+            | Call::Exit => false,
+        }
+    }
+}
+
+/// What members of `allow_group` may do (docs/cli.md, decision 33): said
+/// by `apm check` and in the daemon's refusals.
+pub fn allow_group_rule(group: &str) -> String {
+    format!(
+        "members of group `{group}` (allow_group) may use a root daemon to list and inspect its workers (their \
+         environment included) and to start, stop, restart, signal and wait for them, but not to run, load, reload, \
+         update, copy, rename or remove workers, open the GUI or stop the daemon, which would let them run any \
+         command as root; a daemon of another user lets them do all it may do"
+    )
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ReloadTarget {

@@ -7,7 +7,6 @@
 //! make it unhealthy, and the supervisor restarts it.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -290,9 +289,7 @@ impl Endpoint {
 
     /// A new token, and the URL a process calls with it.
     pub fn check_in(&self) -> std::io::Result<(CheckIn, String)> {
-        let mut bytes = [0u8; 16];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = crate::random_token()?;
         let seen = Arc::new(AtomicBool::new(false));
         crate::locked(&self.tokens).insert(token.clone(), seen.clone());
         let url = format!("http://127.0.0.1:{}/{token}", self.port);

@@ -7,6 +7,7 @@
 pub mod augur;
 mod cgroup;
 pub mod connector;
+pub mod daemon_log;
 mod filewatch;
 mod health;
 pub mod lifecycle;
@@ -25,12 +26,10 @@ pub mod unbuilt;
 mod upstream;
 pub mod vanguard;
 
-/// The daemon log is its stderr: one timestamped line per event. A log
-/// that cannot be written (a full disk) loses the line, not the daemon:
-/// `eprintln!` would panic.
+/// The daemon log is its stderr: one timestamped line per event, repeated
+/// ones summarised (`daemon_log`).
 pub fn log(message: std::fmt::Arguments) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{} {message}", timestamp());
+    daemon_log::write(&message.to_string());
 }
 
 /// What an accept loop makes of `accept`'s errors. One connection's own
@@ -82,6 +81,14 @@ impl AcceptErrors {
 /// Now, in RFC 3339 with milliseconds, UTC.
 pub fn timestamp() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// 128 random bits in hex: a secret for a URL or a header.
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A mutex's guard even after a thread panicked holding it: what these

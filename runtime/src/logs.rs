@@ -181,14 +181,12 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Queued>, rotation: Ar
             let Some((f, size)) = file.as_mut() else {
                 break;
             };
-            // A line that would take a non-empty file past `log_max_size`
-            // goes to a new one (a longer line still goes somewhere).
-            let pending = *size + batch.len() as u64;
-            if max_size > 0 && pending > 0 && pending + line.len() as u64 > max_size {
+            if starts_new_file(*size + batch.len() as u64, line.len() as u64, max_size) {
                 noted(f.write_all(&batch).await, &mut failure);
                 batch.clear();
                 drop(file.take());
-                rotate(&path, keep).await;
+                let renamed = path.clone();
+                let _ = tokio::task::spawn_blocking(move || rotate(&renamed, keep)).await;
                 file = noted(open_for_append(&path).await, &mut failure);
             }
             batch.extend_from_slice(&line);
@@ -236,18 +234,25 @@ async fn open_for_append(path: &Path) -> std::io::Result<(tokio::fs::File, u64)>
     Ok((file, size))
 }
 
+/// Whether a line of `line` bytes goes to a new file: it would take a
+/// non-empty file of `size` bytes past `max_size` (0: never). A longer
+/// line still goes somewhere: to a file of its own.
+pub(crate) fn starts_new_file(size: u64, line: u64, max_size: u64) -> bool {
+    max_size > 0 && size > 0 && size + line > max_size
+}
+
 /// `NAME` becomes `NAME.1`, `NAME.1` becomes `NAME.2` and so on; the one
 /// beyond `keep` is overwritten.
-async fn rotate(path: &Path, keep: u32) {
+pub(crate) fn rotate(path: &Path, keep: u32) {
     let numbered = |n: u32| {
         let mut name = path.as_os_str().to_owned();
         name.push(format!(".{n}"));
         PathBuf::from(name)
     };
     for n in (1..keep).rev() {
-        let _ = tokio::fs::rename(numbered(n), numbered(n + 1)).await;
+        let _ = std::fs::rename(numbered(n), numbered(n + 1));
     }
-    let _ = tokio::fs::rename(path, numbered(1)).await;
+    let _ = std::fs::rename(path, numbered(1));
 }
 
 /// Copies one stream of a child to its log, line by line, until it closes.

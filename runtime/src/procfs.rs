@@ -1,5 +1,6 @@
 //! What /proc tells about a process: its start time (to recognise it after
-//! a daemon crash, never confusing it with a reused pid), CPU time and memory.
+//! a daemon crash, never confusing it with a reused pid), CPU time and
+//! memory; and which process listens on a TCP port.
 
 use std::time::Duration;
 
@@ -83,6 +84,97 @@ pub fn has_env_entry(pid: u32, entry: &[u8]) -> bool {
         .is_ok_and(|env| env.split(|&b| b == 0).any(|e| e == entry))
 }
 
+/// The process that listens on a TCP port, as far as this process can see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    /// The owner of the listening socket.
+    pub uid: u32,
+    /// The lowest pid holding the socket, and its command line; `None` when
+    /// no visible process holds it (another user's, seen without root).
+    pub process: Option<(u32, String)>,
+}
+
+/// Who listens on `port` (IPv4 or IPv6, any address), if anyone does.
+pub fn tcp_listener(port: u16) -> Option<Listener> {
+    let sockets: Vec<(u64, u32)> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| listening_sockets(&table, port))
+        .collect();
+    let &(_, uid) = sockets.first()?;
+    let links: Vec<String> = sockets
+        .iter()
+        .map(|(inode, _)| format!("socket:[{inode}]"))
+        .collect();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    pids.sort_unstable();
+    let process = pids.into_iter().find_map(|pid| {
+        // Another user's descriptors are unreadable without root: skipped.
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        let holds = fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| links.iter().any(|l| target.as_os_str() == l.as_str()))
+        });
+        holds.then(|| (pid, command_line(pid)))
+    });
+    Some(Listener { uid, process })
+}
+
+/// The (inode, uid) of each socket of a `/proc/net/tcp{,6}` table that
+/// listens on `port`.
+fn listening_sockets(table: &str, port: u16) -> Vec<(u64, u32)> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit(':').next()?;
+            let listening =
+                u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == LISTEN;
+            listening.then_some(())?;
+            Some((fields.get(9)?.parse().ok()?, fields.get(7)?.parse().ok()?))
+        })
+        .filter(|&(inode, _)| inode != 0)
+        .collect()
+}
+
+/// A process's command line as one line fit for a terminal (see
+/// `printable_command`).
+pub fn command_line(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if raw.is_empty() {
+        // A kernel thread, or a process that ended meanwhile.
+        let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+        return format!("[{}]", printable_command(comm.trim_ascii_end()));
+    }
+    printable_command(&raw)
+}
+
+/// NUL-separated arguments joined by spaces, control characters (which
+/// another user's process chooses freely) replaced, at most 200 characters.
+fn printable_command(raw: &[u8]) -> String {
+    const LONGEST: usize = 200;
+    let mut line: String = String::from_utf8_lossy(raw)
+        .trim_end_matches('\0')
+        .chars()
+        .map(|c| match c {
+            '\0' => ' ',
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect();
+    if let Some((cut, _)) = line.char_indices().nth(LONGEST) {
+        line.truncate(cut);
+        line.push('…');
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +196,42 @@ mod tests {
         let path = std::env::var("PATH").unwrap_or_default();
         assert!(has_env_entry(me, format!("PATH={path}").as_bytes()));
         assert!(!has_env_entry(me, b"PATH=/no/such/path/anywhere"));
+    }
+
+    #[test]
+    fn finds_the_process_that_listens_on_a_port() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let listener = tcp_listener(port).expect("a listener");
+        assert_eq!(listener.uid, nix::unistd::geteuid().as_raw());
+        let (pid, command) = listener.process.expect("visible to itself");
+        assert_eq!(pid, std::process::id());
+        assert!(command.contains("apm_runtime"), "{command}");
+
+        let v6 = std::net::TcpListener::bind("[::]:0").unwrap();
+        let port6 = v6.local_addr().unwrap().port();
+        assert_eq!(
+            tcp_listener(port6).and_then(|l| l.process).map(|p| p.0),
+            Some(std::process::id())
+        );
+        drop((v4, v6));
+        assert_eq!(tcp_listener(port), None, "nothing listens any more");
+        // A connected socket on the port is not a listener.
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        assert_eq!(tcp_listener(client_port), None);
+    }
+
+    #[test]
+    fn a_command_line_cannot_paint_the_terminal() {
+        assert_eq!(
+            printable_command(b"sleep\x001031\x00\x1b[31mred\nline\x00"),
+            "sleep 1031 ?[31mred?line"
+        );
+        let long = printable_command(&[b'x'; 300]);
+        assert_eq!(long.chars().count(), 201);
+        assert!(long.ends_with('…'));
+        assert!(command_line(std::process::id()).contains("apm_runtime"));
     }
 }

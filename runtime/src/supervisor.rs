@@ -1035,7 +1035,7 @@ impl Supervisor {
         };
         instance.port = port.map(Port::new);
         if spec.augur_full_scan.value
-            && let Some(problem) = directory.as_deref().and_then(crate::augur::preflight)
+            && let Some(problem) = crate::augur::preflight(&augur_view(&spec, directory.as_deref()))
         {
             return spawn_failed(name, instance, problem);
         }
@@ -1849,7 +1849,9 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
             };
             let stderr = String::from_utf8_lossy(&stderr).into_owned();
             let project = run_dir(&worker.spec, &worker.origin);
-            let diagnosis = (!ok).then(|| crate::augur::diagnose(&stderr, project.as_deref()));
+            let diagnosis = (!ok).then(|| {
+                crate::augur::diagnose(&stderr, &augur_view(&worker.spec, project.as_deref()))
+            });
             InstanceStart {
                 index: i.index,
                 pid: i.life.phase.pid(),
@@ -1907,6 +1909,25 @@ fn run_dir(spec: &WorkerSpec, origin: &Origin) -> Option<PathBuf> {
         (Some(path), _) => Some(path.value.clone()),
         (None, Origin::File { path }) => path.parent().map(Path::to_path_buf),
         (None, Origin::Cli { .. }) => None,
+    }
+}
+
+/// The spec augur reads a worker's project from: with `path` set to the
+/// directory it runs in, when that comes from its config file's.
+fn augur_view<'a>(
+    spec: &'a WorkerSpec,
+    directory: Option<&Path>,
+) -> std::borrow::Cow<'a, WorkerSpec> {
+    match directory {
+        Some(directory) if spec.path.is_none() => {
+            let mut view = spec.clone();
+            view.path = Some(apm_compiler::schema::Setting::new(
+                directory.to_path_buf(),
+                None,
+            ));
+            std::borrow::Cow::Owned(view)
+        }
+        _ => std::borrow::Cow::Borrowed(spec),
     }
 }
 
@@ -2144,6 +2165,8 @@ fn build_command(
         }
     }
     sys::restore_open_files_limit(&mut command);
+    // Before the connector's channel is passed: it is registered later.
+    sys::only_standard_descriptors(&mut command);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,7 +1,8 @@
 //! The one place with `unsafe`: code that runs in a forked child between
-//! `fork` and `exec`, where only async-signal-safe calls are allowed. The
-//! group list is looked up before the fork, so the child only makes
-//! system calls.
+//! `fork` and `exec`, where only async-signal-safe calls are allowed, and
+//! the system calls the daemon makes on itself as it starts (closing what
+//! it inherited, raising its open-files limit). The group list is looked
+//! up before the fork, so the child only makes system calls.
 #![allow(unsafe_code)]
 
 use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
@@ -136,6 +137,58 @@ pub fn pass_channel(command: &mut tokio::process::Command, channel: std::os::fd:
             if result < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            Ok(())
+        });
+    }
+}
+
+/// Closes every descriptor above stderr that the process inherited (a
+/// shell's `exec 7</secret`, a file its caller forgot to mark
+/// close-on-exec): the daemon passes none of them on, and a worker running
+/// as another user must not read through one what it could not open.
+/// Called first thing in the daemon, before it opens anything itself.
+pub fn close_inherited_descriptors() -> std::io::Result<()> {
+    // SAFETY: close_range is a system call on integers; nothing in the
+    // process holds descriptors above 2 yet, so no owner is left with a
+    // closed one.
+    let closed = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.9: the descriptors /proc lists, read whole first
+    // (the listing has a descriptor of its own).
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in open {
+        // SAFETY: as above; a descriptor already gone (the listing's own)
+        // gives EBADF, which is ignored.
+        unsafe {
+            nix::libc::close(fd);
+        }
+    }
+    Ok(())
+}
+
+/// Marks every descriptor above stderr close-on-exec in the child, so that
+/// it gets stdin, stdout, stderr and, registered after this, the
+/// connector's channel, whatever a library of the daemon opened without
+/// the flag. (Marked, not closed: the pipe through which the child reports
+/// a failed exec must stay open until the exec.)
+pub fn only_standard_descriptors(command: &mut tokio::process::Command) {
+    // SAFETY: close_range is an async-signal-safe system call on integers;
+    // a kernel without it (before 5.11) leaves the flags as they are, which
+    // the daemon set on everything it opened.
+    unsafe {
+        command.pre_exec(|| {
+            nix::libc::syscall(
+                nix::libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                nix::libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

@@ -3766,7 +3766,10 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     wait_until(PATIENCE, "the GUI to listen", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    let page = gui_request(port, "GET", "/", "");
+    // Without a password, every request carries the token of `$APM_HOME`.
+    let token = std::fs::read_to_string(d.home.join("gui.token")).unwrap();
+    let auth = format!("X-Apm-Token: {token}\r\n");
+    let page = gui_request(port, "GET", "/", &auth);
     assert!(
         page.starts_with("HTTP/1.1 200") && page.contains("<title>apm</title>"),
         "{page}"
@@ -3786,14 +3789,14 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
         });
         assert!(checked.status.success(), "{}", describe(&checked));
     }
-    let (_, body) = gui_request(port, "GET", "/api/workers", "")
+    let (_, body) = gui_request(port, "GET", "/api/workers", &auth)
         .split_once("\r\n\r\n")
         .map(|(h, b)| (h.to_owned(), b.to_owned()))
         .unwrap();
     let listing: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(listing["workers"][0]["name"], "shown", "{listing}");
     wait_until(PATIENCE, "the log to show the line", || {
-        gui_request(port, "GET", "/api/log?worker=shown", "").contains("hello-gui")
+        gui_request(port, "GET", "/api/log?worker=shown", &auth).contains("hello-gui")
     });
     // A page whose host name was made to resolve to 127.0.0.1 is refused.
     let rebound = http_raw(
@@ -3803,17 +3806,17 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
     let local = http_raw(
         port,
-        "GET /api/workers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        &format!("GET /api/workers HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"),
     );
     assert!(local.starts_with("HTTP/1.1 200"), "{local}");
     // A change needs the header a page of another site cannot send.
-    let forged = gui_request(port, "POST", "/api/workers/shown/restart", "");
+    let forged = gui_request(port, "POST", "/api/workers/shown/restart", &auth);
     assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
     let restarted = gui_request(
         port,
         "POST",
         "/api/workers/shown/restart",
-        "X-Apm-Gui: 1\r\n",
+        &format!("X-Apm-Gui: 1\r\n{auth}"),
     );
     assert!(restarted.starts_with("HTTP/1.1 200"), "{restarted}");
     assert_ne!(pids(&d.wait_running("shown"))[0], first);
@@ -3822,7 +3825,10 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     assert!(stdout(&d.ok(&["gui", "stop"])).contains("is stopped"));
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     let url = stdout(&d.ok(&["gui"]));
-    assert_eq!(url.trim(), format!("apm GUI: http://127.0.0.1:{port}/"));
+    assert_eq!(
+        url.trim(),
+        format!("apm GUI: http://127.0.0.1:{port}/?token={token}")
+    );
 
     // A file that sets a password restarts it behind the password.
     d.load(&format!(

@@ -1,5 +1,6 @@
 //! apm's integration tests, one binary so that they link once.
 
+mod augur;
 mod certs;
 mod cli;
 mod connectors;
@@ -12,4 +13,5 @@ mod harness;
 mod logs;
 mod reload;
 mod sections;
+mod security_local;
 mod stats;

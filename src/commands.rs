@@ -65,12 +65,24 @@ pub fn show_start(report: &StartReport) -> bool {
     if report.dependency_timeout {
         println!("  ! its depends_on did not come up within depends_timeout; started anyway");
     }
+    for warning in &report.warnings {
+        println!("  ! {warning}");
+    }
     for instance in &report.instances {
         let name = if report.instances.len() > 1 {
             format!("{}#{}", report.worker, instance.index)
         } else {
             report.worker.clone()
         };
+        if instance.ok && instance.serving == Some(false) {
+            println!(
+                "{} {name} running (pid {}), but not taking traffic: it did not accept on its port (upstream \
+                 port) or say ready (connector) within 10 s of running; the proxy answers 503 until it does",
+                paint("!", "33"),
+                instance.pid.unwrap_or_default()
+            );
+            continue;
+        }
         if instance.ok {
             println!(
                 "{} {name} running (pid {})",
@@ -180,6 +192,8 @@ pub fn run(place: &Place, args: &[String]) -> u8 {
         Call::Run {
             config: print::worker(spec),
             start: true,
+            environment: apm_runtime::state::Environment::of_this_process(),
+            named: flags.settings.iter().any(|(key, _)| *key == "name"),
         },
     ) {
         Ok(data) => started(data),
@@ -274,6 +288,9 @@ pub fn load(place: &Place, file: &Path) -> u8 {
     struct Outcome {
         worker: String,
         report: Option<StartReport>,
+        /// Why it was not started, when not because it runs.
+        #[serde(default)]
+        why: Option<String>,
     }
     match request(place, Call::Load { path }).and_then(decode::<Vec<Outcome>>) {
         Ok(outcomes) => {
@@ -281,7 +298,11 @@ pub fn load(place: &Place, file: &Path) -> u8 {
             for outcome in outcomes {
                 match outcome.report {
                     Some(report) => ok &= show_start(&report),
-                    None => println!("• {} is already running", outcome.worker),
+                    None => println!(
+                        "• {} {}",
+                        outcome.worker,
+                        outcome.why.as_deref().unwrap_or("is already running")
+                    ),
                 }
             }
             if ok { exit::OK } else { exit::FAILED }
@@ -916,11 +937,25 @@ pub fn exit_daemon(place: &Place) -> u8 {
             // The daemon answers before its process ends: a command run right
             // after must not reach it, nor a file it still writes be changed
             // under it, so the answer waits for the process to be gone.
+            let stopped: Vec<String> = data
+                .get("stopped")
+                .cloned()
+                .and_then(|s| serde_json::from_value(s).ok())
+                .unwrap_or_default();
             let pid = serde_json::from_value::<Pong>(data).map_or(0, |p| p.pid);
             if gone(pid, Duration::from_secs(10)) {
                 println!("daemon stopped");
             } else {
                 println!("daemon stopped its workers; pid {pid} has not ended yet");
+            }
+            // What the next daemon does with them (docs/cli.md, decision 52).
+            if !stopped.is_empty() {
+                println!(
+                    "■ {} worker(s) stopped and kept stopped: {}. The next apm command starts a daemon that lists them \
+                     without starting them: `apm start NAME` brings one back, `apm remove NAME` forgets it",
+                    stopped.len(),
+                    stopped.join(", ")
+                );
             }
             exit::OK
         }
@@ -1083,6 +1118,8 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
     }
     // Live specs, grouped by the file each goes to.
     let mut targets: Vec<(PathBuf, Vec<apm_compiler::ir::WorkerSpec>)> = Vec::new();
+    // Workers saved into a file they do not come from, which become its.
+    let mut moving: Vec<(String, PathBuf)> = Vec::new();
     for status in listing
         .workers
         .iter()
@@ -1103,6 +1140,13 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
             Ok((_, info)) => info,
             Err(code) => return code,
         };
+        if status.origin
+            != (apm_runtime::state::Origin::File {
+                path: target.clone(),
+            })
+        {
+            moving.push((status.name.clone(), target.clone()));
+        }
         let loader = Overlay {
             path: PathBuf::from("/apm/live.conf"),
             contents: info.text,
@@ -1163,6 +1207,23 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
             "saved to"
         };
         println!("✓ {} {verb} {}", names.join(", "), target.display());
+    }
+    // The reference's recipe: "persist a CLI-built worker, then manage it
+    // from the file" (docs/cli.md, decision 57).
+    for (name, path) in moving {
+        let call = Call::Attach {
+            name: name.clone(),
+            path: path.clone(),
+        };
+        if let Err(code) = request(place, call) {
+            return code;
+        }
+        println!(
+            "• {name} now comes from {}: `apm reload {}` applies its changes; its next start gets the daemon's \
+             base environment and the file's `env`, not the environment of the shell that ran it",
+            path.display(),
+            path.display()
+        );
     }
     exit::OK
 }

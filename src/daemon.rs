@@ -9,8 +9,8 @@ use std::time::Duration;
 use apm_compiler::ir::WorkerSpec;
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
-use apm_runtime::state::{self, Origin, SavedProcess, SavedWorker};
-use apm_runtime::supervisor::{self, Command, Handle, Supervisor};
+use apm_runtime::state::{self, Environment, Origin, SavedProcess, SavedWorker};
+use apm_runtime::supervisor::{self, Begin, Command, Handle, Supervisor};
 use apm_runtime::{locked, log, procfs, unbuilt};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
@@ -114,6 +114,8 @@ impl Access {
 struct Daemon {
     place: Place,
     supervisor: Handle,
+    /// The variable every process it starts carries (`supervisor::marked_groups`).
+    marker: (String, String),
     access: Access,
     exit: Notify,
     watcher: Arc<Watcher>,
@@ -200,7 +202,11 @@ fn name_taken(place: &Place) -> String {
     }
 }
 
-async fn serve(place: Place) -> u8 {
+async fn serve(mut place: Place) -> u8 {
+    place.home = std::path::absolute(&place.home).unwrap_or(place.home);
+    // Not the directory of whichever command started it (docs/cli.md,
+    // decision 51); `home` is absolute by now.
+    let _ = std::env::set_current_dir("/");
     if let Err(e) = std::fs::create_dir_all(&place.home) {
         log(format_args!(
             "apm: cannot create {}: {e}",
@@ -248,7 +254,11 @@ async fn serve(place: Place) -> u8 {
         Ok(_) => {}
         Err(e) => log(format_args!("cannot raise the open files limit: {e}")),
     }
-    let supervisor = Supervisor::spawn(&place.home);
+    let marker = (
+        "APM_SPAWNED_BY".to_owned(),
+        format!("@{} {}", place.socket, place.home.display()),
+    );
+    let supervisor = Supervisor::spawn(&place.home, base_environment(&place), marker.clone());
     let access = Access {
         owner: nix::unistd::geteuid(),
         allow_group: std::sync::Mutex::new(allow_group(&place.home)),
@@ -257,6 +267,7 @@ async fn serve(place: Place) -> u8 {
     let daemon = Arc::new_cyclic(|this| Daemon {
         place,
         supervisor,
+        marker,
         access,
         exit: Notify::new(),
         watcher,
@@ -272,6 +283,10 @@ async fn serve(place: Place) -> u8 {
         }
     });
     restore(&daemon).await;
+    let _ = daemon
+        .supervisor
+        .call(|reply| Command::Restored { reply })
+        .await;
     let loading = daemon.clone();
     tokio::spawn(async move { load_user_config(&loading).await });
 
@@ -297,8 +312,8 @@ async fn serve(place: Place) -> u8 {
                 }
                 Err(e) => errors.failed(e, &control).await,
             },
-            _ = terminate.recv() => { shutdown(&daemon, "SIGTERM").await; break; }
-            _ = interrupt.recv() => { shutdown(&daemon, "SIGINT").await; break; }
+            _ = terminate.recv() => { shutdown(&daemon, "SIGTERM", true).await; break; }
+            _ = interrupt.recv() => { shutdown(&daemon, "SIGINT", true).await; break; }
             _ = hangup.recv() => { tokio::spawn(reload_all_logged(daemon.clone())); }
             _ = daemon.exit.notified() => break,
         }
@@ -318,11 +333,21 @@ async fn reload_all_logged(daemon: Arc<Daemon>) {
     }
 }
 
-async fn shutdown(daemon: &Daemon, why: &str) {
+/// Stops every worker. A signal keeps what each is meant to do, so that the
+/// next daemon (after a reboot) brings back what ran; `apm exit daemon`,
+/// the user's own "stop everything", records them all as stopped
+/// (docs/cli.md, decision 52).
+async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
     log(format_args!("{why}: stopping every worker"));
     let _ = daemon
         .supervisor
-        .call(|reply| Command::Shutdown { reply })
+        .call(|reply| {
+            if keep_desired {
+                Command::Shutdown { reply }
+            } else {
+                Command::StopAll { reply }
+            }
+        })
         .await;
     // The workers' last state, written by the state thread, must not be
     // cut off by the process's end, nor land after the daemon is gone.
@@ -343,13 +368,36 @@ fn allow_group(home: &Path) -> Option<(String, PathBuf)> {
         .map(|g| (g.value, path))
 }
 
-/// Ends the processes a crashed daemon left and registers its workers again,
-/// starting those that were meant to run.
+/// The variables of the daemon's own environment that every worker's
+/// processes get (with `LC_*`), and nothing else of it: it is the
+/// environment of whichever command started the daemon (docs/cli.md,
+/// decision 50).
+const BASE_ENVIRONMENT: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+];
+
+/// What the processes of workers from files get before their `env_file`
+/// and `env`: `BASE_ENVIRONMENT`, and where this daemon is, so that an
+/// `apm` a worker runs drives the daemon that runs it.
+fn base_environment(place: &Place) -> Vec<(String, String)> {
+    let mut base: Vec<(String, String)> = Environment::of_this_process()
+        .0
+        .into_iter()
+        .filter(|(key, _)| BASE_ENVIRONMENT.contains(&key.as_str()) || key.starts_with("LC_"))
+        .collect();
+    base.push(("APM_HOME".to_owned(), place.home.display().to_string()));
+    base.push(("APM_SOCKET".to_owned(), place.socket.clone()));
+    base
+}
+
+/// Ends the processes a crashed daemon left (those it recorded, and every
+/// one that carries its mark, which covers those it started after its last
+/// state was written) and registers its workers again, starting those that
+/// were meant to run.
 async fn restore(daemon: &Daemon) {
     let path = daemon.place.home.join("state.json");
     let saved = match state::load(&path) {
-        Ok(Some(saved)) => saved,
-        Ok(None) => return,
+        Ok(saved) => saved,
         Err(e) => {
             let aside = path.with_extension(format!("corrupt-{}", std::process::id()));
             let kept = match std::fs::rename(&path, &aside) {
@@ -362,33 +410,51 @@ async fn restore(daemon: &Daemon) {
             );
             log(format_args!("{notice}"));
             let _ = daemon.notice.set(notice);
-            return;
+            None
         }
     };
-    let processes: Vec<SavedProcess> = saved
-        .workers
+    let mut processes: Vec<SavedProcess> = saved
         .iter()
+        .flat_map(|s| &s.workers)
         .flat_map(|w| w.processes.iter().copied())
         .collect();
+    processes.extend(supervisor::marked_groups(&daemon.marker));
+    processes.sort_by_key(|p| (p.pid, p.start_ticks));
+    processes.dedup();
     let ended = supervisor::end_orphans(&processes, ORPHAN_GRACE).await;
     if ended > 0 {
         log(format_args!(
-            "ended {ended} process(es) left by the previous daemon"
+            "ended {ended} process group(s) left by the previous daemon"
         ));
     }
+    let Some(saved) = saved else {
+        return;
+    };
     let mut to_start = Vec::new();
     let mut unrestored = Vec::new();
     let mut as_last_run = Vec::new();
+    let mut files = FileSpecs::default();
+    let count = saved.workers.len();
     for worker in saved.workers {
         let (name, running) = (worker.name.clone(), worker.running);
-        let restored = match restorable(&worker) {
+        let restored = match restorable(&worker, &mut files) {
             Ok((spec, broken_file)) => daemon
                 .supervisor
                 .call(|reply| Command::Register {
                     name: name.clone(),
                     spec: Box::new(spec),
+                    // A file's workers get the base environment, whatever
+                    // they were attached from (`saveconf`).
+                    environment: match worker.origin {
+                        Origin::Cli { .. } => worker.environment,
+                        Origin::File { .. } => Environment::default(),
+                    },
                     origin: worker.origin,
-                    start: false,
+                    begin: if running {
+                        Begin::Enabled
+                    } else {
+                        Begin::Stopped
+                    },
                     reply,
                 })
                 .await
@@ -412,6 +478,12 @@ async fn restore(daemon: &Daemon) {
             to_start.push(name);
         }
     }
+    log(format_args!(
+        "restored {} of {count} worker(s) ({} to run); config files compiled: {}",
+        count - unrestored.len(),
+        to_start.len(),
+        files.compiled.len()
+    ));
     let mut notices = Vec::new();
     if !unrestored.is_empty() {
         notices.push(format!(
@@ -430,14 +502,18 @@ async fn restore(daemon: &Daemon) {
     if !notices.is_empty() {
         let _ = daemon.notice.set(notices.join("; "));
     }
-    // Files that workers came from are watched again, as when they were loaded.
-    // So is the `allow_group` one of them set.
+    // Files that workers came from are watched again, as when they were
+    // loaded; so are the `allow_group` and the GUI one of them set.
     for file in files_of(&daemon.supervisor).await {
         if let Ok(compilation) = compile_file(daemon, &file) {
             let allow_group = compilation.config.daemon.allow_group.as_ref();
             daemon
                 .access
                 .follow(&file, allow_group.map(|g| g.value.as_str()));
+            if compilation.config.daemon.gui_port.value != 0 {
+                let _ = follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon))
+                    .await;
+            }
         }
     }
     for name in to_start {
@@ -457,7 +533,7 @@ async fn load_user_config(daemon: &Daemon) {
     if !path.is_file() {
         return;
     }
-    match load(daemon, &path).await {
+    match load(daemon, &path, Registered::StayAsRestored).await {
         Ok(_) => log(format_args!("loaded {}", path.display())),
         Err(response) => log(format_args!(
             "cannot load {}: {}",
@@ -468,23 +544,30 @@ async fn load_user_config(daemon: &Daemon) {
 }
 
 /// A loaded file that sets `gui_port` starts the GUI with its settings (or
-/// restarts it, if they changed); a failure is logged, the load goes on.
-async fn follow_gui_settings(daemon: &Daemon, settings: gui::Settings) {
+/// restarts it, if they changed); a failure is logged and returned, the
+/// load goes on.
+async fn follow_gui_settings(daemon: &Daemon, settings: gui::Settings) -> Result<(), String> {
     *locked(&daemon.gui_settings) = Some(settings.clone());
     if locked(&daemon.gui)
         .as_ref()
         .is_some_and(|g| g.settings == settings)
     {
-        return;
+        return Ok(());
     }
     // Settings it refuses leave a running GUI as it is.
-    if let Some(refused) = gui::refusal(&settings) {
-        log(format_args!("GUI not started: {refused}"));
-        return;
-    }
-    match start_gui(daemon, settings).await {
-        Ok(url) => log(format_args!("GUI on {url}")),
-        Err(e) => log(format_args!("GUI not started: {e}")),
+    let started = match gui::refusal(&settings) {
+        Some(refused) => Err(refused),
+        None => start_gui(daemon, settings).await,
+    };
+    match started {
+        Ok(url) => {
+            log(format_args!("GUI on {url}"));
+            Ok(())
+        }
+        Err(e) => {
+            log(format_args!("GUI not started: {e}"));
+            Err(e)
+        }
     }
 }
 
@@ -561,28 +644,57 @@ fn compile_block(text: &str) -> Result<WorkerSpec, String> {
         .ok_or_else(|| "no worker in the config".to_owned())
 }
 
+/// The config files a restore has read, each compiled once however many
+/// workers it defines: its workers by name, or why it is broken.
+#[derive(Default)]
+struct FileSpecs {
+    compiled: std::collections::HashMap<
+        PathBuf,
+        Result<std::collections::HashMap<String, WorkerSpec>, String>,
+    >,
+}
+
+impl FileSpecs {
+    fn of(
+        &mut self,
+        path: &Path,
+    ) -> &mut Result<std::collections::HashMap<String, WorkerSpec>, String> {
+        self.compiled
+            .entry(path.to_path_buf())
+            .or_insert_with(|| match compile(path, &FsLoader) {
+                Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+                Ok(compilation) if compilation.has_errors() => Err(format!(
+                    "{} has errors:\n{}",
+                    path.display(),
+                    render::human(&compilation, false)
+                )),
+                Ok(compilation) => Ok(compilation
+                    .config
+                    .workers
+                    .into_iter()
+                    .map(|spec| (spec.name.value.clone(), spec))
+                    .collect()),
+            })
+    }
+}
+
 /// The spec to restore a saved worker with: from its file as the file is
 /// now, or, when the file cannot be read or has errors (edited while the
 /// daemon was down), from the block it last ran with, and then why. A
 /// file that compiles but no longer defines the worker has let it go.
-fn restorable(worker: &SavedWorker) -> Result<(WorkerSpec, Option<String>), String> {
+fn restorable(
+    worker: &SavedWorker,
+    files: &mut FileSpecs,
+) -> Result<(WorkerSpec, Option<String>), String> {
     let path = match &worker.origin {
         Origin::Cli { config } => return compile_block(config).map(|spec| (spec, None)),
         Origin::File { path } => path,
     };
-    let broken = match compile(path, &FsLoader) {
-        Err(e) => format!("cannot read {}: {e}", path.display()),
-        Ok(compilation) if compilation.has_errors() => format!(
-            "{} has errors:\n{}",
-            path.display(),
-            render::human(&compilation, false)
-        ),
-        Ok(compilation) => {
-            return compilation
-                .config
-                .workers
-                .into_iter()
-                .find(|w| w.name.value == worker.name)
+    let broken = match files.of(path) {
+        Err(broken) => broken.clone(),
+        Ok(specs) => {
+            return specs
+                .remove(&worker.name)
                 .map(|spec| (spec, None))
                 .ok_or_else(|| format!("{} no longer defines `{}`", path.display(), worker.name));
         }
@@ -660,13 +772,6 @@ fn version_mismatch(cli: &str, protocol: Option<u32>) -> String {
     )
 }
 
-fn result<T: serde::Serialize>(result: Result<T, String>, failure: u8) -> Response {
-    match result {
-        Ok(data) => Response::data(data),
-        Err(message) => Response::error(failure, message),
-    }
-}
-
 /// Naming a worker or instance that does not exist is a usage error (exit 2);
 /// other failures exit 1.
 fn failure_code(message: &str) -> u8 {
@@ -706,27 +811,55 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
     let sup = &daemon.supervisor;
     Ok(match call_ {
         Call::Ping => Response::data(pong(daemon)),
-        Call::Run { config, start } => {
+        Call::Run {
+            config,
+            start,
+            environment,
+            named,
+        } => {
             let spec = compile_block(&config).map_err(|e| Response::error(exit::FAILED, e))?;
             let name = spec.name.value.clone();
-            let origin = Origin::Cli {
-                config: print::worker(&spec),
-            };
             let unenforced = unbuilt::worker_note(&spec);
-            result(
-                sup.call(|reply| Command::Register {
-                    name,
-                    spec: Box::new(spec),
-                    origin,
-                    start,
+            let existing = sup
+                .call(|reply| Command::Info {
+                    name: name.clone(),
                     reply,
                 })
-                .await,
-                exit::FAILED,
-            )
-            .noting(unenforced)
+                .await;
+            let started = match existing {
+                Ok((status, current)) => {
+                    let again = Again {
+                        status,
+                        current: *current,
+                        environment,
+                        start,
+                        named,
+                    };
+                    run_again(daemon, again, spec).await?
+                }
+                Err(_) => {
+                    let origin = Origin::Cli {
+                        config: print::worker(&spec),
+                    };
+                    let begin = if start {
+                        Begin::Started
+                    } else {
+                        Begin::Stopped
+                    };
+                    call(daemon, |reply| Command::Register {
+                        name,
+                        spec: Box::new(spec),
+                        origin,
+                        environment,
+                        begin,
+                        reply,
+                    })
+                    .await?
+                }
+            };
+            Response::data(started).noting(unenforced)
         }
-        Call::Load { path } => load(daemon, &path).await?,
+        Call::Load { path } => load(daemon, &path, Registered::Start).await?,
         Call::Unload { path } => {
             daemon.watcher.forget(&path);
             daemon.access.forget(&path);
@@ -751,9 +884,10 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Stop { name } => {
             Response::data(call(daemon, |reply| Command::Stop { name, reply }).await?)
         }
-        Call::Restart { name } => {
-            Response::data(call(daemon, |reply| Command::Restart { name, reply }).await?)
+        Call::Restart { name, force } => {
+            Response::data(call(daemon, |reply| Command::Restart { name, force, reply }).await?)
         }
+        // `apm restart --force`: "restart all workers, ignoring rolling".
         Call::RestartAll => {
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut reports = Vec::new();
@@ -761,6 +895,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 reports.push(
                     call(daemon, |reply| Command::Restart {
                         name: status.name,
+                        force: true,
                         reply,
                     })
                     .await?,
@@ -804,6 +939,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                     name,
                     spec: Box::new(spec),
                     origin,
+                    environment: None,
                     restart,
                     reply,
                 })
@@ -830,7 +966,11 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 .await?,
             )
         }
-        Call::Copy { name, new } => {
+        Call::Copy {
+            name,
+            new,
+            environment,
+        } => {
             let (_, spec) = call(daemon, |reply| Command::Info {
                 name: name.clone(),
                 reply,
@@ -845,7 +985,8 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                     name: new,
                     spec: Box::new(copy),
                     origin,
-                    start: true,
+                    environment,
+                    begin: Begin::Started,
                     reply,
                 })
                 .await?,
@@ -925,10 +1066,19 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         }
         Call::Gui { stop } => gui_call(daemon, stop).await,
         Call::Exit => {
-            shutdown(daemon, "apm exit daemon").await;
+            let kept = call(daemon, |reply| Command::List { reply })
+                .await?
+                .into_iter()
+                .filter(|s| s.enabled)
+                .map(|s| s.name)
+                .collect::<Vec<_>>();
+            shutdown(daemon, "apm exit daemon", false).await;
             daemon.exit.notify_one();
-            Response::data(pong(daemon))
+            let mut answer = serde_json::to_value(pong(daemon)).unwrap_or_default();
+            answer["stopped"] = serde_json::json!(kept);
+            Response::data(answer)
         }
+        Call::Attach { name, path } => attach(daemon, name, path).await?,
     })
 }
 
@@ -1167,6 +1317,7 @@ async fn apply(
                             name: name.clone(),
                             spec,
                             origin,
+                            environment: None,
                             restart: false,
                             reply,
                         })
@@ -1182,14 +1333,19 @@ async fn apply(
             },
             plan::Step::Start { .. } => match spec() {
                 Some(spec) => {
-                    let start = spec.autostart.value;
+                    let begin = if spec.autostart.value {
+                        Begin::Started
+                    } else {
+                        Begin::Stopped
+                    };
                     (
                         "start",
                         sup.call(|reply| Command::Register {
                             name: name.clone(),
                             spec,
                             origin,
-                            start,
+                            environment: Environment::default(),
+                            begin,
                             reply,
                         })
                         .await,
@@ -1210,6 +1366,7 @@ async fn apply(
                 "restart",
                 sup.call(|reply| Command::Restart {
                     name: name.clone(),
+                    force: false,
                     reply,
                 })
                 .await
@@ -1225,6 +1382,7 @@ async fn apply(
                             name: name.clone(),
                             spec,
                             origin,
+                            environment: None,
                             restart,
                             reply,
                         })
@@ -1254,22 +1412,148 @@ async fn apply(
     applied
 }
 
+/// `apm run` of a name that `apm run` registered before: the worker takes
+/// the new block and caller's environment, as a reload takes a file's
+/// (only what changed is applied: `-instances` alone scales, live keys
+/// apply in place, anything else restarts it), and is started if it is not
+/// running. The same block and environment change nothing, so a call the
+/// CLI replays after a daemon crash answers as the first would have
+/// (docs/cli.md, decision 54).
+async fn run_again(
+    daemon: &Daemon,
+    again: Again,
+    spec: WorkerSpec,
+) -> Result<Option<supervisor::StartReport>, Response> {
+    let Again {
+        status,
+        current,
+        environment,
+        start,
+        named,
+    } = again;
+    let name = spec.name.value.clone();
+    let same = current == spec && *status.environment == environment;
+    // A name that came from the executable's is not a wish to replace
+    // another program of that name.
+    if !named && !same {
+        return Err(Response::error(
+            exit::FAILED,
+            format!(
+                "a worker named `{name}` already exists (this one's name comes from its program): give it another \
+                 with `-name`, or change that one with `apm run … -name {name}` or `apm update {name} …`"
+            ),
+        ));
+    }
+    if let Origin::File { path } = &status.origin {
+        return Err(Response::error(
+            exit::FAILED,
+            format!(
+                "a worker named `{name}` was loaded from {}: change it there and `apm reload {name}`, or with `apm update {name} …`",
+                path.display()
+            ),
+        ));
+    }
+    let steps = plan::diff(&[&current], &[&spec], false).steps;
+    let restart = *status.environment != environment
+        || steps
+            .iter()
+            .any(|step| matches!(step, plan::Step::Restart { .. }));
+    let origin = Origin::Cli {
+        config: print::worker(&spec),
+    };
+    let restarted = call(daemon, |reply| Command::Update {
+        name: name.clone(),
+        spec: Box::new(spec),
+        origin,
+        environment: Some(environment),
+        restart,
+        reply,
+    })
+    .await?;
+    if restarted.is_some() || !start {
+        return Ok(restarted);
+    }
+    call(daemon, |reply| Command::Start { name, reply })
+        .await
+        .map(Some)
+}
+
+/// What `run_again` is given besides the new block.
+struct Again {
+    status: supervisor::WorkerStatus,
+    current: WorkerSpec,
+    environment: Environment,
+    start: bool,
+    /// Whether the caller named the worker (`-name`).
+    named: bool,
+}
+
+/// `apm saveconf W FILE` has written W into FILE: W is FILE's from now on,
+/// so that `apm reload FILE` manages it. Its processes run on; their next
+/// start gets the base environment and the file's `env`, as any file's
+/// worker (docs/cli.md, decision 57).
+async fn attach(daemon: &Daemon, name: String, path: PathBuf) -> Result<Response, Response> {
+    let compilation = compile_file(daemon, &path)?;
+    let Some(spec) = compilation
+        .config
+        .workers
+        .into_iter()
+        .find(|w| w.name.value == name)
+    else {
+        return Err(Response::error(
+            exit::FAILED,
+            format!("{} does not define `{name}`", path.display()),
+        ));
+    };
+    call(daemon, |reply| Command::Update {
+        name,
+        spec: Box::new(spec),
+        origin: Origin::File { path },
+        environment: Some(Environment::default()),
+        restart: false,
+        reply,
+    })
+    .await?;
+    Ok(Response::data(serde_json::Value::Null))
+}
+
+/// What a load does with a worker of the file that is registered already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Registered {
+    /// Start it unless it runs (`apm load`).
+    Start,
+    /// Leave it as the state file had it (the daemon's own load of
+    /// `config.conf` at its start: a worker stopped before `apm exit
+    /// daemon` stays stopped).
+    StayAsRestored,
+}
+
 /// `apm load`: start the file's workers, skipping those already running.
 /// All are registered before any starts, so `depends_on` holds whatever the
 /// order of the file.
-async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
+async fn load(
+    daemon: &Daemon,
+    path: &Path,
+    registered_ones: Registered,
+) -> Result<Response, Response> {
     let compilation = compile_file(daemon, path)?;
     let allow_group = compilation.config.daemon.allow_group.as_ref();
     daemon
         .access
         .follow(path, allow_group.map(|g| g.value.as_str()));
-    if compilation.config.daemon.gui_port.value != 0 {
-        follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await;
+    let mut warnings = Vec::new();
+    if compilation.config.daemon.gui_port.value != 0
+        && let Err(e) =
+            follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await
+    {
+        // On the terminal too (decisions.md, the daemon, rule 4).
+        warnings.push(format!("warning: the GUI was not started: {e}"));
     }
     let unenforced = unbuilt::notes(&compilation.config);
     let existing = call(daemon, |reply| Command::List { reply }).await?;
     let mut to_start = Vec::new();
-    let mut skipped = Vec::new();
+    // Those not started, each with why, for people.
+    let mut skipped: Vec<(String, &str)> = Vec::new();
     let mut notes = Vec::new();
     let this_file = Origin::File {
         path: path.to_path_buf(),
@@ -1289,25 +1573,35 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
             notes.push(format!(
                 "this file's {name} is not loaded: the {name} already registered was {from} (`apm remove {name}` first, or rename one of them)"
             ));
+            skipped.push((name, "is not loaded from this file (see the note)"));
+            continue;
         }
+        const NOT_AUTOSTARTED: &str =
+            "is registered, not started (autostart false): `apm start` starts it";
         match registered {
-            Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => skipped.push(name),
+            Some(status) if status.instances.iter().all(|i| i.pid.is_some()) => {
+                skipped.push((name, "is already running"));
+            }
+            Some(_) if registered_ones == Registered::StayAsRestored => {
+                skipped.push((name, "stays stopped, as it was"));
+            }
             // `autostart false`: registered, started only by `apm start`.
-            Some(_) if !autostart => skipped.push(name),
+            Some(_) if !autostart => skipped.push((name, NOT_AUTOSTARTED)),
             Some(_) => to_start.push(name),
             None => {
                 call(daemon, |reply| Command::Register {
                     name: name.clone(),
                     spec: Box::new(spec),
                     origin: this_file.clone(),
-                    start: false,
+                    environment: Environment::default(),
+                    begin: Begin::Stopped,
                     reply,
                 })
                 .await?;
                 if autostart {
                     to_start.push(name);
                 } else {
-                    skipped.push(name);
+                    skipped.push((name, NOT_AUTOSTARTED));
                 }
             }
         }
@@ -1325,7 +1619,7 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
         .collect();
     let mut outcomes: Vec<serde_json::Value> = skipped
         .into_iter()
-        .map(|worker| serde_json::json!({ "worker": worker, "report": null }))
+        .map(|(worker, why)| serde_json::json!({ "worker": worker, "report": null, "why": why }))
         .collect();
     for (name, start) in to_start.into_iter().zip(starts) {
         let report = start
@@ -1334,5 +1628,7 @@ async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
             .map_err(|e| Response::error(exit::FAILED, e))?;
         outcomes.push(serde_json::json!({ "worker": name, "report": report }));
     }
-    Ok(Response::data(outcomes).noting(notes.into_iter().chain(unenforced)))
+    let mut response = Response::data(outcomes).noting(notes.into_iter().chain(unenforced));
+    response.notices.extend(warnings);
+    Ok(response)
 }

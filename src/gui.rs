@@ -468,7 +468,7 @@ async fn answer(
             let call = match verb {
                 "start" => Call::Start { name },
                 "stop" => Call::Stop { name },
-                "restart" => Call::Restart { name },
+                "restart" => Call::Restart { name, force: false },
                 _ => return refused(StatusCode::NOT_FOUND, "no such action"),
             };
             let response = super::dispatch(daemon, call).await;

@@ -60,7 +60,7 @@ enum Command {
     Stop { worker: String },
     /// Stop every worker; the daemon keeps running.
     Stopall,
-    /// Restart a worker; with --force and no worker, restart them all.
+    /// Restart a worker; --force restarts every instance at once, ignoring rolling, and without a worker restarts them all.
     Restart {
         worker: Option<String>,
         /// Restart every instance at once, ignoring `rolling`; without a worker, restart them all.
@@ -306,8 +306,14 @@ fn main() -> ExitCode {
         Command::Stopall => commands::simple(&place, Call::StopAll, "■ every worker stopped"),
         Command::Restart {
             worker: Some(worker),
-            ..
-        } => commands::start_like(&place, Call::Restart { name: worker }),
+            force,
+        } => commands::start_like(
+            &place,
+            Call::Restart {
+                name: worker,
+                force,
+            },
+        ),
         Command::Restart {
             worker: None,
             force: true,
@@ -337,9 +343,14 @@ fn main() -> ExitCode {
             },
             &format!("{worker} is now {new}"),
         ),
-        Command::Copy { worker, new } => {
-            commands::start_like_optional(&place, Call::Copy { name: worker, new })
-        }
+        Command::Copy { worker, new } => commands::start_like_optional(
+            &place,
+            Call::Copy {
+                name: worker,
+                new,
+                environment: apm_runtime::state::Environment::of_this_process(),
+            },
+        ),
         Command::Wait { worker, timeout } => match commands::parse_duration(&timeout) {
             Ok(timeout) => {
                 let name = worker.clone();

@@ -22,10 +22,20 @@ pub struct Request {
 #[serde(tag = "call", rename_all = "snake_case")]
 pub enum Call {
     Ping,
-    /// Register a worker from its `worker { }` block (built by the CLI from flags).
+    /// Register a worker from its `worker { }` block (built by the CLI from
+    /// flags), or, when one of that name came from `apm run` before, change
+    /// it to this block (the same block changes nothing, so a call replayed
+    /// after a daemon crash answers as the first would have).
     Run {
         config: String,
         start: bool,
+        /// The caller's environment, which the worker's processes get.
+        #[serde(default)]
+        environment: apm_runtime::state::Environment,
+        /// Whether the caller gave `-name`: only then does a different
+        /// block change the worker of that name.
+        #[serde(default)]
+        named: bool,
     },
     Load {
         path: PathBuf,
@@ -41,6 +51,9 @@ pub enum Call {
     },
     Restart {
         name: String,
+        /// Every instance at once, whatever `rolling` says.
+        #[serde(default)]
+        force: bool,
     },
     RestartAll,
     Remove {
@@ -59,6 +72,10 @@ pub enum Call {
     Copy {
         name: String,
         new: String,
+        /// The caller's environment, which the copy's processes get, as
+        /// with `Run`.
+        #[serde(default)]
+        environment: apm_runtime::state::Environment,
     },
     Signal {
         name: String,
@@ -88,6 +105,11 @@ pub enum Call {
         stop: bool,
     },
     Exit,
+    /// After `apm saveconf W FILE`: W comes from FILE from now on.
+    Attach {
+        name: String,
+        path: PathBuf,
+    },
 }
 
 impl Response {
@@ -117,7 +139,8 @@ impl Call {
             | Call::StopAll
             | Call::Update { .. }
             | Call::Rename { .. }
-            | Call::Copy { .. } => true,
+            | Call::Copy { .. }
+            | Call::Attach { .. } => true,
             Call::Reload { dry_run, .. } => !dry_run,
             Call::Ping
             | Call::Signal { .. }
@@ -158,6 +181,7 @@ impl Call {
             | Call::Plan { .. }
             | Call::Reload { .. }
             | Call::Gui { .. }
+            | Call::Attach { .. }
             | Call::Exit => false,
         }
     }

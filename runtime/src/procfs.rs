@@ -76,6 +76,14 @@ pub fn processes() -> Vec<(u32, ProcStat)> {
         .collect()
 }
 
+/// Whether the environment `/proc/<pid>/environ` shows holds the entry
+/// `entry` (`KEY=VALUE`). A process of another user reads as not holding it,
+/// unless the caller is root.
+pub fn has_env_entry(pid: u32, entry: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|e| e == entry))
+}
+
 /// The process that listens on a TCP port, as far as this process can see.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
@@ -185,6 +193,9 @@ mod tests {
                 .any(|(pid, s)| *pid == me && s.pgrp == stat.pgrp)
         );
         assert!(tick() > Duration::ZERO);
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert!(has_env_entry(me, format!("PATH={path}").as_bytes()));
+        assert!(!has_env_entry(me, b"PATH=/no/such/path/anywhere"));
     }
 
     #[test]

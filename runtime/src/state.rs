@@ -48,6 +48,39 @@ pub struct SavedWorker {
     /// compiles (edited while the daemon was down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
+    /// For a worker of `apm run`, the environment of the shell that ran
+    /// it, which its processes get (decisions: the CLI, 52).
+    #[serde(default, skip_serializing_if = "Environment::is_empty")]
+    pub environment: Environment,
+}
+
+/// The environment of the CLI call that ran a worker. It may hold secrets:
+/// it is kept in the state file (mode 0600) and never printed, not even by
+/// `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Environment(pub Vec<(String, String)>);
+
+impl Environment {
+    /// The calling process's own environment (variables that are not
+    /// UTF-8 are left out: the control protocol is JSON).
+    pub fn of_this_process() -> Environment {
+        Environment(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Environment({} variables)", self.0.len())
+    }
 }
 
 /// A process apm started, identified by pid and start time together, so a
@@ -189,10 +222,15 @@ mod tests {
                     start_ticks: 7,
                 }],
                 config: None,
+                environment: Environment(vec![("TOKEN".into(), "s3cret".into())]),
             }],
         };
         save(&path, &state).unwrap();
-        assert_eq!(load(&path).unwrap(), Some(state));
+        assert_eq!(load(&path).unwrap(), Some(state.clone()));
+        assert!(
+            !format!("{state:?}").contains("s3cret"),
+            "Debug hides environments"
+        );
         assert!(!path.with_extension("tmp").exists());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "only its owner reads the state file");

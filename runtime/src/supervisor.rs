@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
 use crate::logs::{self, LogFiles, Stream, Target};
 use crate::proxy::Backend;
-use crate::state::{Origin, SavedProcess, SavedWorker, Saver, State};
+use crate::state::{Environment, Origin, SavedProcess, SavedWorker, Saver, State};
 use crate::{procfs, sys};
 
 /// One instance's state, as `list` and `info` show it.
@@ -55,6 +55,10 @@ pub struct WorkerStatus {
     pub err_log: PathBuf,
     /// Vanguard's decisions and current bans, for workers with rules.
     pub vanguard: Option<crate::vanguard::Stats>,
+    /// The environment of the `apm run` that made it, for the daemon to
+    /// compare; never sent to the CLI.
+    #[serde(skip)]
+    pub environment: Arc<Environment>,
 }
 
 /// How the instances of a worker came through their start.
@@ -64,6 +68,9 @@ pub struct StartReport {
     pub instances: Vec<InstanceStart>,
     /// Set when the start waited for `depends_on` and gave up waiting.
     pub dependency_timeout: bool,
+    /// What the worker asks for that this start could not give it.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,6 +87,10 @@ pub struct InstanceStart {
     /// Augur's reading of a failed start.
     #[serde(default)]
     pub diagnosis: Option<crate::augur::Diagnosis>,
+    /// For a worker with `server` lines, whether the proxy sends it traffic
+    /// (the start waits `SERVE_PATIENCE` for it).
+    #[serde(default)]
+    pub serving: Option<bool>,
 }
 
 impl StartReport {
@@ -90,12 +101,27 @@ impl StartReport {
 
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
+/// What registering a worker does about running it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Begin {
+    /// Registered stopped, until `Start`.
+    Stopped,
+    /// Registered as meant to run (and saved so), started by a `Start` that
+    /// follows: a restore registers every worker before it starts any, and
+    /// a crash in between must not lose what was meant to run.
+    Enabled,
+    /// Started at once; the reply waits for the start.
+    Started,
+}
+
 pub enum Command {
     Register {
         name: String,
         spec: Box<WorkerSpec>,
         origin: Origin,
-        start: bool,
+        /// The environment of the `apm run` that made it (empty otherwise).
+        environment: Environment,
+        begin: Begin,
         reply: Reply<Option<StartReport>>,
     },
     Start {
@@ -108,6 +134,8 @@ pub enum Command {
     },
     Restart {
         name: String,
+        /// All instances at once, whatever `rolling` says (`--force`).
+        force: bool,
         reply: Reply<StartReport>,
     },
     Remove {
@@ -118,6 +146,8 @@ pub enum Command {
         name: String,
         spec: Box<WorkerSpec>,
         origin: Origin,
+        /// A new caller environment (`apm run` again), or None to keep it.
+        environment: Option<Environment>,
         restart: bool,
         reply: Reply<Option<StartReport>>,
     },
@@ -155,6 +185,11 @@ pub enum Command {
     /// Stops every process but keeps each worker's desired state, so a new
     /// daemon brings them back.
     Shutdown {
+        reply: Reply<()>,
+    },
+    /// The daemon has registered every worker of the state file it started
+    /// with: changes are saved from now on.
+    Restored {
         reply: Reply<()>,
     },
 }
@@ -339,6 +374,9 @@ struct Worker {
     /// For a worker from a file, `spec` as a `worker { }` block, which the
     /// state file keeps to restore it from (a CLI worker's origin is one).
     file_block: Option<String>,
+    /// The environment of the `apm run` that made it: its processes get it
+    /// in place of the daemon's base environment.
+    environment: Arc<Environment>,
     policy: Policy,
     origin: Origin,
     /// The desired state.
@@ -361,6 +399,9 @@ struct Worker {
     syslog: Option<Arc<crate::syslog::Sink>>,
     /// Its metrics reporter, with `statsd { }`.
     statsd: Option<crate::statsd::Reporter>,
+    /// Why its `memory_limit` is not enforced, once a start found out: the
+    /// daemon log says it once, every start report again.
+    memory_warning: Option<String>,
 }
 
 /// A rolling restart: instance `current` was restarted at `since`; the
@@ -432,8 +473,14 @@ pub struct Supervisor {
     watching: HashMap<String, Watching>,
     /// The endpoint push-mode health checks call, once one is needed.
     check_ins: Option<crate::health::Endpoint>,
-    /// Workers whose `memory_limit` could not be enforced, to say it once.
-    warned_memory: Vec<String>,
+    /// What every process gets before its worker's own variables; its last
+    /// entry marks it as this daemon's (`Supervisor::spawn`).
+    base_env: Arc<Vec<(String, String)>>,
+    marker: (String, String),
+    /// Until `Restored`, nothing is saved: a state file written halfway
+    /// through a restore, and a daemon killed then, would forget the
+    /// workers not registered yet.
+    restoring: bool,
 }
 
 /// A worker's file watch and what it was made from.
@@ -447,8 +494,12 @@ struct Watching {
 }
 
 impl Supervisor {
-    /// Starts the supervisor task; `home` is `APM_HOME`.
-    pub fn spawn(home: &Path) -> Handle {
+    /// Starts the supervisor task; `home` is `APM_HOME`. Every process gets
+    /// `base_env` (workers of `apm run`, their caller's environment in its
+    /// place) and then `marker`, last, so that nothing in a worker's
+    /// config hides it: a later daemon finds the processes by it, whenever
+    /// this one stopped (`marked_groups`).
+    pub fn spawn(home: &Path, base_env: Vec<(String, String)>, marker: (String, String)) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         let saver = Saver::spawn(home.join("state.json"));
         let saved = saver.progress();
@@ -466,7 +517,9 @@ impl Supervisor {
             warned_listeners: Vec::new(),
             watching: HashMap::new(),
             check_ins: None,
-            warned_memory: Vec::new(),
+            base_env: Arc::new(base_env),
+            marker,
+            restoring: true,
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx, saved }
@@ -497,7 +550,7 @@ impl Supervisor {
         self.reconcile_watches();
         self.publish_backends();
         self.publish_stats();
-        if std::mem::take(&mut self.dirty) {
+        if !self.restoring && std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
         }
     }
@@ -508,15 +561,17 @@ impl Supervisor {
                 name,
                 spec,
                 origin,
-                start,
+                environment,
+                begin,
                 reply,
             } => {
                 if self.workers.contains_key(&name) {
                     let _ = reply.send(Err(format!("a worker named `{name}` already exists")));
                     return;
                 }
-                self.insert(name.clone(), *spec, origin, false);
-                if start {
+                let enabled = begin == Begin::Enabled;
+                self.insert(name.clone(), *spec, origin, environment, enabled);
+                if begin == Begin::Started {
                     self.start(&name);
                     self.waiters.push(Waiter::Start {
                         name,
@@ -540,11 +595,11 @@ impl Supervisor {
                 self.stop(&name, true);
                 self.waiters.push(Waiter::Stop { name, reply });
             }
-            Command::Restart { name, reply } => {
+            Command::Restart { name, force, reply } => {
                 let Some(reply) = self.checked(&name, reply) else {
                     return;
                 };
-                self.restart(&name);
+                self.restart(&name, force);
                 self.waiters.push(Waiter::Start { name, reply });
             }
             Command::Remove { name, reply } => {
@@ -558,9 +613,10 @@ impl Supervisor {
                 name,
                 spec,
                 origin,
+                environment,
                 restart,
                 reply,
-            } => self.update(name, *spec, origin, restart, reply),
+            } => self.update(name, *spec, origin, environment, restart, reply),
             Command::Rename {
                 old,
                 new,
@@ -579,6 +635,10 @@ impl Supervisor {
                 let _ = reply.send(self.signal(&name, index, signal));
             }
             Command::Handed { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+            Command::Restored { reply } => {
+                self.restoring = false;
                 let _ = reply.send(Ok(()));
             }
             Command::List { reply } => {
@@ -668,7 +728,14 @@ impl Supervisor {
     }
 
     /// Adds a worker; with `enabled` it is marked to run but not started.
-    fn insert(&mut self, name: String, spec: WorkerSpec, origin: Origin, enabled: bool) {
+    fn insert(
+        &mut self,
+        name: String,
+        spec: WorkerSpec,
+        origin: Origin,
+        environment: Environment,
+        enabled: bool,
+    ) {
         let count = spec.instances.value as usize;
         let instances = (0..count).map(|i| self.new_instance(&name, i)).collect();
         let worker = Worker {
@@ -679,6 +746,7 @@ impl Supervisor {
             syslog: syslog_for(&name, &spec),
             statsd: statsd_for(&name, &spec),
             file_block: file_block(&spec, &origin),
+            environment: Arc::new(environment),
             spec: Arc::new(spec),
             origin,
             enabled,
@@ -686,6 +754,7 @@ impl Supervisor {
             deps_deadline: None,
             deps_timed_out: false,
             rolling: None,
+            memory_warning: None,
             routes: watch::channel(crate::proxy::Route::default()).0,
         };
         self.workers.insert(name, worker);
@@ -733,7 +802,7 @@ impl Supervisor {
         self.send_all(name, Event::Stop);
     }
 
-    fn restart(&mut self, name: &str) {
+    fn restart(&mut self, name: &str, force: bool) {
         let Some(worker) = self.workers.get_mut(name) else {
             return;
         };
@@ -745,12 +814,19 @@ impl Supervisor {
             .instances
             .iter()
             .any(|i| matches!(i.life.phase, Phase::Running { .. }));
-        if worker.spec.rolling.value && worker.instances.len() > 1 && serving {
+        if worker.spec.rolling.value && !force && worker.instances.len() > 1 && serving {
             worker.rolling = Some(Rolling::at(0, Instant::now()));
             self.step(name, 0, Event::Restart);
         } else {
             worker.rolling = None;
-            self.send_all(name, Event::Restart);
+            // Instances an update is retiring stay stopped.
+            let kept = worker
+                .instances
+                .len()
+                .min(worker.spec.instances.value as usize);
+            for index in 0..kept {
+                self.step(name, index, Event::Restart);
+            }
         }
     }
 
@@ -886,7 +962,15 @@ impl Supervisor {
                 self.dirty = true;
             }
             let id = instance.id;
+            let was_running = matches!(instance.life.phase, Phase::Running { .. });
             let effects = instance.life.step(event, Instant::now(), &worker.policy);
+            // A start waits for it to take traffic, until SERVE_PATIENCE.
+            if let Phase::Running { since, .. } = instance.life.phase
+                && !was_running
+                && !worker.spec.server.is_empty()
+            {
+                self.wake_at(since + SERVE_PATIENCE);
+            }
             for effect in effects {
                 match effect {
                     Effect::Spawn => queue.push_back(self.spawn_process(name, index)),
@@ -924,6 +1008,12 @@ impl Supervisor {
     fn spawn_process(&mut self, name: &str, index: usize) -> Event {
         let worker = &self.workers[name];
         let spec = worker.spec.clone();
+        let directory = run_dir(&spec, &worker.origin);
+        let inherited = if worker.environment.is_empty() {
+            self.base_env.clone()
+        } else {
+            Arc::new(worker.environment.0.clone())
+        };
         let (out_target, err_target) = self.log_targets(&spec, index);
         let worker = self.workers.get_mut(name).expect("present");
         let instance = &mut worker.instances[index];
@@ -945,7 +1035,7 @@ impl Supervisor {
         };
         instance.port = port.map(Port::new);
         if spec.augur_full_scan.value
-            && let Some(problem) = crate::augur::preflight(&spec)
+            && let Some(problem) = crate::augur::preflight(&augur_view(&spec, directory.as_deref()))
         {
             return spawn_failed(name, instance, problem);
         }
@@ -953,12 +1043,13 @@ impl Supervisor {
             Some(limit) => match memory_group(name, &self.home, instance, limit.value.0) {
                 Ok(procs) => Some(procs),
                 Err(error) => {
-                    if !self.warned_memory.iter().any(|w| w == name) {
-                        self.warned_memory.push(name.to_owned());
-                        crate::log(format_args!(
-                            "{name}: memory_limit is not enforced: {error} (it needs a root daemon and a memory cgroup controller)"
-                        ));
+                    let warning = format!(
+                        "memory_limit is not enforced: {error} (it needs a root daemon and a memory cgroup controller)"
+                    );
+                    if worker.memory_warning.is_none() {
+                        crate::log(format_args!("{name}: {warning}"));
                     }
+                    worker.memory_warning = Some(warning);
                     None
                 }
             },
@@ -967,10 +1058,11 @@ impl Supervisor {
                 None
             }
         };
-        let mut command = match build_command(&spec, index, port, cgroup) {
-            Ok(command) => command,
-            Err(error) => return spawn_failed(name, instance, error),
-        };
+        let mut command =
+            match build_command(&spec, directory.as_deref(), &inherited, index, port, cgroup) {
+                Ok(command) => command,
+                Err(error) => return spawn_failed(name, instance, error),
+            };
         let listening = instance.port.as_ref().map(|p| p.accepting.clone());
         let health = match health_mode(&spec, port, listening, &mut self.check_ins) {
             Ok(Some((mode, url))) => {
@@ -997,6 +1089,7 @@ impl Supervisor {
         } else {
             None
         };
+        command.env(&self.marker.0, &self.marker.1);
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
@@ -1077,6 +1170,7 @@ impl Supervisor {
         name: String,
         spec: WorkerSpec,
         origin: Origin,
+        environment: Option<Environment>,
         restart: bool,
         reply: Reply<Option<StartReport>>,
     ) {
@@ -1086,7 +1180,10 @@ impl Supervisor {
         };
         let mut same_but_count = spec.clone();
         same_but_count.instances = worker.spec.instances.clone();
-        let only_scaling = same_but_count == *worker.spec;
+        let only_scaling = same_but_count == *worker.spec
+            && environment
+                .as_ref()
+                .is_none_or(|e| e == worker.environment.as_ref());
         let target = spec.instances.value as usize;
         worker.policy = Policy::from_spec(&spec);
         if spec.vanguard != worker.spec.vanguard {
@@ -1117,6 +1214,9 @@ impl Supervisor {
         worker.file_block = file_block(&spec, &origin);
         worker.spec = Arc::new(spec);
         worker.origin = origin;
+        if let Some(environment) = environment {
+            worker.environment = Arc::new(environment);
+        }
         self.dirty = true;
         let enabled = worker.enabled;
         // Scale: new instances start, extra ones stop and are dropped once
@@ -1142,7 +1242,7 @@ impl Supervisor {
             let _ = reply.send(Ok(None));
             return;
         }
-        self.restart(&name);
+        self.restart(&name, false);
         self.waiters.push(Waiter::Start {
             name,
             reply: remap(reply, Some),
@@ -1255,7 +1355,7 @@ impl Supervisor {
                 "{name}: {} changed, restarting",
                 file.display()
             ));
-            self.restart(name);
+            self.restart(name, false);
         }
     }
 
@@ -1485,7 +1585,7 @@ impl Supervisor {
                     Some(worker)
                         if worker.deps_deadline.is_none()
                             && worker.rolling.is_none()
-                            && worker.instances.iter().all(|i| settled(worker, i)) =>
+                            && worker.instances.iter().all(|i| settled(worker, i, now)) =>
                     {
                         let _ = reply.send(Ok(start_report(&name, worker)));
                         None
@@ -1592,6 +1692,7 @@ impl Supervisor {
                         })
                         .collect(),
                     config: w.file_block.clone(),
+                    environment: w.environment.as_ref().clone(),
                 })
                 .collect(),
         }
@@ -1647,6 +1748,7 @@ impl Supervisor {
             out_log,
             err_log,
             vanguard: worker.guard.as_ref().map(|g| g.0.stats()),
+            environment: worker.environment.clone(),
         }
     }
 }
@@ -1705,11 +1807,22 @@ fn remap<T: Send + 'static, U: Send + 'static>(reply: Reply<U>, f: fn(T) -> U) -
     tx
 }
 
-/// Whether an instance is past its start: up, or failed, or not asked to run.
-fn settled(worker: &Worker, instance: &Instance) -> bool {
+/// How long a start waits, once an instance of a worker with `server`
+/// lines runs, for it to take traffic (accept on its port, or say `ready`
+/// on its connector) before it answers that it does not.
+const SERVE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Whether an instance is past its start: up (and, with `server` lines,
+/// taking traffic, or given up on), or failed, or not asked to run.
+fn settled(worker: &Worker, instance: &Instance, now: Instant) -> bool {
     match instance.life.phase {
         Phase::Starting { .. } | Phase::Draining { .. } | Phase::Stopping { .. } => false,
         Phase::Stopped => !worker.enabled || instance.life.attempts > 0,
+        Phase::Running { since, .. } => {
+            worker.spec.server.is_empty()
+                || instance.backend().is_some()
+                || now >= since + SERVE_PATIENCE
+        }
         _ => true,
     }
 }
@@ -1735,11 +1848,16 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
                 i.stderr_head.lock().map(|h| h.clone()).unwrap_or_default()
             };
             let stderr = String::from_utf8_lossy(&stderr).into_owned();
-            let diagnosis = (!ok).then(|| crate::augur::diagnose(&stderr, &worker.spec));
+            let project = run_dir(&worker.spec, &worker.origin);
+            let diagnosis = (!ok).then(|| {
+                crate::augur::diagnose(&stderr, &augur_view(&worker.spec, project.as_deref()))
+            });
             InstanceStart {
                 index: i.index,
                 pid: i.life.phase.pid(),
                 ok,
+                serving: (ok && !worker.spec.server.is_empty() && i.life.phase.is_alive())
+                    .then(|| i.backend().is_some()),
                 exit: if ok {
                     None
                 } else {
@@ -1756,6 +1874,7 @@ fn start_report(name: &str, worker: &Worker) -> StartReport {
         worker: name.to_owned(),
         instances,
         dependency_timeout: worker.deps_timed_out,
+        warnings: worker.memory_warning.iter().cloned().collect(),
     }
 }
 
@@ -1781,6 +1900,37 @@ fn file_block(spec: &WorkerSpec, origin: &Origin) -> Option<String> {
     matches!(origin, Origin::File { .. }).then(|| apm_compiler::print::worker(spec))
 }
 
+/// The directory a worker's processes run in: `path`, or without one the
+/// directory of the config file that defines it (`apm run` always sets
+/// `path`). None for a command-line worker without one, which runs in the
+/// daemon's directory, `/`.
+fn run_dir(spec: &WorkerSpec, origin: &Origin) -> Option<PathBuf> {
+    match (&spec.path, origin) {
+        (Some(path), _) => Some(path.value.clone()),
+        (None, Origin::File { path }) => path.parent().map(Path::to_path_buf),
+        (None, Origin::Cli { .. }) => None,
+    }
+}
+
+/// The spec augur reads a worker's project from: with `path` set to the
+/// directory it runs in, when that comes from its config file's.
+fn augur_view<'a>(
+    spec: &'a WorkerSpec,
+    directory: Option<&Path>,
+) -> std::borrow::Cow<'a, WorkerSpec> {
+    match directory {
+        Some(directory) if spec.path.is_none() => {
+            let mut view = spec.clone();
+            view.path = Some(apm_compiler::schema::Setting::new(
+                directory.to_path_buf(),
+                None,
+            ));
+            std::borrow::Cow::Owned(view)
+        }
+        _ => std::borrow::Cow::Borrowed(spec),
+    }
+}
+
 /// Where a worker's stdout and stderr go: `log` and `err_log`, else files
 /// named after it under `$APM_HOME/logs`. With only `log`, both share it.
 /// What a worker's `watch` keys ask for: its tree is the directory it runs
@@ -1790,11 +1940,7 @@ fn watch_spec(home: &Path, worker: &Worker) -> Option<crate::filewatch::WatchSpe
     if spec.watch.is_empty() {
         return None;
     }
-    let root = match (&spec.path, &worker.origin) {
-        (Some(path), _) => path.value.clone(),
-        (None, Origin::File { path }) => path.parent()?.to_path_buf(),
-        (None, Origin::Cli { .. }) => return None,
-    };
+    let root = run_dir(spec, &worker.origin)?;
     let home = std::path::absolute(home).unwrap_or_else(|_| home.to_path_buf());
     let (out, err) = log_paths(&home, spec);
     let values = |settings: &[apm_compiler::schema::Setting<String>]| {
@@ -1965,15 +2111,21 @@ fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
 
 fn build_command(
     spec: &WorkerSpec,
+    directory: Option<&Path>,
+    inherited: &[(String, String)],
     index: usize,
     port: Option<u16>,
     cgroup: Option<std::fs::File>,
 ) -> Result<tokio::process::Command, String> {
     let mut command = tokio::process::Command::new(&spec.exec.value);
     command.args(spec.params.iter().map(|p| &p.value));
-    if let Some(path) = &spec.path {
-        command.current_dir(&path.value);
+    if let Some(directory) = directory {
+        command.current_dir(directory);
     }
+    // Nothing of the daemon's own environment, which is that of whichever
+    // command started it (docs/cli.md, decision 50).
+    command.env_clear();
+    command.envs(inherited.iter().map(|(k, v)| (k, v)));
     // env_file first, so `env` entries override it; read before any
     // privilege drop, as the daemon.
     let run_as = spec
@@ -2041,6 +2193,31 @@ fn live_groups(saved: &[SavedProcess]) -> Vec<&SavedProcess> {
                 .iter()
                 .any(|(_, s)| s.pgrp == group.pid && s.start_ticks >= group.start_ticks)
         })
+        .collect()
+}
+
+/// The process groups of processes that carry `marker` in their
+/// environment (every process a daemon of this `APM_HOME` and socket
+/// started, and what they started), but for this process's own group:
+/// what a killed daemon left, including what it started after its last
+/// state was written. Each group is named by its leader's pid and the
+/// earliest start among its marked members, so `end_orphans` passes over a
+/// group whose leader is another, unmarked process.
+pub fn marked_groups(marker: &(String, String)) -> Vec<SavedProcess> {
+    let entry = format!("{}={}", marker.0, marker.1).into_bytes();
+    let me = std::process::id();
+    let own_group = procfs::stat(me).map(|s| s.pgrp);
+    let mut groups: BTreeMap<u32, u64> = BTreeMap::new();
+    for (pid, stat) in procfs::processes() {
+        if pid == me || Some(stat.pgrp) == own_group || !procfs::has_env_entry(pid, &entry) {
+            continue;
+        }
+        let earliest = groups.entry(stat.pgrp).or_insert(stat.start_ticks);
+        *earliest = (*earliest).min(stat.start_ticks);
+    }
+    groups
+        .into_iter()
+        .map(|(pid, start_ticks)| SavedProcess { pid, start_ticks })
         .collect()
 }
 

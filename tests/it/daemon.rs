@@ -1252,7 +1252,8 @@ fn a_worker_whose_file_broke_while_the_daemon_was_down_runs_as_it_last_ran() {
         "worker {\n    name filed;\n    exec sleep;\n    params 1009;\n    startup_grace 100;\n}\n";
     let config = d.load(good);
     d.wait_running("filed");
-    d.ok(&["exit", "daemon"]);
+    // Down by a crash: `apm exit daemon` would keep it stopped.
+    d.kill_daemon();
     // A typo made while the daemon was down loses nothing...
     std::fs::write(&config, good.replace("1009;", "1009")).unwrap();
     let warning = stderr(&d.ok(&["ls"]));
@@ -1276,7 +1277,7 @@ fn a_worker_whose_file_broke_while_the_daemon_was_down_runs_as_it_last_ran() {
 
     // A state file of a version that kept no such block (or a block that
     // no longer compiles) leaves the worker out, and `apm ls` names it.
-    d.ok(&["exit", "daemon"]);
+    d.kill_daemon();
     std::fs::write(&config, good.replace("1009;", "1009")).unwrap();
     let state = d.home.join("state.json");
     let mut saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();

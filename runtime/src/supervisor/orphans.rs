@@ -67,3 +67,84 @@ pub async fn end_orphans(saved: &[SavedProcess], grace: Duration) -> usize {
     groups.len()
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+
+    /// A process group of its own, led by `sh -c SCRIPT`, and its record.
+    fn group(script: &str) -> (std::process::Child, SavedProcess) {
+        let child = std::process::Command::new("sh")
+            .args(["-c", script])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start_ticks = procfs::stat(pid).unwrap().start_ticks;
+        (child, SavedProcess { pid, start_ticks })
+    }
+
+    fn members(pgid: u32) -> usize {
+        procfs::processes()
+            .iter()
+            .filter(|(_, s)| s.pgrp == pgid && !s.zombie)
+            .count()
+    }
+
+    #[test]
+    fn a_group_is_alive_only_while_it_is_the_recorded_one() {
+        let (mut child, saved) = group("exec sleep 60");
+        assert_eq!(live_groups(&[saved]), [&saved]);
+        // The same pid with another start time: another process owns the
+        // pid now (reused), and it is not ours to end.
+        let reused = SavedProcess {
+            start_ticks: saved.start_ticks + 1,
+            ..saved
+        };
+        assert!(live_groups(&[reused]).is_empty());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            live_groups(&[saved]).is_empty(),
+            "gone once its last member is"
+        );
+    }
+
+    #[test]
+    fn a_group_outlives_its_leader_through_members_started_after_it() {
+        // The leader starts a member in its group, then exits and is reaped.
+        let (mut child, saved) = group("sleep 60 & echo started");
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while members(saved.pid) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(live_groups(&[saved]), [&saved]);
+        // Recorded as starting after that member: the member belongs to an
+        // older group of the same id, not to the one recorded.
+        let later = SavedProcess {
+            start_ticks: u64::MAX,
+            ..saved
+        };
+        assert!(live_groups(&[later]).is_empty());
+        let _ = killpg(Pid::from_raw(saved.pid as i32), Signal::SIGKILL);
+    }
+
+    #[tokio::test]
+    async fn end_orphans_ends_each_live_group_and_kills_what_ignores_sigterm() {
+        let (mut polite, polite_saved) = group("exec sleep 60");
+        let (mut stubborn, stubborn_saved) = group("trap '' TERM; while :; do sleep 0.05; done");
+        let (mut gone, gone_saved) = group("exit 0");
+        gone.wait().unwrap();
+        let saved = [polite_saved, stubborn_saved, gone_saved];
+        assert_eq!(end_orphans(&saved, Duration::from_millis(300)).await, 2);
+        assert!(polite.wait().unwrap().signal() == Some(Signal::SIGTERM as i32));
+        assert!(stubborn.wait().unwrap().signal() == Some(Signal::SIGKILL as i32));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while members(stubborn_saved.pid) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(members(stubborn_saved.pid), 0, "its sleeps went with it");
+        assert!(live_groups(&saved).is_empty());
+    }
+}

@@ -13,7 +13,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use apm_compiler::values::{ListenAddr, Scheme, ServerUrl};
 use bytes::Bytes;
@@ -390,12 +390,15 @@ struct Connection {
 }
 
 /// What `keep_alive` looks at: whether a request is being answered, and
-/// since when none has been.
+/// since when none has been; and whether its body is being waited for.
 struct Activity {
     opened: std::time::Instant,
     answering: AtomicUsize,
     /// When the last answer ended, in µs after `opened`.
-    answered_at: std::sync::atomic::AtomicU64,
+    answered_at: AtomicU64,
+    /// Since when the request body has been asked for and the client has
+    /// sent none of it, in µs after `opened`, plus one; 0 when not waiting.
+    body_wanted_since: AtomicU64,
 }
 
 impl Activity {
@@ -403,16 +406,81 @@ impl Activity {
         Activity {
             opened: std::time::Instant::now(),
             answering: AtomicUsize::new(0),
-            answered_at: std::sync::atomic::AtomicU64::new(0),
+            answered_at: AtomicU64::new(0),
+            body_wanted_since: AtomicU64::new(0),
         }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn at(&self, micros: u64) -> std::time::Instant {
+        self.opened + std::time::Duration::from_micros(micros)
     }
 
     /// Since when no request has been answered, if none is being answered.
     fn idle_since(&self) -> Option<std::time::Instant> {
-        (self.answering.load(Ordering::Acquire) == 0).then(|| {
-            let micros = self.answered_at.load(Ordering::Acquire);
-            self.opened + std::time::Duration::from_micros(micros)
-        })
+        (self.answering.load(Ordering::Acquire) == 0)
+            .then(|| self.at(self.answered_at.load(Ordering::Acquire)))
+    }
+
+    /// Records whether the request body is being waited for: a read of it
+    /// found nothing (`true`), or found something or stopped (`false`).
+    fn body_wanted(&self, waiting: bool) {
+        if !waiting {
+            self.body_wanted_since.store(0, Ordering::Release);
+        } else if self.body_wanted_since.load(Ordering::Acquire) == 0 {
+            self.body_wanted_since
+                .store(self.now() + 1, Ordering::Release);
+        }
+    }
+
+    /// Since when the body being read has made no progress, if it is waited for.
+    fn body_stalled_since(&self) -> Option<std::time::Instant> {
+        match self.body_wanted_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(self.at(since - 1)),
+        }
+    }
+}
+
+/// A request's body as the proxy reads it from the client: each read
+/// tells the connection's `keep_alive` timer whether the client is the one
+/// keeping the request waiting. A client that sends a head and then a
+/// body that stops is as slow as one whose head never ends: it would hold
+/// a `max_conns` slot and its instance's request for ever.
+pub(crate) struct ClientBody {
+    body: Incoming,
+    connection: Arc<Connection>,
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        this.connection.activity.body_wanted(polled.is_pending());
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        self.connection.activity.body_wanted(false);
     }
 }
 
@@ -437,6 +505,14 @@ impl Connection {
         ticks.tick().await; // the first tick is at once
         loop {
             ticks.tick().await;
+            if closes
+                && self
+                    .activity
+                    .body_stalled_since()
+                    .is_some_and(|since| since.elapsed() >= keep_alive)
+            {
+                return;
+            }
             let Some(idle_since) = self.activity.idle_since() else {
                 continue;
             };
@@ -469,8 +545,9 @@ impl Answering {
 impl Drop for Answering {
     fn drop(&mut self) {
         let activity = &self.0.activity;
-        let micros = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
-        activity.answered_at.store(micros, Ordering::Release);
+        activity
+            .answered_at
+            .store(activity.now(), Ordering::Release);
         activity.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -677,6 +754,10 @@ async fn forward(
         return Ok(answering.with(unavailable));
     };
     let traced = prepare(&mut request, connection, &options);
+    let request = request.map(|body| ClientBody {
+        body,
+        connection: answering.0.clone(),
+    });
     let mut response = match backend {
         Backend::Port(backend) => {
             upstream::to_port(request, &connection.upstream, worker, backend).await

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -20,11 +20,11 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use crate::connector::{
     ClientSide, FromClient, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
 };
-use crate::proxy::{Body, BoxError, Io, text};
+use crate::proxy::{Body, BoxError, ClientBody, Io, text};
 
 /// Serves one HTTP request, or a WebSocket handshake, as a session.
 pub(crate) async fn http(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     link: Arc<Link>,
     head: Head<'_>,
 ) -> Response<Body> {
@@ -69,7 +69,7 @@ fn gone() -> Response<Body> {
 /// A request and the response being built from what the child sends.
 struct Exchange {
     /// The request body, until it is read to its end.
-    body: Option<Incoming>,
+    body: Option<ClientBody>,
     /// Until the response head is sent.
     respond: Option<oneshot::Sender<Response<Body>>>,
     /// The response body, once the head is sent.
@@ -217,7 +217,7 @@ impl ClientSide for Exchange {
     }
 }
 
-fn is_websocket(request: &Request<Incoming>) -> bool {
+fn is_websocket(request: &Request<ClientBody>) -> bool {
     let headers = request.headers();
     // RFC 6455 4.1: the opening handshake is a GET; any other method is a
     // plain request, whatever its headers say.
@@ -228,7 +228,7 @@ fn is_websocket(request: &Request<Incoming>) -> bool {
 
 /// Answers the handshake and runs the WebSocket as a session once the
 /// connection is upgraded.
-fn websocket(mut request: Request<Incoming>, link: Arc<Link>, head: Head<'_>) -> Response<Body> {
+fn websocket(mut request: Request<ClientBody>, link: Arc<Link>, head: Head<'_>) -> Response<Body> {
     let headers = request.headers();
     let Some(key) = headers.get(hyper::header::SEC_WEBSOCKET_KEY) else {
         return text(

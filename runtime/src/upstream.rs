@@ -13,12 +13,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::{Body, BoxError, text};
+use crate::proxy::{Body, BoxError, ClientBody, text};
 
 /// Sends a request to an instance's own port, over the client's pinned
 /// connection to it, an idle one, or a new one.
 pub(crate) async fn to_port(
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     pinned: &Mutex<Pinned>,
     worker: &str,
     backend: SocketAddr,
@@ -115,12 +115,12 @@ pub(crate) async fn to_port(
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type Sender = hyper::client::conn::http1::SendRequest<ClientBody>;
 
 /// Sends a request on a new connection.
 async fn resend(
     backend: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
 ) -> Result<(Sender, Answered), BoxError> {
     let mut sender = connect(backend).await?;
     let response = sender.send_request(request).await;

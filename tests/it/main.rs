@@ -8,5 +8,6 @@ mod corpus;
 mod daemon;
 mod docs;
 mod harness;
+mod proxy_attacks;
 mod reload;
 mod sections;

@@ -379,32 +379,48 @@ pub(crate) async fn tcp(stream: Box<dyn Io>, link: Arc<Link>, head: Head<'_>) {
     }
     .to_json();
     let (read, write) = tokio::io::split(stream);
+    let half_close = link.takes_half_close();
     pump(
         &link,
         &head,
         Tcp {
-            read,
+            read: Some(read),
             write,
             buffer: BytesMut::new(),
+            half_close,
         },
     )
     .await;
 }
 
 struct Tcp {
-    read: tokio::io::ReadHalf<Box<dyn Io>>,
+    /// Until the client has finished sending.
+    read: Option<tokio::io::ReadHalf<Box<dyn Io>>>,
     write: tokio::io::WriteHalf<Box<dyn Io>>,
     buffer: BytesMut,
+    /// The child takes the client's half-close as `end`.
+    half_close: bool,
 }
 
 impl ClientSide for Tcp {
     async fn next(&mut self) -> FromClient {
+        // Half-closed: the client waits for the answer, which the child
+        // ends with its `close`; a client gone meanwhile shows as a
+        // failed write.
+        let Some(read) = &mut self.read else {
+            return std::future::pending().await;
+        };
         self.buffer.reserve(64 * 1024);
-        match self.read.read_buf(&mut self.buffer).await {
+        match read.read_buf(&mut self.buffer).await {
             Ok(n) if n > 0 => FromClient::Message {
                 text: false,
                 bytes: self.buffer.split().freeze(),
             },
+            Ok(_) if self.half_close => {
+                self.read = None;
+                self.buffer = BytesMut::new();
+                FromClient::End
+            }
             _ => FromClient::Closed {
                 code: 0,
                 reason: String::new(),

@@ -244,6 +244,12 @@ impl Idle {
     }
 }
 
-fn boxed(response: Response<Incoming>) -> Response<Body> {
+/// The instance's answer, as the proxy's own: in the proxy's HTTP
+/// version (RFC 9110, 6.2), so that an instance answering HTTP/1.0 (as
+/// Python's `http.server` does) does not close a keep-alive client's
+/// connection; a body the instance ended by closing its connection then
+/// goes to an HTTP/1.1 client chunked.
+fn boxed(mut response: Response<Incoming>) -> Response<Body> {
+    *response.version_mut() = hyper::Version::HTTP_11;
     response.map(|body| body.map_err(Into::into).boxed())
 }

@@ -92,3 +92,113 @@ fn a_request_body_that_stalls_is_closed_after_keep_alive_and_frees_its_slot() {
         assert!(answer.contains("abcd"), "{mode}: {answer}");
     }
 }
+
+/// An instance that answers HTTP/1.0: Python's `http.server` handler as
+/// it comes, with `/close-delimited` answered without a length (its end
+/// is the closed connection).
+const HTTP10_APP: &str = r#"
+import http.server, os
+class H(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/close-delimited":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"no length here\n" * 1000)
+            return
+        super().do_GET()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// Reads one answer of a kept-alive connection: its head, and its body by
+/// `Content-Length` or chunked.
+fn read_kept_answer(stream: &mut impl Read) -> (String, Vec<u8>) {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 16384];
+    loop {
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+            let body = &seen[end + 4..];
+            let lower = head.to_ascii_lowercase();
+            let length = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            match length {
+                Some(length) if body.len() >= length => return (head, body[..length].to_vec()),
+                None if body.ends_with(b"\r\n0\r\n\r\n") || body == b"0\r\n\r\n" => {
+                    assert!(lower.contains("transfer-encoding: chunked"), "{head}");
+                    return (head, dechunk(body));
+                }
+                _ => {}
+            }
+        }
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buffer[..n]);
+    }
+}
+
+fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = chunked.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = std::str::from_utf8(&chunked[..line_end]).unwrap();
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        chunked = &chunked[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&chunked[..size]);
+        chunked = &chunked[size + 2..];
+    }
+}
+
+#[test]
+fn an_instance_answering_http_1_0_keeps_a_keep_alive_client_on_http_1_1() {
+    let d = Daemon::new("http10_upstream");
+    let app = d.write("http10.py", HTTP10_APP);
+    d.write("file.txt", "a file\n");
+    let (stdlib, custom) = (free_port(), free_port());
+    d.load(&format!(
+        "worker {{ name stdlib; exec sh; params -c 'exec python3 -m http.server --bind 127.0.0.1 $PORT'; \
+         path {dir}; upstream port; startup_grace 300; server http://127.0.0.1:{stdlib}; }}\n\
+         worker {{ name custom; exec python3; params {app}; path {dir}; upstream port; startup_grace 300; \
+         server http://127.0.0.1:{custom}; }}\n",
+        dir = d.dir().display(),
+        app = app.display(),
+    ));
+    d.wait_running("stdlib");
+    d.wait_running("custom");
+    for (port, target, expected) in [
+        (stdlib, "/file.txt", b"a file\n".to_vec()),
+        (custom, "/close-delimited", b"no length here\n".repeat(1000)),
+    ] {
+        let mut client = connect(port);
+        for round in 0..2 {
+            client
+                .write_all(format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+                .unwrap();
+            let (head, body) = read_kept_answer(&mut client);
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "{target} #{round}: {head}"
+            );
+            assert!(
+                !head.to_ascii_lowercase().contains("connection: close"),
+                "{target} #{round}: {head}"
+            );
+            assert_eq!(body, expected, "{target} #{round}");
+        }
+    }
+    // An HTTP/1.0 client cannot read chunks: its answer ends with the connection.
+    let answer = http_raw(custom, "GET /close-delimited HTTP/1.0\r\n\r\n");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
+    assert_eq!(body, "no length here\n".repeat(1000), "{head}");
+}

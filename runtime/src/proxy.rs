@@ -612,6 +612,9 @@ async fn serve_http(
     // Title-Case names, whatever the instance wrote (decision 16).
     builder.preserve_header_case(!options.lowercase_headers && !options.connector);
     builder.title_case_headers(true);
+    // A head larger than this is answered 431 as soon as it is: hyper's
+    // default (~400 KB) let each unfinished head hold that much.
+    builder.max_buf_size(MAX_HEAD);
     let serving = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -621,6 +624,10 @@ async fn serve_http(
         () = watched.idle_for(options.keep_alive) => {}
     }
 }
+
+/// The most a client's request head (its line and headers) may take;
+/// nginx's default `large_client_header_buffers` allow 4 × 8 KiB per line.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// A request id unique within this daemon's life.
 fn trace_id() -> String {
@@ -769,6 +776,7 @@ async fn forward(
                 request,
                 link,
                 Secure::head("http", client, tls),
+                options.keep_alive,
             ))
             .await
         }

@@ -146,7 +146,7 @@ fn get_json(port: u16, target: &str) -> Value {
     serde_json::from_slice(&answer.body).unwrap()
 }
 
-fn websocket(port: u16, path: &str) -> tungstenite::WebSocket<TcpStream> {
+pub(crate) fn websocket(port: u16, path: &str) -> tungstenite::WebSocket<TcpStream> {
     let url = format!("ws://127.0.0.1:{port}{path}");
     tungstenite::client(url, connect(port)).unwrap().0
 }

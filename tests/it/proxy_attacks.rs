@@ -202,3 +202,171 @@ fn an_instance_answering_http_1_0_keeps_a_keep_alive_client_on_http_1_1() {
     assert!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
     assert_eq!(body, "no length here\n".repeat(1000), "{head}");
 }
+
+/// A connector worker (the Python echo app) behind an `http://` listener
+/// that also takes WebSockets, with proxy `settings`; returns its port.
+fn load_connector_worker(d: &Daemon, settings: &str) -> u16 {
+    let port = free_port();
+    d.load(&format!(
+        "worker {{ name conn; exec python3; params {}; startup_grace 200; \
+         server http://127.0.0.1:{port}; {settings} }}\n",
+        repo("tests/apps/connector_echo.py").display(),
+    ));
+    d.wait_running("conn");
+    port
+}
+
+/// The resident memory of a process, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn an_idle_websocket_is_closed_after_keep_alive_whatever_pings_it_sends() {
+    use tungstenite::Message;
+    let d = Daemon::new("ws_idle");
+    let port = load_connector_worker(&d, "keep_alive 1s;");
+    let mut ws = crate::connectors::websocket(port, "/ws");
+    ws.send(Message::text("hi")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hi"));
+    let last_message = Instant::now();
+    // Pings every 300 ms: the daemon answers them itself, so they are no
+    // sign of life from the app's point of view.
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let closed = loop {
+        assert!(
+            last_message.elapsed() < Duration::from_secs(15),
+            "still open after {:?}",
+            last_message.elapsed()
+        );
+        let _ = ws.send(Message::Ping(Vec::new().into()));
+        match ws.read() {
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    let waited = last_message.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    let frame = closed.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
+}
+
+/// Opens a WebSocket over a raw connection and starts a binary frame
+/// that announces `length` bytes, of which it sends `sent`.
+fn stall_inside_a_frame(port: u16, length: u64, sent: usize) -> TcpStream {
+    let mut stream = connect(port);
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]); // the mask
+    frame.resize(frame.len() + sent, 0x55);
+    stream.write_all(&frame).unwrap();
+    stream
+}
+
+#[test]
+fn websocket_clients_stalling_inside_huge_frames_are_closed_and_bounded() {
+    let d = Daemon::new("ws_huge_frame");
+    let port = load_connector_worker(&d, "keep_alive 2s;");
+    let pid = d.daemon_pid().unwrap();
+    let before = vm_rss_kib(pid);
+    // Each announces a frame of 16 MiB - 1 (within the message limit),
+    // sends 2 MiB of it and stalls.
+    let clients: Vec<TcpStream> = (0..8)
+        .map(|_| stall_inside_a_frame(port, (16 << 20) - 1, 2 << 20))
+        .collect();
+    let during = vm_rss_kib(pid);
+    // What they sent, and not the 16 MiB each announced.
+    assert!(
+        during < before + 8 * 3 * 1024 + 16 * 1024,
+        "RSS {before} KiB → {during} KiB with 8 clients inside 16 MiB frames"
+    );
+    let started = Instant::now();
+    for mut client in clients {
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a stalled frame held its connection for {:?}",
+            started.elapsed()
+        );
+    }
+    // A frame beyond the message limit is refused at its header.
+    let mut beyond = stall_inside_a_frame(port, 64 << 20, 0);
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = beyond.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn request_heads_beyond_64_kib_are_refused_at_once() {
+    let d = Daemon::new("big_heads");
+    let (_, port) = load_both_modes(&d, "")[1];
+    let pid = d.daemon_pid().unwrap();
+    let before = vm_rss_kib(pid);
+    // 200 clients each start a head of 100 KB and stop before its end.
+    let header = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}",
+        "a".repeat(100_000)
+    );
+    let clients: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut client = connect(port);
+            client
+                .set_write_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = client.write_all(header.as_bytes());
+            client
+        })
+        .collect();
+    let during = vm_rss_kib(pid);
+    for mut client in clients {
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = client.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 431") || (answer.is_empty() && read.is_ok()),
+            "{read:?} {answer}"
+        );
+    }
+    assert!(
+        during < before + 200 * 64 + 16 * 1024,
+        "RSS {before} KiB → {during} KiB with 200 unfinished heads"
+    );
+}

@@ -162,19 +162,17 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
     let next = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(async move {
         // `max_conns`: beyond it, new connections wait in the kernel's backlog.
-        // A changed limit starts a new count; connections under the old one
-        // finish as they are.
-        let mut limit: Option<(u32, Arc<tokio::sync::Semaphore>)> = None;
+        let mut slots = Slots::default();
         let mut errors = crate::AcceptErrors::default();
+        // A limit changed while the listener waits for a slot applies at once.
+        let mut changes = routes.clone();
         loop {
-            let max = routes.borrow().options.max_conns;
-            if limit.as_ref().map_or(0, |(m, _)| *m) != max {
-                limit =
-                    (max > 0).then(|| (max, Arc::new(tokio::sync::Semaphore::new(max as usize))));
-            }
-            let permit = match &limit {
-                Some((_, semaphore)) => semaphore.clone().acquire_owned().await.ok(),
-                None => None,
+            let permit = loop {
+                let max = routes.borrow().options.max_conns;
+                tokio::select! {
+                    permit = slots.take(max) => break permit,
+                    Ok(()) = changes.changed() => {}
+                }
             };
             let accepted = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -258,6 +256,59 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
         }
     });
     Ok(Listener { task, path })
+}
+
+/// A listener's connection slots (`max_conns`): every connection holds a
+/// permit of one semaphore, with or without a limit, so that a limit
+/// lowered live counts the connections already open. Permits a lower
+/// limit takes away while connections hold them are owed, and taken out
+/// as those connections end, before any new one is let in.
+struct Slots {
+    semaphore: Arc<tokio::sync::Semaphore>,
+    /// The limit the semaphore's permits stand for.
+    limit: usize,
+    owed: usize,
+}
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots {
+            semaphore: Arc::new(tokio::sync::Semaphore::new(0)),
+            limit: 0,
+            owed: 0,
+        }
+    }
+}
+
+impl Slots {
+    /// A slot under `max_conns` (0: no limit), once one is free.
+    /// Cancel-safe: the count is kept right at every await.
+    async fn take(&mut self, max_conns: u32) -> tokio::sync::OwnedSemaphorePermit {
+        let max = match max_conns {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n as usize,
+        };
+        if max > self.limit {
+            let more = max - self.limit;
+            let repaid = more.min(self.owed);
+            self.owed -= repaid;
+            self.semaphore.add_permits(more - repaid);
+        } else {
+            let fewer = self.limit - max;
+            self.owed += fewer - self.semaphore.forget_permits(fewer);
+        }
+        self.limit = max;
+        while self.owed > 0 {
+            let permit = self.semaphore.acquire().await.expect("never closed");
+            permit.forget();
+            self.owed -= 1;
+        }
+        self.semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed")
+    }
 }
 
 /// A TLS handshake, which must end within `keep_alive` (if not 0): a
@@ -399,6 +450,9 @@ struct Activity {
     /// Since when the request body has been asked for and the client has
     /// sent none of it, in µs after `opened`, plus one; 0 when not waiting.
     body_wanted_since: AtomicU64,
+    /// Reading the request body failed: it broke HTTP's framing (a chunk
+    /// size that is no number) or the client left, its fault either way.
+    body_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -408,6 +462,7 @@ impl Activity {
             answering: AtomicUsize::new(0),
             answered_at: AtomicU64::new(0),
             body_wanted_since: AtomicU64::new(0),
+            body_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -465,7 +520,11 @@ impl hyper::body::Body for ClientBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
-        this.connection.activity.body_wanted(polled.is_pending());
+        let activity = &this.connection.activity;
+        activity.body_wanted(polled.is_pending());
+        if matches!(&polled, std::task::Poll::Ready(Some(Err(_)))) {
+            activity.body_failed.store(true, Ordering::Release);
+        }
         polled
     }
 
@@ -781,6 +840,22 @@ async fn forward(
             .await
         }
     };
+    // The instance (or the connector session) failed because the client's
+    // body did: the answer is the client's error, and the connection,
+    // whose framing is lost, closes.
+    if connection
+        .activity
+        .body_failed
+        .swap(false, Ordering::AcqRel)
+    {
+        response = text(
+            StatusCode::BAD_REQUEST,
+            "the request body is malformed (its chunked framing is broken)\n".to_owned(),
+        );
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(trace) = traced {
         trace.log(worker, client, response.status());
     }

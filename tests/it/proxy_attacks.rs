@@ -370,3 +370,76 @@ fn request_heads_beyond_64_kib_are_refused_at_once() {
         "RSS {before} KiB → {during} KiB with 200 unfinished heads"
     );
 }
+
+#[test]
+fn a_request_body_with_a_broken_chunk_size_is_the_clients_error() {
+    let d = Daemon::new("bad_chunk");
+    for (mode, port) in load_both_modes(&d, "") {
+        let answer = http_raw(
+            port,
+            "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 400"), "{mode}: {answer}");
+        // The instance is not to blame: the next request is served.
+        assert_eq!(http_get(port).map(|(s, _)| s), Some(200), "{mode}");
+    }
+}
+
+#[test]
+fn lowering_max_conns_live_counts_the_connections_already_open() {
+    let d = Daemon::new("max_conns_lowered");
+    let app = d.write("headers.py", HEADERS_APP);
+    let port = free_port();
+    let config = |max_conns: u32| {
+        d.write(
+            "apm.conf",
+            &format!(
+                "worker {{ name m; exec python3; params {}; upstream port; startup_grace 300; \
+                 server http://127.0.0.1:{port}; max_conns {max_conns}; }}\n",
+                app.display()
+            ),
+        )
+    };
+    d.ok(&["load", config(2).to_str().unwrap()]);
+    d.wait_running("m");
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut open: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut client = connect(port);
+            let (head, _) = exchange(&mut client, request);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            client
+        })
+        .collect();
+    d.ok(&["reload", config(1).to_str().unwrap()]);
+    // Two connections are open under a limit of one: a third waits while
+    // either of them is open.
+    let mut waiting = connect(port);
+    waiting.write_all(request).unwrap();
+    let held_back = |waiting: &mut TcpStream| {
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        waiting.peek(&mut byte).is_err()
+    };
+    assert!(
+        held_back(&mut waiting),
+        "let in beyond the lowered max_conns"
+    );
+    drop(open.pop());
+    assert!(
+        held_back(&mut waiting),
+        "let in while the one allowed connection is open"
+    );
+    drop(open.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (head, _) = crate::harness::exchange(&mut waiting, b"");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Raised again, the limit lets a second one in at once.
+    d.ok(&["reload", config(2).to_str().unwrap()]);
+    let (head, _) = exchange(&mut connect(port), request);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

@@ -9,6 +9,7 @@ mod cgroup;
 pub mod connector;
 mod filewatch;
 mod health;
+mod held;
 pub mod lifecycle;
 pub mod logs;
 pub mod procfs;

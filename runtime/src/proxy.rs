@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::connector::{Head, Link};
+use crate::held::{Held, Metered};
 use crate::tls::Tls;
 use crate::upstream;
 use crate::vanguard::{Permit, Refusal, Vanguard};
@@ -209,6 +210,14 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         raw.then(Permit::unguarded),
                     ),
                 };
+                // What HTTP and WebSocket clients send is held until passed
+                // on, and counted against the daemon's budget.
+                let held = Held::new();
+                let stream = if raw {
+                    stream
+                } else {
+                    Box::new(Metered::new(stream, held.clone())) as Box<dyn Io>
+                };
                 let (stream, tls) = match (&options.tls, scheme.is_tls()) {
                     (TlsSetting::On(tls), _) => {
                         match handshake(tls, stream, options.keep_alive).await {
@@ -245,7 +254,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     (backend, route.options.clone())
                 };
                 match raw_permit {
-                    None => serve_http(stream, client, worker, &options, tls, pick).await,
+                    None => serve_http(stream, client, held, worker, &options, tls, pick).await,
                     Some(permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
                         splice(stream, pick(None).0, head, permit).await;
@@ -438,6 +447,8 @@ struct Connection {
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
     activity: Activity,
+    /// What the proxy has read from the client and not yet passed on.
+    held: Arc<Held>,
 }
 
 /// What `keep_alive` looks at: whether a request is being answered, and
@@ -510,6 +521,14 @@ pub(crate) struct ClientBody {
     connection: Arc<Connection>,
 }
 
+impl ClientBody {
+    /// What the proxy holds of the connection's reads, for a WebSocket
+    /// or a splice that takes the connection over.
+    pub(crate) fn held(&self) -> &Arc<Held> {
+        &self.connection.held
+    }
+}
+
 impl hyper::body::Body for ClientBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -522,8 +541,12 @@ impl hyper::body::Body for ClientBody {
         let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
         let activity = &this.connection.activity;
         activity.body_wanted(polled.is_pending());
-        if matches!(&polled, std::task::Poll::Ready(Some(Err(_)))) {
-            activity.body_failed.store(true, Ordering::Release);
+        match &polled {
+            std::task::Poll::Ready(Some(Err(_))) => {
+                activity.body_failed.store(true, Ordering::Release);
+            }
+            std::task::Poll::Ready(Some(Ok(_))) => this.connection.held.passed_on(),
+            _ => {}
         }
         polled
     }
@@ -640,6 +663,7 @@ impl hyper::body::Body for Answer {
 async fn serve_http(
     stream: Box<dyn Io>,
     client: Option<IpAddr>,
+    held: Arc<Held>,
     worker: String,
     options: &Options,
     tls: Option<Secure>,
@@ -652,6 +676,7 @@ async fn serve_http(
         worker,
         upstream: std::sync::Mutex::default(),
         activity: Activity::new(),
+        held,
     });
     let watched = connection.clone();
     // The request's future is `forward`'s own: each async layer around it
@@ -783,6 +808,17 @@ async fn forward(
 ) -> Result<Response<Answer>, std::convert::Infallible> {
     let answering = Answering::start(connection);
     let connection = &*answering.0;
+    // The head is parsed: hyper holds it no more.
+    connection.held.passed_on();
+    if crate::held::nearly_spent() {
+        let mut busy = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy holds as much for its clients as it may; try again later\n".to_owned(),
+        );
+        busy.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(answering.with(busy));
+    }
     let kept = connection.upstream.lock().expect("upstream").backend();
     let (backend, options) = pick(kept);
     let _permit = match gate(&request, connection.client, &options) {

@@ -258,6 +258,7 @@ fn websocket(
         return response;
     }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let held = request.body().held().clone();
     let upgrade = hyper::upgrade::on(&mut request);
     let (parts, _) = request.into_parts();
     let head = Head {
@@ -281,7 +282,7 @@ fn websocket(
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         let idle = Idle::new(keep_alive);
-        pump(&link, &head, WebSocket { ws, idle }).await;
+        pump(&link, &head, WebSocket { ws, idle, held }).await;
     });
     let mut response = Response::new(http_body_util::Empty::new().map_err(Into::into).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -306,6 +307,9 @@ const WS_READ_BUFFER: usize = 8 * 1024;
 struct WebSocket {
     ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
     idle: Idle,
+    /// What tungstenite holds of the client's reads, until a whole
+    /// message (or a ping) comes out of it.
+    held: Arc<crate::held::Held>,
 }
 
 /// `keep_alive` on a WebSocket: the time since the last message either
@@ -360,7 +364,10 @@ impl ClientSide for WebSocket {
                 }
             };
             let message = match next {
-                Some(Ok(message)) => message,
+                Some(Ok(message)) => {
+                    self.held.passed_on();
+                    message
+                }
                 _ => {
                     return FromClient::Closed {
                         code: 1006,

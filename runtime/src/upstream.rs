@@ -59,6 +59,7 @@ pub(crate) async fn to_port(
         .headers()
         .contains_key(hyper::header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut request));
+    let held = request.body().held().clone();
     // Err: the request, given back unsent. Taken out of hyper's error here,
     // before the resend's await: held across it, that error would make
     // every request's future larger (measured: 1.7 → 2.5 KB).
@@ -101,6 +102,7 @@ pub(crate) async fn to_port(
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
                 if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
+                    held.stop_counting();
                     let _ = tokio::io::copy_bidirectional(
                         &mut TokioIo::new(client),
                         &mut TokioIo::new(server),

@@ -266,6 +266,13 @@ fn an_idle_websocket_is_closed_after_keep_alive_whatever_pings_it_sends() {
 /// Opens a WebSocket over a raw connection and starts a binary frame
 /// that announces `length` bytes, of which it sends `sent`.
 fn stall_inside_a_frame(port: u16, length: u64, sent: usize) -> TcpStream {
+    let mut stream = websocket_upgrade(port);
+    start_a_frame(&mut stream, length, sent).unwrap();
+    stream
+}
+
+/// A raw connection upgraded to a WebSocket.
+fn websocket_upgrade(port: u16) -> TcpStream {
     let mut stream = connect(port);
     stream
         .write_all(
@@ -284,12 +291,16 @@ fn stall_inside_a_frame(port: u16, length: u64, sent: usize) -> TcpStream {
         "{}",
         String::from_utf8_lossy(&head)
     );
+    stream
+}
+
+/// Starts a binary frame that announces `length` bytes; sends `sent` of them.
+fn start_a_frame(stream: &mut TcpStream, length: u64, sent: usize) -> std::io::Result<()> {
     let mut frame = vec![0x82, 0x80 | 127];
     frame.extend_from_slice(&length.to_be_bytes());
     frame.extend_from_slice(&[1, 2, 3, 4]); // the mask
     frame.resize(frame.len() + sent, 0x55);
-    stream.write_all(&frame).unwrap();
-    stream
+    stream.write_all(&frame)
 }
 
 #[test]
@@ -442,4 +453,67 @@ fn lowering_max_conns_live_counts_the_connections_already_open() {
     d.ok(&["reload", config(2).to_str().unwrap()]);
     let (head, _) = exchange(&mut connect(port), request);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[test]
+fn past_its_client_budget_the_daemon_refuses_new_work_instead_of_growing() {
+    let d = Daemon::new("client_budget");
+    let port = load_connector_worker(&d, "keep_alive 60s;");
+    let pid = d.daemon_pid().unwrap();
+    let before = vm_rss_kib(pid);
+    let frame = (16u64 << 20) - 1;
+    let sent = (16 << 20) - (64 << 10);
+    // 15 clients each hold most of a 16 MiB message; two more are let in
+    // while one message's room is left.
+    let mut holding: Vec<TcpStream> = (0..15)
+        .map(|_| stall_inside_a_frame(port, frame, sent))
+        .collect();
+    let (mut last, mut greedy) = (websocket_upgrade(port), websocket_upgrade(port));
+    start_a_frame(&mut last, frame, sent).unwrap();
+    holding.push(last);
+    // The one whose message would take the daemon past its budget is cut
+    // off, the others stay.
+    let started = Instant::now();
+    let _ = start_a_frame(&mut greedy, frame, sent);
+    let mut rest = Vec::new();
+    let _ = greedy.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a client past the budget was kept for {:?}",
+        started.elapsed()
+    );
+    // With less than one message's room left, new work is refused.
+    let answer = http_raw(
+        port,
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let mut refused = connect(port);
+    refused
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    let _ = refused.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let during = vm_rss_kib(pid);
+    assert!(
+        during < before + 256 * 1024 + 48 * 1024,
+        "RSS {before} KiB → {during} KiB"
+    );
+    let holder = &mut holding[0];
+    holder
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let still_open =
+        matches!(holder.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    assert!(still_open, "a client within the budget was closed");
+    // Once the holders leave, the daemon serves again.
+    drop(holding);
+    wait_until(PATIENCE, "the daemon to serve again", || {
+        http_get(port).is_some_and(|(status, _)| status == 200)
+    });
 }

@@ -125,6 +125,9 @@ fn bind(place: &Place) -> Result<UnixListener, String> {
     }
 }
 
+/// How often the daemon returns memory it freed to the system.
+const FREED_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn serve(place: Place) -> u8 {
     if let Err(e) = std::fs::create_dir_all(&place.home) {
         log(format_args!(
@@ -184,6 +187,14 @@ async fn serve(place: Place) -> u8 {
     tokio::spawn(async move {
         while let Some(due) = due.recv().await {
             reload_logged(&reloading, due, "auto reload").await;
+        }
+    });
+    // On the runtime's thread, whose heap the proxy's buffers come from.
+    tokio::spawn(async {
+        let mut ticks = tokio::time::interval(FREED_MEMORY_EVERY);
+        loop {
+            ticks.tick().await;
+            crate::give_back_freed_memory();
         }
     });
     restore(&daemon).await;

@@ -517,3 +517,26 @@ fn past_its_client_budget_the_daemon_refuses_new_work_instead_of_growing() {
         http_get(port).is_some_and(|(status, _)| status == 200)
     });
 }
+
+#[test]
+fn idle_websockets_cost_little_and_their_memory_goes_back_when_they_close() {
+    let d = Daemon::new("ws_memory");
+    let port = load_connector_worker(&d, "");
+    let pid = d.daemon_pid().unwrap();
+    drop(websocket_upgrade(port));
+    let before = vm_rss_kib(pid);
+    let clients: Vec<TcpStream> = (0..1000).map(|_| websocket_upgrade(port)).collect();
+    // Each has had its handshake answered; give the daemon a moment's
+    // work on the last ones by asking for one more.
+    drop(websocket_upgrade(port));
+    let open = vm_rss_kib(pid);
+    let each = (open.saturating_sub(before)) / 1000;
+    assert!(
+        each < 50,
+        "{each} KiB per idle WebSocket ({before} → {open} KiB)"
+    );
+    drop(clients);
+    wait_until(PATIENCE, "the daemon to give the memory back", || {
+        vm_rss_kib(pid) < before + (open - before) / 4
+    });
+}

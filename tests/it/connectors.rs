@@ -108,7 +108,7 @@ fn read_answer(stream: &mut impl Read) -> Answer {
     Answer { status, head, body }
 }
 
-fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
+pub(crate) fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     loop {
         let line_end = chunked.windows(2).position(|w| w == b"\r\n").unwrap();

@@ -129,7 +129,7 @@ fn read_kept_answer(stream: &mut impl Read) -> (String, Vec<u8>) {
                 Some(length) if body.len() >= length => return (head, body[..length].to_vec()),
                 None if body.ends_with(b"\r\n0\r\n\r\n") || body == b"0\r\n\r\n" => {
                     assert!(lower.contains("transfer-encoding: chunked"), "{head}");
-                    return (head, dechunk(body));
+                    return (head, crate::connectors::dechunk(body));
                 }
                 _ => {}
             }
@@ -141,21 +141,6 @@ fn read_kept_answer(stream: &mut impl Read) -> (String, Vec<u8>) {
             String::from_utf8_lossy(&seen)
         );
         seen.extend_from_slice(&buffer[..n]);
-    }
-}
-
-fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = chunked.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = std::str::from_utf8(&chunked[..line_end]).unwrap();
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
-        chunked = &chunked[line_end + 2..];
-        if size == 0 {
-            return body;
-        }
-        body.extend_from_slice(&chunked[..size]);
-        chunked = &chunked[size + 2..];
     }
 }
 
@@ -271,15 +256,15 @@ fn stall_inside_a_frame(port: u16, length: u64, sent: usize) -> TcpStream {
     stream
 }
 
+/// A WebSocket opening handshake, as a client writes it.
+const WEBSOCKET_HANDSHAKE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
 /// A raw connection upgraded to a WebSocket.
 fn websocket_upgrade(port: u16) -> TcpStream {
     let mut stream = connect(port);
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
+    stream.write_all(WEBSOCKET_HANDSHAKE).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -489,12 +474,7 @@ fn past_its_client_budget_the_daemon_refuses_new_work_instead_of_growing() {
     );
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     let mut refused = connect(port);
-    refused
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
+    refused.write_all(WEBSOCKET_HANDSHAKE).unwrap();
     let mut answer = String::new();
     let _ = refused.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");

@@ -450,6 +450,12 @@ function pump(s) {
       st.events.shift();
       if (!cb) {
         grant(s, ev.credit);
+        // A TCP app without onEnd ends with its client, as a net.Socket
+        // without allowHalfOpen does, once the writes queued so far are out.
+        if (ev.end && s.protocol === 'tcp') {
+          s.close();
+          break;
+        }
         continue;
       }
       const where = ev.end ? 'onEnd' : 'onData';
@@ -690,7 +696,7 @@ class Link {
     this.instanceId = h.instance_id === undefined ? null : h.instance_id;
     this.worker = h.worker === undefined ? null : h.worker;
     // The handler came with the constructor, so the app is ready as soon as the channel is.
-    const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node });
+    const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node, half_close: true });
     this.send(K_READY, 0, Buffer.from(ready, 'utf8'));
   }
 

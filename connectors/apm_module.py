@@ -133,7 +133,11 @@ class ApmSession(object):
     The app assigns the callbacks it wants:
       on_data(data, is_binary)  body bytes (HTTP), bytes (TCP), or a whole
                                 WebSocket message (str for text, bytes for binary)
-      on_end()                  HTTP: the request body is complete
+      on_end()                  HTTP: the request body is complete; TCP: the
+                                client finished sending (half-close) and
+                                waits for the answer, which close() ends.
+                                A TCP session without on_end is closed
+                                then, after the writes queued so far
       on_close(code, reason)    apm closed the session (the client went away,
                                 or sent a WebSocket close); not called after
                                 the app's own close()
@@ -348,7 +352,8 @@ class ApmModule(object):
         """Serve sessions until apm closes the channel. Does not return."""
         if self.on_connect is None:
             raise ValueError('ApmModule needs an on_connect(session) handler')
-        ready = {'protocol': PROTOCOL, 'connector': 'python %s' % platform.python_version()}
+        ready = {'protocol': PROTOCOL, 'connector': 'python %s' % platform.python_version(),
+                 'half_close': True}
         self._send(READY, 0, json.dumps(ready).encode('utf-8'))
         self._sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
@@ -452,7 +457,13 @@ class ApmModule(object):
             if not app_closed:
                 self._call(session, session.on_close, code, reason)
         elif kind == END:
-            if not session._closing:
+            if session._closing:
+                pass
+            elif session.on_end is None and session.protocol == 'tcp':
+                # As a socket that does not allow half-open connections:
+                # the client is done, so is the session, once its answer is out.
+                session.close()
+            else:
                 self._call(session, session.on_end)
         else:
             self._receive(session, kind, payload)

@@ -202,6 +202,9 @@ fn name_taken(place: &Place) -> String {
     }
 }
 
+/// How often the daemon returns memory it freed to the system.
+const FREED_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn serve(mut place: Place) -> u8 {
     place.home = std::path::absolute(&place.home).unwrap_or(place.home);
     // Not the directory of whichever command started it (docs/cli.md,
@@ -280,6 +283,14 @@ async fn serve(mut place: Place) -> u8 {
     tokio::spawn(async move {
         while let Some(due) = due.recv().await {
             reload_logged(&reloading, due, "auto reload").await;
+        }
+    });
+    // On the runtime's thread, whose heap the proxy's buffers come from.
+    tokio::spawn(async {
+        let mut ticks = tokio::time::interval(FREED_MEMORY_EVERY);
+        loop {
+            ticks.tick().await;
+            crate::give_back_freed_memory();
         }
     });
     restore(&daemon).await;

@@ -274,6 +274,9 @@ pub struct Link {
     sessions: Mutex<HashMap<u32, Entry>>,
     next_session: AtomicU32,
     ready: AtomicBool,
+    /// The connector said in `ready` that it takes `end` on TCP sessions
+    /// (the client's half-close); older ones get the session closed.
+    half_close: AtomicBool,
     /// Bytes handed to the writer and not yet written to the child.
     queued: Arc<AtomicUsize>,
 }
@@ -305,6 +308,7 @@ impl Link {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU32::new(1),
             ready: AtomicBool::new(false),
+            half_close: AtomicBool::new(false),
             queued: Arc::default(),
         });
         let hello = json!({
@@ -342,6 +346,11 @@ impl Link {
     /// The child said `ready` and its channel is still open.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether a TCP client's half-close reaches the child as `end`.
+    pub(crate) fn takes_half_close(&self) -> bool {
+        self.half_close.load(Ordering::Acquire)
     }
 
     fn send(&self, kind: Kind, session: u32, payload: &[u8]) {
@@ -396,6 +405,9 @@ impl Link {
                         version.map_or_else(|| "?".to_owned(), |v| v.to_string())
                     ));
                 }
+                let half_close = ready.get("half_close").and_then(Value::as_bool);
+                self.half_close
+                    .store(half_close == Some(true), Ordering::Release);
                 self.ready.store(true, Ordering::Release);
                 changed();
                 continue;
@@ -573,7 +585,8 @@ pub(crate) enum FromClient {
         text: bool,
         bytes: Bytes,
     },
-    /// The HTTP request body is complete.
+    /// The HTTP request body is complete, or a TCP client finished
+    /// sending (half-close) and waits for the rest of the answer.
     End,
     Closed {
         code: u16,

@@ -10,6 +10,7 @@ pub mod connector;
 pub mod daemon_log;
 mod filewatch;
 mod health;
+mod held;
 pub mod lifecycle;
 pub mod logs;
 mod logstyle;

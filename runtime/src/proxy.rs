@@ -13,7 +13,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use apm_compiler::values::{ListenAddr, Scheme, ServerUrl};
 use bytes::Bytes;
@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::connector::{Head, Link};
+use crate::held::{Held, Metered};
 use crate::tls::Tls;
 use crate::upstream;
 use crate::vanguard::{Permit, Refusal, Vanguard};
@@ -164,19 +165,17 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
     let next = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(async move {
         // `max_conns`: beyond it, new connections wait in the kernel's backlog.
-        // A changed limit starts a new count; connections under the old one
-        // finish as they are.
-        let mut limit: Option<(u32, Arc<tokio::sync::Semaphore>)> = None;
+        let mut slots = Slots::default();
         let mut errors = crate::AcceptErrors::default();
+        // A limit changed while the listener waits for a slot applies at once.
+        let mut changes = routes.clone();
         loop {
-            let max = routes.borrow().options.max_conns;
-            if limit.as_ref().map_or(0, |(m, _)| *m) != max {
-                limit =
-                    (max > 0).then(|| (max, Arc::new(tokio::sync::Semaphore::new(max as usize))));
-            }
-            let permit = match &limit {
-                Some((_, semaphore)) => semaphore.clone().acquire_owned().await.ok(),
-                None => None,
+            let permit = loop {
+                let max = routes.borrow().options.max_conns;
+                tokio::select! {
+                    permit = slots.take(max) => break permit,
+                    Ok(()) = changes.changed() => {}
+                }
             };
             let accepted = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -212,6 +211,14 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         None,
                         raw.then(Permit::unguarded),
                     ),
+                };
+                // What HTTP and WebSocket clients send is held until passed
+                // on, and counted against the daemon's budget.
+                let held = Held::new();
+                let stream = if raw {
+                    stream
+                } else {
+                    Box::new(Metered::new(stream, held.clone())) as Box<dyn Io>
                 };
                 let (stream, tls) = match (&options.tls, scheme.is_tls()) {
                     (TlsSetting::On(tls), _) => {
@@ -249,7 +256,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     (backend, route.options.clone())
                 };
                 match raw_permit {
-                    None => serve_http(stream, client, worker, &options, tls, pick).await,
+                    None => serve_http(stream, client, held, worker, &options, tls, pick).await,
                     Some(permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
                         splice(stream, pick(None).0, head, permit).await;
@@ -260,6 +267,59 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
         }
     });
     Ok(Listener { task, path })
+}
+
+/// A listener's connection slots (`max_conns`): every connection holds a
+/// permit of one semaphore, with or without a limit, so that a limit
+/// lowered live counts the connections already open. Permits a lower
+/// limit takes away while connections hold them are owed, and taken out
+/// as those connections end, before any new one is let in.
+struct Slots {
+    semaphore: Arc<tokio::sync::Semaphore>,
+    /// The limit the semaphore's permits stand for.
+    limit: usize,
+    owed: usize,
+}
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots {
+            semaphore: Arc::new(tokio::sync::Semaphore::new(0)),
+            limit: 0,
+            owed: 0,
+        }
+    }
+}
+
+impl Slots {
+    /// A slot under `max_conns` (0: no limit), once one is free.
+    /// Cancel-safe: the count is kept right at every await.
+    async fn take(&mut self, max_conns: u32) -> tokio::sync::OwnedSemaphorePermit {
+        let max = match max_conns {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n as usize,
+        };
+        if max > self.limit {
+            let more = max - self.limit;
+            let repaid = more.min(self.owed);
+            self.owed -= repaid;
+            self.semaphore.add_permits(more - repaid);
+        } else {
+            let fewer = self.limit - max;
+            self.owed += fewer - self.semaphore.forget_permits(fewer);
+        }
+        self.limit = max;
+        while self.owed > 0 {
+            let permit = self.semaphore.acquire().await.expect("never closed");
+            permit.forget();
+            self.owed -= 1;
+        }
+        self.semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed")
+    }
 }
 
 /// A TLS handshake, which must end within `keep_alive` (if not 0): a
@@ -389,15 +449,23 @@ struct Connection {
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
     activity: Activity,
+    /// What the proxy has read from the client and not yet passed on.
+    held: Arc<Held>,
 }
 
 /// What `keep_alive` looks at: whether a request is being answered, and
-/// since when none has been.
+/// since when none has been; and whether its body is being waited for.
 struct Activity {
     opened: std::time::Instant,
     answering: AtomicUsize,
     /// When the last answer ended, in µs after `opened`.
-    answered_at: std::sync::atomic::AtomicU64,
+    answered_at: AtomicU64,
+    /// Since when the request body has been asked for and the client has
+    /// sent none of it, in µs after `opened`, plus one; 0 when not waiting.
+    body_wanted_since: AtomicU64,
+    /// Reading the request body failed: it broke HTTP's framing (a chunk
+    /// size that is no number) or the client left, its fault either way.
+    body_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -405,16 +473,98 @@ impl Activity {
         Activity {
             opened: std::time::Instant::now(),
             answering: AtomicUsize::new(0),
-            answered_at: std::sync::atomic::AtomicU64::new(0),
+            answered_at: AtomicU64::new(0),
+            body_wanted_since: AtomicU64::new(0),
+            body_failed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn at(&self, micros: u64) -> std::time::Instant {
+        self.opened + std::time::Duration::from_micros(micros)
     }
 
     /// Since when no request has been answered, if none is being answered.
     fn idle_since(&self) -> Option<std::time::Instant> {
-        (self.answering.load(Ordering::Acquire) == 0).then(|| {
-            let micros = self.answered_at.load(Ordering::Acquire);
-            self.opened + std::time::Duration::from_micros(micros)
-        })
+        (self.answering.load(Ordering::Acquire) == 0)
+            .then(|| self.at(self.answered_at.load(Ordering::Acquire)))
+    }
+
+    /// Records whether the request body is being waited for: a read of it
+    /// found nothing (`true`), or found something or stopped (`false`).
+    fn body_wanted(&self, waiting: bool) {
+        if !waiting {
+            self.body_wanted_since.store(0, Ordering::Release);
+        } else if self.body_wanted_since.load(Ordering::Acquire) == 0 {
+            self.body_wanted_since
+                .store(self.now() + 1, Ordering::Release);
+        }
+    }
+
+    /// Since when the body being read has made no progress, if it is waited for.
+    fn body_stalled_since(&self) -> Option<std::time::Instant> {
+        match self.body_wanted_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(self.at(since - 1)),
+        }
+    }
+}
+
+/// A request's body as the proxy reads it from the client: each read
+/// tells the connection's `keep_alive` timer whether the client is the one
+/// keeping the request waiting. A client that sends a head and then a
+/// body that stops is as slow as one whose head never ends: it would hold
+/// a `max_conns` slot and its instance's request for ever.
+pub(crate) struct ClientBody {
+    body: Incoming,
+    connection: Arc<Connection>,
+}
+
+impl ClientBody {
+    /// What the proxy holds of the connection's reads, for a WebSocket
+    /// or a splice that takes the connection over.
+    pub(crate) fn held(&self) -> &Arc<Held> {
+        &self.connection.held
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        let activity = &this.connection.activity;
+        activity.body_wanted(polled.is_pending());
+        match &polled {
+            std::task::Poll::Ready(Some(Err(_))) => {
+                activity.body_failed.store(true, Ordering::Release);
+            }
+            std::task::Poll::Ready(Some(Ok(_))) => this.connection.held.passed_on(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        self.connection.activity.body_wanted(false);
     }
 }
 
@@ -439,6 +589,14 @@ impl Connection {
         ticks.tick().await; // the first tick is at once
         loop {
             ticks.tick().await;
+            if closes
+                && self
+                    .activity
+                    .body_stalled_since()
+                    .is_some_and(|since| since.elapsed() >= keep_alive)
+            {
+                return;
+            }
             let Some(idle_since) = self.activity.idle_since() else {
                 continue;
             };
@@ -471,8 +629,9 @@ impl Answering {
 impl Drop for Answering {
     fn drop(&mut self) {
         let activity = &self.0.activity;
-        let micros = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
-        activity.answered_at.store(micros, Ordering::Release);
+        activity
+            .answered_at
+            .store(activity.now(), Ordering::Release);
         activity.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -506,6 +665,7 @@ impl hyper::body::Body for Answer {
 async fn serve_http(
     stream: Box<dyn Io>,
     client: Option<IpAddr>,
+    held: Arc<Held>,
     worker: String,
     options: &Options,
     tls: Option<Secure>,
@@ -518,6 +678,7 @@ async fn serve_http(
         worker,
         upstream: std::sync::Mutex::default(),
         activity: Activity::new(),
+        held,
     });
     let watched = connection.clone();
     // The request's future is `forward`'s own: each async layer around it
@@ -537,6 +698,9 @@ async fn serve_http(
     // Title-Case names, whatever the instance wrote (decision 16).
     builder.preserve_header_case(!options.lowercase_headers && !options.connector);
     builder.title_case_headers(true);
+    // A head larger than this is answered 431 as soon as it is: hyper's
+    // default (~400 KB) let each unfinished head hold that much.
+    builder.max_buf_size(MAX_HEAD);
     let serving = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -546,6 +710,10 @@ async fn serve_http(
         () = watched.idle_for(options.keep_alive) => {}
     }
 }
+
+/// The most a client's request head (its line and headers) may take;
+/// nginx's default `large_client_header_buffers` allow 4 × 8 KiB per line.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// A request id unique within this daemon's life.
 fn trace_id() -> String {
@@ -642,6 +810,17 @@ async fn forward(
 ) -> Result<Response<Answer>, std::convert::Infallible> {
     let answering = Answering::start(connection);
     let connection = &*answering.0;
+    // The head is parsed: hyper holds it no more.
+    connection.held.passed_on();
+    if crate::held::nearly_spent() {
+        let mut busy = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy holds as much for its clients as it may; try again later\n".to_owned(),
+        );
+        busy.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(answering.with(busy));
+    }
     let kept = connection.upstream.lock().expect("upstream").backend();
     let (backend, options) = pick(kept);
     let _permit = match gate(&request, connection.client, &options) {
@@ -679,6 +858,10 @@ async fn forward(
         return Ok(answering.with(unavailable));
     };
     let traced = prepare(&mut request, connection, &options);
+    let request = request.map(|body| ClientBody {
+        body,
+        connection: answering.0.clone(),
+    });
     let mut response = match backend {
         Backend::Port(backend) => {
             upstream::to_port(request, &connection.upstream, worker, backend).await
@@ -690,10 +873,27 @@ async fn forward(
                 request,
                 link,
                 Secure::head("http", client, tls),
+                options.keep_alive,
             ))
             .await
         }
     };
+    // The instance (or the connector session) failed because the client's
+    // body did: the answer is the client's error, and the connection,
+    // whose framing is lost, closes.
+    if connection
+        .activity
+        .body_failed
+        .swap(false, Ordering::AcqRel)
+    {
+        response = text(
+            StatusCode::BAD_REQUEST,
+            "the request body is malformed (its chunked framing is broken)\n".to_owned(),
+        );
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(trace) = traced {
         trace.log(worker, client, response.status());
     }

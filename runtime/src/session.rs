@@ -3,11 +3,12 @@
 //! connection. Each adapts its client to `connector::pump`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -20,16 +21,17 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use crate::connector::{
     ClientSide, FromClient, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
 };
-use crate::proxy::{Body, BoxError, Io, text};
+use crate::proxy::{Body, BoxError, ClientBody, Io, text};
 
 /// Serves one HTTP request, or a WebSocket handshake, as a session.
 pub(crate) async fn http(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     link: Arc<Link>,
     head: Head<'_>,
+    keep_alive: Duration,
 ) -> Response<Body> {
     if is_websocket(&request) {
-        return websocket(request, link, head);
+        return websocket(request, link, head, keep_alive);
     }
     let (parts, body) = request.into_parts();
     let head = Head {
@@ -69,7 +71,7 @@ fn gone() -> Response<Body> {
 /// A request and the response being built from what the child sends.
 struct Exchange {
     /// The request body, until it is read to its end.
-    body: Option<Incoming>,
+    body: Option<ClientBody>,
     /// Until the response head is sent.
     respond: Option<oneshot::Sender<Response<Body>>>,
     /// The response body, once the head is sent.
@@ -217,7 +219,7 @@ impl ClientSide for Exchange {
     }
 }
 
-fn is_websocket(request: &Request<Incoming>) -> bool {
+fn is_websocket(request: &Request<ClientBody>) -> bool {
     let headers = request.headers();
     // RFC 6455 4.1: the opening handshake is a GET; any other method is a
     // plain request, whatever its headers say.
@@ -228,7 +230,12 @@ fn is_websocket(request: &Request<Incoming>) -> bool {
 
 /// Answers the handshake and runs the WebSocket as a session once the
 /// connection is upgraded.
-fn websocket(mut request: Request<Incoming>, link: Arc<Link>, head: Head<'_>) -> Response<Body> {
+fn websocket(
+    mut request: Request<ClientBody>,
+    link: Arc<Link>,
+    head: Head<'_>,
+    keep_alive: Duration,
+) -> Response<Body> {
     let headers = request.headers();
     let Some(key) = headers.get(hyper::header::SEC_WEBSOCKET_KEY) else {
         return text(
@@ -251,6 +258,7 @@ fn websocket(mut request: Request<Incoming>, link: Arc<Link>, head: Head<'_>) ->
         return response;
     }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let held = request.body().held().clone();
     let upgrade = hyper::upgrade::on(&mut request);
     let (parts, _) = request.into_parts();
     let head = Head {
@@ -261,13 +269,20 @@ fn websocket(mut request: Request<Incoming>, link: Arc<Link>, head: Head<'_>) ->
     .to_json();
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
+        // tungstenite reads in chunks of `read_buffer_size`, which each
+        // connection keeps allocated while idle (its default, 128 KiB, was
+        // most of what an idle WebSocket cost); a message reaching the
+        // child goes out at once rather than gathering in a write buffer.
         let config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(0)
             .max_message_size(Some(MAX_MESSAGE))
             .max_frame_size(Some(MAX_MESSAGE));
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        pump(&link, &head, WebSocket { ws }).await;
+        let idle = Idle::new(keep_alive);
+        pump(&link, &head, WebSocket { ws, idle, held }).await;
     });
     let mut response = Response::new(http_body_util::Empty::new().map_err(Into::into).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -286,15 +301,73 @@ fn websocket(mut request: Request<Incoming>, link: Arc<Link>, head: Head<'_>) ->
     response
 }
 
+/// What a WebSocket reads at a time, and keeps allocated while idle.
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 struct WebSocket {
     ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    idle: Idle,
+    /// What tungstenite holds of the client's reads, until a whole
+    /// message (or a ping) comes out of it.
+    held: Arc<crate::held::Held>,
 }
+
+/// `keep_alive` on a WebSocket: the time since the last message either
+/// way. Pings and pongs, which the daemon answers itself, are no message
+/// of the app's; nor is a message still arriving, so a client that sends
+/// most of a large one and stalls is closed too.
+struct Idle {
+    keep_alive: Duration,
+    until: Option<tokio::time::Instant>,
+}
+
+impl Idle {
+    fn new(keep_alive: Duration) -> Idle {
+        let mut idle = Idle {
+            keep_alive,
+            until: None,
+        };
+        idle.active();
+        idle
+    }
+
+    fn active(&mut self) {
+        self.until =
+            (!self.keep_alive.is_zero()).then(|| tokio::time::Instant::now() + self.keep_alive);
+    }
+
+    async fn expired(&self) {
+        match self.until {
+            Some(until) => tokio::time::sleep_until(until).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The close code for a WebSocket closed for being idle ("going away").
+const IDLE_CLOSE: u16 = 1001;
 
 impl ClientSide for WebSocket {
     async fn next(&mut self) -> FromClient {
         loop {
-            let message = match self.ws.next().await {
-                Some(Ok(message)) => message,
+            let next = tokio::select! {
+                next = self.ws.next() => next,
+                () = self.idle.expired() => {
+                    let reason = "idle for longer than keep_alive";
+                    // A client that does not read must not hold the session open.
+                    let _ = tokio::time::timeout(
+                        CLOSE_PATIENCE,
+                        self.ws.close(Some(CloseFrame { code: IDLE_CLOSE.into(), reason: reason.into() })),
+                    )
+                    .await;
+                    return FromClient::Closed { code: IDLE_CLOSE, reason: reason.to_owned() };
+                }
+            };
+            let message = match next {
+                Some(Ok(message)) => {
+                    self.held.passed_on();
+                    message
+                }
                 _ => {
                     return FromClient::Closed {
                         code: 1006,
@@ -304,12 +377,16 @@ impl ClientSide for WebSocket {
             };
             match message {
                 Message::Text(text) => {
+                    self.idle.active();
                     return FromClient::Message {
                         text: true,
                         bytes: text.into(),
                     };
                 }
-                Message::Binary(bytes) => return FromClient::Message { text: false, bytes },
+                Message::Binary(bytes) => {
+                    self.idle.active();
+                    return FromClient::Message { text: false, bytes };
+                }
                 Message::Close(frame) => {
                     // tungstenite queued the reply to the close; send it.
                     let _ = self.ws.flush().await;
@@ -325,6 +402,9 @@ impl ClientSide for WebSocket {
     }
 
     async fn deliver(&mut self, message: ToClient, _more: bool) -> Result<(), ()> {
+        if matches!(message, ToClient::Message { .. } | ToClient::Raw(_)) {
+            self.idle.active();
+        }
         match message {
             ToClient::Head(_) => Ok(()),
             ToClient::Message { text: true, bytes } => {
@@ -355,6 +435,9 @@ impl ClientSide for WebSocket {
     }
 }
 
+/// How long a closing WebSocket waits for the client's side of the close.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
+
 impl WebSocket {
     async fn close(&mut self, code: u16, reason: String) {
         let frame = CloseFrame {
@@ -363,7 +446,7 @@ impl WebSocket {
         };
         if self.ws.close(Some(frame)).await.is_ok() {
             // Let the client answer the close before the connection drops.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let _ = tokio::time::timeout(CLOSE_PATIENCE, async {
                 while let Some(Ok(_)) = self.ws.next().await {}
             })
             .await;
@@ -379,32 +462,48 @@ pub(crate) async fn tcp(stream: Box<dyn Io>, link: Arc<Link>, head: Head<'_>) {
     }
     .to_json();
     let (read, write) = tokio::io::split(stream);
+    let half_close = link.takes_half_close();
     pump(
         &link,
         &head,
         Tcp {
-            read,
+            read: Some(read),
             write,
             buffer: BytesMut::new(),
+            half_close,
         },
     )
     .await;
 }
 
 struct Tcp {
-    read: tokio::io::ReadHalf<Box<dyn Io>>,
+    /// Until the client has finished sending.
+    read: Option<tokio::io::ReadHalf<Box<dyn Io>>>,
     write: tokio::io::WriteHalf<Box<dyn Io>>,
     buffer: BytesMut,
+    /// The child takes the client's half-close as `end`.
+    half_close: bool,
 }
 
 impl ClientSide for Tcp {
     async fn next(&mut self) -> FromClient {
+        // Half-closed: the client waits for the answer, which the child
+        // ends with its `close`; a client gone meanwhile shows as a
+        // failed write.
+        let Some(read) = &mut self.read else {
+            return std::future::pending().await;
+        };
         self.buffer.reserve(64 * 1024);
-        match self.read.read_buf(&mut self.buffer).await {
+        match read.read_buf(&mut self.buffer).await {
             Ok(n) if n > 0 => FromClient::Message {
                 text: false,
                 bytes: self.buffer.split().freeze(),
             },
+            Ok(_) if self.half_close => {
+                self.read = None;
+                self.buffer = BytesMut::new();
+                FromClient::End
+            }
             _ => FromClient::Closed {
                 code: 0,
                 reason: String::new(),

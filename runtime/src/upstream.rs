@@ -13,12 +13,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::{Body, BoxError, text};
+use crate::proxy::{Body, BoxError, ClientBody, text};
 
 /// Sends a request to an instance's own port, over the client's pinned
 /// connection to it, an idle one, or a new one.
 pub(crate) async fn to_port(
-    mut request: Request<Incoming>,
+    mut request: Request<ClientBody>,
     pinned: &Mutex<Pinned>,
     worker: &str,
     backend: SocketAddr,
@@ -55,10 +55,17 @@ pub(crate) async fn to_port(
     *request.uri_mut() = target.into();
     // A WebSocket (or any upgrade): once the instance agrees, both sides are
     // spliced byte for byte.
+    // With what the proxy holds of the client's reads, which a splice
+    // stops counting.
     let client_upgrade = request
         .headers()
         .contains_key(hyper::header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut request));
+        .then(|| {
+            (
+                hyper::upgrade::on(&mut request),
+                request.body().held().clone(),
+            )
+        });
     // Err: the request, given back unsent. Taken out of hyper's error here,
     // before the resend's await: held across it, that error would make
     // every request's future larger (measured: 1.7 → 2.5 KB).
@@ -92,7 +99,7 @@ pub(crate) async fn to_port(
     }
     match response {
         Ok(mut response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            let Some(client_upgrade) = client_upgrade else {
+            let Some((client_upgrade, held)) = client_upgrade else {
                 return text(
                     StatusCode::BAD_GATEWAY,
                     format!("{worker} switched protocols unasked\n"),
@@ -101,6 +108,7 @@ pub(crate) async fn to_port(
             let server_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
                 if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
+                    held.stop_counting();
                     let _ = tokio::io::copy_bidirectional(
                         &mut TokioIo::new(client),
                         &mut TokioIo::new(server),
@@ -115,12 +123,12 @@ pub(crate) async fn to_port(
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type Sender = hyper::client::conn::http1::SendRequest<ClientBody>;
 
 /// Sends a request on a new connection.
 async fn resend(
     backend: SocketAddr,
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
 ) -> Result<(Sender, Answered), BoxError> {
     let mut sender = connect(backend).await?;
     let response = sender.send_request(request).await;
@@ -244,6 +252,12 @@ impl Idle {
     }
 }
 
-fn boxed(response: Response<Incoming>) -> Response<Body> {
+/// The instance's answer, as the proxy's own: in the proxy's HTTP
+/// version (RFC 9110, 6.2), so that an instance answering HTTP/1.0 (as
+/// Python's `http.server` does) does not close a keep-alive client's
+/// connection; a body the instance ended by closing its connection then
+/// goes to an HTTP/1.1 client chunked.
+fn boxed(mut response: Response<Incoming>) -> Response<Body> {
+    *response.version_mut() = hyper::Version::HTTP_11;
     response.map(|body| body.map_err(Into::into).boxed())
 }

@@ -97,7 +97,13 @@ def serve_tcp(s):
         if data.endswith(b'quit\n'):
             s.close()
 
+    def on_end():
+        # The client half-closed: it still gets the rest of the answer.
+        s.write(b'bye\n')
+        s.close()
+
     s.on_data = on_data
+    s.on_end = on_end
 
 
 def on_connect(s):

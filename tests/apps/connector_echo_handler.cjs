@@ -78,6 +78,11 @@ function tcp(session) {
     session.write(data);
     if (data.length >= 5 && data.subarray(data.length - 5).toString('latin1') === 'quit\n') session.close();
   };
+  // The client half-closed: it still gets the rest of the answer.
+  session.onEnd = () => {
+    session.write('bye\n');
+    session.close();
+  };
 }
 
 module.exports = function handle(session, lang) {

@@ -438,6 +438,7 @@ def case_handshake(link, ctx):
     link.wait(lambda: link.ready is not None, 'ready')
     expect(link.ready.get('protocol') == 1, 'ready says protocol %r' % link.ready.get('protocol'))
     expect(isinstance(link.ready.get('connector'), str), 'ready has no connector text: %r' % link.ready)
+    expect(link.ready.get('half_close') is True, 'ready does not say half_close: %r' % link.ready)
     return 'connector %r' % link.ready['connector']
 
 
@@ -611,6 +612,16 @@ def case_tcp(link, ctx):
     expect(s.closed[0] in (None, 0), 'close code %r, not 0' % (s.closed[0],))
 
 
+def case_tcp_half_close(link, ctx):
+    # The client finished sending: the app hears end and still answers.
+    s = link.open('tcp', '', '', remote_ip='198.51.100.4')
+    link.send_message(s, DATA, b'ping\n')
+    link.send(END, s.id)
+    link.finish(s, 'the close after the answer to a half-close')
+    expect(bytes(s.body) == b'ping\nbye\n', 'received %r' % bytes(s.body))
+    expect(s.closed[0] in (None, 0), 'close code %r, not 0' % (s.closed[0],))
+
+
 def case_apm_closes_sessions(link, ctx):
     # The connector must forget a session apm closed: a late end gets no answer.
     s = link.open('http', 'POST', '/json', 'n=1')
@@ -722,6 +733,7 @@ def main():
         ('ws raw', case_ws_raw),
         ('ws close 4000 bye', case_ws_close),
         ('tcp echo then quit', case_tcp),
+        ('tcp half-close answered', case_tcp_half_close),
         ('sessions apm closed or never opened', case_apm_closes_sessions),
         ('exits on an oversized frame from apm', case_bad_frame_from_apm),
         ('stdout apart from the channel', case_stdout_apart),

@@ -109,7 +109,7 @@ fn read_answer(stream: &mut impl Read) -> Answer {
     Answer { status, head, body }
 }
 
-fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
+pub(crate) fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     loop {
         let line_end = chunked.windows(2).position(|w| w == b"\r\n").unwrap();
@@ -147,7 +147,7 @@ fn get_json(port: u16, target: &str) -> Value {
     serde_json::from_slice(&answer.body).unwrap()
 }
 
-fn websocket(port: u16, path: &str) -> tungstenite::WebSocket<TcpStream> {
+pub(crate) fn websocket(port: u16, path: &str) -> tungstenite::WebSocket<TcpStream> {
     let url = format!("ws://127.0.0.1:{port}{path}");
     tungstenite::client(url, connect(port)).unwrap().0
 }
@@ -525,4 +525,36 @@ fn a_child_that_stops_reading_takes_no_more_sessions_once_its_backlog_is_full() 
         "refused after only {} sessions",
         held.len()
     );
+}
+
+#[test]
+fn a_tcp_client_that_half_closes_gets_its_answer_through_every_connector() {
+    let d = Daemon::new("connector_half_close");
+    let mut config = String::new();
+    let mut workers = Vec::new();
+    // examples/web.conf's app sets no end callback: the connector closes
+    // the session once the echo is out.
+    let example = ("example", "python3", repo("examples/hello.py"), "ping\n");
+    let apps = apps()
+        .into_iter()
+        .map(|(name, exec, app, _)| (name, exec, app, "ping\nbye\n"));
+    for (name, exec, app, expected) in apps.chain([example]) {
+        let port = free_port();
+        config.push_str(&format!(
+            "worker {{ name {name}; exec {exec}; params {}; startup_grace 200; server tcp://127.0.0.1:{port}; }}\n",
+            app.display()
+        ));
+        workers.push((name, port, expected));
+    }
+    d.load(&config);
+    for (name, port, expected) in workers {
+        d.wait_running(name);
+        // `printf 'ping\n' | nc -q1 HOST PORT`: send, shut the write side, read.
+        let mut client = connect(port);
+        client.write_all(b"ping\n").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        assert_eq!(String::from_utf8_lossy(&answer), expected, "{name}");
+    }
 }

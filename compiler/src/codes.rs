@@ -129,6 +129,11 @@ start. The message shows the cycle; remove one of its edges.";
 "A path refers to `$VAR` or `${VAR}`, and that variable is not set in the environment apm \
 runs in. Set it, or write the path out.";
 
+    CONFIG_TOO_LARGE = "E0026" Error "config too large after includes"
+"With its includes expanded, the config holds more than 100,000 statements or 64 MiB of \
+text (a file included twice at every level doubles it each time). Nothing past the limit is \
+read. The message shows the chain of includes that crossed it: include each file once.";
+
     UNKNOWN_KEY = "W0001" Warning "unknown key"
 "The key is not an apm option and is ignored. Check its spelling against the suggestion; \
 `apm info` and the reference list every key.";

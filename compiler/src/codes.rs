@@ -130,7 +130,7 @@ start. The message shows the cycle; remove one of its edges.";
 runs in. Set it, or write the path out.";
 
     CONFIG_TOO_LARGE = "E0026" Error "config too large after includes"
-"With its includes expanded, the config holds more than 100,000 statements or 64 MiB of \
+"With its includes expanded, the config holds more than 100,000 statements or 16 MiB of \
 text (a file included twice at every level doubles it each time). Nothing past the limit is \
 read. The message shows the chain of includes that crossed it: include each file once.";
 

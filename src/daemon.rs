@@ -341,7 +341,7 @@ async fn restore(daemon: &Daemon) {
     }
     // Files that workers came from are watched again, as when they were loaded.
     for file in files_of(&daemon.supervisor).await {
-        let _ = compile_file(daemon, &file);
+        let _ = compile_file(daemon, &file).await;
     }
     for name in to_start {
         let supervisor = daemon.supervisor.clone();
@@ -875,12 +875,32 @@ async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
 }
 
 /// Compiles a loaded config file; one without errors is watched for
-/// `auto_reload` and `watch_conf`.
+/// `auto_reload` and `watch_conf`. The compile runs on a blocking thread:
+/// this thread carries the proxy, and a large config takes seconds.
 #[expect(
     clippy::result_large_err,
     reason = "the error is the call's answer, made at most once per call"
 )]
-fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
+async fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
+    let owned = path.to_path_buf();
+    let compilation = tokio::task::spawn_blocking(move || compile_checked(&owned))
+        .await
+        .map_err(|e| {
+            Response::error(
+                exit::FAILED,
+                format!("compiling {} failed: {e}", path.display()),
+            )
+        })??;
+    daemon.watcher.track(path, &compilation);
+    Ok(compilation)
+}
+
+/// A config file compiled, with its certificates checked; errors rendered.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the call's answer, made at most once per call"
+)]
+fn compile_checked(path: &Path) -> Result<apm_compiler::Compilation, Response> {
     let mut compilation = compile(path, &FsLoader).map_err(|e| {
         Response::error(
             exit::USAGE,
@@ -898,7 +918,6 @@ fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilatio
             ),
         ));
     }
-    daemon.watcher.track(path, &compilation);
     Ok(compilation)
 }
 
@@ -945,7 +964,7 @@ async fn file_plan(
     path: &Path,
     force: bool,
 ) -> Result<(plan::Plan, Vec<WorkerSpec>), Response> {
-    let compilation = compile_file(daemon, path)?;
+    let compilation = compile_file(daemon, path).await?;
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
     for status in statuses.into_iter().filter(|s| {
@@ -1142,7 +1161,7 @@ async fn apply(
 /// All are registered before any starts, so `depends_on` holds whatever the
 /// order of the file.
 async fn load(daemon: &Daemon, path: &Path) -> Result<Response, Response> {
-    let compilation = compile_file(daemon, path)?;
+    let compilation = compile_file(daemon, path).await?;
     if compilation.config.daemon.gui_port.value != 0 {
         follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await;
     }

@@ -134,6 +134,11 @@ runs in. Set it, or write the path out.";
 text (a file included twice at every level doubles it each time). Nothing past the limit is \
 read. The message shows the chain of includes that crossed it: include each file once.";
 
+    NUL_IN_VALUE = "E0027" Error "NUL byte in a value"
+"A value holds a NUL byte (often pasted from a binary file, or written by a broken \
+generator). No argument, environment variable, path or name can hold one: the worker could \
+never start. Remove the byte; `cat -A FILE` shows it as `^@`.";
+
     UNKNOWN_KEY = "W0001" Warning "unknown key"
 "The key is not an apm option and is ignored. Check its spelling against the suggestion; \
 `apm info` and the reference list every key.";

@@ -117,10 +117,6 @@ every address of its family on the same port). Give each listener its own port o
 "Workers wait for each other through `depends_on` in a circle, so none of them could \
 start. The message shows the cycle; remove one of its edges.";
 
-    TLS_ON_PLAIN_SCHEME = "E0023" Error "`tls` on a plain-text scheme"
-"`tls` is on, but a listener uses `http://` or `ws://`, which promise plain text. Use \
-`https://` or `wss://` (`tcp://` carries TLS when `tls` is on).";
-
     TLS_SCHEME_WITHOUT_TLS = "E0024" Error "TLS scheme without `tls`"
 "A listener uses `https://` or `wss://` but the worker does not set `tls true;` with \
 `tls_cert` and `tls_key`, so it would serve plain text. Turn `tls` on.";
@@ -170,6 +166,12 @@ and bans. Set `trust_proxy false;` when apm faces the internet directly, or \
 
     MISSING_VALUE = "W0008" Warning "key without a value"
 "The key has no value and is not a boolean, so it is ignored. Give it a value or remove it.";
+
+    TLS_ON_PLAIN_SCHEME = "W0009" Warning "`tls` on a plain-text scheme"
+"`tls` turns TLS on for every listener of the worker, as the reference has it, so an \
+`http://` or `ws://` listener serves HTTPS or WSS although its scheme says plain text. Write \
+`https://` or `wss://` to say what it serves (`tcp://` carries TLS when `tls` is on). This \
+was error E0023 before; reference configs that pair `tls true` with `http://` now load.";
 }
 
 pub fn lookup(id: &str) -> Option<&'static Code> {

@@ -178,27 +178,64 @@ fn refusal(module: &str) -> String {
     )
 }
 
-/// Refuses every `import`, naming the module, as `require` does.
-struct RefuseImports;
+/// `import` of the modules `require` provides (default and named exports),
+/// and a refusal naming any other, as `require` gives. Nothing is loaded
+/// from disk.
+struct SandboxImports;
 
-impl boa_engine::module::ModuleLoader for RefuseImports {
+impl boa_engine::module::ModuleLoader for SandboxImports {
     async fn load_imported_module(
         self: std::rc::Rc<Self>,
         _referrer: boa_engine::module::Referrer,
         request: boa_engine::module::ModuleRequest,
-        _context: &std::cell::RefCell<&mut Context>,
+        context: &std::cell::RefCell<&mut Context>,
     ) -> boa_engine::JsResult<Module> {
-        let module = request.specifier().to_std_string_escaped();
-        Err(boa_engine::JsNativeError::error()
-            .with_message(refusal(module.trim_start_matches("node:")))
-            .into())
+        let specifier = request.specifier().to_std_string_escaped();
+        let name = specifier.trim_start_matches("node:");
+        let context = &mut **context.borrow_mut();
+        let provided = context
+            .global_object()
+            .get(js_string!("__apm_modules"), context)?
+            .as_object()
+            .map(|modules| modules.get(JsString::from(name), context))
+            .transpose()?
+            .and_then(|module| module.as_object());
+        let Some(module) = provided else {
+            return Err(boa_engine::JsNativeError::error()
+                .with_message(refusal(name))
+                .into());
+        };
+        let mut exports = vec![js_string!("default")];
+        for key in module.own_property_keys(context)? {
+            if let boa_engine::property::PropertyKey::String(key) = key {
+                exports.push(key);
+            }
+        }
+        Ok(Module::synthetic(
+            &exports,
+            boa_engine::module::SyntheticModuleInitializer::from_copy_closure_with_captures(
+                |synthetic, module: &boa_engine::JsObject, context| {
+                    synthetic.set_export(&js_string!("default"), module.clone().into())?;
+                    for key in module.own_property_keys(context)? {
+                        if let boa_engine::property::PropertyKey::String(key) = key {
+                            let value = module.get(key.clone(), context)?;
+                            synthetic.set_export(&key, value)?;
+                        }
+                    }
+                    Ok(())
+                },
+                module,
+            ),
+            None,
+            None,
+            context,
+        ))
     }
 }
 
 fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result<Value, String> {
-    // No module is ever loaded from disk: an `import` fails with the module's name.
     let mut context = Context::builder()
-        .module_loader(std::rc::Rc::new(RefuseImports))
+        .module_loader(std::rc::Rc::new(SandboxImports))
         .build()
         .map_err(|e| e.to_string())?;
     context

@@ -232,8 +232,8 @@ pub fn mapping_reference() -> String {
          per app. Fields with no equivalent become `# WARN:` comments above their block, and are printed to stderr with the \
          app's line and column. `--env NAME` merges `env_NAME` like `pm2 start --env NAME`.\n\n\
          The file is evaluated by an embedded JavaScript engine in a child process of apm limited to 1 GiB of memory and \
-         `--timeout` (10 s by default) of time. It sees `process.env`, `__dirname`, and `require` of `path`, `os` and \
-         `dotenv`; `dotenv` reads only `.env*` files in the ecosystem file's own directory (no `..`, no symbolic links). A \
+         `--timeout` (10 s by default) of time. It sees `process.env`, `__dirname`, and `require` or `import` of `path`, `os` \
+         and `dotenv`; `dotenv` reads only `.env*` files in the ecosystem file's own directory (no `..`, no symbolic links). A \
          file that requires anything else (`fs`, `child_process`, a package) is refused with the module's name. \
          `--node` evaluates it with the local `node` instead, as the user running apm and with everything that user may do \
          (apm says so on stderr first): use it only for a file you trust. Input text that reaches the output is quoted, \

@@ -398,6 +398,24 @@ pub fn evaluate_with_node(path: &Path, timeout: std::time::Duration) -> Result<V
         .map_err(|e| format!("node printed something that is not JSON: {e}"))
 }
 
+/// Reads a child's pipe on a thread of its own, up to `limit` bytes and
+/// one more (to tell that it was over); the bytes arrive on the receiver.
+fn read_bounded(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+    limit: usize,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    use std::io::Read as _;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(pipe) = pipe {
+            let _ = pipe.take(limit as u64 + 1).read_to_end(&mut bytes);
+        }
+        let _ = sender.send(bytes);
+    });
+    receiver
+}
+
 /// How a child evaluation ended, and what it printed.
 pub struct Finished {
     pub status: std::process::ExitStatus,
@@ -416,7 +434,6 @@ pub fn run_child(
     mut command: std::process::Command,
     timeout: std::time::Duration,
 ) -> Result<Finished, String> {
-    use std::io::Read as _;
     use std::process::Stdio;
     let mut child = command
         .stdin(Stdio::null())
@@ -424,31 +441,8 @@ pub fn run_child(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot be started: {e}"))?;
-    let read = |pipe: Option<Box<dyn std::io::Read + Send>>, limit: usize| {
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(pipe) = pipe {
-                let _ = pipe.take(limit as u64 + 1).read_to_end(&mut bytes);
-            }
-            let _ = sender.send(bytes);
-        });
-        receiver
-    };
-    let stdout = read(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        MAX_OUTPUT,
-    );
-    let stderr = read(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        MAX_STDERR,
-    );
+    let stdout = read_bounded(child.stdout.take(), MAX_OUTPUT);
+    let stderr = read_bounded(child.stderr.take(), MAX_STDERR);
     let deadline = std::time::Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {

@@ -153,6 +153,7 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
     let grammar = grammar();
     let mut items = Vec::new();
     let before = diags.total();
+    let mut statements = 0;
     // Top-level items are parsed one at a time, so a file of millions of
     // mistakes can be given up on after the first many, before the parser
     // has built them all.
@@ -168,9 +169,13 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
             diags.push(builder.syntax_error(error.span().into_range(), error.found()));
         }
         builder.build(raw.unwrap_or_default(), &mut items, diags);
+        statements += significant[chunk.clone()]
+            .iter()
+            .filter(|(tok, _)| *tok == Tok::Semi)
+            .count();
         let too_many = if diags.total() - before > MAX_SYNTAX_ERRORS {
             Some(format!("more than {MAX_SYNTAX_ERRORS} syntax errors"))
-        } else if items.len() > crate::include::MAX_STATEMENTS {
+        } else if statements > crate::include::MAX_STATEMENTS {
             Some(format!(
                 "more than {} statements",
                 crate::include::MAX_STATEMENTS
@@ -204,7 +209,9 @@ const MAX_SYNTAX_ERRORS: usize = 10_000;
 
 /// The significant tokens cut into top-level items: after a `;` or a `}`
 /// that closes a block at the top level, and around a stray `}`. The
-/// grammar reads the same items from each piece as from the whole.
+/// grammar reads the same items from each piece as from the whole. A block
+/// of more statements than a config may hold is cut after them, so the
+/// parser never builds the rest.
 fn top_level_items(
     tokens: &[(Tok, SimpleSpan)],
 ) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
@@ -214,6 +221,7 @@ fn top_level_items(
         if start >= tokens.len() {
             return None;
         }
+        let mut statements = 0;
         for (i, (tok, _)) in tokens.iter().enumerate().skip(start) {
             let end = match tok {
                 Tok::LBrace => {
@@ -230,6 +238,13 @@ fn top_level_items(
                     i + 1
                 }
                 Tok::Semi if depth == 0 => i + 1,
+                Tok::Semi => {
+                    statements += 1;
+                    if statements <= crate::include::MAX_STATEMENTS {
+                        continue;
+                    }
+                    i + 1
+                }
                 _ => continue,
             };
             let piece = start..end;
@@ -530,6 +545,28 @@ mod tests {
                 .map(|d| (d.code.id, d.primary.span.start as usize))
                 .collect(),
         )
+    }
+
+    /// The parser never builds more statements than a config may hold, in
+    /// one block or at the top level: it stops with an error saying so.
+    #[test]
+    fn a_block_of_too_many_statements_is_cut() {
+        let max = crate::include::MAX_STATEMENTS;
+        let text = format!("worker {{ {} }}\nlast;", "a; ".repeat(max + 10));
+        let mut diags = Diagnostics::default();
+        let items = parse(FileId(0), &text, &mut diags);
+        let Some(Item::Block(block)) = items.first() else {
+            panic!("no block: {items:?}")
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(block.items.len(), max + 1);
+        let (diagnostics, _) = diags.into_sorted();
+        assert!(
+            diagnostics
+                .iter()
+                .any(|d| d.message.contains("the rest of it is not read")),
+            "{diagnostics:?}"
+        );
     }
 
     fn shape(items: &[Item]) -> String {

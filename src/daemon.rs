@@ -516,7 +516,7 @@ async fn restore(daemon: &Daemon) {
     // Files that workers came from are watched again, as when they were
     // loaded; so are the `allow_group` and the GUI one of them set.
     for file in files_of(&daemon.supervisor).await {
-        if let Ok(compilation) = compile_file(daemon, &file) {
+        if let Ok(compilation) = compile_file(daemon, &file).await {
             let allow_group = compilation.config.daemon.allow_group.as_ref();
             daemon
                 .access
@@ -1149,12 +1149,32 @@ async fn files_of(supervisor: &Handle) -> Vec<PathBuf> {
 }
 
 /// Compiles a loaded config file; one without errors is watched for
-/// `auto_reload` and `watch_conf`.
+/// `auto_reload` and `watch_conf`. The compile runs on a blocking thread:
+/// this thread carries the proxy, and a large config takes seconds.
 #[expect(
     clippy::result_large_err,
     reason = "the error is the call's answer, made at most once per call"
 )]
-fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
+async fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilation, Response> {
+    let owned = path.to_path_buf();
+    let compilation = tokio::task::spawn_blocking(move || compile_checked(&owned))
+        .await
+        .map_err(|e| {
+            Response::error(
+                exit::FAILED,
+                format!("compiling {} failed: {e}", path.display()),
+            )
+        })??;
+    daemon.watcher.track(path, &compilation);
+    Ok(compilation)
+}
+
+/// A config file compiled, with its certificates checked; errors rendered.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the call's answer, made at most once per call"
+)]
+fn compile_checked(path: &Path) -> Result<apm_compiler::Compilation, Response> {
     let mut compilation = compile(path, &FsLoader).map_err(|e| {
         Response::error(
             exit::USAGE,
@@ -1172,7 +1192,6 @@ fn compile_file(daemon: &Daemon, path: &Path) -> Result<apm_compiler::Compilatio
             ),
         ));
     }
-    daemon.watcher.track(path, &compilation);
     Ok(compilation)
 }
 
@@ -1221,7 +1240,7 @@ async fn file_plan(
     path: &Path,
     force: bool,
 ) -> Result<(plan::Plan, Vec<WorkerSpec>, Option<String>), Response> {
-    let compilation = compile_file(daemon, path)?;
+    let compilation = compile_file(daemon, path).await?;
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
     for status in statuses.into_iter().filter(|s| {
@@ -1504,7 +1523,7 @@ struct Again {
 /// start gets the base environment and the file's `env`, as any file's
 /// worker (docs/cli.md, decision 57).
 async fn attach(daemon: &Daemon, name: String, path: PathBuf) -> Result<Response, Response> {
-    let compilation = compile_file(daemon, &path)?;
+    let compilation = compile_file(daemon, &path).await?;
     let Some(spec) = compilation
         .config
         .workers
@@ -1547,7 +1566,7 @@ async fn load(
     path: &Path,
     registered_ones: Registered,
 ) -> Result<Response, Response> {
-    let compilation = compile_file(daemon, path)?;
+    let compilation = compile_file(daemon, path).await?;
     let allow_group = compilation.config.daemon.allow_group.as_ref();
     daemon
         .access

@@ -203,6 +203,13 @@ enum Command {
         /// Overwrite OUTPUT if it exists.
         #[arg(long)]
         force: bool,
+        /// How long evaluating the file may take.
+        #[arg(long, value_name = "DURATION", default_value = "10s")]
+        timeout: String,
+        /// Evaluate FILE here and print its value as JSON: the limited
+        /// child process `apm convert` runs the embedded engine in.
+        #[arg(long, hide = true)]
+        evaluate_only: bool,
     },
     /// Rewrite a config file in the canonical layout, comments kept.
     Fmt {
@@ -425,7 +432,25 @@ fn main() -> ExitCode {
             node,
             env,
             force,
-        } => convert::run(&file, output.as_deref(), node, env, force),
+            timeout,
+            evaluate_only,
+        } => match commands::parse_duration(&timeout) {
+            Ok(timeout) if evaluate_only => convert::evaluate_only(&file, timeout),
+            Ok(timeout) if !timeout.is_zero() => convert::run(
+                &file,
+                output.as_deref(),
+                &convert::How { node, env, timeout },
+                force,
+            ),
+            Ok(_) => {
+                eprintln!("apm: --timeout must be more than 0");
+                exit::USAGE
+            }
+            Err(e) => {
+                eprintln!("apm: --timeout: {e}");
+                exit::USAGE
+            }
+        },
     })
 }
 

@@ -117,10 +117,6 @@ every address of its family on the same port). Give each listener its own port o
 "Workers wait for each other through `depends_on` in a circle, so none of them could \
 start. The message shows the cycle; remove one of its edges.";
 
-    TLS_ON_PLAIN_SCHEME = "E0023" Error "`tls` on a plain-text scheme"
-"`tls` is on, but a listener uses `http://` or `ws://`, which promise plain text. Use \
-`https://` or `wss://` (`tcp://` carries TLS when `tls` is on).";
-
     TLS_SCHEME_WITHOUT_TLS = "E0024" Error "TLS scheme without `tls`"
 "A listener uses `https://` or `wss://` but the worker does not set `tls true;` with \
 `tls_cert` and `tls_key`, so it would serve plain text. Turn `tls` on.";
@@ -128,6 +124,16 @@ start. The message shows the cycle; remove one of its edges.";
     UNSET_VARIABLE = "E0025" Error "unset environment variable"
 "A path refers to `$VAR` or `${VAR}`, and that variable is not set in the environment apm \
 runs in. Set it, or write the path out.";
+
+    CONFIG_TOO_LARGE = "E0026" Error "config too large after includes"
+"With its includes expanded, the config holds more than 100,000 statements or 16 MiB of \
+text (a file included twice at every level doubles it each time). Nothing past the limit is \
+read. The message shows the chain of includes that crossed it: include each file once.";
+
+    NUL_IN_VALUE = "E0027" Error "NUL byte in a value"
+"A value holds a NUL byte (often pasted from a binary file, or written by a broken \
+generator). No argument, environment variable, path or name can hold one: the worker could \
+never start. Remove the byte; `cat -A FILE` shows it as `^@`.";
 
     UNKNOWN_KEY = "W0001" Warning "unknown key"
 "The key is not an apm option and is ignored. Check its spelling against the suggestion; \
@@ -160,6 +166,12 @@ and bans. Set `trust_proxy false;` when apm faces the internet directly, or \
 
     MISSING_VALUE = "W0008" Warning "key without a value"
 "The key has no value and is not a boolean, so it is ignored. Give it a value or remove it.";
+
+    TLS_ON_PLAIN_SCHEME = "W0009" Warning "`tls` on a plain-text scheme"
+"`tls` turns TLS on for every listener of the worker, as the reference has it, so an \
+`http://` or `ws://` listener serves HTTPS or WSS although its scheme says plain text. Write \
+`https://` or `wss://` to say what it serves (`tcp://` carries TLS when `tls` is on). This \
+was error E0023 before; reference configs that pair `tls true` with `http://` now load.";
 }
 
 pub fn lookup(id: &str) -> Option<&'static Code> {

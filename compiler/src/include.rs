@@ -14,6 +14,14 @@ use crate::values::expand_env;
 
 /// Deeper than this is a symlink loop the lexical cycle check cannot see.
 const MAX_DEPTH: usize = 64;
+/// Statements and blocks a config may hold with its includes expanded:
+/// 2,000 workers of 20 keys are 42,000. A file included twice at every
+/// level doubles per level, and 30 levels never finished: past the bound
+/// the expansion stops with the chain that crossed it.
+pub const MAX_STATEMENTS: usize = 100_000;
+/// Bytes of text a config may hold with its includes expanded, each
+/// inclusion of a file counted; also the largest file `FsLoader` reads.
+pub const MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where expanded items go: a lowerer that consumes them as they come, or a
 /// vector that collects a block's items.
@@ -32,8 +40,15 @@ pub struct Expander<'a> {
     sources: &'a mut SourceMap,
     diags: &'a mut Diagnostics,
     parsed: HashMap<FileId, Vec<Item>>,
+    /// Files included more than once, parsed again for the copies.
+    reparsed: HashMap<FileId, Vec<Item>>,
     /// The chain of files being expanded, root first, to detect cycles.
     stack: Vec<PathBuf>,
+    /// Statements and bytes expanded so far, against `MAX_STATEMENTS` and
+    /// `MAX_BYTES`; once over, nothing more is expanded.
+    statements: usize,
+    bytes: usize,
+    over: bool,
 }
 
 impl<'a> Expander<'a> {
@@ -47,7 +62,11 @@ impl<'a> Expander<'a> {
             sources,
             diags,
             parsed: HashMap::new(),
+            reparsed: HashMap::new(),
             stack: Vec::new(),
+            statements: 0,
+            bytes: 0,
+            over: false,
         }
     }
 
@@ -57,10 +76,13 @@ impl<'a> Expander<'a> {
     pub fn expand_root(&mut self, path: &Path, out: &mut dyn Sink) -> io::Result<FileId> {
         let path = normalize(path);
         let bytes = self.loader.read(&path)?;
+        let size = bytes.len();
         let file = self.add_file(path.clone(), bytes);
         self.stack.push(path);
-        let items = self.parsed(file);
-        self.expand(items, out);
+        if self.spend(0, size, Span::new(file, 0..0)) {
+            let items = self.parsed(file);
+            self.expand(items, out);
+        }
         self.stack.pop();
         Ok(file)
     }
@@ -93,21 +115,65 @@ impl<'a> Expander<'a> {
         }
     }
 
-    /// The items of a parsed file. The first use takes them; a file included
-    /// again is parsed again, so the common case copies nothing. Its syntax
-    /// errors were reported the first time.
+    /// The items of a parsed file. The first use takes them, so the common
+    /// case copies nothing; a file included again is parsed once more and
+    /// kept, and later inclusions copy that (parsing costs far more than a
+    /// copy when a file is included thousands of times). Its syntax errors
+    /// were reported the first time.
     fn parsed(&mut self, file: FileId) -> Vec<Item> {
-        match self.parsed.remove(&file) {
-            Some(items) => items,
-            None => {
-                let mut ignored = Diagnostics::default();
-                syntax::parse(file, &self.sources.get(file).text, &mut ignored)
-            }
+        if let Some(items) = self.parsed.remove(&file) {
+            return items;
         }
+        if let Some(items) = self.reparsed.get(&file) {
+            return items.clone();
+        }
+        let mut ignored = Diagnostics::default();
+        let items = syntax::parse(file, &self.sources.get(file).text, &mut ignored);
+        self.reparsed.insert(file, items.clone());
+        items
+    }
+
+    /// Counts what is about to be expanded; false (with one error naming
+    /// the chain of includes) once the config is over a bound.
+    fn spend(&mut self, statements: usize, bytes: usize, at: Span) -> bool {
+        if self.over {
+            return false;
+        }
+        self.statements += statements;
+        self.bytes += bytes;
+        let crossed = if self.statements > MAX_STATEMENTS {
+            format!("more than {MAX_STATEMENTS} statements")
+        } else if self.bytes > MAX_BYTES {
+            format!("more than {} MiB of text", MAX_BYTES / (1024 * 1024))
+        } else {
+            return true;
+        };
+        self.over = true;
+        let chain: Vec<String> = self.stack.iter().map(|p| self.display(p)).collect();
+        self.diags.push(
+            Diagnostic::new(
+                &codes::CONFIG_TOO_LARGE,
+                at,
+                format!(
+                    "the config holds {crossed} with its includes expanded; reading stopped in {}",
+                    chain.join(" → ")
+                ),
+            )
+            .label("the limit was crossed here")
+            .help("a file included more than once at every level doubles the config each time: include each file once"),
+        );
+        false
     }
 
     fn expand(&mut self, items: Vec<Item>, out: &mut dyn Sink) {
         for item in items {
+            let span = match &item {
+                Item::Stmt(stmt) => stmt.span,
+                Item::Block(block) => block.span,
+            };
+            if !self.spend(1, 0, span) {
+                return;
+            }
             match item {
                 Item::Stmt(stmt) if stmt.key.text == "include" => self.include(&stmt, out),
                 Item::Block(mut block) => {
@@ -239,6 +305,10 @@ impl<'a> Expander<'a> {
                 }
             },
         };
+        let size = self.sources.get(file).text.len();
+        if !self.spend(0, size, at) {
+            return;
+        }
         self.stack.push(path);
         let items = self.parsed(file);
         self.expand(items, out);
@@ -366,6 +436,7 @@ mod tests {
             keys,
             diags
                 .into_sorted()
+                .0
                 .iter()
                 .map(|d| format!("{} {}", d.code.id, d.message))
                 .collect(),
@@ -387,6 +458,58 @@ mod tests {
         assert_eq!(
             expand(&loader),
             (vec!["a".into(), "b".into(), "worker{2}".into()], vec![])
+        );
+    }
+
+    /// Each file includes the next one twice: 2^30 statements at the root.
+    /// The expansion stops at the bound, fast, naming the chain.
+    #[test]
+    fn a_doubling_include_chain_stops_at_the_bound_with_the_chain() {
+        let mut loader = MemLoader::new();
+        for level in 0..30 {
+            loader.add_file(
+                format!("/c/l{level}.conf"),
+                format!(
+                    "include l{next}.conf;\ninclude l{next}.conf;",
+                    next = level + 1
+                ),
+            );
+        }
+        loader.add_file("/c/l30.conf", "worker { exec /bin/true; }");
+        loader.add_file("/c/apm.conf", "include l0.conf;");
+        let started = std::time::Instant::now();
+        let (items, diags) = expand(&loader);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(items.len() <= MAX_STATEMENTS, "{}", items.len());
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert!(
+            diags[0].starts_with(&format!(
+                "E0026 the config holds more than {MAX_STATEMENTS} statements with its includes expanded; reading stopped in apm.conf → l0.conf → l1.conf → l2.conf"
+            )),
+            "{diags:?}"
+        );
+    }
+
+    #[test]
+    fn included_text_is_bounded_in_bytes() {
+        let big = format!("# {}\n", "x".repeat(MAX_BYTES / 3));
+        let loader = MemLoader::new()
+            .file(
+                "/c/apm.conf",
+                "include big.conf;\ninclude big.conf;\ninclude big.conf;\ninclude big.conf;",
+            )
+            .file("/c/big.conf", big);
+        let (_, diags) = expand(&loader);
+        assert_eq!(
+            diags,
+            vec![format!(
+                "E0026 the config holds more than {} MiB of text with its includes expanded; reading stopped in apm.conf",
+                MAX_BYTES / (1024 * 1024)
+            )]
         );
     }
 

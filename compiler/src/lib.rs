@@ -39,7 +39,10 @@ pub use source::SourceMap;
 #[derive(Debug)]
 pub struct Compilation {
     pub sources: SourceMap,
+    /// The first `diag::MAX_KEPT` diagnostics, in source order.
     pub diagnostics: Vec<Diagnostic>,
+    /// The ones past them, counted.
+    pub omitted: diag::Omitted,
     /// The IR. With errors it holds what could be understood and must not be applied.
     pub config: Config,
 }
@@ -50,6 +53,7 @@ impl Compilation {
             .iter()
             .filter(|d| d.severity() == severity)
             .count()
+            + self.omitted.count(severity)
     }
 
     pub fn has_errors(&self) -> bool {
@@ -72,9 +76,11 @@ pub fn compile(path: &Path, loader: &dyn SourceLoader) -> std::io::Result<Compil
             diags: &mut diags,
         },
     );
+    let (diagnostics, omitted) = diags.into_sorted();
     Ok(Compilation {
         sources,
-        diagnostics: diags.into_sorted(),
+        diagnostics,
+        omitted,
         config,
     })
 }

@@ -21,8 +21,25 @@ pub trait SourceLoader {
 pub struct FsLoader;
 
 impl SourceLoader for FsLoader {
+    /// A file over `MAX_BYTES` is refused unread: the config could not
+    /// hold it anyway, and reading it whole could take all memory.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        std::fs::read(path)
+        use std::io::Read as _;
+        let limit = crate::include::MAX_BYTES;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)?
+            .take(limit as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        if bytes.len() > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "the file is over {} MiB, more than a config may hold",
+                    limit / (1024 * 1024)
+                ),
+            ));
+        }
+        Ok(bytes)
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<(PathBuf, bool)>> {

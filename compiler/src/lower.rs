@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::codes;
-use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
+use crate::diag::{Diagnostic, Diagnostics, Severity, did_you_mean};
 use crate::include::Sink;
 use crate::ir::{Config, DaemonConfig, StatsdConfig, VanguardRules, WorkerSpec};
 use crate::loader::SourceLoader;
@@ -93,7 +93,9 @@ impl Collector {
 
     fn stmt(&mut self, stmt: Stmt, cx: &mut LowerCx) {
         let Some(index) = self.scope.key_index(&stmt.key.text) else {
-            cx.diags.push(unknown_key(self.scope, &stmt));
+            // An unknown or misplaced key is a warning either way.
+            cx.diags
+                .push_with(Severity::Warning, || unknown_key(self.scope, &stmt));
             return;
         };
         let def = &self.scope.keys()[index];

@@ -96,7 +96,46 @@ pub fn human(compilation: &Compilation, color: bool) -> String {
         render_diagnostic(sources, diagnostic, color, &mut cache, &mut bytes);
     }
     let mut out = String::from_utf8_lossy(&bytes).into_owned();
+    if let Some(more) = not_shown(compilation) {
+        let _ = writeln!(out, "{more}");
+    }
     out.push_str(&summary(compilation));
+    out
+}
+
+/// "… and N more errors and M more warnings" past the kept diagnostics.
+fn not_shown(compilation: &Compilation) -> Option<String> {
+    let omitted = compilation.omitted;
+    let parts: Vec<String> = [(omitted.errors, "error"), (omitted.warnings, "warning")]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, word)| {
+            format!(
+                "{} more {word}{}",
+                thousands(n),
+                if n == 1 { "" } else { "s" }
+            )
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "… and {}, not shown (only the first {} are): fix these and check again",
+            parts.join(" and "),
+            crate::diag::MAX_KEPT
+        )
+    })
+}
+
+/// 2499900 as 2,499,900.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
     out
 }
 
@@ -212,6 +251,7 @@ pub fn json(compilation: &Compilation) -> Json {
         "errors": errors,
         "warnings": compilation.count(Severity::Warning),
         "diagnostics": diagnostics,
+        "not_shown": compilation.omitted,
         "config": if errors == 0 { serde_json::to_value(&compilation.config).unwrap_or(Json::Null) } else { Json::Null },
     })
 }
@@ -254,6 +294,9 @@ pub fn github(compilation: &Compilation) -> String {
             d.code.id,
             escape_data(&message),
         );
+    }
+    if let Some(more) = not_shown(compilation) {
+        let _ = writeln!(out, "::notice::{}", escape_data(&more));
     }
     out
 }

@@ -204,6 +204,22 @@ fn parse_one<T: FromValue>(
     span: Option<Span>,
     cx: &mut LowerCx,
 ) -> Option<T> {
+    if let Some(span) = span
+        && text.contains('\0')
+    {
+        // Refused for every key: the default would hide that the value is broken.
+        cx.diags.push(
+            Diagnostic::new(
+                &crate::codes::NUL_IN_VALUE,
+                span,
+                format!("`{}` has a NUL byte in its value", def.name),
+            )
+            .label("this value holds a NUL byte")
+            .help("remove the byte: no argument, environment variable or path can hold one"),
+        );
+        cx.rejected.push(def.name);
+        return None;
+    }
     let parsed = {
         let base_dir = span.map_or(cx.root_dir(), |s| cx.dir_of(s));
         T::from_value(

@@ -145,21 +145,116 @@ pub fn parse(file: FileId, text: &str, diags: &mut Diagnostics) -> Vec<Item> {
             significant.push((token.kind, SimpleSpan::from(token.range())));
         }
     }
-    let eoi = SimpleSpan::from(text.len()..text.len());
-    let (raw, errors) = grammar()
-        .parse(significant.as_slice().split_token_span(eoi))
-        .into_output_errors();
     let builder = Builder {
         file,
         text,
         tokens: &significant,
     };
-    for error in errors {
-        diags.push(builder.syntax_error(error.span().into_range(), error.found()));
-    }
+    let grammar = grammar();
     let mut items = Vec::new();
-    builder.build(raw.unwrap_or_default(), &mut items, diags);
+    let before = diags.total();
+    let mut statements = 0;
+    // Top-level items are parsed one at a time, so a file of millions of
+    // mistakes can be given up on after the first many, before the parser
+    // has built them all.
+    for chunk in top_level_items(&significant) {
+        let end = significant
+            .get(chunk.end)
+            .map_or(text.len(), |(_, s)| s.start);
+        let eoi = SimpleSpan::from(end..end);
+        let (raw, chunk_errors) = grammar
+            .parse(significant[chunk.clone()].split_token_span(eoi))
+            .into_output_errors();
+        for error in chunk_errors {
+            diags.push(builder.syntax_error(error.span().into_range(), error.found()));
+        }
+        builder.build(raw.unwrap_or_default(), &mut items, diags);
+        statements += significant[chunk.clone()]
+            .iter()
+            .filter(|(tok, _)| *tok == Tok::Semi)
+            .count();
+        let too_many = if diags.total() - before > MAX_SYNTAX_ERRORS {
+            Some(format!("more than {MAX_SYNTAX_ERRORS} syntax errors"))
+        } else if statements > crate::include::MAX_STATEMENTS {
+            Some(format!(
+                "more than {} statements",
+                crate::include::MAX_STATEMENTS
+            ))
+        } else {
+            None
+        };
+        if let Some(too_many) = too_many
+            && let Some((_, next)) = significant.get(chunk.end)
+        {
+            let at = Span::new(file, next.start..next.start);
+            diags.push(
+                Diagnostic::new(
+                    &codes::SYNTAX,
+                    at,
+                    format!(
+                        "the file has {too_many} before this point; the rest of it is not read"
+                    ),
+                )
+                .label("reading stopped here")
+                .help("fix the first errors and check again"),
+            );
+            break;
+        }
+    }
     items
+}
+
+/// Syntax errors of one file past which the rest of it is not read.
+const MAX_SYNTAX_ERRORS: usize = 10_000;
+
+/// The significant tokens cut into top-level items: after a `;` or a `}`
+/// that closes a block at the top level, and around a stray `}`. The
+/// grammar reads the same items from each piece as from the whole. A block
+/// of more statements than a config may hold is cut after them, so the
+/// parser never builds the rest.
+fn top_level_items(
+    tokens: &[(Tok, SimpleSpan)],
+) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    let mut depth = 0usize;
+    std::iter::from_fn(move || {
+        if start >= tokens.len() {
+            return None;
+        }
+        let mut statements = 0;
+        for (i, (tok, _)) in tokens.iter().enumerate().skip(start) {
+            let end = match tok {
+                Tok::LBrace => {
+                    depth += 1;
+                    continue;
+                }
+                // A stray `}` is a piece of its own, after what came before it.
+                Tok::RBrace if depth == 0 => i.max(start + 1),
+                Tok::RBrace => {
+                    depth -= 1;
+                    if depth > 0 {
+                        continue;
+                    }
+                    i + 1
+                }
+                Tok::Semi if depth == 0 => i + 1,
+                Tok::Semi => {
+                    statements += 1;
+                    if statements <= crate::include::MAX_STATEMENTS {
+                        continue;
+                    }
+                    i + 1
+                }
+                _ => continue,
+            };
+            let piece = start..end;
+            start = end;
+            return Some(piece);
+        }
+        let piece = start..tokens.len();
+        start = tokens.len();
+        Some(piece)
+    })
 }
 
 fn unterminated(file: FileId, text: &str, range: std::ops::Range<usize>) -> Diagnostic {
@@ -227,12 +322,9 @@ impl Builder<'_> {
 
     fn syntax_error(&self, range: std::ops::Range<usize>, found: Option<&Tok>) -> Diagnostic {
         let found = self.describe(found, range.clone());
-        let previous = self
-            .tokens
-            .iter()
-            .rev()
-            .find(|(_, s)| s.end <= range.start)
-            .map(|(t, _)| *t);
+        // Tokens are in order: a binary search, as a file may hold millions of errors.
+        let before = self.tokens.partition_point(|(_, s)| s.end <= range.start);
+        let previous = before.checked_sub(1).map(|i| self.tokens[i].0);
         let message = match (previous, found.as_str()) {
             (_, "`{`") => "unexpected `{`: a block needs a name before it".to_owned(),
             (Some(Tok::RBrace | Tok::Semi | Tok::LBrace) | None, _) => {
@@ -448,10 +540,33 @@ mod tests {
             items,
             diags
                 .into_sorted()
+                .0
                 .iter()
                 .map(|d| (d.code.id, d.primary.span.start as usize))
                 .collect(),
         )
+    }
+
+    /// The parser never builds more statements than a config may hold, in
+    /// one block or at the top level: it stops with an error saying so.
+    #[test]
+    fn a_block_of_too_many_statements_is_cut() {
+        let max = crate::include::MAX_STATEMENTS;
+        let text = format!("worker {{ {} }}\nlast;", "a; ".repeat(max + 10));
+        let mut diags = Diagnostics::default();
+        let items = parse(FileId(0), &text, &mut diags);
+        let Some(Item::Block(block)) = items.first() else {
+            panic!("no block: {items:?}")
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(block.items.len(), max + 1);
+        let (diagnostics, _) = diags.into_sorted();
+        assert!(
+            diagnostics
+                .iter()
+                .any(|d| d.message.contains("the rest of it is not read")),
+            "{diagnostics:?}"
+        );
     }
 
     fn shape(items: &[Item]) -> String {

@@ -139,12 +139,15 @@ fn tls_scheme(spec: &WorkerSpec, scheme: Scheme, span: Span, cx: &mut PassCx) {
             &codes::TLS_ON_PLAIN_SCHEME,
             span,
             format!(
-                "`tls` is on, but this listener is plain `{}://`",
-                scheme.as_str()
+                "`tls` is on, so this `{}://` listener serves {}",
+                scheme.as_str(),
+                secure.to_uppercase()
             ),
         )
-        .label("plain-text scheme")
-        .help(format!("use `{secure}://`, or turn `tls` off"));
+        .label(format!("serves {secure}://"))
+        .help(format!(
+            "write `{secure}://` to say so, or turn `tls` off to serve plain text"
+        ));
         if let Some(tls_span) = spec.tls.span {
             diagnostic = diagnostic.secondary(tls_span, "tls turned on here");
         }

@@ -11,8 +11,9 @@ use serde_json::Value;
 
 /// Files larger than this are refused before evaluation.
 pub const MAX_SIZE: u64 = 4 * 1024 * 1024;
-/// How long the local node may take to evaluate a file.
-const NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// What an evaluation may print (the file's value as JSON); past it the
+/// evaluation is refused, so a file cannot make apm hold more.
+pub const MAX_OUTPUT: usize = 16 * 1024 * 1024;
 /// Loop iterations a file may run: enough for any real config, and an
 /// infinite loop ends with an error instead of a hang.
 const LOOP_LIMIT: u64 = 10_000_000;
@@ -76,6 +77,19 @@ fn js_error(error: boa_engine::JsError, context: &mut Context) -> String {
     let message = match error.try_native(context) {
         Ok(native) => native.to_string(),
         Err(_) => error.to_string(),
+    };
+    // A deep recursion's error lists every frame: the first few tell.
+    const MAX_LINES: usize = 8;
+    let lines = message.lines().count();
+    let message = if lines > MAX_LINES {
+        let head: Vec<&str> = message.lines().take(MAX_LINES).collect();
+        format!(
+            "{}\n    … {} more lines",
+            head.join("\n"),
+            lines - MAX_LINES
+        )
+    } else {
+        message
     };
     if message.starts_with("RuntimeLimitError") {
         return format!(
@@ -144,27 +158,91 @@ var __apm_modules = {{
 function require(name) {{
   name = String(name).replace(/^node:/, "");
   if (__apm_modules[name]) return __apm_modules[name];
-  throw new Error("require('" + name + "') is not available when apm convert evaluates the file itself; run `apm convert --node` to evaluate it with the local node");
+  throw new Error({refusal}.replace("{{module}}", name));
 }}
 "#,
         file = json(&file.display().to_string()),
         dir = json(&dir.display().to_string()),
         env = Value::Object(env),
         cpus = sandbox.cpus,
+        refusal = json(&refusal("{module}")),
     )
 }
 
+/// Why a module outside the sandbox is refused, and what `--node` would mean.
+fn refusal(module: &str) -> String {
+    format!(
+        "the file needs the module `{module}`, which apm convert does not provide (it provides `path`, `os` and `dotenv`). \
+         `apm convert --node FILE` would run the file with the local node as the user running apm, with everything that user \
+         may do: use it only for a file you trust"
+    )
+}
+
+/// `import` of the modules `require` provides (default and named exports),
+/// and a refusal naming any other, as `require` gives. Nothing is loaded
+/// from disk.
+struct SandboxImports;
+
+impl boa_engine::module::ModuleLoader for SandboxImports {
+    async fn load_imported_module(
+        self: std::rc::Rc<Self>,
+        _referrer: boa_engine::module::Referrer,
+        request: boa_engine::module::ModuleRequest,
+        context: &std::cell::RefCell<&mut Context>,
+    ) -> boa_engine::JsResult<Module> {
+        let specifier = request.specifier().to_std_string_escaped();
+        let name = specifier.trim_start_matches("node:");
+        let context = &mut **context.borrow_mut();
+        let provided = context
+            .global_object()
+            .get(js_string!("__apm_modules"), context)?
+            .as_object()
+            .map(|modules| modules.get(JsString::from(name), context))
+            .transpose()?
+            .and_then(|module| module.as_object());
+        let Some(module) = provided else {
+            return Err(boa_engine::JsNativeError::error()
+                .with_message(refusal(name))
+                .into());
+        };
+        let mut exports = vec![js_string!("default")];
+        for key in module.own_property_keys(context)? {
+            if let boa_engine::property::PropertyKey::String(key) = key {
+                exports.push(key);
+            }
+        }
+        Ok(Module::synthetic(
+            &exports,
+            boa_engine::module::SyntheticModuleInitializer::from_copy_closure_with_captures(
+                |synthetic, module: &boa_engine::JsObject, context| {
+                    synthetic.set_export(&js_string!("default"), module.clone().into())?;
+                    for key in module.own_property_keys(context)? {
+                        if let boa_engine::property::PropertyKey::String(key) = key {
+                            let value = module.get(key.clone(), context)?;
+                            synthetic.set_export(&key, value)?;
+                        }
+                    }
+                    Ok(())
+                },
+                module,
+            ),
+            None,
+            None,
+            context,
+        ))
+    }
+}
+
 fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result<Value, String> {
-    // No module is ever loaded from disk: an `import` fails (and node may stand in).
     let mut context = Context::builder()
-        .module_loader(std::rc::Rc::new(boa_engine::module::IdleModuleLoader))
+        .module_loader(std::rc::Rc::new(SandboxImports))
         .build()
         .map_err(|e| e.to_string())?;
     context
         .runtime_limits_mut()
         .set_loop_iteration_limit(LOOP_LIMIT);
     context.runtime_limits_mut().set_recursion_limit(2_000);
-    // The one file the sandbox may read besides the ecosystem file: `.env`.
+    // The only files the sandbox may read besides the ecosystem file: `.env*` beside it.
     let dir = std::path::absolute(path)
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -177,19 +255,8 @@ fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result
                 .transpose()?
                 .map(|s| s.to_std_string_escaped())
                 .unwrap_or_default();
-            let path = if requested.is_empty() {
-                dir.join(".env")
-            } else {
-                dir.join(requested)
-            };
-            let allowed = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".env"));
-            let text = if allowed {
-                std::fs::read_to_string(&path).unwrap_or_default()
-            } else {
-                String::new()
-            };
+            let text = read_dotenv(dir, &requested)
+                .map_err(|e| boa_engine::JsNativeError::error().with_message(e))?;
             Ok(JsValue::from(JsString::from(text.as_str())))
         },
         dir,
@@ -214,6 +281,63 @@ fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result
     };
     let value = value.map_err(|e| js_error(e, &mut context))?;
     to_json(&value, &mut context)
+}
+
+/// `dotenv.config({ path })`: `requested` (empty for `.env`) must name a
+/// `.env*` file directly in `dir`, relative or absolute, and not through a
+/// symbolic link: the file may be hostile, and apm may run as root. A file
+/// that does not exist reads as empty, as dotenv has it.
+fn read_dotenv(dir: &Path, requested: &str) -> Result<String, String> {
+    use nix::fcntl::OFlag;
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let requested = if requested.is_empty() {
+        ".env"
+    } else {
+        requested
+    };
+    let path = dir.join(requested);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let beside = path.parent().map(|p| p.components().eq(dir.components()));
+    let lexically_plain = !Path::new(requested)
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir));
+    if !name.starts_with(".env") || beside != Some(true) || !lexically_plain {
+        return Err(format!(
+            "dotenv: `{requested}` is refused: apm convert reads only `.env*` files in the ecosystem file's directory ({})",
+            dir.display()
+        ));
+    }
+    // O_NOFOLLOW: a `.env` that is a symbolic link could lead anywhere;
+    // O_NONBLOCK: a FIFO must not hang the evaluation.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+            return Err(format!(
+                "dotenv: `{requested}` is a symbolic link; apm convert reads only plain `.env*` files beside the ecosystem file"
+            ));
+        }
+        Err(e) => return Err(format!("dotenv: cannot read `{requested}`: {e}")),
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(format!("dotenv: `{requested}` is not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("dotenv: cannot read `{requested}`: {e}"))?;
+    if bytes.len() as u64 > MAX_SIZE {
+        return Err(format!("dotenv: `{requested}` is over {MAX_SIZE} bytes"));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn to_json(value: &JsValue, context: &mut Context) -> Result<Value, String> {
@@ -249,8 +373,9 @@ fn module_exports(source: &str, context: &mut Context) -> Result<Value, String> 
     Ok(serde_json::json!({ "apps": to_json(&apps, context)? }))
 }
 
-/// Evaluates with the local `node`, for files that require real packages.
-pub fn evaluate_with_node(path: &Path) -> Result<Value, String> {
+/// Evaluates with the local `node`, for files that require real packages:
+/// with every right of the user running apm (only `--node` asks for it).
+pub fn evaluate_with_node(path: &Path, timeout: std::time::Duration) -> Result<Value, String> {
     let absolute = std::path::absolute(path).map_err(|e| e.to_string())?;
     let file = Value::String(absolute.display().to_string()).to_string();
     let script = match shape(path, &std::fs::read_to_string(path).unwrap_or_default()) {
@@ -259,40 +384,98 @@ pub fn evaluate_with_node(path: &Path) -> Result<Value, String> {
         ),
         _ => format!("process.stdout.write(JSON.stringify(require({file})))"),
     };
-    let mut child = std::process::Command::new("node")
-        .args(["-e", &script])
-        .current_dir(absolute.parent().unwrap_or(Path::new("/")))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    let mut node = std::process::Command::new("node");
+    node.args(["-e", &script])
+        .current_dir(absolute.parent().unwrap_or(Path::new("/")));
+    let finished = run_child(node, timeout).map_err(|e| format!("node {e}"))?;
+    if !finished.status.success() {
+        return Err(format!(
+            "node could not evaluate the file:\n{}",
+            String::from_utf8_lossy(&finished.stderr).trim_end()
+        ));
+    }
+    serde_json::from_slice(&finished.stdout)
+        .map_err(|e| format!("node printed something that is not JSON: {e}"))
+}
+
+/// Reads a child's pipe on a thread of its own, up to `limit` bytes and
+/// one more (to tell that it was over); the bytes arrive on the receiver.
+fn read_bounded(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+    limit: usize,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    use std::io::Read as _;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(pipe) = pipe {
+            let _ = pipe.take(limit as u64 + 1).read_to_end(&mut bytes);
+        }
+        let _ = sender.send(bytes);
+    });
+    receiver
+}
+
+/// How a child evaluation ended, and what it printed.
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// How much of a child's stderr is kept for the error message.
+const MAX_STDERR: usize = 64 * 1024;
+
+/// Runs an evaluation in a child process and waits for it: it is killed
+/// at `timeout`, and what it prints is read up to a bound (the pipe is
+/// closed past it), so neither a file that never ends nor one whose value
+/// is huge can hang apm or fill its memory.
+pub fn run_child(
+    mut command: std::process::Command,
+    timeout: std::time::Duration,
+) -> Result<Finished, String> {
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run node: {e}"))?;
-    // A file that never finishes must not hang the conversion.
-    let deadline = std::time::Instant::now() + NODE_TIMEOUT;
-    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        .map_err(|e| format!("cannot be started: {e}"))?;
+    let stdout = read_bounded(child.stdout.take(), MAX_OUTPUT);
+    let stderr = read_bounded(child.stderr.take(), MAX_STDERR);
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
         if std::time::Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
-                "node did not finish evaluating the file within {} s",
-                NODE_TIMEOUT.as_secs()
+                "did not finish evaluating the file within {} s (`--timeout` allows more)",
+                timeout.as_secs_f64()
             ));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let output = child.wait_with_output().map_err(|e| e.to_string())?;
-    if !output.status.success() {
+    };
+    // A process the child left behind may hold the pipes open: wait a
+    // little for what they carried, not for them to close.
+    let collect = |receiver: std::sync::mpsc::Receiver<Vec<u8>>| {
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .unwrap_or_default()
+    };
+    let (stdout, mut stderr) = (collect(stdout), collect(stderr));
+    if stdout.len() > MAX_OUTPUT {
         return Err(format!(
-            "node could not evaluate the file:\n{}",
-            String::from_utf8_lossy(&output.stderr).trim_end()
+            "evaluated the file to a value of more than {} MiB; apm refuses it",
+            MAX_OUTPUT / (1024 * 1024)
         ));
     }
-    serde_json::from_slice(&output.stdout)
-        .map_err(|e| format!("node printed something that is not JSON: {e}"))
-}
-
-pub fn node_available() -> bool {
-    std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    stderr.truncate(MAX_STDERR);
+    Ok(Finished {
+        status,
+        stdout,
+        stderr,
+    })
 }

@@ -14,15 +14,9 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 pub struct Options {
-    /// Evaluate with the local `node` instead of the embedded engine.
-    pub node: bool,
     /// Merge `env_NAME` over `env`, as `pm2 start --env NAME` does.
     pub env: Option<String>,
     pub cpus: usize,
-    /// Let the local node stand in when the embedded engine fails.
-    pub fallback_to_node: bool,
-    /// What the file sees as `process.env`.
-    pub process_env: Vec<(String, String)>,
 }
 
 /// A warning with where its app is in the ecosystem file.
@@ -37,8 +31,6 @@ pub struct Warning {
 pub struct Converted {
     pub text: String,
     pub warnings: Vec<Warning>,
-    /// How the file was evaluated, for a note when node stood in for boa.
-    pub evaluated_by: &'static str,
 }
 
 fn apps(value: Value) -> Result<(Vec<Value>, Vec<String>), String> {
@@ -105,32 +97,14 @@ fn position(source: &str, name: Option<&str>) -> (usize, usize) {
     (line, column)
 }
 
-pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted, String> {
-    let sandbox = eval::Sandbox {
-        env: &options.process_env,
-        cpus: options.cpus,
-    };
-    let (value, evaluated_by) = if options.node {
-        (eval::evaluate_with_node(path)?, "node")
-    } else {
-        match eval::evaluate(path, source, &sandbox) {
-            Ok(value) => (value, "boa"),
-            // node stands in for what the embedded engine cannot do (a real
-            // package, syntax it lacks), not for a file that never ends.
-            Err(error)
-                if eval::shape(path, source) != eval::Shape::Yaml
-                    && !error.contains("did not finish")
-                    && options.fallback_to_node
-                    && eval::node_available() =>
-            {
-                let value = eval::evaluate_with_node(path).map_err(|node_error| {
-                    format!("{error}\n(node could not evaluate it either: {node_error})")
-                })?;
-                (value, "node")
-            }
-            Err(error) => return Err(error),
-        }
-    };
+/// Converts the value an ecosystem file evaluated to (`eval`); `source` is
+/// only searched for where each app is, for the warnings.
+pub fn convert(
+    path: &Path,
+    source: &str,
+    value: Value,
+    options: &Options,
+) -> Result<Converted, String> {
     let (apps, notes) = apps(value)?;
     let dir = std::path::absolute(path)
         .ok()
@@ -139,23 +113,14 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
     let file_name = path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let mut text = format!("# Converted from {file_name} by `apm convert`.\n");
-    if evaluated_by == "node" && !options.node {
-        text.push_str(
-            "# NOTE: evaluated with the local node: the embedded engine could not run the file.\n",
-        );
-    }
+    let mut text = format!(
+        "# Converted from {} by `apm convert`.\n",
+        one_line(&file_name)
+    );
+    let mut warnings = Vec::new();
     for note in &notes {
-        let _ = writeln!(text, "# WARN: {note}");
+        warn(&mut text, &mut warnings, (1, 1), note);
     }
-    let mut warnings: Vec<Warning> = notes
-        .into_iter()
-        .map(|message| Warning {
-            line: 1,
-            column: 1,
-            message,
-        })
-        .collect();
     let mut converted = 0;
     for (index, app) in apps.iter().enumerate() {
         let Value::Object(fields) = app else {
@@ -174,11 +139,13 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
             warnings.push(Warning {
                 line,
                 column,
-                message: format!("{which} has no `script`; skipped"),
+                message: one_line(&format!("{which} has no `script`; skipped")),
             });
-            let _ = writeln!(
-                text,
-                "\n# WARN: {which} has no `script` and was not converted"
+            text.push('\n');
+            comment(
+                &mut text,
+                "WARN",
+                &format!("{which} has no `script` and was not converted"),
             );
             continue;
         }
@@ -189,15 +156,10 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
         });
         text.push('\n');
         for note in &out.notes {
-            let _ = writeln!(text, "# NOTE: {note}");
+            comment(&mut text, "NOTE", note);
         }
         for warning in &out.warnings {
-            let _ = writeln!(text, "# WARN: {warning}");
-            warnings.push(Warning {
-                line,
-                column,
-                message: warning.clone(),
-            });
+            warn(&mut text, &mut warnings, (line, column), warning);
         }
         text.push_str(&apm_compiler::print::nested("worker", &out.settings));
         converted += 1;
@@ -205,11 +167,44 @@ pub fn convert(path: &Path, source: &str, options: &Options) -> Result<Converted
     if converted == 0 {
         return Err("no app could be converted (every app needs `script`)".to_owned());
     }
-    Ok(Converted {
-        text,
-        warnings,
-        evaluated_by,
-    })
+    Ok(Converted { text, warnings })
+}
+
+/// A `# TAG: …` line of the output. Comments are the one place the output
+/// holds input text unquoted (values go through `print`, which quotes), so
+/// the text is made one line here: a field name with a newline must not end
+/// the comment and start a live key or worker.
+fn comment(text: &mut String, tag: &str, message: &str) {
+    let _ = writeln!(text, "# {tag}: {}", one_line(message));
+}
+
+/// A warning both above its block and on stderr, in the same words.
+fn warn(
+    text: &mut String,
+    warnings: &mut Vec<Warning>,
+    (line, column): (usize, usize),
+    message: &str,
+) {
+    comment(text, "WARN", message);
+    warnings.push(Warning {
+        line,
+        column,
+        message: one_line(message),
+    });
+}
+
+/// Text from the input made safe to print on one line: control characters
+/// (newlines, terminal escapes) and Unicode line breaks as escapes.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `env_NAME` merged over `env` for `--env NAME`.
@@ -235,9 +230,14 @@ pub fn mapping_reference() -> String {
          `apm convert ecosystem.config.js > apm.conf` evaluates a PM2 ecosystem file (`.js`, `.cjs`, `.mjs`, ESM under \
          `\"type\": \"module\"`, `.json` — which PM2 reads as JavaScript — and `.yml`/`.yaml`) and prints one `worker { }` block \
          per app. Fields with no equivalent become `# WARN:` comments above their block, and are printed to stderr with the \
-         app's line and column. `--env NAME` merges `env_NAME` like `pm2 start --env NAME`; `--node` evaluates with the local \
-         node (needed when the file requires real packages; also used automatically, with a note, when the embedded engine \
-         fails and node is installed).\n\n| PM2 field | in apm |\n|---|---|\n",
+         app's line and column. `--env NAME` merges `env_NAME` like `pm2 start --env NAME`.\n\n\
+         The file is evaluated by an embedded JavaScript engine in a child process of apm limited to 1 GiB of memory and \
+         `--timeout` (10 s by default) of time. It sees `process.env`, `__dirname`, and `require` or `import` of `path`, `os` \
+         and `dotenv`; `dotenv` reads only `.env*` files in the ecosystem file's own directory (no `..`, no symbolic links). A \
+         file that requires anything else (`fs`, `child_process`, a package) is refused with the module's name. \
+         `--node` evaluates it with the local `node` instead, as the user running apm and with everything that user may do \
+         (apm says so on stderr first): use it only for a file you trust. Input text that reaches the output is quoted, \
+         and in comments kept on one line, so no field name or value can add keys or workers.\n\n| PM2 field | in apm |\n|---|---|\n",
     );
     for field in mapping::FIELDS {
         let _ = writeln!(

@@ -39,18 +39,14 @@ fn run_case(path: &Path) -> Result<(String, String), String> {
         }
     }
     let (input, source) = input.ok_or("no `--- input NAME ---` section")?;
-    let options = apm_convert::Options {
-        node: false,
-        env,
-        cpus: 4,
-        fallback_to_node: false,
-        process_env: vec![
-            ("HOME".into(), "/home/app".into()),
-            ("DEPLOY_ENV".into(), "staging".into()),
-        ],
-    };
+    let options = apm_convert::Options { env, cpus: 4 };
+    let process_env = [
+        ("HOME".into(), "/home/app".into()),
+        ("DEPLOY_ENV".into(), "staging".into()),
+    ];
     let dir_text = dir.path().display().to_string();
-    let converted = apm_convert::convert(&input, &source, &options)
+    let converted = evaluate(&input, &source, &process_env)
+        .and_then(|value| apm_convert::convert(&input, &source, value, &options))
         .map_err(|e| e.replace(&dir_text, "<dir>"))?;
     let output = converted.text.replace(&dir_text, "<dir>");
     let warnings: String = converted
@@ -112,18 +108,25 @@ fn corpus_convert() {
     );
 }
 
-fn convert_source(name: &str, source: &str) -> Result<apm_convert::Converted, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(name);
+/// Evaluates in this process, as the child `apm convert` starts does.
+fn evaluate(
+    path: &Path,
+    source: &str,
+    env: &[(String, String)],
+) -> Result<serde_json::Value, String> {
+    apm_convert::eval::evaluate(path, source, &apm_convert::eval::Sandbox { env, cpus: 4 })
+}
+
+fn convert_in(dir: &Path, name: &str, source: &str) -> Result<apm_convert::Converted, String> {
+    let path = dir.join(name);
     fs::write(&path, source).unwrap();
-    let options = apm_convert::Options {
-        node: false,
-        env: None,
-        cpus: 2,
-        fallback_to_node: true,
-        process_env: vec![],
-    };
-    apm_convert::convert(&path, source, &options)
+    let options = apm_convert::Options { env: None, cpus: 2 };
+    evaluate(&path, source, &[])
+        .and_then(|value| apm_convert::convert(&path, source, value, &options))
+}
+
+fn convert_source(name: &str, source: &str) -> Result<apm_convert::Converted, String> {
+    convert_in(tempfile::tempdir().unwrap().path(), name, source)
 }
 
 #[test]
@@ -169,4 +172,230 @@ fn a_file_that_is_too_large_is_refused_by_the_cli() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not evaluated"));
+}
+
+/// Text from a hostile file (field names and values with newlines, `;`,
+/// braces, `#` and quotes) reaches the output quoted or as one comment line:
+/// compiled again, the output holds the one worker the file defines, with
+/// its values intact, and nothing planted.
+#[test]
+fn input_text_cannot_plant_keys_or_workers_in_the_output() {
+    let planted = "\nworker { exec /bin/planted; }\n";
+    let source = format!(
+        "module.exports = {{ apps: [{{
+  name: 'api',
+  script: 'api.js',
+  cwd: {cwd},
+  args: [{arg}],
+  env: {{ B: {b}, C: {c} }},
+  {field}: 1,
+  stop_exit_codes: [{code}],
+  log_date_format: {date},
+}}] }}",
+        cwd = serde_json::json!(format!("/srv/app{planted}")),
+        arg = serde_json::json!(format!("x; }} {planted} #")),
+        b = serde_json::json!(format!("v; }} {planted} # // y")),
+        c = serde_json::json!("\"quoted\" 'q' `b` {x} \\ # y // z\r\u{1b}[2J"),
+        field = serde_json::json!(format!(
+            "bogus{planted}\u{2028}worker {{ exec /bin/planted2; }}"
+        )),
+        code = serde_json::json!(format!("1{planted}")),
+        date = serde_json::json!(format!("YYYY{planted}")),
+    );
+    let converted = convert_source("hostile.config.js", &source).unwrap();
+    let compilation = apm_compiler::compile(
+        Path::new("out.conf"),
+        &apm_compiler::MemLoader::new().file("out.conf", converted.text.clone()),
+    )
+    .unwrap();
+    let config = &compilation.config;
+    assert_eq!(config.workers.len(), 1, "{}", converted.text);
+    let worker = &config.workers[0];
+    assert_eq!(worker.name.value, "api");
+    assert_eq!(worker.exec.value, "node");
+    assert_eq!(
+        worker.path.as_ref().map(|p| p.value.display().to_string()),
+        Some(format!("/srv/app{planted}"))
+    );
+    let params: Vec<&str> = worker.params.iter().map(|p| p.value.as_str()).collect();
+    assert_eq!(params, ["api.js", &format!("x; }} {planted} #")]);
+    let env: Vec<String> = worker
+        .env
+        .iter()
+        .map(|e| format!("{}={}", e.value.key, e.value.value))
+        .collect();
+    assert!(
+        env.contains(&format!("B=v; }} {planted} # // y")),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"C=\"quoted\" 'q' `b` {x} \\ # y // z\r\u{1b}[2J".to_owned()),
+        "{env:?}"
+    );
+    for comment in converted.text.lines().filter(|l| l.starts_with('#')) {
+        assert!(!comment.contains(['\u{1b}', '\u{2028}']), "{comment}");
+    }
+    for warning in &converted.warnings {
+        assert!(!warning.message.contains(['\n', '\u{1b}']), "{warning:?}");
+    }
+    assert!(
+        !compilation
+            .diagnostics
+            .iter()
+            .any(|d| d.severity() == apm_compiler::Severity::Error),
+        "{}",
+        apm_compiler::render::human(&compilation, false)
+    );
+}
+
+/// `dotenv` reads `.env*` files beside the ecosystem file only: not one
+/// above it, not an absolute path elsewhere, not through a symbolic link.
+#[test]
+fn dotenv_reads_only_env_files_beside_the_ecosystem_file() {
+    let outer = tempfile::tempdir().unwrap();
+    let dir = outer.path().join("app");
+    fs::create_dir(&dir).unwrap();
+    fs::write(outer.path().join(".env"), "SECRET=outside\n").unwrap();
+    fs::write(dir.join(".env.production"), "MODE=production\n").unwrap();
+    std::os::unix::fs::symlink(outer.path().join(".env"), dir.join(".env.link")).unwrap();
+    let with = |path: &str| {
+        format!(
+            "const path = require('path');
+require('dotenv').config({{ path: {path} }});
+module.exports = {{ apps: [{{ name: 'a', script: 'a.js', env: {{ V: process.env.SECRET || process.env.MODE }} }}] }}"
+        )
+    };
+    let beside = convert_in(
+        &dir,
+        "ok.config.js",
+        &with("path.join(__dirname, '.env.production')"),
+    )
+    .unwrap();
+    assert!(beside.text.contains("V=production"), "{}", beside.text);
+    let outside = outer.path().join(".env").display().to_string();
+    for (name, requested) in [
+        ("up.config.js", "'../.env'".to_owned()),
+        ("sub.config.js", "'./sub/../../.env'".to_owned()),
+        ("absolute.config.js", format!("'{outside}'")),
+        ("link.config.js", "'.env.link'".to_owned()),
+        ("other.config.js", "'/etc/passwd'".to_owned()),
+    ] {
+        let error = convert_in(&dir, name, &with(&requested))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: {requested} was read"));
+        assert!(
+            error.contains("dotenv") && !error.contains("outside"),
+            "{name}: {error}"
+        );
+    }
+}
+
+/// `apm convert FILE` through the binary, in `dir`.
+fn apm_convert(dir: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_apm"))
+        .arg("convert")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A file that needs a module outside the sandbox is refused by name, and
+/// the local node never runs it unasked (it used to stand in silently, as
+/// the invoking user: here it would have written `ran`).
+#[test]
+fn a_file_needing_child_process_is_refused_and_node_runs_only_with_node() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("ecosystem.config.js"),
+        "require('fs').writeFileSync(__dirname + '/ran', 'x');
+module.exports = { apps: [{ name: 'a', script: 'a.js' }] }",
+    )
+    .unwrap();
+    let (status, stdout, stderr) = apm_convert(dir.path(), &["ecosystem.config.js"]);
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("module `fs`") && stderr.contains("--node"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("ran").exists(), "the file ran");
+
+    if !std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipped: node is not installed; --node was not tried");
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("node is required under CI=true");
+        }
+        return;
+    }
+    let (status, stdout, stderr) = apm_convert(dir.path(), &["--node", "ecosystem.config.js"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("worker {"), "{stdout}");
+    let uid = nix::unistd::getuid();
+    assert!(
+        stderr.contains("--node: running `ecosystem.config.js`")
+            && stderr.contains(&format!("as uid {uid}"))
+            && stderr.contains("outside any sandbox"),
+        "{stderr}"
+    );
+    assert!(dir.path().join("ran").exists());
+}
+
+/// Memory and CPU bombs end quickly with a clear error. The CLI runs under
+/// a 2 GiB data limit of its own: evaluated in apm's process, the bomb
+/// would abort it at that limit instead (or take the machine's memory).
+#[test]
+fn memory_and_cpu_bombs_end_quickly_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "memory.config.js",
+            "var s = 'x'; for (var i = 0; i < 40; i++) { s = s + s; } module.exports = { apps: [{ script: s }] }",
+            "memory",
+        ),
+        (
+            "regex.config.js",
+            "/(a+)+$/.test('a'.repeat(40) + '!'); module.exports = {}",
+            "did not finish evaluating the file within 2 s",
+        ),
+        (
+            "recursion.config.js",
+            "function f(n) { return n === 0 ? 0 : 1 + f(n - 1); } module.exports = { apps: [{ script: 'x' + f(1e9) }] }",
+            "recursion",
+        ),
+    ];
+    for (name, source, expected) in cases {
+        fs::write(dir.path().join(name), source).unwrap();
+        let started = std::time::Instant::now();
+        let output = std::process::Command::new("prlimit")
+            .arg(format!("--data={}", 2u64 << 30))
+            .arg(env!("CARGO_BIN_EXE_apm"))
+            .args(["convert", "--timeout", "2s", name])
+            .current_dir(dir.path())
+            .output();
+        let Ok(output) = output else {
+            eprintln!("skipped: prlimit (util-linux) is not installed");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("prlimit is required under CI=true");
+            }
+            return;
+        };
+        let elapsed = started.elapsed();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(stderr.lines().count() <= 12, "{name}: {stderr}");
+        assert!(
+            elapsed < std::time::Duration::from_secs(10),
+            "{name}: {elapsed:?}"
+        );
+    }
 }

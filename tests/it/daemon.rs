@@ -2574,40 +2574,45 @@ fn vanguard_judges_the_forwarded_client_only_with_trust_proxy_and_bans_expire() 
     });
 }
 
+/// `https://` terminates TLS, and so does `http://` under `tls on`: the
+/// reference's `tls` turns TLS on for every listener of the worker (W0009
+/// says so at load), so its configs that write `http://` work.
 #[test]
 fn https_listeners_terminate_tls() {
-    let d = Daemon::new("tls");
-    if !certs::make_certificates(d.dir()) {
-        prerequisite_missing("openssl could not make test certificates");
-        return;
+    for scheme in ["https", "http"] {
+        let d = Daemon::new(&format!("tls_{scheme}"));
+        if !certs::make_certificates(d.dir()) {
+            prerequisite_missing("openssl could not make test certificates");
+            return;
+        }
+        let (port, _) = load_headers_worker(&d, "s", scheme, SITE_TLS);
+        let client = format!(
+            "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nprint(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
+            ca = d.path("ca.pem")
+        );
+        let output = std::process::Command::new("python3")
+            .args(["-c", &client])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{scheme}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stdout).starts_with("xff=127.0.0.1"),
+            "{scheme}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        // Plain HTTP on the TLS port gets no answer from the app.
+        assert!(
+            !http_raw(
+                port,
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            .contains("xff=")
+        );
     }
-    let (port, _) = load_headers_worker(&d, "s", "https", SITE_TLS);
-    let client = format!(
-        "import ssl, urllib.request\nctx = ssl.create_default_context(cafile={ca:?})\nprint(urllib.request.urlopen('https://127.0.0.1:{port}/', context=ctx, timeout=10).read().decode(), end='')\n",
-        ca = d.path("ca.pem")
-    );
-    let output = std::process::Command::new("python3")
-        .args(["-c", &client])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&output.stdout).starts_with("xff=127.0.0.1"),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    // Plain HTTP on the TLS port gets no answer from the app.
-    assert!(
-        !http_raw(
-            port,
-            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .contains("xff=")
-    );
 }
 
 #[test]
@@ -3855,4 +3860,74 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     d.wait_daemon_log("GUI not started: the GUI would listen on 0.0.0.0 without a password");
     let still = gui_request(port, "GET", "/", "Authorization: Basic OnMzY3JldA==\r\n");
     assert!(still.starts_with("HTTP/1.1 200"), "{still}");
+}
+
+/// A config that takes a while to compile (65,536 inclusions, just under
+/// the bound) does not stall the proxy: the daemon compiles it off the
+/// thread that carries the listeners. It used to stall every listener for
+/// the whole compile.
+#[test]
+fn loading_a_slow_config_does_not_stall_the_proxy() {
+    let d = Daemon::new("slow_compile");
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    // An instance that never listens: the proxy itself answers 503.
+    d.ok(&[
+        "run",
+        "sleep",
+        "1000",
+        "-name",
+        "front",
+        "-upstream",
+        "port",
+        "-server",
+        &server,
+    ]);
+    wait_for("the listener", || http_get(port));
+    for level in 0..15 {
+        d.write(
+            &format!("l{level}.conf"),
+            &format!(
+                "include l{next}.conf;\ninclude l{next}.conf;\n",
+                next = level + 1
+            ),
+        );
+    }
+    d.write("l15.conf", "daemon { }\n");
+    let config = d.write(
+        "slow.conf",
+        "include l0.conf;\nworker { name slow; exec sleep; params 1000; }\n",
+    );
+    let started = Instant::now();
+    let mut load = d
+        .command(&["load", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut slowest = Duration::ZERO;
+    let mut answered = 0;
+    while load.try_wait().unwrap().is_none() {
+        let asked = Instant::now();
+        assert!(http_get(port).is_some(), "the listener stopped answering");
+        slowest = slowest.max(asked.elapsed());
+        answered += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the load never ended"
+        );
+    }
+    let loading = started.elapsed();
+    let output = load.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    // The old daemon stalled for the whole compile; without one to overlap,
+    // the test would prove nothing.
+    assert!(
+        loading >= Duration::from_millis(300),
+        "the load took only {loading:?}: make the config slower"
+    );
+    assert!(
+        slowest < Duration::from_millis(200) && slowest < loading / 2,
+        "the proxy took {slowest:?} to answer while a {loading:?} load compiled ({answered} answers)"
+    );
 }

@@ -44,6 +44,7 @@ pub fn run(args: &CheckArgs) -> u8 {
     crate::tls_check::check(&mut compilation);
     let format = if args.json { Format::Json } else { args.format };
     let unenforced = apm_runtime::unbuilt::notes(&compilation.config);
+    let trust = apm_runtime::vanguard::trust_notes(&compilation.config);
     // With a daemon running (none is started), the plan a reload would apply.
     let plan = if compilation.has_errors() {
         None
@@ -54,7 +55,7 @@ pub fn run(args: &CheckArgs) -> u8 {
         Format::Human => {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             let mut text = render::human(&compilation, color);
-            for note in &unenforced {
+            for note in trust.iter().chain(&unenforced) {
                 text.push_str(&format!("note: {note}\n"));
             }
             if let Some(text_plan) = plan.as_ref().and_then(|p| p["text"].as_str()) {
@@ -66,6 +67,7 @@ pub fn run(args: &CheckArgs) -> u8 {
         Format::Json => {
             let mut report = render::json(&compilation);
             report["not_enforced"] = serde_json::json!(unenforced);
+            report["notes"] = serde_json::json!(trust);
             if let Some(plan) = plan {
                 report["plan"] = plan["plan"].clone();
             }

@@ -236,7 +236,7 @@ fn explain_prints_the_long_text_of_a_code() {
         stdout(&output).starts_with("E0004 (error): missing `;`\n\nEvery statement ends with `;`")
     );
     let list = apm(&["explain"], dir.path());
-    assert!(stdout(&list).lines().any(|l| l.starts_with("W0007")));
+    assert!(stdout(&list).lines().any(|l| l.starts_with("W0006")));
     assert_eq!(
         apm(&["explain", "E9999"], dir.path()).status.code(),
         Some(2)

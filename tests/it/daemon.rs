@@ -1856,7 +1856,7 @@ fn a_converted_pm2_cluster_app_answers_on_its_pm2_port() {
     );
 }
 
-const HEADERS_APP: &str = r#"
+pub(crate) const HEADERS_APP: &str = r#"
 import http.server, os, time
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

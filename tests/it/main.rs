@@ -10,3 +10,4 @@ mod docs;
 mod harness;
 mod reload;
 mod sections;
+mod vanguard_attacks;

@@ -167,10 +167,7 @@ fn the_instance_hears_the_client_vanguard_judged_and_no_forged_hop() {
     let d = Daemon::new("vanguard_forwarded_headers");
     let ports = load_workers(
         &d,
-        &[
-            ("plain", "trusted_proxies 127.0.0.1;"),
-            ("loopback", ""),
-        ],
+        &[("plain", "trusted_proxies 127.0.0.1;"), ("loopback", "")],
     );
     let (plain, loopback) = (ports[0], ports[1]);
     let heard = |from: From, port: u16, headers: &str| -> (Option<String>, Option<String>) {
@@ -195,7 +192,11 @@ fn the_instance_hears_the_client_vanguard_judged_and_no_forged_hop() {
     // Through the trusted proxy: the hops from the client on, then the
     // proxy; what the client wrote in front of itself is gone.
     assert_eq!(
-        heard(From::Proxy, plain, "X-Forwarded-For: 6.6.6.6, 192.0.2.7\r\n"),
+        heard(
+            From::Proxy,
+            plain,
+            "X-Forwarded-For: 6.6.6.6, 192.0.2.7\r\n"
+        ),
         (
             Some("192.0.2.7, 127.0.0.1".to_owned()),
             Some("192.0.2.7".to_owned())

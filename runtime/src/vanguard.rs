@@ -1237,10 +1237,8 @@ mod tests {
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         let _ = v.admit_request(v6, "/");
         let flooded = v.stats();
-        assert!(
-            flooded.tracked > 900 && flooded.banned_now > 900,
-            "{flooded:?}"
-        );
+        // Every client is tracked, IPv6 too; each IPv4 one breached.
+        assert_eq!((flooded.tracked, flooded.banned_now), (1001, 1000));
         assert!(flooded.bans.len() <= LISTED_BANS);
         // Within the sweep interval nothing is dropped...
         clock.advance(SWEEP_EVERY / 2);
@@ -1251,6 +1249,62 @@ mod tests {
         let _ = v.admit_request("192.0.2.1".parse().unwrap(), "/");
         assert_eq!(v.stats().tracked, 1, "only the client of this request");
         assert_eq!(v.bans.read().unwrap().iter().count(), 0);
+    }
+
+    #[test]
+    fn a_ban_lasts_ban_ttl_rounded_up_to_the_second_and_is_dropped_when_over() {
+        let (v, clock) = rules("rate_limit 1; ban_ttl 2500ms;");
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let _ = v.admit_request(ip, "/");
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(v.admit_request(ip, "/").unwrap_err(), Refusal::Forbidden);
+        // Banned at 0.5 s for 2.5 s: until 3 s.
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(v.stats().bans, vec![(ip, 1000)], "the time left");
+        clock.advance(Duration::from_millis(999));
+        assert_eq!(v.stats().banned_now, 1);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(v.stats().banned_now, 0, "over at 3 s exactly");
+        assert!(v.admit_connection(ip).is_ok());
+        // That request swept (none did since the start): the ban is gone.
+        assert_eq!(v.bans.read().unwrap().iter().count(), 0);
+    }
+
+    #[test]
+    fn an_allow_list_of_one_family_refuses_the_other() {
+        let (v, _) = rules("allow_ip 2001:db8::/32;");
+        assert!(v.admit_connection("2001:db8::1".parse().unwrap()).is_ok());
+        assert!(v.admit_connection("192.0.2.1".parse().unwrap()).is_err());
+        let (v, _) = rules("allow_ip 192.0.2.0/24;");
+        assert!(v.admit_connection("192.0.2.1".parse().unwrap()).is_ok());
+        assert!(v.admit_connection("2001:db8::1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn check_notes_whom_each_guarded_worker_trusts() {
+        let config = compiled(
+            "vanguard { rate_limit 5; } }\n\
+             worker { name a; exec x; trusted_proxies 192.0.2.0/24; vanguard { ban_path *.php; } }\n\
+             worker { name b; exec x; trust_proxy false; vanguard { ban_ip 192.0.2.1; } }\n\
+             worker { name c; exec x; vanguard { ban_response no; }",
+        );
+        let notes = trust_notes(&config);
+        assert_eq!(notes.len(), 3, "not for a worker without rules: {notes:?}");
+        assert!(
+            notes[0].contains("from 127.0.0.0/8, ::1/128 and unix sockets (loopback, the default"),
+            "{notes:?}"
+        );
+        assert!(
+            notes[1].starts_with("worker `a`: ")
+                && notes[1].contains("from 192.0.2.0/24 (`trusted_proxies`)"),
+            "no unix sockets without loopback: {notes:?}"
+        );
+        assert!(
+            notes[2].starts_with(
+                "worker `b`: Vanguard judges every client by the address it connects from"
+            ),
+            "{notes:?}"
+        );
     }
 
     #[test]

@@ -76,13 +76,8 @@ fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
     );
     let output = apm(&["check", "apm.conf"], dir.path());
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
-    let notes: Vec<String> = stdout(&output)
-        .lines()
-        .filter(|l| l.starts_with("note: "))
-        .map(str::to_owned)
-        .collect();
     assert_eq!(
-        notes,
+        crate::harness::note_lines(&output),
         [
             "note: worker `api` sets keys this version of apm accepts but does not enforce yet: \
           `session_persist` (session migration), `listen` (IPC between workers)"

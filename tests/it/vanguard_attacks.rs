@@ -266,13 +266,8 @@ fn check_says_whose_forwarding_headers_each_guarded_worker_believes() {
          worker { name open; exec node; vanguard { } }\n",
     );
     let output = d.ok(&["check", "apm.conf"]);
-    let notes: Vec<String> = stdout(&output)
-        .lines()
-        .filter(|l| l.starts_with("note: "))
-        .map(str::to_owned)
-        .collect();
     assert_eq!(
-        notes,
+        note_lines(&output),
         [
             "note: worker `edge`: Vanguard believes X-Forwarded-For / X-Real-IP only on connections from \
              173.245.48.0/20, ::1/128 and unix sockets (`trusted_proxies`); any other client is judged by the address it connects from",

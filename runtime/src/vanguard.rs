@@ -1253,21 +1253,25 @@ mod tests {
 
     #[test]
     fn a_ban_lasts_ban_ttl_rounded_up_to_the_second_and_is_dropped_when_over() {
-        let (v, clock) = rules("rate_limit 1; ban_ttl 2500ms;");
-        let ip: IpAddr = "192.0.2.9".parse().unwrap();
-        let _ = v.admit_request(ip, "/");
-        clock.advance(Duration::from_millis(500));
-        assert_eq!(v.admit_request(ip, "/").unwrap_err(), Refusal::Forbidden);
-        // Banned at 0.5 s for 2.5 s: until 3 s.
-        clock.advance(Duration::from_millis(1500));
-        assert_eq!(v.stats().bans, vec![(ip, 1000)], "the time left");
-        clock.advance(Duration::from_millis(999));
-        assert_eq!(v.stats().banned_now, 1);
-        clock.advance(Duration::from_millis(1));
-        assert_eq!(v.stats().banned_now, 0, "over at 3 s exactly");
-        assert!(v.admit_connection(ip).is_ok());
-        // That request swept (none did since the start): the ban is gone.
-        assert_eq!(v.bans.read().unwrap().iter().count(), 0);
+        for client in ["192.0.2.9", "2001:db8::9"] {
+            let (v, clock) = rules("rate_limit 1; ban_ttl 2500ms;");
+            let ip: IpAddr = client.parse().unwrap();
+            let _ = v.admit_request(ip, "/");
+            clock.advance(Duration::from_millis(500));
+            assert_eq!(v.admit_request(ip, "/").unwrap_err(), Refusal::Forbidden);
+            // Banned at 0.5 s for 2.5 s: until 3 s. This request sweeps,
+            // which keeps the ban.
+            clock.advance(Duration::from_millis(1500));
+            assert_eq!(v.admit_connection(ip).unwrap_err(), Refusal::Forbidden);
+            assert_eq!(v.stats().bans, vec![(ip, 1000)], "the time left");
+            clock.advance(Duration::from_millis(999));
+            assert_eq!(v.stats().banned_now, 1);
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(v.stats().banned_now, 0, "over at 3 s exactly");
+            assert!(v.admit_connection(ip).is_ok());
+            // That request swept too (a second after the last): the ban is gone.
+            assert_eq!(v.bans.read().unwrap().iter().count(), 0);
+        }
     }
 
     #[test]

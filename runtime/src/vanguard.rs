@@ -1275,6 +1275,20 @@ mod tests {
     }
 
     #[test]
+    fn a_ban_is_over_at_its_end_between_sweeps_too() {
+        let (v, clock) = rules("rate_limit 1; ban_ttl 2s;");
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let _ = v.admit_request(ip, "/");
+        assert_eq!(v.admit_request(ip, "/").unwrap_err(), Refusal::Forbidden);
+        // Banned until 2 s; this request sweeps at 1.5 s, the next none.
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(v.admit_connection(ip).unwrap_err(), Refusal::Forbidden);
+        clock.advance(Duration::from_millis(500));
+        assert!(v.admit_connection(ip).is_ok());
+        assert_eq!(v.bans.read().unwrap().iter().count(), 1, "not swept yet");
+    }
+
+    #[test]
     fn an_allow_list_of_one_family_refuses_the_other() {
         let (v, _) = rules("allow_ip 2001:db8::/32;");
         assert!(v.admit_connection("2001:db8::1".parse().unwrap()).is_ok());

@@ -51,6 +51,7 @@ pub fn run(args: &CheckArgs) -> u8 {
         .allow_group
         .as_ref()
         .map(|group| crate::protocol::allow_group_rule(&group.value));
+    let trust = apm_runtime::vanguard::trust_notes(&compilation.config);
     // With a daemon running (none is started), the plan a reload would apply.
     let plan = if compilation.has_errors() {
         None
@@ -61,7 +62,7 @@ pub fn run(args: &CheckArgs) -> u8 {
         Format::Human => {
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             let mut text = render::human(&compilation, color);
-            for note in unenforced.iter().chain(&access) {
+            for note in trust.iter().chain(&unenforced).chain(&access) {
                 text.push_str(&format!("note: {note}\n"));
             }
             if let Some(text_plan) = plan.as_ref().and_then(|p| p["text"].as_str()) {
@@ -76,6 +77,7 @@ pub fn run(args: &CheckArgs) -> u8 {
             if let Some(access) = &access {
                 report["access"] = serde_json::json!(access);
             }
+            report["notes"] = serde_json::json!(trust);
             if let Some(plan) = plan {
                 report["plan"] = plan["plan"].clone();
             }

@@ -1,6 +1,8 @@
 //! Stable diagnostic codes. A code never changes meaning once released; its
 //! explanation is what `apm explain CODE` prints. Retired numbers are not
-//! reused (E0003 and E0026 were dropped before the first release).
+//! reused (E0003 and E0026 were dropped before the first release; W0007,
+//! "`trust_proxy` left at its default on a public listener", when forwarding
+//! headers came to be believed from trusted proxies only).
 
 use crate::diag::Severity;
 
@@ -157,12 +159,6 @@ another file or the CLI; if not, the worker waits `depends_timeout` and then sta
     GUI_EXPOSED = "W0006" Warning "GUI on a public address without a password"
 "`gui_bind` is not a loopback address and `gui_password` is not set. The GUI refuses to \
 start like that: set `gui_password`, or bind `127.0.0.1`.";
-
-    TRUST_PROXY_IMPLICIT = "W0007" Warning "`trust_proxy` left at its default on a public listener"
-"The worker has Vanguard rules and listens on a non-loopback address, and `trust_proxy` \
-is on by default. A client can then send its own `X-Forwarded-For` to steer rate limits \
-and bans. Set `trust_proxy false;` when apm faces the internet directly, or \
-`trust_proxy true;` when it sits behind a proxy you control.";
 
     MISSING_VALUE = "W0008" Warning "key without a value"
 "The key has no value and is not a boolean, so it is ignored. Give it a value or remove it.";

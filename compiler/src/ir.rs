@@ -76,7 +76,8 @@ schema_block! {
         server: Vec<Setting<ServerUrl>> = Kind::Server, default None, since "2.0", reload Restart, "Listener addresses of the built-in proxy.";
         upstream: Setting<String> = Kind::Enum(&["connector", "port"]), default Some("connector"), since "2.2", reload Restart, "How instances receive traffic: framed sessions through a connector, or a loopback port each (in port_env).";
         port_env: Setting<String> = Kind::EnvName, default Some("PORT"), since "2.2", reload Restart, "Environment variable that carries each instance's port with `upstream port`.";
-        trust_proxy: Setting<bool> = BOOL, default Some("true"), since "2.0", reload Hot, "Take the client IP from X-Forwarded-For / X-Real-IP; turn off when apm faces the internet.";
+        trust_proxy: Setting<bool> = BOOL, default Some("true"), since "2.0", reload Hot, "Take the client IP from X-Forwarded-For / X-Real-IP when the connection comes from a trusted proxy (trusted_proxies).";
+        trusted_proxies: Vec<Setting<IpNet>> = Kind::Cidr, default None, since "2.2", reload Hot, "Proxies whose X-Forwarded-For / X-Real-IP are believed (addresses or ranges); unset, loopback only (127.0.0.0/8, ::1, unix sockets).";
         lowercase_hdrs: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Lowercase HTTP header names before forwarding.";
         keep_alive: Setting<Millis> = MS, default Some("120000"), since "2.0", reload Hot, "Idle timeout of HTTP keep-alive client connections.";
         max_conns: Setting<u32> = COUNT, default Some("0"), since "2.0", reload Hot, "Maximum concurrent connections per listener; 0 means unlimited.";

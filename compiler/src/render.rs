@@ -335,6 +335,74 @@ pub fn key_reference() -> String {
                 key.doc.replace('|', "\\|"),
             );
         }
+        for (_, rules) in KEY_RULES.iter().filter(|(of, _)| *of == scope) {
+            let _ = write!(out, "\n{rules}");
+        }
     }
     out
 }
+
+/// What a table row cannot say: the rules some keys follow, printed after
+/// their block's table.
+const KEY_RULES: &[(crate::schema::Scope, &str)] = &[
+    (
+        crate::schema::Scope::Worker,
+        "### Whose address Vanguard judges (`trust_proxy`, `trusted_proxies`)
+
+Vanguard judges the address a connection comes from, unless that peer is a
+trusted proxy: one in `trusted_proxies` (unset: loopback, `127.0.0.0/8` and
+`::1`) with `trust_proxy` on, the default. Setting `trusted_proxies`
+replaces loopback (list `127.0.0.1, ::1` too to keep it); a unix-socket
+client counts as trusted when loopback is listed. A client that connects
+directly is judged by its own address, whatever headers it sends.
+
+From a trusted proxy, `X-Forwarded-For` (all its fields, in order, as one
+list) is read from the right, as each proxy appends the address it saw: an
+entry that is itself a trusted proxy is skipped, and the first one that is
+not is the client. An entry that is not an address (an address with a port
+is one) ends the walk at the last address read; when every entry is
+trusted, the left-most is the client. Without `X-Forwarded-For`, the last
+`X-Real-IP` names the client.
+
+The instance hears the same client: `X-Forwarded-For` lists the hops from
+that client on, then the peer (what a client wrote in front of its own
+address, or anything an untrusted peer wrote, is not passed on), and
+`X-Real-IP` is that client when a trusted proxy named one and absent
+otherwise. A connector's session `remote_ip` and `trace_header` lines show it
+too. `apm check` says whom each worker with Vanguard rules trusts.
+",
+    ),
+    (
+        crate::schema::Scope::Vanguard,
+        "### How `ban_path` matches
+
+A deny list errs towards refusing. The request path (query and fragment
+dropped) is brought to what a server might make of it:
+
+1. Percent-escapes are decoded again until none is left (`%252e` is `.`);
+   a path still encoded after four rounds is refused.
+2. `\\` separates segments as `/` does.
+3. Each segment loses its path parameters (from `;`, as in
+   `;jsessionid=…`) and anything after a NUL, then its trailing dots and
+   spaces (`admin.`, `admin%20`).
+4. Empty segments (`//`) and `.` are dropped; `..` removes the segment
+   before it, so `/x/..;/admin` is `/admin`.
+5. Case is ignored (`/Admin` is `/admin`), beyond ASCII too.
+
+A path with `;` or a NUL is judged once more with its parameters kept, as
+servers that do not strip them see it; either match refuses. Then:
+
+- A pattern without `/` names a file or directory and is matched against
+  each segment: `*.php` refuses a segment ending in `.php` anywhere,
+  including `/index.php/extra` (PATH_INFO); `.env` a segment named `.env`;
+  `wp-*` a segment starting with `wp-`; `*wp-*` one containing `wp-`.
+- A pattern with `/` is matched against the whole path: `/admin` refuses
+  `/admin`, `/admin/` and everything under it (`/admin/users`), not
+  `/administrator`; `/.git*` any path that starts with `/.git`;
+  `*/config.php` a path that ends with it or goes on under it; `*/x/*` a
+  path that contains `/x/`.
+- A trailing `/` changes nothing, in a path or a pattern, but `ban_path /;`
+  refuses the root only, not every path.
+",
+    ),
+];

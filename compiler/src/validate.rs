@@ -336,27 +336,4 @@ fn exposure(config: &Config, cx: &mut PassCx) {
             );
         }
     }
-    for spec in &config.workers {
-        let has_rules = spec.vanguard.as_ref().is_some_and(|v| v.has_rules());
-        if !has_rules || spec.trust_proxy.is_explicit() {
-            continue;
-        }
-        if let Some(span) = spec
-            .server
-            .iter()
-            // X-Forwarded-For exists only where HTTP is parsed.
-            .find(|s| s.scheme != Scheme::Tcp && !s.addr.is_loopback())
-            .and_then(|s| s.span)
-        {
-            cx.diags.push(
-                Diagnostic::new(
-                    &codes::TRUST_PROXY_IMPLICIT,
-                    span,
-                    format!("{} has Vanguard rules on a public listener and trusts X-Forwarded-For by default", spec.label()),
-                )
-                .label("public listener")
-                .help("set `trust_proxy false;` when clients connect directly, or `trust_proxy true;` behind a proxy you control"),
-            );
-        }
-    }
 }

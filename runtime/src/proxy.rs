@@ -29,7 +29,7 @@ use crate::connector::{Head, Link};
 use crate::held::{Held, Metered};
 use crate::tls::Tls;
 use crate::upstream;
-use crate::vanguard::{Permit, Refusal, Vanguard};
+use crate::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
 
 /// Where a listener sends traffic and how, as the supervisor sees it now:
 /// the running instances and the worker's proxy options.
@@ -71,8 +71,8 @@ pub struct Tracing {
 /// The worker's proxy options (Proxy / HTTP in the reference).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
-    /// Take the client address from `X-Forwarded-For` / `X-Real-IP`.
-    pub trust_proxy: bool,
+    /// Whose `X-Forwarded-For` / `X-Real-IP` name the client.
+    pub proxies: TrustedProxies,
     /// `trace_header`: each forwarded request carries a unique id.
     pub tracing: Option<Tracing>,
     /// Idle timeout of client keep-alive connections.
@@ -729,40 +729,33 @@ fn trace_id() -> String {
     )
 }
 
-/// The client's address: with `trust_proxy`, the one the proxy in front
-/// reports (the last `X-Forwarded-For` entry, else `X-Real-IP`).
-fn client_ip(
-    request: &Request<Incoming>,
-    socket: Option<IpAddr>,
-    trust_proxy: bool,
-) -> Option<IpAddr> {
-    let header = |name: &HeaderName| request.headers().get(name).and_then(|v| v.to_str().ok());
-    let forwarded = trust_proxy
-        .then(|| {
-            header(&X_FORWARDED_FOR)
-                .and_then(|chain| {
-                    chain
-                        .rsplit(',')
-                        .next()
-                        .and_then(|ip| ip.trim().parse().ok())
-                })
-                .or_else(|| header(&X_REAL_IP).and_then(|ip| ip.trim().parse().ok()))
-        })
-        .flatten();
-    forwarded.or(socket)
+/// Where a request comes from: its connection's peer, or the client a
+/// trusted proxy in front names (`TrustedProxies::origin`).
+fn origin(request: &Request<Incoming>, peer: Option<IpAddr>, options: &Options) -> Origin {
+    let headers = request.headers();
+    options.proxies.origin(
+        peer,
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        // The last one: a proxy that adds its own leaves a client's before it.
+        headers
+            .get_all(&X_REAL_IP)
+            .iter()
+            .next_back()
+            .map(HeaderValue::as_bytes),
+    )
 }
 
 /// Vanguard's verdict on a request: a permit, or the refusal with the
 /// `ban_response` to send.
 fn gate(
     request: &Request<Incoming>,
-    socket: Option<IpAddr>,
+    client: Option<IpAddr>,
     options: &Options,
 ) -> Result<Permit, (Refusal, String)> {
-    let (Some(guard), Some(ip)) = (
-        &options.vanguard,
-        client_ip(request, socket, options.trust_proxy),
-    ) else {
+    let (Some(guard), Some(ip)) = (&options.vanguard, client) else {
         return Ok(Permit::unguarded());
     };
     let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -823,12 +816,13 @@ async fn forward(
     }
     let kept = connection.upstream.lock().expect("upstream").backend();
     let (backend, options) = pick(kept);
-    let _permit = match gate(&request, connection.client, &options) {
+    let origin = origin(&request, connection.client, &options);
+    let _permit = match gate(&request, origin.client, &options) {
         Ok(permit) => permit,
         Err((refusal, ban_response)) => return Ok(answering.with(refused(refusal, ban_response))),
     };
     let (client, tls, worker) = (
-        connection.client,
+        origin.client,
         connection.tls.as_ref(),
         connection.worker.as_str(),
     );
@@ -857,7 +851,7 @@ async fn forward(
         );
         return Ok(answering.with(unavailable));
     };
-    let traced = prepare(&mut request, connection, &options);
+    let traced = prepare(&mut request, connection, &origin, &options);
     let request = request.map(|body| ClientBody {
         body,
         connection: answering.0.clone(),
@@ -1002,9 +996,10 @@ fn names_a_host(value: &[u8]) -> bool {
 fn prepare(
     request: &mut Request<Incoming>,
     connection: &Connection,
+    origin: &Origin,
     options: &Options,
 ) -> Option<Trace> {
-    let (client, tls) = (connection.client, connection.tls.as_ref());
+    let tls = connection.tls.as_ref();
     let tracing = options.tracing.as_ref();
     let mut traced = tracing.map(|tracing| Trace {
         log: tracing.log.clone(),
@@ -1024,24 +1019,30 @@ fn prepare(
         && lists_token(request.headers(), CONNECTION, "upgrade");
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, upgrading);
-    // Without trust_proxy, a client's own X-Forwarded-For is not believed.
-    let chain = headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| options.trust_proxy);
-    let forwarded_for = match (chain, client) {
-        (Some(chain), Some(ip)) => HeaderValue::from_str(&format!("{chain}, {ip}")).ok(),
-        (Some(chain), None) => HeaderValue::from_str(chain).ok(),
+    // The instance hears what Vanguard judged: the hops a trusted proxy
+    // vouched for, from the client on, then the peer; a client's own claims
+    // are never passed on.
+    let forwarded_for = match origin.hops.as_slice() {
         // A unix socket client has no address to report.
-        (None, _) => connection.client_value.clone(),
+        [] => connection.client_value.clone(),
+        hops => {
+            let chain: Vec<String> = hops
+                .iter()
+                .chain(&connection.client)
+                .map(IpAddr::to_string)
+                .collect();
+            HeaderValue::from_str(&chain.join(", ")).ok()
+        }
     };
     match forwarded_for {
         Some(value) => headers.insert(X_FORWARDED_FOR, value),
         None => headers.remove(X_FORWARDED_FOR),
     };
-    if !options.trust_proxy {
-        headers.remove(X_REAL_IP);
-    }
+    let real_ip = origin.hops.first().map(|client| client.to_string());
+    match real_ip.and_then(|client| HeaderValue::from_str(&client).ok()) {
+        Some(value) => headers.insert(X_REAL_IP, value),
+        None => headers.remove(X_REAL_IP),
+    };
     // Only the handshake may say who the client is, never the client itself.
     match tls.and_then(|tls| tls.client_subject.clone()) {
         Some(subject) => headers.insert(CLIENT_SUBJECT, subject),

@@ -378,6 +378,15 @@ pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The `note: ` lines of a command's output (`apm check`'s notes).
+pub(crate) fn note_lines(output: &Output) -> Vec<String> {
+    stdout(output)
+        .lines()
+        .filter(|l| l.starts_with("note: "))
+        .map(str::to_owned)
+        .collect()
+}
+
 pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -16,3 +16,4 @@ mod reload;
 mod sections;
 mod security_local;
 mod stats;
+mod vanguard_attacks;

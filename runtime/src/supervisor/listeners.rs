@@ -61,7 +61,7 @@ impl Supervisor {
                     .filter_map(Instance::backend)
                     .collect(),
                 options: Arc::new(crate::proxy::Options {
-                    trust_proxy: spec.trust_proxy.value,
+                    proxies: crate::vanguard::TrustedProxies::new(spec),
                     tracing,
                     keep_alive: spec.keep_alive.as_duration(),
                     max_conns: spec.max_conns.value,

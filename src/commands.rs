@@ -948,7 +948,7 @@ pub fn exit_daemon(place: &Place) -> u8 {
             } else {
                 println!("daemon stopped its workers; pid {pid} has not ended yet");
             }
-            // What the next daemon does with them (docs/cli.md, decision 52).
+            // What the next daemon does with them (docs/cli.md, decision 49).
             if !stopped.is_empty() {
                 println!(
                     "■ {} worker(s) stopped and kept stopped: {}. The next apm command starts a daemon that lists them \
@@ -1209,7 +1209,7 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
         println!("✓ {} {verb} {}", names.join(", "), target.display());
     }
     // The reference's recipe: "persist a CLI-built worker, then manage it
-    // from the file" (docs/cli.md, decision 57).
+    // from the file" (docs/cli.md, decision 54).
     for (name, path) in moving {
         let call = Call::Attach {
             name: name.clone(),

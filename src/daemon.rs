@@ -208,7 +208,7 @@ const FREED_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(5
 async fn serve(mut place: Place) -> u8 {
     place.home = std::path::absolute(&place.home).unwrap_or(place.home);
     // Not the directory of whichever command started it (docs/cli.md,
-    // decision 51); `home` is absolute by now.
+    // decision 48); `home` is absolute by now.
     let _ = std::env::set_current_dir("/");
     if let Err(e) = std::fs::create_dir_all(&place.home) {
         log(format_args!(
@@ -347,7 +347,7 @@ async fn reload_all_logged(daemon: Arc<Daemon>) {
 /// Stops every worker. A signal keeps what each is meant to do, so that the
 /// next daemon (after a reboot) brings back what ran; `apm exit daemon`,
 /// the user's own "stop everything", records them all as stopped
-/// (docs/cli.md, decision 52).
+/// (docs/cli.md, decision 49).
 async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
     log(format_args!("{why}: stopping every worker"));
     let _ = daemon
@@ -382,7 +382,7 @@ fn allow_group(home: &Path) -> Option<(String, PathBuf)> {
 /// The variables of the daemon's own environment that every worker's
 /// processes get (with `LC_*`), and nothing else of it: it is the
 /// environment of whichever command started the daemon (docs/cli.md,
-/// decision 50).
+/// decision 47).
 const BASE_ENVIRONMENT: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR",
 ];
@@ -1448,7 +1448,7 @@ async fn apply(
 /// apply in place, anything else restarts it), and is started if it is not
 /// running. The same block and environment change nothing, so a call the
 /// CLI replays after a daemon crash answers as the first would have
-/// (docs/cli.md, decision 54).
+/// (docs/cli.md, decision 51).
 async fn run_again(
     daemon: &Daemon,
     again: Again,
@@ -1521,7 +1521,7 @@ struct Again {
 /// `apm saveconf W FILE` has written W into FILE: W is FILE's from now on,
 /// so that `apm reload FILE` manages it. Its processes run on; their next
 /// start gets the base environment and the file's `env`, as any file's
-/// worker (docs/cli.md, decision 57).
+/// worker (docs/cli.md, decision 54).
 async fn attach(daemon: &Daemon, name: String, path: PathBuf) -> Result<Response, Response> {
     let compilation = compile_file(daemon, &path).await?;
     let Some(spec) = compilation

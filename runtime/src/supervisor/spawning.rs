@@ -389,7 +389,7 @@ pub(super) fn build_command(
         command.current_dir(directory);
     }
     // Nothing of the daemon's own environment, which is that of whichever
-    // command started it (docs/cli.md, decision 50).
+    // command started it (docs/cli.md, decision 47).
     command.env_clear();
     command.envs(inherited.iter().map(|(k, v)| (k, v)));
     // env_file first, so `env` entries override it; read before any

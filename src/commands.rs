@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, print, render};
-use apm_runtime::supervisor::{StartReport, WorkerStatus};
+use apm_runtime::process::supervisor::{StartReport, WorkerStatus};
 use serde::Deserialize;
 
 use crate::client::{self, Failure, Place};
@@ -192,7 +192,7 @@ pub fn run(place: &Place, args: &[String]) -> u8 {
         Call::Run {
             config: print::worker(spec),
             start: true,
-            environment: apm_runtime::state::Environment::of_this_process(),
+            environment: apm_runtime::process::state::Environment::of_this_process(),
             named: flags.settings.iter().any(|(key, _)| *key == "name"),
         },
     ) {
@@ -652,8 +652,8 @@ pub fn info(place: &Place, name: &str, json: bool) -> u8 {
         }
     }
     match &s.origin {
-        apm_runtime::state::Origin::File { path } => println!("from: {}", path.display()),
-        apm_runtime::state::Origin::Cli { .. } => println!("from: the command line"),
+        apm_runtime::process::state::Origin::File { path } => println!("from: {}", path.display()),
+        apm_runtime::process::state::Origin::Cli { .. } => println!("from: the command line"),
     }
     println!("\n{}", info.text.trim_end());
     let _ = info.config;
@@ -748,7 +748,7 @@ fn each_line_of(mut file: &std::fs::File, from: u64, mut each: impl FnMut(&str))
 /// Whether a log line is of the stream whose marker is `only` (any, without
 /// one): both streams may share a file.
 fn in_stream(line: &str, only: Option<&str>) -> bool {
-    only.is_none_or(|marker| apm_runtime::logs::marker_of(line) == Some(marker))
+    only.is_none_or(|marker| apm_runtime::observe::logs::marker_of(line) == Some(marker))
 }
 
 /// The last `count` lines of a log (of one stream when `only` names its
@@ -976,7 +976,7 @@ pub fn exit_daemon(place: &Place) -> u8 {
 fn gone(pid: u32, patience: Duration) -> bool {
     let deadline = std::time::Instant::now() + patience;
     loop {
-        if apm_runtime::procfs::stat(pid).is_none_or(|stat| stat.zombie) {
+        if apm_runtime::process::procfs::stat(pid).is_none_or(|stat| stat.zombie) {
             return true;
         }
         if std::time::Instant::now() >= deadline {
@@ -1127,8 +1127,8 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
     {
         let target = match (file, &status.origin) {
             (Some(file), _) => std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf()),
-            (None, apm_runtime::state::Origin::File { path }) => path.clone(),
-            (None, apm_runtime::state::Origin::Cli { .. }) => {
+            (None, apm_runtime::process::state::Origin::File { path }) => path.clone(),
+            (None, apm_runtime::process::state::Origin::Cli { .. }) => {
                 println!(
                     "• {} was started from the command line; save it with `apm saveconf {} FILE`",
                     status.name, status.name
@@ -1141,7 +1141,7 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
             Err(code) => return code,
         };
         if status.origin
-            != (apm_runtime::state::Origin::File {
+            != (apm_runtime::process::state::Origin::File {
                 path: target.clone(),
             })
         {

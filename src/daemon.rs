@@ -9,9 +9,10 @@ use std::time::Duration;
 use apm_compiler::ir::WorkerSpec;
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
-use apm_runtime::state::{self, Environment, Origin, SavedProcess, SavedWorker};
-use apm_runtime::supervisor::{self, Begin, Command, Handle, Supervisor};
-use apm_runtime::{locked, log, procfs, unbuilt};
+use apm_runtime::process::procfs;
+use apm_runtime::process::state::{self, Environment, Origin, SavedProcess, SavedWorker};
+use apm_runtime::process::supervisor::{self, Begin, Command, Handle, Supervisor};
+use apm_runtime::{locked, log, unbuilt};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -225,14 +226,14 @@ async fn serve(mut place: Place) -> u8 {
             return exit::FAILED;
         }
     };
-    apm_runtime::daemon_log::rotate_at(&place.log_file());
+    apm_runtime::observe::daemon_log::rotate_at(&place.log_file());
     // Counts of repeated log lines are summarised once their minute is
     // over, also when nothing else is logged.
     tokio::spawn(async {
         let mut ticks = tokio::time::interval(Duration::from_secs(5));
         loop {
             ticks.tick().await;
-            apm_runtime::daemon_log::flush();
+            apm_runtime::observe::daemon_log::flush();
         }
     });
     let pid_file = place.home.join("apm.pid");

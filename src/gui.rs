@@ -496,7 +496,7 @@ async fn log(daemon: &Daemon, query: &str) -> Response<Full<Bytes>> {
     if !response.ok {
         return refused(StatusCode::NOT_FOUND, &response.error.unwrap_or_default());
     }
-    let Ok(status) = serde_json::from_value::<apm_runtime::supervisor::WorkerStatus>(
+    let Ok(status) = serde_json::from_value::<apm_runtime::process::supervisor::WorkerStatus>(
         response.data["status"].clone(),
     ) else {
         return refused(

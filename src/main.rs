@@ -355,7 +355,7 @@ fn main() -> ExitCode {
             Call::Copy {
                 name: worker,
                 new,
-                environment: apm_runtime::state::Environment::of_this_process(),
+                environment: apm_runtime::process::state::Environment::of_this_process(),
             },
         ),
         Command::Wait { worker, timeout } => match commands::parse_duration(&timeout) {

@@ -31,7 +31,7 @@ pub enum Call {
         start: bool,
         /// The caller's environment, which the worker's processes get.
         #[serde(default)]
-        environment: apm_runtime::state::Environment,
+        environment: apm_runtime::process::state::Environment,
         /// Whether the caller gave `-name`: only then does a different
         /// block change the worker of that name.
         #[serde(default)]
@@ -75,7 +75,7 @@ pub enum Call {
         /// The caller's environment, which the copy's processes get, as
         /// with `Run`.
         #[serde(default)]
-        environment: apm_runtime::state::Environment,
+        environment: apm_runtime::process::state::Environment,
     },
     Signal {
         name: String,

@@ -19,7 +19,7 @@ pub fn check(compilation: &mut Compilation) {
         {
             continue;
         }
-        if let Err(error) = apm_runtime::tls::acceptor(
+        if let Err(error) = apm_runtime::traffic::tls::acceptor(
             &cert.value,
             &key.value,
             spec.tls_ca.as_ref().map(|c| c.value.as_path()),

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use apm_runtime::vanguard::Vanguard;
+use apm_runtime::traffic::vanguard::Vanguard;
 
 fn vanguard(rules: &str) -> Vanguard {
     let config = format!("worker {{ exec x; vanguard {{ {rules} }} }}");

@@ -4,33 +4,16 @@
 //! what it needs around that. `unsafe` is allowed in `sys` only.
 #![deny(unsafe_code)]
 
-pub mod augur;
-mod cgroup;
-pub mod connector;
-pub mod daemon_log;
-mod filewatch;
-mod health;
-mod held;
-pub mod lifecycle;
-pub mod logs;
-mod logstyle;
-pub mod procfs;
-pub mod proxy;
-mod session;
-pub mod state;
-mod statsd;
-pub mod supervisor;
+pub mod observe;
+pub mod process;
 pub mod sys;
-mod syslog;
-pub mod tls;
+pub mod traffic;
 pub mod unbuilt;
-mod upstream;
-pub mod vanguard;
 
 /// The daemon log is its stderr: one timestamped line per event, repeated
 /// ones summarised (`daemon_log`).
 pub fn log(message: std::fmt::Arguments) {
-    daemon_log::write(&message.to_string());
+    observe::daemon_log::write(&message.to_string());
 }
 
 /// What an accept loop makes of `accept`'s errors. One connection's own

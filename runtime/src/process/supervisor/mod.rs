@@ -37,11 +37,12 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
-use crate::logs::{self, LogFiles, Stream, Target};
-use crate::proxy::Backend;
-use crate::state::{Environment, Origin, SavedProcess, SavedWorker, Saver, State};
-use crate::{procfs, sys};
+use crate::observe::logs::{self, LogFiles, Stream, Target};
+use crate::process::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
+use crate::process::procfs;
+use crate::process::state::{Environment, Origin, SavedProcess, SavedWorker, Saver, State};
+use crate::sys;
+use crate::traffic::proxy::Backend;
 
 /// One instance's state, as `list` and `info` show it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -75,7 +76,7 @@ pub struct WorkerStatus {
     pub out_log: PathBuf,
     pub err_log: PathBuf,
     /// Vanguard's decisions and current bans, for workers with rules.
-    pub vanguard: Option<crate::vanguard::Stats>,
+    pub vanguard: Option<crate::traffic::vanguard::Stats>,
     /// The environment of the `apm run` that made it, for the daemon to
     /// compare; never sent to the CLI.
     #[serde(skip)]
@@ -107,7 +108,7 @@ pub struct InstanceStart {
     pub error: Option<String>,
     /// Augur's reading of a failed start.
     #[serde(default)]
-    pub diagnosis: Option<crate::augur::Diagnosis>,
+    pub diagnosis: Option<crate::process::augur::Diagnosis>,
     /// For a worker with `server` lines, whether the proxy sends it traffic
     /// (the start waits `SERVE_PATIENCE` for it).
     #[serde(default)]
@@ -232,14 +233,14 @@ enum Msg {
     Health {
         id: u64,
         pid: u32,
-        verdict: crate::health::Verdict,
+        verdict: crate::process::health::Verdict,
     },
 }
 
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
-    saved: Arc<crate::state::Progress>,
+    saved: Arc<crate::process::state::Progress>,
 }
 
 impl Handle {
@@ -289,11 +290,11 @@ struct Instance {
     /// The loopback port of the current process, with `upstream port`.
     port: Option<Port>,
     /// The current process's connector channel, with `upstream connector`.
-    link: Option<Arc<crate::connector::Link>>,
+    link: Option<Arc<crate::traffic::connector::Link>>,
     /// The current process's health check, with `health_check`.
-    health: Option<crate::health::Check>,
+    health: Option<crate::process::health::Check>,
     /// Its memory cgroup, with `memory_limit`.
-    cgroup: Option<crate::cgroup::Group>,
+    cgroup: Option<crate::process::cgroup::Group>,
     /// Whether the current process has passed a health check.
     healthy: bool,
 }
@@ -406,20 +407,20 @@ struct Worker {
     /// While set, the worker waits for its `depends_on` until this instant.
     deps_deadline: Option<Instant>,
     /// The running instances' addresses, for the proxy's listeners.
-    routes: watch::Sender<crate::proxy::Route>,
+    routes: watch::Sender<crate::traffic::proxy::Route>,
     /// Its Vanguard, kept (with its rate state and bans) while the rules stay.
-    guard: Option<crate::proxy::Guard>,
+    guard: Option<crate::traffic::proxy::Guard>,
     /// Its TLS setup, rebuilt when its TLS keys change (new connections use it).
-    tls: crate::proxy::TlsSetting,
+    tls: crate::traffic::proxy::TlsSetting,
     deps_timed_out: bool,
     /// A rolling restart under way (`rolling`).
     rolling: Option<Rolling>,
     /// Its health check settings, which its processes' checks follow.
-    health_settings: watch::Sender<crate::health::Settings>,
+    health_settings: watch::Sender<crate::process::health::Settings>,
     /// Where its lines go too, with `syslog`.
-    syslog: Option<Arc<crate::syslog::Sink>>,
+    syslog: Option<Arc<crate::observe::syslog::Sink>>,
     /// Its metrics reporter, with `statsd { }`.
-    statsd: Option<crate::statsd::Reporter>,
+    statsd: Option<crate::observe::statsd::Reporter>,
     /// Why its `memory_limit` is not enforced, once a start found out: the
     /// daemon log says it once, every start report again.
     memory_warning: Option<String>,
@@ -487,13 +488,13 @@ pub struct Supervisor {
     waiters: Vec<Waiter>,
     dirty: bool,
     /// The proxy's listeners by address, each with the worker it serves.
-    listeners: HashMap<String, (String, crate::proxy::Listener)>,
+    listeners: HashMap<String, (String, crate::traffic::proxy::Listener)>,
     /// Listener addresses already reported as unusable, to say it once.
     warned_listeners: Vec<String>,
     /// The file watches of the workers with `watch` patterns, by worker.
     watching: HashMap<String, Watching>,
     /// The endpoint push-mode health checks call, once one is needed.
-    check_ins: Option<crate::health::Endpoint>,
+    check_ins: Option<crate::process::health::Endpoint>,
     /// What every process gets before its worker's own variables; its last
     /// entry marks it as this daemon's (`Supervisor::spawn`).
     base_env: Arc<Vec<(String, String)>>,
@@ -508,10 +509,10 @@ pub struct Supervisor {
 struct Watching {
     /// The spec it was made for; another one is looked at again.
     source: Arc<WorkerSpec>,
-    spec: crate::filewatch::WatchSpec,
+    spec: crate::process::filewatch::WatchSpec,
     /// None when it could not start (said once, in the daemon log).
     #[expect(dead_code, reason = "held: the watch ends when it is dropped")]
-    watch: Option<crate::filewatch::FileWatch>,
+    watch: Option<crate::process::filewatch::FileWatch>,
 }
 
 impl Supervisor {
@@ -776,7 +777,7 @@ impl Supervisor {
             deps_timed_out: false,
             rolling: None,
             memory_warning: None,
-            routes: watch::channel(crate::proxy::Route::default()).0,
+            routes: watch::channel(crate::traffic::proxy::Route::default()).0,
         };
         self.workers.insert(name, worker);
         self.dirty = true;
@@ -1060,7 +1061,7 @@ impl Supervisor {
 
     fn snapshot(&self) -> State {
         State {
-            format: crate::state::FORMAT,
+            format: crate::process::state::FORMAT,
             workers: self
                 .workers
                 .iter()

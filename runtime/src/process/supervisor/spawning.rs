@@ -25,7 +25,7 @@ impl Supervisor {
         instance.health = None;
         instance.healthy = false;
         let port = if spec.upstream.value == "port" {
-            match crate::proxy::free_port() {
+            match crate::traffic::proxy::free_port() {
                 Ok(port) => Some(port),
                 Err(error) => {
                     return spawn_failed(name, instance, format!("no free loopback port: {error}"));
@@ -36,7 +36,8 @@ impl Supervisor {
         };
         instance.port = port.map(Port::new);
         if spec.augur_full_scan.value
-            && let Some(problem) = crate::augur::preflight(&augur_view(&spec, directory.as_deref()))
+            && let Some(problem) =
+                crate::process::augur::preflight(&augur_view(&spec, directory.as_deref()))
         {
             return spawn_failed(name, instance, problem);
         }
@@ -116,7 +117,7 @@ impl Supervisor {
         if let Some(channel) = channel {
             let tx = self.tx.clone();
             let label = format!("{name}#{index}");
-            match crate::connector::Link::start(channel, label, index, pid, move || {
+            match crate::traffic::connector::Link::start(channel, label, index, pid, move || {
                 let _ = tx.send(Msg::Recheck);
             }) {
                 Ok(link) => instance.link = Some(link),
@@ -131,7 +132,7 @@ impl Supervisor {
                 let _ = tx.send(Msg::Health { id, pid, verdict });
             };
             let settings = worker.health_settings.subscribe();
-            instance.health = Some(crate::health::start(mode, settings, report));
+            instance.health = Some(crate::process::health::start(mode, settings, report));
         }
         instance.start_ticks = procfs::stat(pid).map(|s| s.start_ticks);
         instance.started = Some(Instant::now());
@@ -170,7 +171,7 @@ impl Supervisor {
     pub(super) fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
         let (out_path, err_path) = log_paths(&self.home, spec);
         let colour = !spec.strip_ansi.value;
-        let prefix = crate::logstyle::colours(&log_prefix(spec, index), colour);
+        let prefix = crate::observe::logstyle::colours(&log_prefix(spec, index), colour);
         let time_format = log_time_format(spec);
         let syslog = self
             .workers
@@ -239,7 +240,7 @@ pub(super) fn memory_group(
                 (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
             });
             let group = format!("apm-{daemon:08x}-{name}-{}", instance.index);
-            instance.cgroup = Some(crate::cgroup::Group::prepare(&group, limit)?);
+            instance.cgroup = Some(crate::process::cgroup::Group::prepare(&group, limit)?);
         }
     }
     let group = instance.cgroup.as_ref().expect("set above");
@@ -256,8 +257,8 @@ pub(super) fn health_mode(
     spec: &WorkerSpec,
     port: Option<u16>,
     listening: Option<Arc<std::sync::atomic::AtomicBool>>,
-    check_ins: &mut Option<crate::health::Endpoint>,
-) -> Result<Option<(crate::health::Mode, Option<String>)>, String> {
+    check_ins: &mut Option<crate::process::health::Endpoint>,
+) -> Result<Option<(crate::process::health::Mode, Option<String>)>, String> {
     use apm_compiler::values::HealthCheck;
     let Some(check) = &spec.health_check else {
         return Ok(None);
@@ -283,7 +284,7 @@ pub(super) fn health_mode(
                 }
                 None => uri,
             };
-            let mode = crate::health::Mode::Pull {
+            let mode = crate::process::health::Mode::Pull {
                 uri,
                 host,
                 listening,
@@ -293,7 +294,7 @@ pub(super) fn health_mode(
         HealthCheck::Push => {
             if check_ins.is_none() {
                 *check_ins = Some(
-                    crate::health::Endpoint::start()
+                    crate::process::health::Endpoint::start()
                         .map_err(|e| format!("no health check-in endpoint: {e}"))?,
                 );
             }
@@ -301,13 +302,16 @@ pub(super) fn health_mode(
             let (check_in, url) = endpoint
                 .check_in()
                 .map_err(|e| format!("no health check-in token: {e}"))?;
-            Ok(Some((crate::health::Mode::Push(check_in), Some(url))))
+            Ok(Some((
+                crate::process::health::Mode::Push(check_in),
+                Some(url),
+            )))
         }
     }
 }
 
-pub(super) fn health_settings(spec: &WorkerSpec) -> crate::health::Settings {
-    crate::health::Settings {
+pub(super) fn health_settings(spec: &WorkerSpec) -> crate::process::health::Settings {
+    crate::process::health::Settings {
         first: spec.startup_grace.as_duration(),
         interval: spec.health_check_interval.as_duration(),
         timeout: spec.health_check_timeout.as_duration(),
@@ -339,7 +343,10 @@ pub(super) fn rotation(spec: &WorkerSpec) -> logs::Rotation {
 /// `log_time_format` with its colours, as the worker's log lines use it.
 pub(super) fn log_time_format(spec: &WorkerSpec) -> Option<String> {
     let format = &spec.log_time_format.as_ref()?.value;
-    Some(crate::logstyle::colours(format, !spec.strip_ansi.value))
+    Some(crate::observe::logstyle::colours(
+        format,
+        !spec.strip_ansi.value,
+    ))
 }
 
 pub(super) fn log_prefix(spec: &WorkerSpec, index: usize) -> String {

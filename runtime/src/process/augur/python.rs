@@ -669,7 +669,7 @@ fn imports(source: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augur::tests::write;
+    use crate::process::augur::tests::write;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     /// A fake interpreter installed under `prefix`: `bin/python3.11`, a

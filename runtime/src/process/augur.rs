@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use apm_compiler::ir::WorkerSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::procfs::Listener;
+use crate::process::procfs::Listener;
 
 /// What augur found for a failed start.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -35,7 +35,11 @@ pub struct Missing {
 }
 
 pub fn diagnose(stderr: &str, spec: &WorkerSpec) -> Diagnosis {
-    diagnose_program(stderr, &Program::of(spec), &crate::procfs::tcp_listener)
+    diagnose_program(
+        stderr,
+        &Program::of(spec),
+        &crate::process::procfs::tcp_listener,
+    )
 }
 
 /// `augur_full_scan`: what keeps a process of the worker from starting
@@ -738,8 +742,11 @@ OSError: [Errno 98] Address already in use";
         let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let stderr = format!("Error: listen EADDRINUSE: address already in use :::{port}");
-        let diagnosis =
-            diagnose_program(&stderr, &Program::default(), &crate::procfs::tcp_listener);
+        let diagnosis = diagnose_program(
+            &stderr,
+            &Program::default(),
+            &crate::process::procfs::tcp_listener,
+        );
         let me = std::process::id();
         assert_eq!(diagnosis.hints.len(), 1);
         assert!(

@@ -177,7 +177,10 @@ pub(super) fn start_report(name: &str, worker: &Worker) -> StartReport {
             let stderr = String::from_utf8_lossy(&stderr).into_owned();
             let project = run_dir(&worker.spec, &worker.origin);
             let diagnosis = (!ok).then(|| {
-                crate::augur::diagnose(&stderr, &augur_view(&worker.spec, project.as_deref()))
+                crate::process::augur::diagnose(
+                    &stderr,
+                    &augur_view(&worker.spec, project.as_deref()),
+                )
             });
             InstanceStart {
                 index: i.index,

@@ -220,7 +220,7 @@ fn locked_versions(lock: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augur::tests::write;
+    use crate::process::augur::tests::write;
 
     const GEMFILE: &str = r#"source 'https://rubygems.org'
 ruby '3.1.2'

@@ -50,7 +50,7 @@ pub struct Target {
     /// `strip_ansi`: colours and other terminal escapes are left out.
     pub strip_ansi: bool,
     /// `syslog`: where the lines go too.
-    pub syslog: Option<Arc<crate::syslog::Sink>>,
+    pub syslog: Option<Arc<crate::observe::syslog::Sink>>,
 }
 
 /// An open log file; lines sent to it are appended in order.
@@ -310,7 +310,7 @@ pub async fn pump(
 /// the worker's `log_time_format` when it has one.
 pub fn line_start(prefix: &str, time_format: Option<&str>, which: Stream) -> Vec<u8> {
     let stamp = time_format.map_or_else(crate::timestamp, |format| {
-        crate::logstyle::strftime(format, std::time::SystemTime::now())
+        crate::observe::logstyle::strftime(format, std::time::SystemTime::now())
     });
     format!("{stamp} {prefix} {} ", which.marker()).into_bytes()
 }

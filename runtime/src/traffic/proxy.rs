@@ -25,11 +25,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::connector::{Head, Link};
-use crate::held::{Held, Metered};
-use crate::tls::Tls;
-use crate::upstream;
-use crate::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
+use crate::traffic::connector::{Head, Link};
+use crate::traffic::held::{Held, Metered};
+use crate::traffic::tls::Tls;
+use crate::traffic::upstream;
+use crate::traffic::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
 
 /// Where a listener sends traffic and how, as the supervisor sees it now:
 /// the running instances and the worker's proxy options.
@@ -63,7 +63,7 @@ impl PartialEq for Backend {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tracing {
     pub header: HeaderName,
-    pub log: Arc<crate::logs::LogFile>,
+    pub log: Arc<crate::observe::logs::LogFile>,
     /// The worker's `log_time_format`, so its trace lines read like its own.
     pub time_format: Option<Arc<str>>,
 }
@@ -225,7 +225,9 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         match handshake(tls, stream, options.keep_alive).await {
                             Some(stream) => {
                                 let peer = Secure {
-                                    client_subject: crate::tls::client_subject(stream.get_ref().1),
+                                    client_subject: crate::traffic::tls::client_subject(
+                                        stream.get_ref().1,
+                                    ),
                                 };
                                 (Box::new(stream) as Box<dyn Io>, Some(peer))
                             }
@@ -418,7 +420,7 @@ async fn splice(
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
         }
-        Some(Backend::Connector(link)) => crate::session::tcp(client, link, head).await,
+        Some(Backend::Connector(link)) => crate::traffic::session::tcp(client, link, head).await,
     }
 }
 
@@ -805,7 +807,7 @@ async fn forward(
     let connection = &*answering.0;
     // The head is parsed: hyper holds it no more.
     connection.held.passed_on();
-    if crate::held::nearly_spent() {
+    if crate::traffic::held::nearly_spent() {
         let mut busy = text(
             StatusCode::SERVICE_UNAVAILABLE,
             "the proxy holds as much for its clients as it may; try again later\n".to_owned(),
@@ -863,7 +865,7 @@ async fn forward(
         // Boxed: inline, a session's future (kilobytes) would be part of
         // every request's future, which hyper moves as it takes it.
         Backend::Connector(link) => {
-            Box::pin(crate::session::http(
+            Box::pin(crate::traffic::session::http(
                 request,
                 link,
                 Secure::head("http", client, tls),
@@ -1077,7 +1079,7 @@ fn prepare(
 /// What the worker's log says about a traced request. The query string is
 /// left out: it often carries tokens.
 struct Trace {
-    log: Arc<crate::logs::LogFile>,
+    log: Arc<crate::observe::logs::LogFile>,
     time_format: Option<Arc<str>>,
     id: String,
     method: hyper::Method,
@@ -1091,8 +1093,11 @@ impl Trace {
     fn log(self, worker: &str, client: Option<IpAddr>, status: StatusCode) {
         use std::io::Write;
         let client = client.map_or_else(|| "unix".to_owned(), |ip| ip.to_string());
-        let mut line =
-            crate::logs::line_start("apm", self.time_format.as_deref(), crate::logs::Stream::Out);
+        let mut line = crate::observe::logs::line_start(
+            "apm",
+            self.time_format.as_deref(),
+            crate::observe::logs::Stream::Out,
+        );
         let _ = writeln!(
             line,
             "{worker} {} {client} {} {} -> {} in {:.1} ms",

@@ -18,10 +18,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::connector::{
+use crate::traffic::connector::{
     ClientSide, FromClient, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
 };
-use crate::proxy::{Body, BoxError, ClientBody, Io, text};
+use crate::traffic::proxy::{Body, BoxError, ClientBody, Io, text};
 
 /// Serves one HTTP request, or a WebSocket handshake, as a session.
 pub(crate) async fn http(
@@ -224,8 +224,8 @@ fn is_websocket(request: &Request<ClientBody>) -> bool {
     // RFC 6455 4.1: the opening handshake is a GET; any other method is a
     // plain request, whatever its headers say.
     request.method() == hyper::Method::GET
-        && crate::proxy::lists_token(headers, hyper::header::UPGRADE, "websocket")
-        && crate::proxy::lists_token(headers, hyper::header::CONNECTION, "upgrade")
+        && crate::traffic::proxy::lists_token(headers, hyper::header::UPGRADE, "websocket")
+        && crate::traffic::proxy::lists_token(headers, hyper::header::CONNECTION, "upgrade")
 }
 
 /// Answers the handshake and runs the WebSocket as a session once the
@@ -309,7 +309,7 @@ struct WebSocket {
     idle: Idle,
     /// What tungstenite holds of the client's reads, until a whole
     /// message (or a ping) comes out of it.
-    held: Arc<crate::held::Held>,
+    held: Arc<crate::traffic::held::Held>,
 }
 
 /// `keep_alive` on a WebSocket: the time since the last message either

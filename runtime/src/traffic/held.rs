@@ -21,7 +21,7 @@ static HELD: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether less than one WebSocket message's room is left in the budget.
 pub(crate) fn nearly_spent() -> bool {
-    HELD.load(Ordering::Relaxed) + crate::connector::MAX_MESSAGE > BUDGET
+    HELD.load(Ordering::Relaxed) + crate::traffic::connector::MAX_MESSAGE > BUDGET
 }
 
 /// What one client connection holds: the bytes read from it since the

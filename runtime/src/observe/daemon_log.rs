@@ -144,9 +144,9 @@ impl DaemonLog {
     fn write(&mut self, line: &str) {
         let line = format!("{} {line}\n", crate::timestamp());
         if let Some(file) = &mut self.file
-            && crate::logs::starts_new_file(file.size, line.len() as u64, MAX_SIZE)
+            && crate::observe::logs::starts_new_file(file.size, line.len() as u64, MAX_SIZE)
         {
-            crate::logs::rotate(&file.path, KEEP);
+            crate::observe::logs::rotate(&file.path, KEEP);
             // A file that cannot be opened leaves stderr on the rotated
             // one; the next line tries again.
             if let Ok(new) = std::fs::OpenOptions::new()

@@ -25,7 +25,7 @@ impl Supervisor {
                 continue;
             }
             let worker = &self.workers[&name];
-            match crate::proxy::listen(&server, name.clone(), worker.routes.subscribe()) {
+            match crate::traffic::proxy::listen(&server, name.clone(), worker.routes.subscribe()) {
                 Ok(listener) => {
                     self.listeners.insert(address, (name, listener));
                 }
@@ -47,21 +47,21 @@ impl Supervisor {
                 .trace_header
                 .as_ref()
                 .and_then(|h| hyper::header::HeaderName::from_bytes(h.value.as_bytes()).ok())
-                .map(|header| crate::proxy::Tracing {
+                .map(|header| crate::traffic::proxy::Tracing {
                     header,
                     log: self
                         .logs
                         .open(&log_paths(&self.home, spec).0, rotation(spec)),
                     time_format: log_time_format(spec).map(Arc::from),
                 });
-            let route = crate::proxy::Route {
+            let route = crate::traffic::proxy::Route {
                 backends: worker
                     .instances
                     .iter()
                     .filter_map(Instance::backend)
                     .collect(),
-                options: Arc::new(crate::proxy::Options {
-                    proxies: crate::vanguard::TrustedProxies::new(spec),
+                options: Arc::new(crate::traffic::proxy::Options {
+                    proxies: crate::traffic::vanguard::TrustedProxies::new(spec),
                     tracing,
                     keep_alive: spec.keep_alive.as_duration(),
                     max_conns: spec.max_conns.value,
@@ -80,15 +80,15 @@ impl Supervisor {
     }
 }
 
-pub(super) fn tls_for(name: &str, spec: &WorkerSpec) -> crate::proxy::TlsSetting {
-    use crate::proxy::TlsSetting;
+pub(super) fn tls_for(name: &str, spec: &WorkerSpec) -> crate::traffic::proxy::TlsSetting {
+    use crate::traffic::proxy::TlsSetting;
     if !spec.tls.value {
         return TlsSetting::Off;
     }
     let (Some(cert), Some(key)) = (&spec.tls_cert, &spec.tls_key) else {
         return TlsSetting::Broken;
     };
-    match crate::tls::acceptor(
+    match crate::traffic::tls::acceptor(
         &cert.value,
         &key.value,
         spec.tls_ca.as_ref().map(|c| c.value.as_path()),
@@ -103,8 +103,8 @@ pub(super) fn tls_for(name: &str, spec: &WorkerSpec) -> crate::proxy::TlsSetting
     }
 }
 
-pub(super) fn guard_for(spec: &WorkerSpec) -> Option<crate::proxy::Guard> {
-    spec.vanguard
-        .as_ref()
-        .map(|rules| crate::proxy::Guard(Arc::new(crate::vanguard::Vanguard::new(rules))))
+pub(super) fn guard_for(spec: &WorkerSpec) -> Option<crate::traffic::proxy::Guard> {
+    spec.vanguard.as_ref().map(|rules| {
+        crate::traffic::proxy::Guard(Arc::new(crate::traffic::vanguard::Vanguard::new(rules)))
+    })
 }

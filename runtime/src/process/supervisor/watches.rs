@@ -12,7 +12,7 @@ impl Supervisor {
                     worker
                         .instances
                         .iter()
-                        .map(|i| crate::statsd::InstanceSample {
+                        .map(|i| crate::observe::statsd::InstanceSample {
                             pid: i.life.phase.pid(),
                             restarts: i.life.attempts.saturating_sub(1),
                         })
@@ -53,7 +53,7 @@ impl Supervisor {
                     file,
                 });
             };
-            let watch = crate::filewatch::start(name, &spec, changed)
+            let watch = crate::process::filewatch::start(name, &spec, changed)
                 .inspect_err(|e| {
                     crate::log(format_args!(
                         "{name}: cannot watch {}: {e}; file changes do not restart it",
@@ -75,7 +75,7 @@ impl Supervisor {
 
     /// A health check's verdict on the process it checks (one that has
     /// ended since says nothing). An unhealthy one is restarted.
-    pub(super) fn health(&mut self, id: u64, pid: u32, verdict: crate::health::Verdict) {
+    pub(super) fn health(&mut self, id: u64, pid: u32, verdict: crate::process::health::Verdict) {
         let Some((name, index)) = self.ids.get(&id).cloned() else {
             return;
         };
@@ -90,8 +90,8 @@ impl Supervisor {
             return;
         }
         match verdict {
-            crate::health::Verdict::Passed => instance.healthy = true,
-            crate::health::Verdict::Unhealthy(why) => {
+            crate::process::health::Verdict::Passed => instance.healthy = true,
+            crate::process::health::Verdict::Unhealthy(why) => {
                 crate::log(format_args!(
                     "{name}#{index}: unhealthy ({why}); restarting it"
                 ));
@@ -115,15 +115,21 @@ impl Supervisor {
     }
 }
 
-pub(super) fn statsd_for(name: &str, spec: &WorkerSpec) -> Option<crate::statsd::Reporter> {
+pub(super) fn statsd_for(
+    name: &str,
+    spec: &WorkerSpec,
+) -> Option<crate::observe::statsd::Reporter> {
     let config = spec.statsd.as_ref()?;
-    Some(crate::statsd::Reporter::start(name, config))
+    Some(crate::observe::statsd::Reporter::start(name, config))
 }
 
-pub(super) fn syslog_for(name: &str, spec: &WorkerSpec) -> Option<Arc<crate::syslog::Sink>> {
+pub(super) fn syslog_for(
+    name: &str,
+    spec: &WorkerSpec,
+) -> Option<Arc<crate::observe::syslog::Sink>> {
     let url = &spec.syslog.as_ref()?.value;
     let tag = spec.syslog_tag.as_ref().map_or(name, |t| t.value.as_str());
-    crate::syslog::Sink::start(name, url, tag)
+    crate::observe::syslog::Sink::start(name, url, tag)
         .inspect_err(|e| crate::log(format_args!("{name}: syslog {url}: {e}")))
         .ok()
         .map(Arc::new)
@@ -133,7 +139,10 @@ pub(super) fn syslog_for(name: &str, spec: &WorkerSpec) -> Option<Arc<crate::sys
 /// named after it under `$APM_HOME/logs`. With only `log`, both share it.
 /// What a worker's `watch` keys ask for: its tree is the directory it runs
 /// in (`path`), or, without one, its config file's.
-pub(super) fn watch_spec(home: &Path, worker: &Worker) -> Option<crate::filewatch::WatchSpec> {
+pub(super) fn watch_spec(
+    home: &Path,
+    worker: &Worker,
+) -> Option<crate::process::filewatch::WatchSpec> {
     let spec = &worker.spec;
     if spec.watch.is_empty() {
         return None;
@@ -144,7 +153,7 @@ pub(super) fn watch_spec(home: &Path, worker: &Worker) -> Option<crate::filewatc
     let values = |settings: &[apm_compiler::schema::Setting<String>]| {
         settings.iter().map(|s| s.value.clone()).collect()
     };
-    Some(crate::filewatch::WatchSpec {
+    Some(crate::process::filewatch::WatchSpec {
         root,
         patterns: values(&spec.watch),
         ignore: values(&spec.watch_ignore),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use apm_compiler::ir::StatsdConfig;
 use tokio::sync::watch;
 
-use crate::procfs;
+use crate::process::procfs;
 
 /// A UDP payload every network on the way carries unfragmented.
 const DATAGRAM: usize = 1432;

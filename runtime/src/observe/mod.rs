@@ -1,0 +1,8 @@
+//! Observation: what workers print (log files, syslog) and what is measured of
+//! them (StatsD), and the daemon's own log.
+
+pub mod daemon_log;
+pub mod logs;
+pub(crate) mod logstyle;
+pub(crate) mod statsd;
+pub(crate) mod syslog;

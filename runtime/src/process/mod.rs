@@ -1,0 +1,11 @@
+//! Process supervision: the supervisor task and what it uses to start, watch,
+//! restart and recover processes.
+
+pub mod augur;
+pub(crate) mod cgroup;
+pub(crate) mod filewatch;
+pub(crate) mod health;
+pub mod lifecycle;
+pub mod procfs;
+pub mod state;
+pub mod supervisor;

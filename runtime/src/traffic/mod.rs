@@ -1,0 +1,10 @@
+//! Traffic: the listeners, the firewall, TLS, and the two ways a request
+//! reaches an instance (its own port, or a session over its connector channel).
+
+pub mod connector;
+pub(crate) mod held;
+pub mod proxy;
+pub(crate) mod session;
+pub mod tls;
+pub(crate) mod upstream;
+pub mod vanguard;

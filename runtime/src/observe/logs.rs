@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::observe::logstyle::{Stream, strip_ansi};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
@@ -21,23 +22,6 @@ const QUEUE: usize = 1024;
 /// lines of 64 KiB each could wait per file (a worker printing long lines on
 /// several streams took the daemon to 455 MB).
 const QUEUED_BYTES: usize = 1024 * 1024;
-
-/// Which stream a line came from; shown in the line so a shared file can
-/// still be read one stream at a time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stream {
-    Out,
-    Err,
-}
-
-impl Stream {
-    pub fn marker(self) -> &'static str {
-        match self {
-            Stream::Out => "|",
-            Stream::Err => "!",
-        }
-    }
-}
 
 /// Where a stream's lines go: a reload may change it while the process runs.
 #[derive(Clone)]
@@ -328,47 +312,9 @@ pub fn marker_of(line: &str) -> Option<&'static str> {
         .map(|(_, marker)| marker)
 }
 
-/// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`
-/// … a final byte, colours among them), OSC (`ESC ]` … BEL or `ESC \\`,
-/// terminal titles and links) and two-byte escapes.
-pub(crate) fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
-    const ESC: u8 = 0x1b;
-    let mut i = 0;
-    while i < text.len() {
-        if text[i] != ESC {
-            out.push(text[i]);
-            i += 1;
-            continue;
-        }
-        i += 1;
-        match text.get(i) {
-            Some(b'[') => {
-                // Parameters and intermediates, then one final byte.
-                i += 1;
-                while i < text.len() && !(0x40..=0x7e).contains(&text[i]) {
-                    i += 1;
-                }
-                i += 1;
-            }
-            Some(b']') => {
-                i += 1;
-                while i < text.len()
-                    && text[i] != 0x07
-                    && !(text[i] == ESC && text.get(i + 1) == Some(&b'\\'))
-                {
-                    i += 1;
-                }
-                i += if text.get(i) == Some(&ESC) { 2 } else { 1 };
-            }
-            Some(_) => i += 1,
-            None => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{marker_of, strip_ansi};
+    use super::marker_of;
 
     #[test]
     fn the_marker_is_found_after_a_timestamp_or_prefix_with_spaces() {
@@ -381,27 +327,5 @@ mod tests {
             Some("!")
         );
         assert_eq!(marker_of("no marker here"), None);
-    }
-
-    fn stripped(text: &[u8]) -> String {
-        let mut out = Vec::new();
-        strip_ansi(text, &mut out);
-        String::from_utf8(out).unwrap()
-    }
-
-    #[test]
-    fn strip_ansi_leaves_the_text_of_coloured_and_titled_lines() {
-        assert_eq!(stripped(b"\x1b[1;31mred\x1b[0m plain"), "red plain");
-        assert_eq!(stripped(b"\x1b]0;title\x07after"), "after");
-        assert_eq!(
-            stripped(b"\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\"),
-            "link"
-        );
-        assert_eq!(stripped(b"a\x1bMb"), "ab");
-        assert_eq!(stripped("naïve \u{1b}[2Kdone".as_bytes()), "naïve done");
-        // Cut off mid-sequence: nothing of it is kept, nothing panics.
-        assert_eq!(stripped(b"x\x1b[12"), "x");
-        assert_eq!(stripped(b"x\x1b"), "x");
-        assert_eq!(stripped(b"x\x1b]title"), "x");
     }
 }

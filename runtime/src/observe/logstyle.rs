@@ -171,9 +171,86 @@ pub fn strftime(format: &str, time: SystemTime) -> String {
     out
 }
 
+/// Which stream a line came from; shown in the line so a shared file can
+/// still be read one stream at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Out,
+    Err,
+}
+
+impl Stream {
+    pub fn marker(self) -> &'static str {
+        match self {
+            Stream::Out => "|",
+            Stream::Err => "!",
+        }
+    }
+}
+
+/// Appends `text` to `out` without its ANSI escape sequences: CSI (`ESC [`
+/// … a final byte, colours among them), OSC (`ESC ]` … BEL or `ESC \\`,
+/// terminal titles and links) and two-byte escapes.
+pub(crate) fn strip_ansi(text: &[u8], out: &mut Vec<u8>) {
+    const ESC: u8 = 0x1b;
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] != ESC {
+            out.push(text[i]);
+            i += 1;
+            continue;
+        }
+        i += 1;
+        match text.get(i) {
+            Some(b'[') => {
+                // Parameters and intermediates, then one final byte.
+                i += 1;
+                while i < text.len() && !(0x40..=0x7e).contains(&text[i]) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            Some(b']') => {
+                i += 1;
+                while i < text.len()
+                    && text[i] != 0x07
+                    && !(text[i] == ESC && text.get(i + 1) == Some(&b'\\'))
+                {
+                    i += 1;
+                }
+                i += if text.get(i) == Some(&ESC) { 2 } else { 1 };
+            }
+            Some(_) => i += 1,
+            None => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stripped(text: &[u8]) -> String {
+        let mut out = Vec::new();
+        strip_ansi(text, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn strip_ansi_leaves_the_text_of_coloured_and_titled_lines() {
+        assert_eq!(stripped(b"\x1b[1;31mred\x1b[0m plain"), "red plain");
+        assert_eq!(stripped(b"\x1b]0;title\x07after"), "after");
+        assert_eq!(
+            stripped(b"\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\"),
+            "link"
+        );
+        assert_eq!(stripped(b"a\x1bMb"), "ab");
+        assert_eq!(stripped("naïve \u{1b}[2Kdone".as_bytes()), "naïve done");
+        // Cut off mid-sequence: nothing of it is kept, nothing panics.
+        assert_eq!(stripped(b"x\x1b[12"), "x");
+        assert_eq!(stripped(b"x\x1b"), "x");
+        assert_eq!(stripped(b"x\x1b]title"), "x");
+    }
     use std::time::Duration;
 
     fn at(unix_ms: u64) -> SystemTime {

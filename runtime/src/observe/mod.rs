@@ -3,6 +3,6 @@
 
 pub mod daemon_log;
 pub mod logs;
-pub(crate) mod logstyle;
+pub mod logstyle;
 pub(crate) mod statsd;
 pub(crate) mod syslog;

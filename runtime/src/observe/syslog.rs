@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::observe::logs::Stream;
+use crate::observe::logstyle::Stream;
 
 /// Messages queued per worker before new ones are dropped.
 const QUEUE: usize = 1024;
@@ -70,7 +70,7 @@ impl Sink {
             self.app_name
         )
         .into_bytes();
-        crate::observe::logs::strip_ansi(text, &mut message);
+        crate::observe::logstyle::strip_ansi(text, &mut message);
         let _ = self.tx.try_send(message);
     }
 }

@@ -13,11 +13,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use apm_compiler::values::{ListenAddr, Scheme, ServerUrl};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE, UPGRADE};
 use hyper::{Request, Response, StatusCode};
@@ -25,8 +24,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::traffic::activity::{Activity, ClientBody};
 use crate::traffic::connector::{Head, Link};
 use crate::traffic::held::{Held, Metered};
+use crate::traffic::http::{Body, BoxError, Io, lists_token, text};
 use crate::traffic::tls::Tls;
 use crate::traffic::upstream;
 use crate::traffic::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
@@ -367,10 +368,6 @@ impl Secure {
     }
 }
 
-/// A connection from either kind of listener.
-pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
 enum Socket {
     Tcp(TcpListener),
     Unix(tokio::net::UnixListener),
@@ -424,23 +421,6 @@ async fn splice(
     }
 }
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type Body = BoxBody<Bytes, BoxError>;
-
-pub(crate) fn text(status: StatusCode, message: String) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(message))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
 /// One client connection, as its requests see it.
 struct Connection {
     client: Option<IpAddr>,
@@ -450,124 +430,9 @@ struct Connection {
     worker: String,
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
-    activity: Activity,
+    activity: Arc<Activity>,
     /// What the proxy has read from the client and not yet passed on.
     held: Arc<Held>,
-}
-
-/// What `keep_alive` looks at: whether a request is being answered, and
-/// since when none has been; and whether its body is being waited for.
-struct Activity {
-    opened: std::time::Instant,
-    answering: AtomicUsize,
-    /// When the last answer ended, in µs after `opened`.
-    answered_at: AtomicU64,
-    /// Since when the request body has been asked for and the client has
-    /// sent none of it, in µs after `opened`, plus one; 0 when not waiting.
-    body_wanted_since: AtomicU64,
-    /// Reading the request body failed: it broke HTTP's framing (a chunk
-    /// size that is no number) or the client left, its fault either way.
-    body_failed: std::sync::atomic::AtomicBool,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            opened: std::time::Instant::now(),
-            answering: AtomicUsize::new(0),
-            answered_at: AtomicU64::new(0),
-            body_wanted_since: AtomicU64::new(0),
-            body_failed: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
-    }
-
-    fn at(&self, micros: u64) -> std::time::Instant {
-        self.opened + std::time::Duration::from_micros(micros)
-    }
-
-    /// Since when no request has been answered, if none is being answered.
-    fn idle_since(&self) -> Option<std::time::Instant> {
-        (self.answering.load(Ordering::Acquire) == 0)
-            .then(|| self.at(self.answered_at.load(Ordering::Acquire)))
-    }
-
-    /// Records whether the request body is being waited for: a read of it
-    /// found nothing (`true`), or found something or stopped (`false`).
-    fn body_wanted(&self, waiting: bool) {
-        if !waiting {
-            self.body_wanted_since.store(0, Ordering::Release);
-        } else if self.body_wanted_since.load(Ordering::Acquire) == 0 {
-            self.body_wanted_since
-                .store(self.now() + 1, Ordering::Release);
-        }
-    }
-
-    /// Since when the body being read has made no progress, if it is waited for.
-    fn body_stalled_since(&self) -> Option<std::time::Instant> {
-        match self.body_wanted_since.load(Ordering::Acquire) {
-            0 => None,
-            since => Some(self.at(since - 1)),
-        }
-    }
-}
-
-/// A request's body as the proxy reads it from the client: each read
-/// tells the connection's `keep_alive` timer whether the client is the one
-/// keeping the request waiting. A client that sends a head and then a
-/// body that stops is as slow as one whose head never ends: it would hold
-/// a `max_conns` slot and its instance's request for ever.
-pub(crate) struct ClientBody {
-    body: Incoming,
-    connection: Arc<Connection>,
-}
-
-impl ClientBody {
-    /// What the proxy holds of the connection's reads, for a WebSocket
-    /// or a splice that takes the connection over.
-    pub(crate) fn held(&self) -> &Arc<Held> {
-        &self.connection.held
-    }
-}
-
-impl hyper::body::Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
-        let activity = &this.connection.activity;
-        activity.body_wanted(polled.is_pending());
-        match &polled {
-            std::task::Poll::Ready(Some(Err(_))) => {
-                activity.body_failed.store(true, Ordering::Release);
-            }
-            std::task::Poll::Ready(Some(Ok(_))) => this.connection.held.passed_on(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for ClientBody {
-    fn drop(&mut self) {
-        self.connection.activity.body_wanted(false);
-    }
 }
 
 impl Connection {
@@ -679,7 +544,7 @@ async fn serve_http(
         tls,
         worker,
         upstream: std::sync::Mutex::default(),
-        activity: Activity::new(),
+        activity: Arc::new(Activity::new()),
         held,
     });
     let watched = connection.clone();
@@ -854,10 +719,7 @@ async fn forward(
         return Ok(answering.with(unavailable));
     };
     let traced = prepare(&mut request, connection, &origin, &options);
-    let request = request.map(|body| ClientBody {
-        body,
-        connection: answering.0.clone(),
-    });
+    let request = request.map(|body| ClientBody::new(body, &connection.activity, &connection.held));
     let mut response = match backend {
         Backend::Port(backend) => {
             upstream::to_port(request, &connection.upstream, worker, backend).await
@@ -897,15 +759,6 @@ async fn forward(
         strip_hop_by_hop(response.headers_mut(), false);
     }
     Ok(answering.with(response))
-}
-
-/// Whether a header, comma-separated, lists `token` (case-insensitive).
-pub(crate) fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 /// Hop-by-hop fields (RFC 9110, 7.6.1) speak of one connection, the
@@ -1096,7 +949,7 @@ impl Trace {
         let mut line = crate::observe::logs::line_start(
             "apm",
             self.time_format.as_deref(),
-            crate::observe::logs::Stream::Out,
+            crate::observe::logstyle::Stream::Out,
         );
         let _ = writeln!(
             line,

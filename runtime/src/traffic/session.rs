@@ -18,10 +18,11 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use crate::traffic::activity::ClientBody;
 use crate::traffic::connector::{
     ClientSide, FromClient, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
 };
-use crate::traffic::proxy::{Body, BoxError, ClientBody, Io, text};
+use crate::traffic::http::{Body, BoxError, Io, text};
 
 /// Serves one HTTP request, or a WebSocket handshake, as a session.
 pub(crate) async fn http(
@@ -224,8 +225,8 @@ fn is_websocket(request: &Request<ClientBody>) -> bool {
     // RFC 6455 4.1: the opening handshake is a GET; any other method is a
     // plain request, whatever its headers say.
     request.method() == hyper::Method::GET
-        && crate::traffic::proxy::lists_token(headers, hyper::header::UPGRADE, "websocket")
-        && crate::traffic::proxy::lists_token(headers, hyper::header::CONNECTION, "upgrade")
+        && crate::traffic::http::lists_token(headers, hyper::header::UPGRADE, "websocket")
+        && crate::traffic::http::lists_token(headers, hyper::header::CONNECTION, "upgrade")
 }
 
 /// Answers the handshake and runs the WebSocket as a session once the

@@ -13,7 +13,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::traffic::proxy::{Body, BoxError, ClientBody, text};
+use crate::traffic::activity::ClientBody;
+use crate::traffic::http::{Body, BoxError, text};
 
 /// Sends a request to an instance's own port, over the client's pinned
 /// connection to it, an idle one, or a new one.

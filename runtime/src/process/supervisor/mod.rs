@@ -37,7 +37,8 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::observe::logs::{self, LogFiles, Stream, Target};
+use crate::observe::logs::{self, LogFiles, Target};
+use crate::observe::logstyle::Stream;
 use crate::process::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
 use crate::process::procfs;
 use crate::process::state::{Environment, Origin, SavedProcess, SavedWorker, Saver, State};

@@ -130,6 +130,47 @@ mod tests {
         let _ = killpg(Pid::from_raw(saved.pid as i32), Signal::SIGKILL);
     }
 
+    #[test]
+    fn marked_groups_are_the_groups_of_marked_processes_but_our_own() {
+        let marker = (
+            "APM_TEST_MARK".to_owned(),
+            format!("orphans-{}", std::process::id()),
+        );
+        let spawn = |script: &str, marked: bool, own_group: bool| {
+            let mut command = std::process::Command::new("sh");
+            command.args(["-c", script]);
+            if marked {
+                command.env(&marker.0, &marker.1);
+            }
+            if !own_group {
+                command.process_group(0);
+            }
+            command.spawn().unwrap()
+        };
+        // A marked group of two (its leader and a member it started), an
+        // unmarked group, and a marked process in this test's own group.
+        let mut marked = spawn("sleep 60 & exec sleep 60", true, false);
+        let mut unmarked = spawn("exec sleep 60", false, false);
+        let mut ours = spawn("exec sleep 60", true, true);
+        let leader = procfs::stat(marked.id()).unwrap().start_ticks;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while members(marked.id()) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            marked_groups(&marker),
+            [SavedProcess {
+                pid: marked.id(),
+                start_ticks: leader
+            }]
+        );
+        let _ = killpg(Pid::from_raw(marked.id() as i32), Signal::SIGKILL);
+        for child in [&mut marked, &mut unmarked, &mut ours] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     #[tokio::test]
     async fn end_orphans_ends_each_live_group_and_kills_what_ignores_sigterm() {
         let (mut polite, polite_saved) = group("exec sleep 60");
@@ -137,7 +178,13 @@ mod tests {
         let (mut gone, gone_saved) = group("exit 0");
         gone.wait().unwrap();
         let saved = [polite_saved, stubborn_saved, gone_saved];
-        assert_eq!(end_orphans(&saved, Duration::from_millis(300)).await, 2);
+        let started = Instant::now();
+        let grace = Duration::from_millis(300);
+        assert_eq!(end_orphans(&saved, grace).await, 2);
+        assert!(
+            started.elapsed() >= grace,
+            "what ignores SIGTERM gets its grace first"
+        );
         assert!(polite.wait().unwrap().signal() == Some(Signal::SIGTERM as i32));
         assert!(stubborn.wait().unwrap().signal() == Some(Signal::SIGKILL as i32));
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -3516,7 +3516,7 @@ fn statsd_reports_each_instances_gauges_over_udp() {
     ));
     let pids = pids(&d.wait_running("metered"));
     let expected = |index: usize| {
-        let memory = resident_bytes(pids[index]);
+        let memory = status_kib(pids[index], "VmRSS:") * 1024;
         move |lines: &[String]| {
             let gauge = |metric: &str| {
                 let name = format!("my_app.metered.{index}.{metric}:");
@@ -3550,16 +3550,6 @@ fn statsd_reports_each_instances_gauges_over_udp() {
         let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
         text.contains("my_app.metered.0.up:0|g") && text.contains("my_app.metered.1.up:0|g")
     });
-}
-
-/// A process's resident memory in bytes, from `/proc`.
-fn resident_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .map_or(0, |kb| kb.trim().parse::<u64>().unwrap() * 1024)
 }
 
 #[test]

@@ -4,17 +4,6 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-/// A memory figure of a process (`VmRSS:`, `VmHWM:`) from
-/// `/proc/PID/status`, in KiB.
-pub(crate) fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Long lines on several streams, to log files that take nothing more
 /// (here FIFOs nobody reads: a stalled disk), wait in a queue of bounded
 /// bytes per file, not of 1,024 lines of up to 64 KiB each (which took the
@@ -72,7 +61,7 @@ fn long_lines_to_a_stalled_log_keep_the_daemon_small() {
                 })
         },
     );
-    let rss = rss_kib(daemon, "VmRSS:");
+    let rss = status_kib(daemon, "VmRSS:");
     assert!(rss < 64 * 1024, "the daemon holds {rss} KiB");
     // Once the FIFOs have no reader, their writes fail and the daemon ends
     // at once: no thread of it stays stuck opening a FIFO nobody reads.

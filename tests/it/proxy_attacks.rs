@@ -201,16 +201,6 @@ fn load_connector_worker(d: &Daemon, settings: &str) -> u16 {
     port
 }
 
-/// The resident memory of a process, in KiB.
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn an_idle_websocket_is_closed_after_keep_alive_whatever_pings_it_sends() {
     use tungstenite::Message;
@@ -293,13 +283,13 @@ fn websocket_clients_stalling_inside_huge_frames_are_closed_and_bounded() {
     let d = Daemon::new("ws_huge_frame");
     let port = load_connector_worker(&d, "keep_alive 2s;");
     let pid = d.daemon_pid().unwrap();
-    let before = vm_rss_kib(pid);
+    let before = status_kib(pid, "VmRSS:");
     // Each announces a frame of 16 MiB - 1 (within the message limit),
     // sends 2 MiB of it and stalls.
     let clients: Vec<TcpStream> = (0..8)
         .map(|_| stall_inside_a_frame(port, (16 << 20) - 1, 2 << 20))
         .collect();
-    let during = vm_rss_kib(pid);
+    let during = status_kib(pid, "VmRSS:");
     // What they sent, and not the 16 MiB each announced.
     assert!(
         during < before + 8 * 3 * 1024 + 16 * 1024,
@@ -332,7 +322,7 @@ fn request_heads_beyond_64_kib_are_refused_at_once() {
     let d = Daemon::new("big_heads");
     let (_, port) = load_both_modes(&d, "")[1];
     let pid = d.daemon_pid().unwrap();
-    let before = vm_rss_kib(pid);
+    let before = status_kib(pid, "VmRSS:");
     // 200 clients each start a head of 100 KB and stop before its end.
     let header = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}",
@@ -348,7 +338,7 @@ fn request_heads_beyond_64_kib_are_refused_at_once() {
             client
         })
         .collect();
-    let during = vm_rss_kib(pid);
+    let during = status_kib(pid, "VmRSS:");
     for mut client in clients {
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -445,7 +435,7 @@ fn past_its_client_budget_the_daemon_refuses_new_work_instead_of_growing() {
     let d = Daemon::new("client_budget");
     let port = load_connector_worker(&d, "keep_alive 60s;");
     let pid = d.daemon_pid().unwrap();
-    let before = vm_rss_kib(pid);
+    let before = status_kib(pid, "VmRSS:");
     let frame = (16u64 << 20) - 1;
     let sent = (16 << 20) - (64 << 10);
     // 15 clients each hold most of a 16 MiB message; two more are let in
@@ -478,7 +468,7 @@ fn past_its_client_budget_the_daemon_refuses_new_work_instead_of_growing() {
     let mut answer = String::new();
     let _ = refused.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    let during = vm_rss_kib(pid);
+    let during = status_kib(pid, "VmRSS:");
     assert!(
         during < before + 256 * 1024 + 48 * 1024,
         "RSS {before} KiB → {during} KiB"
@@ -504,12 +494,12 @@ fn idle_websockets_cost_little_and_their_memory_goes_back_when_they_close() {
     let port = load_connector_worker(&d, "");
     let pid = d.daemon_pid().unwrap();
     drop(websocket_upgrade(port));
-    let before = vm_rss_kib(pid);
+    let before = status_kib(pid, "VmRSS:");
     let clients: Vec<TcpStream> = (0..1000).map(|_| websocket_upgrade(port)).collect();
     // Each has had its handshake answered; give the daemon a moment's
     // work on the last ones by asking for one more.
     drop(websocket_upgrade(port));
-    let open = vm_rss_kib(pid);
+    let open = status_kib(pid, "VmRSS:");
     let each = (open.saturating_sub(before)) / 1000;
     assert!(
         each < 50,
@@ -517,6 +507,6 @@ fn idle_websockets_cost_little_and_their_memory_goes_back_when_they_close() {
     );
     drop(clients);
     wait_until(PATIENCE, "the daemon to give the memory back", || {
-        vm_rss_kib(pid) < before + (open - before) / 4
+        status_kib(pid, "VmRSS:") < before + (open - before) / 4
     });
 }

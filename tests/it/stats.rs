@@ -1,7 +1,6 @@
 //! What `list`, `monitor` and the GUI report of running processes.
 
 use crate::harness::*;
-use crate::logs::rss_kib;
 
 fn memory(d: &Daemon, name: &str) -> u64 {
     d.worker(name).unwrap()["instances"][0]["memory_bytes"]
@@ -41,7 +40,8 @@ fn stats_interval_collects_once_per_interval() {
     assert!(before > 0);
     std::fs::write(&trigger, "").unwrap();
     wait_until(PATIENCE, "both processes to grow by 64 MiB", || {
-        pids.iter().all(|&pid| rss_kib(pid, "VmRSS:") > 64 * 1024)
+        pids.iter()
+            .all(|&pid| status_kib(pid, "VmRSS:") > 64 * 1024)
     });
     assert!(
         memory(&d, "live") > 64 << 20,

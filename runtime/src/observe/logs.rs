@@ -302,14 +302,14 @@ pub fn line_start(prefix: &str, time_format: Option<&str>, which: Stream) -> Vec
 /// The stream marker of a line `line_start` began: the first ` | ` or
 /// ` ! ` in it, since a timestamp format or a prefix may hold spaces.
 pub fn marker_of(line: &str) -> Option<&'static str> {
-    [Stream::Out, Stream::Err]
-        .into_iter()
-        .filter_map(|s| {
-            line.find(&format!(" {} ", s.marker()))
-                .map(|at| (at, s.marker()))
-        })
-        .min()
-        .map(|(_, marker)| marker)
+    // One pass and no allocation: `apm log --err` asks this of every line
+    // it reads back.
+    line.as_bytes().windows(3).find_map(|w| {
+        [Stream::Out, Stream::Err]
+            .into_iter()
+            .map(Stream::marker)
+            .find(|marker| w[0] == b' ' && w[2] == b' ' && w[1..2] == *marker.as_bytes())
+    })
 }
 
 #[cfg(test)]

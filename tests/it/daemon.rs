@@ -3212,13 +3212,7 @@ fn a_rolling_restart_of_a_proxied_worker_loses_no_request() {
             "100",
         ],
     );
-    wait_until(PATIENCE, "both instances to serve", || {
-        d.worker("web").is_some_and(|w| {
-            w["instances"]
-                .as_array()
-                .is_some_and(|i| i.iter().all(|i| i["serving"] == true))
-        })
-    });
+    d.wait_serving("web");
     let before = pids(&d.worker("web").unwrap());
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {

@@ -269,8 +269,14 @@ impl<'de> serde::de::Visitor<'de> for AppendValues<'_> {
 #[derive(Debug)]
 enum Inbound {
     Head(ResponseHead),
-    Message { kind: Kind, bytes: Bytes },
-    Close { code: u16, reason: String },
+    Message {
+        kind: Kind,
+        bytes: Bytes,
+    },
+    Close {
+        code: u16,
+        reason: String,
+    },
     Credit(u32),
     /// The session's `session_data`, as JSON (`save`).
     Save(Bytes),
@@ -462,8 +468,8 @@ impl Link {
                 self.half_close
                     .store(half_close == Some(true), Ordering::Release);
                 let features = ready.get("features").and_then(Value::as_array);
-                let migrates = features
-                    .is_some_and(|list| list.iter().any(|f| f.as_str() == Some("migrate")));
+                let migrates =
+                    features.is_some_and(|list| list.iter().any(|f| f.as_str() == Some("migrate")));
                 self.migrates.store(migrates, Ordering::Release);
                 self.ready.store(true, Ordering::Release);
                 changed();
@@ -642,7 +648,13 @@ impl Session {
 
     /// Asks the child to let go of the session (`migrate`).
     fn migrate(&self) {
-        if let Some(entry) = self.link.sessions.lock().expect("sessions").get_mut(&self.id) {
+        if let Some(entry) = self
+            .link
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get_mut(&self.id)
+        {
             entry.migrating = true;
         }
         self.send(Kind::Migrate, &[]);
@@ -728,7 +740,10 @@ impl Handoff {
             .candidates()
             .into_iter()
             .filter(|link| {
-                !Arc::ptr_eq(link, leaving) && link.is_ready() && link.migrates() && !link.is_retiring()
+                !Arc::ptr_eq(link, leaving)
+                    && link.is_ready()
+                    && link.migrates()
+                    && !link.is_retiring()
             })
             .max_by_key(|link| link.born)
     }
@@ -927,7 +942,10 @@ pub(crate) async fn pump(
             let _ = client.deliver(ToClient::Gone, false).await;
             return;
         };
-        match handoff.take_over(&link, head, saved.as_ref(), deadline).await {
+        match handoff
+            .take_over(&link, head, saved.as_ref(), deadline)
+            .await
+        {
             Some((successor, moved)) => {
                 // The old instance's count goes with the old session.
                 in_flight = in_flight.map(|_| successor.in_flight.enter());
@@ -940,7 +958,15 @@ pub(crate) async fn pump(
             }
             None => {
                 expired(handoff, &link, "another instance to take it");
-                let _ = client.deliver(ToClient::Close { code: 1012, reason: "service restart".to_owned() }, false).await;
+                let _ = client
+                    .deliver(
+                        ToClient::Close {
+                            code: 1012,
+                            reason: "service restart".to_owned(),
+                        },
+                        false,
+                    )
+                    .await;
                 return;
             }
         }
@@ -949,8 +975,16 @@ pub(crate) async fn pump(
 
 /// The daemon log's line for a session that `session_wait` ran out on.
 fn expired(handoff: &Handoff, link: &Link, waited_for: &str) {
-    let kind = if handoff.protocol == "ws" { "a WebSocket" } else { "a TCP connection" };
-    let closed = if handoff.protocol == "ws" { "closed it with 1012" } else { "closed it" };
+    let kind = if handoff.protocol == "ws" {
+        "a WebSocket"
+    } else {
+        "a TCP connection"
+    };
+    let closed = if handoff.protocol == "ws" {
+        "closed it with 1012"
+    } else {
+        "closed it"
+    };
     crate::log(format_args!(
         "{}: {kind} of {} waited session_wait ({} ms) for {waited_for}; {closed}",
         handoff.worker,

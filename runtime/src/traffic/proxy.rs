@@ -26,9 +26,9 @@ use tokio::sync::watch;
 
 use crate::traffic::activity::{Activity, ClientBody};
 use crate::traffic::connector::{Handoff, Head, Link, Successors};
-use crate::traffic::inflight::{Entered, InFlight};
 use crate::traffic::held::{Held, Metered};
 use crate::traffic::http::{Body, BoxError, Io, lists_token, text};
+use crate::traffic::inflight::{Entered, InFlight};
 use crate::traffic::tls::Tls;
 use crate::traffic::upstream;
 use crate::traffic::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
@@ -125,7 +125,12 @@ impl Successors for RouteSuccessors {
 }
 
 /// What a session of this worker needs to move, with `session_persist`.
-fn handoff(routes: &Routes, options: &Options, worker: &str, protocol: &'static str) -> Option<Handoff> {
+fn handoff(
+    routes: &Routes,
+    options: &Options,
+    worker: &str,
+    protocol: &'static str,
+) -> Option<Handoff> {
     options.session_persist.map(|wait| Handoff {
         successors: Arc::new(RouteSuccessors(routes.clone())),
         wait,
@@ -305,7 +310,10 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match raw_permit {
                     None => {
-                        serve_http(stream, client, held, worker, &options, tls, successors, pick).await;
+                        serve_http(
+                            stream, client, held, worker, &options, tls, successors, pick,
+                        )
+                        .await;
                     }
                     Some(permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());

@@ -22,8 +22,8 @@ use crate::traffic::activity::ClientBody;
 use crate::traffic::connector::{
     ClientSide, FromClient, Handoff, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
 };
-use crate::traffic::inflight::Entered;
 use crate::traffic::http::{Body, BoxError, Io, text};
+use crate::traffic::inflight::Entered;
 
 /// Serves one HTTP request, or a WebSocket handshake, as a session. A
 /// WebSocket counts as `in_flight` on its instance while it runs there,

@@ -36,13 +36,13 @@ fn counter_apps() -> Vec<(&'static str, &'static str, PathBuf)> {
 /// `send` is the next counter, and its answer must carry the running
 /// total, whichever instance gives it.
 enum Counter {
-    Ws(tungstenite::WebSocket<TcpStream>),
+    Ws(Box<tungstenite::WebSocket<TcpStream>>),
     Tcp(BufReader<TcpStream>),
 }
 
 impl Counter {
     fn ws(port: u16) -> Counter {
-        Counter::Ws(crate::connectors::websocket(port, "/count"))
+        Counter::Ws(Box::new(crate::connectors::websocket(port, "/count")))
     }
 
     fn tcp(port: u16) -> Counter {

@@ -310,10 +310,8 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match raw_permit {
                     None => {
-                        serve_http(
-                            stream, client, held, worker, &options, tls, successors, pick,
-                        )
-                        .await;
+                        let connection = Connection::new(client, tls, worker, held, successors);
+                        serve_http(stream, connection, &options, pick).await;
                     }
                     Some(permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
@@ -500,6 +498,25 @@ struct Connection {
 }
 
 impl Connection {
+    fn new(
+        client: Option<IpAddr>,
+        tls: Option<Secure>,
+        worker: String,
+        held: Arc<Held>,
+        routes: Routes,
+    ) -> Connection {
+        Connection {
+            client,
+            client_value: client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
+            tls,
+            worker,
+            upstream: std::sync::Mutex::default(),
+            activity: Arc::new(Activity::new()),
+            held,
+            routes,
+        }
+    }
+
     /// When the connection has been idle for `keep_alive` (never, for 0):
     /// no request answered in that time, whatever the client sent meanwhile
     /// (a client that never finishes a request's head included). Meanwhile,
@@ -595,24 +612,11 @@ impl hyper::body::Body for Answer {
 
 async fn serve_http(
     stream: Box<dyn Io>,
-    client: Option<IpAddr>,
-    held: Arc<Held>,
-    worker: String,
+    connection: Connection,
     options: &Options,
-    tls: Option<Secure>,
-    routes: Routes,
     pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + 'static,
 ) {
-    let connection = Arc::new(Connection {
-        client,
-        client_value: client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
-        tls,
-        worker,
-        upstream: std::sync::Mutex::default(),
-        activity: Arc::new(Activity::new()),
-        held,
-        routes,
-    });
+    let connection = Arc::new(connection);
     let watched = connection.clone();
     // The request's future is `forward`'s own: each async layer around it
     // would keep its own copy of the request, and hyper moves the whole

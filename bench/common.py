@@ -39,3 +39,23 @@ def wait_port(port, deadline=10):
         except OSError:
             time.sleep(0.02)
     raise SystemExit(f"nothing listens on {port}")
+
+
+def nginx_conf(root, backend, servers, workers=1):
+    """Writes the run's nginx.conf (in `root`): `workers` worker processes,
+    a keep-alive pool to the loopback port `backend`, and a server block
+    around each of `servers`; returns its path."""
+    path = os.path.join(root, "nginx.conf")
+    blocks = "\n".join(f"    server {{ {server} }}" for server in servers)
+    with open(path, "w") as f:
+        f.write(f"""worker_processes {workers};
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+{blocks}
+}}
+""")
+    return path

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 
-from common import apm_env, free_port, wait_port
+from common import apm_env, free_port, nginx_conf, wait_port
 
 NODE_HTTP_APP = """
 require('http').createServer((request, response) => {
@@ -185,22 +185,13 @@ def main():
         backend, nginx_port = free_port(), free_port()
         procs.append(subprocess.Popen(["node", http_app], env=dict(os.environ, PORT=str(backend))))
         wait_port(backend)
-        nginx_conf = os.path.join(root, "nginx.conf")
-        with open(nginx_conf, "w") as f:
-            f.write(f"""worker_processes 2;
-pid {root}/nginx.pid;
-error_log {root}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
-    server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
-}}
-""")
-        procs.append(subprocess.Popen(["nginx", "-c", nginx_conf, "-g", "daemon off;"]))
+        nginx = nginx_conf(root, backend, [
+            f'listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}'
+        ], workers=2)
+        procs.append(subprocess.Popen(["nginx", "-c", nginx, "-g", "daemon off;"]))
         wait_port(nginx_port)
         rows.append(("nginx", "nginx -s reload", *wrk_under(
-            nginx_port, seconds, lambda: subprocess.run(["nginx", "-c", nginx_conf, "-s", "reload"], check=True, capture_output=True), args.reloads)))
+            nginx_port, seconds, lambda: subprocess.run(["nginx", "-c", nginx, "-s", "reload"], check=True, capture_output=True), args.reloads)))
 
         print(f"wrk -t2 -c32 for {seconds} s, {args.reloads} reloads spread over it")
         print(f"{'setup':<20} {'reload':<24} {'requests':>9} {'failed':>7} {'failed/reload':>14}")

@@ -1768,7 +1768,7 @@ fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
     );
 }
 
-const PORT_APP: &str = r#"
+pub(crate) const PORT_APP: &str = r#"
 import http.server, os
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):

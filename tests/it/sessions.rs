@@ -259,24 +259,21 @@ fn an_oversized_save_is_a_clear_error_in_the_app_and_the_sessions_go_on() {
     }
 }
 
-/// A plain HTTP app on its own port, answering with keep-alive.
-const PORT_APP: &str = r#"
-import http.server, os
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Head and body are two writes: without this, the body waits for the
-    # client's delayed ACK.
-    disable_nagle_algorithm = True
-    def do_GET(self):
-        body = ("ok %d\n" % os.getpid()).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"#;
+/// The daemon tests' app on its own port, answering with keep-alive, on
+/// a thread per connection.
+fn keep_alive_port_app() -> String {
+    crate::daemon::PORT_APP
+        .replace(
+            "(http.server.BaseHTTPRequestHandler):",
+            "(http.server.BaseHTTPRequestHandler):\n    protocol_version = \"HTTP/1.1\"\n    \
+             # Head and body are two writes: without this, the body waits for the\n    \
+             # client's delayed ACK.\n    disable_nagle_algorithm = True",
+        )
+        .replace(
+            "http.server.HTTPServer(",
+            "http.server.ThreadingHTTPServer(",
+        )
+}
 
 /// One GET on a kept-alive connection (opened again when the proxy
 /// closed it): whether it was answered 200.
@@ -331,7 +328,7 @@ fn ten_thousand_requests_through_three_rolling_restarts_with_default_settings_al
     // No drain_timeout, no kill_timeout: the defaults; only the restarts
     // are made quicker.
     let d = Daemon::new("sessions-http");
-    let port_app = d.write("port_app.py", PORT_APP);
+    let port_app = d.write("port_app.py", &keep_alive_port_app());
     let (port_http, connector_http) = (free_port(), free_port());
     d.load(&format!(
         "worker {{ name byport; exec python3; params {}; instances 2; rolling true; \
@@ -383,7 +380,7 @@ fn ten_thousand_requests_through_three_rolling_restarts_with_default_settings_al
 #[test]
 fn an_idle_worker_with_a_long_drain_timeout_stops_at_once() {
     let d = Daemon::new("sessions-idle-stop");
-    let port_app = d.write("port_app.py", PORT_APP);
+    let port_app = d.write("port_app.py", &keep_alive_port_app());
     let port = free_port();
     d.run_port_app(
         "idle",

@@ -291,16 +291,10 @@ impl Lifecycle {
                 };
                 vec![]
             }
-            (Draining { pid, then, .. }, Event::Drained { pid: drained }) if drained == pid => {
-                let deadline = now + policy.kill_timeout;
-                self.phase = Stopping {
-                    pid,
-                    deadline,
-                    then,
-                };
-                vec![Effect::Terminate(pid), Effect::Wake(deadline)]
-            }
-            (Draining { pid, until, then }, Event::Wake) if now >= until => {
+            // Nothing in flight any more, or the bound has come.
+            (Draining { pid, until, then }, Event::Drained { .. } | Event::Wake)
+                if event == (Event::Drained { pid }) || (event == Event::Wake && now >= until) =>
+            {
                 let deadline = now + policy.kill_timeout;
                 self.phase = Stopping {
                     pid,

@@ -2,6 +2,7 @@
 daemon environment of their own."""
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -59,3 +60,14 @@ http {{
 }}
 """)
     return path
+
+
+def tear_down(apm, env, procs, root, pm2=None):
+    """Ends what a benchmark started: PM2, the apm daemon, the processes
+    `procs`, and the run's directory."""
+    if pm2 is not None:
+        pm2.stop()
+    subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
+    for p in procs:
+        p.terminate()
+    shutil.rmtree(root, ignore_errors=True)

@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import time
 
-from common import apm_env, free_port, nginx_conf, wait_port
+from common import apm_env, free_port, nginx_conf, tear_down, wait_port
 
 
 def ensure(tool, package):
@@ -264,12 +264,7 @@ def main():
         if "pm2 -i 2" in results:
             print(f"apm Node connector (2 instances) / PM2 cluster mode (-i 2) req/s: {results['apm node'][0] / results['pm2 -i 2'][0]:.2f} (target >= 1.0)")
     finally:
-        if pm2 is not None:
-            pm2.stop()
-        subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
-        for p in procs:
-            p.terminate()
-        shutil.rmtree(root, ignore_errors=True)
+        tear_down(apm, env, procs, root, pm2)
 
 
 if __name__ == "__main__":

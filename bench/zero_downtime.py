@@ -24,14 +24,14 @@ import glob
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 
-from common import apm_env, free_port, nginx_conf, wait_port
+from common import apm_env, free_port, nginx_conf, tear_down, wait_port
+from daemon import Pm2
 
 NODE_HTTP_APP = """
 require('http').createServer((request, response) => {
@@ -89,16 +89,13 @@ def pm2_or_none(root, port):
     if os.environ.get("SKIP_PM2") == "1":
         print("PM2 anchor skipped: SKIP_PM2=1")
         return None
-    prefix = os.path.join(root, "pm2")
     try:
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", prefix, "pm2"],
-                       check=True, timeout=60, capture_output=True)
+        pm2 = Pm2(root, timeout=60)
     except (subprocess.SubprocessError, OSError) as e:
         print(f"PM2 anchor skipped: npm could not install pm2 quickly ({type(e).__name__})")
         return None
-    env = dict(os.environ, PM2_HOME=os.path.join(root, "pm2-home"), PORT=str(port))
-    binary = os.path.join(prefix, "node_modules", ".bin", "pm2")
-    return lambda *args: subprocess.run([binary, *args], env=env, capture_output=True, text=True, check=True)
+    pm2.env["PORT"] = str(port)
+    return pm2
 
 
 def ws_open(port):
@@ -220,15 +217,7 @@ def main():
         print(f"  {biggest['migrated']} sessions moved to one new instance in {biggest['last'] - biggest['first']} ms "
               f"(first to last migrated open); {echoing} of {WEBSOCKETS} still echo afterwards")
     finally:
-        if pm2 is not None:
-            try:
-                pm2("kill")
-            except subprocess.SubprocessError:
-                pass
-        subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
-        for p in procs:
-            p.terminate()
-        shutil.rmtree(root, ignore_errors=True)
+        tear_down(apm, env, procs, root, pm2)
 
 
 if __name__ == "__main__":

@@ -395,3 +395,65 @@ fn an_idle_worker_with_a_long_drain_timeout_stops_at_once() {
     let took = stopping.elapsed();
     assert!(took < Duration::from_millis(900), "the stop took {took:?}");
 }
+
+#[test]
+fn a_spliced_tcp_connection_keeps_its_old_instance_until_it_ends() {
+    let d = Daemon::new("sessions-splice");
+    let app = d.write(
+        "echo.py",
+        "import os, socketserver\nclass E(socketserver.BaseRequestHandler):\n    def handle(self):\n        \
+         while True:\n            data = self.request.recv(1024)\n            if not data:\n                return\n            \
+         self.request.sendall(b'%d ' % os.getpid() + data)\n\
+         socketserver.ThreadingTCPServer(('127.0.0.1', int(os.environ['PORT'])), E).serve_forever()\n",
+    );
+    let port = free_port();
+    d.run_port_app(
+        "spliced",
+        &app,
+        &format!("tcp://127.0.0.1:{port}"),
+        &["-startup_grace", "100", "-kill_timeout", "20000"],
+    );
+    d.wait_serving("spliced");
+    let mut client = BufReader::new(connect(port));
+    let mut echo = |word: &str| {
+        client
+            .get_mut()
+            .write_all(format!("{word}\n").as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        client.read_line(&mut line).unwrap();
+        line.trim_end().to_owned()
+    };
+    let old = echo("a");
+    assert!(old.ends_with(" a"), "{old:?}");
+    let old_pid = old.split(' ').next().unwrap().to_owned();
+    let restarting = Instant::now();
+    let restart = {
+        let mut command = d.command(&["restart", "spliced"]);
+        std::thread::spawn(move || command.output().unwrap())
+    };
+    wait_until(PATIENCE, "the instance to drain", || {
+        d.worker("spliced")
+            .is_some_and(|w| w["instances"][0]["status"] == "draining")
+    });
+    // Out of rotation, the old process still carries the open connection.
+    assert_eq!(echo("b"), format!("{old_pid} b"));
+    drop(echo);
+    drop(client);
+    let output = restart.join().unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    // It was stopped once the connection ended, not at kill_timeout.
+    assert!(
+        restarting.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        restarting.elapsed()
+    );
+    let mut fresh = BufReader::new(connect(port));
+    fresh.get_mut().write_all(b"c\n").unwrap();
+    let mut line = String::new();
+    fresh.read_line(&mut line).unwrap();
+    assert!(
+        line.ends_with(" c\n") && !line.starts_with(&old_pid),
+        "{line:?}"
+    );
+}

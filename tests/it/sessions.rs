@@ -438,7 +438,6 @@ fn a_spliced_tcp_connection_keeps_its_old_instance_until_it_ends() {
     });
     // Out of rotation, the old process still carries the open connection.
     assert_eq!(echo("b"), format!("{old_pid} b"));
-    drop(echo);
     drop(client);
     let output = restart.join().unwrap();
     assert!(output.status.success(), "{}", describe(&output));

@@ -601,12 +601,14 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     assert!(!stderr(&plain).contains("note:"), "{}", describe(&plain));
     let path = d.write(
         "migrating.conf",
-        "worker { name migrating; exec sleep; params 600; session_persist on; startup_grace 100; }\n",
+        "worker { name migrating; exec sleep; params 600; upstream port; session_persist on; startup_grace 100; }\n",
     );
+    // Session migration is built: what is noted is that it moves connector
+    // sessions only.
     let loaded = d.ok(&["load", path.to_str().unwrap()]);
     assert!(
-        stderr(&loaded).contains("worker `migrating` sets keys")
-            && stderr(&loaded).contains("`session_persist` (session migration)"),
+        stderr(&loaded).contains("worker `migrating` sets `session_persist` with `upstream port`")
+            && !stderr(&loaded).contains("does not enforce"),
         "{}",
         describe(&loaded)
     );
@@ -2651,7 +2653,7 @@ fn a_tls_client_that_never_finishes_its_handshake_is_timed_out_and_frees_its_slo
 }
 
 #[test]
-fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
+fn a_stop_lets_in_flight_requests_finish_and_no_longer_than_they_need() {
     let d = Daemon::new("drain");
     let app = d.write(
         "slow.py",
@@ -2669,7 +2671,7 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
             "-startup_grace",
             "300",
             "-drain_timeout",
-            "3s",
+            "10s",
             "-env",
             &env,
         ],
@@ -2683,9 +2685,12 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     let started = Instant::now();
     d.ok(&["stop", "slow"]);
     assert_eq!(request.join().unwrap(), Some((200, "done\n".to_owned())));
+    // The request had at most a second to go: the stop waited for it, not
+    // for drain_timeout.
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "the stop waited for the drain"
+        started.elapsed() < Duration::from_secs(6),
+        "the stop took {:?}",
+        started.elapsed()
     );
 }
 

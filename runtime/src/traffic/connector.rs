@@ -1170,6 +1170,139 @@ mod tests {
         assert!(!link.is_ready());
     }
 
+    /// A ready child and a session opened on it.
+    async fn session_on_a_ready_child() -> (
+        Arc<Link>,
+        tokio::net::UnixStream,
+        mpsc::UnboundedReceiver<()>,
+        Session,
+    ) {
+        let (link, mut theirs, mut changed) = child().await;
+        theirs
+            .write_all(&frame(
+                Kind::Ready,
+                0,
+                br#"{"protocol":1,"features":["migrate"]}"#,
+            ))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(link.migrates());
+        let session = link.open(b"{}").unwrap();
+        (link, theirs, changed, session)
+    }
+
+    #[tokio::test]
+    async fn a_child_that_hands_back_a_session_it_was_not_asked_for_is_cut_off() {
+        let (link, mut theirs, mut changed, mut session) = session_on_a_ready_child().await;
+        theirs
+            .write_all(&frame(Kind::Handed, session.id, b""))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(!link.is_ready());
+        assert!(session.rx.recv().await.is_none(), "the session ends");
+    }
+
+    #[tokio::test]
+    async fn a_save_is_kept_and_one_over_the_limit_or_not_json_cuts_the_child_off() {
+        let (_link, mut theirs, _changed, mut session) = session_on_a_ready_child().await;
+        let saved = format!("\"{}\"", "x".repeat(SESSION_DATA_MAX - 2));
+        theirs
+            .write_all(&frame(Kind::Save, session.id, saved.as_bytes()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(session.rx.recv().await, Some(Inbound::Save(data)) if data.len() == SESSION_DATA_MAX)
+        );
+        for bad in [
+            format!("\"{}\"", "x".repeat(SESSION_DATA_MAX)),
+            "{".to_owned(),
+        ] {
+            let (link, mut theirs, mut changed, mut session) = session_on_a_ready_child().await;
+            theirs
+                .write_all(&frame(Kind::Save, session.id, bad.as_bytes()))
+                .await
+                .unwrap();
+            changed.recv().await.unwrap();
+            assert!(!link.is_ready(), "a save of {} bytes", bad.len());
+            assert!(session.rx.recv().await.is_none());
+        }
+    }
+
+    /// A client that sends nothing and reports what reaches it.
+    struct Recorder(mpsc::UnboundedSender<Option<u16>>);
+
+    impl ClientSide for Recorder {
+        async fn next(&mut self) -> FromClient {
+            std::future::pending().await
+        }
+
+        async fn deliver(&mut self, message: ToClient, _more: bool) -> Result<(), ()> {
+            let close = match message {
+                ToClient::Close { code, .. } => Some(code),
+                _ => None,
+            };
+            let _ = self.0.send(close);
+            close.map_or(Ok(()), |_| Err(()))
+        }
+    }
+
+    struct NoSuccessor;
+
+    impl Successors for NoSuccessor {
+        fn candidates(&self) -> Vec<Arc<Link>> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_that_never_lets_go_of_a_session_has_it_closed_with_1012_after_session_wait() {
+        let (link, mut theirs, _changed) = child().await;
+        assert_eq!(read_frame(&mut theirs).await.0, Kind::Hello as u8);
+        theirs
+            .write_all(&frame(
+                Kind::Ready,
+                0,
+                br#"{"protocol":1,"features":["migrate"]}"#,
+            ))
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !link.migrates() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let (tx, mut delivered) = mpsc::unbounded_channel();
+        let handoff = Handoff {
+            successors: Arc::new(NoSuccessor),
+            wait: std::time::Duration::from_millis(200),
+            worker: "t".to_owned(),
+            protocol: "ws",
+        };
+        let pumping = tokio::spawn({
+            let link = link.clone();
+            async move { pump(&link, b"{}", Recorder(tx), None, Some(handoff)).await }
+        });
+        let (kind, id, _) = read_frame(&mut theirs).await;
+        assert_eq!(kind, Kind::Open as u8);
+        let retired = std::time::Instant::now();
+        link.retire();
+        assert_eq!(
+            read_frame(&mut theirs).await,
+            (Kind::Migrate as u8, id, vec![])
+        );
+        // The child says nothing more.
+        assert_eq!(delivered.recv().await, Some(Some(1012)));
+        assert!(retired.elapsed() >= std::time::Duration::from_millis(200));
+        let (kind, closed, payload) = read_frame(&mut theirs).await;
+        assert_eq!((kind, closed), (Kind::Close as u8, id));
+        assert_eq!(payload[..2], 1012u16.to_be_bytes());
+        pumping.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_child_sending_beyond_its_window_is_cut_off() {
         let (link, mut theirs, mut changed) = child().await;

@@ -19,23 +19,7 @@ pub fn notes(config: &Config) -> Vec<String> {
     daemon
         .into_iter()
         .chain(config.workers.iter().filter_map(worker_note))
-        .chain(config.workers.iter().filter_map(persist_note))
         .collect()
-}
-
-/// `session_persist` moves connector sessions only: an instance's own port
-/// carries WebSockets and TCP connections apm splices byte for byte and
-/// cannot hand to another process.
-fn persist_note(spec: &WorkerSpec) -> Option<String> {
-    (spec.session_persist.value && spec.upstream.value == "port").then(|| {
-        format!(
-            "{} sets `session_persist` with `upstream port`: sessions move between instances \
-             only through a connector (`upstream connector`); its spliced WebSockets and TCP \
-             connections are drained instead (waited for, up to `kill_timeout`, before an \
-             instance is stopped)",
-            spec.label()
-        )
-    })
 }
 
 /// The line for one worker, when it sets such keys.
@@ -75,26 +59,6 @@ fn note(block: &str, keys: &[(&str, &str)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn session_persist_with_upstream_port_is_noted_and_with_a_connector_not() {
-        let compile = |text: &str| {
-            let loader = apm_compiler::loader::MemLoader::new().file("/apm.conf", text);
-            apm_compiler::compile(std::path::Path::new("/apm.conf"), &loader)
-                .expect("in memory")
-                .config
-        };
-        let port = compile(
-            "worker { name a; exec node; server http://127.0.0.1:8080; upstream port; session_persist true; }",
-        );
-        let noted = notes(&port);
-        assert_eq!(noted.len(), 1, "{noted:?}");
-        assert!(noted[0].contains("only through a connector"), "{noted:?}");
-        let connector = compile(
-            "worker { name a; exec node; server http://127.0.0.1:8080; session_persist true; }",
-        );
-        assert_eq!(notes(&connector), Vec::<String>::new());
-    }
 
     #[test]
     fn every_listed_key_exists_in_the_schema() {

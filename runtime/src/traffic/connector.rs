@@ -786,6 +786,26 @@ fn migrated_head(head: &[u8], saved: Option<&Bytes>) -> Vec<u8> {
     serde_json::to_vec(&fields).expect("a JSON map serializes")
 }
 
+/// `apm check`'s notes on `session_persist`: it moves connector sessions
+/// only, so a worker that sets it with `upstream port` has its spliced
+/// WebSockets and TCP connections drained instead.
+pub fn persist_notes(config: &apm_compiler::ir::Config) -> Vec<String> {
+    config
+        .workers
+        .iter()
+        .filter(|spec| spec.session_persist.value && spec.upstream.value == "port")
+        .map(|spec| {
+            format!(
+                "{} sets `session_persist` with `upstream port`: sessions move between instances \
+                 only through a connector (`upstream connector`); its spliced WebSockets and TCP \
+                 connections are drained instead (waited for, up to `kill_timeout`, before an \
+                 instance is stopped)",
+                spec.label()
+            )
+        })
+        .collect()
+}
+
 /// A time that never comes, for a select branch that is off.
 fn never() -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
@@ -1140,6 +1160,26 @@ mod tests {
         );
         assert!(serde_json::from_str::<ResponseHead>("[]").is_err());
         assert!(serde_json::from_str::<ResponseHead>(r#"{"a":"b""#).is_err());
+    }
+
+    #[test]
+    fn check_notes_session_persist_with_upstream_port_and_not_with_a_connector() {
+        let compile = |text: &str| {
+            let loader = apm_compiler::loader::MemLoader::new().file("/apm.conf", text);
+            apm_compiler::compile(std::path::Path::new("/apm.conf"), &loader)
+                .expect("in memory")
+                .config
+        };
+        let port = compile(
+            "worker { name a; exec node; server http://127.0.0.1:8080; upstream port; session_persist true; }",
+        );
+        let noted = persist_notes(&port);
+        assert_eq!(noted.len(), 1, "{noted:?}");
+        assert!(noted[0].contains("only through a connector"), "{noted:?}");
+        let connector = compile(
+            "worker { name a; exec node; server http://127.0.0.1:8080; session_persist true; }",
+        );
+        assert_eq!(persist_notes(&connector), Vec::<String>::new());
     }
 
     #[tokio::test]

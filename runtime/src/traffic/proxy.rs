@@ -65,7 +65,11 @@ impl Backend {
 impl PartialEq for Backend {
     fn eq(&self, other: &Backend) -> bool {
         match (self, other) {
-            (Backend::Port(a, _), Backend::Port(b, _)) => a == b,
+            // A new process may get the port of the one before: its count
+            // is its own.
+            (Backend::Port(a, a_flight), Backend::Port(b, b_flight)) => {
+                a == b && Arc::ptr_eq(a_flight, b_flight)
+            }
             (Backend::Connector(a), Backend::Connector(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }

@@ -393,7 +393,8 @@ fn an_idle_worker_with_a_long_drain_timeout_stops_at_once() {
     let stopping = Instant::now();
     d.ok(&["stop", "idle"]);
     let took = stopping.elapsed();
-    assert!(took < Duration::from_millis(900), "the stop took {took:?}");
+    // drain_timeout would have made it 3 s.
+    assert!(took < Duration::from_secs(1), "the stop took {took:?}");
 }
 
 #[test]

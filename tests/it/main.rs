@@ -15,5 +15,6 @@ mod proxy_attacks;
 mod reload;
 mod sections;
 mod security_local;
+mod sessions;
 mod stats;
 mod vanguard_attacks;

@@ -1,0 +1,99 @@
+<?php
+// The shared connector test app ("connector_echo"), PHP flavour.
+//
+// Same behaviour in every language; see tests/connectors/conformance.py,
+// which drives it as apm's daemon would.
+
+require_once __DIR__ . '/../../connectors/apm_module.php';
+
+function serve_http(ApmSession $s)
+{
+    // A line per request on stdout: it must reach the log, not the channel.
+    echo "connector_echo: {$s->method} {$s->path}\n";
+    $s->session_data['body_length'] = 0;
+
+    if ($s->path === '/echo') {
+        $headers = ['x-status' => '200', 'content-type' => 'application/octet-stream'];
+        $s->on_data = function ($chunk, $is_binary) use ($s, $headers) {
+            $s->write($chunk, $headers);
+        };
+        $s->on_end = function () use ($s, $headers) {
+            $s->write('', $headers); // sends the head if the body was empty
+            $s->close();
+        };
+        return;
+    }
+
+    $s->on_data = function ($chunk, $is_binary) use ($s) {
+        $s->session_data['body_length'] += strlen($chunk);
+    };
+    $s->on_end = function () use ($s) {
+        if (strpos($s->path, '/status/') === 0) {
+            $status = substr($s->path, strlen('/status/'));
+            $s->write("status $status", ['x-status' => $status, 'content-type' => 'text/plain']);
+        } elseif ($s->path === '/cookies') {
+            $s->write('ok', ['x-status' => '200', 'content-type' => 'text/plain', 'set-cookie' => ['a=1', 'b=2']]);
+        } else {
+            $s->write(json_encode([
+                'lang' => 'php',
+                'method' => $s->method,
+                'path' => $s->path,
+                'path_array' => $s->path_array,
+                'query' => $s->query,
+                'query_object' => (object)$s->query_object,
+                'headers' => (object)$s->headers,
+                'cookies' => (object)$s->cookies,
+                'remote_ip' => $s->remote_ip,
+                'session_id' => $s->session_id,
+                'instance_id' => $s->instance_id,
+                'client_subject' => $s->client_subject,
+                'tls' => $s->tls,
+                'pid' => getmypid(),
+                'body_length' => $s->session_data['body_length'],
+                'env_index' => getenv('APM_INDEX') === false ? null : getenv('APM_INDEX'),
+            ], JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE), ['x-status' => '200', 'content-type' => 'application/json']);
+        }
+        $s->close();
+    };
+}
+
+function serve_ws(ApmSession $s)
+{
+    $s->on_data = function ($data, $is_binary) use ($s) {
+        if (!$is_binary && $data === 'close') {
+            $s->close(4000, 'bye');
+        } elseif (!$is_binary && $data === 'raw') {
+            $s->write_raw("\x81\x04raw!");
+        } else {
+            $s->write($data, $is_binary); // text back as text, binary as binary
+        }
+    };
+    $s->on_close = function ($code, $reason) {
+    };
+}
+
+function serve_tcp(ApmSession $s)
+{
+    $s->on_data = function ($data, $is_binary) use ($s) {
+        $s->write($data);
+        if (substr($data, -5) === "quit\n") {
+            $s->close();
+        }
+    };
+    $s->on_end = function () use ($s) {
+        // The client half-closed: it still gets the rest of the answer.
+        $s->write("bye\n");
+        $s->close();
+    };
+}
+
+$apm = new ApmModule(function (ApmSession $s) {
+    if ($s->protocol === 'ws') {
+        serve_ws($s);
+    } elseif ($s->protocol === 'tcp') {
+        serve_tcp($s);
+    } else {
+        serve_http($s);
+    }
+});
+$apm->run();

@@ -1,0 +1,100 @@
+# The shared connector test app ("connector_echo"), Perl flavour.
+#
+# Same behaviour in every language; see tests/connectors/conformance.py,
+# which drives it as apm's daemon would.
+
+use strict;
+use warnings;
+
+use FindBin;
+use lib "$FindBin::Bin/../../connectors";
+
+use ApmModule;
+
+$| = 1;
+
+sub serve_http {
+    my ($s) = @_;
+    # A line per request on stdout: it must reach the log, not the channel.
+    print "connector_echo: $s->{method} $s->{path}\n";
+    $s->{session_data}{body_length} = 0;
+
+    if ($s->{path} eq '/echo') {
+        my $headers = { 'x-status' => '200', 'content-type' => 'application/octet-stream' };
+        $s->{on_data} = sub { $s->write($_[0], $headers) };
+        $s->{on_end} = sub {
+            $s->write('', $headers); # sends the head if the body was empty
+            $s->close;
+        };
+        return;
+    }
+
+    $s->{on_data} = sub { $s->{session_data}{body_length} += length $_[0] };
+    $s->{on_end} = sub {
+        if ($s->{path} =~ m{\A/status/(.*)\z}) {
+            $s->write("status $1", { 'x-status' => $1, 'content-type' => 'text/plain' });
+        } elsif ($s->{path} eq '/cookies') {
+            $s->write('ok', { 'x-status' => '200', 'content-type' => 'text/plain', 'set-cookie' => ['a=1', 'b=2'] });
+        } else {
+            $s->write($ApmModule::JSON->encode({
+                lang           => 'perl',
+                method         => $s->{method},
+                path           => $s->{path},
+                path_array     => $s->{path_array},
+                query          => $s->{query},
+                query_object   => $s->{query_object},
+                headers        => $s->{headers},
+                cookies        => $s->{cookies},
+                remote_ip      => $s->{remote_ip},
+                session_id     => $s->{session_id},
+                instance_id    => $s->{instance_id},
+                client_subject => $s->{client_subject},
+                tls            => $s->{tls} ? \1 : \0,
+                pid            => $$,
+                body_length    => $s->{session_data}{body_length},
+                env_index      => $ENV{APM_INDEX},
+            }), { 'x-status' => '200', 'content-type' => 'application/json' });
+        }
+        $s->close;
+    };
+}
+
+sub serve_ws {
+    my ($s) = @_;
+    $s->{on_data} = sub {
+        my ($data, $is_binary) = @_;
+        if (!$is_binary && $data eq 'close') {
+            $s->close(4000, 'bye');
+        } elsif (!$is_binary && $data eq 'raw') {
+            $s->write_raw("\x81\x04raw!");
+        } else {
+            $s->write($data, $is_binary); # text back as text, binary as binary
+        }
+    };
+    $s->{on_close} = sub { };
+}
+
+sub serve_tcp {
+    my ($s) = @_;
+    $s->{on_data} = sub {
+        my ($data) = @_;
+        $s->write($data);
+        $s->close if $data =~ /quit\n\z/;
+    };
+    $s->{on_end} = sub {
+        # The client half-closed: it still gets the rest of the answer.
+        $s->write("bye\n");
+        $s->close;
+    };
+}
+
+ApmModule->new(sub {
+    my ($s) = @_;
+    if ($s->{protocol} eq 'ws') {
+        serve_ws($s);
+    } elsif ($s->{protocol} eq 'tcp') {
+        serve_tcp($s);
+    } else {
+        serve_http($s);
+    }
+})->run;

@@ -16,6 +16,7 @@ local function serve_http(s)
   print(('connector_echo: %s %s'):format(s.method, s.path))
   s.session_data.body_length = 0
 
+  if s.path == '/throw' then error('connector_echo: thrown on purpose') end
   if s.path == '/echo' then
     local headers = { ['x-status'] = '200', ['content-type'] = 'application/octet-stream' }
     s.on_data = function(chunk) s:write(chunk, headers) end
@@ -61,6 +62,8 @@ local function serve_ws(s)
   s.on_data = function(data, is_binary)
     if not is_binary and data == 'close' then
       s:close(4000, 'bye')
+    elseif not is_binary and data == 'throw' then
+      error('connector_echo: thrown on purpose')
     elseif not is_binary and data == 'raw' then
       s:write_raw('\x81\x04raw!')
     else

@@ -12,6 +12,9 @@ function serve_http(ApmSession $s)
     echo "connector_echo: {$s->method} {$s->path}\n";
     $s->session_data['body_length'] = 0;
 
+    if ($s->path === '/throw') {
+        throw new RuntimeException('connector_echo: thrown on purpose');
+    }
     if ($s->path === '/echo') {
         $headers = ['x-status' => '200', 'content-type' => 'application/octet-stream'];
         $s->on_data = function ($chunk, $is_binary) use ($s, $headers) {
@@ -62,6 +65,8 @@ function serve_ws(ApmSession $s)
     $s->on_data = function ($data, $is_binary) use ($s) {
         if (!$is_binary && $data === 'close') {
             $s->close(4000, 'bye');
+        } elseif (!$is_binary && $data === 'throw') {
+            throw new RuntimeException('connector_echo: thrown on purpose');
         } elseif (!$is_binary && $data === 'raw') {
             $s->write_raw("\x81\x04raw!");
         } else {

@@ -19,6 +19,7 @@ sub serve_http {
     print "connector_echo: $s->{method} $s->{path}\n";
     $s->{session_data}{body_length} = 0;
 
+    die "connector_echo: thrown on purpose\n" if $s->{path} eq '/throw';
     if ($s->{path} eq '/echo') {
         my $headers = { 'x-status' => '200', 'content-type' => 'application/octet-stream' };
         $s->{on_data} = sub { $s->write($_[0], $headers) };
@@ -65,6 +66,8 @@ sub serve_ws {
         my ($data, $is_binary) = @_;
         if (!$is_binary && $data eq 'close') {
             $s->close(4000, 'bye');
+        } elsif (!$is_binary && $data eq 'throw') {
+            die "connector_echo: thrown on purpose\n";
         } elsif (!$is_binary && $data eq 'raw') {
             $s->write_raw("\x81\x04raw!");
         } else {

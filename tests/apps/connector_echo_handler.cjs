@@ -8,6 +8,7 @@ const ECHO_HEADERS = { 'x-status': '200', 'content-type': 'application/octet-str
 
 function http(session, lang) {
   const path = session.path;
+  if (path === '/throw') throw new Error('connector_echo: thrown on purpose');
   if (path === '/echo') {
     let wrote = false;
     session.onData = (chunk) => {
@@ -67,6 +68,7 @@ function http(session, lang) {
 function ws(session) {
   session.onData = (data, isBinary) => {
     if (!isBinary && data === 'close') session.close(4000, 'bye');
+    else if (!isBinary && data === 'throw') throw new Error('connector_echo: thrown on purpose');
     else if (!isBinary && data === 'raw') session.write_raw(Buffer.concat([Buffer.from([0x81, 0x04]), Buffer.from('raw!')]));
     else session.write(data); // a string goes back as text, a Buffer as binary
   };

@@ -537,11 +537,23 @@ def case_frames_in_pieces(link, ctx):
     link.piece_size = 3
     try:
         s = link.http('POST', '/echo', headers={'content-length': str(len(body))}, body=body)
+        link.finish(s, 'the echo of a request sent 3 bytes at a time')
+        expect(s.status() == 200, 'status %r' % (s.status(),))
+        expect(bytes(s.body) == body, 'the echo differs: %s' % differ(bytes(s.body), body))
+        # Every other kind apm sends, also cut: open, text, data, end, close, credit.
+        w = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+        link.ws_roundtrip(w, TEXT, u'pi\u00e8ces'.encode('utf-8'), 'the echo of a text message sent in pieces')
+        link.ws_roundtrip(w, DATA, bytes(range(40)), 'the echo of a binary message sent in pieces')
+        t = link.open('tcp', '', '', remote_ip='198.51.100.4')
+        link.send_message(t, DATA, b'ping\n')
+        link.send(END, t.id)
+        link.finish(t, 'the answer to a half-close sent in pieces')
+        expect(bytes(t.body) == b'ping\nbye\n', 'received %r' % bytes(t.body))
+        link.close(w, 1000, 'done')
     finally:
         link.piece_size = None
-    link.finish(s, 'the echo of a request sent 3 bytes at a time')
-    expect(s.status() == 200, 'status %r' % (s.status(),))
-    expect(bytes(s.body) == body, 'the echo differs: %s' % differ(bytes(s.body), body))
+    link.barrier()
+    expect(link.dropped[w.id] == 0, 'answered on session %d after a close sent in pieces' % w.id)
 
 
 def case_concurrent_sessions(link, ctx):
@@ -647,6 +659,20 @@ def case_apm_closes_sessions(link, ctx):
     expect(got == (s.id, {'reuse': '1'}, 5), 'the reused id got %r' % (got,))
 
 
+def case_app_exceptions(link, ctx):
+    # The app's bug ends its session, not the instance: a handler that
+    # throws answers 500, a WebSocket callback that throws closes with 1011.
+    s = link.finish(link.http('GET', '/throw'), 'the answer to a request whose handler throws')
+    expect(s.status() == 500, 'status %r, not 500' % (s.status(),))
+    w = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    link.send_message(w, TEXT, b'throw')
+    link.finish(w, 'the close of a WebSocket whose callback throws')
+    expect(w.closed[0] == 1011, 'closed with %r, not 1011' % (w.closed,))
+    link.barrier()
+    errors = [l for l in link.child.stderr_lines() if 'thrown on purpose' in l]
+    expect(errors, 'stderr does not show the exception')
+
+
 def case_bad_frame_from_apm(link, ctx):
     # One byte over the limit: only the header is sent, so a connector that
     # does not check the length first waits for the rest and never exits.
@@ -735,6 +761,7 @@ def main():
         ('tcp echo then quit', case_tcp),
         ('tcp half-close answered', case_tcp_half_close),
         ('sessions apm closed or never opened', case_apm_closes_sessions),
+        ('app exceptions answer 500 and close 1011', case_app_exceptions),
         ('exits on an oversized frame from apm', case_bad_frame_from_apm),
         ('stdout apart from the channel', case_stdout_apart),
     ]:

@@ -353,20 +353,19 @@ use constant {
 
 sub _new {
     my ($class, $module, $session_id, $head) = @_;
-    my $string = sub { my $v = $head->{$_[0]}; defined $v && !ref $v ? "$v" : '' };
+    my ($protocol, $method, $path, $query) = map { defined && !ref ? "$_" : '' } @$head{qw(protocol method path query)};
     my $headers = ref $head->{headers} eq 'HASH' ? $head->{headers} : {};
-    my $path = $string->('path');
-    my $query = $string->('query');
-    my $self = bless {
-        protocol       => $string->('protocol') || 'http',
-        method         => $string->('method'),
+    my $cookie = $headers->{cookie};
+    return bless {
+        protocol       => $protocol || 'http',
+        method         => $method,
         path           => $path,
         # Split before decoding, so that an encoded '/' stays inside its segment.
-        path_array     => [map { _decode($_) } grep { $_ ne '' } split m{/}, $path],
+        path_array     => [map { index($_, '%') < 0 ? $_ : _decode($_) } grep { $_ ne '' } split m{/}, $path],
         query          => $query,
-        query_object   => _parse_query($query),
+        query_object   => $query eq '' ? {} : _parse_query($query),
         headers        => $headers,
-        cookies        => _parse_cookies(defined $headers->{cookie} && !ref $headers->{cookie} ? $headers->{cookie} : ''),
+        cookies        => defined $cookie && !ref $cookie ? _parse_cookies($cookie) : {},
         remote_ip      => $head->{remote_ip},
         tls            => $head->{tls} ? 1 : 0,
         client_subject => $head->{client_subject},
@@ -387,7 +386,6 @@ sub _new {
         _queue         => [],  # [kind, payload, offset] waiting for credit, in order
         _partial       => '',  # a WebSocket message arriving in `more` fragments
     }, $class;
-    return $self;
 }
 
 # Percent-decoding as JavaScript's decodeURIComponent, which the Node
@@ -532,20 +530,24 @@ sub _cut_reason {
 sub _encode_head {
     my ($self, $headers) = @_;
     my %head;
-    for my $raw_name (sort keys %$headers) {
-        my $value = $headers->{$raw_name};
+    while (my ($raw_name, $value) = each %$headers) {
         next unless defined $value;
         my $name = lc $raw_name;
-        die sprintf("invalid header name: %s\n", $raw_name) unless $name =~ /\A[!#\$%&'*+\-.^_`|~0-9a-z]+\z/;
-        my @values = ref $value eq 'ARRAY' ? map { _header_value($name, $_) } @$value : ();
-        my $text = ref $value eq 'ARRAY' ? undef : _header_value($name, $value);
+        die "invalid header name: $raw_name\n" unless $name =~ /\A[!#\$%&'*+\-.^_`|~0-9a-z]+\z/;
+        if (ref $value eq 'ARRAY') {
+            $value = [map { _header_value($name, $_) } @$value];
+        } else {
+            # The common case, checked without a call.
+            die "header $name: a value must be a string or an array of strings\n" if ref $value;
+            die "header $name: a value may not contain CR, LF or NUL\n" if $value =~ /[\r\n\0]/;
+            $value = "$value";
+        }
         if (exists $head{$name}) {
             # Set-Cookie and set-cookie are one header.
             my $prev = $head{$name};
-            $head{$name} = [ref $prev ? @$prev : $prev, ref $value eq 'ARRAY' ? @values : $text];
-        } else {
-            $head{$name} = ref $value eq 'ARRAY' ? \@values : $text;
+            $value = [ref $prev ? @$prev : $prev, ref $value ? @$value : $value];
         }
+        $head{$name} = $value;
     }
     my $status = $head{'x-status'};
     if (defined $status && (ref $status || $status !~ /\A[1-9][0-9][0-9]\z/)) {
@@ -558,16 +560,29 @@ sub _encode_head {
 }
 
 sub _header_value {
-    my ($name, $value) = @_;
-    die "header $name: a value must be a string or an array of strings\n" if !defined $value || ref $value;
     # apm treats a malformed head as a broken connector and kills the
     # instance; refusing here fails one request instead.
-    die "header $name: a value may not contain CR, LF or NUL\n" if $value =~ /[\r\n\0]/;
-    return "$value";
+    die "header $_[0]: a value must be a string or an array of strings\n" if !defined $_[1] || ref $_[1];
+    die "header $_[0]: a value may not contain CR, LF or NUL\n" if $_[1] =~ /[\r\n\0]/;
+    return "$_[1]";
 }
 
 sub _enqueue {
     my ($self, $kind, $payload) = @_;
+    my $module = $self->{_module};
+    # Nothing waits and credit covers it: straight to the channel.
+    if (!@{ $self->{_queue} } && $kind != ApmModule::K_HANDED && $kind != ApmModule::K_CLOSE) {
+        if ($kind == ApmModule::K_HEAD) {
+            $module->_send($kind, $self->{session_id}, $payload);
+            return;
+        }
+        my $size = length $payload;
+        if ($size <= $self->{_credit} && $size <= $module->{_max_frame}) {
+            $module->_send($kind, $self->{session_id}, $payload);
+            $self->{_credit} -= $size;
+            return;
+        }
+    }
     push @{ $self->{_queue} }, [$kind, $payload, 0];
     $self->_pump;
 }

@@ -64,6 +64,11 @@ local function serve_ws(s)
       s:close(4000, 'bye')
     elseif not is_binary and data == 'throw' then
       error('connector_echo: thrown on purpose')
+    elseif not is_binary and data == 'save' then
+      s.session_data.saved = 'yes'
+      s:save_session_data()
+    elseif not is_binary and data == 'data?' then
+      s:write(cjson.encode({ migrated = s.migrated, session_data = s.session_data }))
     elseif not is_binary and data == 'raw' then
       s:write_raw('\x81\x04raw!')
     else

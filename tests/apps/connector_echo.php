@@ -67,6 +67,11 @@ function serve_ws(ApmSession $s)
             $s->close(4000, 'bye');
         } elseif (!$is_binary && $data === 'throw') {
             throw new RuntimeException('connector_echo: thrown on purpose');
+        } elseif (!$is_binary && $data === 'save') {
+            $s->session_data['saved'] = 'yes';
+            $s->save_session_data();
+        } elseif (!$is_binary && $data === 'data?') {
+            $s->write(json_encode(['migrated' => $s->migrated, 'session_data' => $s->session_data], JSON_UNESCAPED_UNICODE));
         } elseif (!$is_binary && $data === 'raw') {
             $s->write_raw("\x81\x04raw!");
         } else {

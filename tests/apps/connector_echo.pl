@@ -68,6 +68,13 @@ sub serve_ws {
             $s->close(4000, 'bye');
         } elsif (!$is_binary && $data eq 'throw') {
             die "connector_echo: thrown on purpose\n";
+        } elsif (!$is_binary && $data eq 'save') {
+            $s->{session_data}{saved} = 'yes';
+            $s->save_session_data;
+        } elsif (!$is_binary && $data eq 'data?') {
+            my $json = $ApmModule::JSON->encode({ migrated => $s->{migrated} ? \1 : \0, session_data => $s->{session_data} });
+            utf8::decode($json); # a text message is characters, not the bytes of their encoding
+            $s->write($json);
         } elsif (!$is_binary && $data eq 'raw') {
             $s->write_raw("\x81\x04raw!");
         } else {

@@ -220,6 +220,8 @@ class Link(object):
 
     def handle(self, kind, session_id, payload):
         name = NAMES.get(kind, 'kind %d' % kind)
+        if kind in HAND_OFF_FROM_CHILD:
+            return handle_hand_off(self, kind, session_id, payload)
         if kind not in FROM_CHILD:
             return self.violation('the child sent %s' % name)
         if kind == READY:
@@ -701,6 +703,107 @@ def no_ws_session():
     raise Fail('no WebSocket session (ws text echo failed)')
 
 
+# ---- session hand-off (feature "migrate", frames 48-55) ----
+# Run only against connectors whose `ready` lists "migrate"; the echo apps
+# answer the WebSocket messages `save` (session_data.saved = 'yes', then
+# save_session_data()) and `data?` (a text message: JSON of migrated and
+# session_data).
+
+SAVE, MIGRATE, HANDED = 48, 49, 50
+NAMES.update({SAVE: 'save', MIGRATE: 'migrate', HANDED: 'handed'})
+HAND_OFF_FROM_CHILD = (SAVE, HANDED)
+SESSION_DATA_MAX = 65536
+
+
+def handle_hand_off(link, kind, session_id, payload):
+    name = NAMES[kind]
+    if 'migrate' not in ((link.ready or {}).get('features') or []):
+        return link.violation('%s from a connector whose ready does not list migrate' % name)
+    s = link.sessions.get(session_id)
+    if s is None:
+        if session_id not in link.dropped:
+            link.violation('%s on session %d, which is not open' % (name, session_id))
+        return
+    if kind == SAVE:
+        if len(payload) > SESSION_DATA_MAX:
+            return link.violation('a save of %d bytes (the limit is %d)' % (len(payload), SESSION_DATA_MAX))
+        try:
+            s.saved = json.loads(payload.decode('utf-8'))
+        except ValueError:
+            link.violation('save is not JSON: %r' % payload[:100])
+        return
+    if not getattr(s, 'migrating', False):
+        return link.violation('handed on session %d, which was not sent migrate' % session_id)
+    s.handed = True
+    del link.sessions[session_id]
+    link.ended.add(session_id)
+
+
+def offers_migrate(link):
+    return 'migrate' in ((link.ready or {}).get('features') or [])
+
+
+def when_offered(case):
+    """The case, or a visible note for a connector that does not take migrate."""
+    def run(link, ctx):
+        if not offers_migrate(link):
+            return 'not run: ready does not list migrate'
+        return case(link, ctx)
+    return run
+
+
+def case_save_session_data(link, ctx):
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    link.send_message(s, TEXT, b'save')
+    link.wait(lambda: getattr(s, 'saved', None) is not None or s.closed is not None, 'a save frame')
+    expect(s.saved == {'saved': 'yes'}, 'saved %r, not {"saved": "yes"}' % (s.saved,))
+    link.close(s, 1000)
+
+
+def case_migrate_after_queued_writes(link, ctx):
+    # What the app wrote before migrate goes out first, as credit allows;
+    # then handed, and nothing more on the session.
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    s.withhold = True
+    message = os.urandom(WINDOW + 40000)
+    link.send_message(s, DATA, message)
+    link.wait(lambda: s.received >= WINDOW, 'the first window of the echo')
+    s.migrating = True
+    link.send(MIGRATE, s.id)
+    link.barrier()
+    expect(not getattr(s, 'handed', False), 'handed with %d bytes of the echo still queued' % (len(message) - s.received))
+    s.withhold = False
+    s.allowance += s.ungranted
+    link.send(CREDIT, s.id, struct.pack('>I', s.ungranted))
+    s.ungranted = 0
+    link.wait(lambda: getattr(s, 'handed', False) or s.closed is not None, 'handed once the echo was out')
+    expect(s.closed is None, 'closed with %r instead of handing the session over' % (s.closed,))
+    expect(s.messages == [(DATA, message)], 'the echo before handed differs: %s'
+           % (differ(s.messages[0][1], message) if s.messages else 'no message'))
+    link.barrier()  # a frame on the session after handed is a violation
+
+
+def case_migrated_open(link, ctx):
+    data = {'count': 3, 'name': u'\u00e9t\u00e9'}
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS, migrated=True, session_data=data)
+    link.ws_roundtrip(s, TEXT, b'hello again', 'an echo on a migrated session')
+    count = len(s.messages)
+    link.send_message(s, TEXT, b'data?')
+    link.wait(lambda: len(s.messages) > count or s.closed is not None, 'the answer to data?')
+    expect(len(s.messages) > count, 'closed with %r' % (s.closed,))
+    answer = json.loads(s.messages[count][1].decode('utf-8'))
+    expect(answer == {'migrated': True, 'session_data': data}, 'the app saw %r' % (answer,))
+    link.close(s, 1000)
+
+
+HAND_OFF_CASES = [
+    ('save_session_data sends save', when_offered(case_save_session_data)),
+    ('migrate: queued writes, then handed', when_offered(case_migrate_after_queued_writes)),
+    ('a migrated open carries session_data', when_offered(case_migrated_open)),
+]
+# ---- end of session hand-off ----
+
+
 class Runner(object):
     def __init__(self):
         self.failed = 0
@@ -762,6 +865,7 @@ def main():
         ('tcp half-close answered', case_tcp_half_close),
         ('sessions apm closed or never opened', case_apm_closes_sessions),
         ('app exceptions answer 500 and close 1011', case_app_exceptions),
+    ] + HAND_OFF_CASES + [
         ('exits on an oversized frame from apm', case_bad_frame_from_apm),
         ('stdout apart from the channel', case_stdout_apart),
     ]:

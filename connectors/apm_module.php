@@ -86,8 +86,11 @@ final class ApmModule
         stream_set_read_buffer($channel, 0);
         stream_set_write_buffer($channel, 0);
         if (function_exists('pcntl_signal')) {
-            // A write to a daemon that went away is an error to handle, not a signal.
-            pcntl_signal(SIGPIPE, SIG_IGN);
+            // A write to a daemon that went away is an error to handle, not
+            // a signal. Caught rather than ignored: programs the app
+            // executes get the default disposition back.
+            pcntl_signal(SIGPIPE, function () {
+            });
         }
         $this->channel = $channel;
         $this->handshake();

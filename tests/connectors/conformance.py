@@ -435,6 +435,18 @@ def case_protocol_mismatch(child):
     expect(link.ready is None, 'it answered ready to protocol 99')
 
 
+def case_channel_ends(child):
+    link = Link(child)
+    link.send(HELLO, 0, hello())
+    link.wait(lambda: link.ready is not None, 'ready')
+    # A request in flight: the answer's write meets a closed channel.
+    link.http('GET', '/status/200')
+    child.sock.close()
+    status = child.wait_exit()
+    expect(status is not None, 'still running %gs after apm closed the channel' % TIMEOUT)
+    expect(status == 0, 'exit status %d, not 0' % status)
+
+
 def case_handshake(link, ctx):
     link.send(HELLO, 0, hello())
     link.wait(lambda: link.ready is not None, 'ready')
@@ -837,10 +849,12 @@ def main():
     no_apm = Child(command, apm=False, apm_fd=False)
     no_fd = Child(command, apm=True, apm_fd=False)
     mismatch = Child(command)
+    ends = Child(command)
     runner.run('exits without APM', case_no_apm, no_apm)
     runner.run('exits without APM_FD', case_no_apm_fd, no_fd)
     runner.run('exits on a protocol mismatch', case_protocol_mismatch, mismatch)
-    for child in (no_apm, no_fd, mismatch):
+    runner.run('exits with 0 when the channel ends', case_channel_ends, ends)
+    for child in (no_apm, no_fd, mismatch, ends):
         child.kill()
 
     child = Child(command)

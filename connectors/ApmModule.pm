@@ -36,7 +36,10 @@ use warnings;
 use Encode ();
 use Fcntl qw(F_GETFL F_SETFL F_SETFD FD_CLOEXEC O_NONBLOCK);
 use POSIX qw(EAGAIN EWOULDBLOCK EINTR);
-use Socket qw(MSG_NOSIGNAL);
+use Socket ();
+
+# Exported by Socket only since Perl 5.14's; the Linux value before that.
+use constant MSG_NOSIGNAL => eval { Socket::MSG_NOSIGNAL() } || 0x4000;
 
 our $VERSION = '1';
 
@@ -68,7 +71,7 @@ my %RECEIVED = map { $_ => 1 } (K_OPEN, K_DATA, K_TEXT, K_MORE, K_END, K_CLOSE, 
 
 our $JSON = do {
     my $codec;
-    for my $module (qw(Cpanel::JSON::XS JSON::XS JSON::PP)) {
+    for my $module (qw(Cpanel::JSON::XS JSON::XS JSON::PP JSON)) {
         next unless eval "require $module; 1";
         $codec = $module->new->utf8->allow_nonref;
         last;

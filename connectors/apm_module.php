@@ -67,20 +67,20 @@ final class ApmModule
     {
         $this->on_connect = $on_connect;
         if (getenv('APM') !== '1') {
-            self::die('start this app with apm run (APM is not set)');
+            self::fatal('start this app with apm run (APM is not set)');
         }
         $fd = getenv('APM_FD');
         if ($fd === false || $fd === '') {
-            self::die('this worker has no connector channel: give it server lines '
+            self::fatal('this worker has no connector channel: give it server lines '
                 . 'and upstream connector (APM_FD is not set)');
         }
         if (!ctype_digit($fd)) {
-            self::die("APM_FD=$fd is not a usable channel: not a descriptor number");
+            self::fatal("APM_FD=$fd is not a usable channel: not a descriptor number");
         }
         $channel = @fopen("php://fd/$fd", 'r+b');
         if ($channel === false) {
             $error = error_get_last();
-            self::die("APM_FD=$fd is not a usable channel: " . ($error ? $error['message'] : 'cannot open it'));
+            self::fatal("APM_FD=$fd is not a usable channel: " . ($error ? $error['message'] : 'cannot open it'));
         }
         // Reads and writes go straight to the socket, never through PHP's buffers.
         stream_set_read_buffer($channel, 0);
@@ -97,7 +97,7 @@ final class ApmModule
     }
 
     /** @internal */
-    public static function die(string $message)
+    public static function fatal(string $message)
     {
         fwrite(STDERR, "apm_module: $message\n");
         exit(1);
@@ -105,7 +105,7 @@ final class ApmModule
 
     private static function protocolError(string $why)
     {
-        self::die("protocol error from apm: $why");
+        self::fatal("protocol error from apm: $why");
     }
 
     private function handshake()
@@ -126,7 +126,7 @@ final class ApmModule
             self::protocolError('hello is not a JSON object with a protocol');
         }
         if ($hello['protocol'] !== self::PROTOCOL) {
-            self::die(sprintf('this connector speaks protocol %d, apm speaks %s; update apm_module',
+            self::fatal(sprintf('this connector speaks protocol %d, apm speaks %s; update apm_module',
                 self::PROTOCOL, json_encode($hello['protocol'])));
         }
         $this->worker = $hello['worker'] ?? null;

@@ -141,11 +141,15 @@ local function encode_head(headers, max_frame)
     if type(v) == 'table' then
       value = {}
       for i, x in ipairs(v) do value[i] = header_value(name, x) end
+      -- cjson writes an empty table as {}, which no header value may be.
+      if #value == 0 then value = nil end
     else
       value = header_value(name, v)
     end
     local prev = head[name]
-    if prev ~= nil then
+    if value == nil then
+      value = prev
+    elseif prev ~= nil then
       -- Set-Cookie and set-cookie are one header.
       local merged = type(prev) == 'table' and prev or { prev }
       for _, x in ipairs(type(value) == 'table' and value or { value }) do merged[#merged + 1] = x end

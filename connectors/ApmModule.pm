@@ -309,7 +309,7 @@ sub _receive {
             $session->{_partial} = '';
         }
         if ($kind == K_TEXT) {
-            my $text = eval { Encode::decode('UTF-8', $message, Encode::FB_CROAK) };
+            my $text = eval { Encode::decode('UTF-8', $message, Encode::FB_CROAK | Encode::LEAVE_SRC) };
             _protocol_error("session $session->{session_id}: a text message that is not UTF-8") unless defined $text;
             $message = $text;
         }
@@ -398,7 +398,7 @@ sub _decode {
     my ($text) = @_;
     return $text if index($text, '%') < 0 || $text =~ /%(?![0-9A-Fa-f]{2})/;
     (my $bytes = $text) =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge;
-    my $decoded = eval { Encode::decode('UTF-8', $bytes, Encode::FB_CROAK) };
+    my $decoded = eval { Encode::decode('UTF-8', $bytes, Encode::FB_CROAK | Encode::LEAVE_SRC) };
     return defined $decoded ? $decoded : $text;
 }
 
@@ -454,7 +454,7 @@ sub write {
     my $module = $self->{_module};
     if ($self->{protocol} eq 'ws') {
         my $binary = $headers && !ref $headers;
-        my $payload = $binary ? _bytes($data) : Encode::encode('UTF-8', "$data", Encode::FB_CROAK);
+        my $payload = $binary ? _bytes($data) : Encode::encode('UTF-8', "$data", Encode::FB_CROAK | Encode::LEAVE_SRC);
         die "a WebSocket message is at most 16 MiB\n" if length($payload) > MAX_MESSAGE;
         $self->_enqueue($binary ? ApmModule::K_DATA : ApmModule::K_TEXT, $payload);
         return 1;

@@ -17,6 +17,10 @@ local function serve_http(s)
   s.session_data.body_length = 0
 
   if s.path == '/throw' then error('connector_echo: thrown on purpose') end
+  if s.path == '/bad-header' then
+    s:write('no', { ['x-status'] = '200', ['x-bad'] = 'a\r\nb' }) -- raises
+    return
+  end
   if s.path == '/echo' then
     local headers = { ['x-status'] = '200', ['content-type'] = 'application/octet-stream' }
     s.on_data = function(chunk) s:write(chunk, headers) end

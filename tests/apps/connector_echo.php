@@ -15,6 +15,10 @@ function serve_http(ApmSession $s)
     if ($s->path === '/throw') {
         throw new RuntimeException('connector_echo: thrown on purpose');
     }
+    if ($s->path === '/bad-header') {
+        $s->write('no', ['x-status' => '200', 'x-bad' => "a\r\nb"]); // throws
+        return;
+    }
     if ($s->path === '/echo') {
         $headers = ['x-status' => '200', 'content-type' => 'application/octet-stream'];
         $s->on_data = function ($chunk, $is_binary) use ($s, $headers) {

@@ -20,6 +20,10 @@ sub serve_http {
     $s->{session_data}{body_length} = 0;
 
     die "connector_echo: thrown on purpose\n" if $s->{path} eq '/throw';
+    if ($s->{path} eq '/bad-header') {
+        $s->write('no', { 'x-status' => '200', 'x-bad' => "a\r\nb" }); # dies
+        return;
+    }
     if ($s->{path} eq '/echo') {
         my $headers = { 'x-status' => '200', 'content-type' => 'application/octet-stream' };
         $s->{on_data} = sub { $s->write($_[0], $headers) };

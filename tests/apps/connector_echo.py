@@ -22,6 +22,10 @@ def serve_http(s):
     if s.path == '/throw':
         raise RuntimeError('connector_echo: thrown on purpose')
 
+    if s.path == '/bad-header':
+        s.write('no', {'x-status': '200', 'x-bad': 'a\r\nb'})  # raises
+        return
+
     if s.path == '/corrupt':
         # Bypasses the connector: a length far beyond max_frame. The
         # connector moved the channel off fd 3, so use the descriptor it holds.

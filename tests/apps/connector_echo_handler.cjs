@@ -9,6 +9,10 @@ const ECHO_HEADERS = { 'x-status': '200', 'content-type': 'application/octet-str
 function http(session, lang) {
   const path = session.path;
   if (path === '/throw') throw new Error('connector_echo: thrown on purpose');
+  if (path === '/bad-header') {
+    session.write('no', { 'x-status': '200', 'x-bad': 'a\r\nb' }); // throws
+    return;
+  }
   if (path === '/echo') {
     let wrote = false;
     session.onData = (chunk) => {

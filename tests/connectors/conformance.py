@@ -682,6 +682,10 @@ def case_app_exceptions(link, ctx):
     link.send_message(w, TEXT, b'throw')
     link.finish(w, 'the close of a WebSocket whose callback throws')
     expect(w.closed[0] == 1011, 'closed with %r, not 1011' % (w.closed,))
+    # A header value with CR LF would end the instance for a protocol
+    # error: the connector refuses it in the app's write, a 500 follows.
+    h = link.finish(link.http('GET', '/bad-header'), 'the answer to a request that writes a bad header')
+    expect(h.status() == 500, 'status %r, not 500' % (h.status(),))
     link.barrier()
     errors = [l for l in link.child.stderr_lines() if 'thrown on purpose' in l]
     expect(errors, 'stderr does not show the exception')

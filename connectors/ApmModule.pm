@@ -505,7 +505,7 @@ sub save_session_data {
     my $module = $self->{_module};
     my $json = $ApmModule::JSON->encode($self->{session_data});
     if (length($json) > $module->{_session_data_max}) {
-        die sprintf("session_data is %d bytes of JSON; apm keeps at most %d\n",
+        die sprintf("save_session_data(): session_data is %d bytes as JSON; apm keeps at most %d per session\n",
             length $json, $module->{_session_data_max});
     }
     $module->_send(ApmModule::K_SAVE, $self->{session_id}, $json);

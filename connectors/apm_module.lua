@@ -280,7 +280,7 @@ function ApmSession:save_session_data()
   local module = self._module
   local json = cjson.encode(self.session_data)
   if #json > module._session_data_max then
-    error(('session_data is %d bytes of JSON; apm keeps at most %d'):format(#json, module._session_data_max), 2)
+    error(('save_session_data(): session_data is %d bytes as JSON; apm keeps at most %d per session'):format(#json, module._session_data_max), 2)
   end
   module:_send(K_SAVE, self.session_id, json)
   return true

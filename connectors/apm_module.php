@@ -629,7 +629,7 @@ final class ApmSession
         $json = $this->session_data === [] ? '{}'
             : json_encode($this->session_data, JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE | JSON_THROW_ON_ERROR);
         if (strlen($json) > $this->module->sessionDataMax) {
-            throw new LengthException(sprintf('session_data is %d bytes of JSON; apm keeps at most %d',
+            throw new LengthException(sprintf('save_session_data(): session_data is %d bytes as JSON; apm keeps at most %d per session',
                 strlen($json), $this->module->sessionDataMax));
         }
         $this->module->send(ApmModule::SAVE, $this->session_id, $json);

@@ -59,6 +59,7 @@ final class ApmModule
     /** @internal */ public $sessions = [];
 
     private $channel;
+    private $readySent = false;
     private $inbuf = '';
     private $inpos = 0;
     private $out = '';
@@ -149,23 +150,33 @@ final class ApmModule
         return $data;
     }
 
-    /** Serve sessions until apm closes the channel. Does not return. */
+    /**
+     * Serve sessions (and IPC) until apm closes the channel. Does not
+     * return. A worker without server lines may run without a handler.
+     */
     public function run()
     {
-        if ($this->on_connect === null) {
-            throw new LogicException('ApmModule needs an on_connect(ApmSession $s) handler');
+        $this->ensureReady();
+        while (true) {
+            $this->pumpOnce(null);
         }
+    }
+
+    /** Says `ready` once: from run(), or from the first IPC call before it. */
+    private function ensureReady()
+    {
+        if ($this->readySent) {
+            return;
+        }
+        $this->readySent = true;
         $ready = [
             'protocol' => self::PROTOCOL,
             'connector' => 'php ' . PHP_VERSION,
             'half_close' => true,
-            'features' => ['migrate'],
+            'features' => ['migrate', 'ipc'],
         ];
-        $this->send(self::READY, 0, json_encode($ready));
+        $this->sendFrame(self::READY, 0, json_encode($ready));
         stream_set_blocking($this->channel, false);
-        while (true) {
-            $this->pumpOnce(null);
-        }
     }
 
     /**
@@ -192,7 +203,7 @@ final class ApmModule
     // The channel.
 
     /** @internal */
-    public function send(int $kind, int $session, string $payload)
+    public function sendFrame(int $kind, int $session, string $payload)
     {
         $this->out .= pack('NCN', 5 + strlen($payload), $kind, $session) . $payload;
     }
@@ -268,6 +279,14 @@ final class ApmModule
             case self::CREDIT:
             case self::MIGRATE:
                 break;
+            case self::IPC_MESSAGE:
+            case self::IPC_RESULT:
+            case self::STREAM_OFFER:
+            case self::STREAM_JOIN:
+            case self::STREAM_DATA:
+            case self::STREAM_CLOSE:
+                $this->dispatchIpc($kind, $sessionId, $payload);
+                return;
             default:
                 self::protocolError("kind $kind is not for a connector to receive");
         }
@@ -333,6 +352,11 @@ final class ApmModule
         }
         $session = new ApmSession($this, $sessionId, $head);
         $this->sessions[$sessionId] = $session;
+        if ($this->on_connect === null) {
+            fwrite(STDERR, "apm_module: session $sessionId: the app gave ApmModule no session handler\n");
+            $session->failed();
+            return;
+        }
         $this->call($session, null, [$session]);
     }
 
@@ -375,7 +399,7 @@ final class ApmModule
     {
         if ($size > 0 && $session->open) {
             $session->allowance += $size;
-            $this->send(self::CREDIT, $session->session_id, pack('N', $size));
+            $this->sendFrame(self::CREDIT, $session->session_id, pack('N', $size));
         }
     }
 
@@ -395,7 +419,338 @@ final class ApmModule
             $session->failed();
         }
     }
+
+    // ---- IPC between workers (feature "ipc", kinds 32-47; docs/connector-protocol.md) ----
+
+    const IPC_SEND = 32;
+    const IPC_REQUEST = 33;
+    const IPC_MESSAGE = 34;
+    const IPC_REPLY = 35;
+    const IPC_RESULT = 36;
+    const STREAM_OPEN = 37;
+    const STREAM_OFFER = 38;
+    const STREAM_ACCEPT = 39;
+    const STREAM_JOIN = 40;
+    const STREAM_DATA = 41;
+    const STREAM_CLOSE = 42;
+    const DASH = 43;
+    const METRIC = 44;
+    // Ids this side picks; apm's have the high bit set.
+    const MAX_OWN_ID = 0x7fffffff;
+
+    /** @var callable|null function (string $channel, $data, ?callable $reply): a message on a channel the worker listens on */
+    public $onChannel;
+    /** @var callable|null function (ApmStream $s): a stream offered on such a channel; it is accepted unless closed here */
+    public $onStream;
+
+    /** @internal */ public $streams = [];
+    private $lastOwnId = 0;
+    private $results = [];   // request id => data, once the result came
+    private $waiting = [];   // request ids without a result yet
+
+    /** Broadcasts $data (any JSON value) to every process listening on $channel. */
+    public function send(string $channel, $data = null)
+    {
+        $this->sendJson(self::IPC_SEND, 0, ['channel' => $channel, 'data' => $data]);
+    }
+
+    /**
+     * Sends $data to the listeners of $channel and returns the first reply's
+     * data, or null (no listener, timeout, none replied). $timeout_ms: this
+     * call's timeout, else the worker's ipc_timeout, else 500 ms. The loop
+     * keeps serving meanwhile: callbacks of other sessions run.
+     */
+    public function request(string $channel, $data = null, $timeout_ms = null)
+    {
+        $id = $this->ownId();
+        $this->sendJson(self::IPC_REQUEST, $id, ['channel' => $channel, 'data' => $data,
+            'timeout_ms' => $timeout_ms === null ? null : (int)$timeout_ms]);
+        $this->waiting[$id] = true;
+        while (!array_key_exists($id, $this->results)) {
+            $this->pumpOnce(null);
+        }
+        $result = $this->results[$id];
+        unset($this->results[$id]);
+        return $result;
+    }
+
+    /**
+     * Opens a stream on $channel, $head for the listeners to judge it, and
+     * returns it once the first peer joined, or null when none did (no
+     * listener, all declined, timeout). Pumps the loop as request() does.
+     */
+    public function requestStream(string $channel, $head = null, $timeout_ms = null)
+    {
+        $id = $this->ownId();
+        $stream = new ApmStream($this, $id, $channel, $head, null);
+        $this->sendJson(self::STREAM_OPEN, $id, ['channel' => $channel, 'head' => $head,
+            'timeout_ms' => $timeout_ms === null ? null : (int)$timeout_ms]);
+        $this->streams[$id] = $stream;
+        while ($stream->open && !$stream->joined) {
+            $this->pumpOnce(null);
+        }
+        return $stream->joined ? $stream : null;
+    }
+
+    /** A value for the dashboard's panel $id (any JSON value, a color such as '#4f8cff'). */
+    public function setDashValue($id, $value, $color = null)
+    {
+        $this->sendJson(self::DASH, 0, ['id' => $id, 'value' => $value, 'color' => $color === null ? null : (string)$color]);
+    }
+
+    /** A StatsD-style metric: $type 'counter' (added up), 'gauge' or 'timing'. */
+    public function metric(string $name, $value, string $type = 'counter')
+    {
+        if (!is_int($value) && !(is_float($value) && is_finite($value))) {
+            throw new InvalidArgumentException("metric $name: the value must be a finite number");
+        }
+        if (!in_array($type, ['counter', 'gauge', 'timing'], true)) {
+            throw new InvalidArgumentException("metric $name: the type is counter, gauge or timing, not $type");
+        }
+        $this->sendJson(self::METRIC, 0, ['name' => $name, 'value' => $value, 'type' => $type]);
+    }
+
+    /** @internal */
+    public function forgetStream(ApmStream $stream)
+    {
+        $stream->open = false;
+        unset($this->streams[$stream->id]);
+    }
+
+    private function sendJson(int $kind, int $id, array $fields)
+    {
+        try {
+            $json = json_encode($fields, JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE
+                | JSON_PRESERVE_ZERO_FRACTION | JSON_THROW_ON_ERROR);
+        } catch (JsonException $e) {
+            throw new InvalidArgumentException('IPC data must be JSON: ' . $e->getMessage());
+        }
+        if (strlen($json) > $this->maxFrame) {
+            throw new LengthException(sprintf('an IPC message is at most %d bytes of JSON', $this->maxFrame));
+        }
+        $this->ensureReady();
+        $this->sendFrame($kind, $id, $json);
+    }
+
+    private function ownId(): int
+    {
+        do {
+            $this->lastOwnId = $this->lastOwnId % self::MAX_OWN_ID + 1;
+        } while (isset($this->waiting[$this->lastOwnId]) || isset($this->streams[$this->lastOwnId]));
+        return $this->lastOwnId;
+    }
+
+    private static function ipcJson(string $payload, int $kind): array
+    {
+        $fields = json_decode($payload, true);
+        if (!is_array($fields)) {
+            self::protocolError("kind $kind: the payload is not a JSON object");
+        }
+        return $fields;
+    }
+
+    private function dispatchIpc(int $kind, int $id, string $payload)
+    {
+        if ($kind === self::IPC_MESSAGE) {
+            $message = self::ipcJson($payload, $kind);
+            $reply = null;
+            if ($id !== 0) {
+                $replied = false;
+                $reply = function ($data = null) use ($id, &$replied) {
+                    if (!$replied) {
+                        $replied = true;
+                        $this->sendJson(self::IPC_REPLY, $id, ['data' => $data]);
+                    }
+                };
+            }
+            $this->callApp('onChannel', $this->onChannel, [(string)($message['channel'] ?? ''), $message['data'] ?? null, $reply]);
+            return;
+        }
+        if ($kind === self::IPC_RESULT) {
+            $result = self::ipcJson($payload, $kind);
+            if (isset($this->waiting[$id])) {
+                unset($this->waiting[$id]);
+                $this->results[$id] = ($result['status'] ?? null) === 'reply' ? ($result['data'] ?? null) : null;
+            }
+            return;
+        }
+        if ($kind === self::STREAM_OFFER) {
+            $offer = self::ipcJson($payload, $kind);
+            $this->offered($id, $offer);
+            return;
+        }
+        if (strlen($payload) < 4) {
+            self::protocolError(sprintf('kind %d with %d bytes, fewer than a peer id', $kind, strlen($payload)));
+        }
+        $peer = unpack('N', $payload)[1];
+        $stream = $this->streams[$id] ?? null;
+        if ($stream === null) {
+            return; // it ended; frames may cross a close on the wire
+        }
+        if ($kind === self::STREAM_JOIN) {
+            $stream->peers[] = $peer;
+            if (!$stream->joined) {
+                $stream->joined = true; // the answer to requestStream
+            } else {
+                $this->callApp('on_join', $stream->on_join, [$peer]);
+            }
+        } elseif ($kind === self::STREAM_DATA) {
+            if (strlen($payload) < 5) {
+                self::protocolError('stream_data without its type');
+            }
+            $binary = ord($payload[4]) === 0;
+            $data = (string)substr($payload, 5);
+            if (!$binary && !preg_match('//u', $data)) {
+                self::protocolError("stream $id: a text message that is not UTF-8");
+            }
+            $this->callApp('on_data', $stream->on_data, [$data, $binary, $stream->peer === null ? $peer : $stream->peer]);
+        } elseif ($peer !== 0 && $stream->peer === null) {
+            $stream->peers = array_values(array_diff($stream->peers, [$peer]));
+            $this->callApp('on_leave', $stream->on_leave, [$peer]);
+        } else {
+            $this->forgetStream($stream);
+            if ($stream->joined || $stream->peer !== null) {
+                $this->callApp('on_close', $stream->on_close, []);
+            }
+        }
+    }
+
+    private function offered(int $peer, array $offer)
+    {
+        $stream = new ApmStream($this, $peer, (string)($offer['channel'] ?? ''), $offer['head'] ?? null, $peer);
+        $stream->held = [];
+        $this->streams[$peer] = $stream;
+        $accepted = $this->onStream !== null && $this->callApp('onStream', $this->onStream, [$stream]) && $stream->open;
+        $held = $stream->held;
+        $stream->held = null;
+        if (!$accepted) {
+            $this->forgetStream($stream);
+            $this->sendFrame(self::STREAM_CLOSE, $peer, pack('N', 0));
+            return;
+        }
+        $this->sendFrame(self::STREAM_ACCEPT, $peer, '');
+        foreach ($held as $frame) {
+            $this->sendFrame(...$frame);
+        }
+    }
+
+    /** Calls an app callback outside a session; false when it threw. */
+    private function callApp(string $name, $function, array $args): bool
+    {
+        if ($function === null) {
+            return true;
+        }
+        try {
+            $function(...$args);
+            return true;
+        } catch (Throwable $e) {
+            fwrite(STDERR, "apm_module: uncaught exception in $name: $e\n");
+            return false;
+        }
+    }
+
+    // ---- end of IPC ----
 }
+
+// ---- IPC between workers (feature "ipc", kinds 32-47; docs/connector-protocol.md) ----
+
+/**
+ * One IPC stream: the app's end of it, as the mediator (from
+ * $apm->requestStream) or as a peer (given to $apm->onStream).
+ *
+ * Callbacks: on_data($data, bool $is_binary, int $peer) (a mediator hears
+ * which peer wrote), on_join(int $peer) and on_leave(int $peer) (mediator:
+ * peers after the first), on_close() (the stream is over; not after the
+ * app's own close()). Writes to a closed stream are dropped.
+ */
+final class ApmStream
+{
+    public $channel;
+    public $head;
+    /** @var int|null a peer's own id; null for the mediator */
+    public $peer;
+    /** @var int[] the mediator's peers */
+    public $peers = [];
+    public $on_data;
+    public $on_join;
+    public $on_leave;
+    public $on_close;
+
+    /** @internal */ public $id;
+    /** @internal */ public $open = true;
+    /** @internal */ public $joined = false;   // mediator: the first peer came
+    /** @internal */ public $held;             // peer: writes of onStream, sent after the accept
+
+    private $module;
+
+    /** @internal */
+    public function __construct(ApmModule $module, int $id, string $channel, $head, $peer)
+    {
+        $this->module = $module;
+        $this->id = $id;
+        $this->channel = $channel;
+        $this->head = $head;
+        $this->peer = $peer;
+    }
+
+    /**
+     * The mediator writes to every peer, a peer to the mediator: a text
+     * message (UTF-8), or bytes when $is_binary is true.
+     */
+    public function write($data, bool $is_binary = false)
+    {
+        return $this->writeFrame(0, $data, $is_binary);
+    }
+
+    /** The mediator writes to one peer. */
+    public function write_to(int $peer, $data, bool $is_binary = false)
+    {
+        if ($this->peer !== null) {
+            throw new LogicException('only the mediator of a stream writes to one peer');
+        }
+        return $this->writeFrame($peer, $data, $is_binary);
+    }
+
+    public function writeTo(int $peer, $data, bool $is_binary = false)
+    {
+        return $this->write_to($peer, $data, $is_binary);
+    }
+
+    /** The mediator ends the stream; a peer leaves it (or declines it, in onStream). */
+    public function close()
+    {
+        if (!$this->open) {
+            return;
+        }
+        $this->module->forgetStream($this);
+        if ($this->held === null) {
+            $this->module->sendFrame(ApmModule::STREAM_CLOSE, $this->id, pack('N', 0));
+        }
+    }
+
+    private function writeFrame(int $peer, $data, bool $binary)
+    {
+        if (!$this->open) {
+            return false;
+        }
+        $data = (string)$data;
+        if (!$binary && !preg_match('//u', $data)) {
+            throw new InvalidArgumentException('a stream text message must be UTF-8; write($data, true) sends bytes');
+        }
+        if (strlen($data) > $this->module->maxFrame - 5) {
+            throw new LengthException(sprintf('a stream write is at most %d bytes', $this->module->maxFrame - 5));
+        }
+        $frame = [ApmModule::STREAM_DATA, $this->id, pack('NC', $peer, $binary ? 0 : 1) . $data];
+        if ($this->held !== null) {
+            $this->held[] = $frame;
+        } else {
+            $this->module->sendFrame(...$frame);
+        }
+        return true;
+    }
+}
+
+// ---- end of IPC ----
 
 final class ApmSession
 {
@@ -632,7 +987,7 @@ final class ApmSession
             throw new LengthException(sprintf('save_session_data(): session_data is %d bytes as JSON; apm keeps at most %d per session',
                 strlen($json), $this->module->sessionDataMax));
         }
-        $this->module->send(ApmModule::SAVE, $this->session_id, $json);
+        $this->module->sendFrame(ApmModule::SAVE, $this->session_id, $json);
         return true;
     }
 
@@ -720,7 +1075,7 @@ final class ApmSession
         while ($this->queue && $this->open) {
             [$kind, $payload, $offset] = $this->queue[0];
             if ($kind === ApmModule::HEAD || $kind === ApmModule::CLOSE || $kind === ApmModule::HANDED) {
-                $module->send($kind, $this->session_id, $payload);
+                $module->sendFrame($kind, $this->session_id, $payload);
                 array_shift($this->queue);
                 if ($kind !== ApmModule::HEAD) {
                     $this->forget();
@@ -730,7 +1085,7 @@ final class ApmSession
             $left = strlen($payload) - $offset;
             $room = min($module->maxFrame, $this->credit);
             if ($left <= $room) {
-                $module->send($kind, $this->session_id, $offset ? substr($payload, $offset) : $payload);
+                $module->sendFrame($kind, $this->session_id, $offset ? substr($payload, $offset) : $payload);
                 $this->credit -= $left;
                 array_shift($this->queue);
                 continue;
@@ -747,7 +1102,7 @@ final class ApmSession
                 return;
             }
             $lead = $this->protocol === 'ws' && $kind !== ApmModule::RAW ? ApmModule::MORE : $kind;
-            $module->send($lead, $this->session_id, substr($payload, $offset, $room));
+            $module->sendFrame($lead, $this->session_id, substr($payload, $offset, $room));
             $this->credit -= $room;
             $this->queue[0][2] = $offset + $room;
         }

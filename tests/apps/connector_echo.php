@@ -19,6 +19,13 @@ function serve_http(ApmSession $s)
         $s->write('no', ['x-status' => '200', 'x-bad' => "a\r\nb"]); // throws
         return;
     }
+    if (strpos($s->path, '/ipc/') === 0) {
+        $s->on_end = function () use ($s) {
+            serve_ipc($s);
+        };
+        return;
+    }
+
     if ($s->path === '/echo') {
         $headers = ['x-status' => '200', 'content-type' => 'application/octet-stream'];
         $s->on_data = function ($chunk, $is_binary) use ($s, $headers) {
@@ -62,6 +69,48 @@ function serve_http(ApmSession $s)
         }
         $s->close();
     };
+}
+
+// IPC, as tests/connectors/conformance.py expects it (its IPC section).
+function serve_ipc(ApmSession $s)
+{
+    global $apm;
+    $json = ['x-status' => '200', 'content-type' => 'application/json'];
+    if ($s->path === '/ipc/request') {
+        $ms = $s->query_object['ms'] ?? null;
+        $result = $apm->request('ask', ['q' => 1], $ms === null ? null : (int)$ms);
+        $s->write(json_encode(['result' => $result]), $json);
+    } elseif ($s->path === '/ipc/send') {
+        $apm->send('news', ['n' => 1]);
+        $s->write('sent', ['x-status' => '200', 'content-type' => 'text/plain']);
+    } elseif ($s->path === '/ipc/dash') {
+        $apm->setDashValue('load', 42.5, '#4f8cff');
+        $apm->metric('hits', 3, 'counter');
+        $s->write('ok', ['x-status' => '200', 'content-type' => 'text/plain']);
+    } elseif ($s->path === '/ipc/stream') {
+        $stream = $apm->requestStream('feed', ['from' => 'php'], 300);
+        if ($stream === null) {
+            $s->write(json_encode(['stream' => null]), $json);
+        } else {
+            $stream->write('to all');
+            $stream->write_to($stream->peers[0], "\x00\x01", true);
+            $stream->on_join = function ($peer) use ($stream) {
+                $stream->write_to($peer, 'welcome');
+            };
+            $stream->on_data = function ($data, $is_binary, $peer) use ($stream) {
+                if ($data === 'bye') {
+                    $stream->close();
+                } else {
+                    $stream->write_to($peer, "got $data");
+                }
+            };
+            $stream->on_leave = function ($peer) use ($apm) {
+                $apm->send('left', $peer);
+            };
+            $s->write(json_encode(['stream' => $stream->channel, 'peers' => $stream->peers]), $json);
+        }
+    }
+    $s->close();
 }
 
 function serve_ws(ApmSession $s)
@@ -110,4 +159,28 @@ $apm = new ApmModule(function (ApmSession $s) {
         serve_http($s);
     }
 });
+$apm->onChannel = function ($channel, $data, $reply) use ($apm) {
+    if ($reply !== null) {
+        $reply(['lang' => 'php', 'channel' => $channel, 'echo' => $data]);
+    } else {
+        $apm->send('echoed', ['channel' => $channel, 'echo' => $data]);
+    }
+};
+$apm->onStream = function (ApmStream $stream) use ($apm) {
+    if (($stream->head['decline'] ?? false) === true) {
+        $stream->close();
+        return;
+    }
+    $stream->write("hello {$stream->channel}");
+    $stream->on_data = function ($data, $is_binary) use ($stream) {
+        if ($data === 'leave') {
+            $stream->close();
+        } else {
+            $stream->write($data, $is_binary);
+        }
+    };
+    $stream->on_close = function () use ($apm, $stream) {
+        $apm->send('stream-closed', $stream->peer);
+    };
+};
 $apm->run();

@@ -157,20 +157,28 @@ sub _read_exact {
     return $data;
 }
 
-# Serves sessions until apm closes the channel. Does not return.
+# Serves sessions (and IPC) until apm closes the channel. Does not return.
+# A worker without server lines may run without a handler.
 sub run {
     my ($self) = @_;
-    die "ApmModule needs an on_connect handler\n" unless ref $self->{on_connect} eq 'CODE';
+    $self->_ensure_ready;
+    $self->_pump_once(undef) while 1;
+}
+
+# Says `ready` once: from run(), or from the first IPC call before it.
+sub _ensure_ready {
+    my ($self) = @_;
+    return if $self->{_ready_sent};
+    $self->{_ready_sent} = 1;
     my $ready = {
         protocol   => PROTOCOL,
         connector  => sprintf('perl %vd', $^V),
         half_close => \1,
-        features   => ['migrate'],
+        features   => ['migrate', 'ipc'],
     };
     $self->_send(K_READY, 0, $JSON->encode($ready));
     my $flags = fcntl($self->{_channel}, F_GETFL, 0) or _die("cannot read the channel's flags: $!");
     fcntl($self->{_channel}, F_SETFL, $flags | O_NONBLOCK) or _die("cannot make the channel non-blocking: $!");
-    $self->_pump_once(undef) while 1;
 }
 
 # One turn of the loop: flush, wait up to $timeout seconds (undef: until
@@ -198,7 +206,7 @@ sub _flush {
     my ($self) = @_;
     while ($self->{_out} ne '') {
         # MSG_NOSIGNAL: a daemon that went away is an error here, not a SIGPIPE.
-        my $sent = send($self->{_channel}, $self->{_out}, MSG_NOSIGNAL);
+        my $sent = CORE::send($self->{_channel}, $self->{_out}, MSG_NOSIGNAL);
         if (!defined $sent) {
             return if $! == EAGAIN || $! == EWOULDBLOCK;
             next if $! == EINTR;
@@ -245,6 +253,7 @@ sub _parse {
 
 sub _dispatch {
     my ($self, $kind, $session_id, $payload) = @_;
+    return $self->_dispatch_ipc($kind, $session_id, $payload) if $ApmModule::IPC_RECEIVED{$kind};
     _protocol_error("kind $kind is not for a connector to receive") unless $RECEIVED{$kind};
     _protocol_error("kind $kind on the channel instead of a session") if $session_id == 0;
     if ($kind == K_OPEN) {
@@ -286,6 +295,11 @@ sub _open_session {
     _protocol_error('open is not a JSON object') unless ref $head eq 'HASH';
     my $session = ApmSession->_new($self, $session_id, $head);
     $self->{_sessions}{$session_id} = $session;
+    if (!$self->{on_connect}) {
+        print STDERR "apm_module: session $session_id: the app gave ApmModule no session handler\n";
+        $session->_failed;
+        return;
+    }
     $self->_call($session, undef, $session);
 }
 
@@ -343,6 +357,265 @@ sub _call {
         $session->{session_id}, $callback // 'the session handler', $error;
     $session->_failed;
 }
+
+# ---- IPC between workers (feature "ipc", kinds 32-47; docs/connector-protocol.md) ----
+
+use constant {
+    K_IPC_SEND      => 32,
+    K_IPC_REQUEST   => 33,
+    K_IPC_MESSAGE   => 34,
+    K_IPC_REPLY     => 35,
+    K_IPC_RESULT    => 36,
+    K_STREAM_OPEN   => 37,
+    K_STREAM_OFFER  => 38,
+    K_STREAM_ACCEPT => 39,
+    K_STREAM_JOIN   => 40,
+    K_STREAM_DATA   => 41,
+    K_STREAM_CLOSE  => 42,
+    K_DASH          => 43,
+    K_METRIC        => 44,
+    # Ids this side picks; apm's have the high bit set.
+    MAX_OWN_ID      => 0x7fffffff,
+};
+
+our %IPC_RECEIVED = map { $_ => 1 }
+    (K_IPC_MESSAGE, K_IPC_RESULT, K_STREAM_OFFER, K_STREAM_JOIN, K_STREAM_DATA, K_STREAM_CLOSE);
+
+# Broadcasts $data (any JSON value) to every process listening on $channel.
+sub send {
+    my ($self, $channel, $data) = @_;
+    $self->_send_json(K_IPC_SEND, 0, { channel => "$channel", data => $data });
+}
+
+# Sends $data to the listeners of $channel and returns the first reply's
+# data, or undef (no listener, timeout, none replied). $timeout_ms: this
+# call's timeout, else the worker's ipc_timeout, else 500 ms. The loop keeps
+# serving meanwhile: callbacks of other sessions run.
+sub request {
+    my ($self, $channel, $data, $timeout_ms) = @_;
+    my $id = $self->_own_id;
+    $self->_send_json(K_IPC_REQUEST, $id, { channel => "$channel", data => $data,
+        timeout_ms => defined $timeout_ms ? int($timeout_ms) : undef });
+    $self->{_waiting}{$id} = 1;
+    $self->_pump_once(undef) until exists $self->{_results}{$id};
+    return delete $self->{_results}{$id};
+}
+
+# Opens a stream on $channel, $head for the listeners to judge it, and
+# returns it (an ApmStream) once the first peer joined, or undef when none
+# did. Pumps the loop as request() does.
+sub request_stream {
+    my ($self, $channel, $head, $timeout_ms) = @_;
+    my $id = $self->_own_id;
+    my $stream = ApmStream->_new($self, $id, "$channel", $head, undef);
+    $self->_send_json(K_STREAM_OPEN, $id, { channel => "$channel", head => $head,
+        timeout_ms => defined $timeout_ms ? int($timeout_ms) : undef });
+    $self->{_streams}{$id} = $stream;
+    $self->_pump_once(undef) while $stream->{_open} && !$stream->{_joined};
+    return $stream->{_joined} ? $stream : undef;
+}
+
+# A value for the dashboard's panel $id (any JSON value, a color such as '#4f8cff').
+sub set_dash_value {
+    my ($self, $id, $value, $color) = @_;
+    $self->_send_json(K_DASH, 0, { id => $id, value => $value, color => defined $color ? "$color" : undef });
+}
+
+sub setDashValue { goto &set_dash_value }
+
+# A StatsD-style metric: $type 'counter' (added up, the default), 'gauge' or 'timing'.
+sub metric {
+    my ($self, $name, $value, $type) = @_;
+    $type = 'counter' unless defined $type;
+    die "metric $name: the value must be a finite number\n"
+        unless defined $value && !ref $value && $value =~ /\A-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\z/;
+    die "metric $name: the type is counter, gauge or timing, not $type\n" unless $type =~ /\A(?:counter|gauge|timing)\z/;
+    $self->_send_json(K_METRIC, 0, { name => "$name", value => 0 + $value, type => $type });
+}
+
+sub _send_json {
+    my ($self, $kind, $id, $fields) = @_;
+    my $json = eval { $JSON->encode($fields) };
+    die "IPC data must be JSON: $@" unless defined $json;
+    die sprintf("an IPC message is at most %d bytes of JSON\n", $self->{_max_frame}) if length($json) > $self->{_max_frame};
+    $self->_ensure_ready;
+    $self->_send($kind, $id, $json);
+}
+
+sub _own_id {
+    my ($self) = @_;
+    my $id = $self->{_last_own_id} || 0;
+    do { $id = $id % MAX_OWN_ID + 1 } while $self->{_waiting}{$id} || $self->{_streams}{$id};
+    return $self->{_last_own_id} = $id;
+}
+
+sub _ipc_json {
+    my ($payload, $kind) = @_;
+    my $fields = eval { $JSON->decode($payload) };
+    _protocol_error("kind $kind: the payload is not a JSON object") unless ref $fields eq 'HASH';
+    return $fields;
+}
+
+sub _dispatch_ipc {
+    my ($self, $kind, $id, $payload) = @_;
+    if ($kind == K_IPC_MESSAGE) {
+        my $message = _ipc_json($payload, $kind);
+        my $reply;
+        if ($id) {
+            my $replied;
+            $reply = sub {
+                return if $replied++;
+                $self->_send_json(K_IPC_REPLY, $id, { data => $_[0] });
+            };
+        }
+        my $channel = defined $message->{channel} ? "$message->{channel}" : '';
+        $self->_call_app('on_channel', $self->{on_channel}, $channel, $message->{data}, $reply);
+        return;
+    }
+    if ($kind == K_IPC_RESULT) {
+        my $result = _ipc_json($payload, $kind);
+        if (delete $self->{_waiting}{$id}) {
+            $self->{_results}{$id} = ($result->{status} // '') eq 'reply' ? $result->{data} : undef;
+        }
+        return;
+    }
+    if ($kind == K_STREAM_OFFER) {
+        $self->_offered($id, _ipc_json($payload, $kind));
+        return;
+    }
+    _protocol_error(sprintf('kind %d with %d bytes, fewer than a peer id', $kind, length $payload)) if length($payload) < 4;
+    my $peer = unpack('N', $payload);
+    my $stream = $self->{_streams}{$id} or return; # it ended; frames may cross a close on the wire
+    if ($kind == K_STREAM_JOIN) {
+        push @{ $stream->{peers} }, $peer;
+        if ($stream->{_joined}) {
+            $self->_call_app('on_join', $stream->{on_join}, $peer);
+        } else {
+            $stream->{_joined} = 1; # the answer to request_stream
+        }
+    } elsif ($kind == K_STREAM_DATA) {
+        _protocol_error('stream_data without its type') if length($payload) < 5;
+        my $binary = unpack('C', substr($payload, 4, 1)) == 0;
+        my $data = substr($payload, 5);
+        if (!$binary) {
+            my $text = eval { Encode::decode('UTF-8', $data, Encode::FB_CROAK | Encode::LEAVE_SRC) };
+            _protocol_error("stream $id: a text message that is not UTF-8") unless defined $text;
+            $data = $text;
+        }
+        $self->_call_app('on_data', $stream->{on_data}, $data, $binary ? 1 : 0,
+            defined $stream->{peer} ? $stream->{peer} : $peer);
+    } elsif ($peer && !defined $stream->{peer}) {
+        $stream->{peers} = [grep { $_ != $peer } @{ $stream->{peers} }];
+        $self->_call_app('on_leave', $stream->{on_leave}, $peer);
+    } else {
+        $self->_forget_stream($stream);
+        $self->_call_app('on_close', $stream->{on_close}) if $stream->{_joined} || defined $stream->{peer};
+    }
+}
+
+sub _offered {
+    my ($self, $peer, $offer) = @_;
+    my $stream = ApmStream->_new($self, $peer, defined $offer->{channel} ? "$offer->{channel}" : '', $offer->{head}, $peer);
+    $stream->{_held} = [];
+    $self->{_streams}{$peer} = $stream;
+    my $accepted = $self->{on_stream} && $self->_call_app('on_stream', $self->{on_stream}, $stream) && $stream->{_open};
+    my $held = delete $stream->{_held};
+    if (!$accepted) {
+        $self->_forget_stream($stream);
+        $self->_send(K_STREAM_CLOSE, $peer, pack('N', 0));
+        return;
+    }
+    $self->_send(K_STREAM_ACCEPT, $peer, '');
+    $self->_send(@$_) for @$held;
+}
+
+sub _forget_stream {
+    my ($self, $stream) = @_;
+    $stream->{_open} = 0;
+    delete $self->{_streams}{ $stream->{_id} };
+}
+
+# Calls an app callback outside a session; false when it died.
+sub _call_app {
+    my ($self, $name, $function, @args) = @_;
+    return 1 unless $function;
+    local $@;
+    return 1 if eval { $function->(@args); 1 };
+    (my $error = $@) =~ s/\s+\z//;
+    print STDERR "apm_module: uncaught exception in $name: $error\n";
+    return 0;
+}
+
+# One IPC stream: the app's end of it, as the mediator (from
+# $apm->request_stream) or as a peer (given to $apm->{on_stream}). A hash:
+# {channel}, {head}, {peer} (a peer's own id; undef for the mediator),
+# {peers} (the mediator's); the app sets {on_data} (sub ($data,
+# $is_binary, $peer)), {on_join} and {on_leave} (sub ($peer), the mediator's
+# peers after the first), {on_close} (the stream is over; not after the
+# app's own close). Writes to a closed stream are dropped.
+package ApmStream;
+
+use strict;
+use warnings;
+
+sub _new {
+    my ($class, $module, $id, $channel, $head, $peer) = @_;
+    return bless {
+        channel  => $channel,
+        head     => $head,
+        peer     => $peer,
+        peers    => [],
+        on_data  => undef,
+        on_join  => undef,
+        on_leave => undef,
+        on_close => undef,
+        _module  => $module,
+        _id      => $id,
+        _open    => 1,
+        _joined  => 0,     # mediator: the first peer came
+        _held    => undef, # peer: writes of on_stream, sent after the accept
+    }, $class;
+}
+
+# The mediator writes to every peer, a peer to the mediator: a text message
+# (characters), or bytes when $is_binary is true.
+sub write {
+    my ($self, $data, $is_binary) = @_;
+    return $self->_write_frame(0, $data, $is_binary);
+}
+
+# The mediator writes to one peer.
+sub write_to {
+    my ($self, $peer, $data, $is_binary) = @_;
+    die "only the mediator of a stream writes to one peer\n" if defined $self->{peer};
+    return $self->_write_frame($peer, $data, $is_binary);
+}
+
+# The mediator ends the stream; a peer leaves it (or declines it, in on_stream).
+sub close {
+    my ($self) = @_;
+    return unless $self->{_open};
+    $self->{_module}->_forget_stream($self);
+    $self->{_module}->_send(ApmModule::K_STREAM_CLOSE, $self->{_id}, pack('N', 0)) unless $self->{_held};
+}
+
+sub _write_frame {
+    my ($self, $peer, $data, $binary) = @_;
+    return 0 unless $self->{_open};
+    $data = '' unless defined $data;
+    my $bytes = $binary ? ApmSession::_bytes($data) : Encode::encode('UTF-8', "$data", Encode::FB_CROAK | Encode::LEAVE_SRC);
+    my $max = $self->{_module}{_max_frame} - 5;
+    die "a stream write is at most $max bytes\n" if length($bytes) > $max;
+    my @frame = (ApmModule::K_STREAM_DATA, $self->{_id}, pack('NC', $peer, $binary ? 0 : 1) . $bytes);
+    if ($self->{_held}) {
+        push @{ $self->{_held} }, \@frame;
+    } else {
+        $self->{_module}->_send(@frame);
+    }
+    return 1;
+}
+
+# ---- end of IPC ----
 
 package ApmSession;
 

@@ -24,6 +24,11 @@ sub serve_http {
         $s->write('no', { 'x-status' => '200', 'x-bad' => "a\r\nb" }); # dies
         return;
     }
+    if ($s->{path} =~ m{\A/ipc/}) {
+        $s->{on_end} = sub { serve_ipc($s) };
+        return;
+    }
+
     if ($s->{path} eq '/echo') {
         my $headers = { 'x-status' => '200', 'content-type' => 'application/octet-stream' };
         $s->{on_data} = sub { $s->write($_[0], $headers) };
@@ -64,6 +69,45 @@ sub serve_http {
     };
 }
 
+my $apm;
+
+# IPC, as tests/connectors/conformance.py expects it (its IPC section).
+sub serve_ipc {
+    my ($s) = @_;
+    my $json = { 'x-status' => '200', 'content-type' => 'application/json' };
+    if ($s->{path} eq '/ipc/request') {
+        my $result = $apm->request('ask', { q => 1 }, $s->{query_object}{ms});
+        $s->write($ApmModule::JSON->encode({ result => $result }), $json);
+    } elsif ($s->{path} eq '/ipc/send') {
+        $apm->send('news', { n => 1 });
+        $s->write('sent', { 'x-status' => '200', 'content-type' => 'text/plain' });
+    } elsif ($s->{path} eq '/ipc/dash') {
+        $apm->setDashValue('load', 42.5, '#4f8cff');
+        $apm->metric('hits', 3, 'counter');
+        $s->write('ok', { 'x-status' => '200', 'content-type' => 'text/plain' });
+    } elsif ($s->{path} eq '/ipc/stream') {
+        my $stream = $apm->request_stream('feed', { from => 'perl' }, 300);
+        if (!$stream) {
+            $s->write($ApmModule::JSON->encode({ stream => undef }), $json);
+        } else {
+            $stream->write('to all');
+            $stream->write_to($stream->{peers}[0], "\x00\x01", 1);
+            $stream->{on_join} = sub { $stream->write_to($_[0], 'welcome') };
+            $stream->{on_data} = sub {
+                my ($data, $is_binary, $peer) = @_;
+                if ($data eq 'bye') {
+                    $stream->close;
+                } else {
+                    $stream->write_to($peer, "got $data");
+                }
+            };
+            $stream->{on_leave} = sub { $apm->send('left', $_[0]) };
+            $s->write($ApmModule::JSON->encode({ stream => $stream->{channel}, peers => $stream->{peers} }), $json);
+        }
+    }
+    $s->close;
+}
+
 sub serve_ws {
     my ($s) = @_;
     $s->{on_data} = sub {
@@ -102,7 +146,7 @@ sub serve_tcp {
     };
 }
 
-ApmModule->new(sub {
+$apm = ApmModule->new(sub {
     my ($s) = @_;
     if ($s->{protocol} eq 'ws') {
         serve_ws($s);
@@ -111,4 +155,30 @@ ApmModule->new(sub {
     } else {
         serve_http($s);
     }
-})->run;
+});
+$apm->{on_channel} = sub {
+    my ($channel, $data, $reply) = @_;
+    if ($reply) {
+        $reply->({ lang => 'perl', channel => $channel, echo => $data });
+    } else {
+        $apm->send('echoed', { channel => $channel, echo => $data });
+    }
+};
+$apm->{on_stream} = sub {
+    my ($stream) = @_;
+    if (ref $stream->{head} eq 'HASH' && $stream->{head}{decline}) {
+        $stream->close;
+        return;
+    }
+    $stream->write("hello $stream->{channel}");
+    $stream->{on_data} = sub {
+        my ($data, $is_binary) = @_;
+        if (!$is_binary && $data eq 'leave') {
+            $stream->close;
+        } else {
+            $stream->write($data, $is_binary);
+        }
+    };
+    $stream->{on_close} = sub { $apm->send('stream-closed', $stream->{peer}) };
+};
+$apm->run;

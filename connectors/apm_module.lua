@@ -362,8 +362,298 @@ function ApmSession:_failed()
   end
 end
 
+-- The app's callbacks run as coroutines of the connector, so that a
+-- request() in one waits for its result by yielding while the loop serves
+-- the rest (libuv's loop cannot be run again from inside its callbacks).
+local app_threads = setmetatable({}, { __mode = 'k' })
+
+local function resume(thread, ...)
+  local ok, err = coroutine.resume(thread, ...)
+  if not ok then io.stderr:write('apm_module: ' .. tostring(err) .. '\n') end
+end
+
+-- Runs fn(...) as such a coroutine; on_error(traceback) if it raises, now
+-- or after a wait.
+local function spawn(on_error, fn, ...)
+  local thread = coroutine.create(function(...)
+    local ok, err = xpcall(fn, debug.traceback, ...)
+    if not ok then on_error(err) end
+  end)
+  app_threads[thread] = true
+  resume(thread, ...)
+end
+
 local ApmModule = {}
 ApmModule.__index = ApmModule
+
+-- ---- IPC between workers (feature "ipc", kinds 32-47; docs/connector-protocol.md) ----
+
+local K_IPC_SEND, K_IPC_REQUEST, K_IPC_MESSAGE, K_IPC_REPLY, K_IPC_RESULT = 32, 33, 34, 35, 36
+local K_STREAM_OPEN, K_STREAM_OFFER, K_STREAM_ACCEPT, K_STREAM_JOIN = 37, 38, 39, 40
+local K_STREAM_DATA, K_STREAM_CLOSE, K_DASH, K_METRIC = 41, 42, 43, 44
+-- Ids this side picks; apm's have the high bit set.
+local MAX_OWN_ID = 0x7fffffff
+local IPC_RECEIVED = {
+  [K_IPC_MESSAGE] = true, [K_IPC_RESULT] = true, [K_STREAM_OFFER] = true, [K_STREAM_JOIN] = true,
+  [K_STREAM_DATA] = true, [K_STREAM_CLOSE] = true,
+}
+local METRIC_TYPES = { counter = true, gauge = true, timing = true }
+
+--[[ One IPC stream: the app's end of it, as the mediator (from
+apm:request_stream) or as a peer (given to apm.on_stream). Fields: channel,
+head, peer (a peer's own id; nil for the mediator), peers (the mediator's);
+the app sets on_data (function(data, is_binary, peer)), on_join and
+on_leave (function(peer), the mediator's peers after the first) and
+on_close (the stream is over; not after the app's own close()). Writes to
+a closed stream are dropped. ]]
+local ApmStream = {}
+ApmStream.__index = ApmStream
+
+local function new_stream(module, id, channel, head, peer)
+  return setmetatable({
+    channel = channel, head = head, peer = peer, peers = {},
+    _module = module, _id = id, _open = true,
+    _joined = false,  -- mediator: the first peer came
+    _waiter = nil,    -- mediator: the coroutine in request_stream
+    _held = nil,      -- peer: writes of on_stream, sent after the accept
+  }, ApmStream)
+end
+
+function ApmStream:_write(peer, data, binary)
+  if not self._open then return false end
+  data = data == nil and '' or tostring(data)
+  if not binary and not utf8.len(data) then
+    error('a stream text message must be UTF-8; write(data, true) sends bytes', 3)
+  end
+  local max = self._module._max_frame - 5
+  if #data > max then error(('a stream write is at most %d bytes'):format(max), 3) end
+  local frame = { K_STREAM_DATA, self._id, string.pack('>I4B', peer, binary and 0 or 1) .. data }
+  if self._held then
+    self._held[#self._held + 1] = frame
+  else
+    self._module:_send(frame[1], frame[2], frame[3])
+  end
+  return true
+end
+
+-- The mediator writes to every peer, a peer to the mediator: a text message
+-- (UTF-8), or bytes when is_binary is true.
+function ApmStream:write(data, is_binary)
+  return self:_write(0, data, is_binary == true)
+end
+
+-- The mediator writes to one peer.
+function ApmStream:write_to(peer, data, is_binary)
+  if self.peer ~= nil then error('only the mediator of a stream writes to one peer', 2) end
+  return self:_write(peer, data, is_binary == true)
+end
+
+-- The mediator ends the stream; a peer leaves it (or declines it, in on_stream).
+function ApmStream:close()
+  if not self._open then return end
+  self._module:_forget_stream(self)
+  if not self._held then self._module:_send(K_STREAM_CLOSE, self._id, string.pack('>I4', 0)) end
+end
+
+-- Waits for what resume_waiter() hands over: yields an app coroutine, or
+-- runs the loop at the top level.
+function ApmModule:_wait(key)
+  local thread = coroutine.running()
+  if app_threads[thread] then
+    self._waiters[key] = thread
+    return coroutine.yield()
+  end
+  if self._dispatching then
+    error('request() and request_stream() wait only in the connector\'s callbacks or the main chunk', 3)
+  end
+  self._waiters[key] = false
+  while self._handed[key] == nil do uv.run('once') end
+  local box = self._handed[key]
+  self._handed[key] = nil
+  return box[1]
+end
+
+function ApmModule:_resume_waiter(key, value)
+  local waiter = self._waiters[key]
+  if waiter == nil then return end
+  self._waiters[key] = nil
+  if waiter then
+    resume(waiter, value)
+  else
+    self._handed[key] = { value }
+  end
+end
+
+-- Broadcasts data (any JSON value) to every process listening on channel.
+function ApmModule:send(channel, data)
+  self:_send_json(K_IPC_SEND, 0, { channel = tostring(channel), data = data })
+end
+
+--[[ Sends data to the listeners of channel and returns the first reply's
+data, or nil (no listener, timeout, none replied). timeout_ms: this call's
+timeout, else the worker's ipc_timeout, else 500 ms. The connector keeps
+serving meanwhile. ]]
+function ApmModule:request(channel, data, timeout_ms)
+  local id = self:_own_id()
+  self:_send_json(K_IPC_REQUEST, id, { channel = tostring(channel), data = data,
+    timeout_ms = timeout_ms and math.floor(timeout_ms) or cjson.null })
+  return self:_wait(id)
+end
+
+--[[ Opens a stream on channel, head for the listeners to judge it, and
+returns it once the first peer joined, or nil when none did. Waits as
+request() does. ]]
+function ApmModule:request_stream(channel, head, timeout_ms)
+  local id = self:_own_id()
+  local stream = new_stream(self, id, tostring(channel), head, nil)
+  self:_send_json(K_STREAM_OPEN, id, { channel = tostring(channel), head = head == nil and cjson.null or head,
+    timeout_ms = timeout_ms and math.floor(timeout_ms) or cjson.null })
+  self._streams[id] = stream
+  return self:_wait(id)
+end
+
+-- A value for the dashboard's panel id (any JSON value, a color such as '#4f8cff').
+function ApmModule:set_dash_value(id, value, color)
+  self:_send_json(K_DASH, 0, { id = id, value = value == nil and cjson.null or value,
+    color = color == nil and cjson.null or tostring(color) })
+end
+ApmModule.setDashValue = ApmModule.set_dash_value
+
+-- A StatsD-style metric: type 'counter' (added up, the default), 'gauge' or 'timing'.
+function ApmModule:metric(name, value, metric_type)
+  metric_type = metric_type or 'counter'
+  if type(value) ~= 'number' or value ~= value or value == math.huge or value == -math.huge then
+    error(('metric %s: the value must be a finite number'):format(name), 2)
+  end
+  if not METRIC_TYPES[metric_type] then
+    error(('metric %s: the type is counter, gauge or timing, not %s'):format(name, tostring(metric_type)), 2)
+  end
+  self:_send_json(K_METRIC, 0, { name = tostring(name), value = value, type = metric_type })
+end
+
+function ApmModule:_send_json(kind, id, fields)
+  local ok, json = pcall(cjson.encode, fields)
+  if not ok then error('IPC data must be JSON: ' .. tostring(json), 3) end
+  if #json > self._max_frame then
+    error(('an IPC message is at most %d bytes of JSON'):format(self._max_frame), 3)
+  end
+  self:_ensure_ready()
+  self:_send(kind, id, json)
+end
+
+function ApmModule:_own_id()
+  local id = self._last_own_id
+  repeat id = id % MAX_OWN_ID + 1 until self._waiters[id] == nil and self._streams[id] == nil
+  self._last_own_id = id
+  return id
+end
+
+function ApmModule:_forget_stream(stream)
+  stream._open = false
+  self._streams[stream._id] = nil
+end
+
+local function ipc_json(payload, kind)
+  local ok, fields = pcall(cjson.decode, payload)
+  if not ok or type(fields) ~= 'table' then
+    protocol_error(('kind %d: the payload is not a JSON object'):format(kind))
+  end
+  return fields
+end
+
+-- JSON null is nil to the app.
+local function value_of(v)
+  if v == cjson.null then return nil end
+  return v
+end
+
+-- Calls an app callback outside a session; false when it raised at once.
+function ApmModule:_call_app(name, fn, ...)
+  if fn == nil then return true end
+  local failed = false
+  spawn(function(err)
+    failed = true
+    io.stderr:write(('apm_module: uncaught error in %s: %s\n'):format(name, tostring(err)))
+  end, fn, ...)
+  return not failed
+end
+
+function ApmModule:_dispatch_ipc(kind, id, payload)
+  if kind == K_IPC_MESSAGE then
+    local message = ipc_json(payload, kind)
+    local reply
+    if id ~= 0 then
+      local replied = false
+      reply = function(data)
+        if replied then return end
+        replied = true
+        self:_send_json(K_IPC_REPLY, id, { data = data == nil and cjson.null or data })
+      end
+    end
+    local channel = type(message.channel) == 'string' and message.channel or ''
+    self:_call_app('on_channel', self.on_channel, channel, value_of(message.data), reply)
+    return
+  end
+  if kind == K_IPC_RESULT then
+    local result = ipc_json(payload, kind)
+    self:_resume_waiter(id, result.status == 'reply' and value_of(result.data) or nil)
+    return
+  end
+  if kind == K_STREAM_OFFER then return self:_offered(id, ipc_json(payload, kind)) end
+  if #payload < 4 then
+    protocol_error(('kind %d with %d bytes, fewer than a peer id'):format(kind, #payload))
+  end
+  local peer = string.unpack('>I4', payload)
+  local stream = self._streams[id]
+  if stream == nil then return end -- it ended; frames may cross a close on the wire
+  if kind == K_STREAM_JOIN then
+    stream.peers[#stream.peers + 1] = peer
+    if stream._joined then
+      self:_call_app('on_join', stream.on_join, peer)
+    else
+      stream._joined = true
+      self:_resume_waiter(id, stream) -- the answer to request_stream
+    end
+  elseif kind == K_STREAM_DATA then
+    if #payload < 5 then protocol_error('stream_data without its type') end
+    local binary = payload:byte(5) == 0
+    local data = payload:sub(6)
+    if not binary and not utf8.len(data) then
+      protocol_error(('stream %d: a text message that is not UTF-8'):format(id))
+    end
+    self:_call_app('on_data', stream.on_data, data, binary, stream.peer or peer)
+  elseif peer ~= 0 and stream.peer == nil then
+    for i, p in ipairs(stream.peers) do
+      if p == peer then table.remove(stream.peers, i) break end
+    end
+    self:_call_app('on_leave', stream.on_leave, peer)
+  else
+    self:_forget_stream(stream)
+    if stream._joined or stream.peer ~= nil then
+      self:_call_app('on_close', stream.on_close)
+    else
+      self:_resume_waiter(id, nil) -- refused: request_stream gives nil
+    end
+  end
+end
+
+function ApmModule:_offered(peer, offer)
+  local stream = new_stream(self, peer, type(offer.channel) == 'string' and offer.channel or '', value_of(offer.head), peer)
+  stream._held = {}
+  self._streams[peer] = stream
+  local accepted = self.on_stream ~= nil and self:_call_app('on_stream', self.on_stream, stream) and stream._open
+  local held = stream._held
+  stream._held = nil
+  if not accepted then
+    self:_forget_stream(stream)
+    self:_send(K_STREAM_CLOSE, peer, string.pack('>I4', 0))
+    return
+  end
+  self:_send(K_STREAM_ACCEPT, peer, '')
+  for _, frame in ipairs(held) do self:_send(frame[1], frame[2], frame[3]) end
+end
+
+-- ---- end of IPC ----
 
 --[[ Checks the environment and greets apm. on_connect(session) is called
 for each new session; fields worker and instance_id come from apm's hello. ]]
@@ -393,6 +683,14 @@ function ApmModule.new(on_connect)
     _pending = {},      -- chunks read after _inbuf, joined when a frame needs them
     _pending_bytes = 0,
     _out = {},          -- frames waiting for the next flush
+    _ready_sent = false,
+    on_channel = nil,   -- function(channel, data, reply): a message on a channel the worker listens on
+    on_stream = nil,    -- function(stream): a stream offered on such a channel; accepted unless closed there
+    _streams = {},      -- IPC streams by id
+    _waiters = {},      -- request or stream id -> the coroutine waiting (false: the main chunk)
+    _handed = {},       -- what a wait of the main chunk got, boxed
+    _last_own_id = 0,
+    _dispatching = false,
   }, ApmModule)
   -- A write to a daemon that went away is an error to handle, not a
   -- SIGPIPE; a caught signal (unlike an ignored one) is reset for programs
@@ -404,7 +702,9 @@ function ApmModule.new(on_connect)
     if read_err or not chunk then os.exit(0) end -- apm closed the channel: it is stopping this instance
     self._pending[#self._pending + 1] = chunk
     self._pending_bytes = self._pending_bytes + #chunk
+    self._dispatching = true
     self:_parse()
+    self._dispatching = false
   end)
   -- apm writes hello as soon as the process starts, so waiting here is
   -- short; it makes instance_id available before run().
@@ -414,17 +714,24 @@ end
 
 setmetatable(ApmModule, { __call = function(_, on_connect) return ApmModule.new(on_connect) end })
 
--- Serves sessions until apm closes the channel. Does not return.
+-- Serves sessions (and IPC) until apm closes the channel. Does not return.
+-- A worker without server lines may run without a handler.
 function ApmModule:run()
-  if type(self.on_connect) ~= 'function' then error('ApmModule needs an on_connect(session) handler', 2) end
+  self:_ensure_ready()
+  while true do uv.run('default') end
+end
+
+-- Says `ready` once: from run(), or from the first IPC call before it.
+function ApmModule:_ensure_ready()
+  if self._ready_sent then return end
+  self._ready_sent = true
   local ready = {
     protocol = PROTOCOL,
     connector = 'lua ' .. _VERSION:match('[%d.]+$'),
     half_close = true,
-    features = { 'migrate' },
+    features = { 'migrate', 'ipc' },
   }
   self:_send(K_READY, 0, cjson.encode(ready))
-  while true do uv.run('default') end
 end
 
 -- The channel.
@@ -506,6 +813,7 @@ function ApmModule:_hello(kind, session, payload)
 end
 
 function ApmModule:_dispatch(kind, session_id, payload)
+  if IPC_RECEIVED[kind] then return self:_dispatch_ipc(kind, session_id, payload) end
   if not RECEIVED[kind] then protocol_error(('kind %d is not for a connector to receive'):format(kind)) end
   if session_id == 0 then protocol_error(('kind %d on the channel instead of a session'):format(kind)) end
   if kind == K_OPEN then return self:_open_session(session_id, payload) end
@@ -546,6 +854,11 @@ function ApmModule:_open_session(session_id, payload)
   if not ok or type(head) ~= 'table' then protocol_error('open is not a JSON object') end
   local session = new_session(self, session_id, head)
   self._sessions[session_id] = session
+  if self.on_connect == nil then
+    io.stderr:write(('apm_module: session %d: the app gave ApmModule no session handler\n'):format(session_id))
+    session:_failed()
+    return
+  end
   self:_call(session, nil, session)
 end
 
@@ -595,12 +908,12 @@ function ApmModule:_call(session, callback, ...)
   local fn
   if callback == nil then fn = self.on_connect else fn = session[callback] end
   if fn == nil then return end
-  local ok, err = xpcall(fn, debug.traceback, ...)
-  if ok then return end
-  -- The app's bug ends its session, not the instance.
-  io.stderr:write(('apm_module: session %d: uncaught error in %s: %s\n'):format(
-    session.session_id, callback or 'the session handler', tostring(err)))
-  session:_failed()
+  spawn(function(err)
+    -- The app's bug ends its session, not the instance.
+    io.stderr:write(('apm_module: session %d: uncaught error in %s: %s\n'):format(
+      session.session_id, callback or 'the session handler', tostring(err)))
+    session:_failed()
+  end, fn, ...)
 end
 
 ApmModule.ApmSession = ApmSession

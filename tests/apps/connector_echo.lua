@@ -11,6 +11,44 @@ local cjson = require('cjson')
 
 io.stdout:setvbuf('line')
 
+local apm
+
+-- IPC, as tests/connectors/conformance.py expects it (its IPC section).
+local function serve_ipc(s)
+  local json = { ['x-status'] = '200', ['content-type'] = 'application/json' }
+  if s.path == '/ipc/request' then
+    local ms = s.query_object.ms and tonumber(s.query_object.ms)
+    local result = apm:request('ask', { q = 1 }, ms)
+    s:write(cjson.encode({ result = result == nil and cjson.null or result }), json)
+  elseif s.path == '/ipc/send' then
+    apm:send('news', { n = 1 })
+    s:write('sent', { ['x-status'] = '200', ['content-type'] = 'text/plain' })
+  elseif s.path == '/ipc/dash' then
+    apm:setDashValue('load', 42.5, '#4f8cff')
+    apm:metric('hits', 3, 'counter')
+    s:write('ok', { ['x-status'] = '200', ['content-type'] = 'text/plain' })
+  elseif s.path == '/ipc/stream' then
+    local stream = apm:request_stream('feed', { from = 'lua' }, 300)
+    if stream == nil then
+      s:write(cjson.encode({ stream = cjson.null }), json)
+    else
+      stream:write('to all')
+      stream:write_to(stream.peers[1], '\0\1', true)
+      stream.on_join = function(peer) stream:write_to(peer, 'welcome') end
+      stream.on_data = function(data, is_binary, peer)
+        if data == 'bye' then
+          stream:close()
+        else
+          stream:write_to(peer, 'got ' .. data)
+        end
+      end
+      stream.on_leave = function(peer) apm:send('left', peer) end
+      s:write(cjson.encode({ stream = stream.channel, peers = stream.peers }), json)
+    end
+  end
+  s:close()
+end
+
 local function serve_http(s)
   -- A line per request on stdout: it must reach the log, not the channel.
   print(('connector_echo: %s %s'):format(s.method, s.path))
@@ -21,6 +59,11 @@ local function serve_http(s)
     s:write('no', { ['x-status'] = '200', ['x-bad'] = 'a\r\nb' }) -- raises
     return
   end
+  if s.path:find('^/ipc/') then
+    s.on_end = function() serve_ipc(s) end
+    return
+  end
+
   if s.path == '/echo' then
     local headers = { ['x-status'] = '200', ['content-type'] = 'application/octet-stream' }
     s.on_data = function(chunk) s:write(chunk, headers) end
@@ -94,7 +137,7 @@ local function serve_tcp(s)
   end
 end
 
-ApmModule.new(function(s)
+apm = ApmModule.new(function(s)
   if s.protocol == 'ws' then
     serve_ws(s)
   elseif s.protocol == 'tcp' then
@@ -102,4 +145,27 @@ ApmModule.new(function(s)
   else
     serve_http(s)
   end
-end):run()
+end)
+apm.on_channel = function(channel, data, reply)
+  if reply then
+    reply({ lang = 'lua', channel = channel, echo = data })
+  else
+    apm:send('echoed', { channel = channel, echo = data })
+  end
+end
+apm.on_stream = function(stream)
+  if type(stream.head) == 'table' and stream.head.decline then
+    stream:close()
+    return
+  end
+  stream:write('hello ' .. stream.channel)
+  stream.on_data = function(data, is_binary)
+    if not is_binary and data == 'leave' then
+      stream:close()
+    else
+      stream:write(data, is_binary)
+    end
+  end
+  stream.on_close = function() apm:send('stream-closed', stream.peer) end
+end
+apm:run()

@@ -12,7 +12,10 @@ Each setup is measured ROUNDS times (default 3), the setups taking turns;
 prints the medians of req/s, p50, p99 and the CPU time the serving processes
 (daemon or web server, and the app's processes) spent per request, and the
 ratios apm php / nginx+fpm and apm perl / starman (targets: req/s >= 1.0,
-with a p99 no worse).
+with a p99 no worse). The `failed` column counts timeouts, socket errors and
+non-2xx answers: a preforking server such as Starman serves one keep-alive
+connection per worker, and wrk counts no latency for the connections that
+wait, so its p99 describes only the connections it served.
 Needs wrk, nginx, php-cli, php-fpm, perl with JSON::XS, starman, lua5.4,
 lua-cjson and lua-luv (`apt-get install wrk nginx-light php-cli php-fpm
 libjson-xs-perl starman lua5.4 lua-cjson lua-luv`; the script installs them

@@ -27,6 +27,14 @@
 # {on_end} and {on_close} (sub ($code, $reason)). Bodies and TCP bytes are
 # byte strings; a WebSocket text message is a character string, and
 # $s->write($text) sends one, $s->write($bytes, 1) a binary message.
+#
+# IPC with other workers (`listen` in their config): $apm->send($ch, $d),
+# $apm->request($ch, $d, $timeout_ms) (blocks the app, not the loop),
+# $apm->request_stream($ch, $head, $timeout_ms) (an ApmStream or undef),
+# $apm->{on_channel} = sub { my ($ch, $d, $reply) = @_; ... },
+# $apm->{on_stream} = sub { my ($stream) = @_; ... },
+# $apm->set_dash_value($id, $value, $color) and
+# $apm->metric($name, $value, 'counter'|'gauge'|'timing').
 
 package ApmModule;
 

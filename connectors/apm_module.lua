@@ -25,7 +25,12 @@ query, query_object, headers, cookies, remote_ip, tls, client_subject,
 session_id, instance_id, session_data, migrated; the app sets on_data
 (function(data, is_binary)), on_end and on_close (function(code, reason)).
 Lua strings are bytes: on WebSocket, s:write(text) sends a text message
-(it must be UTF-8) and s:write(bytes, true) a binary one. luv cannot mark
+(it must be UTF-8) and s:write(bytes, true) a binary one. IPC with other
+workers (`listen` in their config): apm:send(ch, d), apm:request(ch, d,
+timeout_ms) (yields the callback it is called from; the loop goes on),
+apm:request_stream(ch, head, timeout_ms) (an ApmStream or nil),
+apm.on_channel = function(ch, d, reply), apm.on_stream = function(stream),
+apm:set_dash_value(id, value, color), apm:metric(name, value, type). luv cannot mark
 the inherited descriptor close-on-exec: a process the app starts
 (io.popen, os.execute) sees it and must leave it alone.
 ]]

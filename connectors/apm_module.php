@@ -16,6 +16,12 @@
  * connection to the app as a session, over the descriptor named by APM_FD
  * (docs/connector-protocol.md is the contract). The loop is single-threaded:
  * callbacks run one at a time, and sessions may only be used from them.
+ * IPC with other workers (`listen` in their config): $apm->send($ch, $d),
+ * $apm->request($ch, $d, $timeout_ms) (blocks the app, not the loop),
+ * $apm->requestStream($ch, $head, $timeout_ms) (an ApmStream or null),
+ * $apm->onChannel = function ($ch, $d, $reply) {...}, $apm->onStream =
+ * function (ApmStream $s) {...}, $apm->setDashValue($id, $value, $color)
+ * and $apm->metric($name, $value, 'counter'|'gauge'|'timing').
  * PHP cannot mark the inherited descriptor close-on-exec: a process the app
  * starts (proc_open, exec) sees it and must leave it alone.
  */

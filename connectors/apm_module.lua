@@ -377,15 +377,26 @@ local function resume(thread, ...)
   if not ok then io.stderr:write('apm_module: ' .. tostring(err) .. '\n') end
 end
 
+-- Coroutines whose callback returned wait here for the next one, so that a
+-- callback does not cost a coroutine's creation and collection.
+local idle_threads = {}
+
+local function run_callbacks(on_error, fn, ...)
+  local ok, err = xpcall(fn, debug.traceback, ...)
+  if not ok then on_error(err) end
+  idle_threads[#idle_threads + 1] = coroutine.running()
+  return run_callbacks(coroutine.yield()) -- a tail call: the stack does not grow
+end
+
 -- Runs fn(...) as such a coroutine; on_error(traceback) if it raises, now
 -- or after a wait.
 local function spawn(on_error, fn, ...)
-  local thread = coroutine.create(function(...)
-    local ok, err = xpcall(fn, debug.traceback, ...)
-    if not ok then on_error(err) end
-  end)
-  app_threads[thread] = true
-  resume(thread, ...)
+  local thread = table.remove(idle_threads)
+  if thread == nil then
+    thread = coroutine.create(run_callbacks)
+    app_threads[thread] = true
+  end
+  resume(thread, on_error, fn, ...)
 end
 
 local ApmModule = {}

@@ -168,4 +168,7 @@ apm.on_stream = function(stream)
   end
   stream.on_close = function() apm:send('stream-closed', stream.peer) end
 end
+if os.getenv('CONNECTOR_ECHO_BOOT') == '1' then
+  apm:send('booted', apm:request('boot', { lang = 'lua' }))
+end
 apm:run()

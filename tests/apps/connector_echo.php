@@ -183,4 +183,7 @@ $apm->onStream = function (ApmStream $stream) use ($apm) {
         $apm->send('stream-closed', $stream->peer);
     };
 };
+if (getenv('CONNECTOR_ECHO_BOOT') === '1') {
+    $apm->send('booted', $apm->request('boot', ['lang' => 'php']));
+}
 $apm->run();

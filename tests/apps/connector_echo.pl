@@ -181,4 +181,5 @@ $apm->{on_stream} = sub {
     };
     $stream->{on_close} = sub { $apm->send('stream-closed', $stream->{peer}) };
 };
+$apm->send('booted', $apm->request('boot', { lang => 'perl' })) if ($ENV{CONNECTOR_ECHO_BOOT} // '') eq '1';
 $apm->run;

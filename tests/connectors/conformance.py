@@ -68,11 +68,12 @@ def hello(protocol=1):
 class Child(object):
     """The command under test, with the child end of a socket pair as fd 3."""
 
-    def __init__(self, command, apm=True, apm_fd=True):
+    def __init__(self, command, apm=True, apm_fd=True, env_extra=None):
         self.sock, theirs = socket.socketpair()
         self.stdout = tempfile.TemporaryFile()
         self.stderr = tempfile.TemporaryFile()
         env = dict((k, v) for k, v in os.environ.items() if not k.startswith('APM'))
+        env.update(env_extra or {})
         if apm:
             env['APM'] = '1'
         if apm_fd:
@@ -1029,6 +1030,25 @@ def case_ipc_stream_peer(link, ctx):
     ipc_take(link, STREAM_CLOSE, 'the peer leaving', lambda i, v: i == leaving)
 
 
+def case_ipc_request_from_the_main_chunk(child):
+    # CONNECTOR_ECHO_BOOT=1: before run(), the app asks request('boot',
+    # {lang}) and says send('booted', <the reply>); the connector says ready
+    # first, and waits for the result with no callback to yield.
+    link = Link(child)
+    link.send(HELLO, 0, hello())
+    link.wait(lambda: link.ready is not None, 'ready')
+    lang = str(link.ready.get('connector', '')).split(' ')[0]
+    if lang not in POLYGLOT_LANGS:
+        return 'not run: for the PHP, Perl and Lua connectors'
+    request_id, request = ipc_take(link, IPC_REQUEST, 'the request of the main chunk')
+    expect(request == {'channel': 'boot', 'data': {'lang': lang}, 'timeout_ms': None}, 'the request is %r' % (request,))
+    ipc_send_json(link, IPC_RESULT, request_id, {'data': {'x': [1]}, 'status': 'reply'})
+    _, sent = ipc_take(link, IPC_SEND, 'the send after the result')
+    expect(sent == {'channel': 'booted', 'data': {'x': [1]}}, 'sent %r' % (sent,))
+    link.barrier()
+    expect(not link.violations, '; '.join(link.violations))
+
+
 POLYGLOT_IPC_CASES = [
     ('ipc: messages, sent to all or answered', when_ipc(case_ipc_messages)),
     ('ipc: a request waits for its result and pumps the loop', when_ipc(case_ipc_request_pumps_the_loop)),
@@ -1074,11 +1094,13 @@ def main():
     no_fd = Child(command, apm=True, apm_fd=False)
     mismatch = Child(command)
     ends = Child(command)
+    boot = Child(command, env_extra={'CONNECTOR_ECHO_BOOT': '1'})
     runner.run('exits without APM', case_no_apm, no_apm)
     runner.run('exits without APM_FD', case_no_apm_fd, no_fd)
     runner.run('exits on a protocol mismatch', case_protocol_mismatch, mismatch)
     runner.run('exits with 0 when the channel ends', case_channel_ends, ends)
-    for child in (no_apm, no_fd, mismatch, ends):
+    runner.run('ipc: a request from the main chunk, before run()', case_ipc_request_from_the_main_chunk, boot)
+    for child in (no_apm, no_fd, mismatch, ends, boot):
         child.kill()
 
     child = Child(command)

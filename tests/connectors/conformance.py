@@ -4,6 +4,9 @@ against any connector app that follows the connector_echo test app spec.
 
     python3 tests/connectors/conformance.py python3 tests/apps/connector_echo.py
     python3 tests/connectors/conformance.py node tests/apps/connector_echo.js
+    python3 tests/connectors/conformance.py php tests/apps/connector_echo.php
+    python3 tests/connectors/conformance.py perl tests/apps/connector_echo.pl
+    python3 tests/connectors/conformance.py lua5.4 tests/apps/connector_echo.lua
 
 The command gets one end of a socket pair as fd 3 with APM=1 APM_FD=3,
 as under the daemon; its stdout and stderr go to files of their own.

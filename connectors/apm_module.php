@@ -444,9 +444,13 @@ final class ApmModule
     // Ids this side picks; apm's have the high bit set.
     const MAX_OWN_ID = 0x7fffffff;
 
-    /** @var callable|null function (string $channel, $data, ?callable $reply): a message on a channel the worker listens on */
+    /**
+     * @var callable|null function (string $channel, $data, ?callable $reply):
+     * a message on a channel the worker listens on; what it returns (not
+     * null) answers a request it did not reply to
+     */
     public $onChannel;
-    /** @var callable|null function (ApmStream $s): a stream offered on such a channel; it is accepted unless closed here */
+    /** @var callable|null function (ApmStream $s): a stream offered on such a channel; $s->accept() takes it */
     public $onStream;
 
     /** @internal */ public $streams = [];
@@ -569,7 +573,13 @@ final class ApmModule
                     }
                 };
             }
-            $this->callApp('onChannel', $this->onChannel, [(string)($message['channel'] ?? ''), $message['data'] ?? null, $reply]);
+            $onChannel = $this->onChannel;
+            $this->callApp('onChannel', $onChannel === null ? null : function (...$args) use ($onChannel, $reply) {
+                $answer = $onChannel(...$args);
+                if ($answer !== null && $reply !== null) {
+                    $reply($answer);
+                }
+            }, [(string)($message['channel'] ?? ''), $message['data'] ?? null, $reply]);
             return;
         }
         if ($kind === self::IPC_RESULT) {
@@ -609,13 +619,15 @@ final class ApmModule
             if (!$binary && !preg_match('//u', $data)) {
                 self::protocolError("stream $id: a text message that is not UTF-8");
             }
-            $this->callApp('on_data', $stream->on_data, [$data, $binary, $stream->peer === null ? $peer : $stream->peer]);
-        } elseif ($peer !== 0 && $stream->peer === null) {
+            if ($stream->accepted) {
+                $this->callApp('on_data', $stream->on_data, [$data, $binary, $stream->peer_id ?? $peer]);
+            }
+        } elseif ($peer !== 0 && $stream->peer_id === null) {
             $stream->peers = array_values(array_diff($stream->peers, [$peer]));
             $this->callApp('on_leave', $stream->on_leave, [$peer]);
         } else {
             $this->forgetStream($stream);
-            if ($stream->joined || $stream->peer !== null) {
+            if ($stream->peer_id === null ? $stream->joined : $stream->accepted) {
                 $this->callApp('on_close', $stream->on_close, []);
             }
         }
@@ -624,19 +636,9 @@ final class ApmModule
     private function offered(int $peer, array $offer)
     {
         $stream = new ApmStream($this, $peer, (string)($offer['channel'] ?? ''), $offer['head'] ?? null, $peer);
-        $stream->held = [];
         $this->streams[$peer] = $stream;
-        $accepted = $this->onStream !== null && $this->callApp('onStream', $this->onStream, [$stream]) && $stream->open;
-        $held = $stream->held;
-        $stream->held = null;
-        if (!$accepted) {
-            $this->forgetStream($stream);
-            $this->sendFrame(self::STREAM_CLOSE, $peer, pack('N', 0));
-            return;
-        }
-        $this->sendFrame(self::STREAM_ACCEPT, $peer, '');
-        foreach ($held as $frame) {
-            $this->sendFrame(...$frame);
+        if ($this->onStream === null || !$this->callApp('onStream', $this->onStream, [$stream])) {
+            $stream->close(); // declined
         }
     }
 
@@ -664,8 +666,10 @@ final class ApmModule
  * One IPC stream: the app's end of it, as the mediator (from
  * $apm->requestStream) or as a peer (given to $apm->onStream).
  *
- * Callbacks: on_data($data, bool $is_binary, int $peer) (a mediator hears
- * which peer wrote), on_join(int $peer) and on_leave(int $peer) (mediator:
+ * A peer takes an offer with accept() (in onStream or later) and declines
+ * it with close(); until then it neither receives nor writes. Callbacks:
+ * on_data($data, bool $is_binary, int $peer_id) (a mediator hears which
+ * peer wrote), on_join(int $peer_id) and on_leave(int $peer_id) (mediator:
  * peers after the first), on_close() (the stream is over; not after the
  * app's own close()). Writes to a closed stream are dropped.
  */
@@ -674,7 +678,7 @@ final class ApmStream
     public $channel;
     public $head;
     /** @var int|null a peer's own id; null for the mediator */
-    public $peer;
+    public $peer_id;
     /** @var int[] the mediator's peers */
     public $peers = [];
     public $on_data;
@@ -685,7 +689,7 @@ final class ApmStream
     /** @internal */ public $id;
     /** @internal */ public $open = true;
     /** @internal */ public $joined = false;   // mediator: the first peer came
-    /** @internal */ public $held;             // peer: writes of onStream, sent after the accept
+    /** @internal */ public $accepted;         // a peer took the offer
 
     private $module;
 
@@ -696,7 +700,18 @@ final class ApmStream
         $this->id = $id;
         $this->channel = $channel;
         $this->head = $head;
-        $this->peer = $peer;
+        $this->peer_id = $peer;
+        $this->accepted = $peer === null;
+    }
+
+    /** A peer takes the offer. */
+    public function accept(): ApmStream
+    {
+        if ($this->open && !$this->accepted) {
+            $this->accepted = true;
+            $this->module->sendFrame(ApmModule::STREAM_ACCEPT, $this->id, '');
+        }
+        return $this;
     }
 
     /**
@@ -711,7 +726,7 @@ final class ApmStream
     /** The mediator writes to one peer. */
     public function write_to(int $peer, $data, bool $is_binary = false)
     {
-        if ($this->peer !== null) {
+        if ($this->peer_id !== null) {
             throw new LogicException('only the mediator of a stream writes to one peer');
         }
         return $this->writeFrame($peer, $data, $is_binary);
@@ -729,14 +744,12 @@ final class ApmStream
             return;
         }
         $this->module->forgetStream($this);
-        if ($this->held === null) {
-            $this->module->sendFrame(ApmModule::STREAM_CLOSE, $this->id, pack('N', 0));
-        }
+        $this->module->sendFrame(ApmModule::STREAM_CLOSE, $this->id, pack('N', 0));
     }
 
     private function writeFrame(int $peer, $data, bool $binary)
     {
-        if (!$this->open) {
+        if (!$this->open || !$this->accepted) {
             return false;
         }
         $data = (string)$data;
@@ -746,12 +759,7 @@ final class ApmStream
         if (strlen($data) > $this->module->maxFrame - 5) {
             throw new LengthException(sprintf('a stream write is at most %d bytes', $this->module->maxFrame - 5));
         }
-        $frame = [ApmModule::STREAM_DATA, $this->id, pack('NC', $peer, $binary ? 0 : 1) . $data];
-        if ($this->held !== null) {
-            $this->held[] = $frame;
-        } else {
-            $this->module->sendFrame(...$frame);
-        }
+        $this->module->sendFrame(ApmModule::STREAM_DATA, $this->id, pack('NC', $peer, $binary ? 0 : 1) . $data);
         return true;
     }
 }

@@ -161,17 +161,17 @@ $apm = new ApmModule(function (ApmSession $s) {
 });
 $apm->onChannel = function ($channel, $data, $reply) use ($apm) {
     if ($reply !== null) {
-        $reply(['lang' => 'php', 'channel' => $channel, 'echo' => $data]);
-    } else {
-        $apm->send('echoed', ['channel' => $channel, 'echo' => $data]);
+        return ['lang' => 'php', 'channel' => $channel, 'echo' => $data]; // answers the request
     }
+    $apm->send('echoed', ['channel' => $channel, 'echo' => $data]);
+    return null;
 };
 $apm->onStream = function (ApmStream $stream) use ($apm) {
     if (($stream->head['decline'] ?? false) === true) {
         $stream->close();
         return;
     }
-    $stream->write("hello {$stream->channel}");
+    $stream->accept()->write("hello {$stream->channel}");
     $stream->on_data = function ($data, $is_binary) use ($stream) {
         if ($data === 'leave') {
             $stream->close();
@@ -180,7 +180,7 @@ $apm->onStream = function (ApmStream $stream) use ($apm) {
         }
     };
     $stream->on_close = function () use ($apm, $stream) {
-        $apm->send('stream-closed', $stream->peer);
+        $apm->send('stream-closed', $stream->peer_id);
     };
 };
 if (getenv('CONNECTOR_ECHO_BOOT') === '1') {

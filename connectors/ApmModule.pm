@@ -511,30 +511,22 @@ sub _dispatch_ipc {
             $data = $text;
         }
         $self->_call_app('on_data', $stream->{on_data}, $data, $binary ? 1 : 0,
-            defined $stream->{peer} ? $stream->{peer} : $peer);
-    } elsif ($peer && !defined $stream->{peer}) {
+            defined $stream->{peer_id} ? $stream->{peer_id} : $peer) if $stream->{_accepted};
+    } elsif ($peer && !defined $stream->{peer_id}) {
         $stream->{peers} = [grep { $_ != $peer } @{ $stream->{peers} }];
         $self->_call_app('on_leave', $stream->{on_leave}, $peer);
     } else {
         $self->_forget_stream($stream);
-        $self->_call_app('on_close', $stream->{on_close}) if $stream->{_joined} || defined $stream->{peer};
+        $self->_call_app('on_close', $stream->{on_close})
+            if defined $stream->{peer_id} ? $stream->{_accepted} : $stream->{_joined};
     }
 }
 
 sub _offered {
     my ($self, $peer, $offer) = @_;
     my $stream = ApmStream->_new($self, $peer, defined $offer->{channel} ? "$offer->{channel}" : '', $offer->{head}, $peer);
-    $stream->{_held} = [];
     $self->{_streams}{$peer} = $stream;
-    my $accepted = $self->{on_stream} && $self->_call_app('on_stream', $self->{on_stream}, $stream) && $stream->{_open};
-    my $held = delete $stream->{_held};
-    if (!$accepted) {
-        $self->_forget_stream($stream);
-        $self->_send(K_STREAM_CLOSE, $peer, pack('N', 0));
-        return;
-    }
-    $self->_send(K_STREAM_ACCEPT, $peer, '');
-    $self->_send(@$_) for @$held;
+    $stream->close unless $self->{on_stream} && $self->_call_app('on_stream', $self->{on_stream}, $stream); # declined
 }
 
 sub _forget_stream {
@@ -555,12 +547,14 @@ sub _call_app {
 }
 
 # One IPC stream: the app's end of it, as the mediator (from
-# $apm->request_stream) or as a peer (given to $apm->{on_stream}). A hash:
-# {channel}, {head}, {peer} (a peer's own id; undef for the mediator),
-# {peers} (the mediator's); the app sets {on_data} (sub ($data,
-# $is_binary, $peer)), {on_join} and {on_leave} (sub ($peer), the mediator's
-# peers after the first), {on_close} (the stream is over; not after the
-# app's own close). Writes to a closed stream are dropped.
+# $apm->request_stream) or as a peer (given to $apm->{on_stream}, which
+# takes the offer with $stream->accept and declines it with close; until
+# then it neither hears nor writes). A hash: {channel}, {head}, {peer_id} (a
+# peer's own id; undef for the mediator), {peers} (the mediator's); the app
+# sets {on_data} (sub ($data, $is_binary, $peer_id)), {on_join} and
+# {on_leave} (sub ($peer_id), the mediator's peers after the first),
+# {on_close} (the stream is over; not after the app's own close). Writes to
+# a closed stream are dropped.
 package ApmStream;
 
 use strict;
@@ -571,7 +565,7 @@ sub _new {
     return bless {
         channel  => $channel,
         head     => $head,
-        peer     => $peer,
+        peer_id  => $peer,
         peers    => [],
         on_data  => undef,
         on_join  => undef,
@@ -581,8 +575,18 @@ sub _new {
         _id      => $id,
         _open    => 1,
         _joined  => 0,     # mediator: the first peer came
-        _held    => undef, # peer: writes of on_stream, sent after the accept
+        _accepted => !defined $peer, # a peer took the offer
     }, $class;
+}
+
+# A peer takes the offer.
+sub accept {
+    my ($self) = @_;
+    if ($self->{_open} && !$self->{_accepted}) {
+        $self->{_accepted} = 1;
+        $self->{_module}->_send(ApmModule::K_STREAM_ACCEPT, $self->{_id}, '');
+    }
+    return $self;
 }
 
 # The mediator writes to every peer, a peer to the mediator: a text message
@@ -595,7 +599,7 @@ sub write {
 # The mediator writes to one peer.
 sub write_to {
     my ($self, $peer, $data, $is_binary) = @_;
-    die "only the mediator of a stream writes to one peer\n" if defined $self->{peer};
+    die "only the mediator of a stream writes to one peer\n" if defined $self->{peer_id};
     return $self->_write_frame($peer, $data, $is_binary);
 }
 
@@ -604,22 +608,17 @@ sub close {
     my ($self) = @_;
     return unless $self->{_open};
     $self->{_module}->_forget_stream($self);
-    $self->{_module}->_send(ApmModule::K_STREAM_CLOSE, $self->{_id}, pack('N', 0)) unless $self->{_held};
+    $self->{_module}->_send(ApmModule::K_STREAM_CLOSE, $self->{_id}, pack('N', 0));
 }
 
 sub _write_frame {
     my ($self, $peer, $data, $binary) = @_;
-    return 0 unless $self->{_open};
+    return 0 unless $self->{_open} && $self->{_accepted};
     $data = '' unless defined $data;
     my $bytes = $binary ? ApmSession::_bytes($data) : Encode::encode('UTF-8', "$data", Encode::FB_CROAK | Encode::LEAVE_SRC);
     my $max = $self->{_module}{_max_frame} - 5;
     die "a stream write is at most $max bytes\n" if length($bytes) > $max;
-    my @frame = (ApmModule::K_STREAM_DATA, $self->{_id}, pack('NC', $peer, $binary ? 0 : 1) . $bytes);
-    if ($self->{_held}) {
-        push @{ $self->{_held} }, \@frame;
-    } else {
-        $self->{_module}->_send(@frame);
-    }
+    $self->{_module}->_send(ApmModule::K_STREAM_DATA, $self->{_id}, pack('NC', $peer, $binary ? 0 : 1) . $bytes);
     return 1;
 }
 

@@ -170,7 +170,7 @@ $apm->{on_stream} = sub {
         $stream->close;
         return;
     }
-    $stream->write("hello $stream->{channel}");
+    $stream->accept->write("hello $stream->{channel}");
     $stream->{on_data} = sub {
         my ($data, $is_binary) = @_;
         if (!$is_binary && $data eq 'leave') {
@@ -179,7 +179,7 @@ $apm->{on_stream} = sub {
             $stream->write($data, $is_binary);
         }
     };
-    $stream->{on_close} = sub { $apm->send('stream-closed', $stream->{peer}) };
+    $stream->{on_close} = sub { $apm->send('stream-closed', $stream->{peer_id}) };
 };
 $apm->send('booted', $apm->request('boot', { lang => 'perl' })) if ($ENV{CONNECTOR_ECHO_BOOT} // '') eq '1';
 $apm->run;

@@ -416,39 +416,44 @@ local IPC_RECEIVED = {
 local METRIC_TYPES = { counter = true, gauge = true, timing = true }
 
 --[[ One IPC stream: the app's end of it, as the mediator (from
-apm:request_stream) or as a peer (given to apm.on_stream). Fields: channel,
-head, peer (a peer's own id; nil for the mediator), peers (the mediator's);
-the app sets on_data (function(data, is_binary, peer)), on_join and
-on_leave (function(peer), the mediator's peers after the first) and
-on_close (the stream is over; not after the app's own close()). Writes to
-a closed stream are dropped. ]]
+apm:request_stream) or as a peer (given to apm.on_stream, which takes the
+offer with stream:accept() and declines it with stream:close(); until then
+it neither hears nor writes). Fields: channel, head, peer_id (a peer's own
+id; nil for the mediator), peers (the mediator's); the app sets on_data
+(function(data, is_binary, peer_id)), on_join and on_leave
+(function(peer_id), the mediator's peers after the first) and on_close
+(the stream is over; not after the app's own close()). Writes to a closed
+stream are dropped. ]]
 local ApmStream = {}
 ApmStream.__index = ApmStream
 
 local function new_stream(module, id, channel, head, peer)
   return setmetatable({
-    channel = channel, head = head, peer = peer, peers = {},
+    channel = channel, head = head, peer_id = peer, peers = {},
     _module = module, _id = id, _open = true,
-    _joined = false,  -- mediator: the first peer came
-    _waiter = nil,    -- mediator: the coroutine in request_stream
-    _held = nil,      -- peer: writes of on_stream, sent after the accept
+    _joined = false,          -- mediator: the first peer came
+    _accepted = peer == nil,  -- a peer took the offer
   }, ApmStream)
 end
 
+-- A peer takes the offer.
+function ApmStream:accept()
+  if self._open and not self._accepted then
+    self._accepted = true
+    self._module:_send(K_STREAM_ACCEPT, self._id, '')
+  end
+  return self
+end
+
 function ApmStream:_write(peer, data, binary)
-  if not self._open then return false end
+  if not (self._open and self._accepted) then return false end
   data = data == nil and '' or tostring(data)
   if not binary and not utf8.len(data) then
     error('a stream text message must be UTF-8; write(data, true) sends bytes', 3)
   end
   local max = self._module._max_frame - 5
   if #data > max then error(('a stream write is at most %d bytes'):format(max), 3) end
-  local frame = { K_STREAM_DATA, self._id, string.pack('>I4B', peer, binary and 0 or 1) .. data }
-  if self._held then
-    self._held[#self._held + 1] = frame
-  else
-    self._module:_send(frame[1], frame[2], frame[3])
-  end
+  self._module:_send(K_STREAM_DATA, self._id, string.pack('>I4B', peer, binary and 0 or 1) .. data)
   return true
 end
 
@@ -460,7 +465,7 @@ end
 
 -- The mediator writes to one peer.
 function ApmStream:write_to(peer, data, is_binary)
-  if self.peer ~= nil then error('only the mediator of a stream writes to one peer', 2) end
+  if self.peer_id ~= nil then error('only the mediator of a stream writes to one peer', 2) end
   return self:_write(peer, data, is_binary == true)
 end
 
@@ -468,7 +473,7 @@ end
 function ApmStream:close()
   if not self._open then return end
   self._module:_forget_stream(self)
-  if not self._held then self._module:_send(K_STREAM_CLOSE, self._id, string.pack('>I4', 0)) end
+  self._module:_send(K_STREAM_CLOSE, self._id, string.pack('>I4', 0))
 end
 
 -- Waits for what resume_waiter() hands over: yields an app coroutine, or
@@ -607,7 +612,12 @@ function ApmModule:_dispatch_ipc(kind, id, payload)
       end
     end
     local channel = type(message.channel) == 'string' and message.channel or ''
-    self:_call_app('on_channel', self.on_channel, channel, value_of(message.data), reply)
+    local on_channel = self.on_channel
+    -- What it returns answers a request it did not reply to.
+    self:_call_app('on_channel', on_channel and function(...)
+      local answer = on_channel(...)
+      if answer ~= nil and reply then reply(answer) end
+    end, channel, value_of(message.data), reply)
     return
   end
   if kind == K_IPC_RESULT then
@@ -637,15 +647,17 @@ function ApmModule:_dispatch_ipc(kind, id, payload)
     if not binary and not utf8.len(data) then
       protocol_error(('stream %d: a text message that is not UTF-8'):format(id))
     end
-    self:_call_app('on_data', stream.on_data, data, binary, stream.peer or peer)
-  elseif peer ~= 0 and stream.peer == nil then
+    if stream._accepted then self:_call_app('on_data', stream.on_data, data, binary, stream.peer_id or peer) end
+  elseif peer ~= 0 and stream.peer_id == nil then
     for i, p in ipairs(stream.peers) do
       if p == peer then table.remove(stream.peers, i) break end
     end
     self:_call_app('on_leave', stream.on_leave, peer)
   else
     self:_forget_stream(stream)
-    if stream._joined or stream.peer ~= nil then
+    if stream.peer_id ~= nil and stream._accepted then
+      self:_call_app('on_close', stream.on_close)
+    elseif stream._joined then
       self:_call_app('on_close', stream.on_close)
     else
       self:_resume_waiter(id, nil) -- refused: request_stream gives nil
@@ -655,18 +667,10 @@ end
 
 function ApmModule:_offered(peer, offer)
   local stream = new_stream(self, peer, type(offer.channel) == 'string' and offer.channel or '', value_of(offer.head), peer)
-  stream._held = {}
   self._streams[peer] = stream
-  local accepted = self.on_stream ~= nil and self:_call_app('on_stream', self.on_stream, stream) and stream._open
-  local held = stream._held
-  stream._held = nil
-  if not accepted then
-    self:_forget_stream(stream)
-    self:_send(K_STREAM_CLOSE, peer, string.pack('>I4', 0))
-    return
+  if self.on_stream == nil or not self:_call_app('on_stream', self.on_stream, stream) then
+    stream:close() -- declined
   end
-  self:_send(K_STREAM_ACCEPT, peer, '')
-  for _, frame in ipairs(held) do self:_send(frame[1], frame[2], frame[3]) end
 end
 
 -- ---- end of IPC ----

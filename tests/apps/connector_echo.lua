@@ -148,17 +148,16 @@ apm = ApmModule.new(function(s)
 end)
 apm.on_channel = function(channel, data, reply)
   if reply then
-    reply({ lang = 'lua', channel = channel, echo = data })
-  else
-    apm:send('echoed', { channel = channel, echo = data })
+    return { lang = 'lua', channel = channel, echo = data } -- answers the request
   end
+  apm:send('echoed', { channel = channel, echo = data })
 end
 apm.on_stream = function(stream)
   if type(stream.head) == 'table' and stream.head.decline then
     stream:close()
     return
   end
-  stream:write('hello ' .. stream.channel)
+  stream:accept():write('hello ' .. stream.channel)
   stream.on_data = function(data, is_binary)
     if not is_binary and data == 'leave' then
       stream:close()
@@ -166,7 +165,7 @@ apm.on_stream = function(stream)
       stream:write(data, is_binary)
     end
   end
-  stream.on_close = function() apm:send('stream-closed', stream.peer) end
+  stream.on_close = function() apm:send('stream-closed', stream.peer_id) end
 end
 if os.getenv('CONNECTOR_ECHO_BOOT') == '1' then
   apm:send('booted', apm:request('boot', { lang = 'lua' }))

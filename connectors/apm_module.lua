@@ -415,6 +415,20 @@ local IPC_RECEIVED = {
 }
 local METRIC_TYPES = { counter = true, gauge = true, timing = true }
 
+-- Debian's lua-cjson (2.1.0) writes every empty table as {}: a table the app
+-- marks with ApmModule.array(t) is a list, [] when empty, in IPC data.
+local ARRAY = {}
+local arrays_used = false
+local EMPTY_ARRAY_TEXT = '\0apm_module:[]'
+
+local function with_empty_arrays(v)
+  if type(v) ~= 'table' then return v end
+  if getmetatable(v) == ARRAY and next(v) == nil then return EMPTY_ARRAY_TEXT end
+  local copy = {}
+  for k, x in pairs(v) do copy[k] = with_empty_arrays(x) end
+  return copy
+end
+
 --[[ One IPC stream: the app's end of it, as the mediator (from
 apm:request_stream) or as a peer (given to apm.on_stream, which takes the
 offer with stream:accept() and declines it with stream:close(); until then
@@ -552,9 +566,15 @@ function ApmModule:metric(name, value, metric_type)
   self:_send_json(K_METRIC, 0, { name = tostring(name), value = value, type = metric_type })
 end
 
+function ApmModule.array(t)
+  arrays_used = true
+  return setmetatable(t or {}, ARRAY)
+end
+
 function ApmModule:_send_json(kind, id, fields)
-  local ok, json = pcall(cjson.encode, fields)
+  local ok, json = pcall(cjson.encode, arrays_used and with_empty_arrays(fields) or fields)
   if not ok then error('IPC data must be JSON: ' .. tostring(json), 3) end
+  if arrays_used then json = json:gsub('"\\u0000apm_module:%[%]"', '[]') end
   if #json > self._max_frame then
     error(('an IPC message is at most %d bytes of JSON'):format(self._max_frame), 3)
   end

@@ -30,7 +30,9 @@ workers (`listen` in their config): apm:send(ch, d), apm:request(ch, d,
 timeout_ms) (yields the callback it is called from; the loop goes on),
 apm:request_stream(ch, head, timeout_ms) (an ApmStream or nil),
 apm.on_channel = function(ch, d, reply), apm.on_stream = function(stream),
-apm:set_dash_value(id, value, color), apm:metric(name, value, type). luv cannot mark
+apm:set_dash_value(id, value, color), apm:metric(name, value, type).
+lua-cjson writes an empty table as {}: ApmModule.array(t) makes it [] in
+IPC data. luv cannot mark
 the inherited descriptor close-on-exec: a process the app starts
 (io.popen, os.execute) sees it and must leave it alone.
 ]]

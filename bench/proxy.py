@@ -50,11 +50,12 @@ def ensure(tool, package):
     subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, stdout=subprocess.DEVNULL)
 
 
-def wrk(port, scheme, pids):
-    """req/s, p50 and p99 in ms, and the CPU time the processes `pids`
-    (proxy and app) spent per request, in µs."""
+def wrk(port, scheme, pids, duration="10s"):
+    """req/s, p50 and p99 in ms, the CPU time the processes `pids` (proxy
+    and app) spent per request, in µs, and the requests that failed (socket
+    errors and timeouts, answers other than 2xx/3xx)."""
     before = cpu_ticks(pids)
-    out = subprocess.run(["wrk", "-t2", "-c64", "-d10s", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{duration}", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     ticks = cpu_ticks(pids) - before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -63,7 +64,9 @@ def wrk(port, scheme, pids):
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    errors += int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
+    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests, errors
 
 
 def cpu_ticks(pids):

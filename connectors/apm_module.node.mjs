@@ -559,7 +559,8 @@ class Link {
     sock.on('data', (chunk) => this.receive(chunk));
     // The daemon is gone or is stopping this instance: nothing is left to serve.
     sock.on('end', () => process.exit(0));
-    sock.on('error', (e) => die('channel: ' + e.message));
+    // A write that meets the closed channel is the same ending, seen first.
+    sock.on('error', (e) => (e.code === 'EPIPE' || e.code === 'ECONNRESET' ? process.exit(0) : die('channel: ' + e.message)));
   }
 
   fail(why) {

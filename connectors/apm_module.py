@@ -107,13 +107,38 @@ def _parse_cookies(header):
     return cookies
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+_HEADER_VALUE_BREAKS = re.compile('[\r\n\0]')
+
+
+def _header_value(name, value):
+    value = str(value)
+    # apm treats a malformed head as a broken connector and kills the
+    # instance; refusing here fails one request instead.
+    if _HEADER_VALUE_BREAKS.search(value):
+        raise ValueError('header %s: a value may not contain CR, LF or NUL' % name)
+    return value
+
+
 def _head_payload(headers):
     head = {}
-    for name, value in headers.items():
+    for raw_name, value in headers.items():
+        name = str(raw_name).lower()
+        if not _HEADER_NAME.match(name):
+            raise ValueError('invalid header name: %r' % (raw_name,))
         if isinstance(value, (list, tuple)):
-            head[str(name)] = [str(v) for v in value]
+            value = [_header_value(name, v) for v in value]
         else:
-            head[str(name)] = str(value)
+            value = _header_value(name, value)
+        if name in head:
+            # Set-Cookie and set-cookie are one header.
+            previous = head[name]
+            value = (previous if isinstance(previous, list) else [previous]) + (
+                value if isinstance(value, list) else [value])
+        head[name] = value
+    status = head.get('x-status')
+    if status is not None and (isinstance(status, list) or not re.match(r'^[1-9][0-9][0-9]$', status)):
+        raise ValueError('x-status must be a three-digit HTTP status, not %r' % (status,))
     return json.dumps(head).encode('utf-8')
 
 
@@ -205,9 +230,11 @@ class ApmSession(object):
         else:
             data = _as_bytes(data)
         if self.protocol == 'http' and not self._started:
+            # Checked first: a head the app got wrong still leaves room for the 500.
+            head = _head_payload(headers) if headers else None
             self._started = True
-            if headers:
-                self._enqueue(HEAD, _head_payload(headers))
+            if head is not None:
+                self._enqueue(HEAD, head)
         if data:
             self._enqueue(DATA, data)
 

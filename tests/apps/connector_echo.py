@@ -19,6 +19,13 @@ def serve_http(s):
     print('connector_echo: %s %s' % (s.method, s.path), flush=True)
     s.session_data['body_length'] = 0
 
+    if s.path == '/throw':
+        raise RuntimeError('connector_echo: thrown on purpose')
+
+    if s.path == '/bad-header':
+        s.write('no', {'x-status': '200', 'x-bad': 'a\r\nb'})  # raises
+        return
+
     if s.path == '/corrupt':
         # Bypasses the connector: a length far beyond max_frame. The
         # connector moved the channel off fd 3, so use the descriptor it holds.
@@ -102,6 +109,8 @@ def serve_ws(s):
             return
         if not is_binary and data == 'close':
             s.close(4000, 'bye')
+        elif not is_binary and data == 'throw':
+            raise RuntimeError('connector_echo: thrown on purpose')
         elif not is_binary and data == 'raw':
             s.write_raw(bytes([0x81, 0x04]) + b'raw!')
         else:

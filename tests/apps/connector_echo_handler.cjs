@@ -8,6 +8,11 @@ const ECHO_HEADERS = { 'x-status': '200', 'content-type': 'application/octet-str
 
 function http(session, lang) {
   const path = session.path;
+  if (path === '/throw') throw new Error('connector_echo: thrown on purpose');
+  if (path === '/bad-header') {
+    session.write('no', { 'x-status': '200', 'x-bad': 'a\r\nb' }); // throws
+    return;
+  }
   if (path === '/echo') {
     let wrote = false;
     session.onData = (chunk) => {
@@ -89,6 +94,7 @@ function ws(session) {
   session.onData = (data, isBinary) => {
     if (!isBinary && handoff(session, data)) return;
     if (!isBinary && data === 'close') session.close(4000, 'bye');
+    else if (!isBinary && data === 'throw') throw new Error('connector_echo: thrown on purpose');
     else if (!isBinary && data === 'raw') session.write_raw(Buffer.concat([Buffer.from([0x81, 0x04]), Buffer.from('raw!')]));
     else session.write(data); // a string goes back as text, a Buffer as binary
   };

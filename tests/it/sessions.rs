@@ -29,6 +29,9 @@ fn counter_apps() -> Vec<(&'static str, &'static str, PathBuf)> {
     } else {
         prerequisite_missing("node is not installed: the Node connector's hand-off is not tested");
     }
+    for (name, exec, ext, _) in crate::polyglot::runnable() {
+        apps.push((name, exec, app(&format!("session_counter.{ext}"))));
+    }
     apps
 }
 

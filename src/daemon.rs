@@ -26,6 +26,8 @@ use crate::watch::{self, Watcher};
 
 #[path = "gui.rs"]
 mod gui;
+#[path = "metrics.rs"]
+mod metrics;
 
 /// A request line longer than this is refused.
 const MAX_REQUEST: u64 = 1 << 20;

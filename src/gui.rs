@@ -456,6 +456,7 @@ async fn answer(
             json(&response.data)
         }
         (&Method::GET, "/api/log") => log(daemon, &query).await,
+        (&Method::GET, "/metrics") => metrics(daemon).await,
         (&Method::POST, action) if action.starts_with("/api/workers/") => {
             if !request.headers().contains_key("x-apm-gui") {
                 return refused(StatusCode::FORBIDDEN, "a change needs the X-Apm-Gui header");
@@ -483,6 +484,26 @@ async fn answer(
         }
         _ => refused(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// `GET /metrics`: a Prometheus scrape.
+async fn metrics(daemon: &Daemon) -> Response<Full<Bytes>> {
+    let listing = super::dispatch(daemon, Call::List).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let text = super::metrics::render(
+        &listing.data,
+        &apm_runtime::observe::traffic_stats::snapshot(),
+        super::metrics::Own::now().as_ref(),
+        now,
+    );
+    reply(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        text,
+    )
 }
 
 /// `GET /api/log?worker=NAME[&err=1]`: the worker's last log lines.

@@ -3733,7 +3733,7 @@ fn monitor_redraws_every_instance_until_its_count() {
 }
 
 /// `METHOD PATH` to the GUI with extra header lines; the whole answer.
-fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
+pub(crate) fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
     http_raw(
         port,
         &format!(

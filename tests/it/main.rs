@@ -11,6 +11,7 @@ mod docs;
 mod first_hour;
 mod harness;
 mod logs;
+mod metrics;
 mod proxy_attacks;
 mod reload;
 mod sections;

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::observe::traffic_stats::{self, ListenerStats};
 use crate::traffic::activity::{Activity, ClientBody};
 use crate::traffic::connector::{Head, Link};
 use crate::traffic::held::{Held, Metered};
@@ -164,6 +165,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
     let scheme = server.scheme;
     let shown = server.to_string();
     let next = Arc::new(AtomicUsize::new(0));
+    let stats = traffic_stats::register(worker, shown.clone());
     let task = tokio::spawn(async move {
         // `max_conns`: beyond it, new connections wait in the kernel's backlog.
         let mut slots = Slots::default();
@@ -185,7 +187,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     continue;
                 }
             };
-            let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
+            let (routes, next, stats) = (routes.clone(), next.clone(), stats.clone());
             tokio::spawn(async move {
                 let options = routes.borrow().options.clone();
                 // A raw connection is judged by Vanguard before anything else;
@@ -213,6 +215,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         raw.then(Permit::unguarded),
                     ),
                 };
+                let stream = Box::new(stats.connection(stream)) as Box<dyn Io>;
                 // What HTTP and WebSocket clients send is held until passed
                 // on, and counted against the daemon's budget.
                 let held = Held::new();
@@ -259,7 +262,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     (backend, route.options.clone())
                 };
                 match raw_permit {
-                    None => serve_http(stream, client, held, worker, &options, tls, pick).await,
+                    None => serve_http(stream, client, held, stats, &options, tls, pick).await,
                     Some(permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
                         splice(stream, pick(None).0, head, permit).await;
@@ -427,7 +430,8 @@ struct Connection {
     /// The client's address as `X-Forwarded-For` carries it, made once.
     client_value: Option<HeaderValue>,
     tls: Option<Secure>,
-    worker: String,
+    /// Its listener's figures, which name the worker.
+    stats: Arc<ListenerStats>,
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
     activity: Arc<Activity>,
@@ -476,16 +480,20 @@ impl Connection {
 }
 
 /// A request being answered, until its response's body is through (or
-/// dropped with the connection).
-struct Answering(Arc<Connection>);
+/// dropped with the connection), and since when.
+struct Answering(Arc<Connection>, std::time::Instant);
 
 impl Answering {
     fn start(connection: Arc<Connection>) -> Answering {
         connection.activity.answering.fetch_add(1, Ordering::AcqRel);
-        Answering(connection)
+        Answering(connection, std::time::Instant::now())
     }
 
+    /// The answer, counted in the listener's figures as its head is ready.
     fn with(self, response: Response<Body>) -> Response<Answer> {
+        self.0
+            .stats
+            .answered(response.status().as_u16(), self.1.elapsed());
         response.map(|body| Answer {
             body,
             _answering: self,
@@ -533,7 +541,7 @@ async fn serve_http(
     stream: Box<dyn Io>,
     client: Option<IpAddr>,
     held: Arc<Held>,
-    worker: String,
+    stats: Arc<ListenerStats>,
     options: &Options,
     tls: Option<Secure>,
     pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + 'static,
@@ -542,7 +550,7 @@ async fn serve_http(
         client,
         client_value: client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
         tls,
-        worker,
+        stats,
         upstream: std::sync::Mutex::default(),
         activity: Arc::new(Activity::new()),
         held,
@@ -691,7 +699,7 @@ async fn forward(
     let (client, tls, worker) = (
         origin.client,
         connection.tls.as_ref(),
-        connection.worker.as_str(),
+        connection.stats.worker.as_str(),
     );
     // A tunnel to wherever the client names is a forward proxy's job, not
     // an app's; a `tcp://` listener carries raw connections to instances.

@@ -54,6 +54,9 @@ pub struct InstanceStatus {
     pub uptime_ms: Option<u64>,
     pub restarts: u32,
     pub cpu_percent: f64,
+    /// The CPU time the process has used (user and system), for `/metrics`.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     pub memory_bytes: u64,
     pub last_exit: Option<String>,
     /// For a worker with `server` lines: whether the proxy sends this
@@ -1110,6 +1113,8 @@ impl Supervisor {
                     uptime_ms: uptime.map(|u| u.as_millis() as u64),
                     restarts: instance.life.attempts.saturating_sub(1),
                     cpu_percent: usage.map_or(0.0, |u| (u.cpu_percent * 10.0).round() / 10.0),
+                    cpu_seconds: usage
+                        .map_or(0.0, |u| u.cpu_ticks as f64 * procfs::tick().as_secs_f64()),
                     memory_bytes: usage.map_or(0, |u| u.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
                     serving: (!worker.spec.server.is_empty()).then(|| instance.backend().is_some()),

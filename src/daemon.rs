@@ -24,6 +24,8 @@ use crate::exit;
 use crate::protocol::{Call, PROTOCOL, Pong, ReloadTarget, Request, Response, VERSION};
 use crate::watch::{self, Watcher};
 
+#[path = "api.rs"]
+mod api;
 #[path = "gui.rs"]
 mod gui;
 #[path = "metrics.rs"]

@@ -3791,7 +3791,7 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     let listing: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(listing["workers"][0]["name"], "shown", "{listing}");
     wait_until(PATIENCE, "the log to show the line", || {
-        gui_request(port, "GET", "/api/log?worker=shown", &auth).contains("hello-gui")
+        gui_request(port, "GET", "/api/workers/shown/logs", &auth).contains("hello-gui")
     });
     // A page whose host name was made to resolve to 127.0.0.1 is refused.
     let rebound = http_raw(

@@ -1,5 +1,6 @@
 //! apm's integration tests, one binary so that they link once.
 
+mod api;
 mod augur;
 mod certs;
 mod cli;

@@ -209,6 +209,18 @@ fn a_script_drives_workers_through_the_api() {
     let restarted = change(gui, "POST", "/api/workers/signalled/restart");
     assert!(restarted.starts_with("HTTP/1.1 200"), "{restarted}");
     assert_ne!(pids(&d.wait_running("signalled"))[0], first);
+    // The instance keeps its exits, with their reasons, for the dashboard.
+    let info = get_json(gui, "/api/workers/signalled");
+    let exits = info["status"]["instances"][0]["exits"].as_array().unwrap();
+    assert_eq!(exits.len(), 1, "{info}");
+    assert!(
+        exits[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by SIG"),
+        "{info}"
+    );
+    assert!(exits[0]["ran_ms"].as_u64().unwrap() > 0, "{info}");
     let stopped = change(gui, "POST", "/api/workers/signalled/stop");
     assert!(stopped.starts_with("HTTP/1.1 200"), "{stopped}");
     let listing = get_json(gui, "/api/workers");

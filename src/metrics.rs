@@ -23,12 +23,14 @@ impl Own {
         use apm_runtime::process::procfs;
         let stat = procfs::stat(std::process::id())?;
         let tick = procfs::tick().as_secs_f64();
-        let boot = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|text| {
+        // /proc/stat sums every CPU's counters to say it: read it once.
+        static BOOT: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+        let boot = (*BOOT.get_or_init(|| {
+            std::fs::read_to_string("/proc/stat").ok().and_then(|text| {
                 text.lines()
                     .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<f64>().ok())
-            })?;
+            })
+        }))?;
         Some(Own {
             cpu_seconds: stat.cpu_ticks as f64 * tick,
             memory_bytes: stat.rss_bytes,

@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
 
 use super::Daemon;
-use super::api::Unmatched;
+use super::api::{Body, Unmatched, refused};
 
 pub const PAGE: &str = include_str!("gui.html");
 
@@ -279,8 +279,12 @@ struct Guard {
 
 async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener, guard: Arc<Guard>) {
     let mut errors = apm_runtime::AcceptErrors::default();
+    // The connections end with the GUI: one kept alive would otherwise go on
+    // being served with the secret of before, after a password was set.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = errors.next(&listener, "the GUI").await;
+        while connections.try_join_next().is_some() {}
         let Ok(client) = stream.peer_addr().map(|a| a.ip()) else {
             continue;
         };
@@ -295,11 +299,9 @@ async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener, guard: Ar
         builder
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(30));
-        tokio::spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        connections.spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
     }
 }
-
-use super::api::{Body, refused};
 
 /// Whether the request carries the secret: the password (any user name),
 /// or the token in its header or its query.

@@ -245,3 +245,31 @@ fn a_script_drives_workers_through_the_api() {
             .contains("signalled")
     );
 }
+
+/// A connection kept alive from before a password was set is not served
+/// with the secret of before: it used to go on answering the old token.
+#[test]
+fn a_password_set_later_ends_the_connections_of_before() {
+    let d = Daemon::new("api_kept_alive");
+    let gui = free_port();
+    d.load(&format!(
+        "daemon {{ gui_port {gui}; gui_bind 127.0.0.1; }}\n"
+    ));
+    wait_until(PATIENCE, "the GUI to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", gui)).is_ok()
+    });
+    let token = std::fs::read_to_string(d.home.join("gui.token")).unwrap();
+    let request =
+        format!("GET /api/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Apm-Token: {token}\r\n\r\n");
+    let mut kept = connect(gui);
+    let (head, _) = exchange(&mut kept, request.as_bytes());
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    d.load(&format!(
+        "daemon {{ gui_port {gui}; gui_bind 127.0.0.1; gui_password s3cret; }}\n"
+    ));
+    // The old connection is closed: the write or the read finds it so.
+    let _ = kept.write_all(request.as_bytes());
+    let mut answer = String::new();
+    let _ = kept.read_to_string(&mut answer);
+    assert!(!answer.contains("200 OK"), "{answer}");
+}

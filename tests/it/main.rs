@@ -2,6 +2,7 @@
 
 mod api;
 mod augur;
+mod browser;
 mod certs;
 mod cli;
 mod connectors;

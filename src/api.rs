@@ -38,6 +38,7 @@ pub enum Op {
     ReloadAll,
     Logs,
     LiveLogs,
+    Io,
 }
 
 /// What a route answers with (its 200's media type).
@@ -243,6 +244,15 @@ pub static ROUTES: &[Route] = &[
         summary: "Reload every loaded file",
         description: "`apm reload`: each file a worker came from, compiled again and its plan applied.",
         params: &[FORCE, DRY_RUN],
+        answer: Answer::Json,
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/workers/{name}/io",
+        op: Op::Io,
+        summary: "A worker's storage I/O",
+        description: "Per running instance, the bytes its process has read from and written to storage (`read_bytes`, `write_bytes` of /proc/PID/io): what the dashboard's `ior` and `iow` panels show.",
+        params: &[],
         answer: Answer::Json,
     },
     Route {
@@ -487,6 +497,32 @@ async fn perform(
             .await
             .unwrap_or_default();
             return Ok(json(&lines));
+        }
+        Op::Io => {
+            let response = super::dispatch(daemon, Call::Info { name }).await;
+            if !response.ok {
+                return Err(refused(
+                    StatusCode::NOT_FOUND,
+                    &response.error.unwrap_or_default(),
+                ));
+            }
+            let pids: Vec<(u64, u64)> = response.data["status"]["instances"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice)
+                .iter()
+                .filter_map(|i| Some((i["index"].as_u64()?, i["pid"].as_u64()?)))
+                .collect();
+            let io = tokio::task::spawn_blocking(move || {
+                pids.into_iter()
+                    .filter_map(|(index, pid)| {
+                        let (read, written) = apm_runtime::process::procfs::io(pid as u32)?;
+                        Some(json!({"index": index, "pid": pid, "read_bytes": read, "write_bytes": written}))
+                    })
+                    .collect::<Vec<Value>>()
+            })
+            .await
+            .unwrap_or_default();
+            return Ok(json(&io));
         }
         Op::LiveLogs => {
             let lines = query.lines(0).map_err(bad)?;

@@ -162,14 +162,20 @@ def main():
               healthy: {value: true, color: "#4cc38a"},
               motd: {value: "all good", color: null},
               hot: {value: [[1, 2], [3, 4]], color: "#f5c04f"},
-              cpu: {value: {type: "graph", source: "cpu"}, color: null}}}]});
+              cpu: {value: {type: "graph", source: "cpu"}, color: null},
+              written: {value: {type: "counter", source: "iow", unit: " B/s"}, color: null}}}]});
             return [...document.querySelectorAll("#panels .panel")].map(p => p.dataset.panel + ":" + p.dataset.type);
         """)
-        expected = ["load:gauge", "jobs:counter", "queue:graph", "healthy:led", "motd:text", "hot:heatmap", "cpu:graph"]
+        expected = ["load:gauge", "jobs:counter", "queue:graph", "healthy:led", "motd:text", "hot:heatmap", "cpu:graph",
+                    "written:counter"]
         if types != expected:
             failures.append(f"panels {types}, expected {expected}")
         if "12.5" not in driver.find_element(By.CSS_SELECTOR, '[data-panel="cpu"]').text:
             failures.append("the cpu-sourced panel does not show the instance's CPU")
+        # `iow` is the rate of the selected worker's storage writes, sampled
+        # from /api/workers/NAME/io each poll: a number once two samples are in.
+        wait("the iow panel's rate", lambda: driver.execute_script(
+            "return sourced('iow', {index: 0}, {name: 'talker'})") is not None)
         shoot(driver, "dashboard-desktop-light")
         errors = console_errors(driver)
         if errors:

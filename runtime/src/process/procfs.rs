@@ -54,6 +54,23 @@ fn page_size() -> u64 {
     })
 }
 
+/// The bytes a process has made the kernel read from and write to storage
+/// (`read_bytes`, `write_bytes` of `/proc/<pid>/io`), for the dashboard's
+/// `ior` and `iow` panels.
+pub fn io(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| {
+        text.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    Some((field("read_bytes")?, field("write_bytes")?))
+}
+
 /// The length of a clock tick.
 pub fn tick() -> Duration {
     static TICK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();

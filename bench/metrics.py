@@ -9,14 +9,10 @@ The daemon runs with its own APM_HOME and socket, 1,000 `sleep` instances
 (10 workers of 100) and a dashboard on a free loopback port; it is stopped
 at the end.
 
-Each scrape reads every instance's /proc/PID/stat (the kernel's part is
-most of a scrape's time); with --stats-interval the workers get that
-`stats_interval` and scrapes within it reuse the figures.
-
 Each scrape reads every instance's /proc/PID/stat; the kernel's part of
-that is most of a scrape's time (see the figures in the README).
+that is most of a scrape's time.
 
-Usage: cargo build --release && python3 bench/metrics.py [--apm target/release/apm] [--seconds 20] [--stats-interval 30s]
+Usage: cargo build --release && python3 bench/metrics.py [--apm target/release/apm] [--seconds 20]
 """
 
 import argparse
@@ -51,7 +47,6 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--apm", default="target/release/apm")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--stats-interval", help="the workers' stats_interval (e.g. 30s): /proc read at most that often")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         env = apm_env(root, "metrics")
@@ -61,8 +56,7 @@ def main():
         with open(config, "w") as f:
             f.write(f"daemon {{ gui_port {gui}; gui_bind 127.0.0.1; gui_password bench; }}\n")
             for w in range(10):
-                interval = f"stats_interval {args.stats_interval}; " if args.stats_interval else ""
-                f.write(f"worker {{ name sleepers{w}; exec sleep; params 100000; instances 100; startup_grace 0; {interval}}}\n")
+                f.write(f"worker {{ name sleepers{w}; exec sleep; params 100000; instances 100; startup_grace 0; }}\n")
         try:
             apm("load", config)
             wait_port(gui)

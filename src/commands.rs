@@ -362,7 +362,7 @@ pub fn signal(place: &Place, signal: &str, target: &str) -> u8 {
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MB", b as f64 / (1u64 << 20) as f64),
@@ -513,6 +513,9 @@ pub fn gui(place: &Place, stop: bool) -> u8 {
 /// before it, as the daemon measures CPU between two looks.
 pub fn monitor(place: &Place, interval: Duration, count: Option<u64>) -> u8 {
     let terminal = std::io::stdout().is_terminal();
+    if terminal && count.is_none() {
+        return crate::monitor::interactive(place, interval);
+    }
     let mut shown = 0;
     loop {
         let listing = match request(place, Call::List).and_then(decode::<Listing>) {

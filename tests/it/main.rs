@@ -14,6 +14,7 @@ mod first_hour;
 mod harness;
 mod logs;
 mod metrics;
+mod monitor;
 mod proxy_attacks;
 mod reload;
 mod sections;

@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import time
 
-from common import apm_env, free_port, wait_port
+from common import apm_env, free_port, nginx_conf, tear_down, wait_port
 
 
 def ensure(tool, package):
@@ -197,19 +197,10 @@ def main():
         proxy = 'proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";'
         # What apm adds to a forwarded request, for a comparison of equal work.
         forwarded = "proxy_set_header Host $http_host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;"
-        conf = os.path.join(root, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""worker_processes 1;
-pid {root}/nginx.pid;
-error_log {root}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
-    server {{ {nginx_listen(nginx_port)} location / {{ {proxy} }} }}
-    server {{ {nginx_listen(nginx_xf_port)} location / {{ {proxy} {forwarded} }} }}
-}}
-""")
+        conf = nginx_conf(root, backend, [
+            f"{nginx_listen(nginx_port)} location / {{ {proxy} }}",
+            f"{nginx_listen(nginx_xf_port)} location / {{ {proxy} {forwarded} }}",
+        ])
         procs.append(subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"]))
         wait_port(nginx_port)
         wait_port(nginx_xf_port)
@@ -273,12 +264,7 @@ http {{
         if "pm2 -i 2" in results:
             print(f"apm Node connector (2 instances) / PM2 cluster mode (-i 2) req/s: {results['apm node'][0] / results['pm2 -i 2'][0]:.2f} (target >= 1.0)")
     finally:
-        if pm2 is not None:
-            pm2.stop()
-        subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
-        for p in procs:
-            p.terminate()
-        shutil.rmtree(root, ignore_errors=True)
+        tear_down(apm, env, procs, root, pm2)
 
 
 if __name__ == "__main__":

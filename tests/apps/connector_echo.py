@@ -78,8 +78,28 @@ def serve_http(s):
     s.on_end = answer
 
 
+# ---- session hand-off: "save <json>" keeps it as session_data in apm,
+# "data?" tells whether the session was migrated and what it carries ----
+def handoff(s, text):
+    if text.startswith('save '):
+        s.session_data = json.loads(text[5:])
+        try:
+            s.save_session_data()
+            s.write('saved')
+        except ValueError as e:
+            s.write('refused: %s' % e)
+        return True
+    if text == 'data?':
+        s.write(json.dumps({'migrated': s.migrated, 'session_data': s.session_data}))
+        return True
+    return False
+# ---- end of session hand-off ----
+
+
 def serve_ws(s):
     def on_data(data, is_binary):
+        if not is_binary and handoff(s, data):
+            return
         if not is_binary and data == 'close':
             s.close(4000, 'bye')
         elif not is_binary and data == 'raw':

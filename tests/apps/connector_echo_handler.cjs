@@ -64,8 +64,30 @@ function http(session, lang) {
   };
 }
 
+// ---- session hand-off: "save <json>" keeps it as session_data in apm,
+// "data?" tells whether the session was migrated and what it carries ----
+function handoff(session, text) {
+  if (text.startsWith('save ')) {
+    session.session_data = JSON.parse(text.slice(5));
+    try {
+      session.save_session_data();
+      session.write('saved');
+    } catch (e) {
+      session.write('refused: ' + e.message);
+    }
+    return true;
+  }
+  if (text === 'data?') {
+    session.write(JSON.stringify({ migrated: session.migrated, session_data: session.session_data }));
+    return true;
+  }
+  return false;
+}
+// ---- end of session hand-off ----
+
 function ws(session) {
   session.onData = (data, isBinary) => {
+    if (!isBinary && handoff(session, data)) return;
     if (!isBinary && data === 'close') session.close(4000, 'bye');
     else if (!isBinary && data === 'raw') session.write_raw(Buffer.concat([Buffer.from([0x81, 0x04]), Buffer.from('raw!')]));
     else session.write(data); // a string goes back as text, a Buffer as binary

@@ -26,10 +26,14 @@ import traceback
 
 HELLO, READY = 1, 2
 OPEN, DATA, TEXT, MORE, END, HEAD, RAW, CLOSE, CREDIT = 16, 17, 18, 19, 20, 21, 22, 23, 24
+# Session hand-off (feature "migrate").
+SAVE, MIGRATE, HANDED = 48, 49, 50
+SESSION_DATA_MAX = 65536
 NAMES = {1: 'hello', 2: 'ready', 16: 'open', 17: 'data', 18: 'text', 19: 'more',
-         20: 'end', 21: 'head', 22: 'raw', 23: 'close', 24: 'credit'}
+         20: 'end', 21: 'head', 22: 'raw', 23: 'close', 24: 'credit',
+         48: 'save', 49: 'migrate', 50: 'handed'}
 FLOW_CONTROLLED = (DATA, TEXT, MORE, RAW)
-FROM_CHILD = (READY, DATA, TEXT, MORE, HEAD, RAW, CLOSE, CREDIT)
+FROM_CHILD = (READY, DATA, TEXT, MORE, HEAD, RAW, CLOSE, CREDIT, SAVE, HANDED)
 
 MAX_FRAME = 1 << 20
 WINDOW = 256 * 1024
@@ -62,7 +66,8 @@ def close_payload(code, reason=''):
 
 def hello(protocol=1):
     return json.dumps({'protocol': protocol, 'worker': 'conformance', 'instance_id': INSTANCE_ID,
-                       'max_frame': MAX_FRAME, 'window': WINDOW}).encode('utf-8')
+                       'max_frame': MAX_FRAME, 'window': WINDOW,
+                       'session_data_max': SESSION_DATA_MAX}).encode('utf-8')
 
 
 class Child(object):
@@ -138,6 +143,9 @@ class Session(object):
         self.body = bytearray()     # http, tcp: data, more and raw bytes in order
         self.messages = []          # ws: complete (kind, bytes) messages
         self.partial = None
+        self.saved = []             # session hand-off: the payloads of `save`, in order
+        self.migrating = False      # `migrate` was sent
+        self.handed = False
         self.more_frames = 0
         self.raw = []               # ws: raw frames
         self.closed = None          # (code, reason) once the child closed it
@@ -293,6 +301,21 @@ class Link(object):
                 self.violation('a credit of %d bytes on session %d' % (len(payload), session_id))
             else:
                 s.credit += struct.unpack('>I', payload)[0]
+        elif kind == SAVE:
+            if len(payload) > SESSION_DATA_MAX:
+                self.violation('a save of %d bytes on session %d' % (len(payload), session_id))
+            try:
+                s.saved.append(json.loads(payload.decode('utf-8')))
+            except ValueError:
+                self.violation('a save that is not JSON on session %d: %r' % (session_id, payload[:100]))
+        elif kind == HANDED:
+            if payload:
+                self.violation('a handed with a payload on session %d' % session_id)
+            if not s.migrating:
+                self.violation('handed on session %d, which was not sent migrate' % session_id)
+            s.handed = True
+            del self.sessions[session_id]
+            self.ended.add(session_id)
 
     def check_head(self, s, payload):
         if s.protocol != 'http':
@@ -647,6 +670,101 @@ def case_apm_closes_sessions(link, ctx):
     expect(got == (s.id, {'reuse': '1'}, 5), 'the reused id got %r' % (got,))
 
 
+# ---- session hand-off (feature "migrate") ----
+
+def case_ready_lists_migrate(link, ctx):
+    features = link.ready.get('features')
+    expect(isinstance(features, list) and 'migrate' in features,
+           'ready has features %r, without "migrate"' % (features,))
+
+
+def ws_says(link, s, text, what):
+    count = len(s.messages)
+    link.send_message(s, TEXT, text.encode('utf-8'))
+    link.wait(lambda: len(s.messages) > count or s.closed is not None, what)
+    expect(len(s.messages) > count, 'the child closed the session (%r)' % (s.closed,))
+    return s.messages[count][1].decode('utf-8')
+
+
+def migrate(link, s, pieces=None):
+    s.migrating = True
+    link.piece_size = pieces
+    try:
+        link.send(MIGRATE, s.id)
+    finally:
+        link.piece_size = None
+
+
+def case_save_then_hand_off(link, ctx):
+    """save_session_data() sends `save`; after `migrate` the connector
+    sends what the app wrote, then `handed`, and forgets the session."""
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    answer = ws_says(link, s, 'save {"total": 6, "who": "\u00e9"}', 'the answer to a save')
+    expect(answer == 'saved', 'the app answered %r' % answer)
+    expect(s.saved == [{'total': 6, 'who': u'\u00e9'}], 'saved %r' % (s.saved,))
+    migrate(link, s, pieces=3)
+    link.wait(lambda: s.handed or s.closed is not None, '`handed` after `migrate` (sent in 3-byte pieces)')
+    expect(s.closed is None, 'the child closed the session (%r) instead of handing it' % (s.closed,))
+    # The session is forgotten: a late frame gets nothing back.
+    link.dropped[s.id] = 0
+    link.send(TEXT, s.id, b'late')
+    link.barrier()
+    expect(link.dropped[s.id] == 0, 'the child answered on session %d after handing it' % s.id)
+
+
+def case_hand_off_waits_for_queued_writes(link, ctx):
+    """A write still waiting for credit goes out before `handed`."""
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    big = os.urandom(WINDOW + 1000)
+    s.withhold = True
+    link.send_message(s, DATA, big)
+    link.wait(lambda: s.allowance <= 0 or s.closed is not None,
+              'the echo to use up the credit (%d bytes received)' % s.received)
+    migrate(link, s)
+    link.barrier()
+    expect(not s.handed, '`handed` while %d bytes of a write still waited for credit' % (len(big) - s.received))
+    s.withhold = False
+    link.send(CREDIT, s.id, struct.pack('>I', s.ungranted))
+    s.allowance += s.ungranted
+    s.ungranted = 0
+    link.wait(lambda: s.handed or s.closed is not None, '`handed` once the write was out')
+    expect(s.messages and s.messages[-1] == (DATA, big), 'the echo before `handed` differs')
+
+
+def case_migrated_open_carries_session_data(link, ctx):
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS, migrated=True,
+                  session_data={'total': 6, 'list': [1, 2]})
+    answer = json.loads(ws_says(link, s, 'data?', 'the session data of a migrated session'))
+    want = {'migrated': True, 'session_data': {'total': 6, 'list': [1, 2]}}
+    expect(answer == want, 'the app sees %r, not %r' % (answer, want))
+    fresh = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    answer = json.loads(ws_says(link, fresh, 'data?', 'the session data of a new session'))
+    expect(answer == {'migrated': False, 'session_data': {}}, 'a new session sees %r' % answer)
+    for opened in (s, fresh):
+        link.close(opened, 1000)
+
+
+def case_oversized_save_refused(link, ctx):
+    s = link.open('ws', 'GET', '/ws', headers=WS_HEADERS)
+    answer = ws_says(link, s, 'save "%s"' % ('x' * SESSION_DATA_MAX), 'the answer to an oversized save')
+    expect(answer.startswith('refused: ') and str(SESSION_DATA_MAX) in answer,
+           'the app got %r, not a clear error' % answer)
+    expect(s.saved == [], 'the connector sent a save of %d bytes' % SESSION_DATA_MAX)
+    # The session and the connector go on.
+    link.ws_roundtrip(s, TEXT, b'still here', 'an echo after the refused save')
+    link.close(s, 1000)
+
+
+def case_tcp_hand_off(link, ctx):
+    s = link.open('tcp', '', '', remote_ip='198.51.100.4')
+    link.send_message(s, DATA, b'before\n')
+    migrate(link, s)
+    link.wait(lambda: s.handed or s.closed is not None, '`handed` on a TCP session')
+    expect(bytes(s.body) == b'before\n', 'echoed %r before handing' % bytes(s.body))
+
+# ---- end of session hand-off ----
+
+
 def case_bad_frame_from_apm(link, ctx):
     # One byte over the limit: only the header is sent, so a connector that
     # does not check the length first waits for the rest and never exits.
@@ -735,6 +853,12 @@ def main():
         ('tcp echo then quit', case_tcp),
         ('tcp half-close answered', case_tcp_half_close),
         ('sessions apm closed or never opened', case_apm_closes_sessions),
+        ('ready lists the migrate feature', case_ready_lists_migrate),
+        ('save then hand-off (migrate in 3-byte pieces)', case_save_then_hand_off),
+        ('hand-off waits for writes queued for credit', case_hand_off_waits_for_queued_writes),
+        ('a migrated open carries session_data', case_migrated_open_carries_session_data),
+        ('an oversized save is refused in the app', case_oversized_save_refused),
+        ('tcp hand-off', case_tcp_hand_off),
         ('exits on an oversized frame from apm', case_bad_frame_from_apm),
         ('stdout apart from the channel', case_stdout_apart),
     ]:

@@ -603,10 +603,10 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
         "migrating.conf",
         "worker { name migrating; exec sleep; params 600; session_persist on; startup_grace 100; }\n",
     );
+    // Session migration is built: nothing to note.
     let loaded = d.ok(&["load", path.to_str().unwrap()]);
     assert!(
-        stderr(&loaded).contains("worker `migrating` sets keys")
-            && stderr(&loaded).contains("`session_persist` (session migration)"),
+        !stderr(&loaded).contains("does not enforce"),
         "{}",
         describe(&loaded)
     );
@@ -1768,7 +1768,7 @@ fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
     );
 }
 
-const PORT_APP: &str = r#"
+pub(crate) const PORT_APP: &str = r#"
 import http.server, os
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -2651,7 +2651,7 @@ fn a_tls_client_that_never_finishes_its_handshake_is_timed_out_and_frees_its_slo
 }
 
 #[test]
-fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
+fn a_stop_lets_in_flight_requests_finish_and_no_longer_than_they_need() {
     let d = Daemon::new("drain");
     let app = d.write(
         "slow.py",
@@ -2669,7 +2669,7 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
             "-startup_grace",
             "300",
             "-drain_timeout",
-            "3s",
+            "10s",
             "-env",
             &env,
         ],
@@ -2683,9 +2683,12 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     let started = Instant::now();
     d.ok(&["stop", "slow"]);
     assert_eq!(request.join().unwrap(), Some((200, "done\n".to_owned())));
+    // The request had at most a second to go: the stop waited for it, not
+    // for drain_timeout.
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "the stop waited for the drain"
+        started.elapsed() < Duration::from_secs(6),
+        "the stop took {:?}",
+        started.elapsed()
     );
 }
 
@@ -3212,13 +3215,7 @@ fn a_rolling_restart_of_a_proxied_worker_loses_no_request() {
             "100",
         ],
     );
-    wait_until(PATIENCE, "both instances to serve", || {
-        d.worker("web").is_some_and(|w| {
-            w["instances"]
-                .as_array()
-                .is_some_and(|i| i.iter().all(|i| i["serving"] == true))
-        })
-    });
+    d.wait_serving("web");
     let before = pids(&d.worker("web").unwrap());
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {

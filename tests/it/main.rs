@@ -19,5 +19,6 @@ mod proxy_attacks;
 mod reload;
 mod sections;
 mod security_local;
+mod sessions;
 mod stats;
 mod vanguard_attacks;

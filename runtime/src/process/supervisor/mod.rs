@@ -10,6 +10,7 @@
 //! `listeners` (the proxy's listeners and routes), `watches` (file watching,
 //! health verdicts, StatsD) and `orphans` (a crashed daemon's processes).
 
+mod draining;
 mod listeners;
 mod orphans;
 mod rolling;
@@ -373,7 +374,18 @@ impl Instance {
         }
         match (&self.link, &self.port) {
             (Some(link), _) => link.is_ready().then(|| Backend::Connector(link.clone())),
-            (None, Some(port)) => port.accepting().then_some(Backend::Port(port.address)),
+            (None, Some(port)) => port
+                .accepting()
+                .then(|| Backend::Port(port.address, port.in_flight.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// What the proxy has in flight on the current process.
+    fn in_flight(&self) -> Option<Arc<crate::traffic::inflight::InFlight>> {
+        match (&self.link, &self.port) {
+            (Some(link), _) => Some(link.in_flight().clone()),
+            (None, Some(port)) => Some(port.in_flight.clone()),
             (None, None) => None,
         }
     }
@@ -382,6 +394,7 @@ impl Instance {
 struct Port {
     address: std::net::SocketAddr,
     accepting: Arc<std::sync::atomic::AtomicBool>,
+    in_flight: Arc<crate::traffic::inflight::InFlight>,
 }
 
 impl Port {
@@ -389,6 +402,7 @@ impl Port {
         Port {
             address: std::net::SocketAddr::from(([127, 0, 0, 1], number)),
             accepting: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -448,6 +462,9 @@ struct Worker {
     /// Why its `memory_limit` is not enforced, once a start found out: the
     /// daemon log says it once, every start report again.
     memory_warning: Option<String>,
+    /// Whether the daemon log said that its connector cannot hand sessions
+    /// off, which `session_persist` asks for.
+    migrate_warned: bool,
 }
 
 /// A rolling restart: instance `current` was restarted at `since`; the
@@ -802,6 +819,7 @@ impl Supervisor {
             deps_timed_out: false,
             rolling: None,
             memory_warning: None,
+            migrate_warned: false,
             routes: watch::channel(crate::traffic::proxy::Route::default()).0,
         };
         self.workers.insert(name, worker);
@@ -917,6 +935,7 @@ impl Supervisor {
                     Effect::Kill(pid) => {
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                     }
+                    Effect::Drain(pid) => self.drain(name, index, pid),
                     Effect::Wake(at) => {
                         let tx = self.tx.clone();
                         tokio::spawn(async move {

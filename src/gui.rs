@@ -1,8 +1,7 @@
-//! The web dashboard (`daemon { gui_port; gui_bind; gui_password; }`, `apm
-//! gui`): one page that polls a small JSON API of the daemon — the
-//! instances with their CPU and memory (graphed in the page from what it
-//! polled), a worker's last log lines, and start, stop and restart, which
-//! go through the same dispatch as the CLI's calls. It refuses a
+//! The web dashboard's server (`daemon { gui_port; gui_bind; gui_password;
+//! }`, `apm gui`): the listener and who may use it. What it answers (the
+//! page, the HTTP API, `/metrics`) is `api.rs`'s route table; the page
+//! polls the API and follows a worker's log as Server-Sent Events. It refuses a
 //! non-loopback address without a password (decision 4). Every request
 //! needs a secret, on loopback too, where every local user is a client: the
 //! password (HTTP Basic), or without one the token kept in

@@ -3730,7 +3730,7 @@ fn monitor_redraws_every_instance_until_its_count() {
 }
 
 /// `METHOD PATH` to the GUI with extra header lines; the whole answer.
-fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
+pub(crate) fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
     http_raw(
         port,
         &format!(
@@ -3788,7 +3788,7 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     let listing: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(listing["workers"][0]["name"], "shown", "{listing}");
     wait_until(PATIENCE, "the log to show the line", || {
-        gui_request(port, "GET", "/api/log?worker=shown", &auth).contains("hello-gui")
+        gui_request(port, "GET", "/api/workers/shown/logs", &auth).contains("hello-gui")
     });
     // A page whose host name was made to resolve to 127.0.0.1 is refused.
     let rebound = http_raw(

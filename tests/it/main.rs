@@ -1,6 +1,8 @@
 //! apm's integration tests, one binary so that they link once.
 
+mod api;
 mod augur;
+mod browser;
 mod certs;
 mod cli;
 mod connectors;
@@ -12,6 +14,8 @@ mod first_hour;
 mod harness;
 mod logs;
 mod polyglot;
+mod metrics;
+mod monitor;
 mod proxy_attacks;
 mod reload;
 mod sections;

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::observe::traffic_stats::{self, ListenerStats};
 use crate::traffic::activity::{Activity, ClientBody};
 use crate::traffic::connector::{Handoff, Head, Link, Successors};
 use crate::traffic::held::{Held, Metered};
@@ -217,6 +218,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
     let scheme = server.scheme;
     let shown = server.to_string();
     let next = Arc::new(AtomicUsize::new(0));
+    let stats = traffic_stats::register(worker.clone(), shown.clone());
     let task = tokio::spawn(async move {
         // `max_conns`: beyond it, new connections wait in the kernel's backlog.
         let mut slots = Slots::default();
@@ -239,7 +241,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 }
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
-            let successors = routes.clone();
+            let (successors, stats) = (routes.clone(), stats.clone());
             tokio::spawn(async move {
                 let options = routes.borrow().options.clone();
                 // A raw connection is judged by Vanguard before anything else;
@@ -267,6 +269,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         raw.then(Permit::unguarded),
                     ),
                 };
+                let stream = Box::new(stats.connection(stream)) as Box<dyn Io>;
                 // What HTTP and WebSocket clients send is held until passed
                 // on, and counted against the daemon's budget.
                 let held = Held::new();
@@ -314,7 +317,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match raw_permit {
                     None => {
-                        let connection = Connection::new(client, tls, worker, held, successors);
+                        let connection = Connection::new(client, tls, stats, held, successors);
                         serve_http(stream, connection, &options, pick).await;
                     }
                     Some(permit) => {
@@ -491,7 +494,8 @@ struct Connection {
     /// The client's address as `X-Forwarded-For` carries it, made once.
     client_value: Option<HeaderValue>,
     tls: Option<Secure>,
-    worker: String,
+    /// Its listener's figures, which name the worker.
+    stats: Arc<ListenerStats>,
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
     activity: Arc<Activity>,
@@ -505,7 +509,7 @@ impl Connection {
     fn new(
         client: Option<IpAddr>,
         tls: Option<Secure>,
-        worker: String,
+        stats: Arc<ListenerStats>,
         held: Arc<Held>,
         routes: Routes,
     ) -> Connection {
@@ -513,7 +517,7 @@ impl Connection {
             client,
             client_value: client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
             tls,
-            worker,
+            stats,
             upstream: std::sync::Mutex::default(),
             activity: Arc::new(Activity::new()),
             held,
@@ -561,16 +565,21 @@ impl Connection {
 }
 
 /// A request being answered, until its response's body is through (or
-/// dropped with the connection), and its count on the instance answering it.
-struct Answering(Arc<Connection>, Option<Entered>);
+/// dropped with the connection), its count on the instance answering it,
+/// and since when.
+struct Answering(Arc<Connection>, Option<Entered>, std::time::Instant);
 
 impl Answering {
     fn start(connection: Arc<Connection>) -> Answering {
         connection.activity.answering.fetch_add(1, Ordering::AcqRel);
-        Answering(connection, None)
+        Answering(connection, None, std::time::Instant::now())
     }
 
+    /// The answer, counted in the listener's figures as its head is ready.
     fn with(self, response: Response<Body>) -> Response<Answer> {
+        self.0
+            .stats
+            .answered(response.status().as_u16(), self.2.elapsed());
         response.map(|body| Answer {
             body,
             _answering: self,
@@ -766,7 +775,7 @@ async fn forward(
     let (client, tls, worker) = (
         origin.client,
         connection.tls.as_ref(),
-        connection.worker.as_str(),
+        connection.stats.worker.as_str(),
     );
     // A tunnel to wherever the client names is a forward proxy's job, not
     // an app's; a `tcp://` listener carries raw connections to instances.

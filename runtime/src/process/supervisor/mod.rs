@@ -46,6 +46,22 @@ use crate::process::state::{Environment, Origin, SavedProcess, SavedWorker, Save
 use crate::sys;
 use crate::traffic::proxy::Backend;
 
+/// How many exits of each instance `InstanceStatus::exits` keeps.
+pub const KEPT_EXITS: usize = 10;
+
+/// A process of an instance that ended: when, after how long, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Exit {
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    pub ran_ms: Option<u64>,
+    /// `exit 1`, `killed by SIGKILL`, `could not start`; and whether the
+    /// kernel killed it for going over `memory_limit`.
+    pub reason: String,
+    #[serde(default)]
+    pub over_memory_limit: bool,
+}
+
 /// One instance's state, as `list` and `info` show it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InstanceStatus {
@@ -55,8 +71,14 @@ pub struct InstanceStatus {
     pub uptime_ms: Option<u64>,
     pub restarts: u32,
     pub cpu_percent: f64,
+    /// The CPU time the process has used (user and system), for `/metrics`.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     pub memory_bytes: u64,
     pub last_exit: Option<String>,
+    /// Its last exits, oldest first (at most `KEPT_EXITS`), for the dashboard.
+    #[serde(default)]
+    pub exits: Vec<Exit>,
     /// For a worker with `server` lines: whether the proxy sends this
     /// instance traffic (it runs, and accepts on its port or said `ready`).
     #[serde(default)]
@@ -285,6 +307,7 @@ struct Instance {
     stderr_head: Arc<Mutex<Vec<u8>>>,
     spawn_error: Option<String>,
     last_exit: Option<ExitStatus>,
+    exits: VecDeque<Exit>,
     /// The last look at its process's CPU and memory.
     usage: Option<Usage>,
     /// Where the current process's stdout and stderr lines go.
@@ -757,6 +780,7 @@ impl Supervisor {
             stderr_head: Arc::default(),
             spawn_error: None,
             last_exit: None,
+            exits: VecDeque::new(),
             usage: None,
             targets: None,
             port: None,
@@ -862,11 +886,11 @@ impl Supervisor {
                 if let Some(pid) = instance.life.phase.pid() {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
-                if instance
+                let over_memory_limit = instance
                     .cgroup
                     .as_ref()
-                    .is_some_and(|g| g.killed_for_memory())
-                {
+                    .is_some_and(|g| g.killed_for_memory());
+                if over_memory_limit {
                     let limit = worker
                         .spec
                         .memory_limit
@@ -878,6 +902,17 @@ impl Supervisor {
                     ));
                 }
                 instance.last_exit = Some(status);
+                if instance.exits.len() == KEPT_EXITS {
+                    instance.exits.pop_front();
+                }
+                instance.exits.push_back(Exit {
+                    at_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                    ran_ms: instance.started.map(|s| s.elapsed().as_millis() as u64),
+                    reason: status.to_string(),
+                    over_memory_limit,
+                });
                 instance.start_ticks = None;
                 self.dirty = true;
             }
@@ -1129,8 +1164,11 @@ impl Supervisor {
                     uptime_ms: uptime.map(|u| u.as_millis() as u64),
                     restarts: instance.life.attempts.saturating_sub(1),
                     cpu_percent: usage.map_or(0.0, |u| (u.cpu_percent * 10.0).round() / 10.0),
+                    cpu_seconds: usage
+                        .map_or(0.0, |u| u.cpu_ticks as f64 * procfs::tick().as_secs_f64()),
                     memory_bytes: usage.map_or(0, |u| u.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
+                    exits: instance.exits.iter().cloned().collect(),
                     serving: (!worker.spec.server.is_empty()).then(|| instance.backend().is_some()),
                     healthy: worker
                         .spec

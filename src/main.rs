@@ -7,6 +7,7 @@ mod convert;
 mod daemon;
 mod files;
 mod flags;
+mod install;
 mod notify;
 mod protocol;
 mod tls_check;
@@ -221,6 +222,38 @@ enum Command {
         /// Print what would change as a unified diff; change nothing.
         #[arg(long)]
         diff: bool,
+    },
+    /// Install apm as a service: the binary, the init system's unit or script, /etc/apm/apm.conf, the daemon log, the Cloudflare lists (root; --user for yours).
+    Install {
+        /// Install for this user: ~/.local/bin/apm and a systemd --user unit.
+        #[arg(long)]
+        user: bool,
+        /// Install into this directory as if it were / (images, tests).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// The init system to register with; detected when absent.
+        #[arg(long, value_enum)]
+        init: Option<install::Init>,
+        /// Fetch Cloudflare's current address lists instead of the copy shipped with apm.
+        #[arg(long)]
+        refresh_ips: bool,
+    },
+    /// Remove what `apm install` created, as its manifest lists; configs and the log stay unless --purge.
+    Uninstall {
+        #[arg(long)]
+        user: bool,
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Remove the configs, the daemon's state and the log too.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Print a shell completion script: apm completions bash|zsh|fish.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), or write one per command into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -452,7 +485,41 @@ fn main() -> ExitCode {
                 exit::USAGE
             }
         },
+        Command::Install {
+            user,
+            root,
+            init,
+            refresh_ips,
+        } => install::install(&install::Options {
+            user,
+            root,
+            init,
+            refresh_ips,
+        }),
+        Command::Uninstall { user, root, purge } => {
+            install::uninstall(user, root.as_deref(), purge)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut cli_command(), "apm", &mut std::io::stdout());
+            exit::OK
+        }
+        Command::Man { dir } => manual(dir.as_deref()),
     })
+}
+
+/// The manual pages, from the same definitions as `--help`.
+fn manual(dir: Option<&std::path::Path>) -> u8 {
+    let written = match dir {
+        Some(dir) => clap_mangen::generate_to(cli_command(), dir),
+        None => clap_mangen::Man::new(cli_command()).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("apm man: {e}");
+            exit::FAILED
+        }
+    }
 }
 
 // The proxy allocates per request (heads, frames, bodies); mimalloc gave the

@@ -10,6 +10,7 @@ mod daemon;
 mod docs;
 mod first_hour;
 mod harness;
+mod install;
 mod logs;
 mod proxy_attacks;
 mod reload;

@@ -658,6 +658,7 @@ fn install_inner(options: &Options) -> Result<(), String> {
     if !options.user {
         log_file(&mut tree, &layout, group)?;
         ips(&mut tree, options.refresh_ips)?;
+        help_files(&mut tree)?;
     }
 
     let next = register(&mut tree, &layout, init, options.user, &home)?;
@@ -791,6 +792,29 @@ fn ips(tree: &mut Tree, refresh: bool) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+/// The manual page and the bash completions, from the command line's
+/// definitions, where man and bash-completion look for them.
+fn help_files(tree: &mut Tree) -> Result<(), String> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(crate::cli_command())
+        .render(&mut page)
+        .map_err(|e| format!("cannot render the manual page: {e}"))?;
+    tree.file("usr/share/man/man1/apm.1", &page, 0o644, Kind::File)?;
+    let mut completions = Vec::new();
+    clap_complete::generate(
+        clap_complete::Shell::Bash,
+        &mut crate::cli_command(),
+        "apm",
+        &mut completions,
+    );
+    tree.file(
+        "usr/share/bash-completion/completions/apm",
+        &completions,
+        0o644,
+        Kind::File,
+    )
 }
 
 fn today() -> String {

@@ -282,7 +282,7 @@ fn worker_flags_help() -> String {
 
 /// The command line's definition, with the worker flags in the help of the
 /// commands that take them.
-fn cli_command() -> clap::Command {
+pub(crate) fn cli_command() -> clap::Command {
     let flags = worker_flags_help();
     Cli::command()
         .mut_subcommand("run", |run| run.after_help(flags.clone()))

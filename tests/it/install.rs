@@ -101,6 +101,8 @@ fn install_round_trip(init: &str, check: impl Fn(&Path)) {
         0o700,
         "the daemon's state is root's"
     );
+    assert!(at("usr/share/man/man1/apm.1").is_file());
+    assert!(at("usr/share/bash-completion/completions/apm").is_file());
     for part in [
         "cloudflare-v4",
         "cloudflare-v6",
@@ -538,4 +540,42 @@ fn the_daemon_pings_the_watchdog_at_half_its_interval_on_an_abstract_socket() {
     let _ = child.kill();
     let _ = child.wait();
     assert!((5..=12).contains(&pings), "{pings} pings in {window:?}");
+}
+
+#[test]
+fn completions_and_the_manual_come_from_the_command_definitions() {
+    let bash = apm(&["completions", "bash"]);
+    assert!(bash.status.success(), "{}", describe(&bash));
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), &bash.stdout).unwrap();
+    let mut command = Command::new("bash");
+    command.arg("-n").arg(script.path());
+    let syntax = run(command);
+    assert!(syntax.status.success(), "bash -n: {}", describe(&syntax));
+    // Every subcommand is offered, the ones added last included.
+    for word in ["uninstall", "completions", "reload", "--refresh-ips"] {
+        assert!(stdout(&bash).contains(word), "{word}");
+    }
+    let zsh = apm(&["completions", "zsh"]);
+    assert!(
+        stdout(&zsh).starts_with("#compdef apm"),
+        "{}",
+        describe(&zsh)
+    );
+    let fish = apm(&["completions", "fish"]);
+    assert!(
+        stdout(&fish).contains("complete -c apm"),
+        "{}",
+        describe(&fish)
+    );
+
+    let man = apm(&["man"]);
+    assert!(man.status.success(), "{}", describe(&man));
+    assert!(stdout(&man).contains(".TH apm 1"), "{}", describe(&man));
+    assert!(stdout(&man).contains("uninstall"), "{}", describe(&man));
+    let dir = tempfile::tempdir().unwrap();
+    let pages = apm(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(pages.status.success(), "{}", describe(&pages));
+    assert!(dir.path().join("apm.1").is_file());
+    assert!(dir.path().join("apm-install.1").is_file());
 }

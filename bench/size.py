@@ -10,12 +10,9 @@ Usage: cargo build --release && python3 bench/size.py [--apm target/release/apm]
 import argparse
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 
-from common import median_time
-from convert import ecosystem
+from convert import ecosystem_file, time_convert
 
 MB = 1_000_000
 
@@ -41,15 +38,8 @@ def main():
     print(f"apm binary: {size / MB:.2f} MB ({size} bytes), {'stripped' if stripped(apm) else 'NOT stripped'} "
           f"(target <= 12 MB: {'met' if size <= 12 * MB else 'MISSED'})")
     print(f"glibc baseline (newest symbol version it needs): GLIBC_{glibc_baseline(apm)}")
-    root = tempfile.mkdtemp(prefix="apm-bench-size-")
-    try:
-        path = os.path.join(root, "ecosystem.config.js")
-        with open(path, "w") as f:
-            f.write(ecosystem(100))
-        converted = median_time([apm, "convert", path])
-        print(f"apm convert, 100 apps: {converted * 1000:.1f} ms (target < 50 ms: {'met' if converted < 0.050 else 'MISSED'})")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with ecosystem_file(100) as path:
+        time_convert(apm, path)
 
 
 if __name__ == "__main__":

@@ -579,3 +579,57 @@ fn completions_and_the_manual_come_from_the_command_definitions() {
     assert!(dir.path().join("apm.1").is_file());
     assert!(dir.path().join("apm-install.1").is_file());
 }
+
+/// The SysV script of an install under a temporary root, run for real:
+/// its paths are rewritten to that root, its daemon gets the test's socket.
+#[test]
+fn the_sysv_script_starts_the_daemon_with_the_boot_config_reports_status_and_stops_it() {
+    let mut daemon = Daemon::new("sysv");
+    let root = daemon.dir().to_path_buf();
+    install(&root, "sysv");
+    daemon.home = root.join("var/lib/apm");
+    std::fs::write(
+        root.join("etc/apm/apm.conf.d/booted.conf"),
+        "worker {\n    name booted;\n    exec sleep;\n    params 1000;\n}\n",
+    )
+    .unwrap();
+    let mut text = std::fs::read_to_string(root.join("etc/init.d/apm")).unwrap();
+    for path in [
+        "/usr/sbin/apm",
+        "/var/lib/apm",
+        "/var/log/apm.log",
+        "/etc/apm/apm.conf",
+    ] {
+        text = text.replace(&format!("={path}"), &format!("={}{path}", root.display()));
+    }
+    let script = root.join("apm.init");
+    std::fs::write(&script, text).unwrap();
+    let service = |action: &str| {
+        let mut command = Command::new("sh");
+        command
+            .arg(&script)
+            .arg(action)
+            .env("APM_SOCKET", &daemon.socket)
+            .stdin(Stdio::null());
+        run(command)
+    };
+    let started = service("start");
+    assert!(started.status.success(), "{}", describe(&started));
+    harness::wait_until(harness::PATIENCE, "the daemon to answer", || {
+        daemon.socket_up()
+    });
+    assert_eq!(daemon.worker_names(), ["booted"]);
+    let status = service("status");
+    assert_eq!(status.status.code(), Some(0), "{}", describe(&status));
+    let log = std::fs::read_to_string(root.join("var/log/apm.log")).unwrap();
+    assert!(
+        log.contains("daemon started"),
+        "the daemon logs to the service's log: {log}"
+    );
+
+    let stopped = service("stop");
+    assert!(stopped.status.success(), "{}", describe(&stopped));
+    assert!(!daemon.socket_up(), "stop returns once the daemon is gone");
+    let status = service("status");
+    assert_eq!(status.status.code(), Some(3), "{}", describe(&status));
+}

@@ -9,6 +9,7 @@ Usage: cargo build --release && python3 bench/convert.py [--apm target/release/a
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,23 +38,36 @@ def ecosystem(apps):
     return f"const path = require('path');\nmodule.exports = {{\n  apps: [\n{entries}\n  ]\n}};\n"
 
 
+@contextlib.contextmanager
+def ecosystem_file(apps):
+    """A temporary ecosystem file of `apps` apps, removed afterwards."""
+    root = tempfile.mkdtemp(prefix="apm-bench-convert-")
+    try:
+        path = os.path.join(root, "ecosystem.config.js")
+        with open(path, "w") as f:
+            f.write(ecosystem(apps))
+        yield path
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def time_convert(apm, path):
+    """Times `apm convert` of the file and prints the figure against its target."""
+    converted = median_time([apm, "convert", path])
+    print(f"apm convert, 100 apps: {converted * 1000:.1f} ms (target < 50 ms: {'met' if converted < 0.050 else 'MISSED'})")
+    return converted
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--apm", default="target/release/apm")
     args = parser.parse_args()
     apm = os.path.abspath(args.apm)
-    root = tempfile.mkdtemp(prefix="apm-bench-convert-")
-    try:
-        path = os.path.join(root, "ecosystem.config.js")
-        with open(path, "w") as f:
-            f.write(ecosystem(100))
-        converted = median_time([apm, "convert", path])
-        print(f"apm convert, 100 apps: {converted * 1000:.1f} ms (target < 50 ms: {'met' if converted < 0.050 else 'MISSED'})")
+    with ecosystem_file(100) as path:
+        converted = time_convert(apm, path)
         if shutil.which("node"):
             node = median_time(["node", "-e", f"process.stdout.write(JSON.stringify(require({path!r})))"])
             print(f"reference, node loading the same file: {node * 1000:.1f} ms; apm / node = {converted / node:.2f}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

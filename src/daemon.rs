@@ -230,7 +230,7 @@ async fn serve(mut place: Place) -> u8 {
             return exit::FAILED;
         }
     };
-    apm_runtime::observe::daemon_log::rotate_at(&place.log_file());
+    apm_runtime::observe::daemon_log::rotate_at(&daemon_log_file(&place));
     // Counts of repeated log lines are summarised once their minute is
     // over, also when nothing else is logged.
     tokio::spawn(async {
@@ -269,7 +269,7 @@ async fn serve(mut place: Place) -> u8 {
     let supervisor = Supervisor::spawn(&place.home, base_environment(&place), marker.clone());
     let access = Access {
         owner: nix::unistd::geteuid(),
-        allow_group: std::sync::Mutex::new(allow_group(&place.home)),
+        allow_group: std::sync::Mutex::new(allow_group(&boot_config(&place.home))),
     };
     let (watcher, mut due) = Watcher::start();
     let daemon = Arc::new_cyclic(|this| Daemon {
@@ -304,7 +304,12 @@ async fn serve(mut place: Place) -> u8 {
         .call(|reply| Command::Restored { reply })
         .await;
     let loading = daemon.clone();
-    tokio::spawn(async move { load_user_config(&loading).await });
+    tokio::spawn(async move {
+        load_user_config(&loading).await;
+        // The accept loop below runs by now on this same thread.
+        crate::notify::send("READY=1");
+    });
+    crate::notify::spawn_watchdog();
 
     use tokio::signal::unix::{SignalKind, signal};
     let (mut terminate, mut interrupt, mut hangup) = match (
@@ -354,6 +359,7 @@ async fn reload_all_logged(daemon: Arc<Daemon>) {
 /// the user's own "stop everything", records them all as stopped
 /// (docs/cli.md, decision 49).
 async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
+    crate::notify::send("STOPPING=1");
     log(format_args!("{why}: stopping every worker"));
     let _ = daemon
         .supervisor
@@ -372,10 +378,27 @@ async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
     }
 }
 
-/// `allow_group` from `$APM_HOME/config.conf`, when it sets one, read
-/// before the socket takes calls so that members are not refused meanwhile.
-fn allow_group(home: &Path) -> Option<(String, PathBuf)> {
-    let path = home.join("config.conf");
+/// The config the daemon loads as it starts: `APM_CONFIG` (the service
+/// `apm install` registers sets `/etc/apm/apm.conf`), else
+/// `$APM_HOME/config.conf` (docs/cli.md, decision 95).
+fn boot_config(home: &Path) -> PathBuf {
+    std::env::var_os("APM_CONFIG")
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| home.join("config.conf"), PathBuf::from)
+}
+
+/// The daemon log the daemon rotates when it is its stderr: `APM_LOG` (the
+/// service's `/var/log/apm.log`), else `$APM_HOME/apm.log`.
+fn daemon_log_file(place: &Place) -> PathBuf {
+    std::env::var_os("APM_LOG")
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| place.log_file(), PathBuf::from)
+}
+
+/// `allow_group` from the boot config, when it sets one, read before the
+/// socket takes calls so that members are not refused meanwhile.
+fn allow_group(path: &Path) -> Option<(String, PathBuf)> {
+    let path = path.to_path_buf();
     let compilation = compile(&path, &FsLoader).ok()?;
     compilation
         .config
@@ -542,10 +565,10 @@ async fn restore(daemon: &Daemon) {
     }
 }
 
-/// The per-user config, `$APM_HOME/config.conf`, is loaded when the daemon
-/// starts; workers already restored from the state file are left alone.
+/// The boot config (`boot_config`) is loaded when the daemon starts;
+/// workers already restored from the state file are left alone.
 async fn load_user_config(daemon: &Daemon) {
-    let path = daemon.place.home.join("config.conf");
+    let path = boot_config(&daemon.place.home);
     if !path.is_file() {
         return;
     }

@@ -8,6 +8,8 @@ mod daemon;
 mod files;
 mod flags;
 mod monitor;
+mod install;
+mod notify;
 mod protocol;
 mod tls_check;
 mod watch;
@@ -222,6 +224,38 @@ enum Command {
         #[arg(long)]
         diff: bool,
     },
+    /// Install apm as a service: the binary, the init system's unit or script, /etc/apm/apm.conf, the daemon log, the Cloudflare lists (root; --user for yours).
+    Install {
+        /// Install for this user: ~/.local/bin/apm and a systemd --user unit.
+        #[arg(long)]
+        user: bool,
+        /// Install into this directory as if it were / (images, tests).
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// The init system to register with; detected when absent.
+        #[arg(long, value_enum)]
+        init: Option<install::Init>,
+        /// Fetch Cloudflare's current address lists instead of the copy shipped with apm.
+        #[arg(long)]
+        refresh_ips: bool,
+    },
+    /// Remove what `apm install` created, as its manifest lists; configs and the log stay unless --purge.
+    Uninstall {
+        #[arg(long)]
+        user: bool,
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Remove the configs, the daemon's state and the log too.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Print a shell completion script: apm completions bash|zsh|fish.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), or write one per command into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -249,7 +283,7 @@ fn worker_flags_help() -> String {
 
 /// The command line's definition, with the worker flags in the help of the
 /// commands that take them.
-fn cli_command() -> clap::Command {
+pub(crate) fn cli_command() -> clap::Command {
     let flags = worker_flags_help();
     Cli::command()
         .mut_subcommand("run", |run| run.after_help(flags.clone()))
@@ -452,7 +486,41 @@ fn main() -> ExitCode {
                 exit::USAGE
             }
         },
+        Command::Install {
+            user,
+            root,
+            init,
+            refresh_ips,
+        } => install::install(&install::Options {
+            user,
+            root,
+            init,
+            refresh_ips,
+        }),
+        Command::Uninstall { user, root, purge } => {
+            install::uninstall(user, root.as_deref(), purge)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut cli_command(), "apm", &mut std::io::stdout());
+            exit::OK
+        }
+        Command::Man { dir } => manual(dir.as_deref()),
     })
+}
+
+/// The manual pages, from the same definitions as `--help`.
+fn manual(dir: Option<&std::path::Path>) -> u8 {
+    let written = match dir {
+        Some(dir) => clap_mangen::generate_to(cli_command(), dir),
+        None => clap_mangen::Man::new(cli_command()).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("apm man: {e}");
+            exit::FAILED
+        }
+    }
 }
 
 // The proxy allocates per request (heads, frames, bodies); mimalloc gave the

@@ -12,6 +12,7 @@ mod daemon;
 mod docs;
 mod first_hour;
 mod harness;
+mod install;
 mod logs;
 mod metrics;
 mod monitor;

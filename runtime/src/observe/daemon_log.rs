@@ -146,16 +146,23 @@ impl DaemonLog {
         if let Some(file) = &mut self.file
             && crate::observe::logs::starts_new_file(file.size, line.len() as u64, MAX_SIZE)
         {
+            // The new file is readable by whom the old one was: a service's
+            // log is root:apm 0640 (docs/cli.md, decision 104).
+            let (mode, group) = std::fs::metadata(&file.path).map_or((0o600, None), |old| {
+                use std::os::unix::fs::MetadataExt;
+                (old.mode() & 0o640, Some(old.gid()))
+            });
             crate::observe::logs::rotate(&file.path, KEEP);
             // A file that cannot be opened leaves stderr on the rotated
             // one; the next line tries again.
             if let Ok(new) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .mode(0o600)
+                .mode(mode)
                 .open(&file.path)
                 && nix::unistd::dup2_stderr(&new).is_ok()
             {
+                let _ = std::os::unix::fs::fchown(&new, None, group);
                 let _ = nix::unistd::dup2_stdout(&new);
                 file.size = 0;
             }

@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod convert;
 mod daemon;
+mod export;
 mod files;
 mod flags;
 mod protocol;
@@ -221,6 +222,8 @@ enum Command {
         #[arg(long)]
         diff: bool,
     },
+    /// Export a config's workers to Kubernetes, Nomad, Docker Compose or systemd (no daemon needed).
+    Export(export::ExportArgs),
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -426,6 +429,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
+        Command::Export(args) => export::run(&args),
         Command::Convert {
             file,
             output,

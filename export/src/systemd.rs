@@ -73,6 +73,44 @@ fn path(
     Some(text.replace('%', "%%"))
 }
 
+/// `exec` as systemd takes it: a name looked up in PATH or an absolute
+/// path. apm runs `./app` from the worker's `path`, which systemd does not.
+fn program(worker: &mut Worker) -> String {
+    let exec = &worker.spec.exec;
+    if !exec.value.contains('/') || exec.value.starts_with('/') {
+        return exec.value.clone();
+    }
+    match &worker.spec.path {
+        Some(dir) => dir.value.join(&exec.value).to_string_lossy().into_owned(),
+        None => {
+            let span = exec.span;
+            worker.warn_at(
+                "exec",
+                span,
+                "a relative program without `path` runs from the daemon's directory, which a unit does not know; \
+                 it is made absolute from the config file's directory",
+            );
+            let dir = span
+                .map(|s| {
+                    worker
+                        .sources
+                        .path(s.file)
+                        .parent()
+                        .unwrap_or(std::path::Path::new("/"))
+                        .to_path_buf()
+                })
+                .unwrap_or_else(|| "/".into());
+            let joined = dir.join(&exec.value);
+            let absolute = if joined.is_absolute() {
+                joined
+            } else {
+                std::path::Path::new("/").join(joined)
+            };
+            absolute.to_string_lossy().into_owned()
+        }
+    }
+}
+
 fn unit(worker: &mut Worker, templates: &[(String, bool)]) -> String {
     let spec = worker.spec;
     let name = worker.name().to_owned();
@@ -108,7 +146,7 @@ fn unit(worker: &mut Worker, templates: &[(String, bool)]) -> String {
         );
     }
     out.push_str("\n[Service]\nType=exec\n");
-    let mut command = vec![word(&spec.exec.value, true)];
+    let mut command = vec![word(&program(worker), true)];
     command.extend(spec.params.iter().map(|p| word(&p.value, true)));
     let _ = writeln!(out, "ExecStart={}", command.join(" "));
     if let Some(dir) = &spec.path {

@@ -8,6 +8,7 @@ mod convert;
 mod corpus;
 mod daemon;
 mod docs;
+mod export;
 mod first_hour;
 mod harness;
 mod logs;

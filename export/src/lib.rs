@@ -302,16 +302,21 @@ impl<'a> Worker<'a> {
         )
     }
 
-    /// The larger restart limit; 0 when either is unlimited.
+    /// The larger limit of the restarts that are on; 0 when one of them
+    /// is unlimited.
     fn restart_limit(&self) -> u32 {
-        let (clean, err) = (
-            self.spec.max_restarts.value,
-            self.spec.max_err_restarts.value,
-        );
-        if clean == 0 || err == 0 {
+        let (clean, err) = self.restarts();
+        let on = [
+            (clean, self.spec.max_restarts.value),
+            (err, self.spec.max_err_restarts.value),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, limit)| limit);
+        if on.clone().any(|limit| limit == 0) {
             0
         } else {
-            clean.max(err)
+            on.max().unwrap_or(0)
         }
     }
 }

@@ -357,7 +357,7 @@ fn seconds(millis: Millis, min: u64) -> u64 {
 
 /// A duration the way Go, systemd and Compose all read it.
 fn duration(millis: Millis) -> String {
-    if millis.0 % 1000 == 0 {
+    if millis.0.is_multiple_of(1000) {
         format!("{}s", millis.0 / 1000)
     } else {
         format!("{}ms", millis.0)

@@ -52,47 +52,34 @@ fn metadata(label: &str, suffix: &str) -> Y {
 fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
     let spec = worker.spec;
     worker.warn_if_proxy_needed();
-    let mut docs: Vec<(String, Y)> = Vec::new();
+    let mut docs: Vec<Y> = Vec::new();
     let mut env_from = Vec::new();
     let (secret, plain): (Vec<_>, Vec<_>) =
         spec.env.iter().partition(|e| looks_secret(&e.value.key));
-    if !plain.is_empty() {
-        let data = plain
+    for (vars, kind, suffix, field, reference) in [
+        (plain, "ConfigMap", "-env", "data", "configMapRef"),
+        (secret, "Secret", "-secret", "stringData", "secretRef"),
+    ] {
+        if vars.is_empty() {
+            continue;
+        }
+        let data = vars
             .iter()
             .map(|e| (e.value.key.clone(), s(&e.value.value)))
             .collect();
-        docs.push((
-            String::new(),
-            map(vec![
-                ("apiVersion", s("v1")),
-                ("kind", s("ConfigMap")),
-                ("metadata", metadata(label, "-env")),
-                ("data", Y::Map(data)),
-            ]),
-        ));
+        let mut object = vec![
+            ("apiVersion", s("v1")),
+            ("kind", s(kind)),
+            ("metadata", metadata(label, suffix)),
+        ];
+        if kind == "Secret" {
+            object.push(("type", s("Opaque")));
+        }
+        object.push((field, Y::Map(data)));
+        docs.push(map(object));
         env_from.push(map(vec![(
-            "configMapRef",
-            map(vec![("name", s(format!("{label}-env")))]),
-        )]));
-    }
-    if !secret.is_empty() {
-        let data = secret
-            .iter()
-            .map(|e| (e.value.key.clone(), s(&e.value.value)))
-            .collect();
-        docs.push((
-            String::new(),
-            map(vec![
-                ("apiVersion", s("v1")),
-                ("kind", s("Secret")),
-                ("metadata", metadata(label, "-secret")),
-                ("type", s("Opaque")),
-                ("stringData", Y::Map(data)),
-            ]),
-        ));
-        env_from.push(map(vec![(
-            "secretRef",
-            map(vec![("name", s(format!("{label}-secret")))]),
+            reference,
+            map(vec![("name", s(format!("{label}{suffix}")))]),
         )]));
     }
     let mut preamble = String::new();
@@ -265,15 +252,12 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
             ),
         ]),
     ));
-    docs.push((
-        String::new(),
-        map(vec![
-            ("apiVersion", s("apps/v1")),
-            ("kind", s("Deployment")),
-            ("metadata", metadata(label, "")),
-            ("spec", map(deployment_spec)),
-        ]),
-    ));
+    docs.push(map(vec![
+        ("apiVersion", s("apps/v1")),
+        ("kind", s("Deployment")),
+        ("metadata", metadata(label, "")),
+        ("spec", map(deployment_spec)),
+    ]));
 
     if let (Some(target), false) = (program_port, listeners.is_empty()) {
         let ports = listeners
@@ -288,21 +272,18 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
                 ])
             })
             .collect();
-        docs.push((
-            String::new(),
-            map(vec![
-                ("apiVersion", s("v1")),
-                ("kind", s("Service")),
-                ("metadata", metadata(label, "")),
-                (
-                    "spec",
-                    map(vec![
-                        ("selector", map(vec![("app.kubernetes.io/name", s(label))])),
-                        ("ports", Y::List(ports)),
-                    ]),
-                ),
-            ]),
-        ));
+        docs.push(map(vec![
+            ("apiVersion", s("v1")),
+            ("kind", s("Service")),
+            ("metadata", metadata(label, "")),
+            (
+                "spec",
+                map(vec![
+                    ("selector", map(vec![("app.kubernetes.io/name", s(label))])),
+                    ("ports", Y::List(ports)),
+                ]),
+            ),
+        ]));
         if let Some((_, port, _)) = listeners
             .iter()
             .find(|(scheme, _, _)| *scheme != Scheme::Tcp)
@@ -355,19 +336,16 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
                     ),
                 );
             }
-            docs.push((
-                String::new(),
-                map(vec![
-                    ("apiVersion", s("networking.k8s.io/v1")),
-                    ("kind", s("Ingress")),
-                    ("metadata", metadata(label, "")),
-                    ("spec", map(ingress)),
-                ]),
-            ));
+            docs.push(map(vec![
+                ("apiVersion", s("networking.k8s.io/v1")),
+                ("kind", s("Ingress")),
+                ("metadata", metadata(label, "")),
+                ("spec", map(ingress)),
+            ]));
         }
     }
     let mut text = preamble;
-    for (_, doc) in docs {
+    for doc in docs {
         text.push_str("---\n");
         text.push_str(&document(&doc));
     }

@@ -4,32 +4,10 @@
 
 use std::fmt::Write as _;
 
-/// A YAML double-quoted scalar. JSON's string escapes are a subset of
-/// YAML's, and every control character, `"` and `\` is escaped.
-pub fn yaml(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            // YAML also breaks lines at NEL and the Unicode separators.
-            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}') => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// An HCL2 quoted template: besides escapes, `${` and `%{` would start an
-/// interpolation or directive and are doubled.
-pub fn hcl(text: &str) -> String {
+/// `text` double-quoted with the escapes all three formats share (`"`,
+/// `\`, newline, tab, carriage return); `special` writes what a format
+/// escapes besides, given the next character, and says whether it did.
+fn quoted(text: &str, special: impl Fn(char, Option<char>, &mut String) -> bool) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     let mut chars = text.chars().peekable();
@@ -40,13 +18,7 @@ pub fn hcl(text: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
-            '$' | '%' if chars.peek() == Some(&'{') => {
-                out.push(c);
-                out.push(c);
-            }
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
+            c if special(c, chars.peek().copied(), &mut out) => {}
             c => out.push(c),
         }
     }
@@ -54,29 +26,60 @@ pub fn hcl(text: &str) -> String {
     out
 }
 
+/// A YAML double-quoted scalar: JSON's string escapes are a subset of
+/// YAML's, and every control character is escaped.
+pub fn yaml(text: &str) -> String {
+    quoted(text, |c, _, out| {
+        // YAML also breaks lines at NEL and the Unicode separators.
+        let escape = c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}');
+        if escape {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        }
+        escape
+    })
+}
+
+/// An HCL2 quoted template: besides escapes, `${` and `%{` would start an
+/// interpolation or directive and are doubled.
+pub fn hcl(text: &str) -> String {
+    quoted(text, |c, next, out| match c {
+        '$' | '%' if next == Some('{') => {
+            out.push(c);
+            out.push(c);
+            true
+        }
+        c if c.is_control() => {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+            true
+        }
+        _ => false,
+    })
+}
+
 /// One word of a systemd setting that splits on spaces (`ExecStart=`,
 /// `Environment=`): double-quoted with C escapes, `%` doubled so no
 /// specifier expands, and `$` doubled where systemd expands variables.
 pub fn systemd(text: &str, dollars: bool) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            '%' => out.push_str("%%"),
-            '$' if dollars => out.push_str("$$"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\x{:02x}", c as u32 & 0xff);
-            }
-            c => out.push(c),
+    quoted(text, |c, _, out| match c {
+        '%' => {
+            out.push_str("%%");
+            true
         }
-    }
-    out.push('"');
-    out
+        '$' if dollars => {
+            out.push_str("$$");
+            true
+        }
+        // C1 controls are written as the character, not as a byte.
+        c if c.is_control() && c.is_ascii() => {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+            true
+        }
+        c if c.is_control() => {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+            true
+        }
+        _ => false,
+    })
 }
 
 /// Kubernetes expands `$(VAR)` in commands, arguments and env values;

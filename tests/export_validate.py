@@ -79,6 +79,10 @@ def main():
             if run.returncode != 0 or "panicked" in run.stderr:
                 failures.append(f"{config} to {target}: exit {run.returncode}: {run.stderr}")
                 continue
+            if target == "systemd" and "systemd refuses to run it" in run.stderr:
+                # tests/export/hostile: the export already says systemd will
+                # refuse the program's name, and systemd-analyze agrees.
+                continue
             outputs[target].append((config, out))
 
     manifests = [f for _, out in outputs["kubernetes"] for f in sorted(glob.glob(os.path.join(out, "*.yaml")))]
@@ -117,6 +121,7 @@ for path in sys.argv[1:]:
     if run.returncode != 0:
         failures.append("python-hcl2:\n" + run.stdout + run.stderr)
 
+    # What the exported machine lacks is not the unit's fault.
     tolerated = ("is not executable", "Failed to resolve", "No such file or directory", "Unit is bound to inactive unit")
     for config, out in outputs["systemd"]:
         units = sorted(glob.glob(os.path.join(out, "*.service")))

@@ -77,6 +77,14 @@ fn path(
 /// path. apm runs `./app` from the worker's `path`, which systemd does not.
 fn program(worker: &mut Worker) -> String {
     let exec = &worker.spec.exec;
+    if exec.value.chars().any(char::is_control) {
+        let span = exec.span;
+        worker.warn_at(
+            "exec",
+            span,
+            "the program's name holds a control character: systemd refuses to run it",
+        );
+    }
     if !exec.value.contains('/') || exec.value.starts_with('/') {
         return exec.value.clone();
     }

@@ -64,7 +64,7 @@ fn exports_match_their_golden_outputs() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 12);
+    assert_eq!(checked, 16);
 }
 
 #[test]

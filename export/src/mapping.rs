@@ -169,7 +169,7 @@ pub const ROWS: &[Row] = &[
     row!(
         "max_restarts",
         Warn("Deployments restart without limit"),
-        Maps("`restart.attempts`"),
+        Maps("`restart.attempts` (unlimited: 1000000)"),
         Maps("`deploy.restart_policy.max_attempts`"),
         Maps("`StartLimitBurst=`")
     ),

@@ -6,6 +6,9 @@ use std::fmt::Write as _;
 use crate::quote::hcl;
 use crate::{Worker, duration};
 
+/// Restart attempts that stand for apm's unlimited (0) restarts.
+const UNLIMITED: u32 = 1_000_000;
+
 pub fn export(mut workers: Vec<Worker>) -> (Vec<(String, String)>, Vec<Worker>) {
     let mut groups = String::new();
     for worker in &mut workers {
@@ -74,7 +77,9 @@ fn group(worker: &mut Worker) -> String {
     let _ = writeln!(
         out,
         "    restart {{\n      attempts = {}\n      delay = {}\n      mode = {}",
-        if limit > 0 { limit } else { 1 },
+        // Nomad counts attempts per `interval`: "unlimited" is a count no
+        // interval reaches.
+        if limit > 0 { limit } else { UNLIMITED },
         hcl(&duration(worker.restart_delay())),
         hcl(mode)
     );

@@ -5,10 +5,11 @@ mod client;
 mod commands;
 mod convert;
 mod daemon;
+mod export;
 mod files;
 mod flags;
-mod monitor;
 mod install;
+mod monitor;
 mod notify;
 mod protocol;
 mod tls_check;
@@ -256,6 +257,8 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Export a config's workers to Kubernetes, Nomad, Docker Compose or systemd (no daemon needed).
+    Export(export::ExportArgs),
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -461,6 +464,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
+        Command::Export(args) => export::run(&args),
         Command::Convert {
             file,
             output,

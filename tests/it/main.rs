@@ -10,6 +10,7 @@ mod convert;
 mod corpus;
 mod daemon;
 mod docs;
+mod export;
 mod first_hour;
 mod harness;
 mod install;

@@ -221,6 +221,27 @@ enum Command {
         #[arg(long)]
         diff: bool,
     },
+    /// Send a JSON message to every worker process listening on CHANNEL (IPC).
+    Send {
+        channel: String,
+        /// The message, as JSON (quote strings: '"hi"').
+        data: String,
+        /// Print how many processes took it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a JSON request on CHANNEL and print the first reply; exit 1 when none came.
+    Request {
+        channel: String,
+        /// The request, as JSON (quote strings: '"hi"').
+        data: String,
+        /// How long to wait for a reply.
+        #[arg(long, default_value = "500ms")]
+        timeout: String,
+        /// Print the reply and why it is null, if it is, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -426,6 +447,23 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
+        Command::Send {
+            channel,
+            data,
+            json,
+        } => commands::send(&place, channel, &data, json),
+        Command::Request {
+            channel,
+            data,
+            timeout,
+            json,
+        } => match commands::parse_duration(&timeout) {
+            Ok(timeout) => commands::ipc_request(&place, channel, &data, timeout, json),
+            Err(e) => {
+                eprintln!("apm: --timeout: {e}");
+                exit::USAGE
+            }
+        },
         Command::Convert {
             file,
             output,

@@ -10,8 +10,6 @@ use apm_compiler::ir::{Config, WorkerSpec};
 const NOT_ENFORCED: &[(&str, &str)] = &[
     ("session_persist", "session migration"),
     ("session_wait", "session migration"),
-    ("listen", "IPC between workers"),
-    ("ipc_timeout", "IPC between workers"),
 ];
 
 /// One line per block that sets such keys, for people; none when the

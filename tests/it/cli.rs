@@ -81,7 +81,7 @@ fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
         crate::harness::note_lines(&output),
         [
             "note: worker `api` sets keys this version of apm accepts but does not enforce yet: \
-          `session_persist` (session migration), `listen` (IPC between workers)"
+          `session_persist` (session migration)"
         ]
     );
     let json = apm(&["check", "--json", "apm.conf"], dir.path());

@@ -590,10 +590,10 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     let ran = d.run_sh(
         "sampled",
         "exec sleep 600",
-        &["-ipc_timeout", "1000", "-startup_grace", "100"],
+        &["-session_wait", "1000", "-startup_grace", "100"],
     );
     assert!(
-        stderr(&ran).contains("apm: note: worker `sampled` sets keys this version of apm accepts but does not enforce yet: `ipc_timeout` (IPC between workers)"),
+        stderr(&ran).contains("apm: note: worker `sampled` sets keys this version of apm accepts but does not enforce yet: `session_wait` (session migration)"),
         "{}",
         describe(&ran)
     );

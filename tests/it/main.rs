@@ -10,6 +10,7 @@ mod daemon;
 mod docs;
 mod first_hour;
 mod harness;
+mod ipc;
 mod logs;
 mod proxy_attacks;
 mod reload;

@@ -18,6 +18,8 @@ const apm = new ApmModule((session) => {
 
 function track(s) {
   stream = s;
+  // Peers that joined before the app had the stream are in `peers`.
+  for (const peer of s.peers) inbox.push({ ev: 'join', peer: peer });
   s.onData = (data, peer) => inbox.push({ ev: 'data', data: String(data), peer: peer === undefined ? null : peer });
   s.onClose = () => inbox.push({ ev: 'close' });
   s.onJoin = (peer) => inbox.push({ ev: 'join', peer: peer });

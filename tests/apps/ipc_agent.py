@@ -25,6 +25,8 @@ apm = ApmModule(on_connect)
 
 def track(s):
     state['stream'] = s
+    # Peers that joined before the app had the stream are in `peers`.
+    inbox.extend({'ev': 'join', 'peer': peer} for peer in sorted(s.peers))
     s.on_data = lambda data, peer=None: inbox.append(
         {'ev': 'data', 'data': data if isinstance(data, str) else data.decode(), 'peer': peer})
     s.on_close = lambda: inbox.append({'ev': 'close'})

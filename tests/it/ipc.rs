@@ -315,12 +315,12 @@ fn a_listener_that_never_reads_costs_the_daemon_a_bounded_amount_of_memory() {
     d.ok(&["load", sink_conf.to_str().unwrap()]);
     d.wait_running("sink");
     let daemon = d.daemon_pid().unwrap();
-    let before = status_kib(daemon, "VmRSS");
+    let before = status_kib(daemon, "VmRSS:");
     // 200 MiB at a listener that takes none of it.
     ctl(&d, "flooder", json!({"do": "flood", "channel": "flood", "count": 100_000, "size": 2048}));
     let info: Value = serde_json::from_slice(&d.ok(&["info", "sink", "--json"]).stdout).unwrap();
     let dropped = info["status"]["instances"][0]["ipc_dropped"].as_u64().unwrap();
-    let after = status_kib(daemon, "VmRSS");
+    let after = status_kib(daemon, "VmRSS:");
     println!(
         "flood: 100,000 messages of 2 KiB at a listener that never reads: daemon RSS {before} KiB -> {after} KiB, {dropped} dropped"
     );

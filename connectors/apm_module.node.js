@@ -700,6 +700,7 @@ class Link {
     // The handler came with the constructor, so the app is ready as soon as the channel is.
     const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node, half_close: true, features: ['ipc'] });
     this.send(K_READY, 0, Buffer.from(ready, 'utf8'));
+    this.ipc.ready(); // IPC (feature "ipc")
   }
 
   onOpen(sid, payload) {
@@ -840,6 +841,21 @@ class Ipc {
     this.opening = new Map(); // stream id -> { resolve, stream }
     this.mediated = new Map(); // stream id -> ApmStream (mediator side)
     this.peerOf = new Map(); // peer id -> ApmStream (peer side, offered or joined)
+    // IPC frames may only follow `ready`, which waits for hello: calls made
+    // right after the constructor (the reference's setDashValue) wait here.
+    this.held = [];
+  }
+
+  frame(kind, id, payload) {
+    if (this.held !== null) this.held.push([kind, id, payload]);
+    else this.link.send(kind, id, payload);
+  }
+
+  // `ready` is out: what waited follows it.
+  ready() {
+    const held = this.held;
+    this.held = null;
+    for (const f of held) this.link.send(f[0], f[1], f[2]);
   }
 
   ownId() {
@@ -858,7 +874,7 @@ class Ipc {
     if (bytes.length > this.link.maxFrame) {
       throw new RangeError(what + ': ' + bytes.length + ' bytes of JSON, more than a frame carries (' + this.link.maxFrame + ')');
     }
-    this.link.send(kind, id, bytes);
+    this.frame(kind, id, bytes);
   }
 
   sendData(id, peer, data) {
@@ -870,7 +886,7 @@ class Ipc {
     const prefix = Buffer.allocUnsafe(5);
     prefix.writeUInt32BE(peer >>> 0, 0);
     prefix[4] = text ? 1 : 0;
-    this.link.send(K_STREAM_DATA, id, Buffer.concat([prefix, bytes]));
+    this.frame(K_STREAM_DATA, id, Buffer.concat([prefix, bytes]));
   }
 
   dispatch(kind, id, payload) {
@@ -993,7 +1009,7 @@ class ApmStream {
   accept() {
     if (this.mediator || this.accepted || this.closed) return this;
     this.accepted = true;
-    this._ipc.link.send(K_STREAM_ACCEPT, this._id, EMPTY);
+    this._ipc.frame(K_STREAM_ACCEPT, this._id, EMPTY);
     return this;
   }
 
@@ -1007,7 +1023,7 @@ class ApmStream {
 
   close() {
     if (this.closed) return;
-    this._ipc.link.send(K_STREAM_CLOSE, this._id, NO_PEER);
+    this._ipc.frame(K_STREAM_CLOSE, this._id, NO_PEER);
     this.forget();
   }
 

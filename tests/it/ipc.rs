@@ -414,3 +414,26 @@ fn a_stranger_cannot_send_or_request_through_the_daemon() {
     }
     assert_eq!(ctl(&d, "guarded", json!({"do": "inbox"})), json!([]));
 }
+
+#[test]
+fn the_references_node_example_pushes_its_dashboard_value() {
+    if !needs_node() {
+        return;
+    }
+    let d = Daemon::new("ipc-reference");
+    let app = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/apps/ipc_reference.js");
+    let port = free_port();
+    d.load(&format!(
+        "worker {{ name example; exec node; params {}; server http://127.0.0.1:{port}; startup_grace 100; }}\n",
+        app.display()
+    ));
+    d.wait_running("example");
+    wait_until(PATIENCE, "the example to serve", || {
+        http_get(port).is_some_and(|(status, body)| status == 200 && body == "Hello World")
+    });
+    let info: Value = serde_json::from_slice(&d.ok(&["info", "example", "--json"]).stdout).unwrap();
+    let instance = &info["status"]["instances"][0];
+    assert_eq!(instance["dash"], json!({"1": {"value": 42.5, "color": "#4f8cff"}}), "{info}");
+    assert_eq!(instance["metrics"], json!({"myapp.requests": {"value": 1.0, "type": "counter"}}));
+    assert_eq!(instance["ipc_dropped"], 0);
+}

@@ -437,3 +437,44 @@ fn the_references_node_example_pushes_its_dashboard_value() {
     assert_eq!(instance["metrics"], json!({"myapp.requests": {"value": 1.0, "type": "counter"}}));
     assert_eq!(instance["ipc_dropped"], 0);
 }
+
+#[test]
+fn a_workers_statsd_block_forwards_its_metrics() {
+    if !needs_node() {
+        return;
+    }
+    let d = Daemon::new("ipc-statsd");
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(PATIENCE)).unwrap();
+    let address = server.local_addr().unwrap();
+    start(
+        &d,
+        &[agent_block(
+            "metered",
+            "node",
+            &[],
+            &format!("statsd {{ host {address}; prefix apps; interval 100; }}"),
+        )],
+    );
+    for amount in [2, 3] {
+        ctl(
+            &d,
+            "metered",
+            json!({"do": "dash", "id": "x", "value": 1, "metric": "jobs.done", "amount": amount, "type": "counter"}),
+        );
+    }
+    // Counters are sums since the previous report: the two calls may fall
+    // in one report or two.
+    let mut counted = 0;
+    let deadline = Instant::now() + PATIENCE;
+    let mut buffer = [0u8; 2048];
+    while counted < 5 && Instant::now() < deadline {
+        let size = server.recv(&mut buffer).unwrap();
+        for line in String::from_utf8_lossy(&buffer[..size]).lines() {
+            if let Some(count) = line.strip_prefix("apps.metered.0.jobs.done:") {
+                counted += count.strip_suffix("|c").unwrap().parse::<u64>().unwrap();
+            }
+        }
+    }
+    assert_eq!(counted, 5);
+}

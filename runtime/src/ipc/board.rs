@@ -60,6 +60,10 @@ struct Dash {
 struct Values {
     dash: BTreeMap<String, (Value, Option<String>)>,
     metrics: BTreeMap<String, (f64, MetricType)>,
+    /// What StatsD has not been told yet: counters as the sum since the
+    /// last report, gauges and timings as the latest value. Its names are
+    /// among `metrics`', so it is bounded the same.
+    unreported: BTreeMap<String, (f64, MetricType)>,
 }
 
 #[derive(Default)]
@@ -128,23 +132,38 @@ impl Board {
             return None;
         }
         let mut values = locked(&self.values);
-        let full = values.metrics.len() >= bounds::METRIC_NAMES;
-        match values.metrics.get_mut(&metric.name) {
-            Some((value, kind)) => {
-                *value = match metric.kind {
-                    MetricType::Counter if *kind == MetricType::Counter => *value + metric.value,
-                    _ => metric.value,
-                };
-                *kind = metric.kind;
-            }
-            None if full => return None,
-            None => {
-                values
-                    .metrics
-                    .insert(metric.name.clone(), (metric.value, metric.kind));
-            }
+        if values.metrics.len() >= bounds::METRIC_NAMES && !values.metrics.contains_key(&metric.name)
+        {
+            return None;
+        }
+        let Values {
+            metrics,
+            unreported,
+            ..
+        } = &mut *values;
+        for table in [metrics, unreported] {
+            let entry = table
+                .entry(metric.name.clone())
+                .or_insert((0.0, metric.kind));
+            entry.0 = match metric.kind {
+                MetricType::Counter if entry.1 == MetricType::Counter => entry.0 + metric.value,
+                _ => metric.value,
+            };
+            entry.1 = metric.kind;
         }
         Some(metric)
+    }
+
+    /// The StatsD lines of what changed since the last call, each name
+    /// after `prefix.`.
+    pub fn statsd_lines(&self, prefix: &str, name_of: impl Fn(&str) -> String) -> Vec<String> {
+        let unreported = std::mem::take(&mut locked(&self.values).unreported);
+        unreported
+            .into_iter()
+            .map(|(name, (value, kind))| {
+                format!("{prefix}.{}:{value}|{}", name_of(&name), kind.statsd())
+            })
+            .collect()
     }
 
     /// `{"<id>": {"value": …, "color": …}}`, the status data's `dash`.
@@ -191,6 +210,23 @@ mod tests {
             json!({"hits": {"value": 6.0, "type": "counter"}, "load": {"value": 0.5, "type": "gauge"}})
         );
         assert_eq!(board.dropped(), 0);
+    }
+
+    #[test]
+    fn statsd_hears_counters_as_sums_since_its_last_report() {
+        let board = Board::default();
+        board.metric(br#"{"name":"hits","value":2,"type":"counter"}"#);
+        board.metric(br#"{"name":"hits","value":3,"type":"counter"}"#);
+        board.metric(br#"{"name":"took","value":12.5,"type":"timing"}"#);
+        let name = |n: &str| n.to_owned();
+        assert_eq!(
+            board.statsd_lines("p.w.0", name),
+            ["p.w.0.hits:5|c", "p.w.0.took:12.5|ms"]
+        );
+        assert!(board.statsd_lines("p.w.0", name).is_empty());
+        board.metric(br#"{"name":"hits","value":1,"type":"counter"}"#);
+        assert_eq!(board.statsd_lines("p.w.0", name), ["p.w.0.hits:1|c"]);
+        assert_eq!(board.metrics_json()["hits"]["value"], 6.0);
     }
 
     #[test]

@@ -1229,55 +1229,6 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
     exit::OK
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_last_lines_are_read_backwards_across_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let mut text = String::new();
-        for i in 0..50 {
-            let marker = if i % 3 == 0 { "!" } else { "|" };
-            text.push_str(&format!("t w {marker} line {i} {}\n", "x".repeat(i % 7)));
-        }
-        let complete = text.len() as u64;
-        text.push_str("t w | still being writ");
-        std::fs::write(&path, &text).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        let forward = |only: Option<&str>, count: usize| -> Vec<String> {
-            let all: Vec<String> = text
-                .lines()
-                .take(50)
-                .filter(|l| in_stream(l, only))
-                .map(str::to_owned)
-                .collect();
-            all[all.len().saturating_sub(count)..].to_vec()
-        };
-        for block in [1, 2, 7, 16, 64, 4096] {
-            for only in [None, Some("|"), Some("!")] {
-                for count in [0, 1, 3, 17, 49, 50, 80] {
-                    let (lines, end) = last_lines_in_blocks(&file, only, count, block);
-                    assert_eq!(
-                        lines,
-                        forward(only, count),
-                        "block {block} {only:?} {count}"
-                    );
-                    assert_eq!(end, complete, "block {block}");
-                }
-            }
-        }
-        let empty = dir.path().join("empty");
-        std::fs::write(&empty, "").unwrap();
-        let file = std::fs::File::open(&empty).unwrap();
-        assert_eq!(last_lines_in_blocks(&file, None, 5, 8), (Vec::new(), 0));
-        std::fs::write(&empty, "partial").unwrap();
-        let file = std::fs::File::open(&empty).unwrap();
-        assert_eq!(last_lines_in_blocks(&file, None, 5, 8), (Vec::new(), 0));
-    }
-}
-
 /// A JSON argument of `apm send` or `apm request`.
 fn json_argument(data: &str) -> Result<serde_json::Value, u8> {
     serde_json::from_str(data).map_err(|e| {
@@ -1372,5 +1323,54 @@ fn show_ipc(instance: &apm_runtime::process::supervisor::InstanceStatus) {
             "       IPC: {} dropped (messages it did not read in time, or values beyond its bounds)",
             instance.ipc_dropped
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_lines_are_read_backwards_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut text = String::new();
+        for i in 0..50 {
+            let marker = if i % 3 == 0 { "!" } else { "|" };
+            text.push_str(&format!("t w {marker} line {i} {}\n", "x".repeat(i % 7)));
+        }
+        let complete = text.len() as u64;
+        text.push_str("t w | still being writ");
+        std::fs::write(&path, &text).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let forward = |only: Option<&str>, count: usize| -> Vec<String> {
+            let all: Vec<String> = text
+                .lines()
+                .take(50)
+                .filter(|l| in_stream(l, only))
+                .map(str::to_owned)
+                .collect();
+            all[all.len().saturating_sub(count)..].to_vec()
+        };
+        for block in [1, 2, 7, 16, 64, 4096] {
+            for only in [None, Some("|"), Some("!")] {
+                for count in [0, 1, 3, 17, 49, 50, 80] {
+                    let (lines, end) = last_lines_in_blocks(&file, only, count, block);
+                    assert_eq!(
+                        lines,
+                        forward(only, count),
+                        "block {block} {only:?} {count}"
+                    );
+                    assert_eq!(end, complete, "block {block}");
+                }
+            }
+        }
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let file = std::fs::File::open(&empty).unwrap();
+        assert_eq!(last_lines_in_blocks(&file, None, 5, 8), (Vec::new(), 0));
+        std::fs::write(&empty, "partial").unwrap();
+        let file = std::fs::File::open(&empty).unwrap();
+        assert_eq!(last_lines_in_blocks(&file, None, 5, 8), (Vec::new(), 0));
     }
 }

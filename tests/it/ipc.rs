@@ -3,8 +3,8 @@
 //! channel with `apm request`, so every step also goes through the
 //! operator's path.
 
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -14,8 +14,14 @@ use crate::harness::*;
 fn app(lang: &str) -> (&'static str, String) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     match lang {
-        "node" => ("node", root.join("tests/apps/ipc_agent.js").display().to_string()),
-        _ => ("python3", root.join("tests/apps/ipc_agent.py").display().to_string()),
+        "node" => (
+            "node",
+            root.join("tests/apps/ipc_agent.js").display().to_string(),
+        ),
+        _ => (
+            "python3",
+            root.join("tests/apps/ipc_agent.py").display().to_string(),
+        ),
     }
 }
 
@@ -35,7 +41,13 @@ fn agent_block(name: &str, lang: &str, listen: &[&str], extra: &str) -> String {
 fn start(d: &Daemon, blocks: &[String]) {
     d.load(&blocks.concat());
     for block in blocks {
-        let name = block.split("name ").nth(1).unwrap().split(';').next().unwrap();
+        let name = block
+            .split("name ")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap();
         wait_until(PATIENCE, &format!("agent {name} to answer"), || {
             ctl_output(d, name, &json!({"do": "inbox"}), "2s")
                 .status
@@ -58,7 +70,11 @@ fn ctl_output(d: &Daemon, name: &str, command: &Value, timeout: &str) -> std::pr
 /// One command to an agent; its reply.
 fn ctl(d: &Daemon, name: &str, command: Value) -> Value {
     let output = ctl_output(d, name, &command, "20s");
-    assert!(output.status.success(), "{name} {command}: {}", describe(&output));
+    assert!(
+        output.status.success(),
+        "{name} {command}: {}",
+        describe(&output)
+    );
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -66,7 +82,12 @@ fn ctl(d: &Daemon, name: &str, command: Value) -> Value {
 fn events_until(d: &Daemon, name: &str, until: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let mut events = Vec::new();
     wait_until(PATIENCE, &format!("events at {name}"), || {
-        events.extend(ctl(d, name, json!({"do": "inbox"})).as_array().unwrap().clone());
+        events.extend(
+            ctl(d, name, json!({"do": "inbox"}))
+                .as_array()
+                .unwrap()
+                .clone(),
+        );
         until(&events)
     });
     events
@@ -102,7 +123,11 @@ fn a_send_reaches_every_listener_but_the_sender() {
             agent_block("p2", "python", &["news"], ""),
         ],
     );
-    ctl(&d, "n1", json!({"do": "send", "channel": "news", "data": {"n": 1}}));
+    ctl(
+        &d,
+        "n1",
+        json!({"do": "send", "channel": "news", "data": {"n": 1}}),
+    );
     for listener in ["p1", "p2"] {
         let events = events_until(&d, listener, |e| !e.is_empty());
         assert_eq!(
@@ -110,7 +135,11 @@ fn a_send_reaches_every_listener_but_the_sender() {
             [json!({"ev": "msg", "channel": "news", "data": {"n": 1}})]
         );
     }
-    ctl(&d, "p1", json!({"do": "send", "channel": "news", "data": "two"}));
+    ctl(
+        &d,
+        "p1",
+        json!({"do": "send", "channel": "news", "data": "two"}),
+    );
     events_until(&d, "n1", |e| count(e, "msg") == 1);
     events_until(&d, "p2", |e| count(e, "msg") == 1);
     // The senders never got their own: each inbox holds only the other's.
@@ -140,7 +169,11 @@ fn the_first_reply_wins_and_the_three_timeouts_apply_in_order() {
             agent_block("mute", "python", &["silent"], ""),
         ],
     );
-    let answer = ctl(&d, "asker", json!({"do": "request", "channel": "q", "data": 1, "timeout": 2000}));
+    let answer = ctl(
+        &d,
+        "asker",
+        json!({"do": "request", "channel": "q", "data": 1, "timeout": 2000}),
+    );
     assert_eq!(answer["data"], json!({"from": "fast"}), "{answer}");
     // The slow reply comes later and is dropped; the asker got exactly one.
     events_until(&d, "slow", |e| count(e, "msg") == 1);
@@ -163,7 +196,9 @@ fn the_first_reply_wins_and_the_three_timeouts_apply_in_order() {
     let per_call = measured("asker", Some(150));
     let worker = measured("asker", None);
     let default = measured("plain", None);
-    println!("timeouts: per call {per_call:.0} ms, ipc_timeout {worker:.0} ms, default {default:.0} ms");
+    println!(
+        "timeouts: per call {per_call:.0} ms, ipc_timeout {worker:.0} ms, default {default:.0} ms"
+    );
     assert!((150.0..290.0).contains(&per_call), "per call: {per_call}");
     assert!((300.0..440.0).contains(&worker), "ipc_timeout: {worker}");
     assert!((500.0..640.0).contains(&default), "default: {default}");
@@ -186,7 +221,11 @@ fn a_stream_fans_out_tags_its_peers_and_ends_with_its_mediator_or_last_peer() {
         ],
     );
     let open = |head: &str| {
-        let opened = ctl(&d, "med", json!({"do": "open", "channel": "room", "head": head, "timeout": 5000}));
+        let opened = ctl(
+            &d,
+            "med",
+            json!({"do": "open", "channel": "room", "head": head, "timeout": 5000}),
+        );
         assert_eq!(opened, json!({"ok": true}));
         events_until(&d, "med", |e| count(e, "join") == 3);
         // Each peer's id, as its offer named it.
@@ -202,7 +241,10 @@ fn a_stream_fans_out_tags_its_peers_and_ends_with_its_mediator_or_last_peer() {
 
     // Fan-out, and tagging by peer id.
     let ids = open("first");
-    assert_eq!(ctl(&d, "med", json!({"do": "write", "data": "to all"})), json!(true));
+    assert_eq!(
+        ctl(&d, "med", json!({"do": "write", "data": "to all"})),
+        json!(true)
+    );
     for p in peers {
         let got = events_until(&d, p, |e| count(e, "data") == 1);
         assert_eq!(got[0]["data"], "to all");
@@ -222,7 +264,10 @@ fn a_stream_fans_out_tags_its_peers_and_ends_with_its_mediator_or_last_peer() {
     ctl(&d, "med", json!({"do": "close"}));
     for p in peers {
         events_until(&d, p, |e| count(e, "close") == 1);
-        assert_eq!(ctl(&d, p, json!({"do": "write", "data": "late"})), json!(false));
+        assert_eq!(
+            ctl(&d, p, json!({"do": "write", "data": "late"})),
+            json!(false)
+        );
     }
 
     // Peers leave one by one; the last one's leaving closes the stream.
@@ -238,7 +283,10 @@ fn a_stream_fans_out_tags_its_peers_and_ends_with_its_mediator_or_last_peer() {
         .collect();
     assert_eq!(left, ids);
     assert_eq!(events.last().unwrap()["ev"], "close");
-    assert_eq!(ctl(&d, "med", json!({"do": "write", "data": "late"})), json!(false));
+    assert_eq!(
+        ctl(&d, "med", json!({"do": "write", "data": "late"})),
+        json!(false)
+    );
 
     // A peer killed mid-stream is seen leaving at once.
     let ids = open("third");
@@ -317,9 +365,15 @@ fn a_listener_that_never_reads_costs_the_daemon_a_bounded_amount_of_memory() {
     let daemon = d.daemon_pid().unwrap();
     let before = status_kib(daemon, "VmRSS:");
     // 200 MiB at a listener that takes none of it.
-    ctl(&d, "flooder", json!({"do": "flood", "channel": "flood", "count": 100_000, "size": 2048}));
+    ctl(
+        &d,
+        "flooder",
+        json!({"do": "flood", "channel": "flood", "count": 100_000, "size": 2048}),
+    );
     let info: Value = serde_json::from_slice(&d.ok(&["info", "sink", "--json"]).stdout).unwrap();
-    let dropped = info["status"]["instances"][0]["ipc_dropped"].as_u64().unwrap();
+    let dropped = info["status"]["instances"][0]["ipc_dropped"]
+        .as_u64()
+        .unwrap();
     let after = status_kib(daemon, "VmRSS:");
     println!(
         "flood: 100,000 messages of 2 KiB at a listener that never reads: daemon RSS {before} KiB -> {after} KiB, {dropped} dropped"
@@ -359,7 +413,10 @@ fn dashboard_values_and_metrics_show_in_info() {
     );
     let text = stdout(&d.ok(&["info", "panel"]));
     assert!(text.contains(r##"dash "1": 42.5 ("#4f8cff")"##), "{text}");
-    assert!(text.contains(r#"metric "myapp.requests": 3.0 (counter)"#), "{text}");
+    assert!(
+        text.contains(r#"metric "myapp.requests": 3.0 (counter)"#),
+        "{text}"
+    );
     // A worker's string reaches the terminal with its escapes escaped.
     assert!(!text.contains('\u{1b}'), "{text:?}");
 }
@@ -369,7 +426,12 @@ fn apm_send_and_request_from_the_shell() {
     let d = Daemon::new("ipc-shell");
     start(
         &d,
-        &[agent_block("responder", "python", &["ops"], "env REPLY_DELAY_MS=0;")],
+        &[agent_block(
+            "responder",
+            "python",
+            &["ops"],
+            "env REPLY_DELAY_MS=0;",
+        )],
     );
     let answered = d.ok(&["request", "ops", r#"{"cmd":"status"}"#]);
     assert_eq!(stdout(&answered).trim(), r#"{"from":"responder"}"#);
@@ -388,7 +450,10 @@ fn apm_send_and_request_from_the_shell() {
     assert!(stderr(&bad).contains("is not JSON"), "{}", describe(&bad));
     d.ok(&["send", "ops", r#""hello""#]);
     let events = events_until(&d, "responder", |e| count(e, "msg") == 3);
-    assert_eq!(events[2], json!({"ev": "msg", "channel": "ops", "data": "hello"}));
+    assert_eq!(
+        events[2],
+        json!({"ev": "msg", "channel": "ops", "data": "hello"})
+    );
 }
 
 #[test]
@@ -400,17 +465,23 @@ fn a_stranger_cannot_send_or_request_through_the_daemon() {
     let d = Daemon::new("ipc-stranger");
     start(
         &d,
-        &[agent_block("guarded", "python", &["ops"], "env REPLY_DELAY_MS=0;")],
+        &[agent_block(
+            "guarded",
+            "python",
+            &["ops"],
+            "env REPLY_DELAY_MS=0;",
+        )],
     );
-    for args in [
-        vec!["send", "ops", "1"],
-        vec!["request", "ops", "1"],
-    ] {
+    for args in [vec!["send", "ops", "1"], vec!["request", "ops", "1"]] {
         let mut command = d.command(&args);
         command.current_dir("/").uid(65534).gid(65534);
         let output = run(command);
         assert_eq!(output.status.code(), Some(3), "{}", describe(&output));
-        assert!(stderr(&output).contains("permission denied"), "{}", describe(&output));
+        assert!(
+            stderr(&output).contains("permission denied"),
+            "{}",
+            describe(&output)
+        );
     }
     assert_eq!(ctl(&d, "guarded", json!({"do": "inbox"})), json!([]));
 }
@@ -433,8 +504,15 @@ fn the_references_node_example_pushes_its_dashboard_value() {
     });
     let info: Value = serde_json::from_slice(&d.ok(&["info", "example", "--json"]).stdout).unwrap();
     let instance = &info["status"]["instances"][0];
-    assert_eq!(instance["dash"], json!({"1": {"value": 42.5, "color": "#4f8cff"}}), "{info}");
-    assert_eq!(instance["metrics"], json!({"myapp.requests": {"value": 1.0, "type": "counter"}}));
+    assert_eq!(
+        instance["dash"],
+        json!({"1": {"value": 42.5, "color": "#4f8cff"}}),
+        "{info}"
+    );
+    assert_eq!(
+        instance["metrics"],
+        json!({"myapp.requests": {"value": 1.0, "type": "counter"}})
+    );
     assert_eq!(instance["ipc_dropped"], 0);
 }
 

@@ -132,7 +132,8 @@ impl Board {
             return None;
         }
         let mut values = locked(&self.values);
-        if values.metrics.len() >= bounds::METRIC_NAMES && !values.metrics.contains_key(&metric.name)
+        if values.metrics.len() >= bounds::METRIC_NAMES
+            && !values.metrics.contains_key(&metric.name)
         {
             return None;
         }

@@ -109,37 +109,6 @@ if (process.argv[3] === 'child') {
 }
 """
 
-REDIS_RESPONDER = """
-import socket, sys
-port = int(sys.argv[1])
-def resp(*args):
-    out = b'*%d\\r\\n' % len(args)
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out += b'$%d\\r\\n%s\\r\\n' % (len(a), a)
-    return out
-sub = socket.create_connection(('127.0.0.1', port))
-pub = socket.create_connection(('127.0.0.1', port))
-sub.sendall(resp('SUBSCRIBE', 'req'))
-f = sub.makefile('rb')
-pf = pub.makefile('rb')
-def read_reply(f):
-    line = f.readline()
-    if line[:1] == b'*':
-        return [read_reply(f) for _ in range(int(line[1:]))]
-    if line[:1] == b'$':
-        data = f.read(int(line[1:]) + 2)
-        return data[:-2]
-    return line
-read_reply(f)
-print('ready', flush=True)
-while True:
-    message = read_reply(f)
-    pub.sendall(resp('PUBLISH', 'rep', message[2]))
-    read_reply(pf)
-"""
-
-
 def resp(*args):
     out = b"*%d\r\n" % len(args)
     for a in args:
@@ -155,6 +124,22 @@ def read_reply(f):
     if line[:1] == b"$":
         return f.read(int(line[1:]) + 2)[:-2]
     return line
+
+
+def redis_responder(port):
+    """The responder's side, in a process of its own: answers each message
+    on `req` by publishing it on `rep`."""
+    sub = socket.create_connection(("127.0.0.1", port))
+    pub = socket.create_connection(("127.0.0.1", port))
+    sub.sendall(resp("SUBSCRIBE", "req"))
+    f = sub.makefile("rb")
+    pf = pub.makefile("rb")
+    read_reply(f)
+    print("ready", flush=True)
+    while True:
+        message = read_reply(f)
+        pub.sendall(resp("PUBLISH", "rep", message[2]))
+        read_reply(pf)
 
 
 def quantiles(ms):
@@ -179,7 +164,8 @@ def redis_round_trip(n):
                 if time.time() > deadline:
                     raise
                 time.sleep(0.02)
-        responder = subprocess.Popen([sys.executable, "-c", REDIS_RESPONDER, str(port)], stdout=subprocess.PIPE)
+        responder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--redis-responder", str(port)],
+                                     stdout=subprocess.PIPE)
         responder.stdout.readline()
         sub = socket.create_connection(("127.0.0.1", port))
         pub = socket.create_connection(("127.0.0.1", port))
@@ -271,4 +257,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--redis-responder"]:
+        redis_responder(int(sys.argv[2]))
+    else:
+        main()

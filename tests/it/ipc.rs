@@ -411,6 +411,10 @@ fn dashboard_values_and_metrics_show_in_info() {
         instance["metrics"],
         json!({"myapp.requests": {"value": 3.0, "type": "counter"}})
     );
+    // The list the GUI's /api/workers serves carries them too.
+    let listed = d.worker("panel").unwrap();
+    assert_eq!(listed["instances"][0]["dash"], instance["dash"]);
+    assert_eq!(listed["instances"][0]["metrics"], instance["metrics"]);
     let text = stdout(&d.ok(&["info", "panel"]));
     assert!(text.contains(r##"dash "1": 42.5 ("#4f8cff")"##), "{text}");
     assert!(
@@ -555,4 +559,29 @@ fn a_workers_statsd_block_forwards_its_metrics() {
         }
     }
     assert_eq!(counted, 5);
+}
+
+#[test]
+fn a_listener_whose_connector_lacks_ipc_is_named_once_in_the_daemon_log() {
+    let d = Daemon::new("ipc-old-connector");
+    // A connector of before IPC: its `ready` lists no features.
+    let old = "import os, json, struct, time\n\
+        ready = json.dumps({'protocol': 1, 'connector': 'old'}).encode()\n\
+        os.write(3, struct.pack('>IBI', 5 + len(ready), 2, 0) + ready)\n\
+        time.sleep(3600)\n";
+    let path = d.write("old.py", old);
+    d.load(&format!(
+        "worker {{ name old; exec python3; params {}; listen jobs; startup_grace 100; }}\n",
+        path.display()
+    ));
+    d.wait_daemon_log("old#0: it sets `listen` but its connector lacks the \"ipc\" feature");
+    let nobody = d.apm(&["request", "jobs", "1", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&nobody.stdout).unwrap(),
+        json!({"data": null, "status": "no_listener"})
+    );
+    assert_eq!(
+        d.daemon_log().matches("lacks the \"ipc\" feature").count(),
+        1
+    );
 }

@@ -2,6 +2,7 @@
 daemon environment of their own."""
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -39,3 +40,34 @@ def wait_port(port, deadline=10):
         except OSError:
             time.sleep(0.02)
     raise SystemExit(f"nothing listens on {port}")
+
+
+def nginx_conf(root, backend, servers, workers=1):
+    """Writes the run's nginx.conf (in `root`): `workers` worker processes,
+    a keep-alive pool to the loopback port `backend`, and a server block
+    around each of `servers`; returns its path."""
+    path = os.path.join(root, "nginx.conf")
+    blocks = "\n".join(f"    server {{ {server} }}" for server in servers)
+    with open(path, "w") as f:
+        f.write(f"""worker_processes {workers};
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
+{blocks}
+}}
+""")
+    return path
+
+
+def tear_down(apm, env, procs, root, pm2=None):
+    """Ends what a benchmark started: PM2, the apm daemon, the processes
+    `procs`, and the run's directory."""
+    if pm2 is not None:
+        pm2.stop()
+    subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
+    for p in procs:
+        p.terminate()
+    shutil.rmtree(root, ignore_errors=True)

@@ -72,10 +72,12 @@ def wait_since(start, path, text, deadline_s=10):
 
 
 class Pm2:
-    def __init__(self, root):
+    def __init__(self, root, timeout=None):
+        """PM2 from npm; an install that takes longer than `timeout`
+        seconds raises subprocess.TimeoutExpired."""
         prefix = os.path.join(root, "pm2")
         print("installing pm2 from npm ...", flush=True)
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", prefix, "pm2"], check=True)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", prefix, "pm2"], check=True, timeout=timeout)
         self.binary = os.path.join(prefix, "node_modules", ".bin", "pm2")
         self.home = os.path.join(root, "pm2-home")
         self.env = dict(os.environ, PM2_HOME=self.home)

@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import time
 
-from common import apm_env, free_port, wait_port
+from common import apm_env, free_port, nginx_conf, tear_down, wait_port
 
 
 def ensure(tool, package):
@@ -50,11 +50,12 @@ def ensure(tool, package):
     subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, stdout=subprocess.DEVNULL)
 
 
-def wrk(port, scheme, pids):
-    """req/s, p50 and p99 in ms, and the CPU time the processes `pids`
-    (proxy and app) spent per request, in µs."""
+def wrk(port, scheme, pids, duration="10s"):
+    """req/s, p50 and p99 in ms, the CPU time the processes `pids` (proxy
+    and app) spent per request, in µs, and the requests that failed (socket
+    errors and timeouts, answers other than 2xx/3xx)."""
     before = cpu_ticks(pids)
-    out = subprocess.run(["wrk", "-t2", "-c64", "-d10s", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{duration}", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     ticks = cpu_ticks(pids) - before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -63,7 +64,9 @@ def wrk(port, scheme, pids):
         value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    errors += int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
+    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests, errors
 
 
 def cpu_ticks(pids):
@@ -197,19 +200,10 @@ def main():
         proxy = 'proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";'
         # What apm adds to a forwarded request, for a comparison of equal work.
         forwarded = "proxy_set_header Host $http_host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;"
-        conf = os.path.join(root, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""worker_processes 1;
-pid {root}/nginx.pid;
-error_log {root}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
-    server {{ {nginx_listen(nginx_port)} location / {{ {proxy} }} }}
-    server {{ {nginx_listen(nginx_xf_port)} location / {{ {proxy} {forwarded} }} }}
-}}
-""")
+        conf = nginx_conf(root, backend, [
+            f"{nginx_listen(nginx_port)} location / {{ {proxy} }}",
+            f"{nginx_listen(nginx_xf_port)} location / {{ {proxy} {forwarded} }}",
+        ])
         procs.append(subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"]))
         wait_port(nginx_port)
         wait_port(nginx_xf_port)
@@ -273,12 +267,7 @@ http {{
         if "pm2 -i 2" in results:
             print(f"apm Node connector (2 instances) / PM2 cluster mode (-i 2) req/s: {results['apm node'][0] / results['pm2 -i 2'][0]:.2f} (target >= 1.0)")
     finally:
-        if pm2 is not None:
-            pm2.stop()
-        subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
-        for p in procs:
-            p.terminate()
-        shutil.rmtree(root, ignore_errors=True)
+        tear_down(apm, env, procs, root, pm2)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,13 @@ const K_HEAD = 21;
 const K_RAW = 22;
 const K_CLOSE = 23;
 const K_CREDIT = 24;
+// ---- session hand-off (feature "migrate", kinds 48–55) ----
+const K_SAVE = 48;
+const K_MIGRATE = 49;
+const K_HANDED = 50;
+// What a save may carry until hello says (session_data_max).
+const DEFAULT_SESSION_DATA_MAX = 65536;
+// ---- end of session hand-off ----
 
 // The hello frame itself has to be bounded before it announces max_frame.
 const DEFAULT_MAX_FRAME = 1048576;
@@ -209,6 +216,7 @@ class SessionState {
     this.onEnd = null;
     this.onClose = null;
     this.parsed = null;
+    this.migrating = false; // apm asked for the session to be handed over
   }
 
   cached(name, parse) {
@@ -236,7 +244,9 @@ class ApmSession {
     this.remote_ip = typeof head.remote_ip === 'string' ? head.remote_ip : null;
     this.session_id = id;
     this.instance_id = link.instanceId;
-    this.session_data = {};
+    // Session hand-off: a migrated session starts from what it last saved.
+    this.migrated = head.migrated === true;
+    this.session_data = this.migrated && head.session_data !== undefined ? head.session_data : {};
     this.client_subject = typeof head.client_subject === 'string' ? head.client_subject : null;
     this.tls = head.tls === true;
     this.#state = new SessionState(link, id);
@@ -275,6 +285,28 @@ class ApmSession {
   set on_close(fn) { this.onClose = fn; }
 
   get closed() { return this._s.closing; }
+
+  // ---- session hand-off ----
+  // Keeps session_data in apm, which gives it to the instance that takes
+  // the session over when this one leaves (session_persist). Throws when it
+  // is not JSON or larger than apm keeps; returns false once the session ended.
+  save_session_data() {
+    const st = this._s;
+    if (st.closing) return false;
+    const json = JSON.stringify(this.session_data === undefined ? null : this.session_data);
+    if (json === undefined) throw new TypeError('save_session_data(): session_data cannot be JSON');
+    const buf = Buffer.from(json, 'utf8');
+    if (buf.length > st.link.sessionDataMax) {
+      throw new RangeError('save_session_data(): session_data is ' + buf.length + ' bytes as JSON; apm keeps at most ' + st.link.sessionDataMax + ' per session');
+    }
+    st.link.send(K_SAVE, st.id, buf);
+    return true;
+  }
+
+  saveSessionData() {
+    return this.save_session_data();
+  }
+  // ---- end of session hand-off ----
 
   // Returns false when part of the data waits in the connector for credit.
   write(data, headers) {
@@ -486,7 +518,20 @@ function pump(s) {
   } finally {
     st.pumping = false;
   }
+  handOver(s);
 }
+
+// ---- session hand-off ----
+// Once the app has taken what arrived before `migrate` and its writes are
+// out, the session is apm's to move: `handed`, and forgotten without the
+// app's close callback (the client did not leave).
+function handOver(s) {
+  const st = s._s;
+  if (!st.migrating || st.closing || st.busy || st.handlerPending || st.events.length > 0 || st.out.length > 0) return;
+  st.link.send(K_HANDED, st.id, EMPTY);
+  forget(s);
+}
+// ---- end of session hand-off ----
 
 class Link {
   constructor(fd, handler) {
@@ -496,6 +541,7 @@ class Link {
     this.helloSeen = false;
     this.instanceId = null;
     this.worker = null;
+    this.sessionDataMax = DEFAULT_SESSION_DATA_MAX;
     this.sessions = new Map();
     this.chunks = [];
     this.offset = 0; // where the unread bytes of chunks[0] start
@@ -513,7 +559,8 @@ class Link {
     sock.on('data', (chunk) => this.receive(chunk));
     // The daemon is gone or is stopping this instance: nothing is left to serve.
     sock.on('end', () => process.exit(0));
-    sock.on('error', (e) => die('channel: ' + e.message));
+    // A write that meets the closed channel is the same ending, seen first.
+    sock.on('error', (e) => (e.code === 'EPIPE' || e.code === 'ECONNRESET' ? process.exit(0) : die('channel: ' + e.message)));
   }
 
   fail(why) {
@@ -655,7 +702,7 @@ class Link {
 
   dispatch(kind, sid, payload) {
     if (!this.helloSeen && kind !== K_HELLO) return this.fail('a frame of kind ' + kind + ' before hello');
-    if (kind >= K_OPEN && kind <= K_CREDIT && sid === 0) return this.fail('a frame of kind ' + kind + ' on session 0');
+    if (((kind >= K_OPEN && kind <= K_CREDIT) || kind === K_MIGRATE) && sid === 0) return this.fail('a frame of kind ' + kind + ' on session 0');
     switch (kind) {
       case K_HELLO:
         return this.onHello(sid, payload);
@@ -671,9 +718,13 @@ class Link {
         return this.onClose(sid, payload);
       case K_CREDIT:
         return this.onCredit(sid, payload);
+      case K_MIGRATE:
+        return this.onMigrate(sid, payload);
       case K_READY:
       case K_HEAD:
       case K_RAW:
+      case K_SAVE:
+      case K_HANDED:
         return this.fail('the daemon sent a frame of kind ' + kind + ', which only a child sends');
       default:
         // IPC (feature "ipc")
@@ -697,8 +748,11 @@ class Link {
     this.window = h.window;
     this.instanceId = h.instance_id === undefined ? null : h.instance_id;
     this.worker = h.worker === undefined ? null : h.worker;
+    if (Number.isInteger(h.session_data_max) && h.session_data_max > 0) this.sessionDataMax = h.session_data_max;
+    const features = ['migrate']; // session hand-off
+    features.push('ipc'); // IPC (feature "ipc")
     // The handler came with the constructor, so the app is ready as soon as the channel is.
-    const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node, half_close: true, features: ['ipc'] });
+    const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node, half_close: true, features: features });
     this.send(K_READY, 0, Buffer.from(ready, 'utf8'));
     this.ipc.ready(); // IPC (feature "ipc")
   }
@@ -797,7 +851,18 @@ class Link {
     if (!s) return;
     s._s.sendCredit += payload.readUInt32BE(0);
     flush(s);
+    handOver(s);
   }
+
+  // ---- session hand-off ----
+  onMigrate(sid, payload) {
+    if (payload.length !== 0) return this.fail('migrate on session ' + sid + ' with a payload');
+    const s = this.sessions.get(sid);
+    if (!s || s._s.closing) return;
+    s._s.migrating = true;
+    handOver(s);
+  }
+  // ---- end of session hand-off ----
 }
 
 // ---- IPC (feature "ipc", docs/connector-protocol.md): begin ----

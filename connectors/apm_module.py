@@ -35,6 +35,11 @@ PROTOCOL = 1
 
 HELLO, READY = 1, 2
 OPEN, DATA, TEXT, MORE, END, HEAD, RAW, CLOSE, CREDIT = 16, 17, 18, 19, 20, 21, 22, 23, 24
+# ---- session hand-off (feature "migrate", kinds 48-55) ----
+SAVE, MIGRATE, HANDED = 48, 49, 50
+# What a save may carry until hello says (session_data_max).
+_DEFAULT_SESSION_DATA_MAX = 64 * 1024
+# ---- end of session hand-off ----
 
 # Frame prefix: length (of kind + session + payload), kind, session.
 _PREFIX = struct.Struct('>IBI')
@@ -102,13 +107,38 @@ def _parse_cookies(header):
     return cookies
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+_HEADER_VALUE_BREAKS = re.compile('[\r\n\0]')
+
+
+def _header_value(name, value):
+    value = str(value)
+    # apm treats a malformed head as a broken connector and kills the
+    # instance; refusing here fails one request instead.
+    if _HEADER_VALUE_BREAKS.search(value):
+        raise ValueError('header %s: a value may not contain CR, LF or NUL' % name)
+    return value
+
+
 def _head_payload(headers):
     head = {}
-    for name, value in headers.items():
+    for raw_name, value in headers.items():
+        name = str(raw_name).lower()
+        if not _HEADER_NAME.match(name):
+            raise ValueError('invalid header name: %r' % (raw_name,))
         if isinstance(value, (list, tuple)):
-            head[str(name)] = [str(v) for v in value]
+            value = [_header_value(name, v) for v in value]
         else:
-            head[str(name)] = str(value)
+            value = _header_value(name, value)
+        if name in head:
+            # Set-Cookie and set-cookie are one header.
+            previous = head[name]
+            value = (previous if isinstance(previous, list) else [previous]) + (
+                value if isinstance(value, list) else [value])
+        head[name] = value
+    status = head.get('x-status')
+    if status is not None and (isinstance(status, list) or not re.match(r'^[1-9][0-9][0-9]$', status)):
+        raise ValueError('x-status must be a three-digit HTTP status, not %r' % (status,))
     return json.dumps(head).encode('utf-8')
 
 
@@ -158,7 +188,10 @@ class ApmSession(object):
         self.client_subject = head.get('client_subject')
         self.session_id = session_id
         self.instance_id = module.instance_id
-        self.session_data = {}
+        # Session hand-off: a migrated session starts from what it last saved.
+        self.migrated = head.get('migrated') is True
+        self.session_data = head.get('session_data', {}) if self.migrated else {}
+        self._migrating = False  # apm asked for the session to be handed over
         self.on_data = None
         self.on_end = None
         self.on_close = None
@@ -197,9 +230,11 @@ class ApmSession(object):
         else:
             data = _as_bytes(data)
         if self.protocol == 'http' and not self._started:
+            # Checked first: a head the app got wrong still leaves room for the 500.
+            head = _head_payload(headers) if headers else None
             self._started = True
-            if headers:
-                self._enqueue(HEAD, _head_payload(headers))
+            if head is not None:
+                self._enqueue(HEAD, head)
         if data:
             self._enqueue(DATA, data)
 
@@ -226,6 +261,30 @@ class ApmSession(object):
                 code = 1000 if self.protocol == 'ws' else 0
             payload = _U16.pack(code) + (reason or '').encode('utf-8')
         self._enqueue(CLOSE, payload)
+
+    # ---- session hand-off ----
+    def save_session_data(self):
+        """Keep session_data in apm, which gives it to the instance that
+        takes the session over when this one leaves (session_persist).
+        Raises ValueError when it is larger than apm keeps, TypeError when
+        it is not JSON; returns False once the session has ended."""
+        if self._closing or not self._open:
+            return False
+        payload = json.dumps(self.session_data).encode('utf-8')
+        limit = self._module._session_data_max
+        if len(payload) > limit:
+            raise ValueError('save_session_data(): session_data is %d bytes as JSON; '
+                             'apm keeps at most %d per session' % (len(payload), limit))
+        self._module._send(SAVE, self.session_id, payload)
+        return True
+
+    def _hand_over(self):
+        # Callbacks run as frames arrive, so what came before `migrate` has
+        # been taken; once the queued writes are out, the session is apm's.
+        if self._migrating and self._open and not self._queue:
+            self._module._send(HANDED, self.session_id, b'')
+            self._forget()
+    # ---- end of session hand-off ----
 
     # The connector's side.
 
@@ -263,6 +322,7 @@ class ApmSession(object):
             module._send(lead, self.session_id, view[:room])
             self._credit -= room
             queue[0][1] = view[room:]
+        self._hand_over()
 
     def _forget(self):
         self._open = False
@@ -566,6 +626,7 @@ class ApmModule(_Ipc):
             _die('APM_FD=%s is not a usable channel: %s' % (fd_text, e))
         self._max_frame = _DEFAULT_MAX_FRAME
         self._window = _DEFAULT_WINDOW
+        self._session_data_max = _DEFAULT_SESSION_DATA_MAX
         self._sessions = {}
         self._inbuf = bytearray()
         self._out = deque()
@@ -598,6 +659,7 @@ class ApmModule(_Ipc):
         self.instance_id = hello.get('instance_id')
         self._max_frame = int(hello.get('max_frame', _DEFAULT_MAX_FRAME))
         self._window = int(hello.get('window', _DEFAULT_WINDOW))
+        self._session_data_max = int(hello.get('session_data_max', _DEFAULT_SESSION_DATA_MAX))
 
     def _recv_exact(self, size):
         chunks = []
@@ -628,7 +690,8 @@ class ApmModule(_Ipc):
         if self._selector is not None:
             return
         ready = {'protocol': PROTOCOL, 'connector': 'python %s' % platform.python_version(),
-                 'half_close': True, 'features': ['ipc']}
+                 'half_close': True,
+                 'features': ['migrate', 'ipc']}  # session hand-off, IPC
         self._send(READY, 0, json.dumps(ready).encode('utf-8'))
         self._sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
@@ -709,7 +772,7 @@ class ApmModule(_Ipc):
     def _dispatch(self, kind, session_id, payload):
         if 32 <= kind <= 47:  # IPC (feature "ipc")
             return self._ipc_dispatch(kind, session_id, payload)
-        if kind not in (OPEN, DATA, TEXT, MORE, END, CLOSE, CREDIT):
+        if kind not in (OPEN, DATA, TEXT, MORE, END, CLOSE, CREDIT, MIGRATE):
             raise _ProtocolError('kind %d is not for a connector to receive' % kind)
         if session_id == 0:
             raise _ProtocolError('kind %d on the channel instead of a session' % kind)
@@ -719,7 +782,13 @@ class ApmModule(_Ipc):
         session = self._sessions.get(session_id)
         if session is None:
             return  # it ended; frames may cross a close on the wire
-        if kind == CREDIT:
+        if kind == MIGRATE:
+            if payload:
+                raise _ProtocolError('a migrate with a payload')
+            if not session._closing:
+                session._migrating = True
+                session._hand_over()
+        elif kind == CREDIT:
             if len(payload) != 4:
                 raise _ProtocolError('a credit of %d bytes' % len(payload))
             session._credit += _U32.unpack(payload)[0]

@@ -51,7 +51,10 @@ pub fn run(args: &CheckArgs) -> u8 {
         .allow_group
         .as_ref()
         .map(|group| crate::protocol::allow_group_rule(&group.value));
-    let trust = apm_runtime::traffic::vanguard::trust_notes(&compilation.config);
+    let mut trust = apm_runtime::traffic::vanguard::trust_notes(&compilation.config);
+    trust.extend(apm_runtime::traffic::connector::persist_notes(
+        &compilation.config,
+    ));
     // With a daemon running (none is started), the plan a reload would apply.
     let plan = if compilation.has_errors() {
         None

@@ -362,7 +362,7 @@ pub fn signal(place: &Place, signal: &str, target: &str) -> u8 {
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MB", b as f64 / (1u64 << 20) as f64),
@@ -513,6 +513,9 @@ pub fn gui(place: &Place, stop: bool) -> u8 {
 /// before it, as the daemon measures CPU between two looks.
 pub fn monitor(place: &Place, interval: Duration, count: Option<u64>) -> u8 {
     let terminal = std::io::stdout().is_terminal();
+    if terminal && count.is_none() {
+        return crate::monitor::interactive(place, interval);
+    }
     let mut shown = 0;
     loop {
         let listing = match request(place, Call::List).and_then(decode::<Listing>) {
@@ -820,61 +823,115 @@ fn last_lines_in_blocks(
     (found.into(), end.unwrap_or(0))
 }
 
+/// The file that holds a worker's stdout (or, with `err`, stderr) lines,
+/// and the marker that picks them out when both streams share it.
+pub(crate) fn log_source(
+    status: &apm_runtime::process::supervisor::WorkerStatus,
+    err: bool,
+) -> (PathBuf, Option<&'static str>) {
+    let shared = status.out_log == status.err_log;
+    match (err, shared) {
+        (false, false) => (status.out_log.clone(), None),
+        (true, false) => (status.err_log.clone(), None),
+        (false, true) => (status.out_log.clone(), Some("|")),
+        (true, true) => (status.err_log.clone(), Some("!")),
+    }
+}
+
+/// A log file followed through rotations and truncations: each look
+/// hands on the lines completed since the one before (of the stream
+/// `only` marks, when it marks one).
+pub(crate) struct Followed {
+    path: PathBuf,
+    only: Option<&'static str>,
+    file: Option<std::fs::File>,
+    /// Where the next unread line of `file` starts.
+    position: u64,
+}
+
+impl Followed {
+    /// Opens the log at `path`; its last `lines` lines (of the stream
+    /// `only` marks) are returned, and following goes on after them.
+    pub(crate) fn open(
+        path: PathBuf,
+        only: Option<&'static str>,
+        lines: usize,
+    ) -> (Followed, Vec<String>) {
+        let file = std::fs::File::open(&path).ok();
+        let (last, position) = file
+            .as_ref()
+            .map_or((Vec::new(), 0), |file| last_log_lines(file, only, lines));
+        (
+            Followed {
+                path,
+                only,
+                file,
+                position,
+            },
+            last,
+        )
+    }
+
+    /// The lines completed since the last look, to `each`.
+    pub(crate) fn read_new(&mut self, mut each: impl FnMut(&str)) {
+        let only = self.only;
+        let mut each = |line: &str| {
+            if in_stream(line, only) {
+                each(line);
+            }
+        };
+        let inode = |file: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata().ok().map(|m| (m.dev(), m.ino()))
+        };
+        // Looked at before the followed file is read: once a rotation has
+        // put a new file under the name, nothing more goes to the old one,
+        // so reading the old one to its end first loses no line.
+        let current = std::fs::File::open(&self.path).ok();
+        if let Some(file) = &self.file {
+            if file.metadata().is_ok_and(|m| m.len() < self.position) {
+                self.position = 0; // truncated where it is
+            }
+            self.position = each_line_of(file, self.position, &mut each);
+        }
+        let renewed = current.as_ref().is_some_and(|new| {
+            self.file
+                .as_ref()
+                .is_none_or(|old| inode(old) != inode(new))
+        });
+        if renewed {
+            self.file = current;
+            self.position = self
+                .file
+                .as_ref()
+                .map_or(0, |file| each_line_of(file, 0, &mut each));
+        }
+    }
+}
+
 pub fn log(place: &Place, name: &str, err: bool, follow: bool, lines: usize) -> u8 {
     let (_, info) = match info_of(place, name) {
         Ok(found) => found,
         Err(code) => return code,
     };
-    let shared = info.status.out_log == info.status.err_log;
-    let (path, only) = match (err, shared) {
-        (false, false) => (info.status.out_log.clone(), None),
-        (true, false) => (info.status.err_log.clone(), None),
-        (false, true) => (info.status.out_log.clone(), Some("|")),
-        (true, true) => (info.status.err_log.clone(), Some("!")),
-    };
+    let (path, only) = log_source(&info.status, err);
     // Followed from the end of its last lines, through rotations.
-    let mut followed = std::fs::File::open(&path).ok();
-    let (last, mut position) = followed
-        .as_ref()
-        .map_or((Vec::new(), 0), |file| last_log_lines(file, only, lines));
+    let (mut followed, last) = Followed::open(path, only, lines);
     for line in last {
         println!("{line}");
     }
     if !follow {
         return exit::OK;
     }
-    let inode = |file: &std::fs::File| {
-        use std::os::unix::fs::MetadataExt;
-        file.metadata().ok().map(|m| (m.dev(), m.ino()))
-    };
-    let reader_gone = std::cell::Cell::new(false);
-    let mut print = |line: &str| {
-        if !reader_gone.get() && in_stream(line, only) {
-            reader_gone.set(writeln!(std::io::stdout(), "{line}").is_err());
-        }
-    };
+    let mut reader_gone = false;
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        // Looked at before the followed file is read: once a rotation has
-        // put a new file under the name, nothing more goes to the old one,
-        // so reading the old one to its end first loses no line.
-        let current = std::fs::File::open(&path).ok();
-        if let Some(file) = &followed {
-            if file.metadata().is_ok_and(|m| m.len() < position) {
-                position = 0; // truncated where it is
+        followed.read_new(|line| {
+            if !reader_gone {
+                reader_gone = writeln!(std::io::stdout(), "{line}").is_err();
             }
-            position = each_line_of(file, position, &mut print);
-        }
-        let renewed = current
-            .as_ref()
-            .is_some_and(|new| followed.as_ref().is_none_or(|old| inode(old) != inode(new)));
-        if renewed {
-            followed = current;
-            position = followed
-                .as_ref()
-                .map_or(0, |file| each_line_of(file, 0, &mut print));
-        }
-        if reader_gone.get() {
+        });
+        if reader_gone {
             return exit::OK;
         }
     }

@@ -24,8 +24,12 @@ use crate::exit;
 use crate::protocol::{Call, PROTOCOL, Pong, ReloadTarget, Request, Response, VERSION};
 use crate::watch::{self, Watcher};
 
+#[path = "api.rs"]
+mod api;
 #[path = "gui.rs"]
 mod gui;
+#[path = "metrics.rs"]
+mod metrics;
 
 /// A request line longer than this is refused.
 const MAX_REQUEST: u64 = 1 << 20;

@@ -1,8 +1,7 @@
-//! The web dashboard (`daemon { gui_port; gui_bind; gui_password; }`, `apm
-//! gui`): one page that polls a small JSON API of the daemon — the
-//! instances with their CPU and memory (graphed in the page from what it
-//! polled), a worker's last log lines, and start, stop and restart, which
-//! go through the same dispatch as the CLI's calls. It refuses a
+//! The web dashboard's server (`daemon { gui_port; gui_bind; gui_password;
+//! }`, `apm gui`): the listener and who may use it. What it answers (the
+//! page, the HTTP API, `/metrics`) is `api.rs`'s route table; the page
+//! polls the API and follows a worker's log as Server-Sent Events. It refuses a
 //! non-loopback address without a password (decision 4). Every request
 //! needs a secret, on loopback too, where every local user is a client: the
 //! password (HTTP Basic), or without one the token kept in
@@ -21,17 +20,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
 
 use super::Daemon;
-use crate::protocol::Call;
+use super::api::{Body, Unmatched, refused};
 
-const PAGE: &str = include_str!("gui.html");
-/// Log lines a worker's panel shows.
-const LOG_LINES: usize = 200;
+pub const PAGE: &str = include_str!("gui.html");
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -283,8 +278,12 @@ struct Guard {
 
 async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener, guard: Arc<Guard>) {
     let mut errors = apm_runtime::AcceptErrors::default();
+    // The connections end with the GUI: one kept alive would otherwise go on
+    // being served with the secret of before, after a password was set.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = errors.next(&listener, "the GUI").await;
+        while connections.try_join_next().is_some() {}
         let Ok(client) = stream.peer_addr().map(|a| a.ip()) else {
             continue;
         };
@@ -299,36 +298,8 @@ async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener, guard: Ar
         builder
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(30));
-        tokio::spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        connections.spawn(builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
     }
-}
-
-fn reply(status: StatusCode, kind: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_str(kind).expect("a content type"),
-    );
-    // The page's address carries the token: it must not leave in a Referer.
-    headers.insert(
-        hyper::header::REFERRER_POLICY,
-        hyper::header::HeaderValue::from_static("no-referrer"),
-    );
-    response
-}
-
-fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    reply(
-        StatusCode::OK,
-        "application/json",
-        serde_json::to_vec(value).unwrap_or_default(),
-    )
-}
-
-fn refused(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
-    reply(status, "text/plain; charset=utf-8", format!("{why}\n"))
 }
 
 /// Whether the request carries the secret: the password (any user name),
@@ -365,7 +336,7 @@ fn refusal_of(
     guard: &Guard,
     client: IpAddr,
     request: &Request<hyper::body::Incoming>,
-) -> Option<Response<Full<Bytes>>> {
+) -> Option<Response<Body>> {
     let now = Instant::now();
     let what = match guard.secret {
         Secret::Password(_) => "password",
@@ -437,7 +408,7 @@ async fn answer(
     guard: &Guard,
     client: IpAddr,
     request: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     if matches!(guard.secret, Secret::Token(_)) && !named_by_address(&request) {
         return refused(
             StatusCode::FORBIDDEN,
@@ -447,76 +418,28 @@ async fn answer(
     if let Some(refusal) = refusal_of(guard, client, &request) {
         return refusal;
     }
-    let path = request.uri().path().to_owned();
-    let query = request.uri().query().unwrap_or("").to_owned();
-    match (request.method(), path.as_str()) {
-        (&Method::GET, "/") => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE),
-        (&Method::GET, "/api/workers") => {
-            let response = super::dispatch(daemon, Call::List).await;
-            json(&response.data)
+    let (route, name) = match super::api::route(request.method(), request.uri().path()) {
+        Ok(found) => found,
+        Err(Unmatched::NotFound) => {
+            return refused(
+                StatusCode::NOT_FOUND,
+                "no such route: /api/openapi.json lists them",
+            );
         }
-        (&Method::GET, "/api/log") => log(daemon, &query).await,
-        (&Method::POST, action) if action.starts_with("/api/workers/") => {
-            if !request.headers().contains_key("x-apm-gui") {
-                return refused(StatusCode::FORBIDDEN, "a change needs the X-Apm-Gui header");
+        Err(Unmatched::Method(allowed)) => {
+            let mut response = refused(StatusCode::METHOD_NOT_ALLOWED, "not with this method");
+            let allowed: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+            if let Ok(value) = hyper::header::HeaderValue::from_str(&allowed.join(", ")) {
+                response.headers_mut().insert(hyper::header::ALLOW, value);
             }
-            let rest = &action["/api/workers/".len()..];
-            let Some((name, verb)) = rest.rsplit_once('/') else {
-                return refused(StatusCode::NOT_FOUND, "no such action");
-            };
-            let name = name.to_owned();
-            let call = match verb {
-                "start" => Call::Start { name },
-                "stop" => Call::Stop { name },
-                "restart" => Call::Restart { name, force: false },
-                _ => return refused(StatusCode::NOT_FOUND, "no such action"),
-            };
-            let response = super::dispatch(daemon, call).await;
-            let status = if response.ok {
-                StatusCode::OK
-            } else {
-                StatusCode::UNPROCESSABLE_ENTITY
-            };
-            let mut answer = json(&response);
-            *answer.status_mut() = status;
-            answer
+            return response;
         }
-        _ => refused(StatusCode::NOT_FOUND, "not found"),
+    };
+    if route.changes() && !request.headers().contains_key("x-apm-gui") {
+        return refused(StatusCode::FORBIDDEN, "a change needs the X-Apm-Gui header");
     }
-}
-
-/// `GET /api/log?worker=NAME[&err=1]`: the worker's last log lines.
-async fn log(daemon: &Daemon, query: &str) -> Response<Full<Bytes>> {
-    let field = |key: &str| query_field(query, key).map(str::to_owned);
-    let Some(name) = field("worker") else {
-        return refused(StatusCode::BAD_REQUEST, "name the worker: ?worker=NAME");
-    };
-    let err = field("err").is_some_and(|v| v == "1");
-    let response = super::dispatch(daemon, Call::Info { name }).await;
-    if !response.ok {
-        return refused(StatusCode::NOT_FOUND, &response.error.unwrap_or_default());
-    }
-    let Ok(status) = serde_json::from_value::<apm_runtime::process::supervisor::WorkerStatus>(
-        response.data["status"].clone(),
-    ) else {
-        return refused(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unreadable worker status",
-        );
-    };
-    let (path, marker) = if err {
-        (status.err_log, "!")
-    } else {
-        (status.out_log, "|")
-    };
-    let lines = tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&path)
-            .map(|file| crate::commands::last_log_lines(&file, Some(marker), LOG_LINES).0)
-            .unwrap_or_default()
-    })
-    .await
-    .unwrap_or_default();
-    json(&lines)
+    let query = request.uri().query().unwrap_or("");
+    super::api::answer(daemon, route, name, query).await
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod convert;
 mod daemon;
 mod files;
 mod flags;
+mod monitor;
 mod protocol;
 mod tls_check;
 mod watch;

@@ -82,8 +82,8 @@ schema_block! {
         keep_alive: Setting<Millis> = MS, default Some("120000"), since "2.0", reload Hot, "Idle timeout of HTTP keep-alive client connections.";
         max_conns: Setting<u32> = COUNT, default Some("0"), since "2.0", reload Hot, "Maximum concurrent connections per listener; 0 means unlimited.";
         trace_header: Option<Setting<String>> = Kind::HeaderName, default None, since "2.0", reload Hot, "Header that carries a unique id per forwarded request (e.g. x-request-id); each such request gets a line with its id in the worker's stdout log.";
-        session_persist: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Migrate open sessions across rolling restarts.";
-        session_wait: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "How long a migrated session waits for a new instance.";
+        session_persist: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Move open WebSocket and TCP connector sessions to another instance when theirs leaves rotation.";
+        session_wait: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "The most a moving session spends between instances before it is closed (WebSocket 1012).";
         // File watcher / rolling restart / stats
         watch: Vec<Setting<String>> = Kind::Glob, default None, since "2.0", reload Hot, "Glob patterns of files whose change restarts the worker.";
         watch_ignore: Vec<Setting<String>> = Kind::Glob, default None, since "2.0", reload Hot, "Glob patterns excluded from watching.";
@@ -107,7 +107,7 @@ schema_block! {
         health_check_interval: Setting<Millis> = MS, default Some("5000"), since "2.0", reload Hot, "Interval between health probes.";
         health_check_timeout: Setting<Millis> = MS, default Some("3000"), since "2.0", reload Hot, "Timeout of one pull-mode probe.";
         health_check_threshold: Setting<u32> = Kind::Int { min: 1, max: 1000 }, default Some("3"), since "2.0", reload Hot, "Consecutive failures before an instance is unhealthy.";
-        drain_timeout: Setting<Millis> = MS, default Some("0"), since "2.0", reload Hot, "Time in-flight requests get to finish before a stop; 0 stops at once.";
+        drain_timeout: Setting<Millis> = MS, default Some("0"), since "2.0", reload Hot, "With kill_timeout, the most a stop waits for in-flight work; it stops as soon as none is left.";
         memory_limit: Option<Setting<ByteSize>> = Kind::Size, default None, since "2.0", reload Restart, "Per-instance memory cap through a memory cgroup (needs a root daemon).";
         // TLS & IPC
         tls: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Restart, "Terminate TLS on this worker's listeners.";

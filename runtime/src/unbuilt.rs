@@ -8,8 +8,6 @@ use apm_compiler::ir::{Config, WorkerSpec};
 
 /// Each such key, with the feature it belongs to.
 const NOT_ENFORCED: &[(&str, &str)] = &[
-    ("session_persist", "session migration"),
-    ("session_wait", "session migration"),
 ];
 
 /// One line per block that sets such keys, for people; none when the

@@ -19,6 +19,13 @@ def serve_http(s):
     print('connector_echo: %s %s' % (s.method, s.path), flush=True)
     s.session_data['body_length'] = 0
 
+    if s.path == '/throw':
+        raise RuntimeError('connector_echo: thrown on purpose')
+
+    if s.path == '/bad-header':
+        s.write('no', {'x-status': '200', 'x-bad': 'a\r\nb'})  # raises
+        return
+
     if s.path == '/corrupt':
         # Bypasses the connector: a length far beyond max_frame. The
         # connector moved the channel off fd 3, so use the descriptor it holds.
@@ -78,10 +85,32 @@ def serve_http(s):
     s.on_end = answer
 
 
+# ---- session hand-off: "save <json>" keeps it as session_data in apm,
+# "data?" tells whether the session was migrated and what it carries ----
+def handoff(s, text):
+    if text.startswith('save '):
+        s.session_data = json.loads(text[5:])
+        try:
+            s.save_session_data()
+            s.write('saved')
+        except ValueError as e:
+            s.write('refused: %s' % e)
+        return True
+    if text == 'data?':
+        s.write(json.dumps({'migrated': s.migrated, 'session_data': s.session_data}))
+        return True
+    return False
+# ---- end of session hand-off ----
+
+
 def serve_ws(s):
     def on_data(data, is_binary):
+        if not is_binary and handoff(s, data):
+            return
         if not is_binary and data == 'close':
             s.close(4000, 'bye')
+        elif not is_binary and data == 'throw':
+            raise RuntimeError('connector_echo: thrown on purpose')
         elif not is_binary and data == 'raw':
             s.write_raw(bytes([0x81, 0x04]) + b'raw!')
         else:

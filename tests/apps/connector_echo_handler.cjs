@@ -8,6 +8,11 @@ const ECHO_HEADERS = { 'x-status': '200', 'content-type': 'application/octet-str
 
 function http(session, lang) {
   const path = session.path;
+  if (path === '/throw') throw new Error('connector_echo: thrown on purpose');
+  if (path === '/bad-header') {
+    session.write('no', { 'x-status': '200', 'x-bad': 'a\r\nb' }); // throws
+    return;
+  }
   if (path === '/echo') {
     let wrote = false;
     session.onData = (chunk) => {
@@ -64,9 +69,32 @@ function http(session, lang) {
   };
 }
 
+// ---- session hand-off: "save <json>" keeps it as session_data in apm,
+// "data?" tells whether the session was migrated and what it carries ----
+function handoff(session, text) {
+  if (text.startsWith('save ')) {
+    session.session_data = JSON.parse(text.slice(5));
+    try {
+      session.save_session_data();
+      session.write('saved');
+    } catch (e) {
+      session.write('refused: ' + e.message);
+    }
+    return true;
+  }
+  if (text === 'data?') {
+    session.write(JSON.stringify({ migrated: session.migrated, session_data: session.session_data }));
+    return true;
+  }
+  return false;
+}
+// ---- end of session hand-off ----
+
 function ws(session) {
   session.onData = (data, isBinary) => {
+    if (!isBinary && handoff(session, data)) return;
     if (!isBinary && data === 'close') session.close(4000, 'bye');
+    else if (!isBinary && data === 'throw') throw new Error('connector_echo: thrown on purpose');
     else if (!isBinary && data === 'raw') session.write_raw(Buffer.concat([Buffer.from([0x81, 0x04]), Buffer.from('raw!')]));
     else session.write(data); // a string goes back as text, a Buffer as binary
   };

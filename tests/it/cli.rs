@@ -73,22 +73,25 @@ fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
     write(
         dir.path(),
         "apm.conf",
-        "worker { name api; exec node; listen jobs; session_persist on; }\nworker { name plain; exec node; }\n",
+        "worker { name api; exec node; listen jobs; session_persist on; }\nworker { name plain; exec node; }\n\
+         worker { name spliced; exec node; upstream port; session_persist on; }\n",
     );
     let output = apm(&["check", "apm.conf"], dir.path());
     assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
     assert_eq!(
         crate::harness::note_lines(&output),
         [
-            "note: worker `api` sets keys this version of apm accepts but does not enforce yet: \
-          `session_persist` (session migration)"
+            "note: worker `spliced` sets `session_persist` with `upstream port`: sessions move \
+             between instances only through a connector (`upstream connector`); its spliced \
+             WebSockets and TCP connections are drained instead (waited for, up to \
+             `kill_timeout`, before an instance is stopped)",
         ]
     );
     let json = apm(&["check", "--json", "apm.conf"], dir.path());
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(
         report["not_enforced"].as_array().map(Vec::len),
-        Some(1),
+        Some(0),
         "{report}"
     );
 }
@@ -337,7 +340,7 @@ fn help_shows_the_worker_flags_of_run_and_update() {
         assert!(text.contains("-restart_delay") && text.contains("[default: 250ms]"));
         assert!(
             text.lines()
-                .any(|l| l.contains("-session_persist") && l.contains("not built yet")),
+                .any(|l| l.contains("-listen") && l.contains("not built yet")),
             "{args:?}:\n{text}"
         );
         assert!(text.contains("`apm -h --full`"), "{args:?}:\n{text}");

@@ -15,13 +15,15 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::certs;
 use crate::harness::*;
 
-fn repo(path: &str) -> PathBuf {
+pub(crate) fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// The test app in each connector flavour this machine can run:
-/// (worker name, exec, app file, the `lang` it reports).
-fn apps() -> Vec<(&'static str, &'static str, PathBuf, &'static str)> {
+/// A connector test app: (worker name, exec, app file, the `lang` it reports).
+pub(crate) type App = (&'static str, &'static str, PathBuf, &'static str);
+
+/// The test app in each connector flavour this machine can run.
+fn apps() -> Vec<App> {
     let mut apps = vec![(
         "py",
         "python3",
@@ -49,7 +51,12 @@ fn apps() -> Vec<(&'static str, &'static str, PathBuf, &'static str)> {
 
 #[test]
 fn every_connector_passes_the_protocol_harness() {
-    for (_, exec, app, lang) in apps() {
+    pass_the_protocol_harness(apps());
+}
+
+/// tests/connectors/conformance.py against each app.
+pub(crate) fn pass_the_protocol_harness(apps: Vec<App>) {
+    for (_, exec, app, lang) in apps {
         let output = Command::new("python3")
             .arg(repo("tests/connectors/conformance.py"))
             .arg(exec)
@@ -164,10 +171,18 @@ fn receive(ws: &mut tungstenite::WebSocket<TcpStream>) -> Message {
 
 #[test]
 fn connector_apps_serve_http_websocket_and_tcp_through_apm() {
-    let d = Daemon::new("connectors");
+    serve_http_websocket_and_tcp_through_apm("connectors", apps());
+}
+
+/// Each app, two instances behind http://, ws://, tcp:// and unix-socket
+/// listeners of one daemon, hit by real clients: round robin, the session's
+/// fields, status and headers, a 10 MB echo, WebSocket messages and close
+/// codes, a TCP echo.
+pub(crate) fn serve_http_websocket_and_tcp_through_apm(test: &str, apps: Vec<App>) {
+    let d = Daemon::new(test);
     let mut config = String::new();
     let mut workers = Vec::new();
-    for (name, exec, app, lang) in apps() {
+    for (name, exec, app, lang) in apps {
         let ports = [free_port(), free_port(), free_port()];
         let socket = d.path(&format!("{name}.sock"));
         config.push_str(&format!(

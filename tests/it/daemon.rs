@@ -587,26 +587,23 @@ fn log_follow_goes_on_through_rotations_without_losing_a_line() {
 #[test]
 fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     let d = Daemon::new("unbuilt");
+    // IPC is built: nothing to note.
     let ran = d.run_sh(
         "sampled",
         "exec sleep 600",
-        &["-session_wait", "1000", "-startup_grace", "100"],
+        &["-ipc_timeout", "1000", "-listen", "jobs", "-startup_grace", "100"],
     );
-    assert!(
-        stderr(&ran).contains("apm: note: worker `sampled` sets keys this version of apm accepts but does not enforce yet: `session_wait` (session migration)"),
-        "{}",
-        describe(&ran)
-    );
+    assert!(!stderr(&ran).contains("note:"), "{}", describe(&ran));
     let plain = d.run_sh("plain", "exec sleep 600", &["-startup_grace", "100"]);
     assert!(!stderr(&plain).contains("note:"), "{}", describe(&plain));
     let path = d.write(
         "migrating.conf",
         "worker { name migrating; exec sleep; params 600; session_persist on; startup_grace 100; }\n",
     );
+    // Session migration is built: nothing to note.
     let loaded = d.ok(&["load", path.to_str().unwrap()]);
     assert!(
-        stderr(&loaded).contains("worker `migrating` sets keys")
-            && stderr(&loaded).contains("`session_persist` (session migration)"),
+        !stderr(&loaded).contains("does not enforce"),
         "{}",
         describe(&loaded)
     );
@@ -1768,7 +1765,7 @@ fn watch_conf_reloads_only_the_worker_that_asks_for_it() {
     );
 }
 
-const PORT_APP: &str = r#"
+pub(crate) const PORT_APP: &str = r#"
 import http.server, os
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -2651,7 +2648,7 @@ fn a_tls_client_that_never_finishes_its_handshake_is_timed_out_and_frees_its_slo
 }
 
 #[test]
-fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
+fn a_stop_lets_in_flight_requests_finish_and_no_longer_than_they_need() {
     let d = Daemon::new("drain");
     let app = d.write(
         "slow.py",
@@ -2669,7 +2666,7 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
             "-startup_grace",
             "300",
             "-drain_timeout",
-            "3s",
+            "10s",
             "-env",
             &env,
         ],
@@ -2683,9 +2680,12 @@ fn drain_timeout_lets_in_flight_requests_finish_before_the_stop() {
     let started = Instant::now();
     d.ok(&["stop", "slow"]);
     assert_eq!(request.join().unwrap(), Some((200, "done\n".to_owned())));
+    // The request had at most a second to go: the stop waited for it, not
+    // for drain_timeout.
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "the stop waited for the drain"
+        started.elapsed() < Duration::from_secs(6),
+        "the stop took {:?}",
+        started.elapsed()
     );
 }
 
@@ -3212,13 +3212,7 @@ fn a_rolling_restart_of_a_proxied_worker_loses_no_request() {
             "100",
         ],
     );
-    wait_until(PATIENCE, "both instances to serve", || {
-        d.worker("web").is_some_and(|w| {
-            w["instances"]
-                .as_array()
-                .is_some_and(|i| i.iter().all(|i| i["serving"] == true))
-        })
-    });
+    d.wait_serving("web");
     let before = pids(&d.worker("web").unwrap());
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
@@ -3733,7 +3727,7 @@ fn monitor_redraws_every_instance_until_its_count() {
 }
 
 /// `METHOD PATH` to the GUI with extra header lines; the whole answer.
-fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
+pub(crate) fn gui_request(port: u16, method: &str, path: &str, headers: &str) -> String {
     http_raw(
         port,
         &format!(
@@ -3791,7 +3785,7 @@ fn the_gui_serves_its_dashboard_and_api_and_asks_for_its_password() {
     let listing: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(listing["workers"][0]["name"], "shown", "{listing}");
     wait_until(PATIENCE, "the log to show the line", || {
-        gui_request(port, "GET", "/api/log?worker=shown", &auth).contains("hello-gui")
+        gui_request(port, "GET", "/api/workers/shown/logs", &auth).contains("hello-gui")
     });
     // A page whose host name was made to resolve to 127.0.0.1 is refused.
     let rebound = http_raw(

@@ -139,6 +139,21 @@ impl Daemon {
     }
 
     /// Waits until the daemon's log says `text`.
+    /// Waits until every instance of the worker takes traffic.
+    pub(crate) fn wait_serving(&self, name: &str) {
+        wait_until(
+            PATIENCE,
+            &format!("every instance of {name} to serve"),
+            || {
+                self.worker(name).is_some_and(|w| {
+                    w["instances"]
+                        .as_array()
+                        .is_some_and(|i| i.iter().all(|i| i["serving"] == true))
+                })
+            },
+        );
+    }
+
     pub(crate) fn wait_daemon_log(&self, text: &str) {
         wait_until(PATIENCE, &format!("the daemon log to say `{text}`"), || {
             self.daemon_log().contains(text)

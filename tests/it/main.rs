@@ -1,6 +1,8 @@
 //! apm's integration tests, one binary so that they link once.
 
+mod api;
 mod augur;
+mod browser;
 mod certs;
 mod cli;
 mod connectors;
@@ -12,9 +14,13 @@ mod first_hour;
 mod harness;
 mod ipc;
 mod logs;
+mod metrics;
+mod monitor;
+mod polyglot;
 mod proxy_attacks;
 mod reload;
 mod sections;
 mod security_local;
+mod sessions;
 mod stats;
 mod vanguard_attacks;

@@ -51,8 +51,13 @@ pub struct Policy {
     pub restart_on_exit_codes: Vec<u8>,
     pub kill_timeout: Duration,
     pub startup_grace: Duration,
-    /// Time a stopping instance keeps serving its in-flight requests.
+    /// `drain_timeout`: with `kill_timeout`, the most a stopping
+    /// instance's in-flight work is waited for.
     pub drain: Duration,
+    /// The instance gets traffic (the worker has `server` lines), so it is
+    /// taken out of rotation and its in-flight work waited for before it
+    /// is signalled.
+    pub proxied: bool,
 }
 
 impl Policy {
@@ -69,6 +74,7 @@ impl Policy {
             kill_timeout: spec.kill_timeout.as_duration(),
             startup_grace: spec.startup_grace.as_duration(),
             drain: spec.drain_timeout.as_duration(),
+            proxied: !spec.server.is_empty(),
         }
     }
 
@@ -106,8 +112,8 @@ pub enum Phase {
         pid: u32,
         since: Instant,
     },
-    /// Asked to end, and given no new traffic: its in-flight requests may
-    /// finish until `until` (`drain_timeout`), then it is signalled.
+    /// Asked to end, and given no new traffic: its in-flight work may
+    /// finish (`Drained`) until `until`, then it is signalled.
     Draining {
         pid: u32,
         until: Instant,
@@ -186,6 +192,10 @@ pub enum Event {
     },
     /// A timer scheduled by `Effect::Wake` fired.
     Wake,
+    /// Nothing is in flight any more on the draining process `pid`.
+    Drained {
+        pid: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +208,9 @@ pub enum Effect {
     Kill(u32),
     /// Send `Wake` at this instant (a wake that finds nothing due is ignored).
     Wake(Instant),
+    /// The process is out of rotation: hand its sessions on where they
+    /// may go, and send `Drained` once nothing is in flight on it.
+    Drain(u32),
 }
 
 /// One instance: its phase and its restart counters.
@@ -250,15 +263,17 @@ impl Lifecycle {
                 };
                 vec![]
             }
-            (Running { pid, .. }, Event::Stop | Event::Restart) if !policy.drain.is_zero() => {
-                let until = now + policy.drain;
+            (Running { pid, .. }, Event::Stop | Event::Restart) if policy.proxied => {
+                // In-flight work finishes first, whatever `drain_timeout`
+                // says: `kill_timeout` bounds it as it bounds the stop.
+                let until = now + policy.kill_timeout.max(policy.drain);
                 let then = if event == Event::Restart {
                     AfterStop::Restart
                 } else {
                     AfterStop::Stay
                 };
                 self.phase = Draining { pid, until, then };
-                vec![Effect::Wake(until)]
+                vec![Effect::Drain(pid), Effect::Wake(until)]
             }
             (Draining { pid, until, .. }, Event::Stop) => {
                 self.phase = Draining {
@@ -276,7 +291,10 @@ impl Lifecycle {
                 };
                 vec![]
             }
-            (Draining { pid, until, then }, Event::Wake) if now >= until => {
+            // Nothing in flight any more, or the bound has come.
+            (Draining { pid, until, then }, Event::Drained { .. } | Event::Wake)
+                if event == (Event::Drained { pid }) || (event == Event::Wake && now >= until) =>
+            {
                 let deadline = now + policy.kill_timeout;
                 self.phase = Stopping {
                     pid,
@@ -421,6 +439,7 @@ mod tests {
             kill_timeout: Duration::from_millis(2000),
             startup_grace: Duration::from_millis(2000),
             drain: Duration::ZERO,
+            proxied: false,
         }
     }
 
@@ -734,9 +753,11 @@ mod tests {
     }
 
     #[test]
-    fn drain_timeout_delays_the_signal_and_a_starting_instance_is_not_drained() {
+    fn a_proxied_instance_drains_until_nothing_is_in_flight_bounded_and_a_starting_one_is_not_drained()
+     {
         let mut sim = Sim::new(Policy {
-            drain: Duration::from_millis(800),
+            drain: Duration::from_millis(3000),
+            proxied: true,
             ..policy()
         });
         sim.send(Event::Start);
@@ -744,12 +765,42 @@ mod tests {
         sim.advance(2000);
         sim.send(Event::Wake);
         assert_eq!(sim.life.phase.name(), "running");
+        // The longer of drain_timeout and kill_timeout bounds the wait.
         assert_eq!(
             sim.send(Event::Stop),
-            vec![Effect::Wake(sim.now + Duration::from_millis(800))]
+            vec![
+                Effect::Drain(pid),
+                Effect::Wake(sim.now + Duration::from_millis(3000))
+            ]
         );
         assert_eq!(sim.life.phase.name(), "draining");
-        sim.advance(799);
+        sim.advance(10);
+        assert_eq!(sim.send(Event::Wake), vec![], "still draining");
+        assert_eq!(
+            sim.send(Event::Drained { pid: pid + 1 }),
+            vec![],
+            "another process's drain is stale"
+        );
+        // Nothing in flight: signalled at once, long before drain_timeout.
+        assert_eq!(
+            sim.send(Event::Drained { pid }),
+            vec![
+                Effect::Terminate(pid),
+                Effect::Wake(sim.now + Duration::from_millis(2000))
+            ]
+        );
+        sim.send(Event::Exited {
+            status: ExitStatus::Signal(15),
+        });
+        assert_eq!(sim.life.phase, Phase::Stopped);
+
+        // Work that never ends is cut off at the bound.
+        sim.send(Event::Start);
+        let pid = sim.spawn();
+        sim.advance(2000);
+        sim.send(Event::Wake);
+        sim.send(Event::Restart);
+        sim.advance(2999);
         assert_eq!(sim.send(Event::Wake), vec![], "still draining");
         sim.advance(1);
         assert_eq!(
@@ -763,11 +814,9 @@ mod tests {
             sim.send(Event::Exited {
                 status: ExitStatus::Signal(15)
             }),
-            vec![]
+            vec![Effect::Spawn]
         );
-        assert_eq!(sim.life.phase, Phase::Stopped);
         // Still inside its startup grace, an instance has no traffic to drain.
-        sim.send(Event::Start);
         let pid = sim.spawn();
         assert_eq!(sim.send(Event::Restart)[0], Effect::Terminate(pid));
     }

@@ -30,6 +30,12 @@ pub const MAX_MESSAGE: usize = 16 << 20;
 pub const MAX_QUEUED: usize = 16 << 20;
 /// A frame's length prefix counts the kind and session fields too.
 const HEADER: usize = 5;
+// ---- session hand-off (feature "migrate", kinds 48–55) ----
+/// The most a session's saved `session_data` may take, as JSON.
+pub const SESSION_DATA_MAX: usize = 64 * 1024;
+/// How often a session between instances looks for one to take it.
+const SUCCESSOR_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+// ---- end of session hand-off ----
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -45,6 +51,10 @@ enum Kind {
     Raw = 22,
     Close = 23,
     Credit = 24,
+    // Session hand-off (feature "migrate").
+    Save = 48,
+    Migrate = 49,
+    Handed = 50,
 }
 
 impl Kind {
@@ -61,6 +71,9 @@ impl Kind {
             22 => Kind::Raw,
             23 => Kind::Close,
             24 => Kind::Credit,
+            48 => Kind::Save,
+            49 => Kind::Migrate,
+            50 => Kind::Handed,
             _ => return None,
         })
     }
@@ -260,15 +273,27 @@ impl<'de> serde::de::Visitor<'de> for AppendValues<'_> {
 #[derive(Debug)]
 enum Inbound {
     Head(ResponseHead),
-    Message { kind: Kind, bytes: Bytes },
-    Close { code: u16, reason: String },
+    Message {
+        kind: Kind,
+        bytes: Bytes,
+    },
+    Close {
+        code: u16,
+        reason: String,
+    },
     Credit(u32),
+    /// The session's `session_data`, as JSON (`save`).
+    Save(Bytes),
+    /// The child let go of the session after `migrate`.
+    Handed,
 }
 
 struct Entry {
     tx: mpsc::UnboundedSender<Inbound>,
     /// Bytes the child may still send on this session.
     allowance: u32,
+    /// The daemon sent `migrate`, so the child may answer `handed`.
+    migrating: bool,
 }
 
 /// The daemon's end of one process's connector channel.
@@ -283,6 +308,15 @@ pub struct Link {
     half_close: AtomicBool,
     /// Bytes handed to the writer and not yet written to the child.
     queued: Arc<AtomicUsize>,
+    /// The work the proxy has on this process, which a stop waits for.
+    in_flight: Arc<crate::traffic::inflight::InFlight>,
+    /// The connector listed "migrate" in `ready`'s features.
+    migrates: AtomicBool,
+    /// Set when the instance leaves rotation: its sessions that may move
+    /// are handed to another instance.
+    retiring: tokio::sync::watch::Sender<bool>,
+    /// When the process started: sessions move to the youngest instance.
+    born: std::time::Instant,
     // IPC (feature "ipc"): begin
     ipc: Ipc,
     // IPC: end
@@ -399,6 +433,10 @@ impl Link {
             ready: AtomicBool::new(false),
             half_close: AtomicBool::new(false),
             queued: Arc::default(),
+            in_flight: Arc::default(),
+            migrates: AtomicBool::new(false),
+            retiring: tokio::sync::watch::Sender::new(false),
+            born: std::time::Instant::now(),
             ipc: Ipc {
                 settings: ipc,
                 endpoint: Mutex::default(),
@@ -411,6 +449,7 @@ impl Link {
             "instance_id": instance_id,
             "max_frame": MAX_FRAME,
             "window": WINDOW,
+            "session_data_max": SESSION_DATA_MAX,
         });
         link.send(Kind::Hello, 0, hello.to_string().as_bytes());
         tokio::spawn(write_frames(writer, queue, link.queued.clone()));
@@ -446,6 +485,26 @@ impl Link {
     /// Whether a TCP client's half-close reaches the child as `end`.
     pub(crate) fn takes_half_close(&self) -> bool {
         self.half_close.load(Ordering::Acquire)
+    }
+
+    /// The proxy's work on this process.
+    pub fn in_flight(&self) -> &Arc<crate::traffic::inflight::InFlight> {
+        &self.in_flight
+    }
+
+    /// Whether the connector takes part in session hand-off ("migrate").
+    pub fn migrates(&self) -> bool {
+        self.migrates.load(Ordering::Acquire)
+    }
+
+    /// The instance leaves rotation: its sessions that may move go to
+    /// another instance.
+    pub fn retire(&self) {
+        self.retiring.send_replace(true);
+    }
+
+    fn is_retiring(&self) -> bool {
+        *self.retiring.borrow()
     }
 
     fn send(&self, kind: Kind, session: u32, payload: &[u8]) {
@@ -514,6 +573,8 @@ impl Link {
                     .and_then(Value::as_array)
                     .map(|f| f.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
+                self.migrates
+                    .store(features.contains(&"migrate"), Ordering::Release);
                 self.ready_for_ipc(&features);
                 self.ready.store(true, Ordering::Release);
                 changed();
@@ -548,7 +609,19 @@ impl Link {
                         .try_into()
                         .map_err(|_| "a `credit` that is not 4 bytes".to_owned())?,
                 )),
-                Kind::Hello | Kind::Ready | Kind::Open | Kind::End => {
+                Kind::Save => {
+                    if payload.len() > SESSION_DATA_MAX {
+                        return Err(format!(
+                            "session {session}: a `save` of {} bytes (the limit is {SESSION_DATA_MAX})",
+                            payload.len()
+                        ));
+                    }
+                    serde_json::from_slice::<serde::de::IgnoredAny>(&payload)
+                        .map_err(|e| format!("session {session}: `save` is not JSON: {e}"))?;
+                    Inbound::Save(payload)
+                }
+                Kind::Handed => Inbound::Handed,
+                Kind::Hello | Kind::Ready | Kind::Open | Kind::End | Kind::Migrate => {
                     return Err(format!("{kind:?} is not for the child to send"));
                 }
             };
@@ -563,7 +636,10 @@ impl Link {
                     .checked_sub(size as u32)
                     .ok_or_else(|| format!("session {session}: data beyond the window"))?;
             }
-            let closing = matches!(inbound, Inbound::Close { .. });
+            if kind == Kind::Handed && !entry.migrating {
+                return Err(format!("session {session}: `handed` without `migrate`"));
+            }
+            let closing = matches!(inbound, Inbound::Close { .. } | Inbound::Handed);
             let _ = entry.tx.send(inbound);
             if closing {
                 sessions.remove(&session);
@@ -590,6 +666,7 @@ impl Link {
             Entry {
                 tx,
                 allowance: WINDOW,
+                migrating: false,
             },
         );
         drop(sessions);
@@ -673,6 +750,20 @@ impl Session {
             self.send(Kind::Close, &close_payload(code, reason));
         }
     }
+
+    /// Asks the child to let go of the session (`migrate`).
+    fn migrate(&self) {
+        if let Some(entry) = self
+            .link
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get_mut(&self.id)
+        {
+            entry.migrating = true;
+        }
+        self.send(Kind::Migrate, &[]);
+    }
 }
 
 impl Drop for Session {
@@ -729,8 +820,115 @@ pub(crate) trait ClientSide {
     async fn deliver(&mut self, message: ToClient, more: bool) -> Result<(), ()>;
 }
 
-/// Carries a session both ways until either side closes it.
-pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientSide) {
+// ---- session hand-off (feature "migrate") ----
+/// Where a session's instance finds the instances that could take it.
+pub(crate) trait Successors: Send + Sync {
+    /// The worker's instances that get traffic now.
+    fn candidates(&self) -> Vec<Arc<Link>>;
+}
+
+/// What a WebSocket or TCP session of a `session_persist` worker needs to
+/// move when its instance leaves rotation.
+pub(crate) struct Handoff {
+    pub successors: Arc<dyn Successors>,
+    /// `session_wait`: the most a session spends between instances.
+    pub wait: std::time::Duration,
+    /// For the daemon log.
+    pub worker: String,
+    pub protocol: &'static str,
+}
+
+impl Handoff {
+    /// The youngest instance that takes hand-offs, other than `leaving`.
+    fn successor(&self, leaving: &Arc<Link>) -> Option<Arc<Link>> {
+        self.successors
+            .candidates()
+            .into_iter()
+            .filter(|link| {
+                !Arc::ptr_eq(link, leaving)
+                    && link.is_ready()
+                    && link.migrates()
+                    && !link.is_retiring()
+            })
+            .max_by_key(|link| link.born)
+    }
+
+    /// Opens the session on another instance, with its saved data, once
+    /// one takes it before `deadline`.
+    async fn take_over(
+        &self,
+        leaving: &Arc<Link>,
+        head: &[u8],
+        saved: Option<&Bytes>,
+        deadline: tokio::time::Instant,
+    ) -> Option<(Arc<Link>, Session)> {
+        let head = migrated_head(head, saved);
+        loop {
+            if let Some(link) = self.successor(leaving)
+                && let Some(session) = link.open(&head)
+            {
+                return Some((link, session));
+            }
+            if tokio::time::Instant::now() + SUCCESSOR_POLL > deadline {
+                return None;
+            }
+            tokio::time::sleep(SUCCESSOR_POLL).await;
+        }
+    }
+}
+
+/// A session's head as the instance that takes it over sees it: marked
+/// migrated, with the `session_data` it last saved.
+fn migrated_head(head: &[u8], saved: Option<&Bytes>) -> Vec<u8> {
+    let mut fields: serde_json::Map<String, Value> =
+        serde_json::from_slice(head).expect("the daemon's own head is a JSON object");
+    fields.insert("migrated".to_owned(), Value::Bool(true));
+    if let Some(saved) = saved {
+        // Checked to be JSON when it arrived.
+        let data = serde_json::from_slice(saved).unwrap_or(Value::Null);
+        fields.insert("session_data".to_owned(), data);
+    }
+    serde_json::to_vec(&fields).expect("a JSON map serializes")
+}
+
+/// `apm check`'s notes on `session_persist`: it moves connector sessions
+/// only, so a worker that sets it with `upstream port` has its spliced
+/// WebSockets and TCP connections drained instead.
+pub fn persist_notes(config: &apm_compiler::ir::Config) -> Vec<String> {
+    config
+        .workers
+        .iter()
+        .filter(|spec| spec.session_persist.value && spec.upstream.value == "port")
+        .map(|spec| {
+            format!(
+                "{} sets `session_persist` with `upstream port`: sessions move between instances \
+                 only through a connector (`upstream connector`); its spliced WebSockets and TCP \
+                 connections are drained instead (waited for, up to `kill_timeout`, before an \
+                 instance is stopped)",
+                spec.label()
+            )
+        })
+        .collect()
+}
+
+/// A time that never comes, for a select branch that is off.
+fn never() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+}
+// ---- end of session hand-off ----
+
+/// Carries a session both ways until either side closes it. `in_flight`
+/// counts the session on its instance, which is not signalled while it
+/// runs (bounded); with `handoff`, the session moves to another instance
+/// when its own leaves rotation, and takes the count along.
+pub(crate) async fn pump(
+    link: &Arc<Link>,
+    head: &[u8],
+    mut client: impl ClientSide,
+    mut in_flight: Option<crate::traffic::inflight::Entered>,
+    handoff: Option<Handoff>,
+) {
+    let mut link = link.clone();
     let Some(mut session) = link.open(head) else {
         let _ = client.deliver(ToClient::Busy, false).await;
         return;
@@ -740,6 +938,12 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientS
     let mut pending: VecDeque<(Kind, Bytes)> = VecDeque::new();
     // A child's message arriving in `more` fragments.
     let mut partial = BytesMut::new();
+    // The session's `session_data`, as the child last saved it.
+    let mut saved: Option<Bytes> = None;
+    let mut retiring = link.retiring.subscribe();
+    // While the session leaves its instance: until when it may take.
+    let mut leaving: Option<tokio::time::Instant> = None;
+    let mut migrate_sent = false;
     loop {
         while let Some((kind, bytes)) = pending.front() {
             if bytes.len() > session.credit as usize {
@@ -749,12 +953,24 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientS
             session.send(*kind, bytes);
             pending.pop_front();
         }
-        tokio::select! {
+        // Everything read from the client has gone to the child: it may let go.
+        if leaving.is_some() && !migrate_sent && pending.is_empty() {
+            session.migrate();
+            migrate_sent = true;
+        }
+        let may_leave = leaving.is_none() && handoff.is_some() && link.migrates();
+        let moving = tokio::select! {
             inbound = session.rx.recv() => {
-                let Some(inbound) = inbound else {
-                    session.open = false;
-                    let _ = client.deliver(ToClient::Gone, false).await;
-                    return;
+                let inbound = match inbound {
+                    Some(inbound) => inbound,
+                    // A child that dies while letting go: the session moves
+                    // with what it last saved.
+                    None if leaving.is_some() => Inbound::Handed,
+                    None => {
+                        session.open = false;
+                        let _ = client.deliver(ToClient::Gone, false).await;
+                        return;
+                    }
                 };
                 let more = !session.rx.is_empty();
                 let delivery = match inbound {
@@ -762,7 +978,17 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientS
                         session.credit = session.credit.saturating_add(bytes);
                         continue;
                     }
-                    Inbound::Head(head) => client.deliver(ToClient::Head(head), more).await,
+                    Inbound::Save(data) => {
+                        saved = Some(data);
+                        continue;
+                    }
+                    Inbound::Handed => {
+                        session.open = false;
+                        Ok(true)
+                    }
+                    Inbound::Head(head) => {
+                        client.deliver(ToClient::Head(head), more).await.map(|()| false)
+                    }
                     Inbound::Message { kind: Kind::More, bytes } => {
                         if partial.len() + bytes.len() > MAX_MESSAGE {
                             session.close(1009, "message too big");
@@ -786,7 +1012,7 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientS
                             _ => ToClient::Message { text: kind == Kind::Text, bytes: message },
                         }, more).await;
                         session.consumed(size);
-                        delivered
+                        delivered.map(|()| false)
                     }
                     Inbound::Close { code, reason } => {
                         session.open = false;
@@ -794,28 +1020,102 @@ pub(crate) async fn pump(link: &Arc<Link>, head: &[u8], mut client: impl ClientS
                         return;
                     }
                 };
-                if delivery.is_err() {
-                    session.close(1006, "");
-                    return;
+                match delivery {
+                    Ok(moving) => moving,
+                    Err(()) => {
+                        session.close(1006, "");
+                        return;
+                    }
                 }
             }
-            from_client = client.next(), if pending.is_empty() => match from_client {
-                FromClient::Message { text, bytes } => {
-                    let last = if text { Kind::Text } else { Kind::Data };
-                    let mut rest = bytes;
-                    while rest.len() > fragment {
-                        pending.push_back((Kind::More, rest.split_to(fragment)));
+            from_client = client.next(), if pending.is_empty() && leaving.is_none() => {
+                match from_client {
+                    FromClient::Message { text, bytes } => {
+                        let last = if text { Kind::Text } else { Kind::Data };
+                        let mut rest = bytes;
+                        while rest.len() > fragment {
+                            pending.push_back((Kind::More, rest.split_to(fragment)));
+                        }
+                        pending.push_back((last, rest));
                     }
-                    pending.push_back((last, rest));
+                    FromClient::End => session.send(Kind::End, &[]),
+                    FromClient::Closed { code, reason } => {
+                        session.close(code, &reason);
+                        return;
+                    }
                 }
-                FromClient::End => session.send(Kind::End, &[]),
-                FromClient::Closed { code, reason } => {
-                    session.close(code, &reason);
-                    return;
-                }
-            },
+                false
+            }
+            Ok(()) = async { retiring.wait_for(|retiring| *retiring).await.map(drop) }, if may_leave => {
+                let wait = handoff.as_ref().map_or_else(Default::default, |h| h.wait);
+                leaving = Some(tokio::time::Instant::now() + wait);
+                false
+            }
+            () = tokio::time::sleep_until(leaving.unwrap_or_else(never)), if leaving.is_some() => {
+                let handoff = handoff.as_ref().expect("only a session with a handoff leaves");
+                expired(handoff, &link, "its instance to let go of it");
+                session.close(1012, "service restart");
+                let _ = client.deliver(ToClient::Close { code: 1012, reason: "service restart".to_owned() }, false).await;
+                return;
+            }
+        };
+        if !moving {
+            continue;
+        }
+        // Only a leaving session (with a handoff) moves.
+        let (Some(handoff), Some(deadline)) = (&handoff, leaving) else {
+            let _ = client.deliver(ToClient::Gone, false).await;
+            return;
+        };
+        match handoff
+            .take_over(&link, head, saved.as_ref(), deadline)
+            .await
+        {
+            Some((successor, moved)) => {
+                // The old instance's count goes with the old session.
+                in_flight = in_flight.map(|_| successor.in_flight.enter());
+                retiring = successor.retiring.subscribe();
+                session = moved;
+                link = successor;
+                partial.clear();
+                leaving = None;
+                migrate_sent = false;
+            }
+            None => {
+                expired(handoff, &link, "another instance to take it");
+                let _ = client
+                    .deliver(
+                        ToClient::Close {
+                            code: 1012,
+                            reason: "service restart".to_owned(),
+                        },
+                        false,
+                    )
+                    .await;
+                return;
+            }
         }
     }
+}
+
+/// The daemon log's line for a session that `session_wait` ran out on.
+fn expired(handoff: &Handoff, link: &Link, waited_for: &str) {
+    let kind = if handoff.protocol == "ws" {
+        "a WebSocket"
+    } else {
+        "a TCP connection"
+    };
+    let closed = if handoff.protocol == "ws" {
+        "closed it with 1012"
+    } else {
+        "closed it"
+    };
+    crate::log(format_args!(
+        "{}: {kind} of {} waited session_wait ({} ms) for {waited_for}; {closed}",
+        handoff.worker,
+        link.label,
+        handoff.wait.as_millis()
+    ));
 }
 
 /// The session head of `docs/connector-protocol.md`.
@@ -971,6 +1271,26 @@ mod tests {
         assert!(serde_json::from_str::<ResponseHead>(r#"{"a":"b""#).is_err());
     }
 
+    #[test]
+    fn check_notes_session_persist_with_upstream_port_and_not_with_a_connector() {
+        let compile = |text: &str| {
+            let loader = apm_compiler::loader::MemLoader::new().file("/apm.conf", text);
+            apm_compiler::compile(std::path::Path::new("/apm.conf"), &loader)
+                .expect("in memory")
+                .config
+        };
+        let port = compile(
+            "worker { name a; exec node; server http://127.0.0.1:8080; upstream port; session_persist true; }",
+        );
+        let noted = persist_notes(&port);
+        assert_eq!(noted.len(), 1, "{noted:?}");
+        assert!(noted[0].contains("only through a connector"), "{noted:?}");
+        let connector = compile(
+            "worker { name a; exec node; server http://127.0.0.1:8080; session_persist true; }",
+        );
+        assert_eq!(persist_notes(&connector), Vec::<String>::new());
+    }
+
     #[tokio::test]
     async fn handshake_then_ready() {
         let (link, mut theirs, mut changed) = child().await;
@@ -997,6 +1317,139 @@ mod tests {
             .unwrap();
         changed.recv().await.unwrap();
         assert!(!link.is_ready());
+    }
+
+    /// A ready child and a session opened on it.
+    async fn session_on_a_ready_child() -> (
+        Arc<Link>,
+        tokio::net::UnixStream,
+        mpsc::UnboundedReceiver<()>,
+        Session,
+    ) {
+        let (link, mut theirs, mut changed) = child().await;
+        theirs
+            .write_all(&frame(
+                Kind::Ready,
+                0,
+                br#"{"protocol":1,"features":["migrate"]}"#,
+            ))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(link.migrates());
+        let session = link.open(b"{}").unwrap();
+        (link, theirs, changed, session)
+    }
+
+    #[tokio::test]
+    async fn a_child_that_hands_back_a_session_it_was_not_asked_for_is_cut_off() {
+        let (link, mut theirs, mut changed, mut session) = session_on_a_ready_child().await;
+        theirs
+            .write_all(&frame(Kind::Handed, session.id, b""))
+            .await
+            .unwrap();
+        changed.recv().await.unwrap();
+        assert!(!link.is_ready());
+        assert!(session.rx.recv().await.is_none(), "the session ends");
+    }
+
+    #[tokio::test]
+    async fn a_save_is_kept_and_one_over_the_limit_or_not_json_cuts_the_child_off() {
+        let (_link, mut theirs, _changed, mut session) = session_on_a_ready_child().await;
+        let saved = format!("\"{}\"", "x".repeat(SESSION_DATA_MAX - 2));
+        theirs
+            .write_all(&frame(Kind::Save, session.id, saved.as_bytes()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(session.rx.recv().await, Some(Inbound::Save(data)) if data.len() == SESSION_DATA_MAX)
+        );
+        for bad in [
+            format!("\"{}\"", "x".repeat(SESSION_DATA_MAX)),
+            "{".to_owned(),
+        ] {
+            let (link, mut theirs, mut changed, mut session) = session_on_a_ready_child().await;
+            theirs
+                .write_all(&frame(Kind::Save, session.id, bad.as_bytes()))
+                .await
+                .unwrap();
+            changed.recv().await.unwrap();
+            assert!(!link.is_ready(), "a save of {} bytes", bad.len());
+            assert!(session.rx.recv().await.is_none());
+        }
+    }
+
+    /// A client that sends nothing and reports what reaches it.
+    struct Recorder(mpsc::UnboundedSender<Option<u16>>);
+
+    impl ClientSide for Recorder {
+        async fn next(&mut self) -> FromClient {
+            std::future::pending().await
+        }
+
+        async fn deliver(&mut self, message: ToClient, _more: bool) -> Result<(), ()> {
+            let close = match message {
+                ToClient::Close { code, .. } => Some(code),
+                _ => None,
+            };
+            let _ = self.0.send(close);
+            close.map_or(Ok(()), |_| Err(()))
+        }
+    }
+
+    struct NoSuccessor;
+
+    impl Successors for NoSuccessor {
+        fn candidates(&self) -> Vec<Arc<Link>> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_that_never_lets_go_of_a_session_has_it_closed_with_1012_after_session_wait() {
+        let (link, mut theirs, _changed) = child().await;
+        assert_eq!(read_frame(&mut theirs).await.0, Kind::Hello as u8);
+        theirs
+            .write_all(&frame(
+                Kind::Ready,
+                0,
+                br#"{"protocol":1,"features":["migrate"]}"#,
+            ))
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !link.migrates() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let (tx, mut delivered) = mpsc::unbounded_channel();
+        let handoff = Handoff {
+            successors: Arc::new(NoSuccessor),
+            wait: std::time::Duration::from_millis(200),
+            worker: "t".to_owned(),
+            protocol: "ws",
+        };
+        let pumping = tokio::spawn({
+            let link = link.clone();
+            async move { pump(&link, b"{}", Recorder(tx), None, Some(handoff)).await }
+        });
+        let (kind, id, _) = read_frame(&mut theirs).await;
+        assert_eq!(kind, Kind::Open as u8);
+        let retired = std::time::Instant::now();
+        link.retire();
+        assert_eq!(
+            read_frame(&mut theirs).await,
+            (Kind::Migrate as u8, id, vec![])
+        );
+        // The child says nothing more.
+        assert_eq!(delivered.recv().await, Some(Some(1012)));
+        assert!(retired.elapsed() >= std::time::Duration::from_millis(200));
+        let (kind, closed, payload) = read_frame(&mut theirs).await;
+        assert_eq!((kind, closed), (Kind::Close as u8, id));
+        assert_eq!(payload[..2], 1012u16.to_be_bytes());
+        pumping.await.unwrap();
     }
 
     #[tokio::test]

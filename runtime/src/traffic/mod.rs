@@ -5,6 +5,7 @@ pub(crate) mod activity;
 pub mod connector;
 pub(crate) mod held;
 pub(crate) mod http;
+pub mod inflight;
 pub mod proxy;
 pub(crate) mod session;
 pub mod tls;

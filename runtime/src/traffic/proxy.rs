@@ -24,10 +24,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::observe::traffic_stats::{self, ListenerStats};
 use crate::traffic::activity::{Activity, ClientBody};
-use crate::traffic::connector::{Head, Link};
+use crate::traffic::connector::{Handoff, Head, Link, Successors};
 use crate::traffic::held::{Held, Metered};
 use crate::traffic::http::{Body, BoxError, Io, lists_token, text};
+use crate::traffic::inflight::{Entered, InFlight};
 use crate::traffic::tls::Tls;
 use crate::traffic::upstream;
 use crate::traffic::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
@@ -42,17 +44,33 @@ pub struct Route {
     pub options: Arc<Options>,
 }
 
-/// A running instance, as the proxy reaches it.
+/// A running instance, as the proxy reaches it: its port (with what the
+/// proxy has in flight on it) or its connector channel.
 #[derive(Clone, Debug)]
 pub enum Backend {
-    Port(SocketAddr),
+    Port(SocketAddr, Arc<InFlight>),
     Connector(Arc<Link>),
+}
+
+impl Backend {
+    /// Counts a request or connection on the instance, which is not
+    /// signalled before it ends (bounded by `kill_timeout`).
+    fn enter(&self) -> Entered {
+        match self {
+            Backend::Port(_, in_flight) => in_flight.enter(),
+            Backend::Connector(link) => link.in_flight().enter(),
+        }
+    }
 }
 
 impl PartialEq for Backend {
     fn eq(&self, other: &Backend) -> bool {
         match (self, other) {
-            (Backend::Port(a), Backend::Port(b)) => a == b,
+            // A new process may get the port of the one before: its count
+            // is its own.
+            (Backend::Port(a, a_flight), Backend::Port(b, b_flight)) => {
+                a == b && Arc::ptr_eq(a_flight, b_flight)
+            }
             (Backend::Connector(a), Backend::Connector(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -88,6 +106,42 @@ pub struct Options {
     /// `upstream connector`: the daemon speaks HTTP and WebSocket itself
     /// and hands sessions to the instances.
     pub connector: bool,
+    /// `session_persist` (with a connector): WebSocket and TCP sessions
+    /// move to another instance when theirs leaves rotation, each within
+    /// `session_wait`.
+    pub session_persist: Option<std::time::Duration>,
+}
+
+/// A worker's instances as candidates to take over a session.
+struct RouteSuccessors(Routes);
+
+impl Successors for RouteSuccessors {
+    fn candidates(&self) -> Vec<Arc<Link>> {
+        self.0
+            .borrow()
+            .backends
+            .iter()
+            .filter_map(|backend| match backend {
+                Backend::Connector(link) => Some(link.clone()),
+                Backend::Port(..) => None,
+            })
+            .collect()
+    }
+}
+
+/// What a session of this worker needs to move, with `session_persist`.
+fn handoff(
+    routes: &Routes,
+    options: &Options,
+    worker: &str,
+    protocol: &'static str,
+) -> Option<Handoff> {
+    options.session_persist.map(|wait| Handoff {
+        successors: Arc::new(RouteSuccessors(routes.clone())),
+        wait,
+        worker: worker.to_owned(),
+        protocol,
+    })
 }
 
 /// Whether a worker's listeners terminate TLS.
@@ -164,6 +218,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
     let scheme = server.scheme;
     let shown = server.to_string();
     let next = Arc::new(AtomicUsize::new(0));
+    let stats = traffic_stats::register(worker.clone(), shown.clone());
     let task = tokio::spawn(async move {
         // `max_conns`: beyond it, new connections wait in the kernel's backlog.
         let mut slots = Slots::default();
@@ -186,6 +241,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 }
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
+            let (successors, stats) = (routes.clone(), stats.clone());
             tokio::spawn(async move {
                 let options = routes.borrow().options.clone();
                 // A raw connection is judged by Vanguard before anything else;
@@ -213,6 +269,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         raw.then(Permit::unguarded),
                     ),
                 };
+                let stream = Box::new(stats.connection(stream)) as Box<dyn Io>;
                 // What HTTP and WebSocket clients send is held until passed
                 // on, and counted against the daemon's budget.
                 let held = Held::new();
@@ -248,7 +305,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     let backend = kept
                         .and_then(|kept| {
                             list.iter()
-                                .find(|b| matches!(b, Backend::Port(a) if *a == kept))
+                                .find(|b| matches!(b, Backend::Port(a, _) if *a == kept))
                                 .cloned()
                         })
                         .or_else(|| {
@@ -259,10 +316,14 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                     (backend, route.options.clone())
                 };
                 match raw_permit {
-                    None => serve_http(stream, client, held, worker, &options, tls, pick).await,
+                    None => {
+                        let connection = Connection::new(client, tls, stats, held, successors);
+                        serve_http(stream, connection, &options, pick).await;
+                    }
                     Some(permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
-                        splice(stream, pick(None).0, head, permit).await;
+                        let handoff = handoff(&successors, &options, &worker, "tcp");
+                        splice(stream, pick(None).0, head, permit, handoff).await;
                     }
                 }
                 drop(permit);
@@ -402,22 +463,28 @@ fn admit_connection(options: &Options, client: Option<IpAddr>) -> Result<Permit,
     }
 }
 
-/// Carries a raw connection Vanguard let through to an instance.
+/// Carries a raw connection Vanguard let through to an instance, which is
+/// not signalled while it lasts (bounded); with `handoff`, a connector
+/// session moves instead.
 async fn splice(
     mut client: Box<dyn Io>,
     backend: Option<Backend>,
     head: Head<'_>,
     _permit: Permit,
+    handoff: Option<Handoff>,
 ) {
+    let Some(backend) = backend else { return };
+    let in_flight = backend.enter();
     match backend {
-        None => {}
-        Some(Backend::Port(backend)) => {
+        Backend::Port(backend, _) => {
             if let Ok(mut upstream) = TcpStream::connect(backend).await {
                 let _ = upstream.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
         }
-        Some(Backend::Connector(link)) => crate::traffic::session::tcp(client, link, head).await,
+        Backend::Connector(link) => {
+            crate::traffic::session::tcp(client, link, head, in_flight, handoff).await;
+        }
     }
 }
 
@@ -427,15 +494,37 @@ struct Connection {
     /// The client's address as `X-Forwarded-For` carries it, made once.
     client_value: Option<HeaderValue>,
     tls: Option<Secure>,
-    worker: String,
+    /// Its listener's figures, which name the worker.
+    stats: Arc<ListenerStats>,
     /// The connection to an instance that this client's requests reuse.
     upstream: std::sync::Mutex<upstream::Pinned>,
     activity: Arc<Activity>,
     /// What the proxy has read from the client and not yet passed on.
     held: Arc<Held>,
+    /// The worker's route, for a WebSocket to find its next instance.
+    routes: Routes,
 }
 
 impl Connection {
+    fn new(
+        client: Option<IpAddr>,
+        tls: Option<Secure>,
+        stats: Arc<ListenerStats>,
+        held: Arc<Held>,
+        routes: Routes,
+    ) -> Connection {
+        Connection {
+            client,
+            client_value: client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
+            tls,
+            stats,
+            upstream: std::sync::Mutex::default(),
+            activity: Arc::new(Activity::new()),
+            held,
+            routes,
+        }
+    }
+
     /// When the connection has been idle for `keep_alive` (never, for 0):
     /// no request answered in that time, whatever the client sent meanwhile
     /// (a client that never finishes a request's head included). Meanwhile,
@@ -476,16 +565,21 @@ impl Connection {
 }
 
 /// A request being answered, until its response's body is through (or
-/// dropped with the connection).
-struct Answering(Arc<Connection>);
+/// dropped with the connection), its count on the instance answering it,
+/// and since when.
+struct Answering(Arc<Connection>, Option<Entered>, std::time::Instant);
 
 impl Answering {
     fn start(connection: Arc<Connection>) -> Answering {
         connection.activity.answering.fetch_add(1, Ordering::AcqRel);
-        Answering(connection)
+        Answering(connection, None, std::time::Instant::now())
     }
 
+    /// The answer, counted in the listener's figures as its head is ready.
     fn with(self, response: Response<Body>) -> Response<Answer> {
+        self.0
+            .stats
+            .answered(response.status().as_u16(), self.2.elapsed());
         response.map(|body| Answer {
             body,
             _answering: self,
@@ -531,22 +625,11 @@ impl hyper::body::Body for Answer {
 
 async fn serve_http(
     stream: Box<dyn Io>,
-    client: Option<IpAddr>,
-    held: Arc<Held>,
-    worker: String,
+    connection: Connection,
     options: &Options,
-    tls: Option<Secure>,
     pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + 'static,
 ) {
-    let connection = Arc::new(Connection {
-        client,
-        client_value: client.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()),
-        tls,
-        worker,
-        upstream: std::sync::Mutex::default(),
-        activity: Arc::new(Activity::new()),
-        held,
-    });
+    let connection = Arc::new(connection);
     let watched = connection.clone();
     // The request's future is `forward`'s own: each async layer around it
     // would keep its own copy of the request, and hyper moves the whole
@@ -668,8 +751,9 @@ async fn forward(
     connection: Arc<Connection>,
     pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>),
 ) -> Result<Response<Answer>, std::convert::Infallible> {
-    let answering = Answering::start(connection);
-    let connection = &*answering.0;
+    let mut answering = Answering::start(connection);
+    let connection = answering.0.clone();
+    let connection = &*connection;
     // The head is parsed: hyper holds it no more.
     connection.held.passed_on();
     if crate::traffic::held::nearly_spent() {
@@ -691,7 +775,7 @@ async fn forward(
     let (client, tls, worker) = (
         origin.client,
         connection.tls.as_ref(),
-        connection.worker.as_str(),
+        connection.stats.worker.as_str(),
     );
     // A tunnel to wherever the client names is a forward proxy's job, not
     // an app's; a `tcp://` listener carries raw connections to instances.
@@ -718,11 +802,14 @@ async fn forward(
         );
         return Ok(answering.with(unavailable));
     };
+    // Counted before any await: the instance is not signalled until the
+    // answer is through.
+    let in_flight = answering.1.insert(backend.enter());
     let traced = prepare(&mut request, connection, &origin, &options);
     let request = request.map(|body| ClientBody::new(body, &connection.activity, &connection.held));
     let mut response = match backend {
-        Backend::Port(backend) => {
-            upstream::to_port(request, &connection.upstream, worker, backend).await
+        Backend::Port(backend, _) => {
+            upstream::to_port(request, &connection.upstream, worker, backend, in_flight).await
         }
         // Boxed: inline, a session's future (kilobytes) would be part of
         // every request's future, which hyper moves as it takes it.
@@ -732,6 +819,8 @@ async fn forward(
                 link,
                 Secure::head("http", client, tls),
                 options.keep_alive,
+                in_flight,
+                |protocol| handoff(&connection.routes, &options, worker, protocol),
             ))
             .await
         }

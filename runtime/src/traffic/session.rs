@@ -20,19 +20,26 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::traffic::activity::ClientBody;
 use crate::traffic::connector::{
-    ClientSide, FromClient, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
+    ClientSide, FromClient, Handoff, Head, Link, MAX_MESSAGE, ResponseHead, ToClient, pump,
 };
 use crate::traffic::http::{Body, BoxError, Io, text};
+use crate::traffic::inflight::Entered;
 
-/// Serves one HTTP request, or a WebSocket handshake, as a session.
+/// Serves one HTTP request, or a WebSocket handshake, as a session. A
+/// WebSocket counts as `in_flight` on its instance while it runs there,
+/// and moves with `handoff` (`session_persist`), which it makes when the
+/// request is a handshake.
 pub(crate) async fn http(
     request: Request<ClientBody>,
     link: Arc<Link>,
     head: Head<'_>,
     keep_alive: Duration,
+    in_flight: &Entered,
+    handoff: impl FnOnce(&'static str) -> Option<Handoff>,
 ) -> Response<Body> {
     if is_websocket(&request) {
-        return websocket(request, link, head, keep_alive);
+        let stay = (in_flight.clone(), handoff("ws"));
+        return websocket(request, link, head, keep_alive, stay);
     }
     let (parts, body) = request.into_parts();
     let head = Head {
@@ -50,7 +57,8 @@ pub(crate) async fn http(
     // The session runs here until the response is ready, which for most
     // responses is when it ends; only a response still streaming goes on
     // in a task of its own. A client gone before that drops the session.
-    let mut session = Box::pin(async move { pump(&link, &head, exchange).await });
+    // The request's own `in_flight` is held until its response is through.
+    let mut session = Box::pin(async move { pump(&link, &head, exchange, None, None).await });
     let mut response = response;
     let response = tokio::select! {
         response = &mut response => {
@@ -236,6 +244,7 @@ fn websocket(
     link: Arc<Link>,
     head: Head<'_>,
     keep_alive: Duration,
+    (in_flight, handoff): (Entered, Option<Handoff>),
 ) -> Response<Body> {
     let headers = request.headers();
     let Some(key) = headers.get(hyper::header::SEC_WEBSOCKET_KEY) else {
@@ -283,7 +292,8 @@ fn websocket(
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         let idle = Idle::new(keep_alive);
-        pump(&link, &head, WebSocket { ws, idle, held }).await;
+        let client = WebSocket { ws, idle, held };
+        pump(&link, &head, client, Some(in_flight), handoff).await;
     });
     let mut response = Response::new(http_body_util::Empty::new().map_err(Into::into).boxed());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -455,8 +465,15 @@ impl WebSocket {
     }
 }
 
-/// Runs a raw TCP connection as a session.
-pub(crate) async fn tcp(stream: Box<dyn Io>, link: Arc<Link>, head: Head<'_>) {
+/// Runs a raw TCP connection as a session, counted as `in_flight` on its
+/// instance and moved with `handoff` (`session_persist`).
+pub(crate) async fn tcp(
+    stream: Box<dyn Io>,
+    link: Arc<Link>,
+    head: Head<'_>,
+    in_flight: Entered,
+    handoff: Option<Handoff>,
+) {
     let head = Head {
         protocol: "tcp",
         ..head
@@ -473,6 +490,8 @@ pub(crate) async fn tcp(stream: Box<dyn Io>, link: Arc<Link>, head: Head<'_>) {
             buffer: BytesMut::new(),
             half_close,
         },
+        Some(in_flight),
+        handoff,
     )
     .await;
 }

@@ -23,6 +23,7 @@ pub(crate) async fn to_port(
     pinned: &Mutex<Pinned>,
     worker: &str,
     backend: SocketAddr,
+    in_flight: &crate::traffic::inflight::Entered,
 ) -> Response<Body> {
     let failed = |e: &dyn std::fmt::Display| {
         text(
@@ -107,7 +108,11 @@ pub(crate) async fn to_port(
                 );
             };
             let server_upgrade = hyper::upgrade::on(&mut response);
+            // A spliced connection cannot move: its instance waits for it
+            // (bounded) before it is signalled.
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
+                let _in_flight = in_flight;
                 if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
                     held.stop_counting();
                     let _ = tokio::io::copy_bidirectional(

@@ -69,6 +69,9 @@ impl Supervisor {
                     vanguard: worker.guard.clone(),
                     tls: worker.tls.clone(),
                     connector: spec.upstream.value == "connector",
+                    session_persist: (spec.upstream.value == "connector"
+                        && spec.session_persist.value)
+                        .then(|| spec.session_wait.as_duration()),
                 }),
             };
             worker.routes.send_if_modified(|current| {

@@ -10,6 +10,7 @@
 //! `listeners` (the proxy's listeners and routes), `watches` (file watching,
 //! health verdicts, StatsD) and `orphans` (a crashed daemon's processes).
 
+mod draining;
 mod listeners;
 mod orphans;
 mod rolling;
@@ -45,6 +46,22 @@ use crate::process::state::{Environment, Origin, SavedProcess, SavedWorker, Save
 use crate::sys;
 use crate::traffic::proxy::Backend;
 
+/// How many exits of each instance `InstanceStatus::exits` keeps.
+pub const KEPT_EXITS: usize = 10;
+
+/// A process of an instance that ended: when, after how long, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Exit {
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    pub ran_ms: Option<u64>,
+    /// `exit 1`, `killed by SIGKILL`, `could not start`; and whether the
+    /// kernel killed it for going over `memory_limit`.
+    pub reason: String,
+    #[serde(default)]
+    pub over_memory_limit: bool,
+}
+
 /// One instance's state, as `list` and `info` show it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InstanceStatus {
@@ -54,8 +71,14 @@ pub struct InstanceStatus {
     pub uptime_ms: Option<u64>,
     pub restarts: u32,
     pub cpu_percent: f64,
+    /// The CPU time the process has used (user and system), for `/metrics`.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     pub memory_bytes: u64,
     pub last_exit: Option<String>,
+    /// Its last exits, oldest first (at most `KEPT_EXITS`), for the dashboard.
+    #[serde(default)]
+    pub exits: Vec<Exit>,
     /// For a worker with `server` lines: whether the proxy sends this
     /// instance traffic (it runs, and accepts on its port or said `ready`).
     #[serde(default)]
@@ -300,6 +323,7 @@ struct Instance {
     stderr_head: Arc<Mutex<Vec<u8>>>,
     spawn_error: Option<String>,
     last_exit: Option<ExitStatus>,
+    exits: VecDeque<Exit>,
     /// The last look at its process's CPU and memory.
     usage: Option<Usage>,
     /// Where the current process's stdout and stderr lines go.
@@ -366,8 +390,19 @@ impl Instance {
         }
         // With `upstream port`, a link is there for IPC only.
         match (&self.port, &self.link) {
-            (Some(port), _) => port.accepting().then_some(Backend::Port(port.address)),
+            (Some(port), _) => port
+                .accepting()
+                .then(|| Backend::Port(port.address, port.in_flight.clone())),
             (None, Some(link)) => link.is_ready().then(|| Backend::Connector(link.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// What the proxy has in flight on the current process.
+    fn in_flight(&self) -> Option<Arc<crate::traffic::inflight::InFlight>> {
+        match (&self.port, &self.link) {
+            (Some(port), _) => Some(port.in_flight.clone()),
+            (None, Some(link)) => Some(link.in_flight().clone()),
             (None, None) => None,
         }
     }
@@ -376,6 +411,7 @@ impl Instance {
 struct Port {
     address: std::net::SocketAddr,
     accepting: Arc<std::sync::atomic::AtomicBool>,
+    in_flight: Arc<crate::traffic::inflight::InFlight>,
 }
 
 impl Port {
@@ -383,6 +419,7 @@ impl Port {
         Port {
             address: std::net::SocketAddr::from(([127, 0, 0, 1], number)),
             accepting: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -442,6 +479,9 @@ struct Worker {
     /// Why its `memory_limit` is not enforced, once a start found out: the
     /// daemon log says it once, every start report again.
     memory_warning: Option<String>,
+    /// Whether the daemon log said that its connector cannot hand sessions
+    /// off, which `session_persist` asks for.
+    migrate_warned: bool,
 }
 
 /// A rolling restart: instance `current` was restarted at `since`; the
@@ -757,6 +797,7 @@ impl Supervisor {
             stderr_head: Arc::default(),
             spawn_error: None,
             last_exit: None,
+            exits: VecDeque::new(),
             usage: None,
             targets: None,
             port: None,
@@ -795,6 +836,7 @@ impl Supervisor {
             deps_timed_out: false,
             rolling: None,
             memory_warning: None,
+            migrate_warned: false,
             routes: watch::channel(crate::traffic::proxy::Route::default()).0,
         };
         self.workers.insert(name, worker);
@@ -861,11 +903,11 @@ impl Supervisor {
                 if let Some(pid) = instance.life.phase.pid() {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
-                if instance
+                let over_memory_limit = instance
                     .cgroup
                     .as_ref()
-                    .is_some_and(|g| g.killed_for_memory())
-                {
+                    .is_some_and(|g| g.killed_for_memory());
+                if over_memory_limit {
                     let limit = worker
                         .spec
                         .memory_limit
@@ -877,6 +919,17 @@ impl Supervisor {
                     ));
                 }
                 instance.last_exit = Some(status);
+                if instance.exits.len() == KEPT_EXITS {
+                    instance.exits.pop_front();
+                }
+                instance.exits.push_back(Exit {
+                    at_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                    ran_ms: instance.started.map(|s| s.elapsed().as_millis() as u64),
+                    reason: status.to_string(),
+                    over_memory_limit,
+                });
                 instance.start_ticks = None;
                 self.dirty = true;
             }
@@ -899,6 +952,7 @@ impl Supervisor {
                     Effect::Kill(pid) => {
                         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                     }
+                    Effect::Drain(pid) => self.drain(name, index, pid),
                     Effect::Wake(at) => {
                         let tx = self.tx.clone();
                         tokio::spawn(async move {
@@ -1128,8 +1182,11 @@ impl Supervisor {
                     uptime_ms: uptime.map(|u| u.as_millis() as u64),
                     restarts: instance.life.attempts.saturating_sub(1),
                     cpu_percent: usage.map_or(0.0, |u| (u.cpu_percent * 10.0).round() / 10.0),
+                    cpu_seconds: usage
+                        .map_or(0.0, |u| u.cpu_ticks as f64 * procfs::tick().as_secs_f64()),
                     memory_bytes: usage.map_or(0, |u| u.rss_bytes),
                     last_exit: instance.last_exit.map(|s| s.to_string()),
+                    exits: instance.exits.iter().cloned().collect(),
                     serving: (!worker.spec.server.is_empty()).then(|| instance.backend().is_some()),
                     healthy: worker
                         .spec

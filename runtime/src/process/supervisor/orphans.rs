@@ -177,6 +177,12 @@ mod tests {
         let (mut stubborn, stubborn_saved) = group("trap '' TERM; while :; do sleep 0.05; done");
         let (mut gone, gone_saved) = group("exit 0");
         gone.wait().unwrap();
+        // A loaded machine may not have run the shell's `trap` yet: its first
+        // `sleep` shows the trap is in place, so SIGTERM cannot end it early.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while members(stubborn_saved.pid) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let saved = [polite_saved, stubborn_saved, gone_saved];
         let started = Instant::now();
         let grace = Duration::from_millis(300);

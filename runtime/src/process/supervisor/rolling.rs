@@ -54,8 +54,12 @@ impl Supervisor {
             let spec = &worker.spec;
             let serves = (spec.server.is_empty() || instance.backend().is_some())
                 && (spec.health_check.is_none() || instance.healthy);
+            // Its drain (bounded by the longer of the two), then its stop.
             let deadline = rolling.since
-                + spec.drain_timeout.as_duration()
+                + spec
+                    .drain_timeout
+                    .as_duration()
+                    .max(spec.kill_timeout.as_duration())
                 + spec.kill_timeout.as_duration()
                 + spec.startup_grace.as_duration()
                 + ROLLING_PATIENCE;

@@ -1,0 +1,286 @@
+//! What each listener's traffic amounts to, for `/metrics` and the
+//! dashboard: requests by status class, a histogram of the time to an
+//! answer's head, open connections and bytes each way. Relaxed atomics
+//! only, a few per request and one per read or write: no label is a path
+//! or a client, so the set of series stays as small as the set of
+//! listeners. A listener's figures live as long as its socket; a listener
+//! bound again (another address, a reload that moved it) starts from zero,
+//! which Prometheus reads as a counter reset.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The histogram's upper bounds, in seconds: Prometheus' default buckets,
+/// which span a cache hit to a slow report.
+pub const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One listener's counters.
+pub struct ListenerStats {
+    pub worker: String,
+    /// The `server` address as written (`http://0.0.0.0:8080`).
+    pub listener: String,
+    /// Answers by status class, 1xx to 5xx.
+    classes: [AtomicU64; 5],
+    /// Answers per bucket (not cumulative), the last past every bound.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// The sum of the durations, in microseconds.
+    micros: AtomicU64,
+    open: AtomicU64,
+    accepted: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+/// Every listener's counters, held weakly: a closed listener's go with it.
+static LISTENERS: Mutex<Vec<Weak<ListenerStats>>> = Mutex::new(Vec::new());
+
+/// The counters of a new listener, listed until the returned `Arc`s are dropped.
+pub fn register(worker: String, listener: String) -> Arc<ListenerStats> {
+    let stats = Arc::new(ListenerStats {
+        worker,
+        listener,
+        classes: Default::default(),
+        buckets: Default::default(),
+        micros: AtomicU64::new(0),
+        open: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+    });
+    let mut all = crate::locked(&LISTENERS);
+    all.retain(|weak| weak.strong_count() > 0);
+    all.push(Arc::downgrade(&stats));
+    stats
+}
+
+/// The figures of every open listener, by worker and address.
+pub fn snapshot() -> Vec<Snapshot> {
+    let mut all: Vec<Snapshot> = crate::locked(&LISTENERS)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|stats| stats.snapshot())
+        .collect();
+    all.sort_by(|a, b| (&a.worker, &a.listener).cmp(&(&b.worker, &b.listener)));
+    all
+}
+
+impl ListenerStats {
+    /// Counts an answer whose head was ready `took` after its request's.
+    pub fn answered(&self, status: u16, took: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, Ordering::Relaxed);
+        let seconds = took.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A client connection, counted open until the returned stream is dropped.
+    pub fn connection<T>(self: &Arc<Self>, stream: T) -> Counted<T> {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            inner: stream,
+            stats: self.clone(),
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Snapshot {
+            worker: self.worker.clone(),
+            listener: self.listener.clone(),
+            requests: std::array::from_fn(|i| read(&self.classes[i])),
+            buckets: std::array::from_fn(|i| read(&self.buckets[i])),
+            seconds: read(&self.micros) as f64 / 1e6,
+            open: read(&self.open),
+            accepted: read(&self.accepted),
+            received: read(&self.received),
+            sent: read(&self.sent),
+        }
+    }
+}
+
+/// One listener's figures at one instant.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub worker: String,
+    pub listener: String,
+    /// Answers with status 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub requests: [u64; 5],
+    /// Answers per bucket of `BUCKETS` (not cumulative), the last one for
+    /// those slower than every bound.
+    pub buckets: [u64; BUCKETS.len() + 1],
+    /// The durations' sum.
+    pub seconds: f64,
+    pub open: u64,
+    /// Connections accepted since the listener opened.
+    pub accepted: u64,
+    /// Bytes read from clients and written to them (after TLS: what the
+    /// wire carried).
+    pub received: u64,
+    pub sent: u64,
+}
+
+impl Snapshot {
+    /// Answers counted.
+    pub fn answers(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The bound under which a `q` share of the answers came (the
+    /// upper bound of the bucket that holds that rank, as Prometheus'
+    /// `histogram_quantile` reads it without interpolating), or `None`
+    /// without answers; past the last bound, infinity.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.answers();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
+}
+
+/// A client connection whose bytes count towards its listener's figures,
+/// and which is an open connection until dropped (an upgraded one too,
+/// which outlives its HTTP exchange).
+pub struct Counted<T> {
+    inner: T,
+    stats: Arc<ListenerStats>,
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = (buf.filled().len() - before) as u64;
+        this.stats.received.fetch_add(read, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.stats.sent.fetch_add(written as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.stats.sent.fetch_add(written as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn answers_count_by_class_and_bucket_and_give_their_quantiles() {
+        let stats = register("web".into(), "http://127.0.0.1:1".into());
+        for _ in 0..98 {
+            stats.answered(200, Duration::from_millis(3));
+        }
+        stats.answered(404, Duration::from_millis(30));
+        stats.answered(503, Duration::from_secs(20));
+        stats.answered(101, Duration::ZERO);
+        let figures = stats.snapshot();
+        assert_eq!(figures.requests, [1, 98, 0, 1, 1]);
+        assert_eq!(figures.answers(), 101);
+        assert_eq!(figures.buckets[0], 99, "3 ms and 0 are within 5 ms");
+        assert_eq!(figures.buckets[3], 1, "30 ms is within 50 ms");
+        assert_eq!(
+            figures.buckets[BUCKETS.len()],
+            1,
+            "20 s is past every bound"
+        );
+        assert!((figures.seconds - (98.0 * 0.003 + 0.03 + 20.0)).abs() < 1e-6);
+        assert_eq!(figures.quantile(0.5), Some(0.005));
+        assert_eq!(figures.quantile(0.99), Some(0.05));
+        assert_eq!(figures.quantile(1.0), Some(f64::INFINITY));
+        let idle = register("idle".into(), "tcp://127.0.0.1:2".into());
+        assert_eq!(idle.snapshot().quantile(0.99), None);
+    }
+
+    #[tokio::test]
+    async fn a_counted_stream_counts_bytes_and_is_open_until_dropped() {
+        let stats = register("web".into(), "http://127.0.0.1:3".into());
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut counted = stats.connection(near);
+        assert_eq!((stats.snapshot().open, stats.snapshot().accepted), (1, 1));
+        counted.write_all(b"hello").await.unwrap();
+        far.write_all(b"a longer answer").await.unwrap();
+        let mut got = [0; 15];
+        counted.read_exact(&mut got).await.unwrap();
+        let figures = stats.snapshot();
+        assert_eq!((figures.sent, figures.received), (5, 15));
+        drop(counted);
+        assert_eq!(stats.snapshot().open, 0);
+        assert!(
+            snapshot()
+                .iter()
+                .any(|s| s.listener == "http://127.0.0.1:3")
+        );
+        drop(stats);
+        assert!(
+            !snapshot()
+                .iter()
+                .any(|s| s.listener == "http://127.0.0.1:3")
+        );
+    }
+}

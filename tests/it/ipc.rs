@@ -5,6 +5,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -13,16 +14,17 @@ use crate::harness::*;
 
 fn app(lang: &str) -> (&'static str, String) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    match lang {
-        "node" => (
-            "node",
-            root.join("tests/apps/ipc_agent.js").display().to_string(),
-        ),
-        _ => (
-            "python3",
-            root.join("tests/apps/ipc_agent.py").display().to_string(),
-        ),
-    }
+    let (exec, file) = match lang {
+        "node" => ("node", "ipc_agent.js"),
+        "php" => ("php", "ipc_agent.php"),
+        "perl" => ("perl", "ipc_agent.pl"),
+        "lua" => ("lua5.4", "ipc_agent.lua"),
+        _ => ("python3", "ipc_agent.py"),
+    };
+    (
+        exec,
+        root.join("tests/apps").join(file).display().to_string(),
+    )
 }
 
 /// A worker block for an agent: `lang` is node or python, `listen` its
@@ -584,4 +586,59 @@ fn a_listener_whose_connector_lacks_ipc_is_named_once_in_the_daemon_log() {
         d.daemon_log().matches("lacks the \"ipc\" feature").count(),
         1
     );
+}
+
+#[test]
+fn five_languages_talk_through_the_daemon() {
+    if !needs_node() {
+        return;
+    }
+    let probes: [(&str, &[&str]); 3] = [
+        ("php", &["-r", "json_encode(1);"]),
+        ("perl", &["-MJSON::PP", "-e", "1"]),
+        ("lua5.4", &["-e", "require('cjson') require('luv')"]),
+    ];
+    for (exec, probe) in probes {
+        if !Command::new(exec)
+            .args(probe)
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            prerequisite_missing(&format!("{exec} cannot run its connector"));
+            return;
+        }
+    }
+    let d = Daemon::new("ipc-five");
+    let others = [
+        ("py", "python"),
+        ("php", "php"),
+        ("pl", "perl"),
+        ("lua", "lua"),
+    ];
+    let mut blocks = vec![agent_block("js", "node", &["ask"], "env REPLY_DELAY_MS=0;")];
+    blocks.extend(
+        others
+            .iter()
+            .map(|(name, lang)| agent_block(name, lang, &["all"], "")),
+    );
+    start(&d, &blocks);
+    ctl(
+        &d,
+        "js",
+        json!({"do": "send", "channel": "all", "data": {"n": 1}}),
+    );
+    for (name, _) in others {
+        let events = events_until(&d, name, |e| !e.is_empty());
+        assert_eq!(
+            events,
+            [json!({"ev": "msg", "channel": "all", "data": {"n": 1}})],
+            "{name}"
+        );
+        let answer = ctl(
+            &d,
+            name,
+            json!({"do": "request", "channel": "ask", "data": name}),
+        );
+        assert_eq!(answer["data"], json!({"from": "js"}), "{name}: {answer}");
+    }
 }

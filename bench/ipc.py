@@ -126,15 +126,20 @@ def read_reply(f):
     return line
 
 
+def subscribed(port, channel):
+    """A subscriber on `channel` and a publisher: their replies' streams."""
+    sub = socket.create_connection(("127.0.0.1", port))
+    pub = socket.create_connection(("127.0.0.1", port))
+    sub.sendall(resp("SUBSCRIBE", channel))
+    f = sub.makefile("rb")
+    read_reply(f)
+    return f, pub, pub.makefile("rb")
+
+
 def redis_responder(port):
     """The responder's side, in a process of its own: answers each message
     on `req` by publishing it on `rep`."""
-    sub = socket.create_connection(("127.0.0.1", port))
-    pub = socket.create_connection(("127.0.0.1", port))
-    sub.sendall(resp("SUBSCRIBE", "req"))
-    f = sub.makefile("rb")
-    pf = pub.makefile("rb")
-    read_reply(f)
+    f, pub, pf = subscribed(port, "req")
     print("ready", flush=True)
     while True:
         message = read_reply(f)
@@ -167,12 +172,7 @@ def redis_round_trip(n):
         responder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--redis-responder", str(port)],
                                      stdout=subprocess.PIPE)
         responder.stdout.readline()
-        sub = socket.create_connection(("127.0.0.1", port))
-        pub = socket.create_connection(("127.0.0.1", port))
-        sub.sendall(resp("SUBSCRIBE", "rep"))
-        f = sub.makefile("rb")
-        pf = pub.makefile("rb")
-        read_reply(f)
+        f, pub, pf = subscribed(port, "rep")
         ms = []
         for i in range(n):
             t = time.perf_counter()

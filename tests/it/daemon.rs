@@ -591,7 +591,14 @@ fn run_and_load_say_which_keys_are_accepted_but_not_enforced() {
     let ran = d.run_sh(
         "sampled",
         "exec sleep 600",
-        &["-ipc_timeout", "1000", "-listen", "jobs", "-startup_grace", "100"],
+        &[
+            "-ipc_timeout",
+            "1000",
+            "-listen",
+            "jobs",
+            "-startup_grace",
+            "100",
+        ],
     );
     assert!(!stderr(&ran).contains("note:"), "{}", describe(&ran));
     let plain = d.run_sh("plain", "exec sleep 600", &["-startup_grace", "100"]);

@@ -727,6 +727,8 @@ class Link {
       case K_HANDED:
         return this.fail('the daemon sent a frame of kind ' + kind + ', which only a child sends');
       default:
+        // IPC (feature "ipc")
+        if (kind >= K_SEND && kind <= 47) return this.ipc.dispatch(kind, sid, payload);
         return this.fail('unknown frame kind ' + kind);
     }
   }
@@ -748,9 +750,11 @@ class Link {
     this.worker = h.worker === undefined ? null : h.worker;
     if (Number.isInteger(h.session_data_max) && h.session_data_max > 0) this.sessionDataMax = h.session_data_max;
     const features = ['migrate']; // session hand-off
+    features.push('ipc'); // IPC (feature "ipc")
     // The handler came with the constructor, so the app is ready as soon as the channel is.
     const ready = JSON.stringify({ protocol: PROTOCOL, connector: 'node ' + process.versions.node, half_close: true, features: features });
     this.send(K_READY, 0, Buffer.from(ready, 'utf8'));
+    this.ipc.ready(); // IPC (feature "ipc")
   }
 
   onOpen(sid, payload) {
@@ -861,18 +865,312 @@ class Link {
   // ---- end of session hand-off ----
 }
 
+// ---- IPC (feature "ipc", docs/connector-protocol.md): begin ----
+const K_SEND = 32;
+const K_REQUEST = 33;
+const K_MESSAGE = 34;
+const K_REPLY = 35;
+const K_RESULT = 36;
+const K_STREAM_OPEN = 37;
+const K_STREAM_OFFER = 38;
+const K_STREAM_ACCEPT = 39;
+const K_STREAM_JOIN = 40;
+const K_STREAM_DATA = 41;
+const K_STREAM_CLOSE = 42;
+const K_DASH = 43;
+const K_METRIC = 44;
+const METRIC_TYPES = ['counter', 'gauge', 'timing'];
+const NO_PEER = Buffer.alloc(4);
+// Ids this side picks for its requests and the streams it mediates.
+const MAX_OWN_ID = 0x7fffffff;
+
+function callApp(fn, what, args) {
+  try {
+    const r = fn.apply(null, args);
+    if (r && typeof r.then === 'function') {
+      return Promise.resolve(r).catch((e) => process.stderr.write('apm_module: uncaught exception in ' + what + ': ' + describe(e) + '\n'));
+    }
+    return r;
+  } catch (e) {
+    process.stderr.write('apm_module: uncaught exception in ' + what + ': ' + describe(e) + '\n');
+    return undefined;
+  }
+}
+
+class Ipc {
+  constructor(link, module) {
+    this.link = link;
+    this.module = module;
+    this.nextId = 0;
+    this.requests = new Map(); // request id -> resolve
+    this.opening = new Map(); // stream id -> { resolve, stream }
+    this.mediated = new Map(); // stream id -> ApmStream (mediator side)
+    this.peerOf = new Map(); // peer id -> ApmStream (peer side, offered or joined)
+    // IPC frames may only follow `ready`, which waits for hello: calls made
+    // right after the constructor (the reference's setDashValue) wait here.
+    this.held = [];
+  }
+
+  frame(kind, id, payload) {
+    if (this.held !== null) this.held.push([kind, id, payload]);
+    else this.link.send(kind, id, payload);
+  }
+
+  // `ready` is out: what waited follows it.
+  ready() {
+    const held = this.held;
+    this.held = null;
+    for (const f of held) this.link.send(f[0], f[1], f[2]);
+  }
+
+  ownId() {
+    for (;;) {
+      this.nextId = this.nextId >= MAX_OWN_ID ? 1 : this.nextId + 1;
+      const id = this.nextId;
+      if (!this.requests.has(id) && !this.opening.has(id) && !this.mediated.has(id)) return id;
+    }
+  }
+
+  // A JSON frame; one larger than a frame can carry fails the call here
+  // instead of breaking the link.
+  sendJson(kind, id, value, what) {
+    const text = JSON.stringify(value);
+    const bytes = Buffer.from(text, 'utf8');
+    if (bytes.length > this.link.maxFrame) {
+      throw new RangeError(what + ': ' + bytes.length + ' bytes of JSON, more than a frame carries (' + this.link.maxFrame + ')');
+    }
+    this.frame(kind, id, bytes);
+  }
+
+  sendData(id, peer, data) {
+    const text = typeof data === 'string';
+    const bytes = toBuffer(data, 'write');
+    if (bytes.length + 5 > this.link.maxFrame) {
+      throw new RangeError('write: ' + bytes.length + ' bytes, more than a frame carries (' + (this.link.maxFrame - 5) + ')');
+    }
+    const prefix = Buffer.allocUnsafe(5);
+    prefix.writeUInt32BE(peer >>> 0, 0);
+    prefix[4] = text ? 1 : 0;
+    this.frame(K_STREAM_DATA, id, Buffer.concat([prefix, bytes]));
+  }
+
+  dispatch(kind, id, payload) {
+    switch (kind) {
+      case K_MESSAGE:
+        return this.onMessage(id, payload);
+      case K_RESULT:
+        return this.onResult(id, payload);
+      case K_STREAM_OFFER:
+        return this.onOffer(id, payload);
+      case K_STREAM_JOIN:
+        return this.onJoin(id, payload);
+      case K_STREAM_DATA:
+        return this.onData(id, payload);
+      case K_STREAM_CLOSE:
+        return this.onClose(id, payload);
+      default:
+        return this.link.fail('IPC frame kind ' + kind + ' is not for a connector to receive');
+    }
+  }
+
+  onMessage(id, payload) {
+    const m = this.link.json(payload, 'message');
+    const handler = this.module.onChannel;
+    let replied = id === 0;
+    const reply = (data) => {
+      if (replied) return;
+      replied = true;
+      this.sendJson(K_REPLY, id, { data: data === undefined ? null : data }, 'reply');
+    };
+    if (typeof handler !== 'function') return;
+    const r = callApp(handler, 'onChannel', [m.channel, m.data === undefined ? null : m.data, id === 0 ? undefined : reply]);
+    // What the handler returns (or its promise gives) answers a request it did not reply to.
+    if (id !== 0) Promise.resolve(r).then((v) => { if (v !== undefined) reply(v); }, () => {});
+  }
+
+  onResult(id, payload) {
+    const r = this.link.json(payload, 'result');
+    const resolve = this.requests.get(id);
+    if (!resolve) return;
+    this.requests.delete(id);
+    resolve(r.status === 'reply' && r.data !== undefined ? r.data : null);
+  }
+
+  onOffer(peer, payload) {
+    const o = this.link.json(payload, 'stream_offer');
+    const s = new ApmStream(this, peer, false);
+    s.channel = o.channel;
+    s.head = o.head === undefined ? null : o.head;
+    s.peerId = peer;
+    this.peerOf.set(peer, s);
+    const handler = this.module.onStream;
+    if (typeof handler !== 'function') return s.close();
+    callApp(handler, 'onStream', [s]);
+  }
+
+  onJoin(id, payload) {
+    if (payload.length !== 4) return this.link.fail('stream_join with a ' + payload.length + '-byte payload');
+    const peer = payload.readUInt32BE(0);
+    const opening = this.opening.get(id);
+    let s = this.mediated.get(id);
+    if (opening) {
+      this.opening.delete(id);
+      s = opening.stream;
+      this.mediated.set(id, s);
+    }
+    if (!s) return;
+    s.peers.add(peer);
+    if (opening) opening.resolve(s);
+    if (s.onJoin) callApp(s.onJoin, 'onJoin', [peer]);
+  }
+
+  onData(id, payload) {
+    if (payload.length < 5) return this.link.fail('stream_data shorter than its peer id and type');
+    const s = this.mediated.get(id) || this.peerOf.get(id);
+    if (!s || s.closed || !s.onData) return;
+    const bytes = payload.subarray(5);
+    const data = payload[4] === 1 ? bytes.toString('utf8') : Buffer.from(bytes);
+    if (s.mediator) callApp(s.onData, 'onData', [data, payload.readUInt32BE(0)]);
+    else callApp(s.onData, 'onData', [data]);
+  }
+
+  onClose(id, payload) {
+    if (payload.length !== 4) return this.link.fail('stream_close with a ' + payload.length + '-byte payload');
+    const peer = payload.readUInt32BE(0);
+    const opening = this.opening.get(id);
+    if (opening) {
+      // Refused before any peer joined.
+      this.opening.delete(id);
+      return opening.resolve(null);
+    }
+    const s = this.mediated.get(id) || this.peerOf.get(id);
+    if (!s) return;
+    if (s.mediator && peer !== 0) {
+      s.peers.delete(peer);
+      if (s.onLeave) callApp(s.onLeave, 'onLeave', [peer]);
+      return;
+    }
+    s.forget();
+    if (s.onClose) callApp(s.onClose, 'onClose', []);
+  }
+}
+
+// One stream: the mediator's (from requestStream) or a peer's (onStream).
+class ApmStream {
+  constructor(ipc, id, mediator) {
+    Object.defineProperty(this, '_ipc', { value: ipc });
+    Object.defineProperty(this, '_id', { value: id });
+    this.mediator = mediator;
+    this.peers = new Set();
+    this.accepted = mediator;
+    this.closed = false;
+    this.onData = null;
+    this.onClose = null;
+    this.onJoin = null;
+    this.onLeave = null;
+  }
+
+  // A peer accepts the offer; until it does, it neither receives nor writes.
+  accept() {
+    if (this.mediator || this.accepted || this.closed) return this;
+    this.accepted = true;
+    this._ipc.frame(K_STREAM_ACCEPT, this._id, EMPTY);
+    return this;
+  }
+
+  // Text (a string) or bytes; the mediator's go to every peer, or to one
+  // with `peerId`. Writes to a closed stream are dropped.
+  write(data, peerId) {
+    if (this.closed || !this.accepted) return false;
+    this._ipc.sendData(this._id, this.mediator && peerId ? peerId : 0, data);
+    return true;
+  }
+
+  close() {
+    if (this.closed) return;
+    this._ipc.frame(K_STREAM_CLOSE, this._id, NO_PEER);
+    this.forget();
+  }
+
+  forget() {
+    this.closed = true;
+    if (this.mediator) this._ipc.mediated.delete(this._id);
+    else this._ipc.peerOf.delete(this._id);
+  }
+}
+
+function checkChannel(channel) {
+  if (typeof channel !== 'string' || channel === '') throw new TypeError('a channel is a non-empty string');
+}
+
+function timeoutMs(timeout) {
+  if (timeout === undefined || timeout === null) return null;
+  if (typeof timeout !== 'number' || !(timeout >= 0)) throw new TypeError('a timeout is a number of milliseconds');
+  return timeout;
+}
+
+// The IPC methods of ApmModule (the reference's "Connector IPC API").
+const IPC_METHODS = {
+  send(channel, data) {
+    checkChannel(channel);
+    this._ipc.sendJson(K_SEND, 0, { channel: channel, data: data === undefined ? null : data }, 'send');
+  },
+
+  // Resolves to the first reply's data, or null (timeout, no listener).
+  request(channel, data, timeout) {
+    checkChannel(channel);
+    const ipc = this._ipc;
+    const id = ipc.ownId();
+    ipc.sendJson(K_REQUEST, id, { channel: channel, data: data === undefined ? null : data, timeout_ms: timeoutMs(timeout) }, 'request');
+    return new Promise((resolve) => ipc.requests.set(id, resolve));
+  },
+
+  // Resolves to an ApmStream once a peer joined, or null when none did.
+  requestStream(channel, head, timeout) {
+    checkChannel(channel);
+    const ipc = this._ipc;
+    const id = ipc.ownId();
+    const stream = new ApmStream(ipc, id, true);
+    stream.channel = channel;
+    stream.head = head === undefined ? null : head;
+    ipc.sendJson(K_STREAM_OPEN, id, { channel: channel, head: stream.head, timeout_ms: timeoutMs(timeout) }, 'requestStream');
+    return new Promise((resolve) => ipc.opening.set(id, { resolve: resolve, stream: stream }));
+  },
+
+  setDashValue(id, value, color) {
+    if (typeof id !== 'string' && typeof id !== 'number') throw new TypeError('setDashValue: an id is a string or a number');
+    this._ipc.sendJson(K_DASH, 0, { id: id, value: value === undefined ? null : value, color: color === undefined ? null : color }, 'setDashValue');
+  },
+
+  metric(name, value, type) {
+    const kind = type === undefined ? 'counter' : type;
+    if (typeof name !== 'string' || name === '') throw new TypeError('metric: a name is a non-empty string');
+    if (typeof value !== 'number' || !Number.isFinite(value)) throw new TypeError('metric: a value is a finite number');
+    if (METRIC_TYPES.indexOf(kind) < 0) throw new TypeError('metric: a type is one of ' + METRIC_TYPES.join(', '));
+    this._ipc.sendJson(K_METRIC, 0, { name: name, value: value, type: kind }, 'metric');
+  },
+};
+// ---- IPC: end ----
+
 class ApmModule {
   constructor(handler) {
     if (process.env.APM !== '1') die('start this app with apm run (APM is not set)');
     const fd = process.env.APM_FD;
     if (fd === undefined || fd === '') {
-      die('this worker has no connector channel: give it server lines and upstream connector (APM_FD is not set)');
+      die('this worker has no connector channel: give it server lines and upstream connector, or listen (APM_FD is not set)');
     }
     if (!/^[0-9]+$/.test(fd)) die('APM_FD is not a descriptor number: ' + fd);
+    // A worker that only takes part in IPC (listen, no server lines) needs no handler.
+    if (handler === undefined) handler = () => { throw new Error('this worker has no session handler: pass one to new ApmModule(handler)'); };
     if (typeof handler !== 'function') throw new TypeError('new ApmModule(handler): handler must be a function');
     if (constructed) throw new Error('apm_module: only one ApmModule per process can read the channel');
     constructed = true;
     Object.defineProperty(this, '_link', { value: new Link(Number(fd), handler) });
+    // IPC (feature "ipc")
+    Object.defineProperty(this, '_ipc', { value: new Ipc(this._link, this) });
+    this._link.ipc = this._ipc;
+    this.onChannel = null;
+    this.onStream = null;
   }
 
   // Known once hello has arrived, shortly after construction; null before.
@@ -882,5 +1180,8 @@ class ApmModule {
 }
 
 ApmModule.ApmSession = ApmSession;
+// IPC (feature "ipc")
+Object.assign(ApmModule.prototype, IPC_METHODS);
+ApmModule.ApmStream = ApmStream;
 // ---- end of shared body ----
 module.exports = ApmModule;

@@ -29,7 +29,7 @@ from collections import deque
 from itertools import islice
 from urllib.parse import unquote_to_bytes
 
-__all__ = ['ApmModule', 'ApmSession', 'PROTOCOL']
+__all__ = ['ApmModule', 'ApmSession', 'ApmStream', 'PROTOCOL']
 
 PROTOCOL = 1
 
@@ -343,7 +343,266 @@ class ApmSession(object):
             self.close()
 
 
-class ApmModule(object):
+# ---- IPC (feature "ipc", docs/connector-protocol.md): begin ----
+
+(SEND, REQUEST, MESSAGE, REPLY, RESULT, STREAM_OPEN, STREAM_OFFER, STREAM_ACCEPT,
+ STREAM_JOIN, STREAM_DATA, STREAM_CLOSE, DASH, METRIC) = range(32, 45)
+_METRIC_TYPES = ('counter', 'gauge', 'timing')
+_NO_PEER = b'\0\0\0\0'
+# Ids this side picks for its requests and the streams it mediates.
+_MAX_OWN_ID = 0x7fffffff
+
+
+def _ipc_call(callback, what, *args):
+    try:
+        return callback(*args)
+    except Exception:
+        sys.stderr.write('apm_module: uncaught exception in %s\n' % what)
+        traceback.print_exc()
+        sys.stderr.flush()
+        return None
+
+
+class ApmStream(object):
+    """One stream: the mediator's (from request_stream) or a peer's (on_stream).
+
+    Callbacks the app assigns: on_data(data) on a peer, on_data(data, peer_id)
+    on the mediator (str for text, bytes for bytes); on_close(); on the
+    mediator also on_join(peer_id) and on_leave(peer_id).
+    """
+
+    def __init__(self, module, stream_id, mediator, channel, head):
+        self._module = module
+        self._id = stream_id
+        self.mediator = mediator
+        self.channel = channel
+        self.head = head
+        self.peer_id = None if mediator else stream_id
+        self.peers = set()
+        self.accepted = mediator
+        self.closed = False
+        self.on_data = None
+        self.on_close = None
+        self.on_join = None
+        self.on_leave = None
+
+    def accept(self):
+        """A peer takes the offer; until then it neither receives nor writes."""
+        if not (self.mediator or self.accepted or self.closed):
+            self.accepted = True
+            self._module._send(STREAM_ACCEPT, self._id, b'')
+        return self
+
+    def write(self, data, peer_id=None):
+        """Text (str) or bytes; the mediator's go to every peer, or to one.
+        Writes to a closed stream are dropped (False)."""
+        if self.closed or not self.accepted:
+            return False
+        text = isinstance(data, str)
+        payload = data.encode('utf-8') if text else bytes(data)
+        if len(payload) + 5 > self._module._max_frame:
+            raise ValueError('write: %d bytes, more than a frame carries (%d)'
+                             % (len(payload), self._module._max_frame - 5))
+        peer = peer_id if (self.mediator and peer_id) else 0
+        self._module._send(STREAM_DATA, self._id, _U32.pack(peer) + (b'\1' if text else b'\0') + payload)
+        return True
+
+    def close(self):
+        if not self.closed:
+            self._module._send(STREAM_CLOSE, self._id, _NO_PEER)
+            self._forget()
+
+    def _forget(self):
+        self.closed = True
+        table = self._module._mediated if self.mediator else self._peer_of
+        table.pop(self._id, None)
+
+    @property
+    def _peer_of(self):
+        return self._module._peer_of
+
+
+def _check_channel(channel):
+    if not isinstance(channel, str) or not channel:
+        raise TypeError('a channel is a non-empty string')
+
+
+def _timeout_ms(timeout):
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise TypeError('a timeout is a number of milliseconds')
+    return timeout
+
+
+class _Ipc(object):
+    """The IPC half of ApmModule: send, request, request_stream, on_channel,
+    on_stream, set_dash_value and metric (the reference's connector IPC API).
+    request and request_stream block, serving the app's sessions and other
+    IPC meanwhile, until their answer comes."""
+
+    def _ipc_init(self):
+        self.on_channel = None
+        self.on_stream = None
+        self._next_id = 0
+        self._results = {}      # request id -> None while waiting, then (data,)
+        self._opening = {}      # stream id -> ApmStream, until a peer joins or it is refused
+        self._mediated = {}     # stream id -> ApmStream
+        self._peer_of = {}      # peer id -> ApmStream
+
+    def _own_id(self):
+        while True:
+            self._next_id = 1 if self._next_id >= _MAX_OWN_ID else self._next_id + 1
+            i = self._next_id
+            if i not in self._results and i not in self._opening and i not in self._mediated:
+                return i
+
+    def _send_json(self, kind, ident, value, what):
+        payload = json.dumps(value, separators=(',', ':')).encode('utf-8')
+        if len(payload) > self._max_frame:
+            raise ValueError('%s: %d bytes of JSON, more than a frame carries (%d)'
+                             % (what, len(payload), self._max_frame))
+        self._start_loop()
+        self._send(kind, ident, payload)
+
+    def _wait(self, done):
+        """Serves the channel until done() says so."""
+        while not done():
+            self._drain()
+            if done():
+                return
+            self._flush()
+            for _key, events in self._selector.select():
+                if events & selectors.EVENT_READ:
+                    self._read()
+
+    def send(self, channel, data=None):
+        _check_channel(channel)
+        self._send_json(SEND, 0, {'channel': channel, 'data': data}, 'send')
+        self._flush()
+
+    def request(self, channel, data=None, timeout=None):
+        """The first reply's data, or None (timeout in ms, no listener)."""
+        _check_channel(channel)
+        ident = self._own_id()
+        self._send_json(REQUEST, ident, {'channel': channel, 'data': data,
+                                         'timeout_ms': _timeout_ms(timeout)}, 'request')
+        self._results[ident] = None
+        try:
+            self._wait(lambda: self._results[ident] is not None)
+            return self._results[ident][0]
+        finally:
+            del self._results[ident]
+
+    def request_stream(self, channel, head=None, timeout=None):
+        """An ApmStream once a peer joined, or None when none did."""
+        _check_channel(channel)
+        ident = self._own_id()
+        stream = ApmStream(self, ident, True, channel, head)
+        self._send_json(STREAM_OPEN, ident, {'channel': channel, 'head': head,
+                                             'timeout_ms': _timeout_ms(timeout)}, 'request_stream')
+        self._opening[ident] = stream
+        self._wait(lambda: ident not in self._opening)
+        return stream if ident in self._mediated else None
+
+    def set_dash_value(self, ident, value, color=None):
+        if isinstance(ident, bool) or not isinstance(ident, (str, int, float)):
+            raise TypeError('set_dash_value: an id is a string or a number')
+        self._send_json(DASH, 0, {'id': ident, 'value': value, 'color': color}, 'set_dash_value')
+        self._flush()
+
+    def metric(self, name, value, type='counter'):
+        if not isinstance(name, str) or not name:
+            raise TypeError('metric: a name is a non-empty string')
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or value in (float('inf'), float('-inf')):
+            raise TypeError('metric: a value is a finite number')
+        if type not in _METRIC_TYPES:
+            raise TypeError('metric: a type is one of %s' % ', '.join(_METRIC_TYPES))
+        self._send_json(METRIC, 0, {'name': name, 'value': value, 'type': type}, 'metric')
+        self._flush()
+
+    def _ipc_json(self, payload, what):
+        try:
+            value = json.loads(payload.decode('utf-8'))
+        except ValueError as e:
+            raise _ProtocolError('%s is not JSON: %s' % (what, e))
+        if not isinstance(value, dict):
+            raise _ProtocolError('%s is not a JSON object' % what)
+        return value
+
+    def _ipc_dispatch(self, kind, ident, payload):
+        if kind == MESSAGE:
+            m = self._ipc_json(payload, 'message')
+            if self.on_channel is None:
+                return
+            replied = [ident == 0]
+
+            def reply(data=None):
+                if not replied[0]:
+                    replied[0] = True
+                    self._send_json(REPLY, ident, {'data': data}, 'reply')
+            answer = _ipc_call(self.on_channel, 'on_channel', m.get('channel'), m.get('data'),
+                               None if ident == 0 else reply)
+            # What the callback returns answers a request it did not reply to.
+            if answer is not None:
+                reply(answer)
+        elif kind == RESULT:
+            r = self._ipc_json(payload, 'result')
+            if ident in self._results and self._results[ident] is None:
+                self._results[ident] = (r.get('data') if r.get('status') == 'reply' else None,)
+        elif kind == STREAM_OFFER:
+            o = self._ipc_json(payload, 'stream_offer')
+            stream = ApmStream(self, ident, False, o.get('channel'), o.get('head'))
+            self._peer_of[ident] = stream
+            if self.on_stream is None:
+                stream.close()
+            else:
+                _ipc_call(self.on_stream, 'on_stream', stream)
+        elif kind in (STREAM_JOIN, STREAM_CLOSE):
+            if len(payload) != 4:
+                raise _ProtocolError('kind %d with a %d-byte payload' % (kind, len(payload)))
+            self._stream_event(kind, ident, _U32.unpack(payload)[0])
+        elif kind == STREAM_DATA:
+            if len(payload) < 5:
+                raise _ProtocolError('stream_data shorter than its peer id and type')
+            stream = self._mediated.get(ident) or self._peer_of.get(ident)
+            if stream is None or stream.closed or stream.on_data is None:
+                return
+            data = payload[5:].decode('utf-8', 'replace') if payload[4] == 1 else payload[5:]
+            if stream.mediator:
+                _ipc_call(stream.on_data, 'on_data', data, _U32.unpack_from(payload)[0])
+            else:
+                _ipc_call(stream.on_data, 'on_data', data)
+        else:
+            raise _ProtocolError('IPC kind %d is not for a connector to receive' % kind)
+
+    def _stream_event(self, kind, ident, peer):
+        opening = self._opening.pop(ident, None)
+        if opening is not None and kind == STREAM_JOIN:
+            self._mediated[ident] = opening
+        if opening is not None and kind == STREAM_CLOSE:
+            return  # refused before any peer joined
+        stream = self._mediated.get(ident) or self._peer_of.get(ident)
+        if stream is None:
+            return
+        if kind == STREAM_JOIN:
+            stream.peers.add(peer)
+            if stream.on_join is not None:
+                _ipc_call(stream.on_join, 'on_join', peer)
+        elif stream.mediator and peer != 0:
+            stream.peers.discard(peer)
+            if stream.on_leave is not None:
+                _ipc_call(stream.on_leave, 'on_leave', peer)
+        else:
+            stream._forget()
+            if stream.on_close is not None:
+                _ipc_call(stream.on_close, 'on_close')
+
+# ---- IPC: end ----
+
+
+class ApmModule(_Ipc):
     """The connector: checks the environment, greets apm, and runs the loop.
 
     Attributes after construction: instance_id and worker (from apm's hello).
@@ -356,7 +615,7 @@ class ApmModule(object):
         fd_text = os.environ.get('APM_FD')
         if not fd_text:
             _die('this worker has no connector channel: give it server lines '
-                 'and upstream connector (APM_FD is not set)')
+                 'and upstream connector, or listen (APM_FD is not set)')
         try:
             fd = int(fd_text)
             # fromfd duplicates the descriptor (not inheritable), so the
@@ -373,6 +632,8 @@ class ApmModule(object):
         self._out = deque()
         self._selector = None
         self._writing = False
+        self._frames = deque()   # frames read, waiting for their turn to be dispatched
+        self._ipc_init()  # IPC (feature "ipc")
         try:
             self._handshake()
         except _ProtocolError as e:
@@ -412,15 +673,9 @@ class ApmModule(object):
 
     def run(self):
         """Serve sessions until apm closes the channel. Does not return."""
-        if self.on_connect is None:
-            raise ValueError('ApmModule needs an on_connect(session) handler')
-        ready = {'protocol': PROTOCOL, 'connector': 'python %s' % platform.python_version(),
-                 'half_close': True,
-                 'features': ['migrate']}  # session hand-off
-        self._send(READY, 0, json.dumps(ready).encode('utf-8'))
-        self._sock.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._sock, selectors.EVENT_READ)
+        if self.on_connect is None and self.on_channel is None and self.on_stream is None:
+            raise ValueError('ApmModule needs an on_connect(session) handler, or on_channel/on_stream')
+        self._start_loop()
         try:
             while True:
                 self._flush()
@@ -429,6 +684,18 @@ class ApmModule(object):
                         self._read()
         except _ProtocolError as e:
             _die('protocol error from apm: %s' % e)
+
+    def _start_loop(self):
+        """Says ready, once: run() does, and so does the first IPC call."""
+        if self._selector is not None:
+            return
+        ready = {'protocol': PROTOCOL, 'connector': 'python %s' % platform.python_version(),
+                 'half_close': True,
+                 'features': ['migrate', 'ipc']}  # session hand-off, IPC
+        self._send(READY, 0, json.dumps(ready).encode('utf-8'))
+        self._sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ)
 
     # The channel.
 
@@ -490,11 +757,21 @@ class ApmModule(object):
                 session = _U32.unpack_from(buf, pos + 5)[0]
                 payload = bytes(buf[pos + 9:pos + 4 + length])
                 pos += 4 + length
-                self._dispatch(kind, session, payload)
+                self._frames.append((kind, session, payload))
         finally:
             del buf[:pos]
+        self._drain()
+
+    def _drain(self):
+        # Frames leave the queue before their callbacks run: a callback that
+        # blocks in request() serves the next ones from here, in order.
+        frames = self._frames
+        while frames:
+            self._dispatch(*frames.popleft())
 
     def _dispatch(self, kind, session_id, payload):
+        if 32 <= kind <= 47:  # IPC (feature "ipc")
+            return self._ipc_dispatch(kind, session_id, payload)
         if kind not in (OPEN, DATA, TEXT, MORE, END, CLOSE, CREDIT, MIGRATE):
             raise _ProtocolError('kind %d is not for a connector to receive' % kind)
         if session_id == 0:

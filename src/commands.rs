@@ -633,6 +633,7 @@ pub fn info(place: &Place, name: &str, json: bool) -> u8 {
             "  #{:<3} {:<9} pid {pid:<8} restarts {}{serving}{healthy}{last}",
             i.index, i.status, i.restarts
         );
+        show_ipc(i);
     }
     println!(
         "logs: {} (stdout), {} (stderr)",
@@ -1283,6 +1284,103 @@ pub fn saveconf(place: &Place, worker: Option<&str>, file: Option<&Path>) -> u8 
         );
     }
     exit::OK
+}
+
+/// A JSON argument of `apm send` or `apm request`.
+fn json_argument(data: &str) -> Result<serde_json::Value, u8> {
+    serde_json::from_str(data).map_err(|e| {
+        eprintln!(
+            "apm: the message is not JSON ({e}): give a JSON value, such as '{{\"cmd\":\"status\"}}' or '\"text\"' with its quotes"
+        );
+        exit::USAGE
+    })
+}
+
+pub fn send(place: &Place, channel: String, data: &str, json: bool) -> u8 {
+    let result = json_argument(data).and_then(|data| request(place, Call::Send { channel, data }));
+    match result {
+        Ok(answer) if json => {
+            println!("{answer}");
+            exit::OK
+        }
+        Ok(answer) => {
+            println!("sent to {} process(es)", answer["delivered"]);
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// Prints the first reply; exit 1 when none came.
+pub fn ipc_request(
+    place: &Place,
+    channel: String,
+    data: &str,
+    timeout: std::time::Duration,
+    json: bool,
+) -> u8 {
+    let result = json_argument(data).and_then(|data| {
+        request(
+            place,
+            Call::Request {
+                channel,
+                data,
+                timeout_ms: Some(timeout.as_millis() as u64),
+            },
+        )
+    });
+    let answer = match result {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    // A reply of null is null too: scripts test the exit status only.
+    let replied = answer["status"] == "reply" && !answer["data"].is_null();
+    if json {
+        println!("{answer}");
+    } else if replied {
+        println!("{}", answer["data"]);
+    } else if answer["status"] == "reply" {
+        println!("null");
+    } else {
+        let why = match answer["status"].as_str() {
+            Some("no_listener") => "no process listens on that channel",
+            Some("timeout") => "no reply before the timeout",
+            _ => "every process it reached ended without replying",
+        };
+        eprintln!("apm: null: {why}");
+    }
+    if replied { exit::OK } else { exit::FAILED }
+}
+
+/// An instance's dashboard values, metrics and IPC drops, under its line.
+/// Ids and values are printed as JSON: a worker's strings reach the
+/// operator's terminal with their control characters escaped.
+fn show_ipc(instance: &apm_runtime::process::supervisor::InstanceStatus) {
+    for (id, entry) in instance.dash.as_object().into_iter().flatten() {
+        let color = entry["color"]
+            .as_str()
+            .map(|c| format!(" ({})", serde_json::Value::from(c)))
+            .unwrap_or_default();
+        println!(
+            "       dash {}: {}{color}",
+            serde_json::Value::from(id.as_str()),
+            entry["value"]
+        );
+    }
+    for (name, entry) in instance.metrics.as_object().into_iter().flatten() {
+        println!(
+            "       metric {}: {} ({})",
+            serde_json::Value::from(name.as_str()),
+            entry["value"],
+            entry["type"].as_str().unwrap_or("?")
+        );
+    }
+    if instance.ipc_dropped > 0 {
+        println!(
+            "       IPC: {} dropped (messages it did not read in time, or values beyond its bounds)",
+            instance.ipc_dropped
+        );
+    }
 }
 
 #[cfg(test)]

@@ -1031,6 +1031,20 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 .await?,
             )
         }
+        Call::Send { channel, data } => {
+            let delivered = apm_runtime::ipc::router().operator_send(&channel, &data);
+            Response::data(serde_json::json!({ "delivered": delivered }))
+        }
+        Call::Request {
+            channel,
+            data,
+            timeout_ms,
+        } => {
+            let outcome = apm_runtime::ipc::router()
+                .operator_request(&channel, &data, timeout_ms.map(Duration::from_millis))
+                .await;
+            Response::data(serde_json::json!({ "data": outcome.data, "status": outcome.status }))
+        }
         Call::Signal {
             name,
             index,

@@ -259,6 +259,27 @@ enum Command {
     },
     /// Export a config's workers to Kubernetes, Nomad, Docker Compose or systemd (no daemon needed).
     Export(export::ExportArgs),
+    /// Send a JSON message to every worker process listening on CHANNEL (IPC).
+    Send {
+        channel: String,
+        /// The message, as JSON (quote strings: '"hi"').
+        data: String,
+        /// Print how many processes took it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a JSON request on CHANNEL and print the first reply; exit 1 when none came.
+    Request {
+        channel: String,
+        /// The request, as JSON (quote strings: '"hi"').
+        data: String,
+        /// How long to wait for a reply.
+        #[arg(long, default_value = "500ms")]
+        timeout: String,
+        /// Print the reply and why it is null, if it is, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -465,6 +486,23 @@ fn main() -> ExitCode {
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
         Command::Export(args) => export::run(&args),
+        Command::Send {
+            channel,
+            data,
+            json,
+        } => commands::send(&place, channel, &data, json),
+        Command::Request {
+            channel,
+            data,
+            timeout,
+            json,
+        } => match commands::parse_duration(&timeout) {
+            Ok(timeout) => commands::ipc_request(&place, channel, &data, timeout, json),
+            Err(e) => {
+                eprintln!("apm: --timeout: {e}");
+                exit::USAGE
+            }
+        },
         Command::Convert {
             file,
             output,

@@ -77,6 +77,19 @@ pub enum Call {
         #[serde(default)]
         environment: apm_runtime::process::state::Environment,
     },
+    /// `apm send`: a message to every process listening on `channel`.
+    Send {
+        channel: String,
+        data: serde_json::Value,
+    },
+    /// `apm request`: the first reply of a process listening on
+    /// `channel`, or null.
+    Request {
+        channel: String,
+        data: serde_json::Value,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
     Signal {
         name: String,
         index: Option<usize>,
@@ -143,6 +156,8 @@ impl Call {
             | Call::Attach { .. } => true,
             Call::Reload { dry_run, .. } => !dry_run,
             Call::Ping
+            | Call::Send { .. }
+            | Call::Request { .. }
             | Call::Signal { .. }
             | Call::List
             | Call::Info { .. }
@@ -170,7 +185,9 @@ impl Call {
             | Call::Restart { .. }
             | Call::RestartAll
             | Call::StopAll
-            | Call::Signal { .. } => true,
+            | Call::Signal { .. }
+            | Call::Send { .. }
+            | Call::Request { .. } => true,
             Call::Run { .. }
             | Call::Load { .. }
             | Call::Unload { .. }

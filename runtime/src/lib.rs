@@ -4,6 +4,7 @@
 //! what it needs around that. `unsafe` is allowed in `sys` only.
 #![deny(unsafe_code)]
 
+pub mod ipc;
 pub mod observe;
 pub mod process;
 pub mod sys;

@@ -7,10 +7,7 @@
 use apm_compiler::ir::{Config, WorkerSpec};
 
 /// Each such key, with the feature it belongs to.
-const NOT_ENFORCED: &[(&str, &str)] = &[
-    ("listen", "IPC between workers"),
-    ("ipc_timeout", "IPC between workers"),
-];
+const NOT_ENFORCED: &[(&str, &str)] = &[];
 
 /// One line per block that sets such keys, for people; none when the
 /// config relies on nothing missing.

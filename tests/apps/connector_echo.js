@@ -3,4 +3,4 @@
 const ApmModule = require('../../connectors/apm_module.node.js');
 const handle = require('./connector_echo_handler.cjs');
 
-new ApmModule((session) => handle(session, 'node-cjs'));
+handle.ipc(new ApmModule((session) => handle(session, 'node-cjs')));

@@ -2,4 +2,4 @@
 import ApmModule from '../../connectors/apm_module.node.mjs';
 import handle from './connector_echo_handler.cjs';
 
-new ApmModule((session) => handle(session, 'node-esm'));
+handle.ipc(new ApmModule((session) => handle(session, 'node-esm')));

@@ -144,5 +144,55 @@ def on_connect(s):
         serve_http(s)
 
 
+# IPC (feature "ipc"): the behaviour connector_echo_handler.cjs describes.
+
+def ipc_stream(d):
+    s = apm.request_stream(d['channel'], d.get('head'))
+    if s is None:
+        return 'refused'
+    s.on_data = lambda data, peer: s.write(data, peer)
+    s.write('hello')
+    return 'opened'
+
+
+def ipc_dash(d):
+    apm.set_dash_value(d['id'], d['value'], d.get('color'))
+    apm.metric(d['name'], d['amount'], d['type'])
+    return 'set'
+
+
+def ipc_send(d):
+    apm.send(d['channel'], d.get('data'))
+    return 'sent'
+
+
+IPC_OPS = {
+    'request': lambda d: apm.request(d['channel'], d.get('data'), d.get('timeout')),
+    'send': ipc_send,
+    'dash': ipc_dash,
+    'stream': ipc_stream,
+}
+
+
+def on_channel(channel, data, reply):
+    if reply is None:
+        apm.send('echo', {'channel': channel, 'data': data})
+    elif channel == 'do':
+        # A null outcome is answered too (the callback's None would not be).
+        reply(IPC_OPS[data['op']](data))
+    else:
+        reply({'channel': channel, 'data': data})
+
+
+def on_stream(s):
+    if s.head == 'decline':
+        s.close()
+        return
+    s.accept()
+    s.on_data = lambda data: s.write(data)
+
+
 apm = ApmModule(on_connect)
+apm.on_channel = on_channel
+apm.on_stream = on_stream
 apm.run()

@@ -118,3 +118,43 @@ module.exports = function handle(session, lang) {
   else if (session.protocol === 'tcp') tcp(session);
   else http(session, lang);
 };
+
+// IPC (feature "ipc"): what tests/connectors/conformance.py expects of
+// every connector. A request on channel `do` names an IPC call for the app
+// to make, and its reply is that call's outcome; other requests are
+// answered with what they carried, other messages sent back on `echo`;
+// stream offers are accepted (declined when the head says "decline") and
+// peers echo what they get; a mediated stream writes "hello" to its peers
+// and echoes each peer's writes back to that peer.
+module.exports.ipc = function ipc(apm) {
+  const ops = {
+    request: (d) => apm.request(d.channel, d.data, d.timeout),
+    send: (d) => {
+      apm.send(d.channel, d.data);
+      return 'sent';
+    },
+    dash: (d) => {
+      apm.setDashValue(d.id, d.value, d.color);
+      apm.metric(d.name, d.amount, d.type);
+      return 'set';
+    },
+    stream: async (d) => {
+      const s = await apm.requestStream(d.channel, d.head);
+      if (s === null) return 'refused';
+      s.onData = (data, peer) => s.write(data, peer);
+      s.write('hello');
+      return 'opened';
+    },
+  };
+  apm.onChannel = (channel, data, reply) => {
+    if (!reply) return apm.send('echo', { channel: channel, data: data });
+    if (channel === 'do') return ops[data.op](data);
+    return { channel: channel, data: data };
+  };
+  apm.onStream = (s) => {
+    if (s.head === 'decline') return s.close();
+    s.accept();
+    s.onData = (data) => s.write(data);
+    return undefined;
+  };
+};

@@ -37,6 +37,10 @@ NAMES = {1: 'hello', 2: 'ready', 16: 'open', 17: 'data', 18: 'text', 19: 'more',
          48: 'save', 49: 'migrate', 50: 'handed'}
 FLOW_CONTROLLED = (DATA, TEXT, MORE, RAW)
 FROM_CHILD = (READY, DATA, TEXT, MORE, HEAD, RAW, CLOSE, CREDIT, SAVE, HANDED)
+# IPC (feature "ipc"): kinds 32-47.
+(SEND, REQUEST, MESSAGE, REPLY, RESULT, STREAM_OPEN, STREAM_OFFER, STREAM_ACCEPT,
+ STREAM_JOIN, STREAM_DATA, STREAM_CLOSE, DASH, METRIC) = range(32, 45)
+IPC_FROM_CHILD = (SEND, REQUEST, REPLY, STREAM_OPEN, STREAM_ACCEPT, STREAM_DATA, STREAM_CLOSE, DASH, METRIC)
 
 MAX_FRAME = 1 << 20
 WINDOW = 256 * 1024
@@ -181,6 +185,7 @@ class Link(object):
         self.broken = None      # why nothing more can be read
         self.next_id = 1
         self.piece_size = None  # send frames in pieces of this many bytes
+        self.ipc = []           # IPC frames from the child: (kind, id, payload)
 
     def send(self, kind, session, payload=b''):
         wire = frame(kind, session, payload)
@@ -232,7 +237,10 @@ class Link(object):
 
     def handle(self, kind, session_id, payload):
         name = NAMES.get(kind, 'kind %d' % kind)
-        if kind in POLYGLOT_IPC_FROM_CHILD:
+        if kind in IPC_FROM_CHILD:
+            # Kept for the Node and Python cases (self.ipc) and checked and
+            # kept for the PHP, Perl and Lua ones (ipc_events).
+            self.ipc.append((kind, session_id, payload))
             return polyglot_handle_ipc(self, kind, session_id, payload)
         if kind not in FROM_CHILD:
             return self.violation('the child sent %s' % name)
@@ -1101,6 +1109,149 @@ class Runner(object):
         sys.stdout.flush()
 
 
+# IPC (feature "ipc"): the app behaves as connector_echo_handler.cjs says.
+
+MESSAGE_ID = 0x80000001
+PEER_ID = 0x80000009
+
+
+def ipc_frame(link, kind, what, where=lambda f: True):
+    """The next IPC frame of that kind from the child, taken off the list."""
+    found = []
+
+    def arrived():
+        for f in link.ipc:
+            if f[0] == kind and where(f):
+                found.append(f)
+                link.ipc.remove(f)
+                return True
+        return False
+    link.wait(arrived, what)
+    return found[0]
+
+
+def ipc_json(f, what):
+    try:
+        return json.loads(f[2].decode('utf-8'))
+    except ValueError:
+        raise Fail('%s is not JSON: %r' % (what, f[2][:100]))
+
+
+def ask(link, data, message_id=MESSAGE_ID, channel='do'):
+    link.send(MESSAGE, message_id, json.dumps({'channel': channel, 'data': data}).encode())
+
+
+def replied(link, message_id=MESSAGE_ID):
+    f = ipc_frame(link, REPLY, 'the reply to message %#x' % message_id, lambda f: f[1] == message_id)
+    return ipc_json(f, 'reply').get('data')
+
+
+def node_and_python(case):
+    """The case for the Node and Python echo apps, whose IPC behaviour
+    (connector_echo_handler.cjs) the PHP, Perl and Lua ones do not share:
+    theirs is checked by the cases above."""
+    def run(link, ctx):
+        if ctx.get('lang') in POLYGLOT_LANGS:
+            return 'not run: for the Node and Python connectors'
+        return case(link, ctx)
+    return run
+
+
+def case_ipc_ready(link, ctx):
+    link.wait(lambda: link.ready is not None, 'ready')
+    expect('ipc' in (link.ready.get('features') or []), 'ready lists no "ipc" feature: %r' % link.ready)
+
+
+def case_ipc_request_and_result(link, ctx):
+    ask(link, {'op': 'request', 'channel': 'q', 'data': [1, 'two'], 'timeout': 250})
+    f = ipc_frame(link, REQUEST, 'the app\'s request')
+    expect(0 < f[1] < 0x80000000, 'a request id of %#x' % f[1])
+    body = ipc_json(f, 'request')
+    expect(body == {'channel': 'q', 'data': [1, 'two'], 'timeout_ms': 250}, 'request %r' % body)
+    link.send(RESULT, f[1], json.dumps({'data': {'x': 1}, 'status': 'reply'}).encode())
+    got = replied(link)
+    expect(got == {'x': 1}, 'the app got %r, not the reply' % got)
+
+
+def case_ipc_null_results(link, ctx):
+    for status in ('timeout', 'no_listener', 'gone'):
+        ask(link, {'op': 'request', 'channel': 'q', 'data': None})
+        f = ipc_frame(link, REQUEST, 'the app\'s request')
+        expect(ipc_json(f, 'request').get('timeout_ms') is None, 'timeout_ms without a timeout: %r' % f[2])
+        link.send(RESULT, f[1], json.dumps({'data': None, 'status': status}).encode())
+        got = replied(link)
+        expect(got is None, '%s gave %r, not null' % (status, got))
+
+
+def case_ipc_answers_requests_and_echoes_sends(link, ctx):
+    ask(link, {'k': 'v'}, message_id=MESSAGE_ID + 1, channel='jobs')
+    got = replied(link, MESSAGE_ID + 1)
+    expect(got == {'channel': 'jobs', 'data': {'k': 'v'}}, 'the reply carried %r' % got)
+    ask(link, 'news!', message_id=0, channel='news')
+    f = ipc_frame(link, SEND, 'the echo of a send')
+    expect(f[1] == 0, 'a send with id %#x' % f[1])
+    body = ipc_json(f, 'send')
+    expect(body == {'channel': 'echo', 'data': {'channel': 'news', 'data': 'news!'}}, 'send %r' % body)
+    ask(link, {'op': 'send', 'channel': 'out', 'data': 3})
+    body = ipc_json(ipc_frame(link, SEND, 'the app\'s send'), 'send')
+    expect(body == {'channel': 'out', 'data': 3}, 'send %r' % body)
+    expect(replied(link) == 'sent', 'the send op was not answered')
+
+
+def case_ipc_dash_and_metric(link, ctx):
+    ask(link, {'op': 'dash', 'id': 1, 'value': 42.5, 'color': '#4f8cff',
+               'name': 'app.requests', 'amount': 2, 'type': 'counter'})
+    dash = ipc_json(ipc_frame(link, DASH, 'setDashValue'), 'dash')
+    expect(dash == {'id': 1, 'value': 42.5, 'color': '#4f8cff'}, 'dash %r' % dash)
+    metric = ipc_json(ipc_frame(link, METRIC, 'metric'), 'metric')
+    expect(metric == {'name': 'app.requests', 'value': 2, 'type': 'counter'}, 'metric %r' % metric)
+    expect(replied(link) == 'set', 'the dash op was not answered')
+
+
+def case_ipc_mediator(link, ctx):
+    ask(link, {'op': 'stream', 'channel': 'room', 'head': {'h': 1}})
+    f = ipc_frame(link, STREAM_OPEN, 'requestStream')
+    stream = f[1]
+    body = ipc_json(f, 'stream_open')
+    expect(body.get('channel') == 'room' and body.get('head') == {'h': 1}, 'stream_open %r' % body)
+    link.send(STREAM_JOIN, stream, struct.pack('>I', PEER_ID))
+    f = ipc_frame(link, STREAM_DATA, 'the write to every peer')
+    expect(f[1] == stream and f[2] == b'\0\0\0\0\x01hello', 'stream_data %r on %#x' % (f[2], f[1]))
+    expect(replied(link) == 'opened', 'requestStream did not give a stream')
+    link.send(STREAM_DATA, stream, struct.pack('>IB', PEER_ID, 0) + b'\xffbytes')
+    f = ipc_frame(link, STREAM_DATA, 'the echo to that peer')
+    expect(f[2] == struct.pack('>IB', PEER_ID, 0) + b'\xffbytes', 'the echo was %r' % f[2])
+    link.send(STREAM_CLOSE, stream, struct.pack('>I', PEER_ID))
+    link.send(STREAM_CLOSE, stream, b'\0\0\0\0')
+    ask(link, {'op': 'stream', 'channel': 'room'})
+    refused = ipc_frame(link, STREAM_OPEN, 'requestStream')
+    link.send(STREAM_CLOSE, refused[1], b'\0\0\0\0')
+    expect(replied(link) == 'refused', 'a refused stream did not give null')
+
+
+def case_ipc_peer(link, ctx):
+    offer = json.dumps({'channel': 'room', 'head': 'hi', 'peer': PEER_ID}).encode()
+    link.send(STREAM_OFFER, PEER_ID, offer)
+    ipc_frame(link, STREAM_ACCEPT, 'the accept', lambda f: f[1] == PEER_ID)
+    link.send(STREAM_DATA, PEER_ID, struct.pack('>IB', PEER_ID, 1) + 'hé'.encode())
+    f = ipc_frame(link, STREAM_DATA, 'the peer\'s echo')
+    expect(f[1] == PEER_ID and f[2] == b'\0\0\0\0\x01' + 'hé'.encode(), 'the echo was %r' % f[2])
+    link.send(STREAM_CLOSE, PEER_ID, b'\0\0\0\0')
+    declined = PEER_ID + 1
+    link.send(STREAM_OFFER, declined, json.dumps({'channel': 'room', 'head': 'decline', 'peer': declined}).encode())
+    f = ipc_frame(link, STREAM_CLOSE, 'the decline', lambda f: f[1] == declined)
+    expect(f[2] == b'\0\0\0\0', 'a decline of %r' % f[2])
+
+
+def case_ipc_in_pieces(link, ctx):
+    link.piece_size = 3
+    try:
+        case_ipc_request_and_result(link, ctx)
+        case_ipc_peer(link, ctx)
+    finally:
+        link.piece_size = None
+
+
 def main():
     command = sys.argv[1:]
     if not command:
@@ -1151,7 +1302,16 @@ def main():
         ('a migrated open carries session_data', case_migrated_open_carries_session_data),
         ('an oversized save is refused in the app', case_oversized_save_refused),
         ('tcp hand-off', case_tcp_hand_off),
-    ] + POLYGLOT_IPC_CASES + [
+    ] + POLYGLOT_IPC_CASES + [(name, node_and_python(case)) for name, case in [
+        ('ipc: ready lists the feature', case_ipc_ready),
+        ('ipc: request and its result', case_ipc_request_and_result),
+        ('ipc: null results', case_ipc_null_results),
+        ('ipc: requests answered, sends echoed', case_ipc_answers_requests_and_echoes_sends),
+        ('ipc: setDashValue and metric', case_ipc_dash_and_metric),
+        ('ipc: a mediated stream', case_ipc_mediator),
+        ('ipc: a peer accepts, echoes, declines', case_ipc_peer),
+        ('ipc: frames cut into 3-byte pieces', case_ipc_in_pieces),
+    ]] + [
         ('exits on an oversized frame from apm', case_bad_frame_from_apm),
         ('stdout apart from the channel', case_stdout_apart),
     ]:

@@ -85,15 +85,13 @@ fn check_says_which_keys_this_version_accepts_without_enforcing_them() {
              between instances only through a connector (`upstream connector`); its spliced \
              WebSockets and TCP connections are drained instead (waited for, up to \
              `kill_timeout`, before an instance is stopped)",
-            "note: worker `api` sets keys this version of apm accepts but does not enforce yet: \
-             `listen` (IPC between workers)",
         ]
     );
     let json = apm(&["check", "--json", "apm.conf"], dir.path());
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(
         report["not_enforced"].as_array().map(Vec::len),
-        Some(1),
+        Some(0),
         "{report}"
     );
 }
@@ -322,7 +320,7 @@ fn fmt_checks_shows_the_diff_and_rewrites_keeping_comments() {
 
 /// The help a new user reaches for: `apm help run` and `apm run --help` show
 /// the worker flags with defaults in the units configs use, mark the
-/// features not built yet, and point to the full listing; `apm help` names
+/// features not built yet (none now), and point to the full listing; `apm help` names
 /// the `ls` alias and the help command itself.
 #[test]
 fn help_shows_the_worker_flags_of_run_and_update() {
@@ -340,11 +338,13 @@ fn help_shows_the_worker_flags_of_run_and_update() {
             "{args:?}:\n{text}"
         );
         assert!(text.contains("-restart_delay") && text.contains("[default: 250ms]"));
+        // IPC and session hand-off are built: no flag is marked as not.
         assert!(
             text.lines()
-                .any(|l| l.contains("-listen") && l.contains("not built yet")),
+                .any(|l| l.contains("-listen") && !l.contains("not built yet")),
             "{args:?}:\n{text}"
         );
+        assert!(!text.contains("not built yet"), "{args:?}:\n{text}");
         assert!(text.contains("`apm -h --full`"), "{args:?}:\n{text}");
         assert!(!text.contains("defaults to the daemon log"), "{text}");
     }

@@ -21,6 +21,24 @@ const DATAGRAM: usize = 1432;
 pub struct InstanceSample {
     pub pid: Option<u32>,
     pub restarts: u32,
+    /// The process's `metric()` values, with a connector.
+    pub board: Option<BoardOf>,
+}
+
+/// A process's board, the same while the process is.
+#[derive(Clone)]
+pub struct BoardOf(pub std::sync::Arc<crate::ipc::Board>);
+
+impl PartialEq for BoardOf {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for BoardOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoardOf")
+    }
 }
 
 /// A worker's reporter; it stops when dropped.
@@ -138,6 +156,9 @@ fn gauges(
         lines.push(format!("{name}.cpu:{cpu:.1}|g"));
         lines.push(format!("{name}.memory:{memory}|g"));
         lines.push(format!("{name}.restarts:{}|g", instance.restarts));
+        if let Some(board) = &instance.board {
+            lines.extend(board.0.statsd_lines(&name, metric_name));
+        }
     }
     samples.retain(|pid, _| seen.contains(pid));
     lines
@@ -184,6 +205,7 @@ mod tests {
             &[InstanceSample {
                 pid: None,
                 restarts: 2,
+                board: None,
             }],
             &mut samples,
         );
@@ -205,6 +227,7 @@ mod tests {
         let instance = [InstanceSample {
             pid: Some(me),
             restarts: 0,
+            board: None,
         }];
         let first = gauges("p.w", &instance, &mut samples);
         assert_eq!(first[0], "p.w.0.up:1|g");

@@ -85,9 +85,13 @@ impl Kind {
 }
 
 fn frame(kind: Kind, session: u32, payload: &[u8]) -> Bytes {
+    frame_of(kind as u8, session, payload)
+}
+
+fn frame_of(kind: u8, session: u32, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(4 + HEADER + payload.len());
     out.put_u32((HEADER + payload.len()) as u32);
-    out.put_u8(kind as u8);
+    out.put_u8(kind);
     out.put_u32(session);
     out.put_slice(payload);
     out.freeze()
@@ -313,7 +317,91 @@ pub struct Link {
     retiring: tokio::sync::watch::Sender<bool>,
     /// When the process started: sessions move to the youngest instance.
     born: std::time::Instant,
+    // IPC (feature "ipc"): begin
+    ipc: Ipc,
+    // IPC: end
 }
+
+// IPC (feature "ipc"): begin
+/// What a link takes part in of inter-worker IPC (`crate::ipc`).
+pub struct IpcSettings {
+    /// The worker's `listen` channels.
+    pub channels: Vec<String>,
+    /// The worker's `ipc_timeout`.
+    pub timeout: std::time::Duration,
+}
+
+struct Ipc {
+    settings: IpcSettings,
+    /// Its endpoint in the router, once its `ready` listed "ipc".
+    endpoint: Mutex<Option<crate::ipc::EndpointId>>,
+    board: Arc<crate::ipc::Board>,
+}
+
+impl crate::ipc::Outbox for Link {
+    fn deliver(&self, kind: u8, id: u32, payload: &[u8], droppable: bool) -> bool {
+        if droppable && self.queued.load(Ordering::Relaxed) > crate::ipc::bounds::QUEUED {
+            self.ipc.board.count_drop();
+            return false;
+        }
+        let frame = frame_of(kind, id, payload);
+        self.queued.fetch_add(frame.len(), Ordering::Relaxed);
+        let _ = self.out.send(frame);
+        true
+    }
+}
+
+impl Link {
+    /// The process's dashboard values, metrics and IPC drops.
+    pub fn board(&self) -> &Arc<crate::ipc::Board> {
+        &self.ipc.board
+    }
+
+    /// Joins the router when the connector's `ready` lists "ipc"; says once
+    /// when the worker listens on channels its connector cannot take.
+    fn ready_for_ipc(self: &Arc<Link>, features: &[&str]) {
+        let settings = &self.ipc.settings;
+        if features.contains(&"ipc") {
+            let endpoint = crate::ipc::router().join(
+                self.clone(),
+                settings.channels.clone(),
+                settings.timeout,
+            );
+            *crate::locked(&self.ipc.endpoint) = Some(endpoint);
+        } else if !settings.channels.is_empty() {
+            crate::log(format_args!(
+                "{}: it sets `listen` but its connector lacks the \"ipc\" feature, so it gets no \
+                 IPC messages; update its apm_module",
+                self.label
+            ));
+        }
+    }
+
+    /// One IPC frame from the child.
+    fn ipc_frame(&self, kind: u8, id: u32, payload: &[u8]) -> Result<(), String> {
+        let Some(endpoint) = *crate::locked(&self.ipc.endpoint) else {
+            return Err(format!(
+                "IPC frame kind {kind} from a connector whose `ready` did not list \"ipc\""
+            ));
+        };
+        match kind {
+            crate::ipc::kind::DASH => self.ipc.board.dash(payload),
+            crate::ipc::kind::METRIC => {
+                self.ipc.board.metric(payload);
+            }
+            _ => crate::ipc::router().frame(endpoint, kind, id, payload)?,
+        }
+        Ok(())
+    }
+
+    /// The link ended: the router forgets it, and the other sides hear.
+    fn leave_ipc(&self) {
+        if let Some(endpoint) = crate::locked(&self.ipc.endpoint).take() {
+            crate::ipc::router().leave(endpoint);
+        }
+    }
+}
+// IPC: end
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -331,6 +419,7 @@ impl Link {
         label: String,
         instance_id: usize,
         pgid: u32,
+        ipc: IpcSettings,
         changed: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Link>> {
         channel.set_nonblocking(true)?;
@@ -348,6 +437,11 @@ impl Link {
             migrates: AtomicBool::new(false),
             retiring: tokio::sync::watch::Sender::new(false),
             born: std::time::Instant::now(),
+            ipc: Ipc {
+                settings: ipc,
+                endpoint: Mutex::default(),
+                board: Arc::default(),
+            },
         });
         let hello = json!({
             "protocol": PROTOCOL,
@@ -375,6 +469,7 @@ impl Link {
                 );
             }
             reading.ready.store(false, Ordering::Release);
+            reading.leave_ipc();
             // Every open session learns that its child is gone.
             reading.sessions.lock().expect("sessions").clear();
             changed();
@@ -419,7 +514,7 @@ impl Link {
     }
 
     async fn read_frames(
-        &self,
+        self: &Arc<Self>,
         mut reader: tokio::net::unix::OwnedReadHalf,
         changed: &(impl Fn() + Send + Sync),
     ) -> Result<(), String> {
@@ -451,9 +546,15 @@ impl Link {
             fill(&mut buffer, 4 + length).await?;
             let mut body = buffer.split_to(4 + length).freeze();
             let body = body.split_off(4);
-            let kind = Kind::from_u8(body[0]).ok_or_else(|| format!("unknown kind {}", body[0]))?;
             let session = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
             let payload = body.slice(HEADER..);
+            // IPC (feature "ipc"): begin
+            if crate::ipc::kind::is_ipc(body[0]) {
+                self.ipc_frame(body[0], session, &payload)?;
+                continue;
+            }
+            // IPC: end
+            let kind = Kind::from_u8(body[0]).ok_or_else(|| format!("unknown kind {}", body[0]))?;
             if kind == Kind::Ready {
                 let ready: Value = serde_json::from_slice(&payload)
                     .map_err(|e| format!("`ready` is not JSON: {e}"))?;
@@ -467,10 +568,14 @@ impl Link {
                 let half_close = ready.get("half_close").and_then(Value::as_bool);
                 self.half_close
                     .store(half_close == Some(true), Ordering::Release);
-                let features = ready.get("features").and_then(Value::as_array);
-                let migrates =
-                    features.is_some_and(|list| list.iter().any(|f| f.as_str() == Some("migrate")));
-                self.migrates.store(migrates, Ordering::Release);
+                let features: Vec<&str> = ready
+                    .get("features")
+                    .and_then(Value::as_array)
+                    .map(|f| f.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                self.migrates
+                    .store(features.contains(&"migrate"), Ordering::Release);
+                self.ready_for_ipc(&features);
                 self.ready.store(true, Ordering::Release);
                 changed();
                 continue;
@@ -1103,7 +1208,11 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let (changed_tx, changed) = mpsc::unbounded_channel();
         // pgid 0 would signal the test's own group; an impossible pid is safe.
-        let link = Link::start(ours, "t#0".into(), 0, i32::MAX as u32, move || {
+        let ipc = IpcSettings {
+            channels: Vec::new(),
+            timeout: std::time::Duration::from_millis(500),
+        };
+        let link = Link::start(ours, "t#0".into(), 0, i32::MAX as u32, ipc, move || {
             let _ = changed_tx.send(());
         })
         .unwrap();

@@ -87,6 +87,22 @@ pub struct InstanceStatus {
     /// a check.
     #[serde(default)]
     pub healthy: Option<bool>,
+    /// The process's latest `setDashValue` values, by id:
+    /// `{"value": …, "color": …}`.
+    #[serde(default = "empty_object")]
+    pub dash: serde_json::Value,
+    /// The process's latest `metric` values, by name:
+    /// `{"value": …, "type": …}`.
+    #[serde(default = "empty_object")]
+    pub metrics: serde_json::Value,
+    /// IPC messages, offers and stream data dropped on their way to the
+    /// process (it did not read), and values it sent that were refused.
+    #[serde(default)]
+    pub ipc_dropped: u64,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -372,20 +388,21 @@ impl Instance {
         if !matches!(self.life.phase, Phase::Running { .. }) {
             return None;
         }
-        match (&self.link, &self.port) {
-            (Some(link), _) => link.is_ready().then(|| Backend::Connector(link.clone())),
-            (None, Some(port)) => port
+        // With `upstream port`, a link is there for IPC only.
+        match (&self.port, &self.link) {
+            (Some(port), _) => port
                 .accepting()
                 .then(|| Backend::Port(port.address, port.in_flight.clone())),
+            (None, Some(link)) => link.is_ready().then(|| Backend::Connector(link.clone())),
             (None, None) => None,
         }
     }
 
     /// What the proxy has in flight on the current process.
     fn in_flight(&self) -> Option<Arc<crate::traffic::inflight::InFlight>> {
-        match (&self.link, &self.port) {
-            (Some(link), _) => Some(link.in_flight().clone()),
-            (None, Some(port)) => Some(port.in_flight.clone()),
+        match (&self.port, &self.link) {
+            (Some(port), _) => Some(port.in_flight.clone()),
+            (None, Some(link)) => Some(link.in_flight().clone()),
             (None, None) => None,
         }
     }
@@ -1157,6 +1174,7 @@ impl Supervisor {
                 let pid = instance.life.phase.pid();
                 let uptime = instance.started.filter(|_| pid.is_some()).map(|s| now - s);
                 let usage = pid.and_then(|pid| instance.look(pid, now, uptime, interval));
+                let board = instance.link.as_ref().map(|l| l.board());
                 InstanceStatus {
                     index: instance.index,
                     status: instance.life.phase.name().to_owned(),
@@ -1175,6 +1193,9 @@ impl Supervisor {
                         .health_check
                         .is_some()
                         .then_some(instance.healthy),
+                    dash: board.map_or_else(empty_object, |b| b.dash_json()),
+                    metrics: board.map_or_else(empty_object, |b| b.metrics_json()),
+                    ipc_dropped: board.map_or(0, |b| b.dropped()),
                 }
             })
             .collect();

@@ -76,8 +76,12 @@ impl Supervisor {
             Ok(None) => None,
             Err(error) => return spawn_failed(name, instance, error),
         };
-        // Only a worker that receives traffic gets a connector channel.
-        let channel = if spec.upstream.value == "connector" && !spec.server.is_empty() {
+        // Only a worker that receives traffic, or takes part in IPC, gets a
+        // connector channel.
+        let takes_ipc = !spec.listen.is_empty() || spec.ipc_timeout.is_explicit();
+        let channel = if (spec.upstream.value == "connector" && !spec.server.is_empty())
+            || takes_ipc
+        {
             match std::os::unix::net::UnixStream::pair() {
                 Ok((ours, theirs)) => {
                     sys::pass_channel(&mut command, theirs.into());
@@ -117,9 +121,20 @@ impl Supervisor {
         if let Some(channel) = channel {
             let tx = self.tx.clone();
             let label = format!("{name}#{index}");
-            match crate::traffic::connector::Link::start(channel, label, index, pid, move || {
-                let _ = tx.send(Msg::Recheck);
-            }) {
+            let ipc = crate::traffic::connector::IpcSettings {
+                channels: spec.listen.iter().map(|c| c.value.clone()).collect(),
+                timeout: spec.ipc_timeout.value.as_duration(),
+            };
+            match crate::traffic::connector::Link::start(
+                channel,
+                label,
+                index,
+                pid,
+                ipc,
+                move || {
+                    let _ = tx.send(Msg::Recheck);
+                },
+            ) {
                 Ok(link) => instance.link = Some(link),
                 Err(error) => crate::log(format_args!(
                     "{name}#{index}: no connector channel: {error}"

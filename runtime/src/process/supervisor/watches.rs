@@ -15,6 +15,10 @@ impl Supervisor {
                         .map(|i| crate::observe::statsd::InstanceSample {
                             pid: i.life.phase.pid(),
                             restarts: i.life.attempts.saturating_sub(1),
+                            board: i
+                                .link
+                                .as_ref()
+                                .map(|l| crate::observe::statsd::BoardOf(l.board().clone())),
                         })
                         .collect(),
                 );

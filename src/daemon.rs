@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use apm_compiler::ir::WorkerSpec;
+use apm_compiler::ir::{DaemonConfig, WorkerSpec};
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
 use apm_runtime::process::procfs;
@@ -132,6 +132,8 @@ struct Daemon {
     gui: std::sync::Mutex<Option<gui::Gui>>,
     /// The GUI settings of the last loaded file that set `gui_port`.
     gui_settings: std::sync::Mutex<Option<gui::Settings>>,
+    /// The `daemon { }` each loaded file last applied: what its plans compare with.
+    daemon_blocks: std::sync::Mutex<std::collections::HashMap<PathBuf, DaemonConfig>>,
 }
 
 pub fn run(place: Place, detach: bool) -> u8 {
@@ -283,6 +285,7 @@ async fn serve(mut place: Place) -> u8 {
         this: this.clone(),
         gui: std::sync::Mutex::default(),
         gui_settings: std::sync::Mutex::default(),
+        daemon_blocks: std::sync::Mutex::default(),
     });
     let reloading = daemon.clone();
     tokio::spawn(async move {
@@ -545,14 +548,7 @@ async fn restore(daemon: &Daemon) {
     // loaded; so are the `allow_group` and the GUI one of them set.
     for file in files_of(&daemon.supervisor).await {
         if let Ok(compilation) = compile_file(daemon, &file).await {
-            let allow_group = compilation.config.daemon.allow_group.as_ref();
-            daemon
-                .access
-                .follow(&file, allow_group.map(|g| g.value.as_str()));
-            if compilation.config.daemon.gui_port.value != 0 {
-                let _ = follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon))
-                    .await;
-            }
+            let _ = follow_daemon_block(daemon, &file, compilation.config.daemon).await;
         }
     }
     for name in to_start {
@@ -580,6 +576,48 @@ async fn load_user_config(daemon: &Daemon) {
             response.error.unwrap_or_default()
         )),
     }
+}
+
+/// Applies a file's `daemon { }` as it is loaded or reloaded, and records it
+/// for the file's next plan: `allow_group` is followed, a `gui_port` starts
+/// the GUI with its settings or restarts it with changed ones, and a
+/// `gui_port` taken back to 0 stops the GUI this file's settings started
+/// (docs/cli.md, decision 115). `auto_reload` is followed by the watcher
+/// as the file compiles. A GUI that fails to start is logged and returned.
+async fn follow_daemon_block(
+    daemon: &Daemon,
+    path: &Path,
+    block: DaemonConfig,
+) -> Result<(), String> {
+    daemon
+        .access
+        .follow(path, block.allow_group.as_ref().map(|g| g.value.as_str()));
+    let before = locked(&daemon.daemon_blocks).insert(path.to_path_buf(), block.clone());
+    if block.gui_port.value != 0 {
+        return follow_gui_settings(daemon, gui::Settings::of(&block)).await;
+    }
+    let Some(before) = before.filter(|b| b.gui_port.value != 0) else {
+        return Ok(());
+    };
+    let set_by_file = gui::Settings::of(&before);
+    let running = {
+        let mut gui = locked(&daemon.gui);
+        if gui.as_ref().is_some_and(|g| g.settings == set_by_file) {
+            gui.take()
+        } else {
+            None
+        }
+    };
+    if let Some(running) = running {
+        *locked(&daemon.gui_settings) = None;
+        log(format_args!(
+            "GUI on {} stopped: {} sets gui_port 0 now",
+            running.url,
+            path.display()
+        ));
+        running.stop().await;
+    }
+    Ok(())
 }
 
 /// A loaded file that sets `gui_port` starts the GUI with its settings (or
@@ -902,6 +940,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Unload { path } => {
             daemon.watcher.forget(&path);
             daemon.access.forget(&path);
+            locked(&daemon.daemon_blocks).remove(&path);
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut removed = Vec::new();
             for status in statuses
@@ -1097,7 +1136,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             let mut reloads = Vec::new();
             let mut unenforced = Vec::new();
             for (path, only) in files {
-                let (mut plan, specs, allow_group) = file_plan(daemon, &path, force).await?;
+                let (mut plan, specs, block) = file_plan(daemon, &path, force).await?;
                 if let Some(name) = &only {
                     plan.steps.retain(|step| step.worker() == name);
                 }
@@ -1110,7 +1149,9 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 let applied = if dry_run {
                     Vec::new()
                 } else {
-                    daemon.access.follow(&path, allow_group.as_deref());
+                    if let Err(e) = follow_daemon_block(daemon, &path, block).await {
+                        unenforced.push(format!("the GUI was not started: {e}"));
+                    }
                     apply(daemon, &path, &plan, specs).await
                 };
                 reloads.push(serde_json::json!({ "file": path, "text": plan.render(), "plan": plan, "applied": applied }));
@@ -1241,7 +1282,7 @@ fn compile_checked(path: &Path) -> Result<apm_compiler::Compilation, Response> {
 /// for it): what it does, and errors with their file, line and column, go
 /// to the daemon log; a file with errors keeps the running config.
 async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
-    let (mut plan, specs, allow_group) = match file_plan(daemon, &due.root, false).await {
+    let (mut plan, specs, block) = match file_plan(daemon, &due.root, false).await {
         Ok(found) => found,
         Err(response) => {
             log(format_args!(
@@ -1252,7 +1293,8 @@ async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
             return;
         }
     };
-    daemon.access.follow(&due.root, allow_group.as_deref());
+    // The daemon's log says why a GUI did not start.
+    let _ = follow_daemon_block(daemon, &due.root, block).await;
     if let Some(only) = &due.only {
         plan.steps
             .retain(|step| only.iter().any(|w| w == step.worker()));
@@ -1276,12 +1318,12 @@ async fn reload_logged(daemon: &Daemon, due: watch::Due, why: &str) {
 }
 
 /// The plan that reloading `path` would apply, with the file's new specs
-/// and the `allow_group` it sets.
+/// and its `daemon { }`.
 async fn file_plan(
     daemon: &Daemon,
     path: &Path,
     force: bool,
-) -> Result<(plan::Plan, Vec<WorkerSpec>, Option<String>), Response> {
+) -> Result<(plan::Plan, Vec<WorkerSpec>, DaemonConfig), Response> {
     let compilation = compile_file(daemon, path).await?;
     let statuses = call(daemon, |reply| Command::List { reply }).await?;
     let mut current = Vec::new();
@@ -1299,13 +1341,16 @@ async fn file_plan(
         current.push(*spec);
     }
     let new = compilation.config.workers;
-    let plan = plan::diff(
+    let mut plan = plan::diff(
         &current.iter().collect::<Vec<_>>(),
         &new.iter().collect::<Vec<_>>(),
         force,
     );
-    let allow_group = compilation.config.daemon.allow_group.map(|g| g.value);
-    Ok((plan, new, allow_group))
+    let block = compilation.config.daemon;
+    if let Some(applied) = locked(&daemon.daemon_blocks).get(path) {
+        plan.daemon = plan::daemon_changes(applied, &block);
+    }
+    Ok((plan, new, block))
 }
 
 /// Which files a reload reads, each with the one worker to reload when the
@@ -1361,11 +1406,11 @@ async fn apply(
     specs: Vec<WorkerSpec>,
 ) -> Vec<Applied> {
     let mut applied = Vec::new();
-    // Stops first, so a renamed worker's listener is free for its new name.
+    // Removals first, so a renamed worker's listener is free for its new name.
     let (stops, others): (Vec<&plan::Step>, Vec<&plan::Step>) = plan
         .steps
         .iter()
-        .partition(|s| matches!(s, plan::Step::Stop { .. }));
+        .partition(|s| matches!(s, plan::Step::Remove { .. }));
     for step in stops.into_iter().chain(others) {
         let name = step.worker().to_owned();
         let spec = || {
@@ -1425,8 +1470,8 @@ async fn apply(
                 }
                 None => continue,
             },
-            plan::Step::Stop { .. } => (
-                "stop",
+            plan::Step::Remove { .. } => (
+                "remove",
                 sup.call(|reply| Command::Remove {
                     name: name.clone(),
                     reply,
@@ -1609,15 +1654,8 @@ async fn load(
     registered_ones: Registered,
 ) -> Result<Response, Response> {
     let compilation = compile_file(daemon, path).await?;
-    let allow_group = compilation.config.daemon.allow_group.as_ref();
-    daemon
-        .access
-        .follow(path, allow_group.map(|g| g.value.as_str()));
     let mut warnings = Vec::new();
-    if compilation.config.daemon.gui_port.value != 0
-        && let Err(e) =
-            follow_gui_settings(daemon, gui::Settings::of(&compilation.config.daemon)).await
-    {
+    if let Err(e) = follow_daemon_block(daemon, path, compilation.config.daemon.clone()).await {
         // On the terminal too (decisions.md, the daemon, rule 4).
         warnings.push(format!("warning: the GUI was not started: {e}"));
     }

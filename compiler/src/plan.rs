@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::ir::{StatsdConfig, VanguardRules, WorkerSpec};
+use crate::ir::{DaemonConfig, StatsdConfig, VanguardRules, WorkerSpec};
 use crate::schema::{KeyDef, Reload};
 use crate::values::{Kind, quote};
 
@@ -37,7 +37,9 @@ pub enum Step {
         worker: String,
         changes: Vec<Change>,
     },
-    Stop {
+    /// The file no longer defines the worker: it is stopped and unloaded
+    /// (docs/cli.md, the decision on dropped workers).
+    Remove {
         worker: String,
     },
     Unchanged {
@@ -51,7 +53,7 @@ impl Step {
             Step::Start { worker }
             | Step::Restart { worker, .. }
             | Step::Update { worker, .. }
-            | Step::Stop { worker }
+            | Step::Remove { worker }
             | Step::Unchanged { worker } => worker,
         }
     }
@@ -60,6 +62,8 @@ impl Step {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub steps: Vec<Step>,
+    /// Changes of `daemon { }`, applied to the running daemon.
+    pub daemon: Vec<Change>,
 }
 
 /// Values as the user would write them, so that empty values, spaces and
@@ -266,19 +270,50 @@ pub fn diff(old: &[&WorkerSpec], new: &[&WorkerSpec], force: bool) -> Plan {
     }
     for spec in old {
         if !new_index.contains_key(&spec.name.value) {
-            steps.push(Step::Stop {
+            steps.push(Step::Remove {
                 worker: spec.name.value.clone(),
             });
         }
     }
-    Plan { steps }
+    Plan {
+        steps,
+        daemon: Vec::new(),
+    }
+}
+
+/// Every `daemon { }` key whose value differs between two versions of a
+/// file. All of them are applied to the running daemon (their `reload`
+/// says so), none needs a restart.
+pub fn daemon_changes(old: &DaemonConfig, new: &DaemonConfig) -> Vec<Change> {
+    let mut out = Vec::new();
+    if !old.same_settings(new) {
+        block_changes("", old.values(), new.values(), &mut out);
+    }
+    // Config text is the password itself: a plan only says it changed.
+    let secret = |key: &str| {
+        DaemonConfig::KEYS
+            .iter()
+            .any(|def| def.name == key && def.kind == Kind::Secret)
+    };
+    let hidden = |value: &mut String| {
+        if value != "(none)" {
+            *value = "********".to_owned();
+        }
+    };
+    for change in out.iter_mut().filter(|c| secret(&c.key)) {
+        hidden(&mut change.old);
+        hidden(&mut change.new);
+    }
+    out
 }
 
 impl Plan {
     pub fn is_noop(&self) -> bool {
-        self.steps
-            .iter()
-            .all(|s| matches!(s, Step::Unchanged { .. }))
+        self.daemon.is_empty()
+            && self
+                .steps
+                .iter()
+                .all(|s| matches!(s, Step::Unchanged { .. }))
     }
 
     /// The plan for people: `+ start jobs`, `~ restart api: env NODE_ENV
@@ -292,6 +327,13 @@ impl Plan {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
+        if !self.daemon.is_empty() {
+            let _ = writeln!(
+                out,
+                "~ daemon settings, applied live: {}",
+                describe(&self.daemon)
+            );
+        }
         for step in &self.steps {
             let _ = match step {
                 Step::Start { worker } => writeln!(out, "+ start {worker}"),
@@ -316,7 +358,10 @@ impl Plan {
                         writeln!(out, "~ update {worker} in place: {}", describe(&other))
                     }
                 }
-                Step::Stop { worker } => writeln!(out, "- stop {worker}"),
+                Step::Remove { worker } => writeln!(
+                    out,
+                    "- remove {worker}: no longer in the file; stopped and unloaded"
+                ),
                 Step::Unchanged { .. } => Ok(()),
             };
         }
@@ -328,7 +373,7 @@ impl Plan {
         if unchanged > 0 {
             let _ = writeln!(out, "= {unchanged} unchanged");
         }
-        if self.steps.is_empty() {
+        if self.steps.is_empty() && self.daemon.is_empty() {
             out.push_str("= nothing to do\n");
         }
         out

@@ -1543,7 +1543,10 @@ fn reload_applies_the_plan_and_keeps_untouched_processes() {
         "{check}"
     );
     let dry = stdout(&d.ok(&["reload", file, "--dry-run"]));
-    assert!(dry.contains("- stop gone"), "{dry}");
+    assert!(
+        dry.contains("- remove gone: no longer in the file; stopped and unloaded"),
+        "{dry}"
+    );
     assert_eq!(pid_map(&d), before, "--dry-run applies nothing");
     let reload = stdout(&d.ok(&["reload", file]));
     for line in [
@@ -1551,7 +1554,7 @@ fn reload_applies_the_plan_and_keeps_untouched_processes() {
         "↕ scale b 1 → 3",
         "~ restart c: params 4103 → 4113",
         "+ start d",
-        "- stop gone",
+        "- remove gone: no longer in the file; stopped and unloaded",
     ] {
         assert!(reload.contains(line), "{line} missing from\n{reload}");
     }
@@ -3921,4 +3924,56 @@ fn loading_a_slow_config_does_not_stall_the_proxy() {
         slowest < Duration::from_millis(200) && slowest < loading / 2,
         "the proxy took {slowest:?} to answer while a {loading:?} load compiled ({answered} answers)"
     );
+}
+
+/// `daemon { }` is part of a reload's plan: `apm check` and `--dry-run`
+/// show a changed `gui_port`, the reload starts the GUI without a daemon
+/// restart, and taking the port back to 0 stops the GUI this file started.
+/// A reload used to leave the GUI as the daemon's start had set it.
+#[test]
+fn a_reload_plans_and_applies_the_daemon_block() {
+    let d = Daemon::new("daemonplan");
+    let port = free_port();
+    let config = d.write(
+        "app.conf",
+        "worker { name w; exec sleep; params 1031; startup_grace 100; }\n",
+    );
+    let file = config.to_str().unwrap();
+    d.ok(&["load", file]);
+    d.write(
+        "app.conf",
+        &format!(
+            "daemon {{ gui_port {port}; gui_bind 127.0.0.1; }}\n\
+             worker {{ name w; exec sleep; params 1031; startup_grace 100; }}\n"
+        ),
+    );
+    let shown = format!(
+        "~ daemon settings, applied live: gui_port 0 → {port}; gui_bind 0.0.0.0 → 127.0.0.1"
+    );
+    let check = stdout(&d.ok(&["check", file]));
+    assert!(check.contains(&shown), "{check}");
+    let dry = stdout(&d.ok(&["reload", file, "--dry-run"]));
+    assert!(dry.contains(&shown), "{dry}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "--dry-run applies nothing"
+    );
+    let reload = stdout(&d.ok(&["reload", file]));
+    assert!(reload.contains(&shown), "{reload}");
+    wait_until(PATIENCE, "the GUI to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let json: Value =
+        serde_json::from_str(&stdout(&d.ok(&["reload", file, "--dry-run", "--json"]))).unwrap();
+    assert_eq!(json[0]["plan"]["daemon"], serde_json::json!([]), "{json}");
+
+    d.write(
+        "app.conf",
+        "worker { name w; exec sleep; params 1031; startup_grace 100; }\n",
+    );
+    let reload = stdout(&d.ok(&["reload", file]));
+    assert!(reload.contains(&format!("gui_port {port} → 0")), "{reload}");
+    wait_until(PATIENCE, "the GUI to close", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
 }

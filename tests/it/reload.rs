@@ -66,7 +66,9 @@ fn corpus_reload_plans() {
         let force = sections.iter().any(|(n, _)| n == "force");
         let old: Vec<_> = configs[0].workers.iter().collect();
         let new: Vec<_> = configs[1].workers.iter().collect();
-        let actual = plan::diff(&old, &new, force).render();
+        let mut plan = plan::diff(&old, &new, force);
+        plan.daemon = plan::daemon_changes(&configs[0].daemon, &configs[1].daemon);
+        let actual = plan.render();
         let expected = sections
             .iter()
             .find(|(n, _)| n == "plan")

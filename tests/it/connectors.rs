@@ -15,10 +15,6 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::certs;
 use crate::harness::*;
 
-pub(crate) fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
 /// A connector test app: (worker name, exec, app file, the `lang` it reports).
 pub(crate) type App = (&'static str, &'static str, PathBuf, &'static str);
 

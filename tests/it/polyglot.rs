@@ -4,9 +4,7 @@
 
 use std::process::Command;
 
-use crate::connectors::{
-    App, pass_the_protocol_harness, repo, serve_http_websocket_and_tcp_through_apm,
-};
+use crate::connectors::{App, pass_the_protocol_harness, serve_http_websocket_and_tcp_through_apm};
 use crate::harness::*;
 
 /// (worker name, interpreter, the test apps' file extension, the `lang` it

@@ -5,15 +5,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::daemon::HEADERS_APP;
 use crate::harness::*;
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 /// Loads two workers with the same proxy `settings`: `port` (upstream
 /// port, the headers app) and `conn` (upstream connector, the Python

@@ -114,6 +114,13 @@ const STREAM: Param = Param {
     values: &["out", "err"],
 };
 
+const INSTANCE: Param = Param {
+    name: "instance",
+    kind: "integer",
+    description: "Only this instance (its index); every instance without it.",
+    values: &[],
+};
+
 /// Every route the dashboard answers.
 pub static ROUTES: &[Route] = &[
     Route {
@@ -184,8 +191,8 @@ pub static ROUTES: &[Route] = &[
         path: "/api/workers/{name}/start",
         op: Op::Start,
         summary: "Start a worker",
-        description: "`apm start`.",
-        params: &[],
+        description: "`apm start`, or `apm start NAME#I` with `instance`.",
+        params: &[INSTANCE],
         answer: Answer::Json,
     },
     Route {
@@ -193,8 +200,8 @@ pub static ROUTES: &[Route] = &[
         path: "/api/workers/{name}/stop",
         op: Op::Stop,
         summary: "Stop a worker",
-        description: "`apm stop`.",
-        params: &[],
+        description: "`apm stop`, or `apm stop NAME#I` with `instance`: the other instances keep serving.",
+        params: &[INSTANCE],
         answer: Answer::Json,
     },
     Route {
@@ -202,8 +209,8 @@ pub static ROUTES: &[Route] = &[
         path: "/api/workers/{name}/restart",
         op: Op::Restart,
         summary: "Restart a worker",
-        description: "`apm restart`.",
-        params: &[FORCE],
+        description: "`apm restart`, or `apm restart NAME#I` with `instance`.",
+        params: &[FORCE, INSTANCE],
         answer: Answer::Json,
     },
     Route {
@@ -219,12 +226,7 @@ pub static ROUTES: &[Route] = &[
                 description: "The signal, by name (`SIGUSR2`). Required.",
                 values: &[],
             },
-            Param {
-                name: "instance",
-                kind: "integer",
-                description: "Only this instance (its index).",
-                values: &[],
-            },
+            INSTANCE,
         ],
         answer: Answer::Json,
     },
@@ -529,10 +531,17 @@ async fn perform(
             let (path, only) = log_source(daemon, name, query.err_stream()).await?;
             return Ok(live(path, only, lines));
         }
-        Op::Start => Call::Start { name },
-        Op::Stop => Call::Stop { name },
+        Op::Start => Call::Start {
+            name,
+            index: query.number("instance").map_err(bad)?,
+        },
+        Op::Stop => Call::Stop {
+            name,
+            index: query.number("instance").map_err(bad)?,
+        },
         Op::Restart => Call::Restart {
             name,
+            index: query.number("instance").map_err(bad)?,
             force: query.flag("force").map_err(bad)?,
         },
         Op::Remove => Call::Remove { name },

@@ -327,21 +327,30 @@ pub fn unload(place: &Place, file: &Path) -> u8 {
     }
 }
 
-pub fn signal(place: &Place, signal: &str, target: &str) -> u8 {
-    let (name, index) = match target.split_once('#') {
+/// A worker, or one of its instances as `NAME#I` (signals, start, stop,
+/// restart); a bad index is said on stderr and is the exit code.
+pub fn instance_target(target: &str) -> Result<(String, Option<usize>), u8> {
+    match target.split_once('#') {
         Some((name, index)) => match index.parse::<usize>() {
-            Ok(index) => (name, Some(index)),
+            Ok(index) => Ok((name.to_owned(), Some(index))),
             Err(_) => {
                 eprintln!("apm: `{target}`: the instance after `#` is a number, as in api#2");
-                return exit::USAGE;
+                Err(exit::USAGE)
             }
         },
-        None => (target, None),
+        None => Ok((target.to_owned(), None)),
+    }
+}
+
+pub fn signal(place: &Place, signal: &str, target: &str) -> u8 {
+    let (name, index) = match instance_target(target) {
+        Ok(target) => target,
+        Err(code) => return code,
     };
     match request(
         place,
         Call::Signal {
-            name: name.to_owned(),
+            name,
             index,
             signal: signal.to_owned(),
         },

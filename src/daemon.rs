@@ -555,7 +555,11 @@ async fn restore(daemon: &Daemon) {
         let supervisor = daemon.supervisor.clone();
         tokio::spawn(async move {
             let _ = supervisor
-                .call(|reply| Command::Start { name, reply })
+                .call(|reply| Command::Start {
+                    name,
+                    index: None,
+                    reply,
+                })
                 .await;
         });
     }
@@ -956,15 +960,21 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             }
             Response::data(removed)
         }
-        Call::Start { name } => {
-            Response::data(call(daemon, |reply| Command::Start { name, reply }).await?)
+        Call::Start { name, index } => {
+            Response::data(call(daemon, |reply| Command::Start { name, index, reply }).await?)
         }
-        Call::Stop { name } => {
-            Response::data(call(daemon, |reply| Command::Stop { name, reply }).await?)
+        Call::Stop { name, index } => {
+            Response::data(call(daemon, |reply| Command::Stop { name, index, reply }).await?)
         }
-        Call::Restart { name, force } => {
-            Response::data(call(daemon, |reply| Command::Restart { name, force, reply }).await?)
-        }
+        Call::Restart { name, index, force } => Response::data(
+            call(daemon, |reply| Command::Restart {
+                name,
+                index,
+                force,
+                reply,
+            })
+            .await?,
+        ),
         // `apm restart --force`: "restart all workers, ignoring rolling".
         Call::RestartAll => {
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
@@ -973,6 +983,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
                 reports.push(
                     call(daemon, |reply| Command::Restart {
                         name: status.name,
+                        index: None,
                         force: true,
                         reply,
                     })
@@ -1483,6 +1494,7 @@ async fn apply(
                 "restart",
                 sup.call(|reply| Command::Restart {
                     name: name.clone(),
+                    index: None,
                     force: false,
                     reply,
                 })
@@ -1590,9 +1602,13 @@ async fn run_again(
     if restarted.is_some() || !start {
         return Ok(restarted);
     }
-    call(daemon, |reply| Command::Start { name, reply })
-        .await
-        .map(Some)
+    call(daemon, |reply| Command::Start {
+        name,
+        index: None,
+        reply,
+    })
+    .await
+    .map(Some)
 }
 
 /// What `run_again` is given besides the new block.
@@ -1722,7 +1738,11 @@ async fn load(
             let (supervisor, name) = (daemon.supervisor.clone(), name.clone());
             tokio::spawn(async move {
                 supervisor
-                    .call(|reply| Command::Start { name, reply })
+                    .call(|reply| Command::Start {
+                        name,
+                        index: None,
+                        reply,
+                    })
                     .await
             })
         })

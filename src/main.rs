@@ -58,13 +58,13 @@ enum Command {
         )]
         args: Vec<String>,
     },
-    /// Start a stopped worker.
+    /// Start a stopped worker, or one instance of it as NAME#I.
     Start { worker: String },
-    /// Stop a worker: SIGTERM to its process groups, SIGKILL after kill_timeout.
+    /// Stop a worker (or one instance, NAME#I): SIGTERM to its process groups, SIGKILL after kill_timeout.
     Stop { worker: String },
     /// Stop every worker; the daemon keeps running.
     Stopall,
-    /// Restart a worker; --force restarts every instance at once, ignoring rolling, and without a worker restarts them all.
+    /// Restart a worker (or one instance, NAME#I); --force restarts every instance at once, ignoring rolling, and without a worker restarts them all.
     Restart {
         worker: Option<String>,
         /// Restart every instance at once, ignoring `rolling`; without a worker, restart them all.
@@ -361,25 +361,26 @@ fn main() -> ExitCode {
     };
     ExitCode::from(match cli.command {
         Command::Run { args } => commands::run(&place, &args),
-        Command::Start { worker } => commands::start_like(&place, Call::Start { name: worker }),
-        Command::Stop { worker } => commands::simple(
-            &place,
-            Call::Stop {
-                name: worker.clone(),
-            },
-            &format!("■ {worker} stopped"),
-        ),
+        Command::Start { worker } => match commands::instance_target(&worker) {
+            Ok((name, index)) => commands::start_like(&place, Call::Start { name, index }),
+            Err(code) => code,
+        },
+        Command::Stop { worker } => match commands::instance_target(&worker) {
+            Ok((name, index)) => commands::simple(
+                &place,
+                Call::Stop { name, index },
+                &format!("■ {worker} stopped"),
+            ),
+            Err(code) => code,
+        },
         Command::Stopall => commands::simple(&place, Call::StopAll, "■ every worker stopped"),
         Command::Restart {
             worker: Some(worker),
             force,
-        } => commands::start_like(
-            &place,
-            Call::Restart {
-                name: worker,
-                force,
-            },
-        ),
+        } => match commands::instance_target(&worker) {
+            Ok((name, index)) => commands::start_like(&place, Call::Restart { name, index, force }),
+            Err(code) => code,
+        },
         Command::Restart {
             worker: None,
             force: true,

@@ -221,12 +221,25 @@ impl Monitor {
                     'r' => (
                         Call::Restart {
                             name: name.clone(),
+                            index: None,
                             force: false,
                         },
                         "restarted",
                     ),
-                    's' => (Call::Start { name: name.clone() }, "started"),
-                    _ => (Call::Stop { name: name.clone() }, "stopped"),
+                    's' => (
+                        Call::Start {
+                            name: name.clone(),
+                            index: None,
+                        },
+                        "started",
+                    ),
+                    _ => (
+                        Call::Stop {
+                            name: name.clone(),
+                            index: None,
+                        },
+                        "stopped",
+                    ),
                 };
                 self.message = match client::call(place, call, false) {
                     Ok(response) if response.ok => format!("{name} {done}"),

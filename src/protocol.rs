@@ -43,14 +43,23 @@ pub enum Call {
     Unload {
         path: PathBuf,
     },
+    /// With `index`, that one instance (`apm start NAME#I`); absent from
+    /// older callers, which mean the whole worker. The same for `Stop` and
+    /// `Restart`.
     Start {
         name: String,
+        #[serde(default)]
+        index: Option<usize>,
     },
     Stop {
         name: String,
+        #[serde(default)]
+        index: Option<usize>,
     },
     Restart {
         name: String,
+        #[serde(default)]
+        index: Option<usize>,
         /// Every instance at once, whatever `rolling` says.
         #[serde(default)]
         force: bool,

@@ -153,6 +153,14 @@ def main():
         wait("the restart in the history",
              lambda: "killed by SIG" in driver.find_element(By.ID, "exits").text)
 
+        # An instance's own restart button changes its pid alone.
+        quiet = {i: pid_of(driver, f"quiet#{i}") for i in (0, 1)}
+        driver.find_element(
+            By.CSS_SELECTOR, 'button[data-worker="quiet"][data-instance="1"][data-verb="restart"]').click()
+        wait("a new pid for quiet#1", lambda: pid_of(driver, "quiet#1") not in (None, "", "-", quiet[1]))
+        if pid_of(driver, "quiet#0") != quiet[0]:
+            failures.append(f"restarting quiet#1 changed quiet#0's pid ({quiet[0]} -> {pid_of(driver, 'quiet#0')})")
+
         # Each panel type renders from values as a connector sends them.
         types = driver.execute_script("""
             renderPanels({name: "talker", instances: [{index: 0, cpu_percent: 12.5, memory_bytes: 1048576, dash: {

@@ -14,6 +14,7 @@ mod export;
 mod first_hour;
 mod harness;
 mod install;
+mod instances;
 mod ipc;
 mod logs;
 mod metrics;

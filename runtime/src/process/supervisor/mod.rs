@@ -12,6 +12,7 @@
 
 mod draining;
 mod listeners;
+mod one;
 mod orphans;
 mod rolling;
 mod spawning;
@@ -25,7 +26,7 @@ use listeners::{guard_for, tls_for};
 use spawning::{augur_view, health_settings, log_time_format, rotation, run_dir};
 use watches::{statsd_for, syslog_for};
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -186,16 +187,21 @@ pub enum Command {
         begin: Begin,
         reply: Reply<Option<StartReport>>,
     },
+    /// With `index`, that instance alone (`apm start NAME#I`); the same
+    /// for `Stop` and `Restart`.
     Start {
         name: String,
+        index: Option<usize>,
         reply: Reply<StartReport>,
     },
     Stop {
         name: String,
+        index: Option<usize>,
         reply: Reply<()>,
     },
     Restart {
         name: String,
+        index: Option<usize>,
         /// All instances at once, whatever `rolling` says (`--force`).
         force: bool,
         reply: Reply<StartReport>,
@@ -458,6 +464,11 @@ struct Worker {
     origin: Origin,
     /// The desired state.
     enabled: bool,
+    /// Instances of a running worker stopped one by one (`apm stop
+    /// NAME#I`): they stay stopped until started again, alone or with the
+    /// whole worker. Not saved: a new daemon runs every instance of a
+    /// running worker (decisions: the CLI, 93).
+    stopped: BTreeSet<usize>,
     instances: Vec<Instance>,
     /// While set, the worker waits for its `depends_on` until this instant.
     deps_deadline: Option<Instant>,
@@ -512,12 +523,15 @@ impl Rolling {
 const ROLLING_PATIENCE: Duration = Duration::from_secs(30);
 
 enum Waiter {
+    /// With `index`, for that instance alone (and the report is its own).
     Start {
         name: String,
+        index: Option<usize>,
         reply: Reply<StartReport>,
     },
     Stop {
         name: String,
+        index: Option<usize>,
         reply: Reply<()>,
     },
     Remove {
@@ -655,35 +669,56 @@ impl Supervisor {
                     self.start(&name);
                     self.waiters.push(Waiter::Start {
                         name,
+                        index: None,
                         reply: remap(reply, Some),
                     });
                 } else {
                     let _ = reply.send(Ok(None));
                 }
             }
-            Command::Start { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else {
+            Command::Start { name, index, reply } => {
+                let Some(reply) = self.checked(&name, index, reply) else {
                     return;
                 };
-                self.start(&name);
-                self.waiters.push(Waiter::Start { name, reply });
+                match index {
+                    Some(index) => self.run_one(&name, index, Event::Start),
+                    None => self.start(&name),
+                }
+                self.waiters.push(Waiter::Start { name, index, reply });
             }
-            Command::Stop { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else {
+            Command::Stop { name, index, reply } => {
+                let Some(reply) = self.checked(&name, index, reply) else {
                     return;
                 };
-                self.stop(&name, true);
-                self.waiters.push(Waiter::Stop { name, reply });
+                match index {
+                    Some(index) => self.stop_one(&name, index),
+                    None => self.stop(&name, true),
+                }
+                self.waiters.push(Waiter::Stop { name, index, reply });
             }
-            Command::Restart { name, force, reply } => {
-                let Some(reply) = self.checked(&name, reply) else {
+            Command::Restart {
+                name,
+                index,
+                force,
+                reply,
+            } => {
+                let Some(reply) = self.checked(&name, index, reply) else {
                     return;
                 };
-                self.restart(&name, force);
-                self.waiters.push(Waiter::Start { name, reply });
+                match index {
+                    Some(index) => self.run_one(&name, index, Event::Restart),
+                    None => {
+                        // The whole worker: the instances stopped one by one too.
+                        if let Some(worker) = self.workers.get_mut(&name) {
+                            worker.stopped.clear();
+                        }
+                        self.restart(&name, force);
+                    }
+                }
+                self.waiters.push(Waiter::Start { name, index, reply });
             }
             Command::Remove { name, reply } => {
-                let Some(reply) = self.checked(&name, reply) else {
+                let Some(reply) = self.checked(&name, None, reply) else {
                     return;
                 };
                 self.stop(&name, true);
@@ -737,7 +772,7 @@ impl Supervisor {
                 timeout,
                 reply,
             } => {
-                let Some(reply) = self.checked(&name, reply) else {
+                let Some(reply) = self.checked(&name, None, reply) else {
                     return;
                 };
                 let deadline = Instant::now() + timeout;
@@ -765,10 +800,10 @@ impl Supervisor {
         }
     }
 
-    /// The reply back when the worker exists; otherwise it is answered with
-    /// the error here.
-    fn checked<T>(&self, name: &str, reply: Reply<T>) -> Option<Reply<T>> {
-        match self.exists(name) {
+    /// The reply back when the worker (and its instance `index`) exists;
+    /// otherwise it is answered with the error here.
+    fn checked<T>(&self, name: &str, index: Option<usize>, reply: Reply<T>) -> Option<Reply<T>> {
+        match self.instance_exists(name, index) {
             Ok(()) => Some(reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -831,6 +866,7 @@ impl Supervisor {
             spec: Arc::new(spec),
             origin,
             enabled,
+            stopped: BTreeSet::new(),
             instances,
             deps_deadline: None,
             deps_timed_out: false,
@@ -852,6 +888,7 @@ impl Supervisor {
         let timeout = worker.spec.depends_timeout.as_duration();
         let worker = self.workers.get_mut(name).expect("checked above");
         worker.enabled = true;
+        worker.stopped.clear();
         worker.deps_timed_out = false;
         self.dirty = true;
         if waits {
@@ -868,6 +905,7 @@ impl Supervisor {
             worker.rolling = None;
             if disable {
                 worker.enabled = false;
+                worker.stopped.clear();
                 self.dirty = true;
             }
         }
@@ -1057,6 +1095,7 @@ impl Supervisor {
         self.restart(&name, false);
         self.waiters.push(Waiter::Start {
             name,
+            index: None,
             reply: remap(reply, Some),
         });
     }
@@ -1074,6 +1113,8 @@ impl Supervisor {
                     self.ids.remove(&instance.id);
                 }
             }
+            let count = worker.instances.len();
+            worker.stopped.retain(|&index| index < count);
         }
     }
 
@@ -1105,16 +1146,8 @@ impl Supervisor {
     }
 
     fn signal(&self, name: &str, index: Option<usize>, signal: Signal) -> Result<Vec<u32>, String> {
-        self.exists(name)?;
+        self.instance_exists(name, index)?;
         let worker = &self.workers[name];
-        if let Some(index) = index
-            && index >= worker.instances.len()
-        {
-            return Err(format!(
-                "`{name}` has {} instance(s); #{index} does not exist",
-                worker.instances.len()
-            ));
-        }
         let pids: Vec<u32> = worker
             .instances
             .iter()

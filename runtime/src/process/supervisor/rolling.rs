@@ -16,9 +16,16 @@ impl Supervisor {
             .instances
             .iter()
             .any(|i| matches!(i.life.phase, Phase::Running { .. }));
-        if worker.spec.rolling.value && !force && worker.instances.len() > 1 && serving {
-            worker.rolling = Some(Rolling::at(0, Instant::now()));
-            self.step(name, 0, Event::Restart);
+        // Instances stopped one by one stay stopped.
+        let first = worker.next_wanted(0);
+        if let Some(first) = first
+            && worker.spec.rolling.value
+            && !force
+            && worker.instances.len() > 1
+            && serving
+        {
+            worker.rolling = Some(Rolling::at(first, Instant::now()));
+            self.step(name, first, Event::Restart);
         } else {
             worker.rolling = None;
             // Instances an update is retiring stay stopped.
@@ -26,7 +33,7 @@ impl Supervisor {
                 .instances
                 .len()
                 .min(worker.spec.instances.value as usize);
-            for index in 0..kept {
+            for index in (0..kept).filter(|&i| worker.wanted(i)).collect::<Vec<_>>() {
                 self.step(name, index, Event::Restart);
             }
         }
@@ -46,6 +53,10 @@ impl Supervisor {
             .collect();
         for name in names {
             let worker = self.workers.get_mut(&name).expect("listed above");
+            let after = worker
+                .rolling
+                .as_ref()
+                .and_then(|r| worker.next_wanted(r.current + 1));
             let rolling = worker.rolling.as_mut().expect("listed above");
             let Some(instance) = worker.instances.get(rolling.current) else {
                 worker.rolling = None;
@@ -72,8 +83,9 @@ impl Supervisor {
                         rolling.next_at = Some(at);
                         wake = Some(at);
                     }
+                    // Past the last one meant to run, it is over.
                     Some(at) if now >= at => {
-                        *rolling = Rolling::at(rolling.current + 1, now);
+                        *rolling = Rolling::at(after.unwrap_or(worker.instances.len()), now);
                         next = Some(rolling.current);
                     }
                     Some(_) => {}

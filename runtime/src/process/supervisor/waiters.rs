@@ -8,9 +8,9 @@ impl Supervisor {
     pub(super) fn deps_running(&self, worker: &Worker) -> bool {
         worker.spec.depends_on.iter().all(|dep| {
             self.workers.get(&dep.value).is_some_and(|d| {
-                d.instances
-                    .iter()
-                    .all(|i| matches!(i.life.phase, Phase::Running { .. }))
+                d.instances.iter().all(|i| {
+                    d.stopped.contains(&i.index) || matches!(i.life.phase, Phase::Running { .. })
+                })
             })
         })
     }
@@ -44,7 +44,7 @@ impl Supervisor {
         let now = Instant::now();
         for waiter in std::mem::take(&mut self.waiters) {
             let pending = match waiter {
-                Waiter::Start { name, reply } => match self.workers.get(&name) {
+                Waiter::Start { name, index, reply } => match self.workers.get(&name) {
                     None => {
                         let _ = reply.send(Err(format!("worker `{name}` was removed")));
                         None
@@ -54,14 +54,20 @@ impl Supervisor {
                             && worker.rolling.is_none()
                             && worker.instances.iter().all(|i| settled(worker, i, now)) =>
                     {
-                        let _ = reply.send(Ok(start_report(&name, worker)));
+                        let _ = reply.send(Ok(start_report(&name, worker, index)));
                         None
                     }
-                    Some(_) => Some(Waiter::Start { name, reply }),
+                    Some(_) => Some(Waiter::Start { name, index, reply }),
                 },
-                Waiter::Stop { name, reply } => match self.workers.get(&name) {
-                    Some(worker) if worker.instances.iter().any(|i| i.life.phase.is_alive()) => {
-                        Some(Waiter::Stop { name, reply })
+                Waiter::Stop { name, index, reply } => match self.workers.get(&name) {
+                    Some(worker)
+                        if worker
+                            .instances
+                            .iter()
+                            .filter(|i| index.is_none_or(|n| n == i.index))
+                            .any(|i| i.life.phase.is_alive()) =>
+                    {
+                        Some(Waiter::Stop { name, index, reply })
                     }
                     _ => {
                         let _ = reply.send(Ok(()));
@@ -97,10 +103,10 @@ impl Supervisor {
                         None
                     }
                     Some(worker)
-                        if worker
-                            .instances
-                            .iter()
-                            .all(|i| matches!(i.life.phase, Phase::Running { .. })) =>
+                        if worker.instances.iter().all(|i| {
+                            worker.stopped.contains(&i.index)
+                                || matches!(i.life.phase, Phase::Running { .. })
+                        }) =>
                     {
                         let _ = reply.send(Ok(()));
                         None
@@ -144,7 +150,7 @@ impl Supervisor {
 pub(super) fn settled(worker: &Worker, instance: &Instance, now: Instant) -> bool {
     match instance.life.phase {
         Phase::Starting { .. } | Phase::Draining { .. } | Phase::Stopping { .. } => false,
-        Phase::Stopped => !worker.enabled || instance.life.attempts > 0,
+        Phase::Stopped => !worker.wanted(instance.index) || instance.life.attempts > 0,
         Phase::Running { since, .. } => {
             worker.spec.server.is_empty()
                 || instance.backend().is_some()
@@ -154,11 +160,14 @@ pub(super) fn settled(worker: &Worker, instance: &Instance, now: Instant) -> boo
     }
 }
 
-pub(super) fn start_report(name: &str, worker: &Worker) -> StartReport {
+/// How the worker's instances started (only instance `index`, with one),
+/// leaving out those stopped one by one.
+pub(super) fn start_report(name: &str, worker: &Worker, index: Option<usize>) -> StartReport {
     let now = Instant::now();
     let instances = worker
         .instances
         .iter()
+        .filter(|i| index.map_or(!worker.stopped.contains(&i.index), |n| n == i.index))
         .map(|i| {
             // A clean exit inside the startup window is the program's choice,
             // not a failed start.

@@ -3,6 +3,7 @@
 mod check;
 mod client;
 mod commands;
+mod container;
 mod convert;
 mod daemon;
 mod export;
@@ -259,6 +260,13 @@ enum Command {
     },
     /// Export a config's workers to Kubernetes, Nomad, Docker Compose or systemd (no daemon needed).
     Export(export::ExportArgs),
+    /// Run FILE's workers in the foreground as a container's PID 1: reaps orphans, stops them on SIGTERM/SIGINT.
+    Container {
+        file: PathBuf,
+        /// Also listen on the control socket, for `apm list`, `apm log` and the rest inside the container.
+        #[arg(long)]
+        socket: bool,
+    },
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -465,6 +473,7 @@ fn main() -> ExitCode {
         Command::Explain { code } => check::explain(code.as_deref()),
         Command::Fmt { file, check, diff } => check::fmt(&file, check, diff),
         Command::Export(args) => export::run(&args),
+        Command::Container { file, socket } => container::run(place, file, socket),
         Command::Convert {
             file,
             output,

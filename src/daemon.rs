@@ -136,7 +136,22 @@ struct Daemon {
     daemon_blocks: std::sync::Mutex<std::collections::HashMap<PathBuf, DaemonConfig>>,
 }
 
+/// `apm container FILE`: the daemon in the foreground with FILE's workers
+/// only, no state restored and, unless `socket`, no control socket.
+pub struct Container {
+    file: PathBuf,
+    socket: bool,
+}
+
 pub fn run(place: Place, detach: bool) -> u8 {
+    start(place, detach, None)
+}
+
+pub fn run_container(place: Place, file: PathBuf, socket: bool) -> u8 {
+    start(place, false, Some(Container { file, socket }))
+}
+
+fn start(place: Place, detach: bool, container: Option<Container>) -> u8 {
     // Nothing a caller had open reaches the workers (decisions: the daemon, rule 8).
     if let Err(e) = apm_runtime::sys::close_inherited_descriptors() {
         log(format_args!("apm: cannot close inherited descriptors: {e}"));
@@ -156,7 +171,7 @@ pub fn run(place: Place, detach: bool) -> u8 {
             return exit::FAILED;
         }
     };
-    let code = runtime.block_on(serve(place));
+    let code = runtime.block_on(serve(place, container));
     // The final state is written by now; a blocking task still stuck in the
     // kernel (a log write to a stalled disk or FIFO) must not keep the
     // process alive, which `exit daemon` waits to see gone.
@@ -212,7 +227,7 @@ fn name_taken(place: &Place) -> String {
 /// How often the daemon returns memory it freed to the system.
 const FREED_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn serve(mut place: Place) -> u8 {
+async fn serve(mut place: Place, container: Option<Container>) -> u8 {
     place.home = std::path::absolute(&place.home).unwrap_or(place.home);
     // Not the directory of whichever command started it (docs/cli.md,
     // decision 48); `home` is absolute by now.
@@ -225,9 +240,14 @@ async fn serve(mut place: Place) -> u8 {
         return exit::FAILED;
     }
     let _ = std::fs::set_permissions(&place.home, std::fs::Permissions::from_mode(0o700));
-    let listener = match bind(&place) {
-        Ok(listener) => listener,
-        Err(message) => {
+    let listener = match container
+        .as_ref()
+        .is_none_or(|c| c.socket)
+        .then(|| bind(&place))
+    {
+        None => None,
+        Some(Ok(listener)) => Some(listener),
+        Some(Err(message)) => {
             log(format_args!("apm: {message}"));
             return exit::FAILED;
         }
@@ -301,19 +321,8 @@ async fn serve(mut place: Place) -> u8 {
             crate::give_back_freed_memory();
         }
     });
-    restore(&daemon).await;
-    let _ = daemon
-        .supervisor
-        .call(|reply| Command::Restored { reply })
-        .await;
-    let loading = daemon.clone();
-    tokio::spawn(async move {
-        load_user_config(&loading).await;
-        // The accept loop below runs by now on this same thread.
-        crate::notify::send("READY=1");
-    });
-    crate::notify::spawn_watchdog();
-
+    // Before the workers start: `apm container`'s init passes SIGTERM on
+    // at any time, and the default action would leave them running.
     use tokio::signal::unix::{SignalKind, signal};
     let (mut terminate, mut interrupt, mut hangup) = match (
         signal(SignalKind::terminate()),
@@ -326,25 +335,107 @@ async fn serve(mut place: Place) -> u8 {
             return exit::FAILED;
         }
     };
+    if container.is_none() {
+        restore(&daemon).await;
+    }
+    let _ = daemon
+        .supervisor
+        .call(|reply| Command::Restored { reply })
+        .await;
+    if let Some(container) = &container
+        && let Err(response) = load(&daemon, &container.file, Registered::Start).await
+    {
+        log(format_args!(
+            "apm: cannot load {}: {}",
+            container.file.display(),
+            response.error.unwrap_or_default()
+        ));
+        return exit::FAILED;
+    }
+    let loading = daemon.clone();
+    let boot = container.is_none();
+    tokio::spawn(async move {
+        if boot {
+            load_user_config(&loading).await;
+        }
+        // The accept loop below runs by now on this same thread.
+        crate::notify::send("READY=1");
+    });
+    crate::notify::spawn_watchdog();
+
     let mut errors = apm_runtime::AcceptErrors::default();
     let control = format!("@{}", daemon.place.socket);
+    let accept = || async {
+        match &listener {
+            Some(listener) => listener.accept().await,
+            None => std::future::pending().await,
+        }
+    };
+    // A container has no later daemon to hand its workers to.
+    let keep_desired = container.is_none();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(connection(daemon.clone(), stream));
                 }
                 Err(e) => errors.failed(e, &control).await,
             },
-            _ = terminate.recv() => { shutdown(&daemon, "SIGTERM", true).await; break; }
-            _ = interrupt.recv() => { shutdown(&daemon, "SIGINT", true).await; break; }
+            _ = terminate.recv() => { shutdown(&daemon, "SIGTERM", keep_desired).await; break; }
+            _ = interrupt.recv() => { shutdown(&daemon, "SIGINT", keep_desired).await; break; }
             _ = hangup.recv() => { tokio::spawn(reload_all_logged(daemon.clone())); }
             _ = daemon.exit.notified() => break,
         }
     }
     let _ = std::fs::remove_file(&pid_file);
     log(format_args!("daemon stopped"));
+    if container.is_some() {
+        return how_workers_ended(&daemon).await;
+    }
     exit::OK
+}
+
+/// `apm container`'s status (docs/cli.md, decision 110): 0 when every
+/// process exited 0 or ended by the stop signal apm sent it, else the
+/// first other ending in the file's order: its code, or 128+N for
+/// signal N.
+async fn how_workers_ended(daemon: &Daemon) -> u8 {
+    let Ok(workers) = call(daemon, |reply| Command::List { reply }).await else {
+        return exit::FAILED;
+    };
+    let mut code = exit::OK;
+    for worker in &workers {
+        for instance in &worker.instances {
+            let ended = match instance.last_exit.as_deref() {
+                None | Some("exit 0") => continue,
+                Some(reason) => reason,
+            };
+            // What apm's own stop ended (the supervisor stops with SIGTERM).
+            if ended == "killed by SIGTERM" {
+                continue;
+            }
+            log(format_args!(
+                "{}:{} ended: {ended}",
+                worker.name, instance.index
+            ));
+            if code == exit::OK {
+                code = status_code(ended);
+            }
+        }
+    }
+    code
+}
+
+/// The status a shell would report for an ending as `InstanceStatus::last_exit`
+/// spells it (`ExitStatus`'s Display).
+fn status_code(ended: &str) -> u8 {
+    if let Some(code) = ended.strip_prefix("exit ") {
+        return code.parse::<i32>().map_or(exit::FAILED, |code| code as u8);
+    }
+    ended
+        .strip_prefix("killed by ")
+        .and_then(|name| name.parse::<nix::sys::signal::Signal>().ok())
+        .map_or(exit::FAILED, |signal| 128 + signal as u8)
 }
 
 /// SIGHUP: every loaded config file is reloaded, as `apm reload --all`

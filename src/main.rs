@@ -3,6 +3,7 @@
 mod check;
 mod client;
 mod commands;
+mod container;
 mod convert;
 mod daemon;
 mod export;
@@ -280,6 +281,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run FILE's workers in the foreground as a container's PID 1: reaps orphans, stops them on SIGTERM/SIGINT.
+    Container {
+        file: PathBuf,
+        /// Also listen on the control socket, for `apm list`, `apm log` and the rest inside the container.
+        #[arg(long)]
+        socket: bool,
+    },
 }
 
 /// The worker flags of `run` and `update`, one line each: the schema
@@ -504,6 +512,7 @@ fn main() -> ExitCode {
                 exit::USAGE
             }
         },
+        Command::Container { file, socket } => container::run(place, file, socket),
         Command::Convert {
             file,
             output,

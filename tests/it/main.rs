@@ -6,6 +6,7 @@ mod browser;
 mod certs;
 mod cli;
 mod connectors;
+mod container;
 mod convert;
 mod corpus;
 mod daemon;

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Benchmark of `apm check`: whole-process time and peak memory on generated
-configs of 1,000, 10,000 and 100,000 workers (8 keys each, 100 workers per
-include file), plus a one-worker file.
+configs of 1,000, 10,000 and 11,000 workers (8 keys each, 100 workers per
+include file), plus a one-worker file. 11,000 such workers are about the
+largest config allowed (a config holds at most 100,000 statements, docs/cli.md
+decision 36); bench/many.py measures the largest config of minimal workers.
 
 Every figure is printed beside a reference measured in the same run on the
 same files, so the ratios mean something on any machine:
   - `cat` of all the files (the floor: reading the bytes),
-  - the 10,000-worker time, for the 100,000-worker run (linearity).
+  - the 10,000-worker time, for the 11,000-worker run (no growth faster than
+    the worker count).
 
 Targets (2-core machine, release build): 10,000 workers under 100 ms,
-100,000 workers within 12x of 10,000, one worker under 5 ms.
+11,000 workers within 1.2 x 1.1 of 10,000, one worker under 5 ms.
 
 Usage: cargo build --release && python3 bench/check.py [--apm target/release/apm]
 """
@@ -23,6 +26,10 @@ import tempfile
 import time
 
 WORKERS_PER_FILE = 100
+# The largest config of these workers under the statement bound, and how
+# much slower than 10,000 workers it may be: its share, with 20 % slack.
+LARGEST = 11_000
+LINEAR = 1.2 * LARGEST / 10_000
 
 
 def worker(i):
@@ -78,7 +85,7 @@ def main():
     lines_per_worker = worker(0).count("\n")
     print(f"{'workers':>8} {'lines':>9} {'apm check':>10} {'peak RSS':>10} {'cat':>8} {'x cat':>7} {'target':>8}")
     times = {}
-    for count, repeat in ((1, 21), (1_000, 9), (10_000, 7), (100_000, 3)):
+    for count, repeat in ((1, 21), (1_000, 9), (10_000, 7), (LARGEST, 5)):
         root = tempfile.mkdtemp(prefix=f"apm-bench-{count}-")
         try:
             files = generate(root, count)
@@ -87,15 +94,15 @@ def main():
             cat, _ = measure(["cat", *files], root, repeat)
             times[count] = elapsed
             target = {1: "< 5 ms", 10_000: "< 100 ms"}.get(count, "")
-            if count == 100_000:
-                target = f"{elapsed / times[10_000]:.1f}x/12x"
+            if count == LARGEST:
+                target = f"{elapsed / times[10_000]:.2f}x/{LINEAR:.2f}x"
             print(
                 f"{count:>8} {count * lines_per_worker:>9} {elapsed * 1000:>8.1f}ms {peak / 1024:>8.1f}MB"
                 f" {cat * 1000:>6.1f}ms {elapsed / cat:>6.1f}x {target:>8}"
             )
         finally:
             shutil.rmtree(root)
-    ok = times[1] < 0.005 and times[10_000] < 0.100 and times[100_000] <= 12 * times[10_000]
+    ok = times[1] < 0.005 and times[10_000] < 0.100 and times[LARGEST] <= LINEAR * times[10_000]
     print("targets met" if ok else "targets MISSED")
 
 

@@ -42,17 +42,19 @@ def wait_port(port, deadline=10):
     raise SystemExit(f"nothing listens on {port}")
 
 
-def nginx_conf(root, backend, servers, workers=1):
-    """Writes the run's nginx.conf (in `root`): `workers` worker processes,
-    a keep-alive pool to the loopback port `backend`, and a server block
-    around each of `servers`; returns its path."""
+def nginx_conf(root, backend, servers, workers=1, connections=1024):
+    """Writes the run's nginx.conf (in `root`): `workers` worker processes
+    of `connections` connections each, a keep-alive pool to the loopback
+    port `backend`, and a server block around each of `servers`; returns
+    its path."""
     path = os.path.join(root, "nginx.conf")
     blocks = "\n".join(f"    server {{ {server} }}" for server in servers)
     with open(path, "w") as f:
         f.write(f"""worker_processes {workers};
 pid {root}/nginx.pid;
 error_log {root}/nginx-error.log;
-events {{ worker_connections 1024; }}
+worker_rlimit_nofile {connections + 100};
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
@@ -71,3 +73,14 @@ def tear_down(apm, env, procs, root, pm2=None):
     for p in procs:
         p.terminate()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def print_rows(rows):
+    """Prints (measure, apm, pm2, pm2/apm, target, met) rows as aligned
+    columns under a header."""
+    header = ("measure", "apm", "pm2", "pm2/apm", "target")
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(5)]
+    line = "{:<%d} {:>%d} {:>%d} {:>%d}  {:<%d} {}" % tuple(widths)
+    print(line.format(*header, "met"))
+    for name, a, p, r, target, met in rows:
+        print(line.format(name, a, p, r, target, "yes" if met else "NO"))

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 
-from common import apm_env, median_time
+from common import apm_env, median_time, print_rows
 
 
 def rss_mb(pid):
@@ -155,9 +155,7 @@ def main():
         if pm2:
             pm2.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'measure':<28} {'apm':>10} {'pm2':>10} {'pm2/apm':>8}  {'target':<16} met")
-    for name, a, p, r, target, met in rows:
-        print(f"{name:<28} {a:>10} {p:>10} {r:>8}  {target:<16} {'yes' if met else 'NO'}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: &CheckArgs) -> u8 {
+    crate::free_memory_at_once();
     let mut compilation = match compile(&args.file, &FsLoader) {
         Ok(compilation) => compilation,
         Err(error) => {

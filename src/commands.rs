@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, print, render};
-use apm_runtime::process::supervisor::{StartReport, WorkerStatus};
+use apm_runtime::process::supervisor::{Row, StartReport, WorkerStatus};
 use serde::Deserialize;
 
 use crate::client::{self, Failure, Place};
@@ -47,7 +47,9 @@ fn decode<T: for<'de> Deserialize<'de>>(value: serde_json::Value) -> Result<T, u
 }
 
 fn color() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    // Asked once: a table of 1,000 rows paints 2,000 cells.
+    static COLOR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COLOR.get_or_init(|| std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
 }
 
 fn paint(text: &str, code: &str) -> String {
@@ -403,17 +405,26 @@ fn status_color(status: &str) -> &'static str {
     }
 }
 
+/// What `table` answers.
+#[derive(Deserialize)]
+struct Table {
+    workers: Vec<Row>,
+    daemon: Pong,
+}
+
 pub fn list(place: &Place, json: bool) -> u8 {
-    let data = match request(place, Call::List) {
-        Ok(data) => data,
-        Err(code) => return code,
-    };
     if json {
-        println!("{data:#}");
-        return exit::OK;
+        return match request(place, Call::List) {
+            Ok(data) => {
+                println!("{data:#}");
+                exit::OK
+            }
+            Err(code) => code,
+        };
     }
-    let Ok(listing) = decode::<Listing>(data) else {
-        return exit::FAILED;
+    let listing = match request(place, Call::Table).and_then(decode::<Table>) {
+        Ok(listing) => listing,
+        Err(code) => return code,
     };
     let mut rows = vec![
         [
@@ -422,20 +433,25 @@ pub fn list(place: &Place, json: bool) -> u8 {
         .map(String::from),
     ];
     for w in &listing.workers {
-        let running = w.instances.iter().filter(|i| i.pid.is_some()).count();
+        let running = w.instances.iter().filter(|(pid, ..)| pid.is_some()).count();
         let pids: Vec<String> = w
             .instances
             .iter()
-            .filter_map(|i| i.pid.map(|p| p.to_string()))
+            .filter_map(|(pid, ..)| pid.map(|p| p.to_string()))
             .collect();
         let uptime = w
             .instances
             .iter()
-            .filter_map(|i| i.uptime_ms)
+            .filter_map(|&(_, uptime_ms, ..)| uptime_ms)
             .min()
             .map_or("-".to_owned(), human_duration);
-        let cpu: f64 = w.instances.iter().map(|i| i.cpu_percent).sum();
-        let memory: u64 = w.instances.iter().map(|i| i.memory_bytes).sum();
+        let restarts: u32 = w
+            .instances
+            .iter()
+            .map(|&(_, _, restarts, ..)| restarts)
+            .sum();
+        let cpu: f64 = w.instances.iter().map(|&(.., cpu, _)| cpu).sum();
+        let memory: u64 = w.instances.iter().map(|&(.., memory)| memory).sum();
         rows.push([
             w.name.clone(),
             w.status.clone(),
@@ -446,11 +462,7 @@ pub fn list(place: &Place, json: bool) -> u8 {
             },
             format!("{running}/{}", w.instances.len()),
             uptime,
-            w.instances
-                .iter()
-                .map(|i| i.restarts)
-                .sum::<u32>()
-                .to_string(),
+            restarts.to_string(),
             format!("{cpu:.1}%"),
             if memory == 0 {
                 "-".to_owned()
@@ -518,8 +530,8 @@ pub fn gui(place: &Place, stop: bool) -> u8 {
 
 /// `apm monitor`: the instances of every worker, redrawn every
 /// `interval` (on a terminal; elsewhere one frame after another), `count`
-/// times or until interrupted. Each frame's CPU is that of the interval
-/// before it, as the daemon measures CPU between two looks.
+/// times or until interrupted. Each frame's CPU is the use over the
+/// daemon's last sampling round (about a second; docs/cli.md, decision 110).
 pub fn monitor(place: &Place, interval: Duration, count: Option<u64>) -> u8 {
     let terminal = std::io::stdout().is_terminal();
     if terminal && count.is_none() {

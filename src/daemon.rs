@@ -9,6 +9,7 @@ use std::time::Duration;
 use apm_compiler::ir::{DaemonConfig, WorkerSpec};
 use apm_compiler::loader::{FsLoader, Overlay};
 use apm_compiler::{compile, plan, print, render};
+use apm_runtime::observe::console::Console;
 use apm_runtime::process::procfs;
 use apm_runtime::process::state::{self, Environment, Origin, SavedProcess, SavedWorker};
 use apm_runtime::process::supervisor::{self, Begin, Command, Handle, Supervisor};
@@ -89,24 +90,16 @@ impl Access {
     /// Takes the `allow_group` of a file just loaded or reloaded.
     fn follow(&self, file: &Path, group: Option<&str>) {
         let mut current = locked(&self.allow_group);
-        let from_file = |c: &Option<(String, PathBuf)>| c.as_ref().is_some_and(|(_, f)| f == file);
-        let new = match group {
-            Some(group) => Some((group.to_owned(), file.to_path_buf())),
-            None if from_file(&current) => None,
-            None => return,
-        };
-        if *current != new {
-            match &new {
-                Some((group, _)) => log(format_args!(
-                    "allow_group is now `{group}` (from {})",
-                    file.display()
-                )),
-                None => log(format_args!(
-                    "allow_group removed: {} no longer sets it",
-                    file.display()
-                )),
-            }
-            *current = new;
+        match follow_file(&mut current, file, group.map(str::to_owned)) {
+            Some(Some(group)) => log(format_args!(
+                "allow_group is now `{group}` (from {})",
+                file.display()
+            )),
+            Some(None) => log(format_args!(
+                "allow_group removed: {} no longer sets it",
+                file.display()
+            )),
+            None => {}
         }
     }
 
@@ -114,6 +107,27 @@ impl Access {
     fn forget(&self, file: &Path) {
         self.follow(file, None);
     }
+}
+
+/// A daemon-wide setting that several files may set, and the file it
+/// came from: a file loaded or reloaded that sets it takes it over; the file
+/// that set it takes it away when it is reloaded without it, or unloaded.
+/// What it is now, when that changed.
+fn follow_file<T: Clone + PartialEq>(
+    current: &mut Option<(T, PathBuf)>,
+    file: &Path,
+    value: Option<T>,
+) -> Option<Option<T>> {
+    let new = match value {
+        Some(value) => Some((value, file.to_path_buf())),
+        None if current.as_ref().is_some_and(|(_, f)| f == file) => None,
+        None => return None,
+    };
+    if *current == new {
+        return None;
+    }
+    *current = new;
+    Some(current.as_ref().map(|(value, _)| value.clone()))
 }
 
 struct Daemon {
@@ -134,6 +148,8 @@ struct Daemon {
     gui_settings: std::sync::Mutex<Option<gui::Settings>>,
     /// The `daemon { }` each loaded file last applied: what its plans compare with.
     daemon_blocks: std::sync::Mutex<std::collections::HashMap<PathBuf, DaemonConfig>>,
+    /// `proxy_threads` and the file that set it (`follow_file`).
+    proxy_threads: std::sync::Mutex<Option<(u32, PathBuf)>>,
 }
 
 /// `apm container FILE`: the daemon in the foreground with FILE's workers
@@ -161,6 +177,14 @@ fn start(place: Place, detach: bool, container: Option<Container>) -> u8 {
         // Its own session: no terminal, and no signal of the CLI's group reaches it.
         let _ = nix::unistd::setsid();
     }
+    // Traffic has threads of its own; this runtime's thread is the
+    // supervisor's and the control socket's.
+    let threads = proxy_threads(None);
+    if let Err(e) = apm_runtime::traffic::threads::serve_on(threads, crate::give_back_freed_memory)
+    {
+        log(format_args!("apm: cannot start the proxy's threads: {e}"));
+        return exit::FAILED;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -171,7 +195,23 @@ fn start(place: Place, detach: bool, container: Option<Container>) -> u8 {
             return exit::FAILED;
         }
     };
-    let code = runtime.block_on(serve(place, container));
+    // In a container, workers' lines (and the daemon's) go to apm's stdout
+    // and stderr through one writer each (docs/cli.md, decision 120).
+    let console = match container.as_ref().map(|_| Console::open()) {
+        None => None,
+        Some(Ok(console)) => {
+            apm_runtime::observe::daemon_log::to_console(console.err.clone());
+            Some(Arc::new(console))
+        }
+        Some(Err(e)) => {
+            log(format_args!("apm: cannot write to stdout and stderr: {e}"));
+            return exit::FAILED;
+        }
+    };
+    let code = runtime.block_on(serve(place, container, console.clone()));
+    if let Some(console) = console {
+        runtime.block_on(console.flushed(CONSOLE_FLUSH));
+    }
     // The final state is written by now; a blocking task still stuck in the
     // kernel (a log write to a stalled disk or FIFO) must not keep the
     // process alive, which `exit daemon` waits to see gone.
@@ -227,7 +267,11 @@ fn name_taken(place: &Place) -> String {
 /// How often the daemon returns memory it freed to the system.
 const FREED_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn serve(mut place: Place, container: Option<Container>) -> u8 {
+async fn serve(
+    mut place: Place,
+    container: Option<Container>,
+    console: Option<Arc<Console>>,
+) -> u8 {
     place.home = std::path::absolute(&place.home).unwrap_or(place.home);
     // Not the directory of whichever command started it (docs/cli.md,
     // decision 48); `home` is absolute by now.
@@ -288,7 +332,12 @@ async fn serve(mut place: Place, container: Option<Container>) -> u8 {
         "APM_SPAWNED_BY".to_owned(),
         format!("@{} {}", place.socket, place.home.display()),
     );
-    let supervisor = Supervisor::spawn(&place.home, base_environment(&place), marker.clone());
+    let supervisor = Supervisor::spawn(
+        &place.home,
+        base_environment(&place, container.is_some()),
+        marker.clone(),
+        console.clone(),
+    );
     let access = Access {
         owner: nix::unistd::geteuid(),
         allow_group: std::sync::Mutex::new(allow_group(&boot_config(&place.home))),
@@ -306,6 +355,7 @@ async fn serve(mut place: Place, container: Option<Container>) -> u8 {
         gui: std::sync::Mutex::default(),
         gui_settings: std::sync::Mutex::default(),
         daemon_blocks: std::sync::Mutex::default(),
+        proxy_threads: std::sync::Mutex::default(),
     });
     let reloading = daemon.clone();
     tokio::spawn(async move {
@@ -313,7 +363,7 @@ async fn serve(mut place: Place, container: Option<Container>) -> u8 {
             reload_logged(&reloading, due, "auto reload").await;
         }
     });
-    // On the runtime's thread, whose heap the proxy's buffers come from.
+    // Each thread's heap is its own: the proxy's threads do the same for theirs.
     tokio::spawn(async {
         let mut ticks = tokio::time::interval(FREED_MEMORY_EVERY);
         loop {
@@ -395,7 +445,11 @@ async fn serve(mut place: Place, container: Option<Container>) -> u8 {
     exit::OK
 }
 
-/// `apm container`'s status (docs/cli.md, decision 110): 0 when every
+/// The most `apm container` waits at its exit for the lines still queued
+/// to be read from its stdout and stderr.
+const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
+
+/// `apm container`'s status (docs/cli.md, decision 100): 0 when every
 /// process exited 0 or ended by the stop signal apm sent it, else the
 /// first other ending in the file's order: its code, or 128+N for
 /// signal N.
@@ -474,7 +528,7 @@ async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
 
 /// The config the daemon loads as it starts: `APM_CONFIG` (the service
 /// `apm install` registers sets `/etc/apm/apm.conf`), else
-/// `$APM_HOME/config.conf` (docs/cli.md, decision 95).
+/// `$APM_HOME/config.conf` (docs/cli.md, decision 85).
 fn boot_config(home: &Path) -> PathBuf {
     std::env::var_os("APM_CONFIG")
         .filter(|path| !path.is_empty())
@@ -512,11 +566,16 @@ const BASE_ENVIRONMENT: &[&str] = &[
 /// What the processes of workers from files get before their `env_file`
 /// and `env`: `BASE_ENVIRONMENT`, and where this daemon is, so that an
 /// `apm` a worker runs drives the daemon that runs it.
-fn base_environment(place: &Place) -> Vec<(String, String)> {
+///
+/// In a container (`whole`), all of apm's environment: the platform set it
+/// for the program (docs/cli.md, decision 121).
+fn base_environment(place: &Place, whole: bool) -> Vec<(String, String)> {
     let mut base: Vec<(String, String)> = Environment::of_this_process()
         .0
         .into_iter()
-        .filter(|(key, _)| BASE_ENVIRONMENT.contains(&key.as_str()) || key.starts_with("LC_"))
+        .filter(|(key, _)| {
+            whole || BASE_ENVIRONMENT.contains(&key.as_str()) || key.starts_with("LC_")
+        })
         .collect();
     base.push(("APM_HOME".to_owned(), place.home.display().to_string()));
     base.push(("APM_SOCKET".to_owned(), place.socket.clone()));
@@ -677,7 +736,7 @@ async fn load_user_config(daemon: &Daemon) {
 /// for the file's next plan: `allow_group` is followed, a `gui_port` starts
 /// the GUI with its settings or restarts it with changed ones, and a
 /// `gui_port` taken back to 0 stops the GUI this file's settings started
-/// (docs/cli.md, decision 115). `auto_reload` is followed by the watcher
+/// (docs/cli.md, decision 101). `auto_reload` is followed by the watcher
 /// as the file compiles. A GUI that fails to start is logged and returned.
 async fn follow_daemon_block(
     daemon: &Daemon,
@@ -687,6 +746,11 @@ async fn follow_daemon_block(
     daemon
         .access
         .follow(path, block.allow_group.as_ref().map(|g| g.value.as_str()));
+    follow_proxy_threads(
+        daemon,
+        path,
+        block.proxy_threads.span.map(|_| block.proxy_threads.value),
+    );
     let before = locked(&daemon.daemon_blocks).insert(path.to_path_buf(), block.clone());
     if block.gui_port.value != 0 {
         return follow_gui_settings(daemon, gui::Settings::of(&block)).await;
@@ -713,6 +777,38 @@ async fn follow_daemon_block(
         running.stop().await;
     }
     Ok(())
+}
+
+/// How many threads the proxy serves new connections on: what a file
+/// set, or else `APM_PROXY_THREADS` (which the tests use), or else one per
+/// core the daemon may use (docs/cli.md, proxy_threads decision).
+fn proxy_threads(set_by_file: Option<u32>) -> usize {
+    let from_environment = || {
+        std::env::var("APM_PROXY_THREADS")
+            .ok()
+            .and_then(|n| n.trim().parse::<u32>().ok())
+    };
+    apm_runtime::traffic::threads::wanted(set_by_file.or_else(from_environment).unwrap_or(0))
+}
+
+/// Takes the `proxy_threads` of a file just loaded, reloaded (`None` when
+/// it does not set it) or unloaded (`None`): new connections go to that
+/// many threads; those beyond a lowered count finish what they serve.
+fn follow_proxy_threads(daemon: &Daemon, file: &Path, set: Option<u32>) {
+    let Some(now) = follow_file(&mut locked(&daemon.proxy_threads), file, set) else {
+        return;
+    };
+    let count = proxy_threads(now);
+    match apm_runtime::traffic::threads::serve_on(count, crate::give_back_freed_memory) {
+        Ok(()) => log(format_args!(
+            "the proxy serves new connections on {count} thread(s) ({})",
+            match now {
+                Some(_) => format!("proxy_threads of {}", file.display()),
+                None => format!("{} no longer sets proxy_threads", file.display()),
+            }
+        )),
+        Err(e) => log(format_args!("cannot start more proxy threads: {e}")),
+    }
 }
 
 /// A loaded file that sets `gui_port` starts the GUI with its settings (or
@@ -1035,6 +1131,7 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::Unload { path } => {
             daemon.watcher.forget(&path);
             daemon.access.forget(&path);
+            follow_proxy_threads(daemon, &path, None);
             locked(&daemon.daemon_blocks).remove(&path);
             let statuses = call(daemon, |reply| Command::List { reply }).await?;
             let mut removed = Vec::new();
@@ -1136,15 +1233,14 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
             let origin = Origin::Cli {
                 config: print::worker(&renamed),
             };
-            Response::data(
-                call(daemon, |reply| Command::Rename {
-                    old: name,
-                    new,
-                    origin,
-                    reply,
-                })
-                .await?,
-            )
+            let notes = call(daemon, |reply| Command::Rename {
+                old: name,
+                new,
+                origin,
+                reply,
+            })
+            .await?;
+            Response::data(()).noting(notes)
         }
         Call::Copy {
             name,
@@ -1207,6 +1303,10 @@ async fn handle(daemon: &Daemon, call_: Call) -> Result<Response, Response> {
         Call::List => {
             let workers = call(daemon, |reply| Command::List { reply }).await?;
             Response::data(serde_json::json!({ "workers": workers, "daemon": pong(daemon) }))
+        }
+        Call::Table => {
+            let rows = call(daemon, |reply| Command::Table { reply }).await?;
+            Response::data(serde_json::json!({ "workers": rows, "daemon": pong(daemon) }))
         }
         Call::Info { name } => {
             let (status, spec) = call(daemon, |reply| Command::Info { name, reply }).await?;
@@ -1286,6 +1386,7 @@ fn pong(daemon: &Daemon) -> Pong {
         protocol: PROTOCOL,
         memory_bytes: procfs::stat(pid).map_or(0, |s| s.rss_bytes),
         notice: daemon.notice.get().cloned(),
+        proxy_threads: apm_runtime::traffic::threads::loads(),
     }
 }
 
@@ -1508,6 +1609,10 @@ async fn apply(
     specs: Vec<WorkerSpec>,
 ) -> Vec<Applied> {
     let mut applied = Vec::new();
+    let mut specs: std::collections::HashMap<String, WorkerSpec> = specs
+        .into_iter()
+        .map(|spec| (spec.name.value.clone(), spec))
+        .collect();
     // Removals first, so a renamed worker's listener is free for its new name.
     let (stops, others): (Vec<&plan::Step>, Vec<&plan::Step>) = plan
         .steps
@@ -1515,13 +1620,8 @@ async fn apply(
         .partition(|s| matches!(s, plan::Step::Remove { .. }));
     for step in stops.into_iter().chain(others) {
         let name = step.worker().to_owned();
-        let spec = || {
-            specs
-                .iter()
-                .find(|s| s.name.value == name)
-                .cloned()
-                .map(Box::new)
-        };
+        // Each worker has one step, so its spec is taken, not cloned.
+        let mut spec = || specs.remove(&name).map(Box::new);
         let origin = Origin::File {
             path: path.to_path_buf(),
         };
@@ -1768,7 +1868,10 @@ async fn load(
     }
     let unenforced = unbuilt::notes(&compilation.config);
     let existing = call(daemon, |reply| Command::List { reply }).await?;
+    let existing: std::collections::HashMap<&str, &supervisor::WorkerStatus> =
+        existing.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut to_start = Vec::new();
+    let mut registrations = Vec::new();
     // Those not started, each with why, for people.
     let mut skipped: Vec<(String, &str)> = Vec::new();
     let mut notes = Vec::new();
@@ -1778,7 +1881,7 @@ async fn load(
     for spec in compilation.config.workers {
         let name = spec.name.value.clone();
         let autostart = spec.autostart.value;
-        let registered = existing.iter().find(|s| s.name == name);
+        let registered = existing.get(name.as_str()).copied();
         // A worker of that name from elsewhere is left as it is, and this
         // file's is not loaded: say so, or "already running" would pass
         // another program off as this file's.
@@ -1804,23 +1907,41 @@ async fn load(
             }
             // `autostart false`: registered, started only by `apm start`.
             Some(_) if !autostart => skipped.push((name, NOT_AUTOSTARTED)),
-            Some(_) => to_start.push(name),
+            Some(_) => registrations.push((name, true, None)),
             None => {
-                call(daemon, |reply| Command::Register {
-                    name: name.clone(),
-                    spec: Box::new(spec),
-                    origin: this_file.clone(),
-                    environment: Environment::default(),
-                    begin: Begin::Stopped,
-                    reply,
-                })
-                .await?;
-                if autostart {
-                    to_start.push(name);
-                } else {
-                    skipped.push((name, NOT_AUTOSTARTED));
+                // Sent at once and awaited below: the supervisor handles
+                // the registrations as one burst.
+                let (supervisor, origin) = (daemon.supervisor.clone(), this_file.clone());
+                let register_name = name.clone();
+                let registration = tokio::spawn(async move {
+                    supervisor
+                        .call(|reply| Command::Register {
+                            name: register_name,
+                            spec: Box::new(spec),
+                            origin,
+                            environment: Environment::default(),
+                            begin: Begin::Stopped,
+                            reply,
+                        })
+                        .await
+                });
+                if !autostart {
+                    skipped.push((name.clone(), NOT_AUTOSTARTED));
                 }
+                registrations.push((name, autostart, Some(registration)));
             }
+        }
+    }
+    // In the file's order, those registered before among the new ones.
+    for (name, autostart, registration) in registrations {
+        if let Some(registration) = registration {
+            registration
+                .await
+                .map_err(|e| Response::error(exit::FAILED, e.to_string()))?
+                .map_err(|e| Response::error(failure_code(&e), e))?;
+        }
+        if autostart {
+            to_start.push(name);
         }
     }
     let starts: Vec<_> = to_start

@@ -1,7 +1,7 @@
 //! `apm install` and `apm uninstall`: the binary in place, the service
 //! registered with the init system, `/etc/apm/apm.conf`, the daemon log, the
 //! Cloudflare address lists, and a manifest of what was created so that
-//! uninstalling removes exactly that (docs/cli.md, decisions 96-100).
+//! uninstalling removes exactly that (docs/cli.md, decisions 86-90).
 //!
 //! Every path is written under a root (`--root`, default `/`) without
 //! following a symbolic link on the way: a link planted at a target path or

@@ -581,6 +581,20 @@ fn manual(dir: Option<&std::path::Path>) -> u8 {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Has mimalloc give freed memory back to the system at once, not 10 ms
+/// later: a command that builds and drops large structures in a fraction
+/// of a second (`apm check` of the largest config allowed, 33,000
+/// workers) otherwise peaks with what it has already freed (223 MB against
+/// 143 MB, for 5-17 % more time spent in the purges).
+pub(crate) fn free_memory_at_once() {
+    // `mi_option_purge_delay` of mimalloc.h (v2 and v3), which
+    // libmimalloc-sys names no constant for.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: mi_option_set takes two integers; mimalloc reads the option
+    // at each purge, so setting it while allocating is allowed.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) }
+}
+
 /// Returns memory the calling thread freed to the system. mimalloc does so
 /// only as that thread goes on allocating, so a daemon gone quiet after a
 /// burst (4,000 WebSockets closed) kept it all resident.

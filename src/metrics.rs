@@ -16,6 +16,8 @@ pub struct Own {
     pub memory_bytes: u64,
     /// Since the epoch.
     pub start_time: f64,
+    /// Each proxy thread's connections, in thread order.
+    pub proxy_threads: Vec<apm_runtime::traffic::threads::Load>,
 }
 
 impl Own {
@@ -35,6 +37,7 @@ impl Own {
             cpu_seconds: stat.cpu_ticks as f64 * tick,
             memory_bytes: stat.rss_bytes,
             start_time: boot + stat.start_ticks as f64 * tick,
+            proxy_threads: apm_runtime::traffic::threads::loads(),
         })
     }
 }
@@ -213,8 +216,37 @@ pub fn render(listing: &Value, listeners: &[Snapshot], own: Option<&Own>, now: f
             "When the apm daemon started, in seconds since the epoch.",
         );
         out.sample("process_start_time_seconds", &[], own.start_time);
+        render_proxy_threads(&mut out, &own.proxy_threads);
     }
     out.text
+}
+
+/// How the proxy's threads share the connections (`proxy_threads`).
+fn render_proxy_threads(out: &mut Exposition, threads: &[apm_runtime::traffic::threads::Load]) {
+    type Figure = fn(&apm_runtime::traffic::threads::Load) -> u64;
+    for (name, kind, help, value) in [
+        (
+            "apm_proxy_thread_open_connections",
+            "gauge",
+            "Client connections open on each proxy thread.",
+            (|t| t.open) as Figure,
+        ),
+        (
+            "apm_proxy_thread_connections_total",
+            "counter",
+            "Client connections handed to each proxy thread.",
+            |t| t.accepted,
+        ),
+    ] {
+        out.family(name, kind, help);
+        for (index, thread) in threads.iter().enumerate() {
+            out.sample(
+                name,
+                &[("thread", &index.to_string())],
+                value(thread) as f64,
+            );
+        }
+    }
 }
 
 fn listener_labels(s: &Snapshot) -> [(&'static str, &str); 2] {
@@ -345,6 +377,34 @@ mod tests {
         out.sample("x", &[("worker", "a\"b\\c\nd")], f64::INFINITY);
         out.sample("y", &[], 0.005);
         assert_eq!(out.text, "x{worker=\"a\\\"b\\\\c\\nd\"} +Inf\ny 0.005\n");
+    }
+
+    #[test]
+    fn each_proxy_threads_connections_are_samples() {
+        use apm_runtime::traffic::threads::Load;
+        let own = Own {
+            cpu_seconds: 1.0,
+            memory_bytes: 1,
+            start_time: 1.0,
+            proxy_threads: vec![
+                Load {
+                    open: 2,
+                    accepted: 9,
+                },
+                Load {
+                    open: 3,
+                    accepted: 8,
+                },
+            ],
+        };
+        let text = render(&serde_json::json!({}), &[], Some(&own), 1000.0);
+        for expected in [
+            "apm_proxy_thread_open_connections{thread=\"0\"} 2\n",
+            "apm_proxy_thread_open_connections{thread=\"1\"} 3\n",
+            "apm_proxy_thread_connections_total{thread=\"1\"} 8\n",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
     }
 
     #[test]

@@ -132,6 +132,9 @@ pub enum Call {
         name: String,
         path: PathBuf,
     },
+    /// `list` cut to the columns of `apm ls` (`supervisor::Row`): a tenth
+    /// of its bytes, so a thousand workers list in a few milliseconds.
+    Table,
 }
 
 impl Response {
@@ -169,6 +172,7 @@ impl Call {
             | Call::Request { .. }
             | Call::Signal { .. }
             | Call::List
+            | Call::Table
             | Call::Info { .. }
             | Call::Wait { .. }
             | Call::Plan { .. }
@@ -187,6 +191,7 @@ impl Call {
         match self {
             Call::Ping
             | Call::List
+            | Call::Table
             | Call::Info { .. }
             | Call::Wait { .. }
             | Call::Start { .. }
@@ -283,4 +288,7 @@ pub struct Pong {
     /// workers of the state file it could not restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// Each proxy thread's connections (older daemons send none).
+    #[serde(default)]
+    pub proxy_threads: Vec<apm_runtime::traffic::threads::Load>,
 }

@@ -39,6 +39,7 @@ schema_block! {
         gui_bind: Setting<Ip> = Kind::IpAddr, default Some("0.0.0.0"), since "2.0", reload Hot, "Address the web GUI listens on; it refuses a non-loopback address without gui_password.";
         gui_password: Option<Setting<Secret>> = Kind::Secret, default None, since "2.0", reload Hot, "Password of the web GUI; never printed.";
         auto_reload: Setting<bool> = BOOL, default Some("false"), since "2.0", reload Hot, "Reload config files when they change on disk.";
+        proxy_threads: Setting<u32> = Kind::Int { min: 0, max: 1024 }, default Some("0"), since "2.2", reload Hot, "Threads the built-in proxy serves connections on, each with its own event loop; 0 means one per core the daemon may use (its CPU affinity and cgroup quota). A change applies to new connections (docs/cli.md, proxy_threads decision).";
         allow_group: Option<Setting<String>> = Kind::Group, default None, since "2.2", reload Hot, "Members of this OS group may use the control socket, besides root and the daemon's owner: under a root daemon only to control existing workers (docs/cli.md, allow_group decision).";
     }
 }

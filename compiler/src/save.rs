@@ -3,7 +3,9 @@
 //! rewritten in place, missing ones are inserted before the block's `}`,
 //! dropped ones are deleted with their line, new workers are appended in the
 //! canonical layout and removed ones are deleted with the comments above
-//! them. Every other byte of the user's files stays as it was.
+//! them. Nested blocks (`vanguard`, `statsd`) are edited key by key the same
+//! way; only a block that is new is printed whole. Every other byte of the
+//! user's files stays as it was.
 //!
 //! Pure: it takes the compiled files and the live specs and returns the new
 //! texts; the caller writes them.
@@ -23,6 +25,32 @@ struct Edit {
     start: usize,
     end: usize,
     text: String,
+}
+
+/// The keys of one block of a spec: every key's values (defaults included)
+/// with where they were written, and the keys set explicitly.
+struct Keys {
+    keys: Vec<(&'static KeyDef, Vec<String>, Vec<Span>)>,
+    settings: Vec<(&'static str, Vec<String>)>,
+    written: Vec<&'static str>,
+}
+
+impl Keys {
+    fn of(
+        values: Vec<(&'static KeyDef, Vec<String>)>,
+        spans: Vec<(&'static str, Vec<Span>)>,
+        settings: Vec<(&'static str, Vec<String>)>,
+    ) -> Keys {
+        Keys {
+            keys: values
+                .into_iter()
+                .zip(spans)
+                .map(|((def, values), (_, spans))| (def, values, spans))
+                .collect(),
+            written: settings.iter().map(|(k, _)| *k).collect(),
+            settings,
+        }
+    }
 }
 
 struct Saver<'a> {
@@ -222,71 +250,77 @@ impl Saver<'_> {
         let Some((file, block)) = current.span.and_then(|span| self.block(span)) else {
             return;
         };
-        let written: Vec<&str> = live.settings().into_iter().map(|(k, _)| k).collect();
-        let spans = current.spans();
-        for (((def, before), (_, after)), (_, at)) in
-            current.values().into_iter().zip(live.values()).zip(spans)
-        {
+        self.keys(
+            file,
+            &block,
+            Keys::of(current.values(), current.spans(), current.settings()),
+            Keys::of(live.values(), live.spans(), live.settings()),
+        );
+        let vanguard = |spec: &WorkerSpec| {
+            spec.vanguard
+                .as_ref()
+                .map(|v| Keys::of(v.values(), v.spans(), v.settings()))
+        };
+        let statsd = |spec: &WorkerSpec| {
+            spec.statsd
+                .as_ref()
+                .map(|s| Keys::of(s.values(), s.spans(), s.settings()))
+        };
+        self.nested(file, &block, "vanguard", vanguard(current), vanguard(live));
+        self.nested(file, &block, "statsd", statsd(current), statsd(live));
+    }
+
+    /// Edits the keys of one block whose keys are `current`, so that they
+    /// become `live`: each changed value is rewritten where it is written.
+    fn keys(&mut self, file: FileId, block: &Block, current: Keys, live: Keys) {
+        for ((def, before, at), (_, after, _)) in current.keys.into_iter().zip(live.keys) {
             if same(def, &before, &after) {
                 continue;
             }
-            self.key(
-                file,
-                &block,
-                def,
-                &at,
-                written.contains(&def.name).then_some(&after),
-            );
+            let written = live.written.contains(&def.name);
+            self.key(file, block, def, &at, written.then_some(&after));
         }
-        for (name, before, after) in [
-            (
-                "vanguard",
-                current.vanguard.as_ref().map(|v| v.values()),
-                live.vanguard
-                    .as_ref()
-                    .map(|v| crate::print::nested("vanguard", &v.settings())),
-            ),
-            (
-                "statsd",
-                current.statsd.as_ref().map(|s| s.values()),
-                live.statsd
-                    .as_ref()
-                    .map(|s| crate::print::nested("statsd", &s.settings())),
-            ),
-        ] {
-            let live_values = match name {
-                "vanguard" => live.vanguard.as_ref().map(|v| v.values()),
-                _ => live.statsd.as_ref().map(|s| s.values()),
-            };
-            let unchanged = match (&before, &live_values) {
-                (Some(b), Some(a)) => b.iter().zip(a).all(|((def, x), (_, y))| same(def, x, y)),
-                (None, None) => true,
-                _ => false,
-            };
-            if unchanged {
-                continue;
-            }
-            let nested = block.items.iter().find_map(|i| match i {
+    }
+
+    /// Edits a nested block (`vanguard`, `statsd`) of the worker `block`: key
+    /// by key when both sides have it, so the comments inside it stay.
+    fn nested(
+        &mut self,
+        file: FileId,
+        block: &Block,
+        name: &str,
+        current: Option<Keys>,
+        live: Option<Keys>,
+    ) {
+        let written: Vec<Block> = block
+            .items
+            .iter()
+            .filter_map(|item| match item {
                 Item::Block(b) if b.name.text == name => Some(b.clone()),
                 _ => None,
-            });
-            match (nested, after) {
-                (Some(old), Some(text)) => {
-                    let (start, end) = (old.span.start as usize, old.span.end as usize);
-                    let indent = self.indent_of(file, start);
-                    self.edit(file, start, end, indent_block(&text, &indent));
+            })
+            .collect();
+        match (current, live) {
+            // The values of several blocks of one kind are merged: their
+            // statements are found by span, a new key goes into the first.
+            (Some(current), Some(live)) => {
+                if let Some(first) = written.first() {
+                    self.keys(file, first, current, live);
                 }
-                (Some(old), None) => {
+            }
+            (Some(_), None) => {
+                for old in written {
                     let (start, end) = self.lines_of(file, old.span, true);
                     self.edit(file, start, end, String::new());
                 }
-                (None, Some(text)) => {
-                    let indent = self.block_indent(file, &block);
-                    let statement = indent_block(&text, &indent);
-                    self.insert(file, &block, statement.trim_start().to_owned());
-                }
-                (None, None) => {}
             }
+            (None, Some(live)) => {
+                let text = crate::print::nested(name, &live.settings);
+                let indent = self.block_indent(file, block);
+                let statement = indent_block(&text, &indent);
+                self.insert(file, block, statement.trim_start().to_owned());
+            }
+            (None, None) => {}
         }
     }
 
@@ -403,6 +437,7 @@ fn indent_block(text: &str, indent: &str) -> String {
 mod tests {
     use super::*;
     use crate::loader::MemLoader;
+    use crate::schema::Setting;
     use std::path::Path;
 
     const ROOT: &str = "/p/apm.conf";
@@ -580,16 +615,13 @@ mod tests {
     }
 
     #[test]
-    fn nested_vanguard_and_statsd_blocks_are_replaced_added_and_removed() {
+    fn nested_vanguard_and_statsd_blocks_are_edited_in_place_added_and_removed() {
         let file = "worker {\n  name a;\n  exec x;\n  # the firewall\n  vanguard {\n    rate_limit 10;\n  }\n}\n";
         let changed = saved_root(
             &[(ROOT, file)],
             "worker { name a; exec x; vanguard { rate_limit 20; } }",
         );
-        assert_eq!(
-            changed,
-            "worker {\n  name a;\n  exec x;\n  # the firewall\n  vanguard {\n      rate_limit 20;\n  }\n}\n"
-        );
+        assert_eq!(changed, file.replace("rate_limit 10", "rate_limit 20"));
         let removed = saved_root(&[(ROOT, file)], "worker { name a; exec x; }");
         assert_eq!(removed, "worker {\n  name a;\n  exec x;\n}\n");
         let added = saved_root(
@@ -610,6 +642,50 @@ mod tests {
             ),
             vec![]
         );
+    }
+
+    #[test]
+    fn hostile_values_written_back_keep_the_file_structure() {
+        let file = "worker {\n    name a;\n    exec x;\n    params p;\n    vanguard {\n        ban_response no;  # body\n    }\n    statsd { prefix s; }\n}\n# end\n";
+        let current = compiled(&[(ROOT, file)]);
+        for hostile in [
+            "a; } worker { name evil; exec sh; } #",
+            "# comment",
+            "// comment",
+            "x # y // z",
+            "line\nbreak\r\nand\ttab",
+            "\"quoted\" 'single' `back`",
+            "back\\slash\\",
+            "{",
+            "}",
+            ";",
+            ",",
+            "",
+            " ",
+            "include /etc/passwd;",
+            "\u{b}\u{c}\u{85}\u{2028}\u{2029}",
+            "$HOME ${HOME} $$",
+        ] {
+            let mut live = current.config.workers[0].clone();
+            let span = live.params[0].span;
+            live.params = vec![Setting::new(hostile.to_owned(), span)];
+            // A path's `$VAR` is expanded: a literal `$` must stay one.
+            let path = format!("/srv/{}x", hostile.replace('/', "_"));
+            live.log = Some(Setting::new(PathBuf::from(path), span));
+            let vanguard = live.vanguard.as_mut().unwrap();
+            vanguard.ban_response = Setting::new(hostile.to_owned(), vanguard.ban_response.span);
+            let statsd = live.statsd.as_mut().unwrap();
+            statsd.prefix = Setting::new(hostile.to_owned(), statsd.prefix.span);
+            let saved = save(&current, &[&live], true);
+            let text = &saved[0].1;
+            let again = compiled(&[(ROOT, text)]);
+            assert_eq!(again.config.workers.len(), 1, "{hostile:?}:\n{text}");
+            let mut again = again.config.workers[0].clone();
+            (again.span, live.span) = (None, None);
+            assert_eq!(again, live, "{hostile:?}:\n{text}");
+            assert!(text.contains("  # body\n    }\n"), "{hostile:?}:\n{text}");
+            assert!(text.ends_with("}\n# end\n"), "{hostile:?}:\n{text}");
+        }
     }
 
     #[test]

@@ -66,32 +66,156 @@ pub struct Sandbox<'a> {
     pub cpus: usize,
 }
 
+/// Files that cannot be ecosystems are refused before they run, saying what
+/// was expected: an empty file, or one that never names `apps` nor an app's
+/// script (an app's own code, another tool's settings), which would
+/// otherwise fail on whatever it does first.
+pub fn expect_ecosystem(path: &Path, source: &str) -> Result<(), String> {
+    const EXPECTED: &str = "apm convert expects a PM2 ecosystem file: JavaScript that exports `{ apps: [{ name, script }] }` (ecosystem.config.js), or JSON or YAML with `apps`";
+    let path = path.display();
+    if source.trim().is_empty() {
+        return Err(format!("{path}: the file is empty; {EXPECTED}"));
+    }
+    if !names_an_app(source) {
+        return Err(format!(
+            "{path}: this is not a PM2 ecosystem file: it never names `apps`, `script` or `cmd` (is it an app's own code, or another tool's settings?); {EXPECTED}"
+        ));
+    }
+    Ok(())
+}
+
+/// The word `apps`, or an app's script as a key (`script:`, `"cmd" :`).
+fn names_an_app(source: &str) -> bool {
+    let boundary =
+        |c: Option<char>| !c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    let word_at = |at: usize, word: &str| {
+        boundary(source[..at].chars().next_back())
+            && boundary(source[at + word.len()..].chars().next())
+    };
+    let as_key = |at: usize, word: &str| {
+        source[at + word.len()..]
+            .trim_start_matches(['"', '\''])
+            .trim_start()
+            .starts_with(':')
+    };
+    ["apps", "script", "cmd", "command", "exec"]
+        .iter()
+        .any(|word| {
+            source
+                .match_indices(word)
+                .any(|(at, _)| word_at(at, word) && (*word == "apps" || as_key(at, word)))
+        })
+}
+
 pub fn evaluate(path: &Path, source: &str, sandbox: &Sandbox) -> Result<Value, String> {
+    expect_ecosystem(path, source)?;
     match shape(path, source) {
         Shape::Yaml => serde_yaml_ng::from_str(source).map_err(|e| format!("invalid YAML: {e}")),
         shape => run_boa(path, source, shape, sandbox),
     }
 }
 
-fn js_error(error: boa_engine::JsError, context: &mut Context) -> String {
-    let message = match error.try_native(context) {
-        Ok(native) => native.to_string(),
-        Err(_) => error.to_string(),
+/// The ecosystem file as the engine saw it, to point errors at the user's
+/// line: frames in the prelude or the wrapper's call are not the user's.
+struct Origin {
+    /// The file as the user named it, which is also the engine's name for it.
+    path: String,
+    lines: usize,
+    /// Characters the wrapper put before the file's first line.
+    first_line_shift: usize,
+    /// Where a syntax error is when the engine does not say (it gives no
+    /// position for an unterminated string): a JSON parser's position.
+    syntax_fallback: Option<(usize, usize)>,
+}
+
+impl Origin {
+    fn new(path: &Path, source: &str, first_line_shift: usize) -> Self {
+        Origin {
+            path: path.display().to_string(),
+            lines: source.lines().count().max(1),
+            first_line_shift,
+            syntax_fallback: None,
+        }
+    }
+
+    /// `line:column` in the file, when the engine's position is in it.
+    fn place(&self, line: usize, column: usize) -> Option<(usize, usize)> {
+        let column = if line == 1 {
+            column.checked_sub(self.first_line_shift)?
+        } else {
+            column
+        };
+        (line >= 1 && line <= self.lines).then_some((line, column))
+    }
+
+    /// A frame line of boa's backtrace, `at NAME (PATH:LINE:COL)`, when it
+    /// is in the file: the function's name and the place.
+    fn frame(&self, line: &str) -> Option<(String, (usize, usize))> {
+        let inner = line.trim().strip_prefix("at ")?.strip_suffix(')')?;
+        let (rest, column) = inner.rsplit_once(':')?;
+        let (rest, line) = rest.rsplit_once(':')?;
+        let name = rest.strip_suffix(&format!(" ({}", self.path))?;
+        let place = self.place(line.parse().ok()?, column.parse().ok()?)?;
+        Some((name.to_owned(), place))
+    }
+}
+
+/// An error the engine raised, as `FILE:LINE:COL: what` at the user's line:
+/// boa's own position of a thrown error is the outermost frame (the
+/// wrapper's call), so the innermost frame in the file is found in its
+/// backtrace; a syntax error's position is in its message.
+fn js_error(error: boa_engine::JsError, context: &mut Context, origin: &Origin) -> String {
+    let display = error.to_string();
+    let (what, frames): (String, Vec<_>) = match error.try_native(context) {
+        Ok(native) => {
+            let message = native.message().trim();
+            let (message, place) = match message.rsplit_once(" at line ") {
+                Some((text, at)) if *native.kind() == boa_engine::JsNativeErrorKind::Syntax => {
+                    let place = at.split_once(", col ").and_then(|(l, c)| {
+                        origin.place(l.trim().parse().ok()?, c.trim().parse().ok()?)
+                    });
+                    (text, place)
+                }
+                _ if *native.kind() == boa_engine::JsNativeErrorKind::Syntax => {
+                    (message, origin.syntax_fallback)
+                }
+                _ => (message, None),
+            };
+            let frames = place.map(|p| vec![(String::new(), p)]).unwrap_or_default();
+            (format!("{}: {message}", native.kind()), frames)
+        }
+        Err(_) => (
+            display.lines().next().unwrap_or_default().to_owned(),
+            Vec::new(),
+        ),
     };
-    // A deep recursion's error lists every frame: the first few tell.
-    const MAX_LINES: usize = 8;
-    let lines = message.lines().count();
-    let message = if lines > MAX_LINES {
-        let head: Vec<&str> = message.lines().take(MAX_LINES).collect();
-        format!(
-            "{}\n    … {} more lines",
-            head.join("\n"),
-            lines - MAX_LINES
-        )
+    let frames: Vec<_> = if frames.is_empty() {
+        display.lines().filter_map(|l| origin.frame(l)).collect()
     } else {
-        message
+        frames
     };
-    if message.starts_with("RuntimeLimitError") {
+    let mut message = match frames.first() {
+        Some((_, (line, column))) => format!("{}:{line}:{column}: {what}", origin.path),
+        None => format!("{}: {what}", origin.path),
+    };
+    // The calls that led there, when the throw was inside a function; a
+    // deep recursion lists every frame: the first few tell.
+    const MAX_FRAMES: usize = 8;
+    if frames.len() > 1 {
+        for (name, (line, column)) in frames.iter().take(MAX_FRAMES) {
+            message.push_str(&format!(
+                "\n    at {name} ({}:{line}:{column})",
+                origin.path
+            ));
+        }
+        if frames.len() > MAX_FRAMES {
+            message.push_str(&format!(
+                "\n    … {} more frames",
+                frames.len() - MAX_FRAMES
+            ));
+        }
+    }
+    if display.starts_with("RuntimeLimitError") {
         return format!(
             "the file did not finish: it ran over {LOOP_LIMIT} loop iterations or too deep a recursion (an infinite loop?)\n{message}"
         );
@@ -264,24 +388,48 @@ fn run_boa(path: &Path, source: &str, shape: Shape, sandbox: &Sandbox) -> Result
     context
         .register_global_callable(js_string!("__apm_read_dotenv"), 1, read_dotenv)
         .map_err(|e| e.to_string())?;
+    let prelude_origin = Origin::new(Path::new(PRELUDE), "", 0);
     context
-        .eval(Source::from_bytes(&prelude(path, sandbox)))
-        .map_err(|e| js_error(e, &mut context))?;
-    let value = match shape {
-        Shape::Json => context.eval(Source::from_bytes(&format!("({source}\n)"))),
-        Shape::CommonJs => {
-            // The wrapper opens on the first line, so line numbers stay the file's.
-            let wrapped = format!(
-                "(function (module, exports, require, __dirname, __filename) {{{source}\n}})(module, exports, require, __dirname, __filename); module.exports"
-            );
-            context.eval(Source::from_bytes(&wrapped))
-        }
-        Shape::Module => return module_exports(source, &mut context),
+        .eval(Source::from_bytes(&prelude(path, sandbox)).with_path(Path::new(PRELUDE)))
+        .map_err(|e| js_error(e, &mut context, &prelude_origin))?;
+    // Wrappers open on the first line, so line numbers stay the file's.
+    let (opening, closing) = match shape {
+        Shape::Json => ("(", "\n)"),
+        Shape::CommonJs => (
+            "(function (module, exports, require, __dirname, __filename) {",
+            "\n})(module, exports, require, __dirname, __filename); module.exports",
+        ),
+        Shape::Module => ("", ""),
         Shape::Yaml => unreachable!("YAML is not JavaScript"),
     };
-    let value = value.map_err(|e| js_error(e, &mut context))?;
-    to_json(&value, &mut context)
+    let mut origin = Origin::new(path, source, opening.chars().count());
+    if shape == Shape::Module {
+        return module_exports(path, source, &mut context, &origin);
+    }
+    let wrapped = format!("{opening}{source}{closing}");
+    let value = context
+        .eval(Source::from_bytes(&wrapped).with_path(path))
+        .map_err(|e| {
+            if shape == Shape::Json {
+                origin.syntax_fallback =
+                    serde_json::from_str::<Value>(source)
+                        .err()
+                        .map(|e| match e.column() {
+                            // A line break that ended a string: the end of the line before.
+                            0 if e.line() > 1 => {
+                                let before = source.lines().nth(e.line() - 2).unwrap_or_default();
+                                (e.line() - 1, before.chars().count() + 1)
+                            }
+                            column => (e.line(), column),
+                        });
+            }
+            js_error(e, &mut context, &origin)
+        })?;
+    to_json(&value, &mut context, &origin)
 }
+
+/// The name the prelude's code has in the engine's positions.
+const PRELUDE: &str = "<apm convert prelude>";
 
 /// `dotenv.config({ path })`: `requested` (empty for `.env`) must name a
 /// `.env*` file directly in `dir`, relative or absolute, and not through a
@@ -340,37 +488,44 @@ fn read_dotenv(dir: &Path, requested: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-fn to_json(value: &JsValue, context: &mut Context) -> Result<Value, String> {
+fn to_json(value: &JsValue, context: &mut Context, origin: &Origin) -> Result<Value, String> {
     value
         .to_json(context)
-        .map_err(|e| js_error(e, context))
+        .map_err(|e| js_error(e, context, origin))
         .map(|v| v.unwrap_or(Value::Null))
 }
 
 /// An ES module's `default` export, or its named `apps` export.
-fn module_exports(source: &str, context: &mut Context) -> Result<Value, String> {
-    let module = Module::parse(Source::from_bytes(source), None, context)
-        .map_err(|e| js_error(e, context))?;
+fn module_exports(
+    path: &Path,
+    source: &str,
+    context: &mut Context,
+    origin: &Origin,
+) -> Result<Value, String> {
+    let module = Module::parse(Source::from_bytes(source).with_path(path), None, context)
+        .map_err(|e| js_error(e, context, origin))?;
     let promise = module.load_link_evaluate(context);
-    context.run_jobs().map_err(|e| js_error(e, context))?;
+    context
+        .run_jobs()
+        .map_err(|e| js_error(e, context, origin))?;
     if let PromiseState::Rejected(error) = promise.state() {
         let error = boa_engine::JsError::from_opaque(error);
-        return Err(js_error(error, context));
+        return Err(js_error(error, context, origin));
     }
     let namespace = module.namespace(context);
     let default = namespace
         .get(js_string!("default"), context)
-        .map_err(|e| js_error(e, context))?;
+        .map_err(|e| js_error(e, context, origin))?;
     if !default.is_undefined() {
-        return to_json(&default, context);
+        return to_json(&default, context, origin);
     }
     let apps = namespace
         .get(js_string!("apps"), context)
-        .map_err(|e| js_error(e, context))?;
+        .map_err(|e| js_error(e, context, origin))?;
     if apps.is_undefined() {
         return Err("the module exports neither `default` nor `apps`".to_owned());
     }
-    Ok(serde_json::json!({ "apps": to_json(&apps, context)? }))
+    Ok(serde_json::json!({ "apps": to_json(&apps, context, origin)? }))
 }
 
 /// Evaluates with the local `node`, for files that require real packages:
@@ -378,7 +533,9 @@ fn module_exports(source: &str, context: &mut Context) -> Result<Value, String> 
 pub fn evaluate_with_node(path: &Path, timeout: std::time::Duration) -> Result<Value, String> {
     let absolute = std::path::absolute(path).map_err(|e| e.to_string())?;
     let file = Value::String(absolute.display().to_string()).to_string();
-    let script = match shape(path, &std::fs::read_to_string(path).unwrap_or_default()) {
+    let source = std::fs::read_to_string(path).unwrap_or_default();
+    expect_ecosystem(path, &source)?;
+    let script = match shape(path, &source) {
         Shape::Module => format!(
             "import({file}.startsWith('/') ? 'file://' + {file} : {file}).then(m => process.stdout.write(JSON.stringify(m.default !== undefined ? m.default : {{ apps: m.apps }})), e => {{ console.error(String(e && e.stack || e)); process.exit(1); }})"
         ),

@@ -37,6 +37,9 @@ fn apps(value: Value) -> Result<(Vec<Value>, Vec<String>), String> {
     let mut notes = Vec::new();
     let apps = match value {
         Value::Array(apps) => apps,
+        Value::Object(object) if object.is_empty() => {
+            return Err("the file exports an empty object: `module.exports` was never set (expected `module.exports = { apps: [...] }`)".to_owned());
+        }
         Value::Object(mut object) => {
             for (section, what) in [("deploy", "deployment"), ("static", "static file serving")] {
                 if object.remove(section).is_some() {
@@ -47,7 +50,9 @@ fn apps(value: Value) -> Result<(Vec<Value>, Vec<String>), String> {
                 Some(Value::Array(apps)) => apps,
                 Some(single @ Value::Object(_)) => vec![single],
                 Some(_) => return Err("`apps` is not a list of apps".to_owned()),
-                None if object.contains_key("script") => vec![Value::Object(object)],
+                None if mapping::canonical(&object).contains_key("script") => {
+                    vec![Value::Object(object)]
+                }
                 None => return Err("the file defines no apps: export `{ apps: [...] }`, an array of apps, or one app with `script`".to_owned()),
             }
         }
@@ -73,8 +78,9 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// Where an app is in the source: its name's string literal, else `apps`.
-fn position(source: &str, name: Option<&str>) -> (usize, usize) {
+/// Where an app is in the source: its name's string literal (past those of
+/// the `earlier` apps of that name before it), else `apps`.
+fn position(source: &str, name: Option<&str>, earlier: usize) -> (usize, usize) {
     let needles: Vec<String> = match name {
         Some(name) => ["'", "\"", "`"]
             .iter()
@@ -83,10 +89,17 @@ fn position(source: &str, name: Option<&str>) -> (usize, usize) {
             .collect(),
         None => vec!["apps".to_owned()],
     };
-    let offset = needles
+    // The app after `earlier` others of its name: the next occurrence.
+    let mut offsets: Vec<usize> = needles
         .iter()
-        .filter_map(|n| source.find(n.as_str()))
-        .min()
+        .flat_map(|n| source.match_indices(n.as_str()).map(|(at, _)| at))
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    let offset = offsets
+        .get(earlier)
+        .or(offsets.first())
+        .copied()
         .unwrap_or(0);
     let line = source[..offset].matches('\n').count() + 1;
     let column = source[..offset]
@@ -121,53 +134,122 @@ pub fn convert(
     for note in &notes {
         warn(&mut text, &mut warnings, (1, 1), note);
     }
-    let mut converted = 0;
+    let mut blocks = Vec::new();
+    let mut names_seen = Vec::new();
     for (index, app) in apps.iter().enumerate() {
         let Value::Object(fields) = app else {
             warnings.push(Warning {
                 line: 1,
                 column: 1,
-                message: format!("app #{index} is {}, not an object; skipped", kind(app)),
+                message: format!(
+                    "app #{} is {}, not an object; skipped",
+                    index + 1,
+                    kind(app)
+                ),
             });
             continue;
         };
-        let fields = merge_env(&mapping::canonical(fields), options.env.as_deref());
+        let mut fields = merge_env(&mapping::canonical(fields), options.env.as_deref());
+        let boolean_warnings = mapping::booleans(&mut fields);
         let name = fields.get("name").map(mapping::scalar);
-        let (line, column) = position(source, name.as_deref());
-        if !fields.contains_key("script") {
-            let which = name.map_or(format!("app #{}", index + 1), |n| format!("app `{n}`"));
-            warnings.push(Warning {
-                line,
-                column,
-                message: one_line(&format!("{which} has no `script`; skipped")),
-            });
-            text.push('\n');
-            comment(
-                &mut text,
-                "WARN",
-                &format!("{which} has no `script` and was not converted"),
-            );
-            continue;
-        }
-        let out = mapping::convert(&mapping::App {
-            fields: &fields,
-            dir: &dir,
-            cpus: options.cpus,
-        });
+        let earlier = names_seen.iter().filter(|n| **n == name).count();
+        let at = position(source, name.as_deref(), earlier);
+        names_seen.push(name.clone());
+        let which = name.map_or(format!("app #{}", index + 1), |n| format!("app `{n}`"));
+        let out = match fields.get("script").map(mapping::scalar).as_deref() {
+            None => Err("has no `script`".to_owned()),
+            // PM2 swaps its own static file server in for this script.
+            Some("serve") => Err("runs PM2's static file server (`script: 'serve'`), which apm has no equivalent for".to_owned()),
+            Some(_) => {
+                let mut out = mapping::convert(&mapping::App::new(&fields, &dir, options.cpus));
+                out.warnings.extend(boolean_warnings);
+                Ok(out)
+            }
+        };
+        blocks.push((which, at, out));
+    }
+    if blocks.iter().all(|(_, _, out)| out.is_err()) {
+        let reasons: Vec<String> = blocks
+            .iter()
+            .filter_map(|(which, _, out)| out.as_ref().err().map(|why| format!("{which} {why}")))
+            .collect();
+        return Err(format!(
+            "no app could be converted (every app needs `script`, or PM2's `cmd`): {}",
+            reasons.join("; ")
+        ));
+    }
+    distinct_names(&mut blocks);
+    for (which, at, out) in &blocks {
         text.push('\n');
+        let out = match out {
+            Ok(out) => out,
+            Err(why) => {
+                warn(
+                    &mut text,
+                    &mut warnings,
+                    *at,
+                    &format!("{which} {why}; not converted"),
+                );
+                continue;
+            }
+        };
         for note in &out.notes {
             comment(&mut text, "NOTE", note);
         }
         for warning in &out.warnings {
-            warn(&mut text, &mut warnings, (line, column), warning);
+            warn(&mut text, &mut warnings, *at, warning);
         }
         text.push_str(&apm_compiler::print::nested("worker", &out.settings));
-        converted += 1;
-    }
-    if converted == 0 {
-        return Err("no app could be converted (every app needs `script`)".to_owned());
     }
     Ok(Converted { text, warnings })
+}
+
+/// One app on its way to the output: how warnings name it, where it is in
+/// the source, and its conversion, or why it is skipped.
+type Block = (String, (usize, usize), Result<mapping::Out, String>);
+
+/// PM2 lets apps share a name (they are acted on together); apm names one
+/// worker each. A repeated name gets the first free `-2`, `-3`…, with a
+/// warning above the renamed block.
+fn distinct_names(blocks: &mut [Block]) {
+    let name_of = |out: &mapping::Out| {
+        out.settings
+            .iter()
+            .find(|(key, _)| key == "name")
+            .and_then(|(_, values)| values.first().cloned())
+            .unwrap_or_default()
+    };
+    let mut taken: std::collections::HashSet<String> = blocks
+        .iter()
+        .filter_map(|(_, _, out)| out.as_ref().ok().map(name_of))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (which, _, out) in blocks.iter_mut() {
+        let Ok(out) = out else { continue };
+        let name = name_of(out);
+        if seen.insert(name.clone()) {
+            continue;
+        }
+        let renamed = (2..)
+            .map(|n| {
+                let suffix = format!("-{n}");
+                let room = apm_compiler::values::MAX_WORKER_NAME.saturating_sub(suffix.len());
+                format!("{}{suffix}", &name[..name.floor_char_boundary(room)])
+            })
+            .find(|candidate| !taken.contains(candidate))
+            .unwrap_or_default();
+        let shares = if which.contains(&format!("`{name}`")) {
+            format!("{which} shares its name with an app before it")
+        } else {
+            format!("{which} is named `{name}` like an app before it")
+        };
+        out.warnings.push(format!(
+            "{shares} (PM2 allows that, apm does not): this worker is named `{renamed}`"
+        ));
+        out.set("name", vec![renamed.clone()]);
+        taken.insert(renamed.clone());
+        seen.insert(renamed);
+    }
 }
 
 /// A `# TAG: …` line of the output. Comments are the one place the output
@@ -255,6 +337,6 @@ pub fn mapping_reference() -> String {
             .collect::<Vec<_>>()
             .join(", "),
     );
-    out.push_str(".\n\nAny other field is reported as unknown and ignored. Every app also gets `path` (its `cwd`, else the ecosystem file's directory) and, unless `autorestart: false`, `restart` and `restart_err`, since PM2 restarts by default.\n");
+    out.push_str(".\n\nAny other field is reported as unknown and ignored. Every app also gets `path` (its `cwd`, else the ecosystem file's directory) and, unless `autorestart: false`, `restart` and `restart_err`, since PM2 restarts by default. Apps that share a name (PM2 allows it) become workers named `NAME`, `NAME-2`, `NAME-3`… (a name another app has is skipped), with a warning. Boolean fields given as strings or numbers (`autostart: 'false'`, `watch: 'true'`, a value read from `process.env`) convert as the booleans they mean (`true`/`false`, and for fields that can only be booleans also `1`/`0`, `yes`/`no`, `on`/`off`, an empty string); any other value of a boolean-only field is ignored with a warning, as PM2 keeps its default. An app with `script: 'serve'` (PM2's static file server) is not converted, with a warning. A file that is empty, or never names `apps`, `script` or `cmd` (an app's own code, another tool's settings), is refused before it runs, saying what was expected; an error the file throws is reported at its `FILE:LINE:COLUMN`.\n");
     out
 }

@@ -41,9 +41,38 @@ pub struct App<'a> {
     /// The directory of the ecosystem file.
     pub dir: &'a str,
     pub cpus: usize,
+    /// How the script is started, decided once (it may look at the file).
+    launch: Launch,
 }
 
-impl App<'_> {
+/// How PM2 starts an app's script (`Common.sink.resolveInterpreter`, after
+/// `prepareAppConf` turned a command line into `bash -c`).
+#[derive(Debug, PartialEq)]
+enum Launch {
+    /// This interpreter runs `script`, the script as the params name it.
+    Interpreter {
+        interpreter: String,
+        script: String,
+        note: Option<String>,
+    },
+    /// The script is the program: `interpreter: none`, or a binary.
+    Itself,
+    /// A command line (a `script` with a space): `bash -c` runs it.
+    Shell,
+}
+
+impl<'a> App<'a> {
+    pub fn new(fields: &'a Map<String, Value>, dir: &'a str, cpus: usize) -> Self {
+        let mut app = App {
+            fields,
+            dir,
+            cpus,
+            launch: Launch::Itself,
+        };
+        app.launch = app.decide_launch();
+        app
+    }
+
     fn get(&self, key: &str) -> Option<&Value> {
         self.fields.get(key).filter(|v| !v.is_null())
     }
@@ -70,29 +99,189 @@ impl App<'_> {
     fn cluster(&self) -> bool {
         match self.get("exec_mode") {
             Some(mode) => matches!(mode.as_str(), Some("cluster" | "cluster_mode")),
-            None => {
-                self.get("instances").is_some() && self.interpreter().as_deref() == Some("node")
-            }
+            None => self.get("instances").is_some() && self.interpreter() == Some("node"),
         }
     }
 
-    /// The interpreter the script runs with, `None` to run it directly.
-    fn interpreter(&self) -> Option<String> {
-        let script = self.get("script").map(scalar).unwrap_or_default();
-        let explicit = self
-            .get("interpreter")
-            .or_else(|| self.get("exec_interpreter"))
-            .map(scalar);
-        let extension = script.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-        match explicit.as_deref() {
-            Some("none") | Some("") => None,
-            Some(i) => Some(i.to_owned()),
-            None => INTERPRETERS
-                .iter()
-                .find(|(e, _)| *e == extension)
-                .map(|(_, i)| (*i).to_owned()),
+    fn interpreter(&self) -> Option<&str> {
+        match &self.launch {
+            Launch::Interpreter { interpreter, .. } => Some(interpreter),
+            Launch::Itself | Launch::Shell => None,
         }
     }
+
+    fn script(&self) -> String {
+        self.get("script").map(scalar).unwrap_or_default()
+    }
+
+    fn explicit_interpreter(&self) -> Option<String> {
+        self.get("interpreter")
+            .or_else(|| self.get("exec_interpreter"))
+            .map(scalar)
+    }
+
+    fn decide_launch(&self) -> Launch {
+        let script = self.script();
+        let explicit = self.explicit_interpreter();
+        let interpreter = |interpreter: &str, note: Option<String>| Launch::Interpreter {
+            interpreter: interpreter.to_owned(),
+            script: script.clone(),
+            note,
+        };
+        match explicit.as_deref() {
+            Some("none" | "") => return Launch::Itself,
+            Some(explicit) => return interpreter(explicit, None),
+            None if script.contains(' ') => return Launch::Shell,
+            None => {}
+        }
+        let file = script
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("");
+        if let Some((_, extension)) = file.rsplit_once('.')
+            && let Some((_, known)) = INTERPRETERS.iter().find(|(e, _)| *e == extension)
+        {
+            return interpreter(known, None);
+        }
+        // PM2 looks at the file when it starts the app: a binary runs as it
+        // is, anything else (a text file, a directory) with node.
+        let directory = || {
+            interpreter(
+                "node",
+                Some(format!(
+                    "`{script}` is a directory: PM2 runs it with node, which starts its package.json `main` or index.js"
+                )),
+            )
+        };
+        let Some(found) = self.script_file(&script) else {
+            if script.ends_with('/') {
+                return directory();
+            }
+            return interpreter(
+                "node",
+                Some(format!(
+                    "`{script}` has no extension and was not found at conversion time: like PM2, apm runs it with node unless it is a binary; if it is a program, set `exec {script};`"
+                )),
+            );
+        };
+        match sniff(&found) {
+            Sniffed::Binary => Launch::Itself,
+            // Running it directly is what node would do, and needs no path.
+            Sniffed::Text { shebang } if shebang.contains("node") && executable(&found) => {
+                Launch::Itself
+            }
+            Sniffed::Text { shebang } => Launch::Interpreter {
+                interpreter: "node".to_owned(),
+                script: if script.contains('/') || self.base().join(&script).exists() {
+                    script.clone()
+                } else {
+                    found.display().to_string()
+                },
+                note: Some(if shebang.is_empty() || shebang.contains("node") {
+                    format!(
+                        "`{script}` has no extension and is not a binary: PM2 runs it with node, and so does apm"
+                    )
+                } else {
+                    format!(
+                        "`{script}` starts with `{shebang}` but has no extension: PM2 runs it with node, and so does apm; to run it as its first line says, set `exec {script};`"
+                    )
+                }),
+            },
+            Sniffed::Directory => directory(),
+        }
+    }
+
+    /// Where PM2 starts the app: `cwd` (relative to the ecosystem file's
+    /// directory), else that directory.
+    fn base(&self) -> std::path::PathBuf {
+        let dir = std::path::Path::new(self.dir);
+        self.get("cwd")
+            .map(scalar)
+            .map_or_else(|| dir.to_path_buf(), |cwd| dir.join(cwd))
+    }
+
+    /// The script's file as PM2 finds it: from `cwd`, else a bare name on PATH.
+    fn script_file(&self, script: &str) -> Option<std::path::PathBuf> {
+        let beside = self.base().join(script);
+        if beside.exists() {
+            return Some(beside);
+        }
+        if script.contains('/') {
+            return None;
+        }
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(script))
+                .find(|candidate| candidate.is_file() && executable(candidate))
+        })
+    }
+}
+
+fn executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+/// What a script file is, as PM2's `isbinaryfile` tells from its first bytes.
+#[derive(Debug, PartialEq)]
+enum Sniffed {
+    Binary,
+    /// Text, with its `#!` line if it has one (else empty).
+    Text {
+        shebang: String,
+    },
+    Directory,
+}
+
+/// How many bytes PM2 looks at.
+const SNIFF_BYTES: usize = 512;
+
+fn sniff(path: &std::path::Path) -> Sniffed {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if path.is_dir() {
+        return Sniffed::Directory;
+    }
+    let mut bytes = Vec::with_capacity(SNIFF_BYTES);
+    // O_NONBLOCK: a FIFO named as the script must not hang the conversion.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path);
+    if let Ok(file) = opened
+        && file.metadata().is_ok_and(|m| m.is_file())
+    {
+        let _ = file.take(SNIFF_BYTES as u64).read_to_end(&mut bytes);
+    }
+    sniff_bytes(&bytes)
+}
+
+/// PM2's test: a NUL byte, or more than one byte in ten that is neither
+/// text nor part of a UTF-8 character, makes a binary.
+fn sniff_bytes(bytes: &[u8]) -> Sniffed {
+    if bytes.contains(&0) {
+        return Sniffed::Binary;
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let suspicious = text
+        .chars()
+        .filter(|&c| {
+            c == char::REPLACEMENT_CHARACTER
+                || (c.is_control() && !('\u{7}'..='\u{e}').contains(&c))
+        })
+        .count();
+    if suspicious * 10 > bytes.len() {
+        return Sniffed::Binary;
+    }
+    let shebang = text
+        .lines()
+        .next()
+        .filter(|line| line.starts_with("#!"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Sniffed::Text { shebang }
 }
 
 /// A JSON value as the text of one config value.
@@ -160,22 +349,16 @@ const INTERPRETERS: &[(&str, &str)] = &[
     ("pl", "perl"),
     ("php", "php"),
     ("coffee", "coffee"),
+    ("ls", "lsc"),
 ];
 
 fn launch(app: &App, _: &Value, out: &mut Out) {
-    let Some(script) = app.get("script").map(scalar) else {
-        return;
-    };
-    let explicit = app
-        .get("interpreter")
-        .or_else(|| app.get("exec_interpreter"))
-        .map(scalar);
-    let extension = script.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-    let interpreter = app.interpreter();
-    if extension == "ts" && explicit.is_none() {
+    let script = app.script();
+    let explicit = app.explicit_interpreter();
+    if script.rsplit_once('.').is_some_and(|(_, e)| e == "ts") && explicit.is_none() {
         out.warn("`script` is TypeScript: PM2 runs it through ts-node; set `exec` to your TypeScript runner (e.g. `exec npx; params tsx, app.ts;`)");
     }
-    if interpreter.as_deref().is_some_and(|i| {
+    if app.interpreter().is_some_and(|i| {
         i.rsplit('/')
             .next()
             .is_some_and(|n| n.starts_with("python"))
@@ -189,12 +372,28 @@ fn launch(app: &App, _: &Value, out: &mut Out) {
             params.extend(shell_words(value, out, key));
         }
     }
-    let exec = match interpreter {
-        Some(interpreter) => {
-            params.push(script);
-            interpreter
+    let exec = match &app.launch {
+        Launch::Interpreter {
+            interpreter,
+            script,
+            note,
+        } => {
+            if let Some(note) = note {
+                out.note(note.clone());
+            }
+            params.push(script.clone());
+            interpreter.clone()
         }
-        None => script,
+        Launch::Itself => script,
+        Launch::Shell => {
+            out.note("`script` is a command line: PM2 runs it with `bash -c`, and so does apm");
+            if app.get("args").is_some() {
+                out.warn("`args` is dropped: PM2 ignores it when `script` is a command line (put the arguments in `script`)");
+            }
+            out.set1("exec", "bash");
+            out.set("params", vec!["-c".to_owned(), script]);
+            return;
+        }
     };
     if let Some(args) = app.get("args") {
         params.extend(shell_words(args, out, "args"));
@@ -232,6 +431,12 @@ fn name(_: &App, value: &Value, out: &mut Out) {
         })
         .take(MAX_WORKER_NAME)
         .collect();
+    // A worker needs a name: an app named `` (or after a script like `/`).
+    let name = if name.is_empty() {
+        "app".to_owned()
+    } else {
+        name
+    };
     if name != original {
         out.note(format!(
             "name `{original}` became `{name}`: apm names use letters, digits, `_`, `.` and `-`, at most {MAX_WORKER_NAME} of them"
@@ -473,6 +678,9 @@ fn uid(_: &App, value: &Value, out: &mut Out) {
     out.set1("user", scalar(value));
 }
 
+/// The variable PM2 puts each instance's index in, unless `instance_var`.
+const INSTANCE_VAR: &str = "NODE_APP_INSTANCE";
+
 fn instance_var(_: &App, value: &Value, out: &mut Out) {
     out.set1("env_index", scalar(value));
 }
@@ -530,7 +738,7 @@ pub static FIELDS: &[Field] = &[
     ),
     field!(
         "script",
-        "`exec`: the interpreter (explicit, or by extension: .js → node, .py → python3, .sh → bash, .rb → ruby, .pl → perl, .php → php), then the script in `params`; `interpreter none` runs the script itself",
+        "`exec`: the interpreter (explicit, or by extension: .js → node, .py → python3, .sh → bash, .rb → ruby, .pl → perl, .php → php), then the script in `params`; `interpreter none` runs the script itself. Without a known extension apm decides as PM2 does when it starts the app: a binary file runs itself, anything else (a text file whatever its `#!` line, a directory, a file not found at conversion time) runs with node, with a note; a text file with a node `#!` line that is executable runs itself. A command line (a `script` with a space) runs with `bash -c`. Without `name`, the app is named after the script's file up to its last dot (`./service-worker/` → `service-worker`), or a command line's program",
         launch
     ),
     field!("interpreter", "see `script`", none),
@@ -581,7 +789,11 @@ pub static FIELDS: &[Field] = &[
         "no equivalent (warning): children inherit the daemon's environment",
         filter_env
     ),
-    field!("instance_var", "`env_index`", instance_var),
+    field!(
+        "instance_var",
+        "`env_index`; without it `env_index NODE_APP_INSTANCE`, which PM2 sets for every app (fork mode too)",
+        instance_var
+    ),
     field!(
         "increment_var",
         "none: in cluster mode each instance gets its own `PORT`; otherwise a warning suggesting `env_index`",
@@ -809,6 +1021,8 @@ pub static FIELDS: &[Field] = &[
 /// PM2's other names for fields, and the name the table uses.
 pub static ALIASES: &[(&str, &str)] = &[
     ("exec", "script"),
+    ("cmd", "script"),
+    ("command", "script"),
     ("interpreterArgs", "interpreter_args"),
     ("out", "out_file"),
     ("out_log", "out_file"),
@@ -820,17 +1034,104 @@ pub static ALIASES: &[(&str, &str)] = &[
     ("user", "uid"),
 ];
 
-/// The app's fields under the names the table uses.
+/// The app's fields under the names the table uses. A field under its own
+/// name wins over an alias of it, whatever their order (PM2 reads `cmd`
+/// only when `script` is absent).
 pub fn canonical(fields: &Map<String, Value>) -> Map<String, Value> {
-    let mut out = Map::new();
+    let alias_of = |key: &str| ALIASES.iter().find(|(alias, _)| *alias == key);
+    let mut out: Map<String, Value> = fields
+        .iter()
+        .filter(|(key, _)| alias_of(key).is_none())
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
     for (key, value) in fields {
-        let name = ALIASES
-            .iter()
-            .find(|(alias, _)| alias == key)
-            .map_or(key.as_str(), |(_, name)| name);
-        out.entry(name.to_owned()).or_insert_with(|| value.clone());
+        if let Some((_, name)) = alias_of(key) {
+            out.entry(name.to_owned()).or_insert_with(|| value.clone());
+        }
     }
     out
+}
+
+/// PM2's name for an app without one: its script's file name up to the
+/// last dot (`api.js` → `api`, `./service-worker/` → `service-worker`);
+/// for a command line, its program's (`node -e …` → `node`).
+fn name_from_script(script: &str) -> String {
+    let program = script.split_whitespace().next().unwrap_or_default();
+    let file = program
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    match file.rfind('.') {
+        Some(dot) if dot > 0 => file[..dot].to_owned(),
+        _ => file.to_owned(),
+    }
+}
+
+/// PM2 fields that are booleans, and those that may also be something else
+/// (`watch: ['src']`, `log_file: 'out.log'`).
+const BOOLEANS: &[&str] = &[
+    "autostart",
+    "autorestart",
+    "disable_logs",
+    "time",
+    "source_map_support",
+    "disable_source_map_support",
+    "wait_ready",
+    "shutdown_with_message",
+    "merge_logs",
+    "combine_logs",
+    "vizion",
+    "execute_command",
+    "force",
+    "append_env_to_name",
+    "trace",
+    "disable_trace",
+    "v8",
+    "event_loop_inspector",
+    "deep_monitoring",
+    "automation",
+    "treekill",
+    "windowsHide",
+    "write",
+];
+const BOOLEAN_OR_MORE: &[&str] = &["watch", "log_file", "filter_env", "pmx"];
+
+/// Boolean fields given as strings (`autostart: 'false'`, a value read from
+/// `process.env`) or numbers, as the booleans they mean. A value that means
+/// neither is dropped with a warning, as PM2 drops it for its default.
+pub fn booleans(fields: &mut Map<String, Value>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for key in BOOLEANS.iter().chain(BOOLEAN_OR_MORE) {
+        let Some(value) = fields.get(*key) else {
+            continue;
+        };
+        let only_boolean = BOOLEANS.contains(key);
+        let meaning = match value {
+            Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "true" => Some(true),
+                "false" => Some(false),
+                "1" | "yes" | "on" if only_boolean => Some(true),
+                "0" | "no" | "off" | "" if only_boolean => Some(false),
+                _ => None,
+            },
+            Value::Number(n) if only_boolean => n.as_f64().map(|n| n != 0.0),
+            _ => continue,
+        };
+        match meaning {
+            Some(meaning) => {
+                fields.insert((*key).to_owned(), Value::Bool(meaning));
+            }
+            None if only_boolean => {
+                warnings.push(format!(
+                    "`{key}: {value}` is not a boolean and is ignored (PM2 keeps its default)"
+                ));
+                fields.remove(*key);
+            }
+            None => {}
+        }
+    }
+    warnings
 }
 
 /// Runs the table over one app. Unknown fields get a warning.
@@ -840,15 +1141,16 @@ pub fn convert(app: &App) -> Out {
     if app.get("autorestart").is_none() {
         autorestart(app, &Value::Bool(true), &mut out);
     }
+    // PM2 gives every app's instances their index (`God.injectVariables`:
+    // fork mode too, as `instances` defaults to 1): code that runs a job
+    // only where `NODE_APP_INSTANCE` is `0` depends on it.
+    if app.get("instance_var").is_none() {
+        instance_var(app, &Value::String(INSTANCE_VAR.to_owned()), &mut out);
+    }
     if app.get("name").is_none()
         && let Some(script) = app.get("script").map(scalar)
     {
-        // PM2 names an app after its script: `api.js` → `api`.
-        let file = script.rsplit('/').next().unwrap_or(&script).to_owned();
-        let stem = file
-            .split_once('.')
-            .map_or(file.clone(), |(stem, _)| stem.to_owned());
-        name(app, &Value::String(stem), &mut out);
+        name(app, &Value::String(name_from_script(&script)), &mut out);
     }
     for field in FIELDS {
         let value = if field.pm2 == "script" {

@@ -7,7 +7,7 @@ use apm_compiler::values::Scheme;
 
 use crate::quote::{self, dns_label, kube_dollars};
 use crate::yaml::{Y, document, map, s};
-use crate::{Options, Worker, looks_secret, seconds};
+use crate::{APM_COMMAND, APM_CONF_DIR, APM_HOME, Options, Worker, looks_secret, seconds};
 
 pub fn export<'a>(
     mut workers: Vec<Worker<'a>>,
@@ -49,9 +49,12 @@ fn metadata(label: &str, suffix: &str) -> Y {
     ])
 }
 
+/// Where a worker under apm finds the `NAME-tls` Secret's files.
+const TLS_DIR: &str = "/etc/apm/tls";
+
 fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
     let spec = worker.spec;
-    worker.warn_if_proxy_needed();
+    let under_apm = worker.under_apm;
     let mut docs: Vec<Y> = Vec::new();
     let mut env_from = Vec::new();
     let (secret, plain): (Vec<_>, Vec<_>) =
@@ -95,44 +98,108 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
         )]));
     }
 
+    if spec.tls.value {
+        let file = |setting: &Option<apm_compiler::schema::Setting<std::path::PathBuf>>| {
+            let path = setting
+                .as_ref()
+                .map(|c| c.value.to_string_lossy().into_owned());
+            quote::comment(&shell_word(&path.unwrap_or_default()))
+        };
+        let _ = writeln!(
+            preamble,
+            "# Create the TLS Secret from tls_cert and tls_key:\n#   kubectl create secret tls {label}-tls --cert={} --key={}",
+            file(&spec.tls_cert),
+            file(&spec.tls_key)
+        );
+    }
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
     let mut container = vec![("name", s(label)), ("image", s(&options.image))];
-    container.push(("command", Y::List(vec![s(kube_dollars(&spec.exec.value))])));
-    if !spec.params.is_empty() {
-        container.push((
-            "args",
-            Y::List(
-                spec.params
-                    .iter()
-                    .map(|p| s(kube_dollars(&p.value)))
-                    .collect(),
-            ),
-        ));
-    }
-    if let Some(path) = &spec.path {
-        container.push(("workingDir", s(path.value.to_string_lossy())));
-    }
+    let mut env = Vec::new();
     let program_port = worker.program_port();
-    if let Some(port) = program_port {
-        container.push((
-            "env",
-            Y::List(vec![map(vec![
-                ("name", s(&spec.port_env.value)),
-                ("value", s(port.to_string())),
-            ])]),
-        ));
+    let listeners = worker.tcp_listeners();
+    // (the Service's port, the container's port) of each listener.
+    let mut exposed: Vec<(u16, u16)> = Vec::new();
+    if under_apm {
+        // apm terminates TLS itself, from the Secret an Ingress would use.
+        let tls_files = [
+            ("tls_cert", format!("{TLS_DIR}/tls.crt")),
+            ("tls_key", format!("{TLS_DIR}/tls.key")),
+        ];
+        let fragment = worker.fragment(spec.tls.value.then_some(&tls_files[..]));
+        docs.push(map(vec![
+            ("apiVersion", s("v1")),
+            ("kind", s("ConfigMap")),
+            ("metadata", metadata(label, "-apm")),
+            ("data", map(vec![("apm.conf", s(fragment))])),
+        ]));
+        container.push(("command", Y::List(APM_COMMAND.map(s).into())));
+        env.push(("APM_HOME", APM_HOME.to_owned()));
+        let mut mount = |name: &str, path: &str, kind: &'static str, source: Y| {
+            mounts.push(map(vec![
+                ("name", s(name)),
+                ("mountPath", s(path)),
+                ("readOnly", Y::Bool(true)),
+            ]));
+            volumes.push(map(vec![("name", s(name)), (kind, source)]));
+        };
+        mount(
+            "apm-conf",
+            APM_CONF_DIR,
+            "configMap",
+            map(vec![("name", s(format!("{label}-apm")))]),
+        );
+        if spec.tls.value {
+            let secret = map(vec![("secretName", s(format!("{label}-tls")))]);
+            mount("apm-tls", TLS_DIR, "secret", secret);
+        }
+        exposed = listeners
+            .iter()
+            .map(|(_, port, _)| (*port, *port))
+            .collect();
+    } else {
+        container.push(("command", Y::List(vec![s(kube_dollars(&spec.exec.value))])));
+        if !spec.params.is_empty() {
+            container.push((
+                "args",
+                Y::List(
+                    spec.params
+                        .iter()
+                        .map(|p| s(kube_dollars(&p.value)))
+                        .collect(),
+                ),
+            ));
+        }
+        if let Some(path) = &spec.path {
+            container.push(("workingDir", s(path.value.to_string_lossy())));
+        }
+        if let Some(port) = program_port {
+            env.push((spec.port_env.value.as_str(), port.to_string()));
+            exposed = listeners
+                .iter()
+                .map(|(_, listener, _)| (*listener, port))
+                .collect();
+        }
+    }
+    if !env.is_empty() {
+        let vars = env
+            .into_iter()
+            .map(|(name, value)| map(vec![("name", s(name)), ("value", s(value))]));
+        container.push(("env", Y::List(vars.collect())));
     }
     if !env_from.is_empty() {
         container.push(("envFrom", Y::List(env_from)));
     }
-    let listeners = worker.tcp_listeners();
-    if let Some(port) = program_port {
-        container.push((
-            "ports",
-            Y::List(vec![map(vec![
-                ("containerPort", Y::Num(port.into())),
+    let mut container_ports: Vec<u16> = exposed.iter().map(|(_, port)| *port).collect();
+    container_ports.dedup();
+    if !container_ports.is_empty() {
+        let ports = container_ports.iter().map(|port| {
+            map(vec![
+                ("containerPort", Y::Num((*port).into())),
                 ("protocol", s("TCP")),
-            ])]),
-        ));
+            ])
+        });
+        container.push(("ports", Y::List(ports.collect())));
     }
     if let Some(limit) = &spec.memory_limit {
         container.push((
@@ -177,8 +244,13 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
             map(vec![("runAsUser", Y::Num(uid.into()))]),
         ));
     }
+    if !mounts.is_empty() {
+        container.push(("volumeMounts", Y::List(mounts)));
+    }
+    // Under apm, apm applies the worker's own restart policy.
     let (clean, err) = worker.restarts();
-    if !clean && !err {
+    if under_apm {
+    } else if !clean && !err {
         let span = spec.restart.span.or(spec.restart_err.span);
         worker.warn_at(
             "restart",
@@ -230,6 +302,16 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
             Y::Num(seconds(spec.startup_grace.value, 0)),
         ));
     }
+    let mut pod_spec = vec![
+        (
+            "terminationGracePeriodSeconds",
+            Y::Num(seconds(spec.kill_timeout.value, 0)),
+        ),
+        ("containers", Y::List(vec![map(container)])),
+    ];
+    if !volumes.is_empty() {
+        pod_spec.push(("volumes", Y::List(volumes)));
+    }
     deployment_spec.push((
         "template",
         map(vec![
@@ -240,16 +322,7 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
                     map(vec![("app.kubernetes.io/name", s(label))]),
                 )]),
             ),
-            (
-                "spec",
-                map(vec![
-                    (
-                        "terminationGracePeriodSeconds",
-                        Y::Num(seconds(spec.kill_timeout.value, 0)),
-                    ),
-                    ("containers", Y::List(vec![map(container)])),
-                ]),
-            ),
+            ("spec", map(pod_spec)),
         ]),
     ));
     docs.push(map(vec![
@@ -259,15 +332,15 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
         ("spec", map(deployment_spec)),
     ]));
 
-    if let (Some(target), false) = (program_port, listeners.is_empty()) {
-        let ports = listeners
+    if !exposed.is_empty() {
+        let ports = exposed
             .iter()
             .enumerate()
-            .map(|(i, (_, port, _))| {
+            .map(|(i, (port, target))| {
                 map(vec![
                     ("name", s(format!("l{i}"))),
                     ("port", Y::Num((*port).into())),
-                    ("targetPort", Y::Num(target.into())),
+                    ("targetPort", Y::Num((*target).into())),
                     ("protocol", s("TCP")),
                 ])
             })
@@ -284,10 +357,12 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
                 ]),
             ),
         ]));
-        if let Some((_, port, _)) = listeners
+        // apm terminating TLS itself takes no Ingress, which would need
+        // TLS passthrough.
+        let http = listeners
             .iter()
-            .find(|(scheme, _, _)| *scheme != Scheme::Tcp)
-        {
+            .find(|(scheme, _, _)| *scheme != Scheme::Tcp);
+        if let Some((_, port, _)) = http.filter(|_| !(under_apm && spec.tls.value)) {
             let mut ingress = vec![(
                 "rules",
                 Y::List(vec![map(vec![(
@@ -312,22 +387,6 @@ fn objects(worker: &mut Worker, label: &str, options: &Options) -> String {
                 )])]),
             )];
             if spec.tls.value {
-                let cert = spec
-                    .tls_cert
-                    .as_ref()
-                    .map(|c| c.value.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let key = spec
-                    .tls_key
-                    .as_ref()
-                    .map(|c| c.value.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    preamble,
-                    "# Create the Ingress's TLS Secret from tls_cert and tls_key:\n#   kubectl create secret tls {label}-tls --cert={} --key={}",
-                    quote::comment(&shell_word(&cert)),
-                    quote::comment(&shell_word(&key))
-                );
                 ingress.insert(
                     0,
                     (

@@ -16,7 +16,7 @@ mod yaml;
 mod tests;
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use apm_compiler::Compilation;
 use apm_compiler::ir::WorkerSpec;
@@ -124,7 +124,42 @@ pub struct Worker<'a> {
     sources: &'a SourceMap,
     target: Target,
     pub warnings: Vec<Warning>,
+    /// Its container runs `apm container` with the worker's own config
+    /// (`fragment`) rather than the program itself: it takes traffic that
+    /// only apm's proxy can hand it (decision 121).
+    pub under_apm: bool,
 }
+
+/// Where the container of a worker under apm finds its config.
+pub const APM_CONF_DIR: &str = "/etc/apm";
+pub const APM_CONF: &str = "/etc/apm/apm.conf";
+/// `APM_HOME` in such a container: writable whatever user runs it.
+pub const APM_HOME: &str = "/tmp/apm";
+/// The command such a container runs (its image must hold `apm`).
+pub const APM_COMMAND: [&str; 3] = ["apm", "container", APM_CONF];
+
+/// Keys a worker's fragment leaves to the platform: the platform scales,
+/// starts, limits and sets the environment of the container (apm passes its
+/// environment on to the worker there), and collects its output.
+const PLATFORM_KEYS: &[&str] = &[
+    "instances",
+    "autostart",
+    "user",
+    "depends_on",
+    "depends_timeout",
+    "env",
+    "env_file",
+    "env_index",
+    "memory_limit",
+    "watch",
+    "watch_ignore",
+    "watch_delay",
+    "watch_conf",
+    "log",
+    "err_log",
+    "log_max_size",
+    "log_max_files",
+];
 
 impl<'a> Worker<'a> {
     fn new(spec: &'a WorkerSpec, sources: &'a SourceMap, target: Target) -> Worker<'a> {
@@ -133,6 +168,7 @@ impl<'a> Worker<'a> {
             sources,
             target,
             warnings: Vec::new(),
+            under_apm: false,
         };
         worker.warn_from_table();
         worker
@@ -159,11 +195,76 @@ impl<'a> Worker<'a> {
         if let Some(statsd) = &self.spec.statsd {
             collect("statsd.", statsd.spans());
         }
+        let listens = !self.spec.server.is_empty();
+        // Only containers can run apm for a worker: Nomad and systemd warn.
+        let in_container = matches!(self.target, Target::Kubernetes | Target::Compose);
+        let mut needs_apm = listens && in_container && self.spec.upstream.value == "connector";
         for (key, span) in written {
-            if let To::Warn(text) = self.target.column(mapping::row(&key)) {
-                self.push(key, Some(span), text.to_owned());
+            match self.target.column(mapping::row(&key)) {
+                To::Maps(_) => {}
+                To::Warn(text) => self.push(key, Some(span), text.to_owned()),
+                To::Apm(_) if listens => needs_apm = true,
+                To::Apm(_) => self.push(
+                    key,
+                    Some(span),
+                    "a setting of apm's proxy, which runs only for a worker with `server` listeners"
+                        .to_owned(),
+                ),
             }
         }
+        self.under_apm = needs_apm;
+    }
+
+    /// The worker's own `apm.conf` for `apm container` in its container:
+    /// its keys but those the platform carries (`PLATFORM_KEYS`), with
+    /// `tls_*` files at `tls_files` (key, path in the container), or no TLS
+    /// at all when the platform terminates it (`None`).
+    fn fragment(&mut self, tls_files: Option<&[(&str, String)]>) -> String {
+        let mut settings: Vec<(&str, Vec<String>)> = (self.spec.settings().into_iter())
+            .filter(|(key, _)| !PLATFORM_KEYS.contains(key))
+            .filter_map(|(key, values)| match (key.strip_prefix("tls"), tls_files) {
+                (Some(_), None) => None,
+                (Some(_), Some(files)) if key != "tls" => files
+                    .iter()
+                    .find(|(file_key, _)| *file_key == key)
+                    .map(|(_, path)| (key, vec![path.clone()])),
+                _ => Some((key, values)),
+            })
+            .collect();
+        for server in &self.spec.server {
+            if let ListenAddr::Tcp { host, .. } = &server.value.addr
+                && (host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback()))
+            {
+                self.warn(
+                    "server",
+                    server,
+                    "apm listens on loopback in the container, where the platform cannot reach it; listen on 0.0.0.0",
+                );
+            }
+        }
+        if self.spec.path.is_none() {
+            // apm would run it in the directory of /etc/apm/apm.conf.
+            let file = self.spec.span.map(|span| self.sources.path(span.file));
+            let dir = file.and_then(Path::parent).unwrap_or(Path::new("/"));
+            let dir = match dir.as_os_str().is_empty() {
+                true => std::env::current_dir().unwrap_or_else(|_| "/".into()),
+                false => std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            };
+            let dir = dir.to_string_lossy().into_owned();
+            self.warn_at(
+                "path",
+                self.spec.span,
+                format!(
+                    "not set: under `apm container` the program runs in {dir}, the config file's directory here, \
+                     which the image must hold (set `path` to where the image has the app)"
+                ),
+            );
+            settings.push(("path", vec![dir]));
+        }
+        apm_compiler::print::worker_with(&settings, self.spec)
     }
 
     fn push(&mut self, key: String, span: Option<Span>, message: String) {
@@ -252,13 +353,32 @@ impl<'a> Worker<'a> {
         let setting = self.spec.health_check.as_ref()?;
         match &setting.value {
             HealthCheck::Push => {
-                let span = setting.span;
-                self.warn_at(
-                    "health_check",
-                    span,
-                    "push mode (the program checks in with apm) has no equivalent; no probe is set",
-                );
+                let message = if self.under_apm {
+                    "push mode: apm checks the program in the container; the platform gets no probe"
+                } else {
+                    "push mode (the program checks in with apm) has no equivalent; no probe is set"
+                };
+                self.warn_at("health_check", setting.span, message);
                 None
+            }
+            HealthCheck::Pull(url) if self.under_apm => {
+                // apm probes the program on a port of its own choosing; the
+                // platform reaches the program only through apm's listener.
+                let listener = self.spec.server.iter().find_map(|s| match s.value.addr {
+                    ListenAddr::Tcp { port, .. } if s.value.scheme != Scheme::Tcp => Some(port),
+                    _ => None,
+                });
+                let Some(port) = listener else {
+                    self.warn_at(
+                        "health_check",
+                        setting.span,
+                        "apm checks the program in the container; the platform gets no probe (no HTTP listener to probe through)",
+                    );
+                    return None;
+                };
+                let path = Probe::parse(url).path;
+                let scheme = if self.spec.tls.value { "https" } else { "http" };
+                Some(Probe::parse(&format!("{scheme}://127.0.0.1:{port}{path}")))
             }
             HealthCheck::Pull(url) => Some(Probe::parse(url)),
         }
@@ -381,7 +501,11 @@ pub fn reference() -> String {
          Kubernetes manifests (one `NAME.yaml` per worker), a Nomad job (`apm.nomad.hcl`), a Compose file (`compose.yaml`) \
          or systemd units (`NAME.service`, or `NAME@.service` and `NAME.target` for several instances), to DIR or to stdout. \
          Every key a target has no equivalent for becomes a `# WARN:` line at the top of the worker's output and a warning \
-         on stderr with the key's file and line; **(warns)** below marks those. Every value from the config is quoted and \
+         on stderr with the key's file and line; **(warns)** below marks those. A worker with listeners that takes its \
+         traffic through apm's connector protocol, or sets a key marked **(apm)**, gets a container that runs `apm container` \
+         (the image must hold `apm`, as `examples/Dockerfile`'s does) with the worker's own config at `/etc/apm/apm.conf` \
+         (Kubernetes: a ConfigMap `NAME-apm`; Compose: a `configs` entry), one instance per container, the platform's \
+         environment passed on to the program; other workers run their program directly. Every value from the config is quoted and \
          escaped for its format (and `$` doubled where Kubernetes, Compose, Nomad or systemd would expand it), so a value \
          cannot add keys, directives or documents. Secrets: `env_file` and the TLS key are never read; the output holds the \
          `kubectl create secret` commands that load them.\n\n\
@@ -393,6 +517,7 @@ pub fn reference() -> String {
             match to {
                 To::Maps(_) => text,
                 To::Warn(_) => format!("**(warns)** {text}"),
+                To::Apm(_) => format!("**(apm)** {text}"),
             }
         };
         let _ = writeln!(

@@ -10,12 +10,15 @@ pub enum To {
     Maps(&'static str),
     /// No equivalent: said in the output and on stderr when the key is set.
     Warn(&'static str),
+    /// Only apm provides it: a worker with listeners that sets the key runs
+    /// under `apm container` in its container (docs/cli.md, decision 121).
+    Apm(&'static str),
 }
 
 impl To {
     pub fn text(self) -> &'static str {
         match self {
-            To::Maps(text) | To::Warn(text) => text,
+            To::Maps(text) | To::Warn(text) | To::Apm(text) => text,
         }
     }
 }
@@ -29,7 +32,7 @@ pub struct Row {
     pub systemd: To,
 }
 
-use To::{Maps, Warn};
+use To::{Apm, Maps, Warn};
 
 macro_rules! row {
     ($key:literal, $k:expr, $n:expr, $c:expr, $s:expr) => {
@@ -55,7 +58,17 @@ const WATCH: To =
     Warn("file watching restarts a process on a developer machine; deploy a new version instead");
 const AUGUR: To = Warn("apm's start-failure diagnosis has no equivalent");
 const IPC: To = Warn("apm's IPC between workers needs apm's daemon");
-const SESSION: To = Warn("session migration needs apm's proxy");
+const SESSION: To = Warn(
+    "session migration needs several instances behind one apm; the container runs one, the platform scales containers",
+);
+const APM_PROXY: To =
+    Apm("kept: a setting of apm's proxy, which `apm container` runs in the container");
+const APM_VANGUARD: To = Apm(
+    "kept: `apm container` runs Vanguard in the container, with its limits and bans per container",
+);
+const APM_TLS: To = Apm(
+    "kept: `apm container` terminates TLS in the container, the file bind-mounted read-only under `/etc/apm/tls/`",
+);
 
 pub const ROWS: &[Row] = &[
     row!(
@@ -90,9 +103,9 @@ pub const ROWS: &[Row] = &[
     ),
     row!(
         "instances",
-        Maps("`replicas`"),
+        Maps("`replicas` (under `apm container`, one instance in each)"),
         Maps("the group's `count`"),
-        Maps("`deploy.replicas`"),
+        Maps("`deploy.replicas` (under `apm container`, one instance in each)"),
         Maps("a template `NAME@.service` and `NAME.target` that wants `NAME@0` … `NAME@N-1`")
     ),
     row!(
@@ -226,7 +239,7 @@ pub const ROWS: &[Row] = &[
     row!(
         "server",
         Maps(
-            "`containerPort`s, a Service, and an Ingress for http(s):// and ws(s):// listeners (TLS from `tls_cert`/`tls_key` in a TLS Secret `NAME-tls`); unix sockets warn; programs that need apm's proxy (connector upstream) warn"
+            "`containerPort`s, a Service, and an Ingress for http(s):// and ws(s):// listeners (TLS from `tls_cert`/`tls_key` in a TLS Secret `NAME-tls`); unix sockets warn. Under `apm container`, apm listens on each listener's port in the container"
         ),
         Maps("static `port`s of the group's `network` and a `service`"),
         Maps("`ports`, published on the listener's address"),
@@ -237,11 +250,11 @@ pub const ROWS: &[Row] = &[
     row!(
         "upstream",
         Maps(
-            "`port`: the container listens on the listener's port, given in port_env; `connector`: a warning, the program needs apm's proxy"
+            "`port`: the container listens on the listener's port, given in port_env; `connector`: the container runs `apm container`, whose proxy hands the connections to the program"
         ),
+        Maps("`port` as Kubernetes; `connector`: a warning, the program needs apm's proxy"),
         Maps("as Kubernetes"),
-        Maps("as Kubernetes"),
-        Maps("as Kubernetes, one instance only")
+        Maps("as Nomad, `port` with one instance only")
     ),
     row!(
         "port_env",
@@ -250,12 +263,12 @@ pub const ROWS: &[Row] = &[
         Maps("the variable that carries the port"),
         Maps("the variable that carries the port")
     ),
-    row!("trust_proxy", PROXY, PROXY, PROXY, PROXY),
-    row!("trusted_proxies", PROXY, PROXY, PROXY, PROXY),
-    row!("lowercase_hdrs", PROXY, PROXY, PROXY, PROXY),
-    row!("keep_alive", PROXY, PROXY, PROXY, PROXY),
-    row!("max_conns", PROXY, PROXY, PROXY, PROXY),
-    row!("trace_header", PROXY, PROXY, PROXY, PROXY),
+    row!("trust_proxy", APM_PROXY, PROXY, APM_PROXY, PROXY),
+    row!("trusted_proxies", APM_PROXY, PROXY, APM_PROXY, PROXY),
+    row!("lowercase_hdrs", APM_PROXY, PROXY, APM_PROXY, PROXY),
+    row!("keep_alive", APM_PROXY, PROXY, APM_PROXY, PROXY),
+    row!("max_conns", APM_PROXY, PROXY, APM_PROXY, PROXY),
+    row!("trace_header", APM_PROXY, PROXY, APM_PROXY, PROXY),
     row!("session_persist", SESSION, SESSION, SESSION, SESSION),
     row!("session_wait", SESSION, SESSION, SESSION, SESSION),
     row!("watch", WATCH, WATCH, WATCH, WATCH),
@@ -360,7 +373,7 @@ pub const ROWS: &[Row] = &[
         Maps("`healthcheck.retries`"),
         Warn("no probes")
     ),
-    row!("drain_timeout", PROXY, PROXY, PROXY, PROXY),
+    row!("drain_timeout", APM_PROXY, PROXY, APM_PROXY, PROXY),
     row!(
         "memory_limit",
         Maps("`resources.limits.memory` (bytes)"),
@@ -370,9 +383,11 @@ pub const ROWS: &[Row] = &[
     ),
     row!(
         "tls",
-        Maps("TLS of the Ingress"),
+        Maps(
+            "TLS of the Ingress; under `apm container`, apm terminates it with the `NAME-tls` Secret mounted at `/etc/apm/tls`, and the worker gets no Ingress (it would need TLS passthrough)"
+        ),
         Warn("terminate TLS in the load balancer in front of the service"),
-        Warn("terminate TLS in a proxy in front of the service"),
+        Apm("kept: `apm container` terminates TLS in the container"),
         Warn("terminate TLS in a proxy in front of the service")
     ),
     row!(
@@ -381,14 +396,14 @@ pub const ROWS: &[Row] = &[
             "the certificate of the TLS Secret `NAME-tls`, created with the `kubectl create secret tls` command written above it"
         ),
         Warn("terminate TLS in the load balancer in front of the service"),
-        Warn("terminate TLS in a proxy in front of the service"),
+        APM_TLS,
         Warn("terminate TLS in a proxy in front of the service")
     ),
     row!(
         "tls_key",
         Maps("the key of the TLS Secret `NAME-tls`, never printed"),
         Warn("terminate TLS in the load balancer in front of the service"),
-        Warn("terminate TLS in a proxy in front of the service"),
+        APM_TLS,
         Warn("terminate TLS in a proxy in front of the service")
     ),
     row!(
@@ -397,46 +412,58 @@ pub const ROWS: &[Row] = &[
             "client certificates must be checked by the ingress controller (ingress-nginx: `auth-tls-secret`)"
         ),
         Warn("client certificates must be checked by the load balancer in front"),
-        Warn("client certificates must be checked by a proxy in front"),
+        APM_TLS,
         Warn("client certificates must be checked by a proxy in front")
     ),
     row!("listen", IPC, IPC, IPC, IPC),
     row!("ipc_timeout", IPC, IPC, IPC, IPC),
     row!(
         "vanguard.rate_limit",
+        APM_VANGUARD,
         VANGUARD,
-        VANGUARD,
-        VANGUARD,
+        APM_VANGUARD,
         VANGUARD
     ),
     row!(
         "vanguard.rate_burst",
+        APM_VANGUARD,
         VANGUARD,
-        VANGUARD,
-        VANGUARD,
+        APM_VANGUARD,
         VANGUARD
     ),
-    row!("vanguard.ban_ttl", VANGUARD, VANGUARD, VANGUARD, VANGUARD),
-    row!("vanguard.ban_path", VANGUARD, VANGUARD, VANGUARD, VANGUARD),
+    row!(
+        "vanguard.ban_ttl",
+        APM_VANGUARD,
+        VANGUARD,
+        APM_VANGUARD,
+        VANGUARD
+    ),
+    row!(
+        "vanguard.ban_path",
+        APM_VANGUARD,
+        VANGUARD,
+        APM_VANGUARD,
+        VANGUARD
+    ),
     row!(
         "vanguard.ban_response",
+        APM_VANGUARD,
         VANGUARD,
-        VANGUARD,
-        VANGUARD,
+        APM_VANGUARD,
         VANGUARD
     ),
     row!(
         "vanguard.allow_ip",
+        APM_VANGUARD,
         VANGUARD,
-        VANGUARD,
-        VANGUARD,
+        APM_VANGUARD,
         Maps("`IPAddressAllow=` with `IPAddressDeny=any`")
     ),
     row!(
         "vanguard.ban_ip",
+        APM_VANGUARD,
         VANGUARD,
-        VANGUARD,
-        VANGUARD,
+        APM_VANGUARD,
         Maps("`IPAddressDeny=`")
     ),
     row!("statsd.host", STATSD, STATSD, STATSD, STATSD),

@@ -203,3 +203,135 @@ fn every_ok_case_of_the_check_corpus_exports_to_every_target() {
     }
     assert!(exported_any > 40, "only {exported_any} cases found");
 }
+
+/// A worker that needs apm's proxy, as a config file that also sets what
+/// the platform carries (its instances, user, environment, memory).
+const UNDER_APM: &str = "worker { name chat; exec /usr/bin/node; params chat.js; path /srv/app; instances 3; \
+     user app; env A=1; env API_TOKEN=t; memory_limit 64M; server https://0.0.0.0:8443; tls on; \
+     tls_cert /certs/c.pem; tls_key /certs/k.pem; max_conns 10; vanguard { rate_limit 5; } }\n";
+
+/// The worker's own apm.conf as `apm container` would compile it.
+fn fragment_compiled(text: &str) -> apm_compiler::ir::WorkerSpec {
+    let loader = MemLoader::new()
+        .file("/etc/apm/apm.conf", text.to_owned())
+        .file("/etc/apm/tls/tls.crt", "")
+        .file("/etc/apm/tls/tls.key", "")
+        .file("/etc/apm/tls/cert.pem", "")
+        .file("/etc/apm/tls/key.pem", "");
+    let compilation = compile(Path::new("/etc/apm/apm.conf"), &loader).unwrap();
+    assert!(
+        !compilation.has_errors(),
+        "{text}\n{:?}",
+        compilation.diagnostics
+    );
+    compilation.config.workers.into_iter().next().unwrap()
+}
+
+fn exported_from(text: &str, target: Target) -> crate::Output {
+    let loader = MemLoader::new()
+        .file("a.conf", text.to_owned())
+        .file("/certs/c.pem", "")
+        .file("/certs/k.pem", "")
+        .user("app");
+    let compilation = compile(Path::new("a.conf"), &loader).unwrap();
+    assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+    export(
+        &compilation,
+        target,
+        &Options {
+            image: "img".into(),
+        },
+    )
+}
+
+#[test]
+fn a_worker_that_needs_apms_proxy_runs_apm_container_with_its_own_config_in_kubernetes() {
+    let output = exported_from(UNDER_APM, Target::Kubernetes);
+    let docs = documents(&output.files[0].1);
+    let config = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "chat-apm")
+        .unwrap();
+    let spec = fragment_compiled(config["data"]["apm.conf"].as_str().unwrap());
+    // apm keeps its proxy's settings and TLS, from the mounted Secret; the
+    // platform keeps the rest.
+    assert_eq!(spec.max_conns.value, 10);
+    assert!(spec.vanguard.is_some());
+    assert_eq!(
+        spec.tls_cert.unwrap().value,
+        Path::new("/etc/apm/tls/tls.crt")
+    );
+    assert_eq!(spec.instances.value, 1);
+    assert!(spec.user.is_none() && spec.env.is_empty() && spec.memory_limit.is_none());
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["command"][0], "apm");
+    assert_eq!(container["command"][2], "/etc/apm/apm.conf");
+    assert_eq!(container["ports"][0]["containerPort"], 8443);
+    assert_eq!(container["resources"]["limits"]["memory"], "67108864");
+    // The variables reach the program through apm's own environment.
+    assert_eq!(container["envFrom"].as_sequence().unwrap().len(), 2);
+    let volumes: Vec<&str> = (pod["volumes"].as_sequence().unwrap().iter())
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(volumes, ["apm-conf", "apm-tls"]);
+    // apm terminates TLS: an Ingress would need passthrough.
+    assert!(docs.iter().all(|d| d["kind"] != "Ingress"));
+    assert!(
+        output
+            .warnings
+            .iter()
+            .all(|w| w.key != "max_conns" && !w.key.starts_with("vanguard"))
+    );
+}
+
+#[test]
+fn a_worker_that_needs_apms_proxy_runs_apm_container_with_its_own_config_in_compose() {
+    let output = exported_from(UNDER_APM, Target::Compose);
+    let doc = &documents(&output.files[0].1)[0];
+    let content = doc["configs"]["chat-apm"]["content"].as_str().unwrap();
+    let spec = fragment_compiled(&content.replace("$$", "$"));
+    assert_eq!(
+        spec.tls_key.unwrap().value,
+        Path::new("/etc/apm/tls/key.pem")
+    );
+    let service = &doc["services"]["chat"];
+    assert_eq!(service["entrypoint"][1], "container");
+    assert_eq!(service["volumes"][0]["source"], "/certs/c.pem");
+    assert_eq!(service["ports"][0]["target"], 8443);
+    assert_eq!(service["configs"][0]["target"], "/etc/apm/apm.conf");
+}
+
+#[test]
+fn a_worker_on_its_own_port_without_apms_settings_runs_its_program_directly() {
+    let text = "worker { name api; exec /bin/api; upstream port; server http://0.0.0.0:80; }\n";
+    let docs = documents(&exported_from(text, Target::Kubernetes).files[0].1);
+    let container = &docs[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["command"][0], "/bin/api");
+    let compose = documents(&exported_from(text, Target::Compose).files[0].1);
+    assert_eq!(compose[0]["services"]["api"]["entrypoint"][0], "/bin/api");
+    assert!(compose[0].get("configs").is_none());
+}
+
+#[test]
+fn a_hostile_value_stays_one_value_in_the_config_apm_container_reads() {
+    let text = config(HOSTILE).replace("upstream port;", "upstream connector;");
+    let loader = MemLoader::new().file("a.conf", text).user(HOSTILE);
+    let compilation = compile(Path::new("a.conf"), &loader).unwrap();
+    let output = export(
+        &compilation,
+        Target::Kubernetes,
+        &Options { image: "i".into() },
+    );
+    let docs = documents(&output.files[0].1);
+    assert!(docs.iter().all(|d| !has_key(d, "injected")));
+    let config = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "evil-apm")
+        .unwrap();
+    let spec = fragment_compiled(config["data"]["apm.conf"].as_str().unwrap());
+    assert_eq!(spec.params[0].value, HOSTILE);
+    assert_eq!(spec.exec.value, format!("/bin/{HOSTILE}"));
+}

@@ -6,6 +6,7 @@ use crate::quote;
 pub enum Y {
     Str(String),
     Num(u64),
+    Bool(bool),
     Map(Vec<(String, Y)>),
     List(Vec<Y>),
 }
@@ -24,16 +25,16 @@ pub fn map(entries: Vec<(&str, Y)>) -> Y {
     )
 }
 
-fn key(text: &str) -> String {
+fn key(text: &str) -> std::borrow::Cow<'_, str> {
     let plain = !text.is_empty()
         && text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'))
         && text.as_bytes()[0].is_ascii_alphabetic();
     if plain {
-        text.to_owned()
+        text.into()
     } else {
-        quote::yaml(text)
+        quote::yaml(text).into()
     }
 }
 
@@ -41,6 +42,7 @@ fn scalar(value: &Y) -> Option<String> {
     match value {
         Y::Str(text) => Some(quote::yaml(text)),
         Y::Num(n) => Some(n.to_string()),
+        Y::Bool(b) => Some(b.to_string()),
         Y::Map(entries) if entries.is_empty() => Some("{}".to_owned()),
         Y::List(items) if items.is_empty() => Some("[]".to_owned()),
         _ => None,
@@ -55,11 +57,21 @@ pub fn document(value: &Y) -> String {
 }
 
 fn write(value: &Y, indent: usize, out: &mut String) {
-    let pad = " ".repeat(indent);
+    write_at(value, indent, false, out);
+}
+
+/// `value` at `indent`; with `dashed`, the dash of its list item is
+/// written already, in place of its first line's indentation.
+fn write_at(value: &Y, indent: usize, mut dashed: bool, out: &mut String) {
+    let pad = |out: &mut String, dashed: &mut bool| {
+        if !std::mem::take(dashed) {
+            out.extend(std::iter::repeat_n(' ', indent));
+        }
+    };
     match value {
         Y::Map(entries) => {
             for (k, v) in entries {
-                out.push_str(&pad);
+                pad(out, &mut dashed);
                 out.push_str(&key(k));
                 out.push(':');
                 match scalar(v) {
@@ -70,33 +82,27 @@ fn write(value: &Y, indent: usize, out: &mut String) {
                     }
                     None => {
                         out.push('\n');
-                        write(v, indent + 2, out);
+                        write_at(v, indent + 2, false, out);
                     }
                 }
             }
         }
         Y::List(items) => {
             for item in items {
+                pad(out, &mut dashed);
+                out.push_str("- ");
                 match scalar(item) {
                     Some(text) => {
-                        out.push_str(&pad);
-                        out.push_str("- ");
                         out.push_str(&text);
                         out.push('\n');
                     }
-                    None => {
-                        // The item's first line goes after the dash.
-                        let mut nested = String::new();
-                        write(item, indent + 2, &mut nested);
-                        out.push_str(&pad);
-                        out.push_str("- ");
-                        out.push_str(&nested[indent + 2..]);
-                    }
+                    // The item's first line goes after the dash.
+                    None => write_at(item, indent + 2, true, out),
                 }
             }
         }
         other => {
-            out.push_str(&pad);
+            pad(out, &mut dashed);
             out.push_str(&scalar(other).unwrap_or_default());
             out.push('\n');
         }

@@ -20,7 +20,7 @@ pub fn log(message: std::fmt::Arguments) {
 /// What an accept loop makes of `accept`'s errors. One connection's own
 /// (reset or aborted before it was taken) pass at once. The others (out of
 /// descriptors or memory) last until something is freed, and retrying at
-/// once would spin the daemon's one thread, its control socket included:
+/// once would spin a thread (a proxy thread, or the control socket's):
 /// they are retried every 100 ms, and logged at most every 10 s (a flood
 /// that keeps the daemon at its limit would otherwise fill the log).
 #[derive(Default)]

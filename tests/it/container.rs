@@ -29,6 +29,8 @@ fn start_as_pid_1(daemon: &Daemon, config: &str) -> Option<(Child, Pid)> {
         .arg(&file)
         .env("APM_HOME", &daemon.home)
         .env("APM_SOCKET", &daemon.socket)
+        // What a platform sets for the program (decision 121).
+        .env("PLATFORM_VAR", "from-the-platform")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -121,4 +123,122 @@ fn a_worker_deaf_to_sigterm_is_killed_after_kill_timeout() {
             "stopped after {took:?}, kill_timeout is 1s"
         );
     }
+}
+
+/// The lines of one of apm's streams, read on a thread as they come.
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Lines {
+    fn read(stream: impl std::io::Read + Send + 'static) -> Lines {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stream)
+                .lines()
+                .map_while(Result::ok)
+            {
+                shared.lock().unwrap().push(line);
+            }
+        });
+        Lines(lines)
+    }
+
+    fn wait_for(&self, line: &str) {
+        harness::wait_until(PATIENCE, line, || self.has(line));
+    }
+
+    fn has(&self, line: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|l| l == line)
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn workers_output_goes_to_apms_stdout_and_stderr_with_their_names() {
+    let daemon = Daemon::new("container-console");
+    let b_log = daemon.path("b.log");
+    let config = format!(
+        "worker {{ name a; exec sh; params -c \"echo hello $PLATFORM_VAR; echo oops >&2; exec sleep 600\"; }}\n\
+         worker {{ name b; instances 2; exec sh; params -c \"echo from b; exec sleep 600\"; log {b_log}; }}\n"
+    );
+    let Some((mut unshare, init)) = start_as_pid_1(&daemon, &config) else {
+        return;
+    };
+    let out = Lines::read(unshare.stdout.take().unwrap());
+    let err = Lines::read(unshare.stderr.take().unwrap());
+    // A worker gets the environment the platform gave apm.
+    for line in [
+        "a | hello from-the-platform",
+        "b#0 | from b",
+        "b#1 | from b",
+    ] {
+        out.wait_for(line);
+    }
+    err.wait_for("a ! oops");
+    assert!(!out.has("a ! oops") && !err.has("a | hello from-the-platform"));
+    // A log file the config names is written too; the default ones are not.
+    harness::wait_until(PATIENCE, "b's log file", || {
+        let lines = std::fs::read_to_string(&b_log).unwrap_or_default();
+        lines.contains(" b#0 | from b\n") && lines.contains(" b#1 | from b\n")
+    });
+    assert!(!daemon.home.join("logs").join("a.out.log").exists());
+    let (output, _) = terminate(unshare, init);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        err.all().iter().any(|l| l.ends_with(" daemon stopped")),
+        "the daemon's own lines go to stderr: {:?}",
+        err.all()
+    );
+}
+
+#[test]
+fn a_worker_flooding_a_stdout_nobody_reads_holds_neither_the_others_nor_memory() {
+    let daemon = Daemon::new("container-flood");
+    let long = "x".repeat(1000);
+    let config = format!(
+        "worker {{ name flood; exec yes; params {long}; }}\n\
+         worker {{ name steady; exec sh; params -c \"i=0; while [ $i -lt 50 ]; do echo line $i; echo err $i >&2; i=$((i+1)); sleep 0.01; done; exec sleep 600\"; }}\n"
+    );
+    let Some((mut unshare, init)) = start_as_pid_1(&daemon, &config) else {
+        return;
+    };
+    let stdout = unshare.stdout.take().unwrap();
+    let err = Lines::read(unshare.stderr.take().unwrap());
+    // apm's stdout is not read: its pipe and queue fill up, and the flood
+    // waits in its writes; stderr, the daemon and its memory go on.
+    err.wait_for("steady ! err 49");
+    let children = format!("/proc/{init}/task/{init}/children");
+    let daemon_pid: u32 = std::fs::read_to_string(&children)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rss = harness::status_kib(daemon_pid, "VmRSS:");
+    assert!(
+        rss < 64 * 1024,
+        "the daemon holds {rss} KiB with stdout blocked"
+    );
+    // Read now: every line arrives whole, the steady worker's among the flood's.
+    let out = Lines::read(stdout);
+    out.wait_for("steady | line 49");
+    let flood = format!("flood | {long}");
+    let lines = out.all();
+    let mixed: Vec<&String> = lines
+        .iter()
+        .filter(|l| **l != flood && !l.starts_with("steady | line "))
+        .collect();
+    assert!(
+        mixed.is_empty(),
+        "lines not whole: {:?}",
+        &mixed[..mixed.len().min(3)]
+    );
+    assert!(lines.iter().filter(|l| **l == flood).count() > 100);
+    let (output, _) = terminate(unshare, init);
+    assert_eq!(output.status.code(), Some(0));
 }

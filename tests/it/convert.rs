@@ -137,18 +137,40 @@ fn bad_input_gets_a_clear_message_never_a_hang() {
             "module.exports = { apps: [ { name: 'a', script: 'a.js' } ;",
             "SyntaxError",
         ),
-        ("throws.config.js", "throw new Error('boom')", "boom"),
-        ("loop.config.js", "while (true) {}", "infinite loop"),
-        ("number.config.js", "module.exports = 42", "a number"),
+        (
+            "throws.config.js",
+            "throw new Error('boom'); module.exports = { apps: [] }",
+            "throws.config.js:1:7: Error: boom",
+        ),
+        (
+            "loop.config.js",
+            "while (true) {} module.exports = { apps: [] }",
+            "infinite loop",
+        ),
+        (
+            "number.config.js",
+            "module.exports = 42",
+            "not a PM2 ecosystem file",
+        ),
+        (
+            "apps_number.config.js",
+            "module.exports = { apps: 42 }",
+            "not a list of apps",
+        ),
         (
             "noscript.config.js",
             "module.exports = { apps: [{ name: 'a' }] }",
             "script",
         ),
-        ("empty.config.js", "", "defines no apps"),
+        ("empty.config.js", "", "the file is empty"),
+        (
+            "app_code.js",
+            "require('http').createServer().listen(8000)",
+            "expects a PM2 ecosystem file",
+        ),
         (
             "requires.config.js",
-            "const x = require('lodash'); module.exports = {}",
+            "const x = require('lodash'); module.exports = { apps: [] }",
             "--node",
         ),
     ];
@@ -360,7 +382,7 @@ fn memory_and_cpu_bombs_end_quickly_with_a_clear_error() {
         ),
         (
             "regex.config.js",
-            "/(a+)+$/.test('a'.repeat(40) + '!'); module.exports = {}",
+            "/(a+)+$/.test('a'.repeat(40) + '!'); module.exports = { apps: [] }",
             "did not finish evaluating the file within 2 s",
         ),
         (
@@ -392,4 +414,79 @@ fn memory_and_cpu_bombs_end_quickly_with_a_clear_error() {
             "{name}: {elapsed:?}"
         );
     }
+}
+
+/// A script without an extension is looked at as PM2 looks at it when it
+/// starts the app: bytes that are not text (a NUL, or too many control
+/// bytes) make a binary that runs itself; an executable with a node `#!`
+/// line runs itself (what node would run); other text, UTF-8 included,
+/// runs with node.
+#[test]
+fn a_script_without_an_extension_is_run_as_its_content_says() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    fs::write(bin.join("server"), b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
+    fs::write(
+        bin.join("noisy"),
+        [0x1bu8, 0x01, 0x02, 0x03, b'a', b'b', b'c'].repeat(20),
+    )
+    .unwrap();
+    fs::write(bin.join("cli"), "#!/usr/bin/env node\nconsole.log('hi')\n").unwrap();
+    fs::set_permissions(bin.join("cli"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(
+        bin.join("text"),
+        "// héllo wörld, ünïcode\nrequire('./x')\n",
+    )
+    .unwrap();
+    let converted = convert_in(
+        dir.path(),
+        "ecosystem.config.js",
+        "module.exports = { apps: [
+            { name: 'server', script: 'bin/server' },
+            { name: 'noisy', script: 'bin/noisy' },
+            { name: 'cli', script: 'bin/cli' },
+            { name: 'text', script: 'bin/text' },
+        ] }",
+    )
+    .unwrap();
+    // Each block's `name` and `exec` values, by name.
+    let exec_of = |name: &str| {
+        let value = |block: &str, key: &str| {
+            block
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(' '))
+                .map(|v| v.trim().trim_end_matches(';').to_owned())
+        };
+        converted
+            .text
+            .split("worker {")
+            .find(|block| value(block, "name").as_deref() == Some(name))
+            .and_then(|block| value(block, "exec"))
+            .unwrap()
+    };
+    assert_eq!(exec_of("server"), "bin/server", "{}", converted.text);
+    assert_eq!(exec_of("noisy"), "bin/noisy", "{}", converted.text);
+    assert_eq!(exec_of("cli"), "bin/cli", "{}", converted.text);
+    assert_eq!(exec_of("text"), "node", "{}", converted.text);
+}
+
+/// Through the CLI (the child evaluation), an error the file throws is
+/// reported at the file's line and column under the name the user gave,
+/// not at the wrapper's call site.
+#[test]
+fn a_throw_is_reported_at_the_users_line_by_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("ecosystem.config.js"),
+        "// needs a secret\nconst secret = process.env.APM_TEST_UNSET_SECRET;\nif (!secret) throw new Error('set the secret');\nmodule.exports = { apps: [{ script: 'api.js' }] };\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = apm_convert(dir.path(), &["ecosystem.config.js"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ecosystem.config.js:3:20: Error: set the secret"),
+        "{stderr}"
+    );
 }

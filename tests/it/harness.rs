@@ -3,7 +3,9 @@
 //! its daemon, which is shut down and, failing that, killed with everything
 //! it started when the test ends, pass or fail. Nothing waits a fixed time:
 //! conditions are polled with generous deadlines, because CI has two loaded
-//! cores.
+//! cores. The daemons inherit the test's environment: `APM_PROXY_THREADS`
+//! there sets how many proxy threads they serve on (`.ci/run` runs the
+//! proxy's tests with 2 and with 1).
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};

@@ -505,3 +505,125 @@ fn idle_websockets_cost_little_and_their_memory_goes_back_when_they_close() {
         status_kib(pid, "VmRSS:") < before + (open - before) / 4
     });
 }
+
+/// An instance that answers every request of a keep-alive connection with
+/// `ok`, holding thousands of connections at little cost (asyncio).
+const MANY_CLIENTS_APP: &str = r#"
+import asyncio, os
+async def serve(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", int(os.environ["PORT"]), backlog=1024)
+    await server.serve_forever()
+asyncio.run(main())
+"#;
+
+fn load_many_clients_worker(d: &Daemon) -> u16 {
+    let app = d.write("many.py", MANY_CLIENTS_APP);
+    let port = free_port();
+    d.load(&format!(
+        "worker {{ name many; exec python3; params {}; upstream port; startup_grace 300; \
+         server http://127.0.0.1:{port}; }}\n",
+        app.display()
+    ));
+    d.wait_running("many");
+    port
+}
+
+/// A keep-alive client that has had one answer.
+fn answered_client(port: u16) -> TcpStream {
+    let mut client = connect(port);
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let (head, body) = read_kept_answer(&mut client);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body == b"ok\n",
+        "{head}"
+    );
+    client
+}
+
+#[test]
+fn idle_keep_alive_clients_hold_no_buffers_and_are_served_again() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const CLIENTS: u64 = 2000;
+    // This test's clients, on top of what the tests running beside it hold.
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < CLIENTS + 2000 {
+        prerequisite_missing(&format!(
+            "{CLIENTS} idle clients need more open files than RLIMIT_NOFILE's hard limit of {hard}"
+        ));
+        return;
+    }
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+    let d = Daemon::new("idle_clients");
+    let port = load_many_clients_worker(&d);
+    let pid = d.daemon_pid().unwrap();
+    drop(answered_client(port));
+    let before = status_kib(pid, "VmRSS:");
+    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| answered_client(port)).collect();
+    // Between two requests a client needs none of hyper's two 8 KiB
+    // buffers: with either left, each would cost more than this. The rest
+    // (the task, the connection's state, the socket's registration) is
+    // below 2 KiB; the bound leaves room for the allocator's rounding.
+    let bound = 6;
+    wait_until(
+        PATIENCE,
+        &format!("idle clients to cost less than {bound} KiB each"),
+        || status_kib(pid, "VmRSS:").saturating_sub(before) < bound * CLIENTS,
+    );
+    // They are still kept alive, and served at once when they ask again.
+    for mut client in [&clients[0], &clients[clients.len() - 1]] {
+        client
+            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        let (head, body) = read_kept_answer(&mut client);
+        assert!(
+            head.starts_with("HTTP/1.1 200") && body == b"ok\n",
+            "{head}"
+        );
+    }
+}
+
+#[test]
+fn requests_split_around_a_lull_or_pipelined_are_all_answered() {
+    let d = Daemon::new("lull_split");
+    let port = load_many_clients_worker(&d);
+    let mut client = answered_client(port);
+    // Half a head, then a lull as long as the one after which an idle
+    // client is parked (a client with part of a request is not), then the
+    // rest with a pipelined request.
+    client.write_all(b"GET /half HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    client
+        .write_all(b"st: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    for _ in 0..2 {
+        let (head, body) = read_kept_answer(&mut client);
+        assert!(
+            head.starts_with("HTTP/1.1 200") && body == b"ok\n",
+            "{head}"
+        );
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+    }
+    // And after a lull with nothing read, in which the proxy parks the
+    // connection, the next request too.
+    std::thread::sleep(Duration::from_millis(2500));
+    client
+        .write_all(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_kept_answer(&mut client);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

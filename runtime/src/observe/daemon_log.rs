@@ -136,6 +136,8 @@ struct Rotated {
 struct DaemonLog {
     repeats: Repeats,
     file: Option<Rotated>,
+    /// `apm container`'s stderr, whose one writer the lines go through.
+    console: Option<std::sync::Arc<crate::observe::logs::LogFile>>,
 }
 
 static LOG: std::sync::Mutex<Option<DaemonLog>> = std::sync::Mutex::new(None);
@@ -143,11 +145,17 @@ static LOG: std::sync::Mutex<Option<DaemonLog>> = std::sync::Mutex::new(None);
 impl DaemonLog {
     fn write(&mut self, line: &str) {
         let line = format!("{} {line}\n", crate::timestamp());
+        if let Some(console) = &self.console {
+            // Dropped when workers keep the console full: the daemon's
+            // thread never waits for a reader.
+            console.append(line.into_bytes());
+            return;
+        }
         if let Some(file) = &mut self.file
             && crate::observe::logs::starts_new_file(file.size, line.len() as u64, MAX_SIZE)
         {
             // The new file is readable by whom the old one was: a service's
-            // log is root:apm 0640 (docs/cli.md, decision 104).
+            // log is root:apm 0640 (docs/cli.md, decision 94).
             let (mode, group) = std::fs::metadata(&file.path).map_or((0o600, None), |old| {
                 use std::os::unix::fs::MetadataExt;
                 (old.mode() & 0o640, Some(old.gid()))
@@ -193,6 +201,14 @@ pub fn flush() {
     for line in log.repeats.ended(Instant::now()) {
         log.write(&line);
     }
+}
+
+/// Sends the log's lines to `console` from now on (`apm container`'s
+/// stderr) rather than writing them to stderr itself.
+pub fn to_console(console: std::sync::Arc<crate::observe::logs::LogFile>) {
+    crate::locked(&LOG)
+        .get_or_insert_with(DaemonLog::default)
+        .console = Some(console);
 }
 
 /// Rotates the log at `path` from now on, when it is where stderr goes

@@ -26,7 +26,7 @@ const QUEUED_BYTES: usize = 1024 * 1024;
 /// Where a stream's lines go: a reload may change it while the process runs.
 #[derive(Clone)]
 pub struct Target {
-    pub file: Arc<LogFile>,
+    pub sinks: Sinks,
     /// The prefix, its `çN-` colours rendered (or left out with `strip_ansi`).
     pub prefix: String,
     /// `log_time_format`, its colours rendered likewise; `None` is RFC 3339.
@@ -47,8 +47,53 @@ pub struct LogFile {
     rotation: Arc<Rotation>,
 }
 
-/// A line on its way to the disk, with the room it takes in the queue.
-type Queued = (Vec<u8>, OwnedSemaphorePermit);
+/// What a file's writer is sent, in order.
+#[derive(Debug)]
+pub(crate) enum Queued {
+    /// A line on its way to the disk, with the room it takes in the queue.
+    Line(Vec<u8>, OwnedSemaphorePermit),
+    /// The file is renamed (its worker was): the lines before this went to
+    /// the old name, the lines after it go to the new one.
+    Move(PathBuf),
+}
+
+/// Where one stream of a worker's lines goes: its log file, and in `apm
+/// container` apm's own stdout or stderr (`console::Console`); each line
+/// is written whole to each.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sinks {
+    pub file: Option<Arc<LogFile>>,
+    pub console: Option<Arc<LogFile>>,
+}
+
+impl Sinks {
+    /// Appends a line apm writes itself, without waiting (`LogFile::append`).
+    pub fn append(&self, prefix: &str, time_format: Option<&str>, which: Stream, body: &[u8]) {
+        for (sink, line) in self.lines(prefix, time_format, which, body) {
+            sink.append(line);
+        }
+    }
+
+    /// `body` (one line with its newline) as each sink writes it, with how
+    /// a line starts there.
+    fn lines(
+        &self,
+        prefix: &str,
+        time_format: Option<&str>,
+        which: Stream,
+        body: &[u8],
+    ) -> Vec<(Arc<LogFile>, Vec<u8>)> {
+        let file = (self.file.iter()).map(|file| (file, line_start(prefix, time_format, which)));
+        let console = (self.console.iter())
+            .map(|console| (console, console_line_start(prefix, time_format, which)));
+        file.chain(console)
+            .map(|(sink, mut line)| {
+                line.extend_from_slice(body);
+                (sink.clone(), line)
+            })
+            .collect()
+    }
+}
 
 /// `log_max_size` and `log_max_files` of the workers writing a file; a
 /// hot update changes them while it is open.
@@ -68,12 +113,31 @@ impl PartialEq for LogFile {
 }
 
 impl LogFile {
+    /// A file with nothing to write its lines yet: they arrive on the
+    /// receiver, for a writer of the caller's.
+    pub(crate) fn unwritten(rotation: Rotation) -> (LogFile, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let file = LogFile {
+            tx,
+            room: Arc::new(Semaphore::new(QUEUED_BYTES)),
+            rotation: Arc::new(rotation),
+        };
+        (file, rx)
+    }
+
+    /// Waits until every line queued so far is written, or `bound` passed
+    /// (a reader that takes nothing must not hold an exit forever).
+    pub async fn flushed(&self, bound: std::time::Duration) {
+        let whole = self.room.acquire_many(QUEUED_BYTES as u32);
+        let _ = tokio::time::timeout(bound, whole).await;
+    }
+
     /// Appends a line the daemon writes itself, unless the writer is that
     /// far behind (a stalled disk): then the line is dropped, so the caller
     /// (a request being answered) never waits for the disk.
     pub fn append(&self, line: Vec<u8>) {
         if let Ok(room) = self.room.clone().try_acquire_many_owned(cost(&line)) {
-            let _ = self.tx.try_send((line, room));
+            let _ = self.tx.try_send(Queued::Line(line, room));
         }
     }
 
@@ -83,7 +147,7 @@ impl LogFile {
         let Ok(room) = self.room.clone().acquire_many_owned(cost(&line)).await else {
             return false;
         };
-        self.tx.send((line, room)).await.is_ok()
+        self.tx.send(Queued::Line(line, room)).await.is_ok()
     }
 }
 
@@ -130,20 +194,34 @@ impl LogFiles {
             return file;
         }
         self.open.retain(|_, file| file.strong_count() > 0);
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let rotation = Arc::new(rotation);
-        tokio::spawn(write_lines(path.to_path_buf(), rx, rotation.clone()));
-        let file = Arc::new(LogFile {
-            tx,
-            room: Arc::new(Semaphore::new(QUEUED_BYTES)),
-            rotation,
-        });
+        let (file, rx) = LogFile::unwritten(rotation);
+        tokio::spawn(write_lines(path.to_path_buf(), rx, file.rotation.clone()));
+        let file = Arc::new(file);
         self.open.insert(path.to_path_buf(), Arc::downgrade(&file));
         file
     }
+
+    /// Moves the log at `from` to `to`, in line with its queue: the lines
+    /// queued before go to `from`, the ones after to `to`, and its files
+    /// (rotated ones too) are renamed there unless `to` exists already, in
+    /// which case they stay and later lines are appended to `to`. False
+    /// when it cannot be moved (another file is open at `to`, or the queue
+    /// is full): `from` is then left to its writer.
+    pub fn rename(&mut self, from: &Path, to: &Path, rotation: Rotation) -> bool {
+        if self.open.get(to).is_some_and(|f| f.strong_count() > 0) {
+            return false;
+        }
+        let file = self.open(from, rotation);
+        if file.tx.try_send(Queued::Move(to.to_path_buf())).is_err() {
+            return false;
+        }
+        self.open.remove(from);
+        self.open.insert(to.to_path_buf(), Arc::downgrade(&file));
+        true
+    }
 }
 
-async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Queued>, rotation: Arc<Rotation>) {
+async fn write_lines(mut path: PathBuf, mut rx: mpsc::Receiver<Queued>, rotation: Arc<Rotation>) {
     if let Some(dir) = path.parent() {
         let _ = tokio::fs::create_dir_all(dir).await;
     }
@@ -157,7 +235,27 @@ async fn write_lines(path: PathBuf, mut rx: mpsc::Receiver<Queued>, rotation: Ar
         let mut batch = Vec::new();
         // Their room in the queue is given back once they are written.
         let mut written = Vec::with_capacity(lines.len());
-        for (line, room) in lines.drain(..) {
+        for queued in lines.drain(..) {
+            let (line, room) = match queued {
+                Queued::Line(line, room) => (line, room),
+                Queued::Move(to) => {
+                    if let Some((f, size)) = file.as_mut()
+                        && noted(f.write_all(&batch).await, &mut failure).is_some()
+                    {
+                        *size += batch.len() as u64;
+                    }
+                    batch.clear();
+                    let from = std::mem::replace(&mut path, to.clone());
+                    let moved = tokio::task::spawn_blocking(move || move_log(&from, &to, keep))
+                        .await
+                        .unwrap_or(false);
+                    // Not moved: the next line opens the file at the new name.
+                    if !moved {
+                        file = None;
+                    }
+                    continue;
+                }
+            };
             written.push(room);
             if file.is_none() {
                 file = noted(open_for_append(&path).await, &mut failure);
@@ -225,18 +323,36 @@ pub(crate) fn starts_new_file(size: u64, line: u64, max_size: u64) -> bool {
     max_size > 0 && size > 0 && size + line > max_size
 }
 
+/// The rotated file `NAME.n` of the log `NAME`.
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
 /// `NAME` becomes `NAME.1`, `NAME.1` becomes `NAME.2` and so on; the one
 /// beyond `keep` is overwritten.
 pub(crate) fn rotate(path: &Path, keep: u32) {
-    let numbered = |n: u32| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
-    };
     for n in (1..keep).rev() {
-        let _ = std::fs::rename(numbered(n), numbered(n + 1));
+        let _ = std::fs::rename(numbered(path, n), numbered(path, n + 1));
     }
-    let _ = std::fs::rename(path, numbered(1));
+    let _ = std::fs::rename(path, numbered(path, 1));
+}
+
+/// Renames the log `from` and its rotated files to `to`, never over a file
+/// (a link then an unlink: `rename` would replace one); whether `from`
+/// itself moved. An open descriptor of it keeps writing to the moved file.
+fn move_log(from: &Path, to: &Path, keep: u32) -> bool {
+    let moved = |from: &Path, to: &Path| {
+        std::fs::hard_link(from, to).is_ok() && std::fs::remove_file(from).is_ok()
+    };
+    if !moved(from, to) {
+        return false;
+    }
+    for n in 1..=keep {
+        moved(&numbered(from, n), &numbered(to, n));
+    }
+    true
 }
 
 /// Copies one stream of a child to its log, line by line, until it closes.
@@ -266,25 +382,27 @@ pub async fn pump(
             head.extend_from_slice(&line[..room.min(line.len())]);
         }
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        let (log, mut entry, strip) = {
+        let lines = {
             let target = target.borrow();
             if let Some(syslog) = &target.syslog {
                 syslog.send(which, pid, text);
             }
-            (
-                target.file.clone(),
-                line_start(&target.prefix, target.time_format.as_deref(), which),
-                target.strip_ansi,
-            )
+            let mut body = Vec::with_capacity(text.len() + 1);
+            if target.strip_ansi {
+                strip_ansi(text, &mut body);
+            } else {
+                body.extend_from_slice(text);
+            }
+            body.push(b'\n');
+            let time_format = target.time_format.as_deref();
+            target
+                .sinks
+                .lines(&target.prefix, time_format, which, &body)
         };
-        if strip {
-            strip_ansi(text, &mut entry);
-        } else {
-            entry.extend_from_slice(text);
-        }
-        entry.push(b'\n');
-        if !log.send(entry).await {
-            return;
+        for (sink, line) in lines {
+            if !sink.send(line).await {
+                return;
+            }
         }
     }
 }
@@ -297,6 +415,17 @@ pub fn line_start(prefix: &str, time_format: Option<&str>, which: Stream) -> Vec
         crate::observe::logstyle::strftime(format, std::time::SystemTime::now())
     });
     format!("{stamp} {prefix} {} ", which.marker()).into_bytes()
+}
+
+/// How a line starts on apm's own stdout or stderr (`apm container`):
+/// `PREFIX MARKER `, since container platforms stamp each line they
+/// collect; stamped as in a log file only when the worker sets
+/// `log_time_format`.
+fn console_line_start(prefix: &str, time_format: Option<&str>, which: Stream) -> Vec<u8> {
+    match time_format {
+        Some(_) => line_start(prefix, time_format, which),
+        None => format!("{prefix} {} ", which.marker()).into_bytes(),
+    }
 }
 
 /// The stream marker of a line `line_start` began: the first ` | ` or
@@ -314,7 +443,44 @@ pub fn marker_of(line: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::marker_of;
+    use super::{marker_of, move_log, numbered};
+
+    #[test]
+    fn a_log_moves_with_its_rotated_files_but_never_over_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            dir.path().join("old.out.log"),
+            dir.path().join("new.out.log"),
+        );
+        for (path, text) in [
+            (&old, "now"),
+            (&numbered(&old, 1), "one"),
+            (&numbered(&old, 3), "three"),
+        ] {
+            std::fs::write(path, text).unwrap();
+        }
+        assert!(move_log(&old, &new, 5));
+        let read = |path| std::fs::read_to_string(path).ok();
+        assert_eq!(read(new.clone()).as_deref(), Some("now"));
+        assert_eq!(read(numbered(&new, 1)).as_deref(), Some("one"));
+        assert_eq!(read(numbered(&new, 3)).as_deref(), Some("three"));
+        assert!(
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .all(|e| { !e.unwrap().file_name().to_string_lossy().starts_with("old") })
+        );
+        // Back onto a name that has a file: nothing moves, nothing is lost.
+        std::fs::write(&old, "other").unwrap();
+        assert!(!move_log(&new, &old, 5));
+        assert_eq!(read(old.clone()).as_deref(), Some("other"));
+        assert_eq!(read(new.clone()).as_deref(), Some("now"));
+        // Nothing to move.
+        assert!(!move_log(
+            &dir.path().join("none.log"),
+            &dir.path().join("x.log"),
+            5
+        ));
+    }
 
     #[test]
     fn the_marker_is_found_after_a_timestamp_or_prefix_with_spaces() {

@@ -1,6 +1,7 @@
 //! Observation: what workers print (log files, syslog) and what is measured of
 //! them (StatsD, each listener's traffic), and the daemon's own log.
 
+pub mod console;
 pub mod daemon_log;
 pub mod logs;
 pub mod logstyle;

@@ -9,3 +9,4 @@ pub mod lifecycle;
 pub mod procfs;
 pub mod state;
 pub mod supervisor;
+pub(crate) mod usage;

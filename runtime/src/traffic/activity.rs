@@ -1,16 +1,21 @@
 //! What `keep_alive` watches of a client's connection (an answer in
-//! progress, when the last one ended, a request body waited for) and the
-//! request body type that reports to it. Its own module, beside the HTTP
-//! plumbing, so that the backends (`session`, `upstream`) take the client's
-//! body without using `proxy`.
+//! progress, when the last one ended, a request body waited for, whether
+//! hyper waits for the client with nothing left to write), the request
+//! body type and the connection type that report to it. Its own module,
+//! beside the HTTP plumbing, so that the backends (`session`, `upstream`)
+//! take the client's body without using `proxy`.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::traffic::held::Held;
+use crate::traffic::http::Io;
 
 /// What `keep_alive` looks at: whether a request is being answered, and
 /// since when none has been; and whether its body is being waited for.
@@ -24,7 +29,16 @@ pub(super) struct Activity {
     pub(super) body_wanted_since: AtomicU64,
     /// Reading the request body failed: it broke HTTP's framing (a chunk
     /// size that is no number) or the client left, its fault either way.
-    pub(super) body_failed: std::sync::atomic::AtomicBool,
+    pub(super) body_failed: AtomicBool,
+    /// Request bodies not yet dropped: hyper may still read one.
+    bodies: AtomicUsize,
+    /// hyper's last read of the client found nothing to read.
+    read_blocked: AtomicBool,
+    /// hyper has written to the client since it last flushed all of it.
+    unflushed: AtomicBool,
+    /// The proxy is taking the connection back from hyper: hyper's
+    /// shutdown must not reach the client.
+    pub(super) parking: AtomicBool,
 }
 
 impl Activity {
@@ -34,8 +48,26 @@ impl Activity {
             answering: AtomicUsize::new(0),
             answered_at: AtomicU64::new(0),
             body_wanted_since: AtomicU64::new(0),
-            body_failed: std::sync::atomic::AtomicBool::new(false),
+            body_failed: AtomicBool::new(false),
+            bodies: AtomicUsize::new(0),
+            read_blocked: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         }
+    }
+
+    /// Whether hyper, serving the connection since `served_from` (µs after
+    /// `opened`), is between two requests: it answered one since then, is
+    /// answering none, reads no body, has written everything and waits
+    /// for the client. hyper is then idle, and its graceful shutdown
+    /// closes nothing the client sees (with a request in progress, it
+    /// would end the connection after it).
+    pub(super) fn between_requests(&self, served_from: u64) -> bool {
+        self.answered_at.load(Ordering::Acquire) > served_from
+            && self.answering.load(Ordering::Acquire) == 0
+            && self.bodies.load(Ordering::Acquire) == 0
+            && self.read_blocked.load(Ordering::Acquire)
+            && !self.unflushed.load(Ordering::Acquire)
     }
 
     pub(super) fn now(&self) -> u64 {
@@ -85,6 +117,7 @@ pub(crate) struct ClientBody {
 
 impl ClientBody {
     pub(super) fn new(body: Incoming, activity: &Arc<Activity>, held: &Arc<Held>) -> ClientBody {
+        activity.bodies.fetch_add(1, Ordering::AcqRel);
         ClientBody {
             body,
             activity: activity.clone(),
@@ -133,5 +166,115 @@ impl hyper::body::Body for ClientBody {
 impl Drop for ClientBody {
     fn drop(&mut self) {
         self.activity.body_wanted(false);
+        self.activity.bodies.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client's connection as hyper reads and writes it: first what was
+/// read while no hyper connection served it, then the client itself. It
+/// tells the connection's `Activity` whether hyper waits for the client
+/// with everything written, and keeps hyper's shutdown from the client
+/// while the proxy parks the connection.
+pub(super) struct ClientIo {
+    io: Box<dyn Io>,
+    /// Read, not yet given to hyper.
+    ahead: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl ClientIo {
+    pub(super) fn new(io: Box<dyn Io>, activity: Arc<Activity>) -> ClientIo {
+        ClientIo {
+            io,
+            ahead: Bytes::new(),
+            activity,
+        }
+    }
+
+    /// Gives hyper `read` first: what a parked hyper connection had read
+    /// and not parsed (part of the next request). Copied, so that it does
+    /// not keep hyper's whole read buffer.
+    pub(super) fn read_ahead(&mut self, read: &[u8]) {
+        self.ahead = Bytes::copy_from_slice(read);
+    }
+
+    /// Waits, with no buffer, until the client sends something (true) or
+    /// closes (false). What it sent first is kept for hyper.
+    pub(super) async fn wait_for_client(&mut self) -> bool {
+        if !self.ahead.is_empty() {
+            return true;
+        }
+        let mut first = [0u8];
+        match self.io.read(&mut first).await {
+            Ok(1) => {
+                self.ahead = Bytes::copy_from_slice(&first);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(&this.ahead[..n]);
+            this.ahead.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.activity
+            .read_blocked
+            .store(polled.is_pending(), Ordering::Release);
+        polled
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.unflushed.store(true, Ordering::Release);
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.unflushed.store(true, Ordering::Release);
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            this.activity.unflushed.store(false, Ordering::Release);
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.activity.parking.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }

@@ -288,8 +288,14 @@ enum Inbound {
     Handed,
 }
 
+/// A frame for a session, and whether the link already holds the
+/// session's next frame: sessions run on other threads than their link's,
+/// and a response whose frames arrived in one read still goes out whole
+/// (`ClientSide::deliver`'s `more`).
+type Routed = (Inbound, bool);
+
 struct Entry {
-    tx: mpsc::UnboundedSender<Inbound>,
+    tx: mpsc::UnboundedSender<Routed>,
     /// Bytes the child may still send on this session.
     allowance: u32,
     /// The daemon sent `migrate`, so the child may answer `handed`.
@@ -422,6 +428,8 @@ impl Link {
         ipc: IpcSettings,
         changed: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Arc<Link>> {
+        // Served where its sessions are, off the supervisor's thread.
+        let _on_a_proxy_thread = crate::traffic::threads::enter();
         channel.set_nonblocking(true)?;
         let (reader, writer) = tokio::net::UnixStream::from_std(channel)?.into_split();
         let (out, queue) = mpsc::unbounded_channel();
@@ -532,7 +540,13 @@ impl Link {
             }
             Ok(true)
         };
+        // A session's frame is sent on once the next frame is known, so it
+        // can say whether that one is the same session's.
+        let mut held: Option<Held> = None;
         loop {
+            if !holds_a_frame(&buffer) {
+                send_held(&mut held, None);
+            }
             if !fill(&mut buffer, 4).await? {
                 return Ok(());
             }
@@ -548,6 +562,8 @@ impl Link {
             let body = body.split_off(4);
             let session = u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"));
             let payload = body.slice(HEADER..);
+            let for_a_session = !crate::ipc::kind::is_ipc(body[0]) && session != 0;
+            send_held(&mut held, for_a_session.then_some(session));
             // IPC (feature "ipc"): begin
             if crate::ipc::kind::is_ipc(body[0]) {
                 self.ipc_frame(body[0], session, &payload)?;
@@ -640,7 +656,7 @@ impl Link {
                 return Err(format!("session {session}: `handed` without `migrate`"));
             }
             let closing = matches!(inbound, Inbound::Close { .. } | Inbound::Handed);
-            let _ = entry.tx.send(inbound);
+            held = Some((session, entry.tx.clone(), inbound));
             if closing {
                 sessions.remove(&session);
             }
@@ -679,6 +695,25 @@ impl Link {
             open: true,
         })
     }
+}
+
+/// A session's frame the link read, not yet sent on: the session, where
+/// to, the frame.
+type Held = (u32, mpsc::UnboundedSender<Routed>, Inbound);
+
+/// Sends the held frame on, saying whether the `next` frame read is for the
+/// same session.
+fn send_held(held: &mut Option<Held>, next: Option<u32>) {
+    if let Some((id, tx, inbound)) = held.take() {
+        let _ = tx.send((inbound, next == Some(id)));
+    }
+}
+
+/// Whether `buffer` starts with a whole frame, so that reading it needs no
+/// wait on the channel.
+fn holds_a_frame(buffer: &[u8]) -> bool {
+    buffer.len() >= 4
+        && buffer.len() - 4 >= u32::from_be_bytes(buffer[..4].try_into().expect("4 bytes")) as usize
 }
 
 /// How long a process may run without its connector saying `ready` before
@@ -721,7 +756,7 @@ async fn write_frames(
 struct Session {
     id: u32,
     link: Arc<Link>,
-    rx: mpsc::UnboundedReceiver<Inbound>,
+    rx: mpsc::UnboundedReceiver<Routed>,
     /// Bytes the daemon may still send to the child on this session.
     credit: u32,
     open: bool,
@@ -961,18 +996,18 @@ pub(crate) async fn pump(
         let may_leave = leaving.is_none() && handoff.is_some() && link.migrates();
         let moving = tokio::select! {
             inbound = session.rx.recv() => {
-                let inbound = match inbound {
-                    Some(inbound) => inbound,
+                let (inbound, follows) = match inbound {
+                    Some(routed) => routed,
                     // A child that dies while letting go: the session moves
                     // with what it last saved.
-                    None if leaving.is_some() => Inbound::Handed,
+                    None if leaving.is_some() => (Inbound::Handed, false),
                     None => {
                         session.open = false;
                         let _ = client.deliver(ToClient::Gone, false).await;
                         return;
                     }
                 };
-                let more = !session.rx.is_empty();
+                let more = follows || !session.rx.is_empty();
                 let delivery = match inbound {
                     Inbound::Credit(bytes) => {
                         session.credit = session.credit.saturating_add(bytes);
@@ -1342,6 +1377,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_frame_says_whether_its_sessions_next_frame_was_read_with_it() {
+        let (link, mut theirs, _changed, mut session) = session_on_a_ready_child().await;
+        let other = link.open(b"{}").unwrap();
+        let mut frames = frame(Kind::Head, session.id, br#"{"status":200}"#).to_vec();
+        frames.extend_from_slice(&frame(Kind::Data, session.id, b"body"));
+        frames.extend_from_slice(&frame(Kind::Data, other.id, b"another session's"));
+        frames.extend_from_slice(&frame(Kind::Close, session.id, b""));
+        theirs.write_all(&frames).await.unwrap();
+        let mut follows = Vec::new();
+        for _ in 0..3 {
+            follows.push(session.rx.recv().await.unwrap().1);
+        }
+        // The close came after another session's frame, and is the last.
+        assert_eq!(follows, [true, false, false]);
+    }
+
+    #[tokio::test]
     async fn a_child_that_hands_back_a_session_it_was_not_asked_for_is_cut_off() {
         let (link, mut theirs, mut changed, mut session) = session_on_a_ready_child().await;
         theirs
@@ -1362,7 +1414,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            matches!(session.rx.recv().await, Some(Inbound::Save(data)) if data.len() == SESSION_DATA_MAX)
+            matches!(session.rx.recv().await, Some((Inbound::Save(data), _)) if data.len() == SESSION_DATA_MAX)
         );
         for bad in [
             format!("\"{}\"", "x".repeat(SESSION_DATA_MAX)),
@@ -1468,7 +1520,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             session.rx.recv().await,
-            Some(Inbound::Message { .. })
+            Some((Inbound::Message { .. }, _))
         ));
         theirs
             .write_all(&frame(Kind::Data, session.id, b"x"))

@@ -58,6 +58,11 @@ impl Held {
         HELD.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Whether everything read so far has been passed on.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) == 0
+    }
+
     /// From now on the connection is spliced: nothing it reads is held.
     pub(crate) fn stop_counting(&self) {
         self.counting.store(false, Ordering::Relaxed);

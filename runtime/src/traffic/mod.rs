@@ -8,6 +8,7 @@ pub(crate) mod http;
 pub mod inflight;
 pub mod proxy;
 pub(crate) mod session;
+pub mod threads;
 pub mod tls;
 pub(crate) mod upstream;
 pub mod vanguard;

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::observe::traffic_stats::{self, ListenerStats};
-use crate::traffic::activity::{Activity, ClientBody};
+use crate::traffic::activity::{Activity, ClientBody, ClientIo};
 use crate::traffic::connector::{Handoff, Head, Link, Successors};
 use crate::traffic::held::{Held, Metered};
 use crate::traffic::http::{Body, BoxError, Io, lists_token, text};
@@ -82,7 +82,7 @@ impl PartialEq for Backend {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tracing {
     pub header: HeaderName,
-    pub log: Arc<crate::observe::logs::LogFile>,
+    pub log: crate::observe::logs::Sinks,
     /// The worker's `log_time_format`, so its trace lines read like its own.
     pub time_format: Option<Arc<str>>,
 }
@@ -192,7 +192,10 @@ impl Drop for Listener {
 }
 
 /// Binds a `server` address and serves it until the `Listener` is dropped.
+/// The socket and its accept loop go to a proxy thread (`threads`), and
+/// each connection to the least loaded one.
 pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<Listener, String> {
+    let _on_a_proxy_thread = crate::traffic::threads::enter();
     let cannot = |e: std::io::Error| format!("cannot listen on {server}: {e}");
     let (listener, path) = match &server.addr {
         ListenAddr::Tcp { host, port } => {
@@ -242,7 +245,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             let (successors, stats) = (routes.clone(), stats.clone());
-            tokio::spawn(async move {
+            crate::traffic::threads::hand_over(accepted, move |accepted| async move {
                 let options = routes.borrow().options.clone();
                 // A raw connection is judged by Vanguard before anything else;
                 // a refused TCP client gets a reset, not a word. Through a
@@ -395,7 +398,9 @@ async fn handshake(
     stream: Box<dyn Io>,
     keep_alive: std::time::Duration,
 ) -> Option<tokio_rustls::server::TlsStream<Box<dyn Io>>> {
-    let accepting = tls.0.accept(stream);
+    // Boxed: inline, rustls' handshake state (kilobytes) would make every
+    // connection's task as large, for as long as it lives.
+    let accepting = Box::pin(tls.0.accept(stream));
     let accepted = if keep_alive.is_zero() {
         accepting.await
     } else {
@@ -455,6 +460,30 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
+/// An accepted connection on its way to another proxy thread.
+enum Moving {
+    Tcp(std::net::TcpStream, IpAddr),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl crate::traffic::threads::Movable for Accepted {
+    type Moving = Moving;
+
+    fn unregister(self) -> std::io::Result<Moving> {
+        Ok(match self {
+            Accepted::Tcp(stream, ip) => Moving::Tcp(stream.into_std()?, ip),
+            Accepted::Unix(stream) => Moving::Unix(stream.into_std()?),
+        })
+    }
+
+    fn register(moving: Moving) -> std::io::Result<Accepted> {
+        Ok(match moving {
+            Moving::Tcp(stream, ip) => Accepted::Tcp(TcpStream::from_std(stream)?, ip),
+            Moving::Unix(stream) => Accepted::Unix(tokio::net::UnixStream::from_std(stream)?),
+        })
+    }
+}
+
 fn admit_connection(options: &Options, client: Option<IpAddr>) -> Result<Permit, Refusal> {
     match (&options.vanguard, client) {
         (Some(guard), Some(ip)) => guard.0.admit_connection(ip),
@@ -475,15 +504,23 @@ async fn splice(
 ) {
     let Some(backend) = backend else { return };
     let in_flight = backend.enter();
+    // Both ways boxed: inline, a connection's or a session's future would
+    // make the task of every client connection as large, HTTP ones included.
     match backend {
         Backend::Port(backend, _) => {
-            if let Ok(mut upstream) = TcpStream::connect(backend).await {
-                let _ = upstream.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            }
+            Box::pin(async move {
+                if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                    let _ = upstream.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            })
+            .await;
         }
         Backend::Connector(link) => {
-            crate::traffic::session::tcp(client, link, head, in_flight, handoff).await;
+            Box::pin(crate::traffic::session::tcp(
+                client, link, head, in_flight, handoff,
+            ))
+            .await;
         }
     }
 }
@@ -529,11 +566,13 @@ impl Connection {
     /// no request answered in that time, whatever the client sent meanwhile
     /// (a client that never finishes a request's head included). Meanwhile,
     /// a connection to an instance that an idle client will not use again
-    /// is closed. One timer per connection that fires once a second (or
-    /// each `keep_alive`, if shorter): hyper's own head timeout armed one
-    /// per request, and woke the runtime's driver through a syscall for
-    /// some of them.
-    async fn idle_for(&self, keep_alive: std::time::Duration) {
+    /// is closed; with `served_from` (when hyper began serving the client),
+    /// the lull after a request is reported once it has lasted as long, so
+    /// that hyper's buffers can be let go. One timer per connection that
+    /// fires once a second (or each `keep_alive`, if shorter): hyper's own
+    /// head timeout armed one per request, and woke the runtime's driver
+    /// through a syscall for some of them.
+    async fn idle_for(&self, keep_alive: std::time::Duration, served_from: Option<u64>) -> Lapse {
         let closes = !keep_alive.is_zero();
         let tick = if closes {
             upstream::IDLE_LIMIT.min(keep_alive)
@@ -551,17 +590,47 @@ impl Connection {
                     .body_stalled_since()
                     .is_some_and(|since| since.elapsed() >= keep_alive)
             {
-                return;
+                return Lapse::Expired;
             }
             let Some(idle_since) = self.activity.idle_since() else {
                 continue;
             };
             if closes && idle_since.elapsed() >= keep_alive {
-                return;
+                return Lapse::Expired;
             }
             self.upstream.lock().expect("upstream").close_if_stale();
+            // A client that sent part of a request (a slow one) keeps
+            // hyper, which holds that part.
+            if idle_since.elapsed() >= upstream::IDLE_LIMIT
+                && self.held.is_empty()
+                && served_from.is_some_and(|from| self.activity.between_requests(from))
+            {
+                return Lapse::Lull;
+            }
         }
     }
+
+    /// Waits for the client's next request holding no buffer, until it
+    /// sends something (true), or closes or stays idle for `keep_alive`
+    /// (false).
+    async fn parked(&self, io: &mut ClientIo, keep_alive: std::time::Duration) -> bool {
+        let waiting = io.wait_for_client();
+        let idle_since = self.activity.idle_since();
+        match idle_since.filter(|_| !keep_alive.is_zero()) {
+            Some(since) => tokio::time::timeout_at((since + keep_alive).into(), waiting)
+                .await
+                .unwrap_or(false),
+            None => waiting.await,
+        }
+    }
+}
+
+/// Why `idle_for` returned.
+enum Lapse {
+    /// The connection has been idle for `keep_alive`: it closes.
+    Expired,
+    /// hyper is between two requests and has been for a while.
+    Lull,
 }
 
 /// A request being answered, until its response's body is through (or
@@ -623,20 +692,95 @@ impl hyper::body::Body for Answer {
     }
 }
 
+/// How a client connection's requests find their instance (and the
+/// options of the moment), given the one its last request went to.
+trait Pick:
+    Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + Unpin + 'static
+{
+}
+impl<F> Pick for F where
+    F: Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>)
+        + Clone
+        + Send
+        + Sync
+        + Unpin
+        + 'static
+{
+}
+
+/// Serves a client's requests. Between two requests, once the client has
+/// been idle for a while, the connection is taken back from hyper, which
+/// holds a read and a write buffer of 8 KiB each, and parked: it waits
+/// for the client's next bytes with none, and a new hyper connection
+/// serves what comes (pipelined bytes hyper had read go to it first).
 async fn serve_http(
     stream: Box<dyn Io>,
     connection: Connection,
     options: &Options,
-    pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + 'static,
+    pick: impl Pick,
 ) {
     let connection = Arc::new(connection);
-    let watched = connection.clone();
+    let activity = connection.activity.clone();
+    let mut io = ClientIo::new(stream, activity.clone());
+    // A new connection waits for its first request as an idle one does.
+    while connection.parked(&mut io, options.keep_alive).await {
+        let served_from = activity.now();
+        // Boxed: inline, hyper's connection would make the future of every
+        // parked client as large.
+        let mut serving = Box::new(
+            http1(options)
+                .serve_connection(TokioIo::new(io), service(connection.clone(), pick.clone()))
+                .with_upgrades(),
+        );
+        let mut lull = Some(served_from);
+        let served = loop {
+            tokio::select! {
+                served = &mut *serving => break served,
+                lapse = connection.idle_for(options.keep_alive, lull) => match lapse {
+                    Lapse::Expired => return,
+                    Lapse::Lull => {
+                        activity.parking.store(true, Ordering::Release);
+                        std::pin::Pin::new(&mut *serving).graceful_shutdown();
+                        lull = None;
+                    }
+                },
+            }
+        };
+        // Else hyper is done: the client closed, broke HTTP, asked to close,
+        // or was upgraded (a WebSocket lives on in its own task).
+        if !activity.parking.swap(false, Ordering::AcqRel) || served.is_err() {
+            return;
+        }
+        let Some(parts) = serving.into_parts() else {
+            return;
+        };
+        io = parts.io.into_inner();
+        io.read_ahead(&parts.read_buf);
+    }
+}
+
+/// The service of a client's connection: each request is `forward`ed.
+fn service(
+    connection: Arc<Connection>,
+    pick: impl Pick,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Answer>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<Answer>, std::convert::Infallible>> + Send,
+> + Send
++ Unpin
++ 'static {
     // The request's future is `forward`'s own: each async layer around it
     // would keep its own copy of the request, and hyper moves the whole
     // future as it takes it (measured: 2.7 KB copied twice per request).
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    hyper::service::service_fn(move |request: Request<Incoming>| {
         forward(request, connection.clone(), pick.clone())
-    });
+    })
+}
+
+/// hyper's HTTP/1 server, set up for the proxy.
+fn http1(options: &Options) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Head and body copied into one buffer and written with one write()
     // cost less than a writev() of the pieces: measured ~4 % of the
@@ -651,14 +795,7 @@ async fn serve_http(
     // A head larger than this is answered 431 as soon as it is: hyper's
     // default (~400 KB) let each unfinished head hold that much.
     builder.max_buf_size(MAX_HEAD);
-    let serving = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    // An upgraded connection (a WebSocket) lives on in its own task.
-    tokio::select! {
-        _ = serving => {}
-        () = watched.idle_for(options.keep_alive) => {}
-    }
+    builder
 }
 
 /// The most a client's request head (its line and headers) may take;
@@ -1021,7 +1158,7 @@ fn prepare(
 /// What the worker's log says about a traced request. The query string is
 /// left out: it often carries tokens.
 struct Trace {
-    log: Arc<crate::observe::logs::LogFile>,
+    log: crate::observe::logs::Sinks,
     time_format: Option<Arc<str>>,
     id: String,
     method: hyper::Method,
@@ -1033,29 +1170,42 @@ impl Trace {
     /// Appends a line in the format of the instances' lines, from `apm`
     /// (on stdout's stream, so `apm log` shows it with the app's).
     fn log(self, worker: &str, client: Option<IpAddr>, status: StatusCode) {
-        use std::io::Write;
         let client = client.map_or_else(|| "unix".to_owned(), |ip| ip.to_string());
-        let mut line = crate::observe::logs::line_start(
-            "apm",
-            self.time_format.as_deref(),
-            crate::observe::logstyle::Stream::Out,
-        );
-        let _ = writeln!(
-            line,
-            "{worker} {} {client} {} {} -> {} in {:.1} ms",
+        let line = format!(
+            "{worker} {} {client} {} {} -> {} in {:.1} ms\n",
             self.id,
             self.method,
             self.path,
             status.as_u16(),
             self.started.elapsed().as_secs_f64() * 1000.0
         );
-        self.log.append(line);
+        self.log.append(
+            "apm",
+            self.time_format.as_deref(),
+            crate::observe::logstyle::Stream::Out,
+            line.as_bytes(),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::names_a_host;
+    use super::*;
+
+    #[test]
+    fn a_client_connections_future_holds_no_hyper_connection() {
+        let (near, _far) = tokio::io::duplex(1);
+        let (_, routes) = watch::channel(Route::default());
+        let stats = traffic_stats::register("w".into(), "http://127.0.0.1:1".into());
+        let connection = Connection::new(None, None, stats, Held::new(), routes.clone());
+        let options = Options::default();
+        let pick = move |_: Option<SocketAddr>| (None, routes.borrow().options.clone());
+        let serving = serve_http(Box::new(near), connection, &options, pick);
+        // hyper's connection alone is larger: each parked client's task
+        // would hold it.
+        let size = std::mem::size_of_val(&serving);
+        assert!(size < 1024, "{size} bytes");
+    }
 
     #[test]
     fn a_host_header_names_a_host_and_maybe_a_port() {

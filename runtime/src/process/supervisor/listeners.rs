@@ -49,9 +49,7 @@ impl Supervisor {
                 .and_then(|h| hyper::header::HeaderName::from_bytes(h.value.as_bytes()).ok())
                 .map(|header| crate::traffic::proxy::Tracing {
                     header,
-                    log: self
-                        .logs
-                        .open(&log_paths(&self.home, spec).0, rotation(spec)),
+                    log: sinks(&mut self.logs, &self.home, self.console.as_deref(), spec).0,
                     time_format: log_time_format(spec).map(Arc::from),
                 });
             let route = crate::traffic::proxy::Route {

@@ -23,7 +23,7 @@ pub use orphans::{end_orphans, marked_groups};
 pub use spawning::log_paths;
 
 use listeners::{guard_for, tls_for};
-use spawning::{augur_view, health_settings, log_time_format, rotation, run_dir};
+use spawning::{augur_view, health_settings, log_time_format, rotation, run_dir, sinks};
 use watches::{statsd_for, syslog_for};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -39,11 +39,13 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::observe::logs::{self, LogFiles, Target};
+use crate::observe::console::Console;
+use crate::observe::logs::{self, LogFiles, Sinks, Target};
 use crate::observe::logstyle::Stream;
 use crate::process::lifecycle::{Effect, Event, ExitStatus, Lifecycle, Phase, Policy};
 use crate::process::procfs;
 use crate::process::state::{Environment, Origin, SavedProcess, SavedWorker, Saver, State};
+use crate::process::usage::{Sampler, Usage};
 use crate::sys;
 use crate::traffic::proxy::Backend;
 
@@ -62,6 +64,19 @@ pub struct Exit {
     #[serde(default)]
     pub over_memory_limit: bool,
 }
+
+/// A worker as `apm ls` shows it (the `table` call): its name, its status
+/// and, per instance, the pid, uptime in ms, restarts, CPU in % and memory
+/// in bytes, as arrays: a listing of 1,000 workers is a tenth of `list`'s.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Row {
+    pub name: String,
+    pub status: String,
+    pub instances: Vec<RowInstance>,
+}
+
+/// pid, uptime (ms), restarts, CPU (%), memory (bytes).
+pub type RowInstance = (Option<u32>, Option<u64>, u32, f64, u64);
 
 /// One instance's state, as `list` and `info` show it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,6 +115,17 @@ pub struct InstanceStatus {
     /// process (it did not read), and values it sent that were refused.
     #[serde(default)]
     pub ipc_dropped: u64,
+}
+
+/// A worker's status from its instances': theirs when they agree (stopped
+/// without any), else `partial`.
+fn overall<'a>(mut statuses: impl Iterator<Item = &'a str>) -> &'a str {
+    let first = statuses.next().unwrap_or("stopped");
+    if statuses.all(|status| status == first) {
+        first
+    } else {
+        "partial"
+    }
 }
 
 fn empty_object() -> serde_json::Value {
@@ -164,6 +190,10 @@ impl StartReport {
 
 pub type Reply<T> = oneshot::Sender<Result<T, String>>;
 
+/// The most messages the supervisor handles between two `settle`s, so that
+/// a burst cannot hold back the waiters and the state file for long.
+const BATCH: usize = 64;
+
 /// What registering a worker does about running it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Begin {
@@ -223,7 +253,7 @@ pub enum Command {
         old: String,
         new: String,
         origin: Origin,
-        reply: Reply<()>,
+        reply: Reply<Vec<String>>,
     },
     Signal {
         name: String,
@@ -231,12 +261,16 @@ pub enum Command {
         signal: Signal,
         reply: Reply<Vec<u32>>,
     },
-    /// Answered once every message before it is handled (`Handle::saved`).
+    /// Answered once every message before it is handled and its changes
+    /// are handed to the state thread (`Handle::saved`).
     Handed {
         reply: Reply<()>,
     },
     List {
         reply: Reply<Vec<WorkerStatus>>,
+    },
+    Table {
+        reply: Reply<Vec<Row>>,
     },
     Info {
         name: String,
@@ -302,22 +336,12 @@ impl Handle {
 
     /// Waits until the state file holds every change answered so far.
     pub async fn saved(&self) -> Result<(), String> {
-        // Messages are handled in order, each with its changes handed to
-        // the state thread before the next: once this one is answered,
-        // every change answered before it has been handed over.
+        // Messages are handled in order and `Handed` is answered only after
+        // the `settle` that follows it has handed the state over: once it
+        // is answered, every change answered before it has been handed over.
         self.call(|reply| Command::Handed { reply }).await?;
         self.saved.caught_up().await
     }
-}
-
-/// What a look at a process found: its CPU time then, and its CPU use
-/// since the look before and its memory.
-#[derive(Clone, Copy)]
-struct Usage {
-    cpu_ticks: u64,
-    at: Instant,
-    cpu_percent: f64,
-    rss_bytes: u64,
 }
 
 struct Instance {
@@ -349,13 +373,13 @@ struct Instance {
 /// An instance's loopback port with `upstream port`. It gets traffic once
 /// the process accepts connections on it.
 impl Instance {
-    /// The process's CPU use (since the previous look, or since its start on
-    /// the first) and memory. With `stats_interval`, /proc is read at most
-    /// once per interval and looks in between get the last figures: every
-    /// viewer (list, monitor, the GUI) sees the same CPU over the same
-    /// window, and many viewers cost one read.
+    /// The process's CPU use and memory, as the sampler last saw them (CPU
+    /// over its last round, or since the start for a process it did not
+    /// follow yet). With `stats_interval`, the figures change at most once
+    /// per interval and looks in between get the last ones.
     fn look(
         &mut self,
+        sampler: &Sampler,
         pid: u32,
         now: Instant,
         uptime: Option<Duration>,
@@ -366,27 +390,22 @@ impl Instance {
         {
             return Some(last);
         }
-        let stat = procfs::stat(pid)?;
-        let tick = procfs::tick().as_secs_f64();
-        let cpu_percent = match (self.usage, uptime) {
-            (Some(last), _) if now > last.at => {
-                stat.cpu_ticks.saturating_sub(last.cpu_ticks) as f64 * tick
-                    / (now - last.at).as_secs_f64()
-                    * 100.0
-            }
-            (None, Some(up)) if !up.is_zero() => {
-                stat.cpu_ticks as f64 * tick / up.as_secs_f64() * 100.0
-            }
-            _ => 0.0,
-        };
-        let usage = Usage {
-            cpu_ticks: stat.cpu_ticks,
-            at: now,
-            cpu_percent,
-            rss_bytes: stat.rss_bytes,
-        };
+        let usage = sampler.look(pid, self.start_ticks, self.usage, uptime)?;
         self.usage = Some(usage);
         Some(usage)
+    }
+
+    /// Its process's pid, uptime and figures, as a listing shows them.
+    fn figures(
+        &mut self,
+        sampler: &Sampler,
+        now: Instant,
+        interval: Option<Duration>,
+    ) -> (Option<u32>, Option<Duration>, Option<Usage>) {
+        let pid = self.life.phase.pid();
+        let uptime = self.started.filter(|_| pid.is_some()).map(|s| now - s);
+        let usage = pid.and_then(|pid| self.look(sampler, pid, now, uptime, interval));
+        (pid, uptime, usage)
     }
 
     /// How the proxy reaches this instance, while it may get traffic.
@@ -556,7 +575,11 @@ pub struct Supervisor {
     tx: mpsc::UnboundedSender<Msg>,
     home: PathBuf,
     logs: LogFiles,
+    /// `apm container`'s stdout and stderr, where workers' lines go.
+    console: Option<Arc<Console>>,
     saver: Saver,
+    /// CPU and memory of the running processes, read off the supervisor's thread.
+    sampler: Sampler,
     waiters: Vec<Waiter>,
     dirty: bool,
     /// The proxy's listeners by address, each with the worker it serves.
@@ -575,6 +598,8 @@ pub struct Supervisor {
     /// through a restore, and a daemon killed then, would forget the
     /// workers not registered yet.
     restoring: bool,
+    /// `Handed` commands, answered once `settle` has handed the state over.
+    handed: Vec<Reply<()>>,
 }
 
 /// A worker's file watch and what it was made from.
@@ -592,8 +617,14 @@ impl Supervisor {
     /// `base_env` (workers of `apm run`, their caller's environment in its
     /// place) and then `marker`, last, so that nothing in a worker's
     /// config hides it: a later daemon finds the processes by it, whenever
-    /// this one stopped (`marked_groups`).
-    pub fn spawn(home: &Path, base_env: Vec<(String, String)>, marker: (String, String)) -> Handle {
+    /// this one stopped (`marked_groups`). With a `console`, workers'
+    /// lines go there, and to log files only when their config names them.
+    pub fn spawn(
+        home: &Path,
+        base_env: Vec<(String, String)>,
+        marker: (String, String),
+        console: Option<Arc<Console>>,
+    ) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
         let saver = Saver::spawn(home.join("state.json"));
         let saved = saver.progress();
@@ -604,7 +635,9 @@ impl Supervisor {
             tx: tx.clone(),
             home: home.to_path_buf(),
             logs: LogFiles::default(),
+            console,
             saver,
+            sampler: Sampler::spawn(),
             waiters: Vec::new(),
             dirty: false,
             listeners: HashMap::new(),
@@ -614,6 +647,7 @@ impl Supervisor {
             base_env: Arc::new(base_env),
             marker,
             restoring: true,
+            handed: Vec::new(),
         };
         tokio::spawn(supervisor.run(rx));
         Handle { tx, saved }
@@ -621,18 +655,31 @@ impl Supervisor {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         while let Some(msg) = rx.recv().await {
-            match msg {
-                Msg::Command(command) => self.command(command),
-                Msg::Event { id, event } => self.event(id, event),
-                Msg::Recheck => {}
-                Msg::Changed { name, file } => self.changed(&name, &file),
-                Msg::Health { id, pid, verdict } => self.health(id, pid, verdict),
+            self.handle(msg);
+            // The messages already queued are handled before `settle`, whose
+            // passes go over every worker: a burst (a load's registrations
+            // and starts, the exits of many processes) costs one pass, not
+            // one per message.
+            for _ in 1..BATCH {
+                let Ok(msg) = rx.try_recv() else { break };
+                self.handle(msg);
             }
             self.settle();
         }
     }
 
-    /// After every message: dependency waits, shrinking workers, waiters, state file.
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Command(command) => self.command(command),
+            Msg::Event { id, event } => self.event(id, event),
+            Msg::Recheck => {}
+            Msg::Changed { name, file } => self.changed(&name, &file),
+            Msg::Health { id, pid, verdict } => self.health(id, pid, verdict),
+        }
+    }
+
+    /// After every batch of messages: dependency waits, shrinking workers,
+    /// waiters, state file.
     fn settle(&mut self) {
         self.start_ready_dependents();
         self.advance_rolling();
@@ -646,6 +693,9 @@ impl Supervisor {
         self.publish_stats();
         if !self.restoring && std::mem::take(&mut self.dirty) {
             self.saver.save(self.snapshot());
+        }
+        for reply in self.handed.drain(..) {
+            let _ = reply.send(Ok(()));
         }
     }
 
@@ -749,9 +799,7 @@ impl Supervisor {
             } => {
                 let _ = reply.send(self.signal(&name, index, signal));
             }
-            Command::Handed { reply } => {
-                let _ = reply.send(Ok(()));
-            }
+            Command::Handed { reply } => self.handed.push(reply),
             Command::Restored { reply } => {
                 self.restoring = false;
                 let _ = reply.send(Ok(()));
@@ -759,6 +807,9 @@ impl Supervisor {
             Command::List { reply } => {
                 let names: Vec<String> = self.workers.keys().cloned().collect();
                 let _ = reply.send(Ok(names.iter().map(|n| self.status(n)).collect()));
+            }
+            Command::Table { reply } => {
+                let _ = reply.send(Ok(self.rows()));
             }
             Command::Info { name, reply } => {
                 let result = self.exists(&name).map(|_| {
@@ -1118,7 +1169,8 @@ impl Supervisor {
         }
     }
 
-    fn rename(&mut self, old: &str, new: &str, origin: Origin) -> Result<(), String> {
+    /// Renames a worker; the answer holds notes about its logs.
+    fn rename(&mut self, old: &str, new: &str, origin: Origin) -> Result<Vec<String>, String> {
         self.exists(old)?;
         if self.workers.contains_key(new) {
             return Err(format!("a worker named `{new}` already exists"));
@@ -1126,6 +1178,7 @@ impl Supervisor {
         let mut worker = self.workers.remove(old).expect("checked");
         let mut spec = worker.spec.as_ref().clone();
         spec.name.value = new.to_owned();
+        let notes = self.move_logs(&worker.spec, &spec);
         worker.file_block = file_block(&spec, &origin);
         // Its syslog messages and metrics carry its name (its syslog
         // messages unless `syslog_tag` names them).
@@ -1139,10 +1192,54 @@ impl Supervisor {
         }
         self.workers.insert(new.to_owned(), worker);
         // Its running processes write under the new name from now on, as
-        // `apm log new` expects; what they wrote before stays in the old files.
+        // `apm log new` expects.
         self.retarget(new);
         self.dirty = true;
-        Ok(())
+        Ok(notes)
+    }
+
+    /// Moves a renamed worker's log files to its new name's (decision 108),
+    /// unless a path is set in its config or another worker writes there
+    /// too; notes for the user about what did not move. The worker is out
+    /// of `self.workers` while this runs.
+    fn move_logs(&mut self, before: &WorkerSpec, after: &WorkerSpec) -> Vec<String> {
+        let (old_out, old_err) = log_paths(&self.home, before);
+        let (new_out, new_err) = log_paths(&self.home, after);
+        let mut streams = vec![(old_out, new_out, "log")];
+        if old_err != streams[0].0 {
+            streams.push((old_err, new_err, "err_log"));
+        }
+        let mut notes = Vec::new();
+        for (from, to, key) in streams {
+            if from == to {
+                notes.push(format!(
+                    "its output still goes to {}, which `{key}` names",
+                    from.display()
+                ));
+                continue;
+            }
+            let shared = self.workers.values().any(|w| {
+                let (out, err) = log_paths(&self.home, &w.spec);
+                [&from, &to].iter().any(|p| **p == out || **p == err)
+            });
+            let kept = if shared {
+                Some("another worker logs there too".to_owned())
+            } else if to.exists() {
+                Some(format!("{} exists already", to.display()))
+            } else if !self.logs.rename(&from, &to, rotation(after)) {
+                Some("its writer is too far behind".to_owned())
+            } else {
+                None
+            };
+            if let Some(why) = kept {
+                notes.push(format!(
+                    "its earlier output stays in {} ({why}); from now on it goes to {}",
+                    from.display(),
+                    to.display()
+                ));
+            }
+        }
+        notes
     }
 
     fn signal(&self, name: &str, index: Option<usize>, signal: Signal) -> Result<Vec<u32>, String> {
@@ -1191,22 +1288,48 @@ impl Supervisor {
         }
     }
 
+    /// Every worker's row of `apm ls`, in name order as `list`.
+    fn rows(&mut self) -> Vec<Row> {
+        let now = Instant::now();
+        let sampler = &self.sampler;
+        self.workers
+            .iter_mut()
+            .map(|(name, worker)| {
+                let interval = worker.stats_interval();
+                let instances: Vec<RowInstance> = worker
+                    .instances
+                    .iter_mut()
+                    .map(|instance| {
+                        let (pid, uptime, usage) = instance.figures(sampler, now, interval);
+                        (
+                            pid,
+                            uptime.map(|u| u.as_millis() as u64),
+                            instance.life.attempts.saturating_sub(1),
+                            usage.map_or(0.0, Usage::cpu_shown),
+                            usage.map_or(0, |u| u.rss_bytes),
+                        )
+                    })
+                    .collect();
+                let status = overall(worker.instances.iter().map(|i| i.life.phase.name()));
+                Row {
+                    name: name.clone(),
+                    status: status.to_owned(),
+                    instances,
+                }
+            })
+            .collect()
+    }
+
     fn status(&mut self, name: &str) -> WorkerStatus {
         let (out_log, err_log) = log_paths(&self.home, &self.workers[name].spec);
         let worker = self.workers.get_mut(name).expect("caller checked");
         let now = Instant::now();
-        let interval = worker
-            .spec
-            .stats_interval
-            .as_ref()
-            .map(|i| i.value.as_duration());
+        let interval = worker.stats_interval();
         let instances: Vec<InstanceStatus> = worker
             .instances
             .iter_mut()
             .map(|instance| {
-                let pid = instance.life.phase.pid();
-                let uptime = instance.started.filter(|_| pid.is_some()).map(|s| now - s);
-                let usage = pid.and_then(|pid| instance.look(pid, now, uptime, interval));
+                let (pid, uptime, usage) = instance.figures(&self.sampler, now, interval);
                 let board = instance.link.as_ref().map(|l| l.board());
                 InstanceStatus {
                     index: instance.index,
@@ -1214,7 +1337,7 @@ impl Supervisor {
                     pid,
                     uptime_ms: uptime.map(|u| u.as_millis() as u64),
                     restarts: instance.life.attempts.saturating_sub(1),
-                    cpu_percent: usage.map_or(0.0, |u| (u.cpu_percent * 10.0).round() / 10.0),
+                    cpu_percent: usage.map_or(0.0, Usage::cpu_shown),
                     cpu_seconds: usage
                         .map_or(0.0, |u| u.cpu_ticks as f64 * procfs::tick().as_secs_f64()),
                     memory_bytes: usage.map_or(0, |u| u.rss_bytes),
@@ -1232,13 +1355,7 @@ impl Supervisor {
                 }
             })
             .collect();
-        let first = instances.first().map_or("stopped", |i| i.status.as_str());
-        let status = if instances.iter().all(|i| i.status == first) {
-            first
-        } else {
-            "partial"
-        }
-        .to_owned();
+        let status = overall(instances.iter().map(|i| i.status.as_str())).to_owned();
         WorkerStatus {
             name: name.to_owned(),
             status,
@@ -1254,6 +1371,16 @@ impl Supervisor {
 }
 
 /// Maps a reply channel of one type onto another.
+impl Worker {
+    /// How long its figures are kept (`stats_interval`), if set.
+    fn stats_interval(&self) -> Option<Duration> {
+        self.spec
+            .stats_interval
+            .as_ref()
+            .map(|i| i.value.as_duration())
+    }
+}
+
 fn remap<T: Send + 'static, U: Send + 'static>(reply: Reply<U>, f: fn(T) -> U) -> Reply<T> {
     let (tx, rx) = oneshot::channel::<Result<T, String>>();
     tokio::spawn(async move {
@@ -1280,4 +1407,16 @@ fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
 
 fn file_block(spec: &WorkerSpec, origin: &Origin) -> Option<String> {
     matches!(origin, Origin::File { .. }).then(|| apm_compiler::print::worker(spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overall;
+
+    #[test]
+    fn a_worker_has_its_instances_status_when_they_agree() {
+        assert_eq!(overall(["running", "running"].into_iter()), "running");
+        assert_eq!(overall(["running", "crashed"].into_iter()), "partial");
+        assert_eq!(overall(std::iter::empty()), "stopped", "no instances");
+    }
 }

@@ -8,17 +8,27 @@ use super::*;
 /// the leader is gone, while members started after it remain, since Linux
 /// does not reuse a pid as long as a group of that id exists.
 pub(super) fn live_groups(saved: &[SavedProcess]) -> Vec<&SavedProcess> {
-    let processes = procfs::processes();
+    // Indexed once, so a restore of thousands of groups is not a scan of
+    // every process per group.
+    let mut started: HashMap<u32, u64> = HashMap::new();
+    let mut newest_in_group: HashMap<u32, u64> = HashMap::new();
+    for (pid, stat) in procfs::processes() {
+        started.insert(pid, stat.start_ticks);
+        let newest = newest_in_group.entry(stat.pgrp).or_insert(stat.start_ticks);
+        *newest = (*newest).max(stat.start_ticks);
+    }
     saved
         .iter()
         .filter(|group| {
-            let leader = processes.iter().find(|(pid, _)| *pid == group.pid);
-            if leader.is_some_and(|(_, s)| s.start_ticks != group.start_ticks) {
+            if started
+                .get(&group.pid)
+                .is_some_and(|&start| start != group.start_ticks)
+            {
                 return false; // the pid is another process's now: the group is gone
             }
-            processes
-                .iter()
-                .any(|(_, s)| s.pgrp == group.pid && s.start_ticks >= group.start_ticks)
+            newest_in_group
+                .get(&group.pid)
+                .is_some_and(|&newest| newest >= group.start_ticks)
         })
         .collect()
 }

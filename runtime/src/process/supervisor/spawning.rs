@@ -184,7 +184,7 @@ impl Supervisor {
 
     /// Where an instance's stdout and stderr lines go under `spec`.
     pub(super) fn log_targets(&mut self, spec: &WorkerSpec, index: usize) -> (Target, Target) {
-        let (out_path, err_path) = log_paths(&self.home, spec);
+        let (out, err) = sinks(&mut self.logs, &self.home, self.console.as_deref(), spec);
         let colour = !spec.strip_ansi.value;
         let prefix = crate::observe::logstyle::colours(&log_prefix(spec, index), colour);
         let time_format = log_time_format(spec);
@@ -192,23 +192,14 @@ impl Supervisor {
             .workers
             .get(&spec.name.value)
             .and_then(|w| w.syslog.clone());
-        let out = Target {
-            file: self.logs.open(&out_path, rotation(spec)),
+        let target = |sinks| Target {
+            sinks,
             prefix: prefix.clone(),
             time_format: time_format.clone(),
             strip_ansi: spec.strip_ansi.value,
             syslog: syslog.clone(),
         };
-        (
-            out,
-            Target {
-                file: self.logs.open(&err_path, rotation(spec)),
-                prefix,
-                time_format,
-                strip_ansi: spec.strip_ansi.value,
-                syslog,
-            },
-        )
+        (target(out), target(err))
     }
 
     /// Points the running processes' output at the worker's current log
@@ -344,6 +335,35 @@ pub fn log_paths(home: &Path, spec: &WorkerSpec) -> (PathBuf, PathBuf) {
         (Some(err), _) => err.value.clone(),
         (None, Some(log)) => log.value.clone(),
         (None, None) => home.join("logs").join(format!("{name}.err.log")),
+    };
+    (out, err)
+}
+
+/// Where a worker's stdout and stderr lines go: its log files, or in a
+/// container apm's own stdout and stderr, and the log files only when the
+/// config names them (docs/cli.md, decision 120).
+pub(super) fn sinks(
+    logs: &mut LogFiles,
+    home: &Path,
+    console: Option<&Console>,
+    spec: &WorkerSpec,
+) -> (Sinks, Sinks) {
+    let (out_path, err_path) = log_paths(home, spec);
+    let (out_file, err_file) = match console {
+        None => (true, true),
+        Some(_) => (
+            spec.log.is_some(),
+            spec.log.is_some() || spec.err_log.is_some(),
+        ),
+    };
+    let mut file = |wanted: bool, path: &Path| wanted.then(|| logs.open(path, rotation(spec)));
+    let out = Sinks {
+        file: file(out_file, &out_path),
+        console: console.map(|c| c.out.clone()),
+    };
+    let err = Sinks {
+        file: file(err_file, &err_path),
+        console: console.map(|c| c.err.clone()),
     };
     (out, err)
 }

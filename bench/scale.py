@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Benchmark of apm's proxy on several threads (`daemon { proxy_threads N; }`,
+issue 22), with wrk on loopback (`wrk -t2 -c64 --latency`) against, in one
+run and in interleaved rounds:
+  - the tiny hyper backend behind apm with `proxy_threads 1`,
+  - the same behind apm with `proxy_threads 2` (a daemon of its own),
+  - the same behind nginx with `worker_processes 2`, forwarding what apm
+    forwards (the client's Host and X-Forwarded-For/-Proto/-Host).
+Prints the medians of req/s, p50, p99 and the CPU time the proxy and the
+backend spent per request, the ratios 2 threads / 1 thread (targets: CPU
+per request no more than 5 % above) and apm 2 threads / nginx 2 workers
+(target: req/s at least nginx's); then the p99 and the maximum of `apm ls`
+with the 2-thread daemon idle and with its proxy saturated by wrk (target:
+p99 <= 10 ms).
+Needs wrk and nginx (`apt-get install wrk nginx`; installed when run as root).
+
+Usage: cargo build --release --examples -p apm-runtime && cargo build --release && python3 bench/scale.py
+SHORT=1 runs 1 round of 3 s and 20 `apm ls` calls; ROUNDS and DURATION set
+the rounds and the seconds of each wrk run. APM_BIN measures another binary.
+"""
+
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+from common import apm_env, free_port, nginx_conf, tear_down, wait_port
+from proxy import apm_pids, children, ensure, wrk
+
+FORWARDED = ('proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";'
+             " proxy_set_header Host $http_host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"
+             " proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;")
+
+
+def start_daemon(apm, root, threads, backend_exe):
+    """A daemon of its own whose proxy has `threads` threads, with the
+    hello backend as its one worker; its environment, port and the pids
+    that serve it (daemon, instance)."""
+    env = apm_env(os.path.join(root, f"t{threads}"), f"scale-t{threads}")
+    port = free_port()
+    conf = os.path.join(root, f"t{threads}.conf")
+    with open(conf, "w") as f:
+        f.write(f"daemon {{ proxy_threads {threads}; }}\n"
+                f"worker {{ name hello; exec {backend_exe}; upstream port; server http://127.0.0.1:{port}; startup_grace 200; }}\n")
+    subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
+    wait_port(port)
+    daemon, instances = apm_pids(apm, env, "hello")
+    return env, port, [daemon, *instances]
+
+
+def ls_latencies(apm, env, calls):
+    """The wall time of each of `calls` runs of `apm ls`, in ms."""
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        subprocess.run([apm, "ls"], env=env, check=True, stdout=subprocess.DEVNULL)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def p99(values):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def main():
+    ensure("wrk", "wrk")
+    ensure("nginx", "nginx")
+    short = os.environ.get("SHORT") == "1"
+    rounds = int(os.environ.get("ROUNDS", "1" if short else "3"))
+    duration = int(os.environ.get("DURATION", "3" if short else "10"))
+    ls_calls = 20 if short else 200
+    hello = os.path.abspath("target/release/examples/hello")
+    apm = os.path.abspath(os.environ.get("APM_BIN", "target/release/apm"))
+    root = tempfile.mkdtemp(prefix="apm-bench-scale-")
+    procs, envs = [], []
+    try:
+        backend = free_port()
+        procs.append(subprocess.Popen([hello], env=dict(os.environ, PORT=str(backend))))
+        wait_port(backend)
+        nginx_port = free_port()
+        conf = nginx_conf(root, backend, [f"listen 127.0.0.1:{nginx_port}; location / {{ {FORWARDED} }}"], workers=2)
+        procs.append(subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"]))
+        wait_port(nginx_port)
+
+        targets = {}
+        for threads in (1, 2):
+            env, port, pids = start_daemon(apm, root, threads, hello)
+            envs.append(env)
+            targets[f"apm t{threads}"] = (port, pids)
+        # nginx's workers and the backend, as apm's daemon and its instance.
+        targets["nginx w2"] = (nginx_port, [*children(procs[1].pid), procs[0].pid])
+
+        runs = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, (port, pids) in targets.items():
+                runs[name].append(wrk(port, "http", pids, f"{duration}s"))
+        results = {name: [statistics.median(run[i] for run in measured) for i in range(4)] for name, measured in runs.items()}
+        print(f"medians of {rounds} interleaved runs of wrk -t2 -c64 -d{duration}s")
+        print("CPU: what the proxy and the backend spent per request, in µs")
+        print(f"{'setup':<9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>6}   req/s of each run")
+        for name, (rps, p50, p99_ms, cpu) in results.items():
+            print(f"{name:<9} {rps:>10.0f} {p50:>8.2f} {p99_ms:>8.2f} {cpu:>6.1f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
+        one, two, nginx = results["apm t1"], results["apm t2"], results["nginx w2"]
+        print(f"CPU per request, 2 threads / 1 thread: {two[3] / one[3]:.2f} (target <= 1.05)")
+        print(f"req/s, 2 threads / 1 thread: {two[0] / one[0]:.2f}")
+        print(f"req/s, apm 2 threads / nginx 2 workers: {two[0] / nginx[0]:.2f} (target >= 1.0)")
+
+        # The control socket with the proxy idle, then saturated.
+        env, (port, _) = envs[1], targets["apm t2"]
+        idle = ls_latencies(apm, env, ls_calls)
+        load = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{duration + 60}s", f"http://127.0.0.1:{port}/"], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(1)  # wrk's connections are open and busy
+            busy = ls_latencies(apm, env, ls_calls)
+        finally:
+            load.terminate()
+            load.wait()
+        print(f"apm ls ({ls_calls} calls), 2 proxy threads: idle p99 {p99(idle):.1f} ms, max {max(idle):.1f} ms; "
+              f"proxy saturated p99 {p99(busy):.1f} ms (target <= 10 ms), max {max(busy):.1f} ms")
+    finally:
+        for env in envs[1:]:
+            subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)
+        tear_down(apm, envs[0] if envs else apm_env(root, "scale-t1"), procs, root)
+
+
+if __name__ == "__main__":
+    main()

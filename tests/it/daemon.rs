@@ -2056,10 +2056,18 @@ fn a_request_meeting_a_connection_the_instance_just_closed_goes_out_on_a_new_one
     let pid = d.daemon_pid().unwrap();
     let daemon = Pid::from_raw(pid as i32);
     kill(daemon, Signal::SIGSTOP).unwrap();
-    wait_until(PATIENCE, "the daemon to stop", || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('T'))
+    // Every thread: the leader shows the group stop while a busy proxy
+    // thread may still run, and would send the request before the close.
+    wait_until(PATIENCE, "every thread of the daemon to stop", || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|mut tasks| {
+            tasks.all(|task| {
+                task.is_ok_and(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|s| {
+                        s.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('T'))
+                    })
+                })
+            })
         })
     });
     client

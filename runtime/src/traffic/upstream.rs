@@ -32,7 +32,7 @@ pub(crate) async fn to_port(
         )
     };
     let held = pinned.lock().expect("upstream").take(backend);
-    let mut reused = held.or_else(|| idle().take(backend));
+    let mut reused = held.or_else(|| IDLE.with(|idle| idle.take(backend)));
     if let Some(sender) = &mut reused
         && sender.ready().await.is_err()
     {
@@ -201,7 +201,7 @@ impl Pinned {
         match self.0.take() {
             Some((address, kept)) if address == backend => kept.usable().then_some(kept.sender),
             Some((address, kept)) => {
-                idle().park(address, kept);
+                IDLE.with(|idle| idle.park(address, kept));
                 None
             }
             None => None,
@@ -212,7 +212,9 @@ impl Pinned {
 impl Drop for Pinned {
     fn drop(&mut self) {
         if let Some((address, kept)) = self.0.take() {
-            idle().park(address, kept);
+            // While the thread's runtime shuts down, the pool may be gone:
+            // the connection then just closes.
+            let _ = IDLE.try_with(|idle| idle.park(address, kept));
         }
     }
 }
@@ -221,14 +223,17 @@ impl Drop for Pinned {
 /// nginx's upstream keepalive does. Requests of one client connection do
 /// not come here: they stay on the connection pinned to it.
 #[derive(Default)]
-struct Idle(std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<Kept>>>);
+struct Idle(std::cell::RefCell<std::collections::HashMap<SocketAddr, Vec<Kept>>>);
 
-/// Idle connections kept per instance; more are closed.
+/// Idle connections kept per instance and proxy thread; more are closed.
 const IDLE_PER_INSTANCE: usize = 64;
 
-fn idle() -> &'static Idle {
-    static IDLE: std::sync::OnceLock<Idle> = std::sync::OnceLock::new();
-    IDLE.get_or_init(Idle::default)
+thread_local! {
+    /// One pool per proxy thread: a connection's task runs on the thread
+    /// that opened it, so a client takes only connections of its own
+    /// thread, and no request or lock crosses threads (ARCHITECTURE.md,
+    /// "Traffic never runs on the supervisor's thread").
+    static IDLE: Idle = Idle::default();
 }
 
 impl Idle {
@@ -236,7 +241,7 @@ impl Idle {
         if !kept.usable() {
             return;
         }
-        let mut idle = self.0.lock().expect("idle");
+        let mut idle = self.0.borrow_mut();
         // Connections to instances that are gone close, others grow old;
         // forget them.
         idle.retain(|_, kept| {
@@ -250,7 +255,7 @@ impl Idle {
     }
 
     fn take(&self, backend: SocketAddr) -> Option<Sender> {
-        let mut idle = self.0.lock().expect("idle");
+        let mut idle = self.0.borrow_mut();
         let kept = idle.get_mut(&backend)?;
         std::iter::from_fn(|| kept.pop())
             .find(Kept::usable)

@@ -900,7 +900,7 @@ pub fn document() -> Value {
 fn markdown(document: &Value) -> String {
     let mut out = String::new();
     out.push_str("# The dashboard's HTTP API\n\n");
-    out.push_str("<!-- Generated from src/api.rs (ROUTES): `BLESS=1 cargo test --bin apm api` rewrites it. -->\n\n");
+    out.push_str("<!-- Generated from cli/src/api.rs (ROUTES): `BLESS=1 cargo test -p apm-cli api` rewrites it. -->\n\n");
     out.push_str(document["info"]["description"].as_str().unwrap_or_default());
     out.push_str(
         "\n\nThe OpenAPI 3.1 document is served at `/api/openapi.json`.\n\n\
@@ -944,7 +944,7 @@ mod tests {
 
     #[test]
     fn docs_api_md_matches_the_routes() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/api.md");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.md");
         let generated = markdown(&document());
         if std::env::var_os("BLESS").is_some() {
             std::fs::write(&path, &generated).unwrap();
@@ -952,7 +952,7 @@ mod tests {
         let current = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             current == generated,
-            "docs/api.md is stale: run `BLESS=1 cargo test --bin apm api`"
+            "docs/api.md is stale: run `BLESS=1 cargo test -p apm-cli api`"
         );
     }
 

@@ -177,6 +177,59 @@ fn max_conns_holds_across_threads() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// Asks for `/` on a new connection and closes it; the thread that served
+/// it and the port of the connection to the instance that the request went
+/// out on (the headers app answers `peer=PORT`).
+fn ask_once(d: &Daemon, port: u16) -> (usize, u16) {
+    let before = loads(d);
+    let mut client = connect(port);
+    let (head, body) = exchange(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let upstream = body.trim_end().rsplit_once("peer=").expect(&body).1.parse().unwrap();
+    let thread = loads(d)
+        .iter()
+        .zip(&before)
+        .position(|(now, then)| now.1 > then.1)
+        .expect("a thread took the connection");
+    drop(client);
+    // Gone from its thread, its connection to the instance parked there.
+    wait_until(PATIENCE, "the client's connection to end", || {
+        loads(d).iter().all(|&(open, _)| open == 0)
+    });
+    (thread, upstream)
+}
+
+/// Idle connections to an instance are kept per proxy thread (a
+/// connection's task runs where it was opened): a client that comes after
+/// another left takes the connection that one used if it lands on the
+/// same thread, and opens its own on the other.
+#[test]
+fn a_client_after_another_left_reuses_its_connection_to_the_instance_on_its_own_thread() {
+    let d = Daemon::new("threads_pool");
+    let port = load_on_two_threads(&d, "");
+    let mut parked: [Option<u16>; 2] = [None, None];
+    let (mut reused, mut opened) = (0, 0);
+    // Equally loaded threads take turns: both threads serve clients.
+    for _ in 0..4 {
+        let (thread, upstream) = ask_once(&d, port);
+        match parked[thread] {
+            Some(kept) => {
+                assert_eq!(upstream, kept, "thread {thread} reuses its parked connection");
+                reused += 1;
+            }
+            None => {
+                assert!(
+                    !parked.contains(&Some(upstream)),
+                    "thread {thread} took another thread's connection"
+                );
+                opened += 1;
+            }
+        }
+        parked[thread] = Some(upstream);
+    }
+    assert_eq!((opened, reused), (2, 2), "each thread opened one and reused it");
+}
+
 #[test]
 fn connector_sessions_are_served_from_both_threads_and_across_restarts() {
     let d = Daemon::new("threads_connector");

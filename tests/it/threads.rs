@@ -185,7 +185,13 @@ fn ask_once(d: &Daemon, port: u16) -> (usize, u16) {
     let mut client = connect(port);
     let (head, body) = exchange(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let upstream = body.trim_end().rsplit_once("peer=").expect(&body).1.parse().unwrap();
+    let upstream = body
+        .trim_end()
+        .rsplit_once("peer=")
+        .expect(&body)
+        .1
+        .parse()
+        .unwrap();
     let thread = loads(d)
         .iter()
         .zip(&before)
@@ -214,7 +220,10 @@ fn a_client_after_another_left_reuses_its_connection_to_the_instance_on_its_own_
         let (thread, upstream) = ask_once(&d, port);
         match parked[thread] {
             Some(kept) => {
-                assert_eq!(upstream, kept, "thread {thread} reuses its parked connection");
+                assert_eq!(
+                    upstream, kept,
+                    "thread {thread} reuses its parked connection"
+                );
                 reused += 1;
             }
             None => {
@@ -227,7 +236,11 @@ fn a_client_after_another_left_reuses_its_connection_to_the_instance_on_its_own_
         }
         parked[thread] = Some(upstream);
     }
-    assert_eq!((opened, reused), (2, 2), "each thread opened one and reused it");
+    assert_eq!(
+        (opened, reused),
+        (2, 2),
+        "each thread opened one and reused it"
+    );
 }
 
 #[test]

@@ -320,7 +320,11 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 };
                 match raw_permit {
                     None => {
-                        let connection = Connection::new(client, tls, stats, held, successors);
+                        // Shared from here: the future of `serve_http`,
+                        // alive as long as the client, holds a pointer
+                        // rather than the connection's state.
+                        let connection =
+                            Arc::new(Connection::new(client, tls, stats, held, successors));
                         serve_http(stream, connection, &options, pick).await;
                     }
                     Some(permit) => {
@@ -715,11 +719,10 @@ impl<F> Pick for F where
 /// serves what comes (pipelined bytes hyper had read go to it first).
 async fn serve_http(
     stream: Box<dyn Io>,
-    connection: Connection,
+    connection: Arc<Connection>,
     options: &Options,
     pick: impl Pick,
 ) {
-    let connection = Arc::new(connection);
     let activity = connection.activity.clone();
     let mut io = ClientIo::new(stream, activity.clone());
     // A new connection waits for its first request as an idle one does.
@@ -1197,14 +1200,21 @@ mod tests {
         let (near, _far) = tokio::io::duplex(1);
         let (_, routes) = watch::channel(Route::default());
         let stats = traffic_stats::register("w".into(), "http://127.0.0.1:1".into());
-        let connection = Connection::new(None, None, stats, Held::new(), routes.clone());
+        let connection = Arc::new(Connection::new(
+            None,
+            None,
+            stats,
+            Held::new(),
+            routes.clone(),
+        ));
         let options = Options::default();
         let pick = move |_: Option<SocketAddr>| (None, routes.borrow().options.clone());
         let serving = serve_http(Box::new(near), connection, &options, pick);
-        // hyper's connection alone is larger: each parked client's task
-        // would hold it.
+        // hyper's connection alone is larger, and so is the connection's
+        // state: each parked client's task would hold them (352 bytes in
+        // a test build when written; 568 with the state inline).
         let size = std::mem::size_of_val(&serving);
-        assert!(size < 1024, "{size} bytes");
+        assert!(size < 512, "{size} bytes");
     }
 
     #[test]

@@ -237,6 +237,12 @@ fn render_proxy_threads(out: &mut Exposition, threads: &[apm_runtime::traffic::t
             "Client connections handed to each proxy thread.",
             |t| t.accepted,
         ),
+        (
+            "apm_proxy_thread_asleep_connections",
+            "gauge",
+            "Idle client connections of each proxy thread that wait with no task.",
+            |t| t.asleep,
+        ),
     ] {
         out.family(name, kind, help);
         for (index, thread) in threads.iter().enumerate() {

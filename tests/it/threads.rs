@@ -342,3 +342,50 @@ fn a_reload_changes_the_threads_new_connections_go_to() {
         assert_eq!(ask(connection, "/"), 200);
     }
 }
+
+/// Each proxy thread's connections asleep (idle with no task).
+fn asleep(d: &Daemon) -> u64 {
+    let json: Value = serde_json::from_str(&stdout(&d.ok(&["version", "--json"]))).unwrap();
+    json["daemon"]["proxy_threads"]
+        .as_array()
+        .expect("the daemon reports its proxy threads")
+        .iter()
+        .map(|t| t["asleep"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn idle_clients_sleep_with_no_task_wake_for_their_next_request_and_close_at_keep_alive() {
+    let d = Daemon::new("threads_asleep");
+    // Long enough for the client asked again to fall asleep (within two
+    // seconds of its answer) before the others' time is up.
+    let port = load_on_two_threads(&d, "keep_alive 8s;");
+    let mut answered = spread(&d, port, 8);
+    for client in &mut answered {
+        assert_eq!(ask(client, "/"), 200);
+    }
+    // Two that connect and say nothing sleep too.
+    let silent: Vec<TcpStream> = (0..2).map(|_| connect(port)).collect();
+    wait_until(PATIENCE, "ten idle clients asleep", || asleep(&d) == 10);
+    // A sleeping client is served at once, again and again.
+    for _ in 0..2 {
+        assert_eq!(ask(&mut answered[3], "/again"), 200);
+    }
+    let last_answer = Instant::now();
+    wait_until(PATIENCE, "the client asleep again", || asleep(&d) == 10);
+    // keep_alive counts from each one's last answer, asleep or not: every
+    // connection is closed by the proxy, none by the client, and the one
+    // asked last not before its 8 s.
+    for (index, mut client) in answered.into_iter().chain(silent).enumerate() {
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
+        if index == 3 {
+            let idle = last_answer.elapsed();
+            assert!(idle >= Duration::from_millis(7600), "closed after {idle:?}");
+        }
+    }
+    wait_until(PATIENCE, "no connection open or asleep", || {
+        asleep(&d) == 0 && loads(&d).iter().all(|(open, _)| *open == 0)
+    });
+}

@@ -12,6 +12,7 @@
 //! new traffic; with none running, HTTP answers 503 and TCP closes.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -31,8 +32,8 @@ use crate::traffic::held::{Held, Metered};
 use crate::traffic::http::{Body, BoxError, Io, lists_token, text};
 use crate::traffic::inflight::{Entered, InFlight};
 use crate::traffic::tls::Tls;
-use crate::traffic::upstream;
 use crate::traffic::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
+use crate::traffic::{parked, upstream};
 
 /// Where a listener sends traffic and how, as the supervisor sees it now:
 /// the running instances and the worker's proxy options.
@@ -245,8 +246,9 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             let (successors, stats) = (routes.clone(), stats.clone());
-            crate::traffic::threads::hand_over(accepted, move |accepted| async move {
+            crate::traffic::threads::hand_over(accepted, move |accepted, open| async move {
                 let options = routes.borrow().options.clone();
+                let socket = accepted.socket();
                 // A raw connection is judged by Vanguard before anything else;
                 // a refused TCP client gets a reset, not a word. Through a
                 // connector, WebSockets are served (and judged) as requests.
@@ -325,15 +327,23 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         // rather than the connection's state.
                         let connection =
                             Arc::new(Connection::new(client, tls, stats, held, successors));
-                        serve_http(stream, connection, &options, pick).await;
+                        let client = Client {
+                            io: ClientIo::new(stream, connection.activity.clone()),
+                            connection,
+                            options,
+                            pick,
+                            socket: Some(socket),
+                            _holds: (permit, open),
+                        };
+                        serve_http(client).await;
                     }
-                    Some(permit) => {
+                    Some(raw_permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
                         let handoff = handoff(&successors, &options, &worker, "tcp");
-                        splice(stream, pick(None).0, head, permit, handoff).await;
+                        splice(stream, pick(None).0, head, raw_permit, handoff).await;
+                        drop((permit, open));
                     }
                 }
-                drop(permit);
             });
         }
     });
@@ -462,6 +472,15 @@ impl Socket {
 enum Accepted {
     Tcp(TcpStream, IpAddr),
     Unix(tokio::net::UnixStream),
+}
+
+impl Accepted {
+    fn socket(&self) -> RawFd {
+        match self {
+            Accepted::Tcp(stream, _) => stream.as_raw_fd(),
+            Accepted::Unix(stream) => stream.as_raw_fd(),
+        }
+    }
 }
 
 /// An accepted connection on its way to another proxy thread.
@@ -614,19 +633,54 @@ impl Connection {
         }
     }
 
-    /// Waits for the client's next request holding no buffer, until it
-    /// sends something (true), or closes or stays idle for `keep_alive`
-    /// (false).
-    async fn parked(&self, io: &mut ClientIo, keep_alive: std::time::Duration) -> bool {
-        let waiting = io.wait_for_client();
+    /// When the idle connection is closed, if its client sends nothing.
+    fn expires(&self, keep_alive: std::time::Duration) -> Option<std::time::Instant> {
         let idle_since = self.activity.idle_since();
-        match idle_since.filter(|_| !keep_alive.is_zero()) {
-            Some(since) => tokio::time::timeout_at((since + keep_alive).into(), waiting)
-                .await
-                .unwrap_or(false),
-            None => waiting.await,
+        idle_since
+            .filter(|_| !keep_alive.is_zero())
+            .map(|since| since + keep_alive)
+    }
+
+    /// Waits for the client's next request holding no buffer, for at most
+    /// `quiet_after` (for ever: `None`).
+    async fn waited(
+        &self,
+        io: &mut ClientIo,
+        keep_alive: std::time::Duration,
+        quiet_after: Option<std::time::Duration>,
+    ) -> Waited {
+        if io.has_read_ahead() {
+            return Waited::Sent;
+        }
+        let quiet_at = quiet_after.map(|after| std::time::Instant::now() + after);
+        let (until, then) = match (self.expires(keep_alive), quiet_at) {
+            (Some(expires), Some(quiet_at)) if quiet_at < expires => (quiet_at, Waited::Quiet),
+            (Some(expires), _) => (expires, Waited::Gone),
+            (None, Some(quiet_at)) => (quiet_at, Waited::Quiet),
+            (None, None) => {
+                return if io.wait_for_client().await {
+                    Waited::Sent
+                } else {
+                    Waited::Gone
+                };
+            }
+        };
+        match tokio::time::timeout_at(until.into(), io.wait_for_client()).await {
+            Ok(true) => Waited::Sent,
+            Ok(false) => Waited::Gone,
+            Err(_) => then,
         }
     }
+}
+
+/// What a client did while its connection waited for its next request.
+enum Waited {
+    /// It sent something, kept for hyper.
+    Sent,
+    /// It closed, or stayed idle for `keep_alive`.
+    Gone,
+    /// Nothing yet: the connection can sleep.
+    Quiet,
 }
 
 /// Why `idle_for` returned.
@@ -712,34 +766,96 @@ impl<F> Pick for F where
 {
 }
 
+/// A client connection between two requests: what serves its next ones.
+struct Client<P> {
+    io: ClientIo,
+    connection: Arc<Connection>,
+    /// Its listener's options as the connection began.
+    options: Arc<Options>,
+    pick: P,
+    /// The client's socket, which `io` owns under its layers (none for a
+    /// test's in-memory pipe).
+    socket: Option<RawFd>,
+    /// Its `max_conns` slot and its place in its thread's count, for as
+    /// long as it lives, with a task or asleep.
+    _holds: (
+        tokio::sync::OwnedSemaphorePermit,
+        crate::traffic::threads::Open,
+    ),
+}
+
+impl<P: Pick> parked::Sleeper for Client<P> {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        self.socket
+            .map(|socket| crate::sys::socket_of(&self.io, socket))
+    }
+
+    fn wake(self: Box<Self>) {
+        tokio::spawn(serve_http(*self));
+    }
+}
+
+/// Puts an idle client's connection to sleep with no task (`parked`), or
+/// gives it back to wait with its own if it cannot sleep so.
+fn sleep<P: Pick>(mut client: Client<P>) -> Option<Client<P>> {
+    match client.io.poll_without_waiting() {
+        // It sent something meanwhile, or left.
+        std::task::Poll::Ready(true) => return Some(client),
+        std::task::Poll::Ready(false) => return None,
+        std::task::Poll::Pending => {}
+    }
+    let expires = client.connection.expires(client.options.keep_alive);
+    parked::park(Box::new(client), expires)
+        .err()
+        .map(|client| *client)
+}
+
 /// Serves a client's requests. Between two requests, once the client has
 /// been idle for a while, the connection is taken back from hyper, which
-/// holds a read and a write buffer of 8 KiB each, and parked: it waits
-/// for the client's next bytes with none, and a new hyper connection
-/// serves what comes (pipelined bytes hyper had read go to it first).
-async fn serve_http(
-    stream: Box<dyn Io>,
-    connection: Arc<Connection>,
-    options: &Options,
-    pick: impl Pick,
-) {
-    let activity = connection.activity.clone();
-    let mut io = ClientIo::new(stream, activity.clone());
-    // A new connection waits for its first request as an idle one does.
-    while connection.parked(&mut io, options.keep_alive).await {
+/// holds a read and a write buffer of 8 KiB each, and sleeps with no task
+/// (`parked`) until the client sends its next bytes; a new hyper
+/// connection serves what comes (pipelined bytes hyper had read go to it
+/// first). A new connection is idle until its first bytes come.
+async fn serve_http(mut client: Client<impl Pick>) {
+    let activity = client.connection.activity.clone();
+    // How long the connection waits with its task before it sleeps: as
+    // long as hyper would before it is taken back, none once it was.
+    let mut quiet_after = Some(upstream::IDLE_LIMIT);
+    loop {
+        let keep_alive = client.options.keep_alive;
+        match client
+            .connection
+            .waited(&mut client.io, keep_alive, quiet_after)
+            .await
+        {
+            Waited::Sent => {}
+            Waited::Gone => return,
+            Waited::Quiet => match sleep(client) {
+                Some(awake) => {
+                    // It cannot sleep without its task: it waits with it.
+                    client = awake;
+                    quiet_after = None;
+                    continue;
+                }
+                None => return,
+            },
+        }
         let served_from = activity.now();
         // Boxed: inline, hyper's connection would make the future of every
-        // parked client as large.
+        // client's task as large.
         let mut serving = Box::new(
-            http1(options)
-                .serve_connection(TokioIo::new(io), service(connection.clone(), pick.clone()))
+            http1(&client.options)
+                .serve_connection(
+                    TokioIo::new(client.io),
+                    service(client.connection.clone(), client.pick.clone()),
+                )
                 .with_upgrades(),
         );
         let mut lull = Some(served_from);
         let served = loop {
             tokio::select! {
                 served = &mut *serving => break served,
-                lapse = connection.idle_for(options.keep_alive, lull) => match lapse {
+                lapse = client.connection.idle_for(keep_alive, lull) => match lapse {
                     Lapse::Expired => return,
                     Lapse::Lull => {
                         activity.parking.store(true, Ordering::Release);
@@ -757,8 +873,9 @@ async fn serve_http(
         let Some(parts) = serving.into_parts() else {
             return;
         };
-        io = parts.io.into_inner();
-        io.read_ahead(&parts.read_buf);
+        client.io = parts.io.into_inner();
+        client.io.read_ahead(&parts.read_buf);
+        quiet_after = Some(std::time::Duration::ZERO);
     }
 }
 
@@ -1207,9 +1324,17 @@ mod tests {
             Held::new(),
             routes.clone(),
         ));
-        let options = Options::default();
         let pick = move |_: Option<SocketAddr>| (None, routes.borrow().options.clone());
-        let serving = serve_http(Box::new(near), connection, &options, pick);
+        let slot = Arc::new(tokio::sync::Semaphore::new(1));
+        let client = Client {
+            io: ClientIo::new(Box::new(near), connection.activity.clone()),
+            connection,
+            options: Arc::default(),
+            pick,
+            socket: None,
+            _holds: (slot.try_acquire_owned().expect("free"), Default::default()),
+        };
+        let serving = serve_http(client);
         // hyper's connection alone is larger, and so is the connection's
         // state: each parked client's task would hold them (352 bytes in
         // a test build when written; 568 with the state inline).

@@ -389,3 +389,68 @@ fn idle_clients_sleep_with_no_task_wake_for_their_next_request_and_close_at_keep
         asleep(&d) == 0 && loads(&d).iter().all(|(open, _)| *open == 0)
     });
 }
+
+#[test]
+fn tls_and_unix_socket_clients_sleep_and_are_served_again_on_the_same_connection() {
+    use std::io::BufRead;
+    let d = Daemon::new("threads_asleep_tls_unix");
+    if !crate::certs::make_certificates(d.dir()) {
+        prerequisite_missing("openssl could not make test certificates");
+        return;
+    }
+    let app = d.write("headers.py", crate::daemon::HEADERS_APP);
+    let (port, socket) = (free_port(), d.path("u.sock"));
+    d.load(&format!(
+        "daemon {{ proxy_threads 2; }}\n\
+         worker {{ name s; exec python3; params {app}; upstream port; startup_grace 300;\n\
+         server https://127.0.0.1:{port}; tls on; tls_cert site.pem; tls_key site.key; }}\n\
+         worker {{ name u; exec python3; params {app}; upstream port; startup_grace 300;\n\
+         server http://unix:{socket}; }}\n",
+        app = app.display(),
+        socket = socket,
+    ));
+    d.wait_running("s");
+    d.wait_running("u");
+    // One client of each asks, idles until told, and asks again on the
+    // same connection (http.client does not reconnect by itself).
+    let script = format!(
+        "import http.client, socket, ssl, sys\n\
+         class Unix(http.client.HTTPConnection):\n\
+         \x20   def connect(self):\n\
+         \x20       self.sock = socket.socket(socket.AF_UNIX)\n\
+         \x20       self.sock.connect({socket:?})\n\
+         tls = http.client.HTTPSConnection('127.0.0.1', {port}, timeout=20,\n\
+         \x20   context=ssl.create_default_context(cafile={ca:?}))\n\
+         clients = [tls, Unix('a', timeout=20)]\n\
+         def ask(path):\n\
+         \x20   for c in clients:\n\
+         \x20       c.request('GET', path)\n\
+         \x20       r = c.getresponse()\n\
+         \x20       r.read()\n\
+         \x20       print(r.status, flush=True)\n\
+         ask('/')\n\
+         sockets = [c.sock for c in clients]\n\
+         print('idle', flush=True)\n\
+         sys.stdin.readline()\n\
+         ask('/again')\n\
+         print('same', all(c.sock is s for c, s in zip(clients, sockets)), flush=True)\n",
+        socket = socket,
+        ca = d.path("ca.pem"),
+    );
+    let mut python = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    while said.last().map(String::as_str) != Some("idle") {
+        said.push(lines.next().expect("a line").unwrap());
+    }
+    wait_until(PATIENCE, "both clients asleep", || asleep(&d) == 2);
+    python.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    said.extend(lines.map(Result::unwrap));
+    assert!(python.wait().unwrap().success(), "{said:?}");
+    assert_eq!(said, ["200", "200", "idle", "200", "200", "same True"]);
+}

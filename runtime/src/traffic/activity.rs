@@ -198,6 +198,15 @@ impl ClientIo {
         self.ahead = Bytes::copy_from_slice(read);
     }
 
+    /// The client's stream, under the layers it was given with.
+    pub(super) fn get_ref(&self) -> &dyn Io {
+        &*self.io
+    }
+
+    pub(super) fn into_inner(self) -> Box<dyn Io> {
+        self.io
+    }
+
     pub(super) fn has_read_ahead(&self) -> bool {
         !self.ahead.is_empty()
     }

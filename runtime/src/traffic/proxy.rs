@@ -11,8 +11,9 @@
 //! instances restart. Instances that are starting, stopping or ended get no
 //! new traffic; with none running, HTTP answers 503 and TCP closes.
 
+use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::observe::traffic_stats::{self, ListenerStats};
+use crate::observe::traffic_stats::{self, Counted, ListenerStats, OpenConnection};
 use crate::traffic::activity::{Activity, ClientBody, ClientIo};
 use crate::traffic::connector::{Handoff, Head, Link, Successors};
 use crate::traffic::held::{Held, Metered};
@@ -325,16 +326,15 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         // Shared from here: the future of `serve_http`,
                         // alive as long as the client, holds a pointer
                         // rather than the connection's state.
-                        let connection =
-                            Arc::new(Connection::new(client, tls, stats, held, successors));
-                        let client = Client {
-                            io: ClientIo::new(stream, connection.activity.clone()),
+                        let connection = Connection::new(client, tls, stats, held, successors);
+                        let client = Client::new(
+                            stream,
                             connection,
                             options,
                             pick,
-                            socket: Some(socket),
-                            _holds: (permit, open),
-                        };
+                            Some(socket),
+                            (permit, open),
+                        );
                         serve_http(client).await;
                     }
                     Some(raw_permit) => {
@@ -776,12 +776,41 @@ struct Client<P> {
     /// The client's socket, which `io` owns under its layers (none for a
     /// test's in-memory pipe).
     socket: Option<RawFd>,
-    /// Its `max_conns` slot and its place in its thread's count, for as
-    /// long as it lives, with a task or asleep.
-    _holds: (
-        tokio::sync::OwnedSemaphorePermit,
-        crate::traffic::threads::Open,
-    ),
+    _holds: Holds,
+}
+
+/// A client connection's `max_conns` slot and its place in its thread's
+/// count, for as long as it lives, with a task or asleep.
+type Holds = (
+    tokio::sync::OwnedSemaphorePermit,
+    crate::traffic::threads::Open,
+);
+
+impl<P: Pick> Client<P> {
+    fn new(
+        stream: Box<dyn Io>,
+        connection: Connection,
+        options: Arc<Options>,
+        pick: P,
+        socket: Option<RawFd>,
+        holds: Holds,
+    ) -> Client<P> {
+        let connection = Arc::new(connection);
+        Client {
+            io: ClientIo::new(stream, connection.activity.clone()),
+            connection,
+            options,
+            pick,
+            socket,
+            _holds: holds,
+        }
+    }
+
+    /// Whether its connection can sleep taken apart (`Dozing`): a plain
+    /// one, with nothing read that hyper has not had.
+    fn can_doze(&self) -> bool {
+        self.connection.tls.is_none() && !self.io.has_read_ahead() && is_plain(self.io.get_ref())
+    }
 }
 
 impl<P: Pick> parked::Sleeper for Client<P> {
@@ -795,6 +824,128 @@ impl<P: Pick> parked::Sleeper for Client<P> {
     }
 }
 
+/// A plain client connection asleep, in as little as serves it again
+/// (decision 123): its socket, out of tokio's reactor, and what its
+/// connection's state is made from once its client sends again. A TLS
+/// connection sleeps whole (`Client`): its session cannot be made again.
+struct Dozing<P> {
+    socket: PlainSocket,
+    client: Option<IpAddr>,
+    open: OpenConnection,
+    routes: Routes,
+    options: Arc<Options>,
+    pick: P,
+    holds: Holds,
+}
+
+enum PlainSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// A layer of a client's connection.
+type Layer = Box<dyn Io>;
+
+/// Whether `io` is a plain connection's layers, as `listen` makes them:
+/// what the client sends held against the budget (`Metered`), over the
+/// listener's figures (`Counted`), over the socket.
+fn is_plain(io: &dyn Io) -> bool {
+    let metered = (io as &dyn Any).downcast_ref::<Metered<Layer>>();
+    let counted =
+        metered.and_then(|m| (&**m.get_ref() as &dyn Any).downcast_ref::<Counted<Layer>>());
+    counted.is_some_and(|counted| {
+        let socket = &**counted.get_ref() as &dyn Any;
+        socket.is::<TcpStream>() || socket.is::<tokio::net::UnixStream>()
+    })
+}
+
+impl<P: Pick> Dozing<P> {
+    /// A client whose connection `can_doze`, taken apart; none if its
+    /// socket could not leave tokio's reactor (then closed: it was idle).
+    fn of(client: Client<P>) -> Option<Dozing<P>> {
+        let Client {
+            io,
+            connection,
+            options,
+            pick,
+            _holds: holds,
+            ..
+        } = client;
+        let metered = (io.into_inner() as Box<dyn Any>)
+            .downcast::<Metered<Layer>>()
+            .ok()?;
+        let (socket, open) = (metered.into_inner() as Box<dyn Any>)
+            .downcast::<Counted<Layer>>()
+            .ok()?
+            .into_parts();
+        let socket = match (socket as Box<dyn Any>).downcast::<TcpStream>() {
+            Ok(tcp) => PlainSocket::Tcp(tcp.into_std().ok()?),
+            Err(other) => PlainSocket::Unix(
+                other
+                    .downcast::<tokio::net::UnixStream>()
+                    .ok()?
+                    .into_std()
+                    .ok()?,
+            ),
+        };
+        Some(Dozing {
+            socket,
+            client: connection.client,
+            open,
+            routes: connection.routes.clone(),
+            options,
+            pick,
+            holds,
+        })
+    }
+
+    /// The connection made again as `listen` makes a plain one (it is
+    /// not counted as accepted again), its socket back in tokio's reactor.
+    fn into_client(self) -> std::io::Result<Client<P>> {
+        let (stream, socket): (Layer, RawFd) = match self.socket {
+            PlainSocket::Tcp(tcp) => {
+                let tcp = TcpStream::from_std(tcp)?;
+                let socket = tcp.as_raw_fd();
+                (Box::new(tcp), socket)
+            }
+            PlainSocket::Unix(unix) => {
+                let unix = tokio::net::UnixStream::from_std(unix)?;
+                let socket = unix.as_raw_fd();
+                (Box::new(unix), socket)
+            }
+        };
+        let stats = self.open.stats().clone();
+        let held = Held::new();
+        let counted: Layer = Box::new(self.open.resume(stream));
+        let metered = Box::new(Metered::new(counted, held.clone()));
+        let connection = Connection::new(self.client, None, stats, held, self.routes);
+        Ok(Client::new(
+            metered,
+            connection,
+            self.options,
+            self.pick,
+            Some(socket),
+            self.holds,
+        ))
+    }
+}
+
+impl<P: Pick> parked::Sleeper for Dozing<P> {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(match &self.socket {
+            PlainSocket::Tcp(tcp) => tcp.as_fd(),
+            PlainSocket::Unix(unix) => unix.as_fd(),
+        })
+    }
+
+    fn wake(self: Box<Self>) {
+        // A socket that cannot join the reactor again is closed.
+        if let Ok(client) = self.into_client() {
+            tokio::spawn(serve_http(client));
+        }
+    }
+}
+
 /// Puts an idle client's connection to sleep with no task (`parked`), or
 /// gives it back to wait with its own if it cannot sleep so.
 fn sleep<P: Pick>(mut client: Client<P>) -> Option<Client<P>> {
@@ -805,9 +956,16 @@ fn sleep<P: Pick>(mut client: Client<P>) -> Option<Client<P>> {
         std::task::Poll::Pending => {}
     }
     let expires = client.connection.expires(client.options.keep_alive);
-    parked::park(Box::new(client), expires)
-        .err()
-        .map(|client| *client)
+    if client.can_doze() {
+        let dozing = Dozing::of(client)?;
+        parked::park(Box::new(dozing), expires)
+            .err()
+            .and_then(|dozing| dozing.into_client().ok())
+    } else {
+        parked::park(Box::new(client), expires)
+            .err()
+            .map(|client| *client)
+    }
 }
 
 /// Serves a client's requests. Between two requests, once the client has
@@ -1317,23 +1475,18 @@ mod tests {
         let (near, _far) = tokio::io::duplex(1);
         let (_, routes) = watch::channel(Route::default());
         let stats = traffic_stats::register("w".into(), "http://127.0.0.1:1".into());
-        let connection = Arc::new(Connection::new(
-            None,
-            None,
-            stats,
-            Held::new(),
-            routes.clone(),
-        ));
+        let connection = Connection::new(None, None, stats, Held::new(), routes.clone());
         let pick = move |_: Option<SocketAddr>| (None, routes.borrow().options.clone());
         let slot = Arc::new(tokio::sync::Semaphore::new(1));
-        let client = Client {
-            io: ClientIo::new(Box::new(near), connection.activity.clone()),
+        let holds = (slot.try_acquire_owned().expect("free"), Default::default());
+        let client = Client::new(
+            Box::new(near),
             connection,
-            options: Arc::default(),
+            Arc::default(),
             pick,
-            socket: None,
-            _holds: (slot.try_acquire_owned().expect("free"), Default::default()),
-        };
+            None,
+            holds,
+        );
         let serving = serve_http(client);
         // hyper's connection alone is larger, and so is the connection's
         // state: each parked client's task would hold them (352 bytes in

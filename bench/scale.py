@@ -11,7 +11,8 @@ backend spent per request, the ratios 2 threads / 1 thread (targets: CPU
 per request no more than 5 % above) and apm 2 threads / nginx 2 workers
 (target: req/s at least nginx's); then the p99 and the maximum of `apm ls`
 with the 2-thread daemon idle and with its proxy saturated by wrk (target:
-p99 <= 10 ms).
+p99 <= 10 ms), beside those of `/bin/true` run in alternation (what the
+machine adds to starting any process).
 Needs wrk and nginx (`apt-get install wrk nginx`; installed when run as root).
 
 Usage: cargo build --release --examples -p apm-runtime && cargo build --release && python3 bench/scale.py
@@ -50,13 +51,18 @@ def start_daemon(apm, root, threads, backend_exe):
 
 
 def ls_latencies(apm, env, calls):
-    """The wall time of each of `calls` runs of `apm ls`, in ms."""
-    times = []
+    """The wall time of each of `calls` runs of `apm ls`, in ms, and of as
+    many runs of `/bin/true` in alternation with them: what starting any
+    process costs on the machine at that moment (on a shared virtual
+    machine, the whole machine now and then stalls for 50-100 ms under
+    load, whatever runs)."""
+    times, reference = [], []
     for _ in range(calls):
-        started = time.perf_counter()
-        subprocess.run([apm, "ls"], env=env, check=True, stdout=subprocess.DEVNULL)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+        for command, into in (([apm, "ls"], times), (["/bin/true"], reference)):
+            started = time.perf_counter()
+            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+            into.append((time.perf_counter() - started) * 1000)
+    return times, reference
 
 
 def p99(values):
@@ -109,16 +115,18 @@ def main():
 
         # The control socket with the proxy idle, then saturated.
         env, (port, _) = envs[1], targets["apm t2"]
-        idle = ls_latencies(apm, env, ls_calls)
+        idle, idle_reference = ls_latencies(apm, env, ls_calls)
         load = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{duration + 60}s", f"http://127.0.0.1:{port}/"], stdout=subprocess.DEVNULL)
         try:
             time.sleep(1)  # wrk's connections are open and busy
-            busy = ls_latencies(apm, env, ls_calls)
+            busy, busy_reference = ls_latencies(apm, env, ls_calls)
         finally:
             load.terminate()
             load.wait()
         print(f"apm ls ({ls_calls} calls), 2 proxy threads: idle p99 {p99(idle):.1f} ms, max {max(idle):.1f} ms; "
-              f"proxy saturated p99 {p99(busy):.1f} ms (target <= 10 ms), max {max(busy):.1f} ms")
+              f"proxy saturated p99 {p99(busy):.1f} ms (target <= 10 ms), median {statistics.median(busy):.1f} ms, max {max(busy):.1f} ms")
+        print(f"/bin/true in alternation with them: idle p99 {p99(idle_reference):.1f} ms; "
+              f"proxy saturated p99 {p99(busy_reference):.1f} ms, median {statistics.median(busy_reference):.1f} ms, max {max(busy_reference):.1f} ms")
     finally:
         for env in envs[1:]:
             subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)

@@ -156,8 +156,11 @@ fn max_conns_holds_across_threads() {
     for connection in &mut held {
         assert_eq!(ask(connection, "/"), 200);
     }
+    // Asleep with no task, each still holds its slot.
+    wait_until(PATIENCE, "both clients asleep", || asleep(&d) == 2);
     // A third connection waits in the backlog while both slots are held,
-    // whichever thread would serve it.
+    // whichever thread would serve it; a client that leaves while asleep
+    // gives its slot back.
     let mut third = connect(port);
     third
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")

@@ -277,14 +277,22 @@ mod tests {
     async fn an_expired_sleeper_is_closed_and_never_woken() {
         let (tx, mut woken) = mpsc::unbounded_channel();
         let mut pairs = pairs(2).await;
-        let (kept, _kept_client) = pairs.pop().unwrap();
+        let (kept, kept_client) = pairs.pop().unwrap();
         let (expiring, mut client) = pairs.pop().unwrap();
-        let soon = Instant::now() + Duration::from_millis(100);
+        let soon = Instant::now() + Duration::from_millis(1200);
         assert!(park(probe(0, expiring, &tx), Some(soon)).is_ok());
         assert!(park(probe(1, kept, &tx), Some(Instant::now() + PATIENCE * 6)).is_ok());
         let mut rest = Vec::new();
         let read = tokio::time::timeout(PATIENCE, client.read_to_end(&mut rest)).await;
         assert!(matches!(read, Ok(Ok(0))), "closed: {read:?}");
+        // Not before its time, and the one whose time has not come is open.
+        assert!(Instant::now() >= soon);
+        let mut byte = [0u8];
+        let still_open = kept_client.try_read(&mut byte);
+        assert!(
+            matches!(&still_open, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{still_open:?}"
+        );
         assert!(woken.try_recv().is_err());
     }
 

@@ -71,7 +71,7 @@ fn spread(d: &Daemon, port: u16, count: usize) -> Vec<TcpStream> {
 
 /// One request on a kept connection; the status, once its answer is whole
 /// (`Content-Length` or chunked).
-fn ask(stream: &mut TcpStream, target: &str) -> u16 {
+pub(crate) fn ask(stream: &mut TcpStream, target: &str) -> u16 {
     stream
         .write_all(format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
         .unwrap();

@@ -1495,6 +1495,26 @@ mod tests {
         assert!(size < 512, "{size} bytes");
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_a_plain_connections_layers_are_taken_apart_to_sleep() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let stats = traffic_stats::register("w".into(), "http://127.0.0.1:1".into());
+        let layers = |io: Layer| -> Layer {
+            let counted: Layer = Box::new(stats.connection(io));
+            Box::new(Metered::new(counted, Held::new()))
+        };
+        let (pipe, _far) = tokio::io::duplex(1);
+        let counted_only: Layer = Box::new(stats.connection(Box::new(pipe) as Layer));
+        let (pipe, _far) = tokio::io::duplex(1);
+        assert!(is_plain(&*layers(Box::new(socket))));
+        assert!(!is_plain(&*layers(Box::new(pipe))));
+        assert!(!is_plain(&*counted_only));
+    }
+
     #[test]
     fn a_host_header_names_a_host_and_maybe_a_port() {
         for good in [

@@ -263,6 +263,21 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn a_woken_connection_sleeps_again_and_wakes_again() {
+        let (tx, mut woken) = mpsc::unbounded_channel();
+        let (mut served, mut client) = pairs(1).await.pop().unwrap();
+        for round in 0..3 {
+            assert!(park(probe(round, served, &tx), None).is_ok(), "round {round}");
+            client.write_all(b"x").await.unwrap();
+            let (index, mut again) = next_woken(&mut woken).await;
+            assert_eq!(index, round);
+            let mut byte = [0u8];
+            again.read_exact(&mut byte).await.unwrap();
+            served = again;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn a_client_that_sent_before_its_connection_slept_wakes_it_at_once() {
         let (tx, mut woken) = mpsc::unbounded_channel();
         let (served, mut client) = pairs(1).await.pop().unwrap();

@@ -10,12 +10,18 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-/// Each proxy thread's (open, accepted) connections, from `apm version --json`.
-fn loads(d: &Daemon) -> Vec<(u64, u64)> {
+/// Each proxy thread's figures, from `apm version --json`.
+fn proxy_threads(d: &Daemon) -> Vec<Value> {
     let json: Value = serde_json::from_str(&stdout(&d.ok(&["version", "--json"]))).unwrap();
     json["daemon"]["proxy_threads"]
         .as_array()
         .expect("the daemon reports its proxy threads")
+        .clone()
+}
+
+/// Each proxy thread's (open, accepted) connections.
+fn loads(d: &Daemon) -> Vec<(u64, u64)> {
+    proxy_threads(d)
         .iter()
         .map(|t| (t["open"].as_u64().unwrap(), t["accepted"].as_u64().unwrap()))
         .collect()
@@ -346,12 +352,9 @@ fn a_reload_changes_the_threads_new_connections_go_to() {
     }
 }
 
-/// Each proxy thread's connections asleep (idle with no task).
+/// The proxy threads' connections asleep (idle with no task).
 fn asleep(d: &Daemon) -> u64 {
-    let json: Value = serde_json::from_str(&stdout(&d.ok(&["version", "--json"]))).unwrap();
-    json["daemon"]["proxy_threads"]
-        .as_array()
-        .expect("the daemon reports its proxy threads")
+    proxy_threads(d)
         .iter()
         .map(|t| t["asleep"].as_u64().unwrap())
         .sum()

@@ -10,8 +10,9 @@ while the clients are held, against the same load with no idle client.
 Target: apm's memory per idle client at or below nginx's.
 
 Each proxy holds one descriptor per client, and this script as many:
-RLIMIT_NOFILE's hard limit must be above CLIENTS (the script raises the soft
-limit; it cannot raise the hard one without CAP_SYS_RESOURCE). Clients
+RLIMIT_NOFILE's hard limit must be above CLIENTS plus a wave of 2,000 (the
+script raises the soft limit; it cannot raise the hard one without
+CAP_SYS_RESOURCE). Clients
 connect from several source addresses (127.0.1.x for apm, 127.0.2.x for
 nginx, 20,000 clients each) so that no address runs out of ephemeral ports.
 ROUNDS (default 1) alternates the two setups and prints medians. Needs wrk
@@ -40,6 +41,14 @@ IP_BIND_ADDRESS_NO_PORT = 24
 PER_SOURCE_ADDRESS = 20_000
 # Long enough that no client is closed for being idle during a run.
 KEEP_ALIVE_S = 600
+# Clients open in waves this large, a pause apart: apm keeps a new
+# client's connection to the instance through its first idle second (the
+# client may well ask again at once), so without pauses each proxy would
+# hold two descriptors for every client answered in the last second, and
+# a run's size would be bounded by how fast its clients come rather than
+# by the open-files limit.
+WAVE = 2_000
+WAVE_PAUSE_S = 1.5
 
 
 def rss_kib(pid):
@@ -74,12 +83,16 @@ class IdleClients:
         selector = selectors.DefaultSelector()
         pending = {}
         opened = 0
-        deadline = time.time() + 120
+        wave_end = WAVE
+        deadline = time.time() + 120 + count / WAVE * WAVE_PAUSE_S
         while opened < count or pending:
             if time.time() > deadline:
                 raise SystemExit(f"only {len(self.sockets)} of {count} clients got their answer")
             # A bounded number connecting at once: the listen backlog is finite.
-            while opened < count and len(pending) < 1000:
+            if not pending and opened == wave_end < count:
+                time.sleep(WAVE_PAUSE_S)
+                wave_end += WAVE
+            while opened < min(count, wave_end) and len(pending) < 1000:
                 s = socket.socket()
                 s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((f"127.0.{subnet}.{2 + opened // PER_SOURCE_ADDRESS}", 0))
@@ -145,8 +158,8 @@ def main():
     clients = int(os.environ.get("CLIENTS", "50000"))
     rounds = int(os.environ.get("ROUNDS", "1"))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < clients + 1000:
-        raise SystemExit(f"RLIMIT_NOFILE's hard limit is {hard}: {clients} clients need {clients + 1000} (raise it as root: ulimit -Hn, or fewer CLIENTS)")
+    if hard < clients + WAVE + 100:
+        raise SystemExit(f"RLIMIT_NOFILE's hard limit is {hard}: {clients} clients need {clients + WAVE + 100} (raise it as root: ulimit -Hn, or fewer CLIENTS)")
     # The daemon and nginx inherit it: each holds one descriptor per client.
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     hello = os.path.abspath("target/release/examples/hello")

@@ -6,7 +6,6 @@ pub mod connector;
 pub(crate) mod held;
 pub(crate) mod http;
 pub mod inflight;
-mod parked;
 pub mod proxy;
 pub(crate) mod session;
 pub mod threads;

@@ -112,18 +112,26 @@ fn read_answer(stream: &mut impl Read) -> Answer {
     Answer { status, head, body }
 }
 
-pub(crate) fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
+pub(crate) fn dechunk(chunked: &[u8]) -> Vec<u8> {
+    let (body, _) = dechunk_start(chunked).expect("a whole chunked body");
+    body
+}
+
+/// The chunked body at the start of `chunked` and how many bytes it
+/// takes (to its last, empty chunk; no trailers), once all of it is there.
+pub(crate) fn dechunk_start(chunked: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut body = Vec::new();
+    let mut at = 0;
     loop {
-        let line_end = chunked.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size_text = std::str::from_utf8(&chunked[..line_end]).unwrap();
+        let line_end = chunked.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&chunked[at..at + line_end]).unwrap();
         let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        chunked = &chunked[line_end + 2..];
+        at += line_end + 2;
         if size == 0 {
-            return body;
+            return (chunked.len() >= at + 2).then_some((body, at + 2));
         }
-        body.extend_from_slice(&chunked[..size]);
-        chunked = &chunked[size + 2..];
+        body.extend_from_slice(chunked.get(at..at + size)?);
+        at += size + 2;
     }
 }
 

@@ -237,6 +237,12 @@ fn render_proxy_threads(out: &mut Exposition, threads: &[apm_runtime::traffic::t
             "Client connections handed to each proxy thread.",
             |t| t.accepted,
         ),
+        (
+            "apm_proxy_thread_asleep_connections",
+            "gauge",
+            "Idle client connections of each proxy thread that wait with no task.",
+            |t| t.asleep,
+        ),
     ] {
         out.family(name, kind, help);
         for (index, thread) in threads.iter().enumerate() {
@@ -390,10 +396,12 @@ mod tests {
                 Load {
                     open: 2,
                     accepted: 9,
+                    asleep: 1,
                 },
                 Load {
                     open: 3,
                     accepted: 8,
+                    asleep: 0,
                 },
             ],
         };
@@ -402,6 +410,7 @@ mod tests {
             "apm_proxy_thread_open_connections{thread=\"0\"} 2\n",
             "apm_proxy_thread_open_connections{thread=\"1\"} 3\n",
             "apm_proxy_thread_connections_total{thread=\"1\"} 8\n",
+            "apm_proxy_thread_asleep_connections{thread=\"0\"} 1\n",
         ] {
             assert!(text.contains(expected), "{expected} in {text}");
         }

@@ -1,8 +1,9 @@
 //! The one place with `unsafe`: code that runs in a forked child between
 //! `fork` and `exec`, where only async-signal-safe calls are allowed, and
 //! the system calls the daemon makes on itself as it starts (closing what
-//! it inherited, raising its open-files limit). The group list is looked
-//! up before the fork, so the child only makes system calls.
+//! it inherited, raising its open-files limit), and the epoll set of
+//! sleeping client connections (`traffic::parked`) with their sockets. The group list is
+//! looked up before the fork, so the child only makes system calls.
 #![allow(unsafe_code)]
 
 use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
@@ -203,5 +204,46 @@ pub fn default_sigpipe() {
     // is called before any thread is started.
     unsafe {
         let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}
+
+/// The socket `fd`, which `owner` holds open, borrowed for as long as
+/// `owner` is: a client connection's socket under the layers (counting,
+/// metering, TLS) that own it, which have no way to lend it themselves.
+pub(crate) fn socket_of<T: ?Sized>(
+    _owner: &T,
+    fd: std::os::fd::RawFd,
+) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: callers pass the descriptor of a socket that `owner` owns
+    // and closes only when dropped, which the borrow outlives not.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// An epoll set of sleeping client connections, which the current tokio
+/// runtime watches for events.
+pub(crate) struct EpollSet(nix::sys::epoll::Epoll);
+
+impl EpollSet {
+    pub(crate) fn watched() -> std::io::Result<tokio::io::unix::AsyncFd<EpollSet>> {
+        let epoll = nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC)?;
+        // SAFETY: `EpollSet` owns its descriptor and closes it only when
+        // dropped, which `AsyncFd` does after deregistering it.
+        let watched = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                EpollSet(epoll),
+                tokio::io::Interest::READABLE,
+            )
+        };
+        Ok(watched?)
+    }
+
+    pub(crate) fn epoll(&self) -> &nix::sys::epoll::Epoll {
+        &self.0
+    }
+}
+
+impl std::os::fd::AsRawFd for EpollSet {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.0.as_raw_fd()
     }
 }

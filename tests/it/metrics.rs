@@ -162,3 +162,38 @@ fn promtool_accepts(exposition: &str) {
         describe(&checked)
     );
 }
+
+#[test]
+fn a_client_that_sleeps_and_wakes_is_one_open_connection_counted_once() {
+    let d = Daemon::new("metrics_asleep");
+    let (gui, port) = dashboard_and_app(&d, "");
+    let figures = || {
+        let text = gui_request(gui, "GET", "/metrics", PASSWORD);
+        let text = body(&text);
+        let listener = format!("{{worker=\"web\",listener=\"http://127.0.0.1:{port}\"}}");
+        let asleep: f64 = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("apm_proxy_thread_asleep_connections{"))
+            .filter_map(|rest| rest.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        (
+            sample(text, &format!("apm_listener_open_connections{listener}")),
+            sample(text, &format!("apm_listener_connections_total{listener}")),
+            asleep,
+        )
+    };
+    let mut client = connect(port);
+    assert_eq!(crate::threads::ask(&mut client, "/"), 200);
+    wait_until(PATIENCE, "the client asleep", || {
+        figures() == (1.0, 1.0, 1.0)
+    });
+    // Woken, its connection is made again but it is not a new one.
+    assert_eq!(crate::threads::ask(&mut client, "/again"), 200);
+    wait_until(PATIENCE, "the client asleep again", || {
+        figures() == (1.0, 1.0, 1.0)
+    });
+    drop(client);
+    wait_until(PATIENCE, "no connection open", || {
+        figures() == (0.0, 1.0, 0.0)
+    });
+}

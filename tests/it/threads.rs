@@ -10,12 +10,18 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-/// Each proxy thread's (open, accepted) connections, from `apm version --json`.
-fn loads(d: &Daemon) -> Vec<(u64, u64)> {
+/// Each proxy thread's figures, from `apm version --json`.
+fn proxy_threads(d: &Daemon) -> Vec<Value> {
     let json: Value = serde_json::from_str(&stdout(&d.ok(&["version", "--json"]))).unwrap();
     json["daemon"]["proxy_threads"]
         .as_array()
         .expect("the daemon reports its proxy threads")
+        .clone()
+}
+
+/// Each proxy thread's (open, accepted) connections.
+fn loads(d: &Daemon) -> Vec<(u64, u64)> {
+    proxy_threads(d)
         .iter()
         .map(|t| (t["open"].as_u64().unwrap(), t["accepted"].as_u64().unwrap()))
         .collect()
@@ -71,7 +77,7 @@ fn spread(d: &Daemon, port: u16, count: usize) -> Vec<TcpStream> {
 
 /// One request on a kept connection; the status, once its answer is whole
 /// (`Content-Length` or chunked).
-fn ask(stream: &mut TcpStream, target: &str) -> u16 {
+pub(crate) fn ask(stream: &mut TcpStream, target: &str) -> u16 {
     stream
         .write_all(format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
         .unwrap();
@@ -156,8 +162,11 @@ fn max_conns_holds_across_threads() {
     for connection in &mut held {
         assert_eq!(ask(connection, "/"), 200);
     }
+    // Asleep with no task, each still holds its slot.
+    wait_until(PATIENCE, "both clients asleep", || asleep(&d) == 2);
     // A third connection waits in the backlog while both slots are held,
-    // whichever thread would serve it.
+    // whichever thread would serve it; a client that leaves while asleep
+    // gives its slot back.
     let mut third = connect(port);
     third
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -341,4 +350,113 @@ fn a_reload_changes_the_threads_new_connections_go_to() {
     for connection in &mut second {
         assert_eq!(ask(connection, "/"), 200);
     }
+}
+
+/// The proxy threads' connections asleep (idle with no task).
+fn asleep(d: &Daemon) -> u64 {
+    proxy_threads(d)
+        .iter()
+        .map(|t| t["asleep"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn idle_clients_sleep_with_no_task_wake_for_their_next_request_and_close_at_keep_alive() {
+    let d = Daemon::new("threads_asleep");
+    // Long enough for the client asked again to fall asleep (within two
+    // seconds of its answer) before the others' time is up.
+    let port = load_on_two_threads(&d, "keep_alive 8s;");
+    let mut answered = spread(&d, port, 8);
+    for client in &mut answered {
+        assert_eq!(ask(client, "/"), 200);
+    }
+    // Two that connect and say nothing sleep too.
+    let silent: Vec<TcpStream> = (0..2).map(|_| connect(port)).collect();
+    wait_until(PATIENCE, "ten idle clients asleep", || asleep(&d) == 10);
+    // A sleeping client is served at once, again and again.
+    for _ in 0..2 {
+        assert_eq!(ask(&mut answered[3], "/again"), 200);
+    }
+    let last_answer = Instant::now();
+    wait_until(PATIENCE, "the client asleep again", || asleep(&d) == 10);
+    // keep_alive counts from each one's last answer, asleep or not: every
+    // connection is closed by the proxy, none by the client, and the one
+    // asked last not before its 8 s.
+    for (index, mut client) in answered.into_iter().chain(silent).enumerate() {
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).unwrap(), 0, "{rest:?}");
+        if index == 3 {
+            let idle = last_answer.elapsed();
+            assert!(idle >= Duration::from_millis(7600), "closed after {idle:?}");
+        }
+    }
+    wait_until(PATIENCE, "no connection open or asleep", || {
+        asleep(&d) == 0 && loads(&d).iter().all(|(open, _)| *open == 0)
+    });
+}
+
+#[test]
+fn tls_and_unix_socket_clients_sleep_and_are_served_again_on_the_same_connection() {
+    use std::io::BufRead;
+    let d = Daemon::new("threads_asleep_tls_unix");
+    if !crate::certs::make_certificates(d.dir()) {
+        prerequisite_missing("openssl could not make test certificates");
+        return;
+    }
+    let app = d.write("headers.py", crate::daemon::HEADERS_APP);
+    let (port, socket) = (free_port(), d.path("u.sock"));
+    d.load(&format!(
+        "daemon {{ proxy_threads 2; }}\n\
+         worker {{ name s; exec python3; params {app}; upstream port; startup_grace 300;\n\
+         server https://127.0.0.1:{port}; tls on; tls_cert site.pem; tls_key site.key; }}\n\
+         worker {{ name u; exec python3; params {app}; upstream port; startup_grace 300;\n\
+         server http://unix:{socket}; }}\n",
+        app = app.display(),
+        socket = socket,
+    ));
+    d.wait_running("s");
+    d.wait_running("u");
+    // One client of each asks, idles until told, and asks again on the
+    // same connection (http.client does not reconnect by itself).
+    let script = format!(
+        "import http.client, socket, ssl, sys\n\
+         class Unix(http.client.HTTPConnection):\n\
+         \x20   def connect(self):\n\
+         \x20       self.sock = socket.socket(socket.AF_UNIX)\n\
+         \x20       self.sock.connect({socket:?})\n\
+         tls = http.client.HTTPSConnection('127.0.0.1', {port}, timeout=20,\n\
+         \x20   context=ssl.create_default_context(cafile={ca:?}))\n\
+         clients = [tls, Unix('a', timeout=20)]\n\
+         def ask(path):\n\
+         \x20   for c in clients:\n\
+         \x20       c.request('GET', path)\n\
+         \x20       r = c.getresponse()\n\
+         \x20       r.read()\n\
+         \x20       print(r.status, flush=True)\n\
+         ask('/')\n\
+         sockets = [c.sock for c in clients]\n\
+         print('idle', flush=True)\n\
+         sys.stdin.readline()\n\
+         ask('/again')\n\
+         print('same', all(c.sock is s for c, s in zip(clients, sockets)), flush=True)\n",
+        socket = socket,
+        ca = d.path("ca.pem"),
+    );
+    let mut python = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    while said.last().map(String::as_str) != Some("idle") {
+        said.push(lines.next().expect("a line").unwrap());
+    }
+    wait_until(PATIENCE, "both clients asleep", || asleep(&d) == 2);
+    python.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    said.extend(lines.map(Result::unwrap));
+    assert!(python.wait().unwrap().success(), "{said:?}");
+    assert_eq!(said, ["200", "200", "idle", "200", "200", "same True"]);
 }

@@ -92,7 +92,7 @@ impl ListenerStats {
         self.open.fetch_add(1, Ordering::Relaxed);
         Counted {
             inner: stream,
-            stats: self.clone(),
+            open: OpenConnection(self.clone()),
         }
     }
 
@@ -165,12 +165,41 @@ impl Snapshot {
 /// which outlives its HTTP exchange).
 pub struct Counted<T> {
     inner: T,
-    stats: Arc<ListenerStats>,
+    open: OpenConnection,
 }
 
-impl<T> Drop for Counted<T> {
+impl<T> Counted<T> {
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The stream, and its place among the listener's open connections
+    /// (a connection asleep keeps it, decision 123).
+    pub(crate) fn into_parts(self) -> (T, OpenConnection) {
+        (self.inner, self.open)
+    }
+}
+
+/// A connection counted open in its listener's figures, until dropped.
+pub(crate) struct OpenConnection(Arc<ListenerStats>);
+
+impl OpenConnection {
+    pub(crate) fn stats(&self) -> &Arc<ListenerStats> {
+        &self.0
+    }
+
+    /// The connection's stream again, counted as before.
+    pub(crate) fn resume<T>(self, stream: T) -> Counted<T> {
+        Counted {
+            inner: stream,
+            open: self,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -184,7 +213,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         let read = (buf.filled().len() - before) as u64;
-        this.stats.received.fetch_add(read, Ordering::Relaxed);
+        this.open.0.received.fetch_add(read, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 }
@@ -197,7 +226,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-        this.stats.sent.fetch_add(written as u64, Ordering::Relaxed);
+        this.open
+            .0
+            .sent
+            .fetch_add(written as u64, Ordering::Relaxed);
         Poll::Ready(Ok(written))
     }
 
@@ -208,7 +240,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
-        this.stats.sent.fetch_add(written as u64, Ordering::Relaxed);
+        this.open
+            .0
+            .sent
+            .fetch_add(written as u64, Ordering::Relaxed);
         Poll::Ready(Ok(written))
     }
 

@@ -198,6 +198,40 @@ impl ClientIo {
         self.ahead = Bytes::copy_from_slice(read);
     }
 
+    /// The client's stream, under the layers it was given with.
+    pub(super) fn get_ref(&self) -> &dyn Io {
+        &*self.io
+    }
+
+    pub(super) fn into_inner(self) -> Box<dyn Io> {
+        self.io
+    }
+
+    pub(super) fn has_read_ahead(&self) -> bool {
+        !self.ahead.is_empty()
+    }
+
+    /// Whether the client sent something (true, kept for hyper) or closed
+    /// (false), looked at without waiting. Pending, the socket keeps no
+    /// waker of the task that looked: a connection that sleeps with no
+    /// task must not keep its last task's memory alive through one.
+    pub(super) fn poll_without_waiting(&mut self) -> Poll<bool> {
+        if self.has_read_ahead() {
+            return Poll::Ready(true);
+        }
+        let mut first = [0u8];
+        let mut read = ReadBuf::new(&mut first);
+        let mut nobody = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.io).poll_read(&mut nobody, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().len() == 1 => {
+                self.ahead = Bytes::copy_from_slice(read.filled());
+                Poll::Ready(true)
+            }
+            Poll::Ready(_) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Waits, with no buffer, until the client sends something (true) or
     /// closes (false). What it sent first is kept for hyper.
     pub(super) async fn wait_for_client(&mut self) -> bool {

@@ -86,6 +86,14 @@ impl<T> Metered<T> {
     pub(crate) fn new(inner: T, held: Arc<Held>) -> Metered<T> {
         Metered { inner, held }
     }
+
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    pub(crate) fn into_inner(self) -> T {
+        self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {

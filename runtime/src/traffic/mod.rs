@@ -6,6 +6,7 @@ pub mod connector;
 pub(crate) mod held;
 pub(crate) mod http;
 pub mod inflight;
+mod parked;
 pub mod proxy;
 pub(crate) mod session;
 pub mod threads;

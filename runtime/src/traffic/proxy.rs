@@ -11,7 +11,9 @@
 //! instances restart. Instances that are starting, stopping or ended get no
 //! new traffic; with none running, HTTP answers 503 and TCP closes.
 
+use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -24,15 +26,15 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::observe::traffic_stats::{self, ListenerStats};
+use crate::observe::traffic_stats::{self, Counted, ListenerStats, OpenConnection};
 use crate::traffic::activity::{Activity, ClientBody, ClientIo};
 use crate::traffic::connector::{Handoff, Head, Link, Successors};
 use crate::traffic::held::{Held, Metered};
 use crate::traffic::http::{Body, BoxError, Io, lists_token, text};
 use crate::traffic::inflight::{Entered, InFlight};
 use crate::traffic::tls::Tls;
-use crate::traffic::upstream;
 use crate::traffic::vanguard::{Origin, Permit, Refusal, TrustedProxies, Vanguard};
+use crate::traffic::{parked, upstream};
 
 /// Where a listener sends traffic and how, as the supervisor sees it now:
 /// the running instances and the worker's proxy options.
@@ -245,8 +247,9 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
             };
             let (routes, next, worker) = (routes.clone(), next.clone(), worker.clone());
             let (successors, stats) = (routes.clone(), stats.clone());
-            crate::traffic::threads::hand_over(accepted, move |accepted| async move {
+            crate::traffic::threads::hand_over(accepted, move |accepted, open| async move {
                 let options = routes.borrow().options.clone();
+                let socket = accepted.socket();
                 // A raw connection is judged by Vanguard before anything else;
                 // a refused TCP client gets a reset, not a word. Through a
                 // connector, WebSockets are served (and judged) as requests.
@@ -323,17 +326,24 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                         // Shared from here: the future of `serve_http`,
                         // alive as long as the client, holds a pointer
                         // rather than the connection's state.
-                        let connection =
-                            Arc::new(Connection::new(client, tls, stats, held, successors));
-                        serve_http(stream, connection, &options, pick).await;
+                        let connection = Connection::new(client, tls, stats, held, successors);
+                        let client = Client::new(
+                            stream,
+                            connection,
+                            options,
+                            pick,
+                            Some(socket),
+                            (permit, open),
+                        );
+                        serve_http(client).await;
                     }
-                    Some(permit) => {
+                    Some(raw_permit) => {
                         let head = Secure::head("tcp", client, tls.as_ref());
                         let handoff = handoff(&successors, &options, &worker, "tcp");
-                        splice(stream, pick(None).0, head, permit, handoff).await;
+                        splice(stream, pick(None).0, head, raw_permit, handoff).await;
+                        drop((permit, open));
                     }
                 }
-                drop(permit);
             });
         }
     });
@@ -462,6 +472,15 @@ impl Socket {
 enum Accepted {
     Tcp(TcpStream, IpAddr),
     Unix(tokio::net::UnixStream),
+}
+
+impl Accepted {
+    fn socket(&self) -> RawFd {
+        match self {
+            Accepted::Tcp(stream, _) => stream.as_raw_fd(),
+            Accepted::Unix(stream) => stream.as_raw_fd(),
+        }
+    }
 }
 
 /// An accepted connection on its way to another proxy thread.
@@ -614,19 +633,54 @@ impl Connection {
         }
     }
 
-    /// Waits for the client's next request holding no buffer, until it
-    /// sends something (true), or closes or stays idle for `keep_alive`
-    /// (false).
-    async fn parked(&self, io: &mut ClientIo, keep_alive: std::time::Duration) -> bool {
-        let waiting = io.wait_for_client();
+    /// When the idle connection is closed, if its client sends nothing.
+    fn expires(&self, keep_alive: std::time::Duration) -> Option<std::time::Instant> {
         let idle_since = self.activity.idle_since();
-        match idle_since.filter(|_| !keep_alive.is_zero()) {
-            Some(since) => tokio::time::timeout_at((since + keep_alive).into(), waiting)
-                .await
-                .unwrap_or(false),
-            None => waiting.await,
+        idle_since
+            .filter(|_| !keep_alive.is_zero())
+            .map(|since| since + keep_alive)
+    }
+
+    /// Waits for the client's next request holding no buffer, for at most
+    /// `quiet_after` (for ever: `None`).
+    async fn waited(
+        &self,
+        io: &mut ClientIo,
+        keep_alive: std::time::Duration,
+        quiet_after: Option<std::time::Duration>,
+    ) -> Waited {
+        if io.has_read_ahead() {
+            return Waited::Sent;
+        }
+        let quiet_at = quiet_after.map(|after| std::time::Instant::now() + after);
+        let (until, then) = match (self.expires(keep_alive), quiet_at) {
+            (Some(expires), Some(quiet_at)) if quiet_at < expires => (quiet_at, Waited::Quiet),
+            (Some(expires), _) => (expires, Waited::Gone),
+            (None, Some(quiet_at)) => (quiet_at, Waited::Quiet),
+            (None, None) => {
+                return if io.wait_for_client().await {
+                    Waited::Sent
+                } else {
+                    Waited::Gone
+                };
+            }
+        };
+        match tokio::time::timeout_at(until.into(), io.wait_for_client()).await {
+            Ok(true) => Waited::Sent,
+            Ok(false) => Waited::Gone,
+            Err(_) => then,
         }
     }
+}
+
+/// What a client did while its connection waited for its next request.
+enum Waited {
+    /// It sent something, kept for hyper.
+    Sent,
+    /// It closed, or stayed idle for `keep_alive`.
+    Gone,
+    /// Nothing yet: the connection can sleep.
+    Quiet,
 }
 
 /// Why `idle_for` returned.
@@ -712,34 +766,254 @@ impl<F> Pick for F where
 {
 }
 
+/// A client connection between two requests: what serves its next ones.
+struct Client<P> {
+    io: ClientIo,
+    connection: Arc<Connection>,
+    /// Its listener's options as the connection began.
+    options: Arc<Options>,
+    pick: P,
+    /// The client's socket, which `io` owns under its layers (none for a
+    /// test's in-memory pipe).
+    socket: Option<RawFd>,
+    _holds: Holds,
+}
+
+/// A client connection's `max_conns` slot and its place in its thread's
+/// count, for as long as it lives, with a task or asleep.
+type Holds = (
+    tokio::sync::OwnedSemaphorePermit,
+    crate::traffic::threads::Open,
+);
+
+impl<P: Pick> Client<P> {
+    fn new(
+        stream: Box<dyn Io>,
+        connection: Connection,
+        options: Arc<Options>,
+        pick: P,
+        socket: Option<RawFd>,
+        holds: Holds,
+    ) -> Client<P> {
+        let connection = Arc::new(connection);
+        Client {
+            io: ClientIo::new(stream, connection.activity.clone()),
+            connection,
+            options,
+            pick,
+            socket,
+            _holds: holds,
+        }
+    }
+
+    /// Whether its connection can sleep taken apart (`Dozing`): a plain
+    /// one, with nothing read that hyper has not had.
+    fn can_doze(&self) -> bool {
+        self.connection.tls.is_none() && !self.io.has_read_ahead() && is_plain(self.io.get_ref())
+    }
+}
+
+impl<P: Pick> parked::Sleeper for Client<P> {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        self.socket
+            .map(|socket| crate::sys::socket_of(&self.io, socket))
+    }
+
+    fn wake(self: Box<Self>) {
+        tokio::spawn(serve_http(*self));
+    }
+}
+
+/// A plain client connection asleep, in as little as serves it again
+/// (decision 123): its socket, out of tokio's reactor, and what its
+/// connection's state is made from once its client sends again. A TLS
+/// connection sleeps whole (`Client`): its session cannot be made again.
+struct Dozing<P> {
+    socket: PlainSocket,
+    client: Option<IpAddr>,
+    open: OpenConnection,
+    routes: Routes,
+    options: Arc<Options>,
+    pick: P,
+    holds: Holds,
+}
+
+enum PlainSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+/// A layer of a client's connection.
+type Layer = Box<dyn Io>;
+
+/// Whether `io` is a plain connection's layers, as `listen` makes them:
+/// what the client sends held against the budget (`Metered`), over the
+/// listener's figures (`Counted`), over the socket.
+fn is_plain(io: &dyn Io) -> bool {
+    let metered = (io as &dyn Any).downcast_ref::<Metered<Layer>>();
+    let counted =
+        metered.and_then(|m| (&**m.get_ref() as &dyn Any).downcast_ref::<Counted<Layer>>());
+    counted.is_some_and(|counted| {
+        let socket = &**counted.get_ref() as &dyn Any;
+        socket.is::<TcpStream>() || socket.is::<tokio::net::UnixStream>()
+    })
+}
+
+impl<P: Pick> Dozing<P> {
+    /// A client whose connection `can_doze`, taken apart; none if its
+    /// socket could not leave tokio's reactor (then closed: it was idle).
+    fn of(client: Client<P>) -> Option<Dozing<P>> {
+        let Client {
+            io,
+            connection,
+            options,
+            pick,
+            _holds: holds,
+            ..
+        } = client;
+        let metered = (io.into_inner() as Box<dyn Any>)
+            .downcast::<Metered<Layer>>()
+            .ok()?;
+        let (socket, open) = (metered.into_inner() as Box<dyn Any>)
+            .downcast::<Counted<Layer>>()
+            .ok()?
+            .into_parts();
+        let socket = match (socket as Box<dyn Any>).downcast::<TcpStream>() {
+            Ok(tcp) => PlainSocket::Tcp(tcp.into_std().ok()?),
+            Err(other) => PlainSocket::Unix(
+                other
+                    .downcast::<tokio::net::UnixStream>()
+                    .ok()?
+                    .into_std()
+                    .ok()?,
+            ),
+        };
+        Some(Dozing {
+            socket,
+            client: connection.client,
+            open,
+            routes: connection.routes.clone(),
+            options,
+            pick,
+            holds,
+        })
+    }
+
+    /// The connection made again as `listen` makes a plain one (it is
+    /// not counted as accepted again), its socket back in tokio's reactor.
+    fn into_client(self) -> std::io::Result<Client<P>> {
+        let (stream, socket): (Layer, RawFd) = match self.socket {
+            PlainSocket::Tcp(tcp) => {
+                let tcp = TcpStream::from_std(tcp)?;
+                let socket = tcp.as_raw_fd();
+                (Box::new(tcp), socket)
+            }
+            PlainSocket::Unix(unix) => {
+                let unix = tokio::net::UnixStream::from_std(unix)?;
+                let socket = unix.as_raw_fd();
+                (Box::new(unix), socket)
+            }
+        };
+        let stats = self.open.stats().clone();
+        let held = Held::new();
+        let counted: Layer = Box::new(self.open.resume(stream));
+        let metered = Box::new(Metered::new(counted, held.clone()));
+        let connection = Connection::new(self.client, None, stats, held, self.routes);
+        Ok(Client::new(
+            metered,
+            connection,
+            self.options,
+            self.pick,
+            Some(socket),
+            self.holds,
+        ))
+    }
+}
+
+impl<P: Pick> parked::Sleeper for Dozing<P> {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(match &self.socket {
+            PlainSocket::Tcp(tcp) => tcp.as_fd(),
+            PlainSocket::Unix(unix) => unix.as_fd(),
+        })
+    }
+
+    fn wake(self: Box<Self>) {
+        // A socket that cannot join the reactor again is closed.
+        if let Ok(client) = self.into_client() {
+            tokio::spawn(serve_http(client));
+        }
+    }
+}
+
+/// Puts an idle client's connection to sleep with no task (`parked`), or
+/// gives it back to wait with its own if it cannot sleep so.
+fn sleep<P: Pick>(mut client: Client<P>) -> Option<Client<P>> {
+    match client.io.poll_without_waiting() {
+        // It sent something meanwhile, or left.
+        std::task::Poll::Ready(true) => return Some(client),
+        std::task::Poll::Ready(false) => return None,
+        std::task::Poll::Pending => {}
+    }
+    let expires = client.connection.expires(client.options.keep_alive);
+    if client.can_doze() {
+        let dozing = Dozing::of(client)?;
+        parked::park(Box::new(dozing), expires)
+            .err()
+            .and_then(|dozing| dozing.into_client().ok())
+    } else {
+        parked::park(Box::new(client), expires)
+            .err()
+            .map(|client| *client)
+    }
+}
+
 /// Serves a client's requests. Between two requests, once the client has
 /// been idle for a while, the connection is taken back from hyper, which
-/// holds a read and a write buffer of 8 KiB each, and parked: it waits
-/// for the client's next bytes with none, and a new hyper connection
-/// serves what comes (pipelined bytes hyper had read go to it first).
-async fn serve_http(
-    stream: Box<dyn Io>,
-    connection: Arc<Connection>,
-    options: &Options,
-    pick: impl Pick,
-) {
-    let activity = connection.activity.clone();
-    let mut io = ClientIo::new(stream, activity.clone());
-    // A new connection waits for its first request as an idle one does.
-    while connection.parked(&mut io, options.keep_alive).await {
+/// holds a read and a write buffer of 8 KiB each, and sleeps with no task
+/// (`parked`) until the client sends its next bytes; a new hyper
+/// connection serves what comes (pipelined bytes hyper had read go to it
+/// first). A new connection is idle until its first bytes come.
+async fn serve_http(mut client: Client<impl Pick>) {
+    let activity = client.connection.activity.clone();
+    // How long the connection waits with its task before it sleeps: as
+    // long as hyper would before it is taken back, none once it was.
+    let mut quiet_after = Some(upstream::IDLE_LIMIT);
+    loop {
+        let keep_alive = client.options.keep_alive;
+        match client
+            .connection
+            .waited(&mut client.io, keep_alive, quiet_after)
+            .await
+        {
+            Waited::Sent => {}
+            Waited::Gone => return,
+            Waited::Quiet => match sleep(client) {
+                Some(awake) => {
+                    // It cannot sleep without its task: it waits with it.
+                    client = awake;
+                    quiet_after = None;
+                    continue;
+                }
+                None => return,
+            },
+        }
         let served_from = activity.now();
         // Boxed: inline, hyper's connection would make the future of every
-        // parked client as large.
+        // client's task as large.
         let mut serving = Box::new(
-            http1(options)
-                .serve_connection(TokioIo::new(io), service(connection.clone(), pick.clone()))
+            http1(&client.options)
+                .serve_connection(
+                    TokioIo::new(client.io),
+                    service(client.connection.clone(), client.pick.clone()),
+                )
                 .with_upgrades(),
         );
         let mut lull = Some(served_from);
         let served = loop {
             tokio::select! {
                 served = &mut *serving => break served,
-                lapse = connection.idle_for(options.keep_alive, lull) => match lapse {
+                lapse = client.connection.idle_for(keep_alive, lull) => match lapse {
                     Lapse::Expired => return,
                     Lapse::Lull => {
                         activity.parking.store(true, Ordering::Release);
@@ -757,8 +1031,9 @@ async fn serve_http(
         let Some(parts) = serving.into_parts() else {
             return;
         };
-        io = parts.io.into_inner();
-        io.read_ahead(&parts.read_buf);
+        client.io = parts.io.into_inner();
+        client.io.read_ahead(&parts.read_buf);
+        quiet_after = Some(std::time::Duration::ZERO);
     }
 }
 
@@ -1200,21 +1475,44 @@ mod tests {
         let (near, _far) = tokio::io::duplex(1);
         let (_, routes) = watch::channel(Route::default());
         let stats = traffic_stats::register("w".into(), "http://127.0.0.1:1".into());
-        let connection = Arc::new(Connection::new(
-            None,
-            None,
-            stats,
-            Held::new(),
-            routes.clone(),
-        ));
-        let options = Options::default();
+        let connection = Connection::new(None, None, stats, Held::new(), routes.clone());
         let pick = move |_: Option<SocketAddr>| (None, routes.borrow().options.clone());
-        let serving = serve_http(Box::new(near), connection, &options, pick);
+        let slot = Arc::new(tokio::sync::Semaphore::new(1));
+        let holds = (slot.try_acquire_owned().expect("free"), Default::default());
+        let client = Client::new(
+            Box::new(near),
+            connection,
+            Arc::default(),
+            pick,
+            None,
+            holds,
+        );
+        let serving = serve_http(client);
         // hyper's connection alone is larger, and so is the connection's
         // state: each parked client's task would hold them (352 bytes in
         // a test build when written; 568 with the state inline).
         let size = std::mem::size_of_val(&serving);
         assert!(size < 512, "{size} bytes");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_a_plain_connections_layers_are_taken_apart_to_sleep() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let stats = traffic_stats::register("w".into(), "http://127.0.0.1:1".into());
+        let layers = |io: Layer| -> Layer {
+            let counted: Layer = Box::new(stats.connection(io));
+            Box::new(Metered::new(counted, Held::new()))
+        };
+        let (pipe, _far) = tokio::io::duplex(1);
+        let counted_only: Layer = Box::new(stats.connection(Box::new(pipe) as Layer));
+        let (pipe, _far) = tokio::io::duplex(1);
+        assert!(is_plain(&*layers(Box::new(socket))));
+        assert!(!is_plain(&*layers(Box::new(pipe))));
+        assert!(!is_plain(&*counted_only));
     }
 
     #[test]

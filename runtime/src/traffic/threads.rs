@@ -28,6 +28,7 @@ pub(crate) struct ProxyThread {
     runtime: tokio::runtime::Handle,
     open: AtomicU64,
     accepted: AtomicU64,
+    asleep: AtomicU64,
 }
 
 /// A thread's load, as `apm version --json` and the metrics show it.
@@ -37,6 +38,9 @@ pub struct Load {
     pub open: u64,
     /// Client connections handed to it since it started.
     pub accepted: u64,
+    /// Of those open, the idle ones asleep with no task (`parked`).
+    #[serde(default)]
+    pub asleep: u64,
 }
 
 struct Pool {
@@ -58,8 +62,8 @@ static POOL: OnceLock<Pool> = OnceLock::new();
 const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 thread_local! {
-    /// The index of the proxy thread this is, if it is one.
-    static HOME: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The proxy thread this is, if it is one.
+    static HOME: Cell<Option<&'static ProxyThread>> = const { Cell::new(None) };
 }
 
 /// The cores the daemon may use: `available_parallelism` reads the
@@ -103,16 +107,17 @@ fn start(index: usize, maintenance: fn()) -> std::io::Result<&'static ProxyThrea
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let thread = Box::leak(Box::new(ProxyThread {
+    let thread: &'static ProxyThread = Box::leak(Box::new(ProxyThread {
         index,
         runtime: runtime.handle().clone(),
         open: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
+        asleep: AtomicU64::new(0),
     }));
     std::thread::Builder::new()
         .name(format!("apm-proxy-{index}"))
         .spawn(move || {
-            HOME.set(Some(index));
+            HOME.set(Some(thread));
             // Runs until the process exits: its connections and listeners
             // end with the daemon.
             runtime.block_on(async {
@@ -134,6 +139,7 @@ pub fn loads() -> Vec<Load> {
             .map(|thread| Load {
                 open: thread.open.load(Ordering::Relaxed),
                 accepted: thread.accepted.load(Ordering::Relaxed),
+                asleep: thread.asleep.load(Ordering::Relaxed),
             })
             .collect()
     })
@@ -170,26 +176,23 @@ pub(crate) trait Movable: Sized {
 }
 
 /// Serves an accepted connection on the least loaded thread: here if that
-/// is this thread, else moved there. The thread's count of open
-/// connections covers `serve`.
+/// is this thread, else moved there. `serve` is given the connection's
+/// place in the thread's count of open connections.
 pub(crate) fn hand_over<C, S, F>(connection: C, serve: S)
 where
     C: Movable + Send + 'static,
-    S: FnOnce(C) -> F + Send + 'static,
+    S: FnOnce(C, Open) -> F + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let Some(thread) = least_loaded() else {
-        tokio::spawn(serve(connection));
+        tokio::spawn(serve(connection, Open::default()));
         return;
     };
     thread.accepted.fetch_add(1, Ordering::Relaxed);
     thread.open.fetch_add(1, Ordering::Relaxed);
-    let counted = Open(thread);
-    if HOME.get() == Some(thread.index) {
-        tokio::spawn(async move {
-            serve(connection).await;
-            drop(counted);
-        });
+    let counted = Open(Some(thread));
+    if HOME.get().is_some_and(|home| home.index == thread.index) {
+        tokio::spawn(serve(connection, counted));
         return;
     }
     let Ok(moving) = connection.unregister() else {
@@ -197,17 +200,35 @@ where
     };
     thread.runtime.spawn(async move {
         if let Ok(connection) = C::register(moving) {
-            serve(connection).await;
+            serve(connection, counted).await;
         }
-        drop(counted);
     });
 }
 
-/// A connection open on a thread, until dropped.
-struct Open(&'static ProxyThread);
+/// A connection open on a thread (none before the pool is set up), until
+/// dropped: `serve` keeps it for as long as the connection lives, with a
+/// task or asleep without one.
+#[derive(Default)]
+pub(crate) struct Open(Option<&'static ProxyThread>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(thread) = self.0 {
+            thread.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a connection of this thread that fell asleep (`parked`).
+pub(crate) fn fell_asleep() {
+    if let Some(thread) = HOME.get() {
+        thread.asleep.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a connection of this thread that woke up, or was closed asleep.
+pub(crate) fn woke_up() {
+    if let Some(thread) = HOME.get() {
+        thread.asleep.fetch_sub(1, Ordering::Relaxed);
     }
 }

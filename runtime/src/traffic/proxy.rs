@@ -168,15 +168,6 @@ impl PartialEq for Guard {
 
 pub type Routes = watch::Receiver<Route>;
 
-/// A free loopback port for an instance. The port is released before the
-/// child binds it; another process taking it in between makes the instance
-/// fail its start, which the restart policy handles.
-pub fn free_port() -> std::io::Result<u16> {
-    std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()
-        .map(|a| a.port())
-}
-
 /// A running listener; dropping it closes the socket (and removes a unix
 /// socket's file).
 pub struct Listener {

@@ -7,13 +7,15 @@
 //! the task has a file of its own: `spawning` (an instance's process, its
 //! command, environment, logs and cgroup), `rolling` (restarts one instance
 //! at a time), `waiters` (answers once instances settle, dependents),
-//! `listeners` (the proxy's listeners and routes), `watches` (file watching,
+//! `listeners` (the proxy's listeners and routes), `port` (an
+//! `upstream port` instance's loopback port), `watches` (file watching,
 //! health verdicts, StatsD) and `orphans` (a crashed daemon's processes).
 
 mod draining;
 mod listeners;
 mod one;
 mod orphans;
+mod port;
 mod rolling;
 mod spawning;
 mod waiters;
@@ -23,6 +25,7 @@ pub use orphans::{end_orphans, marked_groups};
 pub use spawning::log_paths;
 
 use listeners::{guard_for, tls_for};
+use port::Port;
 use spawning::{augur_view, health_settings, log_time_format, rotation, run_dir, sinks};
 use watches::{statsd_for, syslog_for};
 
@@ -430,44 +433,6 @@ impl Instance {
             (None, Some(link)) => Some(link.in_flight().clone()),
             (None, None) => None,
         }
-    }
-}
-
-struct Port {
-    address: std::net::SocketAddr,
-    accepting: Arc<std::sync::atomic::AtomicBool>,
-    in_flight: Arc<crate::traffic::inflight::InFlight>,
-}
-
-impl Port {
-    fn new(number: u16) -> Port {
-        Port {
-            address: std::net::SocketAddr::from(([127, 0, 0, 1], number)),
-            accepting: Arc::default(),
-            in_flight: Arc::default(),
-        }
-    }
-
-    fn accepting(&self) -> bool {
-        self.accepting.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Tries to connect until the process accepts, then has the listeners
-    /// updated. Ends when the instance moves on to another process.
-    fn probe(&self, tx: mpsc::UnboundedSender<Msg>) {
-        let (address, accepting) = (self.address, self.accepting.clone());
-        tokio::spawn(async move {
-            let mut pause = Duration::from_millis(5);
-            while Arc::strong_count(&accepting) > 1 {
-                if tokio::net::TcpStream::connect(address).await.is_ok() {
-                    accepting.store(true, std::sync::atomic::Ordering::Release);
-                    let _ = tx.send(Msg::Recheck);
-                    return;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(200));
-            }
-        });
     }
 }
 

@@ -25,7 +25,7 @@ impl Supervisor {
         instance.health = None;
         instance.healthy = false;
         let port = if spec.upstream.value == "port" {
-            match crate::traffic::proxy::free_port() {
+            match port::free_port() {
                 Ok(port) => Some(port),
                 Err(error) => {
                     return spawn_failed(name, instance, format!("no free loopback port: {error}"));

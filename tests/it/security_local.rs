@@ -1,7 +1,8 @@
 //! What a hostile local user tries against a root daemon and its CLI
 //! (issue 23, local users): squatting the control socket's name, the
 //! dashboard without a secret, descriptors leaking into workers,
-//! `allow_group`, and a flood of refused connections in the daemon log.
+//! `allow_group`, a flood of refused connections in the daemon log, and
+//! an instance's port taken before the instance binds it.
 //! The attacker runs as uid 65534 through `setpriv`.
 
 use std::io::BufRead;
@@ -78,13 +79,19 @@ sys.stdin.read()
 
 impl Squatter {
     fn start(socket: &str, listening: bool) -> Squatter {
+        Squatter::run(
+            SQUATTER,
+            &[socket, if listening { "listen" } else { "bind" }],
+        )
+    }
+
+    /// uid 65534 running the Python `script` with `args`; it prints
+    /// `ready` once it holds what it squats.
+    fn run(script: &str, args: &[&str]) -> Squatter {
         let mut child = as_nobody(PYTHON)
-            .args([
-                "-c",
-                SQUATTER,
-                socket,
-                if listening { "listen" } else { "bind" },
-            ])
+            .arg("-c")
+            .arg(script)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -516,4 +523,89 @@ fn the_gui_wants_its_token_on_loopback_and_a_burst_of_guesses_is_slowed_and_summ
     assert!(looked_at <= 8, "{looked_at} passwords looked at in 2 s");
     assert!(refused > looked_at, "{refused} refused");
     d.wait_daemon_log("wrong passwords in a row from 127.0.0.1");
+}
+
+/// An `upstream port` app that says which port it got, then binds it only
+/// once the test says so (a slow start, in which another user may take it).
+const LATE_BINDER: &str = r#"
+import http.server, os, time
+port = int(os.environ["PORT"])
+open("port.txt.tmp", "w").write(str(port))
+os.rename("port.txt.tmp", "port.txt")
+while not os.path.exists("go"):
+    time.sleep(0.05)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "9")
+        self.end_headers()
+        self.wfile.write(b"instance\n")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// uid 65534's HTTP server on a port: it answers every request `squatter`.
+const PORT_SQUATTER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "9")
+        self.end_headers()
+        self.wfile.write(b"squatter\n")
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+#[test]
+fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_clients() {
+    if !can_be_nobody() {
+        return;
+    }
+    let d = Daemon::new("port-squat");
+    d.write("app.py", LATE_BINDER);
+    let front = free_port();
+    d.load(&format!(
+        "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \
+         server http://127.0.0.1:{front}; }}\n"
+    ));
+    let port: u16 = wait_for("the instance's port", || {
+        std::fs::read_to_string(d.dir().join("port.txt"))
+            .ok()?
+            .parse()
+            .ok()
+    });
+    // The port the daemon chose is where no outgoing connection lands.
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let last: u16 = range.split_whitespace().nth(1).unwrap().parse().unwrap();
+    if last < 65_000 {
+        assert!(port > last, "{port} is inside the ephemeral range ..{last}");
+    }
+    // Another user takes it first, and listens.
+    let squatter = Squatter::run(PORT_SQUATTER, &[&port.to_string()]);
+    assert_eq!(
+        http_get(port).map(|(_, body)| body).as_deref(),
+        Some("squatter\n")
+    );
+    d.wait_daemon_log(&format!(
+        "late#0: port {port} is listened on by uid 65534, not by the instance's user (uid 0): it gets no traffic"
+    ));
+    // The worker's clients are not sent there, however long they ask.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        let (status, body) = http_get(front).expect("an answer from the proxy");
+        assert_eq!(status, 503, "{body}");
+        assert!(!body.contains("squatter"), "{body}");
+    }
+    // Once the stranger has gone and the instance binds its port, they are
+    // served by it.
+    drop(squatter);
+    d.write("go", "");
+    wait_until(PATIENCE, "the instance to serve", || {
+        http_get(front).is_some_and(|(status, body)| status == 200 && body == "instance\n")
+    });
 }

@@ -121,11 +121,7 @@ pub struct Listener {
 
 /// Who listens on `port` (IPv4 or IPv6, any address), if anyone does.
 pub fn tcp_listener(port: u16) -> Option<Listener> {
-    let sockets: Vec<(u64, u32)> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|table| std::fs::read_to_string(table).ok())
-        .flat_map(|table| listening_sockets(&table, port))
-        .collect();
+    let sockets = tcp_listening_sockets(port);
     let &(_, uid) = sockets.first()?;
     let links: Vec<String> = sockets
         .iter()
@@ -147,6 +143,16 @@ pub fn tcp_listener(port: u16) -> Option<Listener> {
         holds.then(|| (pid, command_line(pid)))
     });
     Some(Listener { uid, process })
+}
+
+/// The (inode, uid) of each socket listening on TCP `port` (IPv4 or IPv6,
+/// any address).
+pub fn tcp_listening_sockets(port: u16) -> Vec<(u64, u32)> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| listening_sockets(&table, port))
+        .collect()
 }
 
 /// The (inode, uid) of each socket of a `/proc/net/tcp{,6}` table that

@@ -267,7 +267,10 @@ mod tests {
         let (tx, mut woken) = mpsc::unbounded_channel();
         let (mut served, mut client) = pairs(1).await.pop().unwrap();
         for round in 0..3 {
-            assert!(park(probe(round, served, &tx), None).is_ok(), "round {round}");
+            assert!(
+                park(probe(round, served, &tx), None).is_ok(),
+                "round {round}"
+            );
             client.write_all(b"x").await.unwrap();
             let (index, mut again) = next_woken(&mut woken).await;
             assert_eq!(index, round);

@@ -60,9 +60,9 @@ impl Supervisor {
                 None
             }
         };
-        let mut command =
+        let (mut command, uid) =
             match build_command(&spec, directory.as_deref(), &inherited, index, port, cgroup) {
-                Ok(command) => command,
+                Ok(built) => built,
                 Err(error) => return spawn_failed(name, instance, error),
             };
         let listening = instance.port.as_ref().map(|p| p.accepting.clone());
@@ -116,7 +116,7 @@ impl Supervisor {
         // The child has its end of the channel; ours must be the only other.
         drop(command);
         if let Some(port) = &instance.port {
-            port.probe(self.tx.clone());
+            port.probe(self.tx.clone(), format!("{name}#{index}"), uid.as_raw());
         }
         if let Some(channel) = channel {
             let tx = self.tx.clone();
@@ -417,6 +417,7 @@ pub(super) fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String
         .collect())
 }
 
+/// The command that starts an instance's process, and the uid it runs as.
 pub(super) fn build_command(
     spec: &WorkerSpec,
     directory: Option<&Path>,
@@ -424,7 +425,7 @@ pub(super) fn build_command(
     index: usize,
     port: Option<u16>,
     cgroup: Option<std::fs::File>,
-) -> Result<tokio::process::Command, String> {
+) -> Result<(tokio::process::Command, nix::unistd::Uid), String> {
     let mut command = tokio::process::Command::new(&spec.exec.value);
     command.args(spec.params.iter().map(|p| &p.value));
     if let Some(directory) = directory {
@@ -460,8 +461,9 @@ pub(super) fn build_command(
     if let Some(procs) = cgroup {
         sys::join_cgroup(&mut command, procs);
     }
+    let me = nix::unistd::geteuid();
+    let uid = run_as.as_ref().map_or(me, |user| user.uid);
     if let Some(run_as) = run_as {
-        let me = nix::unistd::geteuid();
         if run_as.uid != me {
             if !me.is_root() {
                 return Err(format!(
@@ -481,7 +483,7 @@ pub(super) fn build_command(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    Ok(command)
+    Ok((command, uid))
 }
 
 /// The directory a worker's processes run in: `path`, or without one the

@@ -463,16 +463,16 @@ pub(super) fn build_command(
     }
     let me = nix::unistd::geteuid();
     let uid = run_as.as_ref().map_or(me, |user| user.uid);
-    if let Some(run_as) = run_as {
-        if run_as.uid != me {
-            if !me.is_root() {
-                return Err(format!(
-                    "`user {}` needs the daemon to run as root; it runs as uid {me}",
-                    run_as.name
-                ));
-            }
-            sys::run_as(&mut command, run_as);
+    if let Some(run_as) = run_as
+        && run_as.uid != me
+    {
+        if !me.is_root() {
+            return Err(format!(
+                "`user {}` needs the daemon to run as root; it runs as uid {me}",
+                run_as.name
+            ));
         }
+        sys::run_as(&mut command, run_as);
     }
     sys::restore_open_files_limit(&mut command);
     // Before the connector's channel is passed: it is registered later.

@@ -9,6 +9,7 @@ use std::io::BufRead;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -545,21 +546,66 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
-/// uid 65534's HTTP server on a port: it answers every request `squatter`.
+/// uid 65534 listening on a port: it says `accepted` for each connection
+/// and answers any request on it `squatter`.
 const PORT_SQUATTER: &str = r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "9")
-        self.end_headers()
-        self.wfile.write(b"squatter\n")
-    def log_message(self, *args):
-        pass
-server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(64)
 print("ready", flush=True)
-server.serve_forever()
+def serve(c):
+    c.settimeout(2)
+    try:
+        if c.recv(65536):
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nsquatter\n")
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    print("accepted", flush=True)
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
+
+impl Squatter {
+    /// How many connections it accepted from now for `window`.
+    fn accepted_within(&self, window: Duration) -> usize {
+        let until = std::time::Instant::now() + window;
+        let mut accepted = 0;
+        while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == "accepted" => accepted += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        accepted
+    }
+
+    /// Forgets what it said so far.
+    fn drain(&self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+}
+
+/// The port an instance of the late binder got, once it is not `before`.
+fn late_binders_port(d: &Daemon, before: Option<u16>) -> u16 {
+    wait_for("the instance's port", || {
+        let port = std::fs::read_to_string(d.dir().join("port.txt"))
+            .ok()?
+            .parse()
+            .ok()?;
+        (Some(port) != before).then_some(port)
+    })
+}
+
+/// CPU time `pid` spent, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let fields = stat_fields(pid).expect("the daemon's stat");
+    fields[13].parse::<u64>().unwrap() + fields[14].parse::<u64>().unwrap()
+}
 
 #[test]
 fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_clients() {
@@ -573,39 +619,65 @@ fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_client
         "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \
          server http://127.0.0.1:{front}; }}\n"
     ));
-    let port: u16 = wait_for("the instance's port", || {
-        std::fs::read_to_string(d.dir().join("port.txt"))
-            .ok()?
-            .parse()
-            .ok()
-    });
+    let port = late_binders_port(&d, None);
     // The port the daemon chose is where no outgoing connection lands.
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let last: u16 = range.split_whitespace().nth(1).unwrap().parse().unwrap();
     if last < 65_000 {
         assert!(port > last, "{port} is inside the ephemeral range ..{last}");
     }
+    // Awaiting a slow instance costs the daemon next to nothing.
+    let daemon = d.daemon_pid().unwrap();
+    let before = cpu_ticks(daemon);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(daemon) - before;
+    assert!(
+        spent < 30,
+        "{spent} ticks in a second, awaiting an instance"
+    );
     // Another user takes it first, and listens.
     let squatter = Squatter::run(PORT_SQUATTER, &[&port.to_string()]);
     assert_eq!(
         http_get(port).map(|(_, body)| body).as_deref(),
         Some("squatter\n")
     );
-    d.wait_daemon_log(&format!(
+    let found = format!(
         "late#0: port {port} is listened on by uid 65534, not by the instance's user (uid 0): it gets no traffic"
-    ));
-    // The worker's clients are not sent there, however long they ask.
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
-    while std::time::Instant::now() < until {
-        let (status, body) = http_get(front).expect("an answer from the proxy");
-        assert_eq!(status, 503, "{body}");
-        assert!(!body.contains("squatter"), "{body}");
-    }
-    // Once the stranger has gone and the instance binds its port, they are
-    // served by it.
-    drop(squatter);
-    d.write("go", "");
-    wait_until(PATIENCE, "the instance to serve", || {
-        http_get(front).is_some_and(|(status, body)| status == 200 && body == "instance\n")
+    );
+    d.wait_daemon_log(&found);
+    // The worker's clients are not sent there, however long they ask, and
+    // the stranger's port is looked at once a second.
+    squatter.drain();
+    let asking = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + Duration::from_millis(2500);
+        while std::time::Instant::now() < until {
+            let (status, body) = http_get(front).expect("an answer from the proxy");
+            assert_eq!(status, 503, "{body}");
+            assert!(!body.contains("squatter"), "{body}");
+        }
     });
+    let probes = squatter.accepted_within(Duration::from_millis(2500));
+    asking.join().unwrap();
+    assert!(probes <= 4, "{probes} probes in 2.5 s");
+    assert_eq!(d.daemon_log().matches(&found).count(), 1, "said once");
+    // An instance that moves on leaves its port alone. (The restart
+    // answers once the new instance serves, which is at the end.)
+    std::thread::scope(|scope| {
+        let restarting = scope.spawn(|| d.ok(&["restart", "late"]));
+        let second = late_binders_port(&d, Some(port));
+        let stale_probes = squatter.accepted_within(Duration::from_millis(2500));
+        assert!(stale_probes <= 1, "{stale_probes} probes of a port left");
+        drop(squatter);
+        // A stranger on the new port, who leaves before the instance binds
+        // it: the instance is then served.
+        let squatter = Squatter::run(PORT_SQUATTER, &[&second.to_string()]);
+        d.wait_daemon_log(&format!(
+            "late#0: port {second} is listened on by uid 65534"
+        ));
+        drop(squatter);
+        d.write("go", "");
+        restarting.join().unwrap();
+    });
+    let (status, body) = http_get(front).expect("an answer from the proxy");
+    assert_eq!((status, body.as_str()), (200, "instance\n"));
 }

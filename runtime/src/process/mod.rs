@@ -7,6 +7,7 @@ pub(crate) mod filewatch;
 pub(crate) mod health;
 pub mod lifecycle;
 pub mod procfs;
+pub mod sock_diag;
 pub mod state;
 pub mod supervisor;
 pub(crate) mod usage;

@@ -74,10 +74,14 @@ enum Listening {
 }
 
 fn listening(port: u16, owner: u32) -> Listening {
-    let sockets = procfs::tcp_listening_sockets(port);
-    match sockets.iter().find(|&&(_, uid)| uid != owner) {
-        Some(&(_, stranger)) => Listening::Stranger(stranger),
-        None if sockets.is_empty() => Listening::Nobody,
+    // /proc/net/tcp where the kernel's socket diagnostics are not to be had.
+    let uids = crate::process::sock_diag::listener_uids(port).unwrap_or_else(|_| {
+        let sockets = procfs::tcp_listening_sockets(port);
+        sockets.into_iter().map(|(_, uid)| uid).collect()
+    });
+    match uids.iter().find(|&&uid| uid != owner) {
+        Some(&stranger) => Listening::Stranger(stranger),
+        None if uids.is_empty() => Listening::Nobody,
         None => Listening::Owner,
     }
 }
@@ -115,8 +119,8 @@ impl Port {
             let mut reported = false;
             while Arc::strong_count(&accepting) > 1 {
                 if tokio::net::TcpStream::connect(address).await.is_ok() {
-                    // /proc/net/tcp lists every socket: read off the
-                    // supervisor's thread.
+                    // A system call or, without sock_diag, /proc/net/tcp:
+                    // off the supervisor's thread.
                     let port = address.port();
                     let found = tokio::task::spawn_blocking(move || listening(port, owner))
                         .await

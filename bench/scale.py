@@ -12,7 +12,8 @@ per request no more than 5 % above) and apm 2 threads / nginx 2 workers
 (target: req/s at least nginx's); then the p99 and the maximum of `apm ls`
 with the 2-thread daemon idle and with its proxy saturated by wrk (target:
 p99 <= 10 ms), beside those of `/bin/true` run in alternation (what the
-machine adds to starting any process).
+machine adds to starting any process) and of the daemon's own answer to
+`apm ls`'s request over its socket (the daemon's share).
 Needs wrk and nginx (`apt-get install wrk nginx`; installed when run as root).
 
 Usage: cargo build --release --examples -p apm-runtime && cargo build --release && python3 bench/scale.py
@@ -20,7 +21,9 @@ SHORT=1 runs 1 round of 3 s and 20 `apm ls` calls; ROUNDS and DURATION set
 the rounds and the seconds of each wrk run. APM_BIN measures another binary.
 """
 
+import json
 import os
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -51,18 +54,29 @@ def start_daemon(apm, root, threads, backend_exe):
 
 
 def ls_latencies(apm, env, calls):
-    """The wall time of each of `calls` runs of `apm ls`, in ms, and of as
-    many runs of `/bin/true` in alternation with them: what starting any
+    """The wall time of each of `calls` runs of `apm ls`, in ms; of as many
+    runs of `/bin/true` in alternation with them: what starting any
     process costs on the machine at that moment (on a shared virtual
     machine, the whole machine now and then stalls for 50-100 ms under
-    load, whatever runs)."""
-    times, reference = [], []
+    load, whatever runs); and of the daemon's answer to the request
+    `apm ls` makes, asked over its socket by this process (no process
+    started)."""
+    version = subprocess.run([apm, "--version"], env=env, check=True, capture_output=True, text=True).stdout.split()[1]
+    request = json.dumps({"protocol": 1, "version": version, "call": {"call": "table"}}).encode() + b"\n"
+    times, reference, answers = [], [], []
     for _ in range(calls):
         for command, into in (([apm, "ls"], times), (["/bin/true"], reference)):
             started = time.perf_counter()
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
             into.append((time.perf_counter() - started) * 1000)
-    return times, reference
+        started = time.perf_counter()
+        with socket.socket(socket.AF_UNIX) as control:
+            control.connect("\0" + env["APM_SOCKET"])
+            control.sendall(request)
+            answer = control.makefile("rb").readline()
+        answers.append((time.perf_counter() - started) * 1000)
+        assert b'"ok":true' in answer.replace(b" ", b""), answer[:200]
+    return times, reference, answers
 
 
 def p99(values):
@@ -115,11 +129,11 @@ def main():
 
         # The control socket with the proxy idle, then saturated.
         env, (port, _) = envs[1], targets["apm t2"]
-        idle, idle_reference = ls_latencies(apm, env, ls_calls)
+        idle, idle_reference, idle_answers = ls_latencies(apm, env, ls_calls)
         load = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{duration + 60}s", f"http://127.0.0.1:{port}/"], stdout=subprocess.DEVNULL)
         try:
             time.sleep(1)  # wrk's connections are open and busy
-            busy, busy_reference = ls_latencies(apm, env, ls_calls)
+            busy, busy_reference, busy_answers = ls_latencies(apm, env, ls_calls)
         finally:
             load.terminate()
             load.wait()
@@ -127,6 +141,8 @@ def main():
               f"proxy saturated p99 {p99(busy):.1f} ms (target <= 10 ms), median {statistics.median(busy):.1f} ms, max {max(busy):.1f} ms")
         print(f"/bin/true in alternation with them: idle p99 {p99(idle_reference):.1f} ms; "
               f"proxy saturated p99 {p99(busy_reference):.1f} ms, median {statistics.median(busy_reference):.1f} ms, max {max(busy_reference):.1f} ms")
+        print(f"the daemon's answer to ls over its socket, no process started: idle p99 {p99(idle_answers):.2f} ms; "
+              f"proxy saturated p99 {p99(busy_answers):.2f} ms, median {statistics.median(busy_answers):.2f} ms, max {max(busy_answers):.2f} ms")
     finally:
         for env in envs[1:]:
             subprocess.run([apm, "exit", "daemon"], env=env, capture_output=True)

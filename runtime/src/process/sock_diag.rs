@@ -164,5 +164,10 @@ mod tests {
             parse(&lying, 8080, &mut uids).is_err(),
             "a length past the end"
         );
+        lying[0..4].copy_from_slice(&4u32.to_ne_bytes());
+        let inside = parse(&lying, 8080, &mut uids);
+        assert!(inside.is_err(), "a length inside the header");
+        let bare_end = parse(&message(NLMSG_DONE, &[]), 8080, &mut uids);
+        assert!(bare_end.unwrap(), "an end with no body");
     }
 }

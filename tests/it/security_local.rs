@@ -681,3 +681,43 @@ fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_client
     let (status, body) = http_get(front).expect("an answer from the proxy");
     assert_eq!((status, body.as_str()), (200, "instance\n"));
 }
+
+/// An `upstream port` app that answers `instance` on its port.
+const PORT_APP: &str = r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "9")
+        self.end_headers()
+        self.wfile.write(b"instance\n")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn an_instance_whose_command_switches_user_itself_is_served_on_its_port() {
+    use std::os::unix::fs::PermissionsExt;
+    if !can_be_nobody() {
+        return;
+    }
+    let d = Daemon::new("port-setpriv");
+    // uid 65534 reads the app from the test's directory.
+    std::fs::set_permissions(d.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d.write("app.py", PORT_APP);
+    let front = free_port();
+    d.load(&format!(
+        "worker {{ name switched; exec setpriv; \
+         params --reuid=65534 --regid=65534 --clear-groups {PYTHON} app.py; \
+         upstream port; server http://127.0.0.1:{front}; }}\n"
+    ));
+    wait_until(PATIENCE, "the instance to serve", || {
+        http_get(front).is_some_and(|(status, body)| status == 200 && body == "instance\n")
+    });
+    assert!(
+        !d.daemon_log().contains("is listened on by"),
+        "{}",
+        d.daemon_log()
+    );
+}

@@ -1,12 +1,15 @@
 //! What /proc tells about a process: its start time (to recognise it after
 //! a daemon crash, never confusing it with a reused pid), CPU time and
-//! memory; and which process listens on a TCP port.
+//! memory; which process listens on a TCP port, which hold a socket, and
+//! whether one descends from another.
 
 use std::time::Duration;
 
 /// The fields of `/proc/<pid>/stat` that apm uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcStat {
+    /// The parent process.
+    pub ppid: u32,
     /// The process group.
     pub pgrp: u32,
     /// Ended but not yet reaped: it holds its pid and does nothing.
@@ -33,9 +36,16 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // Field numbers from proc(5), shifted by the 2 fields before `state`.
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    let (pgrp, utime, stime, start_ticks, rss_pages) =
-        (field(5)?, field(14)?, field(15)?, field(22)?, field(24)?);
+    let (ppid, pgrp, utime, stime, start_ticks, rss_pages) = (
+        field(4)?,
+        field(5)?,
+        field(14)?,
+        field(15)?,
+        field(22)?,
+        field(24)?,
+    );
     Some(ProcStat {
+        ppid: ppid as u32,
         pgrp: pgrp as u32,
         zombie: fields.first() == Some(&"Z"),
         start_ticks,
@@ -123,9 +133,19 @@ pub struct Listener {
 pub fn tcp_listener(port: u16) -> Option<Listener> {
     let sockets = tcp_listening_sockets(port);
     let &(_, uid) = sockets.first()?;
-    let links: Vec<String> = sockets
+    let inodes: Vec<u64> = sockets.iter().map(|&(inode, _)| inode).collect();
+    let process = holders(&inodes)
+        .first()
+        .map(|&pid| (pid, command_line(pid)));
+    Some(Listener { uid, process })
+}
+
+/// The processes holding any of the sockets `inodes`, lowest pid first
+/// (another user's descriptors are unreadable without root: skipped).
+pub fn holders(inodes: &[u64]) -> Vec<u32> {
+    let links: Vec<String> = inodes
         .iter()
-        .map(|(inode, _)| format!("socket:[{inode}]"))
+        .map(|inode| format!("socket:[{inode}]"))
         .collect();
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
@@ -133,16 +153,31 @@ pub fn tcp_listener(port: u16) -> Option<Listener> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .collect();
     pids.sort_unstable();
-    let process = pids.into_iter().find_map(|pid| {
-        // Another user's descriptors are unreadable without root: skipped.
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-        let holds = fds.filter_map(Result::ok).any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|target| links.iter().any(|l| target.as_os_str() == l.as_str()))
-        });
-        holds.then(|| (pid, command_line(pid)))
+    pids.retain(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(Result::ok).any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| links.iter().any(|l| target.as_os_str() == l.as_str()))
+            })
+        })
     });
-    Some(Listener { uid, process })
+    pids
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut at = pid;
+    // Bounded: a parent chain is short, and pids may be reused meanwhile.
+    for _ in 0..64 {
+        if at == ancestor {
+            return true;
+        }
+        match stat(at) {
+            Some(stat) if stat.ppid > 1 => at = stat.ppid,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// The (inode, uid) of each socket listening on TCP `port` (IPv4 or IPv6,

@@ -21,18 +21,28 @@ const HEADER: usize = 16;
 /// socket's owner.
 const SPORT: usize = 4;
 const UID: usize = 64;
+const INODE: usize = 68;
 const MESSAGE: usize = 72;
 
-/// The uid owning each TCP socket that listens on `port`, IPv4 and IPv6.
-pub fn listener_uids(port: u16) -> std::io::Result<Vec<u32>> {
-    let mut uids = Vec::new();
-    for family in [nix::libc::AF_INET, nix::libc::AF_INET6] {
-        listeners(family, port, &mut uids)?;
-    }
-    Ok(uids)
+/// A socket listening on the port asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listening {
+    /// Its owner.
+    pub uid: u32,
+    /// Its inode, which `/proc/<pid>/fd` links name (`socket:[inode]`).
+    pub inode: u64,
 }
 
-fn listeners(family: i32, port: u16, uids: &mut Vec<u32>) -> std::io::Result<()> {
+/// Each TCP socket that listens on `port`, IPv4 and IPv6.
+pub fn listeners(port: u16) -> std::io::Result<Vec<Listening>> {
+    let mut found = Vec::new();
+    for family in [nix::libc::AF_INET, nix::libc::AF_INET6] {
+        listeners_of(family, port, &mut found)?;
+    }
+    Ok(found)
+}
+
+fn listeners_of(family: i32, port: u16, found: &mut Vec<Listening>) -> std::io::Result<()> {
     let diag = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -52,7 +62,7 @@ fn listeners(family: i32, port: u16, uids: &mut Vec<u32>) -> std::io::Result<()>
         if read == 0 {
             return Ok(());
         }
-        if parse(&buffer[..read], port, uids)? {
+        if parse(&buffer[..read], port, found)? {
             return Ok(());
         }
     }
@@ -72,9 +82,9 @@ fn request(family: i32) -> [u8; HEADER + 56] {
     request
 }
 
-/// Adds the owners of the sockets on `port` among the messages in `read`;
-/// true once the dump is done.
-fn parse(mut read: &[u8], port: u16, uids: &mut Vec<u32>) -> std::io::Result<bool> {
+/// Adds the sockets on `port` among the messages in `read`; true once the
+/// dump is done.
+fn parse(mut read: &[u8], port: u16, found: &mut Vec<Listening>) -> std::io::Result<bool> {
     let truncated = || std::io::Error::other("a truncated sock_diag message");
     while read.len() >= HEADER {
         let length = u32::from_ne_bytes(read[0..4].try_into().expect("4 bytes")) as usize;
@@ -94,9 +104,11 @@ fn parse(mut read: &[u8], port: u16, uids: &mut Vec<u32>) -> std::io::Result<boo
                 let message = body.get(..MESSAGE).ok_or_else(truncated)?;
                 let sport = u16::from_be_bytes([message[SPORT], message[SPORT + 1]]);
                 if sport == port {
-                    uids.push(u32::from_ne_bytes(
-                        message[UID..UID + 4].try_into().expect("4 bytes"),
-                    ));
+                    let field = |at: usize| message[at..at + 4].try_into().expect("4 bytes");
+                    found.push(Listening {
+                        uid: u32::from_ne_bytes(field(UID)),
+                        inode: u64::from(u32::from_ne_bytes(field(INODE))),
+                    });
                 }
             }
             _ => {}
@@ -116,18 +128,27 @@ mod tests {
         let me = nix::unistd::geteuid().as_raw();
         let v4 = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = v4.local_addr().unwrap().port();
-        assert_eq!(listener_uids(port).unwrap(), [me]);
+        let inode = std::os::linux::fs::MetadataExt::st_ino(
+            &std::fs::metadata(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&v4)
+            ))
+            .unwrap(),
+        );
+        let owners =
+            |port| -> Vec<u32> { listeners(port).unwrap().iter().map(|l| l.uid).collect() };
+        assert_eq!(listeners(port).unwrap(), [Listening { uid: me, inode }]);
         // The same port on IPv6, where the machine has it.
         if let Ok(v6) = std::net::TcpListener::bind(("::1", port)) {
-            assert_eq!(listener_uids(port).unwrap(), [me, me]);
+            assert_eq!(owners(port), [me, me]);
             drop(v6);
         }
         // A connected socket on it is no listener.
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let _accepted = v4.accept().unwrap();
-        assert_eq!(listener_uids(port).unwrap(), [me]);
+        assert_eq!(owners(port), [me]);
         drop(v4);
-        assert_eq!(listener_uids(port).unwrap(), Vec::<u32>::new());
+        assert_eq!(owners(port), Vec::<u32>::new());
     }
 
     #[test]
@@ -142,32 +163,40 @@ mod tests {
         let mut socket = [0u8; MESSAGE];
         socket[SPORT..SPORT + 2].copy_from_slice(&8080u16.to_be_bytes());
         socket[UID..UID + 4].copy_from_slice(&1000u32.to_ne_bytes());
+        socket[INODE..INODE + 4].copy_from_slice(&77u32.to_ne_bytes());
         let mut other = socket;
         other[SPORT..SPORT + 2].copy_from_slice(&8081u16.to_be_bytes());
         let mut dump = message(SOCK_DIAG_BY_FAMILY, &socket);
         dump.extend(message(SOCK_DIAG_BY_FAMILY, &other));
-        let mut uids = Vec::new();
-        assert!(!parse(&dump, 8080, &mut uids).unwrap(), "not done yet");
+        let mut found = Vec::new();
+        assert!(!parse(&dump, 8080, &mut found).unwrap(), "not done yet");
         dump.extend(message(NLMSG_DONE, &[0; 4]));
-        assert!(parse(&dump, 8080, &mut uids).unwrap());
-        assert_eq!(uids, [1000, 1000]);
+        assert!(parse(&dump, 8080, &mut found).unwrap());
+        let expected = Listening {
+            uid: 1000,
+            inode: 77,
+        };
+        assert_eq!(found, [expected, expected]);
         let refused = message(NLMSG_ERROR, &(-nix::libc::EPERM).to_ne_bytes());
-        let error = parse(&refused, 8080, &mut uids).unwrap_err();
+        let error = parse(&refused, 8080, &mut found).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(nix::libc::EPERM));
         let mut cut = message(SOCK_DIAG_BY_FAMILY, &socket);
         cut.truncate(HEADER + 8);
         cut[0..4].copy_from_slice(&((HEADER + 8) as u32).to_ne_bytes());
-        assert!(parse(&cut, 8080, &mut uids).is_err(), "a message too short");
+        assert!(
+            parse(&cut, 8080, &mut found).is_err(),
+            "a message too short"
+        );
         let mut lying = message(SOCK_DIAG_BY_FAMILY, &socket);
         lying[0..4].copy_from_slice(&4096u32.to_ne_bytes());
         assert!(
-            parse(&lying, 8080, &mut uids).is_err(),
+            parse(&lying, 8080, &mut found).is_err(),
             "a length past the end"
         );
         lying[0..4].copy_from_slice(&4u32.to_ne_bytes());
-        let inside = parse(&lying, 8080, &mut uids);
+        let inside = parse(&lying, 8080, &mut found);
         assert!(inside.is_err(), "a length inside the header");
-        let bare_end = parse(&message(NLMSG_DONE, &[]), 8080, &mut uids);
+        let bare_end = parse(&message(NLMSG_DONE, &[]), 8080, &mut found);
         assert!(bare_end.unwrap(), "an end with no body");
     }
 }

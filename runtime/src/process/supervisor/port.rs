@@ -65,7 +65,7 @@ fn is_free(port: u16) -> bool {
 /// Who listens on an instance's port.
 #[derive(Debug, PartialEq, Eq)]
 enum Listening {
-    /// The instance's user, and no one else.
+    /// The instance, and no one else.
     Owner,
     /// Someone else too: the uid of a stranger's socket.
     Stranger(u32),
@@ -73,15 +73,29 @@ enum Listening {
     Nobody,
 }
 
-fn listening(port: u16, owner: u32) -> Listening {
+/// Who listens on `port`, for an instance whose process is `pid` and runs
+/// as `owner`. A socket is the instance's if `owner` has it, or if a
+/// process of the instance holds it: its command may switch to another
+/// user itself (`gosu`, `setpriv`, `sudo -u` in `exec`). The processes
+/// holding a socket are looked for only then, since that reads every
+/// process's descriptors.
+fn listening(port: u16, owner: u32, pid: u32) -> Listening {
+    use crate::process::sock_diag::{self, Listening as Socket};
     // /proc/net/tcp where the kernel's socket diagnostics are not to be had.
-    let uids = crate::process::sock_diag::listener_uids(port).unwrap_or_else(|_| {
+    let sockets = sock_diag::listeners(port).unwrap_or_else(|_| {
         let sockets = procfs::tcp_listening_sockets(port);
-        sockets.into_iter().map(|(_, uid)| uid).collect()
+        let socket = |(inode, uid)| Socket { uid, inode };
+        sockets.into_iter().map(socket).collect()
     });
-    match uids.iter().find(|&&uid| uid != owner) {
-        Some(&stranger) => Listening::Stranger(stranger),
-        None if uids.is_empty() => Listening::Nobody,
+    let instances = |socket: &Socket| {
+        socket.uid == owner
+            || procfs::holders(&[socket.inode])
+                .into_iter()
+                .any(|holder| procfs::descends_from(holder, pid))
+    };
+    match sockets.iter().find(|socket| !instances(socket)) {
+        Some(stranger) => Listening::Stranger(stranger.uid),
+        None if sockets.is_empty() => Listening::Nobody,
         None => Listening::Owner,
     }
 }
@@ -106,13 +120,20 @@ impl Port {
     }
 
     /// Tries to connect until the process accepts and the port's listener
-    /// is `owner`'s (the uid the instance runs as), then has the listeners
+    /// is the instance's (see `listening`: `owner` is the uid it runs as,
+    /// `pid` its process), then has the listeners
     /// updated. A stranger's listener is reported once and gets nothing;
     /// the probe goes on, slower, in case it leaves and the instance binds
     /// the port after all (else the instance's own failure to bind it ends
     /// its process, and the restart gets another port). Ends when the
     /// instance moves on to another process.
-    pub(super) fn probe(&self, tx: mpsc::UnboundedSender<Msg>, instance: String, owner: u32) {
+    pub(super) fn probe(
+        &self,
+        tx: mpsc::UnboundedSender<Msg>,
+        instance: String,
+        owner: u32,
+        pid: u32,
+    ) {
         let (address, accepting) = (self.address, self.accepting.clone());
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(5);
@@ -122,7 +143,7 @@ impl Port {
                     // A system call or, without sock_diag, /proc/net/tcp:
                     // off the supervisor's thread.
                     let port = address.port();
-                    let found = tokio::task::spawn_blocking(move || listening(port, owner))
+                    let found = tokio::task::spawn_blocking(move || listening(port, owner, pid))
                         .await
                         .unwrap_or(Listening::Nobody);
                     match found {
@@ -186,13 +207,25 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_is_the_owners_only_if_its_uid_is() {
+    fn a_listener_is_the_instances_if_its_user_has_it_or_its_process_holds_it() {
         let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let me = nix::unistd::geteuid().as_raw();
-        assert_eq!(listening(port, me), Listening::Owner);
-        assert_eq!(listening(port, me + 1), Listening::Stranger(me));
+        let (this, parent) = (std::process::id(), nix::unistd::getppid().as_raw() as u32);
+        assert_eq!(listening(port, me, this), Listening::Owner);
+        // Held by a process of the instance: its own, whatever its uid.
+        assert_eq!(listening(port, me + 1, this), Listening::Owner);
+        assert_eq!(listening(port, me + 1, parent), Listening::Owner);
+        // Held by no process of the instance, and another user's.
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let found = listening(port, me + 1, stranger.id());
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+        assert_eq!(found, Listening::Stranger(me));
         drop(listener);
-        assert_eq!(listening(port, me), Listening::Nobody);
+        assert_eq!(listening(port, me, this), Listening::Nobody);
     }
 }

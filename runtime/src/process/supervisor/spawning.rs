@@ -116,7 +116,12 @@ impl Supervisor {
         // The child has its end of the channel; ours must be the only other.
         drop(command);
         if let Some(port) = &instance.port {
-            port.probe(self.tx.clone(), format!("{name}#{index}"), uid.as_raw());
+            port.probe(
+                self.tx.clone(),
+                format!("{name}#{index}"),
+                uid.as_raw(),
+                pid,
+            );
         }
         if let Some(channel) = channel {
             let tx = self.tx.clone();

@@ -1,7 +1,7 @@
 //! What /proc tells about a process: its start time (to recognise it after
 //! a daemon crash, never confusing it with a reused pid), CPU time and
-//! memory; which process listens on a TCP port, which hold a socket, and
-//! whether one descends from another.
+//! memory; which process listens on a TCP port; a process's descendants
+//! and whether one holds a socket.
 
 use std::time::Duration;
 
@@ -142,7 +142,7 @@ pub fn tcp_listener(port: u16) -> Option<Listener> {
 
 /// The processes holding any of the sockets `inodes`, lowest pid first
 /// (another user's descriptors are unreadable without root: skipped).
-pub fn holders(inodes: &[u64]) -> Vec<u32> {
+fn holders(inodes: &[u64]) -> Vec<u32> {
     let links: Vec<String> = inodes
         .iter()
         .map(|inode| format!("socket:[{inode}]"))
@@ -164,20 +164,41 @@ pub fn holders(inodes: &[u64]) -> Vec<u32> {
     pids
 }
 
-/// Whether `pid` is `ancestor` or one of its descendants.
-pub fn descends_from(pid: u32, ancestor: u32) -> bool {
-    let mut at = pid;
-    // Bounded: a parent chain is short, and pids may be reused meanwhile.
-    for _ in 0..64 {
-        if at == ancestor {
-            return true;
-        }
-        match stat(at) {
-            Some(stat) if stat.ppid > 1 => at = stat.ppid,
-            _ => return false,
+/// `pid` and its descendants, from each thread's `children` list (at most
+/// `MAX_TREE` processes): what the instance started, however many other
+/// processes the machine runs.
+pub fn tree(pid: u32) -> Vec<u32> {
+    const MAX_TREE: usize = 4096;
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while next < tree.len() && tree.len() < MAX_TREE {
+        let parent = tree[next];
+        next += 1;
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for thread in threads.filter_map(Result::ok) {
+            let children =
+                std::fs::read_to_string(thread.path().join("children")).unwrap_or_default();
+            tree.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
         }
     }
-    false
+    tree.truncate(MAX_TREE);
+    tree
+}
+
+/// Whether `pid` holds the socket `inode`.
+pub fn holds_socket(pid: u32, inode: u64) -> bool {
+    let link = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == link.as_str())
+        })
+    })
 }
 
 /// The (inode, uid) of each socket listening on TCP `port` (IPv4 or IPv6,
@@ -262,6 +283,42 @@ mod tests {
         let path = std::env::var("PATH").unwrap_or_default();
         assert!(has_env_entry(me, format!("PATH={path}").as_bytes()));
         assert!(!has_env_entry(me, b"PATH=/no/such/path/anywhere"));
+    }
+
+    #[test]
+    fn a_tree_holds_a_process_and_its_descendants_and_no_other() {
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'sleep 30' & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = shell.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // The shell, its two children and the inner shell's sleep.
+        while tree(pid).len() < 4 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let found = tree(pid);
+        for &process in found.iter().rev() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(process as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        shell.wait().unwrap();
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!(found[0], pid);
+        assert!(!found.contains(&std::process::id()));
+        // This process holds its own listener; the shell does not.
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let inode = std::os::linux::fs::MetadataExt::st_ino(
+            &std::fs::metadata(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&listener)
+            ))
+            .unwrap(),
+        );
+        assert!(holds_socket(std::process::id(), inode));
+        assert!(!holds_socket(std::process::id(), inode + 1));
     }
 
     #[test]

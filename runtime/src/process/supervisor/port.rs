@@ -76,9 +76,10 @@ enum Listening {
 /// Who listens on `port`, for an instance whose process is `pid` and runs
 /// as `owner`. A socket is the instance's if `owner` has it, or if a
 /// process of the instance holds it: its command may switch to another
-/// user itself (`gosu`, `setpriv`, `sudo -u` in `exec`). The processes
-/// holding a socket are looked for only then, since that reads every
-/// process's descriptors.
+/// user itself (`gosu`, `setpriv`, `sudo -u` in `exec`). Only the
+/// instance's own processes are looked through, and only then: a stranger
+/// squatting many ports makes the daemon read no other process's
+/// descriptors.
 fn listening(port: u16, owner: u32, pid: u32) -> Listening {
     use crate::process::sock_diag::{self, Listening as Socket};
     // /proc/net/tcp where the kernel's socket diagnostics are not to be had.
@@ -89,9 +90,9 @@ fn listening(port: u16, owner: u32, pid: u32) -> Listening {
     });
     let instances = |socket: &Socket| {
         socket.uid == owner
-            || procfs::holders(&[socket.inode])
+            || procfs::tree(pid)
                 .into_iter()
-                .any(|holder| procfs::descends_from(holder, pid))
+                .any(|process| procfs::holds_socket(process, socket.inode))
     };
     match sockets.iter().find(|socket| !instances(socket)) {
         Some(stranger) => Listening::Stranger(stranger.uid),

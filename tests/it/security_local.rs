@@ -526,24 +526,15 @@ fn the_gui_wants_its_token_on_loopback_and_a_burst_of_guesses_is_slowed_and_summ
     d.wait_daemon_log("wrong passwords in a row from 127.0.0.1");
 }
 
-/// An `upstream port` app that says which port it got, then binds it only
-/// once the test says so (a slow start, in which another user may take it).
-const LATE_BINDER: &str = r#"
-import http.server, os, time
-port = int(os.environ["PORT"])
-open("port.txt.tmp", "w").write(str(port))
+/// What the late binder does before it is `PORT_APP`: it says which port
+/// it got, then binds it only once the test says so (a slow start, in
+/// which another user may take it).
+const AWAIT_GO: &str = r#"
+import os, time
+open("port.txt.tmp", "w").write(os.environ["PORT"])
 os.rename("port.txt.tmp", "port.txt")
 while not os.path.exists("go"):
     time.sleep(0.05)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "9")
-        self.end_headers()
-        self.wfile.write(b"instance\n")
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
 /// uid 65534 listening on a port: it says `accepted` for each connection
@@ -613,7 +604,7 @@ fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_client
         return;
     }
     let d = Daemon::new("port-squat");
-    d.write("app.py", LATE_BINDER);
+    d.write("app.py", &format!("{AWAIT_GO}{PORT_APP}"));
     let front = free_port();
     d.load(&format!(
         "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \

@@ -633,7 +633,7 @@ fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_client
         Some("squatter\n")
     );
     let found = format!(
-        "late#0: port {port} is listened on by uid 65534, not by the instance's user (uid 0): it gets no traffic"
+        "late#0: port {port} is listened on by uid 65534, neither the instance's user (uid 0) nor one of its processes: it gets no traffic"
     );
     d.wait_daemon_log(&found);
     // The worker's clients are not sent there, however long they ask, and

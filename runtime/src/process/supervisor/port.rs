@@ -5,7 +5,7 @@
 //! kernel gives none of those), or another local user listening there on
 //! purpose, who would then receive the worker's clients (which is why the
 //! proxy sends nothing to a port until its listener is known to be the
-//! instance's user's; decisions: the CLI, 124).
+//! instance's; decisions: the CLI, 124).
 
 use super::*;
 
@@ -122,8 +122,8 @@ impl Port {
 
     /// Tries to connect until the process accepts and the port's listener
     /// is the instance's (see `listening`: `owner` is the uid it runs as,
-    /// `pid` its process), then has the listeners
-    /// updated. A stranger's listener is reported once and gets nothing;
+    /// `pid` its process), then has the listeners updated. A stranger's
+    /// listener is reported once and gets nothing;
     /// the probe goes on, slower, in case it leaves and the instance binds
     /// the port after all (else the instance's own failure to bind it ends
     /// its process, and the restart gets another port). Ends when the
@@ -156,7 +156,7 @@ impl Port {
                         Listening::Stranger(uid) if !reported => {
                             reported = true;
                             crate::log(format_args!(
-                                "{instance}: port {port} is listened on by uid {uid}, not by the instance's user (uid {owner}): it gets no traffic"
+                                "{instance}: port {port} is listened on by uid {uid}, neither the instance's user (uid {owner}) nor one of its processes: it gets no traffic"
                             ));
                             pause = STRANGER_PAUSE;
                         }

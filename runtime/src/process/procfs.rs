@@ -8,8 +8,6 @@ use std::time::Duration;
 /// The fields of `/proc/<pid>/stat` that apm uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcStat {
-    /// The parent process.
-    pub ppid: u32,
     /// The process group.
     pub pgrp: u32,
     /// Ended but not yet reaped: it holds its pid and does nothing.
@@ -36,16 +34,9 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // Field numbers from proc(5), shifted by the 2 fields before `state`.
     let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    let (ppid, pgrp, utime, stime, start_ticks, rss_pages) = (
-        field(4)?,
-        field(5)?,
-        field(14)?,
-        field(15)?,
-        field(22)?,
-        field(24)?,
-    );
+    let (pgrp, utime, stime, start_ticks, rss_pages) =
+        (field(5)?, field(14)?, field(15)?, field(22)?, field(24)?);
     Some(ProcStat {
-        ppid: ppid as u32,
         pgrp: pgrp as u32,
         zombie: fields.first() == Some(&"Z"),
         start_ticks,
@@ -133,19 +124,9 @@ pub struct Listener {
 pub fn tcp_listener(port: u16) -> Option<Listener> {
     let sockets = tcp_listening_sockets(port);
     let &(_, uid) = sockets.first()?;
-    let inodes: Vec<u64> = sockets.iter().map(|&(inode, _)| inode).collect();
-    let process = holders(&inodes)
-        .first()
-        .map(|&pid| (pid, command_line(pid)));
-    Some(Listener { uid, process })
-}
-
-/// The processes holding any of the sockets `inodes`, lowest pid first
-/// (another user's descriptors are unreadable without root: skipped).
-fn holders(inodes: &[u64]) -> Vec<u32> {
-    let links: Vec<String> = inodes
+    let links: Vec<String> = sockets
         .iter()
-        .map(|inode| format!("socket:[{inode}]"))
+        .map(|&(inode, _)| socket_link(inode))
         .collect();
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
@@ -153,15 +134,27 @@ fn holders(inodes: &[u64]) -> Vec<u32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .collect();
     pids.sort_unstable();
-    pids.retain(|pid| {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-            fds.filter_map(Result::ok).any(|fd| {
-                std::fs::read_link(fd.path())
-                    .is_ok_and(|target| links.iter().any(|l| target.as_os_str() == l.as_str()))
-            })
+    // Another user's descriptors are unreadable without root: skipped.
+    let process = pids
+        .into_iter()
+        .find(|&pid| holds(pid, &links))
+        .map(|pid| (pid, command_line(pid)));
+    Some(Listener { uid, process })
+}
+
+/// How `/proc/<pid>/fd` names the socket `inode`.
+fn socket_link(inode: u64) -> String {
+    format!("socket:[{inode}]")
+}
+
+/// Whether `pid` holds one of the descriptors `links` name.
+fn holds(pid: u32, links: &[String]) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| links.iter().any(|l| target.as_os_str() == l.as_str()))
         })
-    });
-    pids
+    })
 }
 
 /// `pid` and its descendants, from each thread's `children` list (at most
@@ -193,12 +186,7 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// Whether `pid` holds the socket `inode`.
 pub fn holds_socket(pid: u32, inode: u64) -> bool {
-    let link = format!("socket:[{inode}]");
-    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-        fds.filter_map(Result::ok).any(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == link.as_str())
-        })
-    })
+    holds(pid, &[socket_link(inode)])
 }
 
 /// The (inode, uid) of each socket listening on TCP `port` (IPv4 or IPv6,

@@ -190,7 +190,6 @@ mod tests {
 
     fn stat(cpu_ticks: u64) -> ProcStat {
         ProcStat {
-            ppid: 1,
             pgrp: 1,
             zombie: false,
             start_ticks: 7,

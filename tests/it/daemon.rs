@@ -2273,21 +2273,10 @@ fn a_daemon_out_of_descriptors_waits_for_them_instead_of_spinning() {
     d.wait_daemon_log(&format!(
         "cannot accept connections on http://127.0.0.1:{port}: Too many open files"
     ));
-    let ticks = || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        // utime and stime, the 14th and 15th fields of the whole line.
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    };
-    let before = ticks();
+    let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
     // A daemon retrying accept at once burns its whole second (100 ticks).
-    let spent = ticks() - before;
+    let spent = cpu_ticks(pid) - before;
     assert!(
         spent < 30,
         "{spent} ticks in a second, {} clients",

@@ -457,6 +457,13 @@ pub(crate) fn stat_fields(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// CPU time (user and system) `pid` has spent, in clock ticks.
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
+    let fields = stat_fields(pid).expect("a live process's stat");
+    // utime and stime: fields 14 and 15 of the whole line (proc(5)).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 /// Whether the process exists and is not a zombie.
 pub(crate) fn alive(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| f[0] != "Z")

@@ -592,12 +592,6 @@ fn late_binders_port(d: &Daemon, before: Option<u16>) -> u16 {
     })
 }
 
-/// CPU time `pid` spent, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let fields = stat_fields(pid).expect("the daemon's stat");
-    fields[13].parse::<u64>().unwrap() + fields[14].parse::<u64>().unwrap()
-}
-
 #[test]
 fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_clients() {
     if !can_be_nobody() {

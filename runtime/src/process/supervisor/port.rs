@@ -88,11 +88,14 @@ fn listening(port: u16, owner: u32, pid: u32) -> Listening {
         let socket = |(inode, uid)| Socket { uid, inode };
         sockets.into_iter().map(socket).collect()
     });
+    // Walked once, for the first socket of another uid.
+    let tree = std::cell::OnceCell::new();
     let instances = |socket: &Socket| {
         socket.uid == owner
-            || procfs::tree(pid)
-                .into_iter()
-                .any(|process| procfs::holds_socket(process, socket.inode))
+            || tree
+                .get_or_init(|| procfs::tree(pid))
+                .iter()
+                .any(|&process| procfs::holds_socket(process, socket.inode))
     };
     match sockets.iter().find(|socket| !instances(socket)) {
         Some(stranger) => Listening::Stranger(stranger.uid),

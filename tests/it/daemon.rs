@@ -3256,8 +3256,12 @@ sick = os.path.join(os.environ["SICK_DIR"], "sick-" + os.environ["APM_INDEX"])
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         status = 503 if os.path.exists(sick) else 200
-        with open(sick.replace("sick-", "probe-"), "w") as seen:
+        # Written whole under another name and renamed, so that the test
+        # never reads a probe's file between its truncation and its write.
+        probe = sick.replace("sick-", "probe-")
+        with open(probe + ".new", "w") as seen:
             seen.write("%s %s" % (self.path, self.headers.get("Host")))
+        os.replace(probe + ".new", probe)
         body = b"ok\n"
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))

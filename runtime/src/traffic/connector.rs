@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::traffic::inflight::Entered;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -874,9 +875,14 @@ pub(crate) struct Handoff {
 }
 
 impl Handoff {
-    /// The youngest instance that takes hand-offs, other than `leaving`.
-    fn successor(&self, leaving: &Arc<Link>) -> Option<Arc<Link>> {
-        self.successors
+    /// The youngest instance that takes hand-offs, other than `leaving`,
+    /// with the session counted in flight on it. Seen not to be retiring
+    /// once more after it is counted: the supervisor retires an instance
+    /// before it waits for its count to fall to zero, so either the count
+    /// holds it or the session does not go there.
+    fn successor(&self, leaving: &Arc<Link>) -> Option<(Arc<Link>, Entered)> {
+        let link = self
+            .successors
             .candidates()
             .into_iter()
             .filter(|link| {
@@ -885,7 +891,9 @@ impl Handoff {
                     && link.migrates()
                     && !link.is_retiring()
             })
-            .max_by_key(|link| link.born)
+            .max_by_key(|link| link.born)?;
+        let in_flight = link.in_flight.enter();
+        (!link.is_retiring()).then_some((link, in_flight))
     }
 
     /// Opens the session on another instance, with its saved data, once
@@ -896,13 +904,13 @@ impl Handoff {
         head: &[u8],
         saved: Option<&Bytes>,
         deadline: tokio::time::Instant,
-    ) -> Option<(Arc<Link>, Session)> {
+    ) -> Option<(Arc<Link>, Session, Entered)> {
         let head = migrated_head(head, saved);
         loop {
-            if let Some(link) = self.successor(leaving)
+            if let Some((link, in_flight)) = self.successor(leaving)
                 && let Some(session) = link.open(&head)
             {
-                return Some((link, session));
+                return Some((link, session, in_flight));
             }
             if tokio::time::Instant::now() + SUCCESSOR_POLL > deadline {
                 return None;
@@ -960,7 +968,7 @@ pub(crate) async fn pump(
     link: &Arc<Link>,
     head: &[u8],
     mut client: impl ClientSide,
-    mut in_flight: Option<crate::traffic::inflight::Entered>,
+    mut in_flight: Option<Entered>,
     handoff: Option<Handoff>,
 ) {
     let mut link = link.clone();
@@ -1106,9 +1114,9 @@ pub(crate) async fn pump(
             .take_over(&link, head, saved.as_ref(), deadline)
             .await
         {
-            Some((successor, moved)) => {
+            Some((successor, moved, counted)) => {
                 // The old instance's count goes with the old session.
-                in_flight = in_flight.map(|_| successor.in_flight.enter());
+                in_flight = in_flight.map(|_| counted);
                 retiring = successor.retiring.subscribe();
                 session = moved;
                 link = successor;

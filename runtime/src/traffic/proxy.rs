@@ -55,14 +55,36 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Counts a request or connection on the instance, which is not
-    /// signalled before it ends (bounded by `kill_timeout`).
-    fn enter(&self) -> Entered {
+    /// What the proxy has in flight on the instance, which is not
+    /// signalled before it is all through (bounded by `kill_timeout`).
+    pub fn in_flight(&self) -> &Arc<InFlight> {
         match self {
-            Backend::Port(_, in_flight) => in_flight.enter(),
-            Backend::Connector(link) => link.in_flight().enter(),
+            Backend::Port(_, in_flight) => in_flight,
+            Backend::Connector(link) => link.in_flight(),
         }
     }
+}
+
+/// An instance chosen for a request or connection, already counted in
+/// flight on it: counted while the route that lists it is read, so that
+/// the supervisor, which takes it out of the route before it waits for
+/// its count to fall to zero, either sees the count or is not chosen at
+/// all (counted after, a request could reach an instance already signalled).
+type Chosen = Option<(Backend, Entered)>;
+
+/// The instance that `kept` names while the route still lists it, or the
+/// next one in turn; counted in flight before the route is let go.
+fn choose(route: &Route, kept: Option<SocketAddr>, next: &AtomicUsize) -> Chosen {
+    let list = &route.backends;
+    let backend = kept
+        .and_then(|kept| {
+            list.iter()
+                .find(|b| matches!(b, Backend::Port(a, _) if *a == kept))
+        })
+        .or_else(|| {
+            (!list.is_empty()).then(|| &list[next.fetch_add(1, Ordering::Relaxed) % list.len()])
+        })?;
+    Some((backend.clone(), backend.in_flight().enter()))
 }
 
 impl PartialEq for Backend {
@@ -298,19 +320,7 @@ pub fn listen(server: &ServerUrl, worker: String, routes: Routes) -> Result<List
                 // that instance gets traffic; others take the next in turn.
                 let pick = move |kept: Option<SocketAddr>| {
                     let route = routes.borrow();
-                    let list = &route.backends;
-                    let backend = kept
-                        .and_then(|kept| {
-                            list.iter()
-                                .find(|b| matches!(b, Backend::Port(a, _) if *a == kept))
-                                .cloned()
-                        })
-                        .or_else(|| {
-                            (!list.is_empty()).then(|| {
-                                list[next.fetch_add(1, Ordering::Relaxed) % list.len()].clone()
-                            })
-                        });
-                    (backend, route.options.clone())
+                    (choose(&route, kept, &next), route.options.clone())
                 };
                 match raw_permit {
                     None => {
@@ -511,13 +521,14 @@ fn admit_connection(options: &Options, client: Option<IpAddr>) -> Result<Permit,
 /// session moves instead.
 async fn splice(
     mut client: Box<dyn Io>,
-    backend: Option<Backend>,
+    chosen: Chosen,
     head: Head<'_>,
     _permit: Permit,
     handoff: Option<Handoff>,
 ) {
-    let Some(backend) = backend else { return };
-    let in_flight = backend.enter();
+    let Some((backend, in_flight)) = chosen else {
+        return;
+    };
     // Both ways boxed: inline, a connection's or a session's future would
     // make the task of every client connection as large, HTTP ones included.
     match backend {
@@ -744,16 +755,11 @@ impl hyper::body::Body for Answer {
 /// How a client connection's requests find their instance (and the
 /// options of the moment), given the one its last request went to.
 trait Pick:
-    Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>) + Clone + Send + Sync + Unpin + 'static
+    Fn(Option<SocketAddr>) -> (Chosen, Arc<Options>) + Clone + Send + Sync + Unpin + 'static
 {
 }
 impl<F> Pick for F where
-    F: Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>)
-        + Clone
-        + Send
-        + Sync
-        + Unpin
-        + 'static
+    F: Fn(Option<SocketAddr>) -> (Chosen, Arc<Options>) + Clone + Send + Sync + Unpin + 'static
 {
 }
 
@@ -1155,7 +1161,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 async fn forward(
     mut request: Request<Incoming>,
     connection: Arc<Connection>,
-    pick: impl Fn(Option<SocketAddr>) -> (Option<Backend>, Arc<Options>),
+    pick: impl Fn(Option<SocketAddr>) -> (Chosen, Arc<Options>),
 ) -> Result<Response<Answer>, std::convert::Infallible> {
     let mut answering = Answering::start(connection);
     let connection = answering.0.clone();
@@ -1172,7 +1178,7 @@ async fn forward(
         return Ok(answering.with(busy));
     }
     let kept = connection.upstream.lock().expect("upstream").backend();
-    let (backend, options) = pick(kept);
+    let (chosen, options) = pick(kept);
     let origin = origin(&request, connection.client, &options);
     let _permit = match gate(&request, origin.client, &options) {
         Ok(permit) => permit,
@@ -1201,16 +1207,15 @@ async fn forward(
         let refusal = text(StatusCode::BAD_REQUEST, format!("{fault}\n"));
         return Ok(answering.with(refusal));
     }
-    let Some(backend) = backend else {
+    let Some((backend, in_flight)) = chosen else {
         let unavailable = text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no instance of {worker} is running\n"),
         );
         return Ok(answering.with(unavailable));
     };
-    // Counted before any await: the instance is not signalled until the
-    // answer is through.
-    let in_flight = answering.1.insert(backend.enter());
+    // Held until the answer is through: the instance is not signalled before.
+    let in_flight = answering.1.insert(in_flight);
     let traced = prepare(&mut request, connection, &origin, &options);
     let request = request.map(|body| ClientBody::new(body, &connection.activity, &connection.held));
     let mut response = match backend {
@@ -1460,6 +1465,39 @@ impl Trace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_is_counted_in_flight_as_it_is_chosen_its_client_keeping_it_while_listed() {
+        let instance = |port| {
+            let in_flight = Arc::new(InFlight::default());
+            (
+                Backend::Port(([127, 0, 0, 1], port).into(), in_flight.clone()),
+                in_flight,
+            )
+        };
+        let ((first, first_count), (second, second_count)) = (instance(1), instance(2));
+        let route = Route {
+            backends: vec![first.clone(), second.clone()],
+            options: Arc::default(),
+        };
+        let next = AtomicUsize::new(0);
+        let port = |chosen: &Chosen| match chosen {
+            Some((Backend::Port(address, _), _)) => address.port(),
+            other => panic!("{other:?}"),
+        };
+        let a = choose(&route, None, &next);
+        let b = choose(&route, None, &next);
+        assert_eq!((port(&a), port(&b)), (1, 2), "in turn");
+        assert_eq!((first_count.count(), second_count.count()), (1, 1));
+        let kept = choose(&route, Some(([127, 0, 0, 1], 2).into()), &next);
+        assert_eq!(port(&kept), 2, "a keep-alive client keeps its instance");
+        assert_eq!(second_count.count(), 2);
+        let gone = choose(&route, Some(([127, 0, 0, 1], 3).into()), &next);
+        assert_eq!(port(&gone), 1, "one no longer listed: the next in turn");
+        drop((a, b, kept, gone));
+        assert_eq!((first_count.count(), second_count.count()), (0, 0));
+        assert!(choose(&Route::default(), None, &next).is_none());
+    }
 
     #[test]
     fn a_client_connections_future_holds_no_hyper_connection() {

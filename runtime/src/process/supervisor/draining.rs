@@ -29,6 +29,18 @@ impl Supervisor {
         }
         let (tx, id) = (self.tx.clone(), instance.id);
         let in_flight = instance.in_flight();
+        // Out of the route before its count is looked at: the proxy counts
+        // a request on an instance while it reads the route that lists it,
+        // so a request either is counted here or does not come here.
+        if let Some(in_flight) = &in_flight {
+            worker.routes.send_if_modified(|route| {
+                let listed = route.backends.len();
+                route
+                    .backends
+                    .retain(|backend| !Arc::ptr_eq(backend.in_flight(), in_flight));
+                route.backends.len() != listed
+            });
+        }
         tokio::spawn(async move {
             if let Some(in_flight) = in_flight {
                 in_flight.idle().await;

@@ -21,9 +21,14 @@ const TRIES: u32 = 64;
 /// picks.
 pub(super) fn free_port() -> std::io::Result<u16> {
     use std::sync::atomic::AtomicU32;
-    // Daemons of one machine start at different places above the range.
-    static NEXT: std::sync::LazyLock<AtomicU32> =
-        std::sync::LazyLock::new(|| AtomicU32::new(std::process::id()));
+    // Daemons of one machine start at places of their own above the range:
+    // started together, their pids are near each other, and so would be
+    // the ports their instances are given, the one's choice racing the
+    // other's bind. `RandomState`'s keys are random per process.
+    static NEXT: std::sync::LazyLock<AtomicU32> = std::sync::LazyLock::new(|| {
+        use std::hash::BuildHasher;
+        AtomicU32::new(std::collections::hash_map::RandomState::new().hash_one(0u8) as u32)
+    });
     let above = ephemeral_range().and_then(|(_, last)| last.checked_add(1));
     if let Some(port) = above.and_then(|first| in_turn(first, &NEXT, is_free)) {
         return Ok(port);

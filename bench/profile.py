@@ -5,16 +5,18 @@ each, the proxy process's CPU per request split into kernel and user time,
 then apm's user-space functions that cost more per request than the
 floor's, in ns per request. This is the breakdown behind `proxy.py`'s CPU
 column (issue 22's "CPU per request"): what is apm's own, what is hyper's
-and tokio's, and what the kernel does for both.
+and tokio's, and what the kernel does for both. nginx with one worker,
+forwarding what apm forwards, is profiled in the same rounds: how far
+below hyper's floor a proxy must go to do as much with the same CPU.
 
 perf samples the proxy process alone (4 kHz, no call graphs), while `wrk
--t2 -c64` keeps it busy; apm and the floor take turns, ROUNDS times
+-t2 -c64` keeps it busy; apm, the floor and nginx take turns, ROUNDS times
 (default 3), and the figures are medians. The apm binary needs its symbols:
 build it with `cargo build --profile sizeprobe` (the release profile,
 unstripped); the floor and the backend come from the same profile's
 examples. The daemon serves on one proxy thread, as the floor does.
 
-Needs wrk and perf (`apt-get install wrk linux-perf`).
+Needs wrk, perf and nginx (`apt-get install wrk linux-perf nginx-light`).
 
 Usage: cargo build --profile sizeprobe --bin apm && cargo build --profile sizeprobe --examples -p apm-runtime
        python3 bench/profile.py
@@ -28,7 +30,9 @@ import statistics
 import subprocess
 import tempfile
 
-from common import apm_env, free_port, tear_down, wait_port
+from common import apm_env, free_port, nginx_conf, tear_down, wait_port
+from proxy import children
+from scale import FORWARDED
 
 PROFILE = os.environ.get("PROFILE_DIR", "target/sizeprobe")
 SAMPLES_PER_SECOND = 4000
@@ -74,11 +78,14 @@ def main():
     env = dict(apm_env(root, "profile"), APM_PROXY_THREADS="1")
     procs = []
     try:
-        backend, floor_port, apm_port = free_port(), free_port(), free_port()
+        backend, floor_port, apm_port, nginx_port = free_port(), free_port(), free_port(), free_port()
         procs.append(subprocess.Popen([hello], env=dict(os.environ, PORT=str(backend))))
         wait_port(backend)
         procs.append(subprocess.Popen([floor], env=dict(os.environ, PORT=str(floor_port), UPSTREAM=str(backend))))
         wait_port(floor_port)
+        procs.append(subprocess.Popen(["nginx", "-c", nginx_conf(root, backend, [f"listen 127.0.0.1:{nginx_port}; location / {{ {FORWARDED} }}"]), "-g", "daemon off;"]))
+        wait_port(nginx_port)
+        [nginx_worker] = children(procs[2].pid)
         conf = os.path.join(root, "apm.conf")
         with open(conf, "w") as f:
             f.write(f"worker {{ name hello; exec {hello}; upstream port; server http://127.0.0.1:{apm_port}; startup_grace 200; }}\n")
@@ -87,9 +94,9 @@ def main():
         daemon = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["daemon"]["pid"]
 
         rounds = int(os.environ.get("ROUNDS", "3"))
-        runs = {"apm": [], "floor": []}
+        runs = {"apm": [], "floor": [], "nginx": []}
         for _ in range(rounds):
-            for name, pid, port in [("apm", daemon, apm_port), ("floor", procs[1].pid, floor_port)]:
+            for name, pid, port in [("apm", daemon, apm_port), ("floor", procs[1].pid, floor_port), ("nginx", nginx_worker, nginx_port)]:
                 runs[name].append(per_request(*profile(pid, port)))
 
         def median(name, pick):
@@ -102,6 +109,8 @@ def main():
             kernel = median(name, lambda k: k[0] == "kernel")
             user = median(name, lambda k: k[0] == "user")
             print(f"{name:8} {total:7.0f} {kernel:7.0f} {user:7.0f}")
+        nginx, floor = median("nginx", lambda k: True), median("floor", lambda k: True)
+        print(f"nginx / floor: {nginx / floor:.2f} (a hyper proxy below 1.0 would do as much as nginx per core)")
         print("\napm's user-space functions costing more than the floor's (ns per request; a function")
         print("inlined differently in the two binaries shows on one side only)")
         names = {k for run in runs["apm"] for k in run if k[0] == "user"}

@@ -32,6 +32,8 @@ impl Supervisor {
         // Out of the route before its count is looked at: the proxy counts
         // a request on an instance while it reads the route that lists it,
         // so a request either is counted here or does not come here.
+        // (`settle` publishes the routes before the task below first runs
+        // on the supervisor's one thread; this does not rest on that.)
         if let Some(in_flight) = &in_flight {
             worker.routes.send_if_modified(|route| {
                 let listed = route.backends.len();

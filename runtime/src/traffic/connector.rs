@@ -1457,6 +1457,56 @@ mod tests {
         }
     }
 
+    struct Listed(Vec<Arc<Link>>);
+
+    impl Successors for Listed {
+        fn candidates(&self) -> Vec<Arc<Link>> {
+            self.0.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_moving_session_goes_to_the_youngest_instance_not_retiring_counted_on_it() {
+        // Their children's ends are kept: a child gone is no longer ready.
+        let mut links = Vec::new();
+        let mut children = Vec::new();
+        for _ in 0..3 {
+            let (link, theirs, changed, session) = session_on_a_ready_child().await;
+            links.push(link);
+            children.push((theirs, changed, session));
+            // Each younger than the one before, as `born` tells.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let [leaving, older, younger]: [Arc<Link>; 3] = links.try_into().ok().unwrap();
+        let handoff = Handoff {
+            successors: Arc::new(Listed(vec![
+                older.clone(),
+                leaving.clone(),
+                younger.clone(),
+            ])),
+            wait: std::time::Duration::ZERO,
+            worker: "t".into(),
+            protocol: "ws",
+        };
+        let (chosen, counted) = handoff.successor(&leaving).expect("a successor");
+        assert!(Arc::ptr_eq(&chosen, &younger));
+        assert_eq!(younger.in_flight().count(), 1, "counted on it");
+        drop(counted);
+        younger.retire();
+        let (chosen, _counted) = handoff.successor(&leaving).expect("the older one");
+        assert!(Arc::ptr_eq(&chosen, &older));
+        older.retire();
+        assert!(
+            handoff.successor(&leaving).is_none(),
+            "the leaving one is none"
+        );
+        assert_eq!(
+            (older.in_flight().count(), younger.in_flight().count()),
+            (1, 0),
+            "nothing counted where the session does not go"
+        );
+    }
+
     struct NoSuccessor;
 
     impl Successors for NoSuccessor {

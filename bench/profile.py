@@ -111,12 +111,12 @@ def main():
             print(f"{name:8} {total:7.0f} {kernel:7.0f} {user:7.0f}")
         nginx, floor = median("nginx", lambda k: True), median("floor", lambda k: True)
         print(f"nginx / floor: {nginx / floor:.2f} (a hyper proxy below 1.0 would do as much as nginx per core)")
-        print("\napm's user-space functions costing more than the floor's (ns per request; a function")
-        print("inlined differently in the two binaries shows on one side only)")
-        names = {k for run in runs["apm"] for k in run if k[0] == "user"}
-        extra = {k: statistics.median(r.get(k, 0) for r in runs["apm"]) - statistics.median(r.get(k, 0) for r in runs["floor"]) for k in names}
-        for key, ns in sorted(extra.items(), key=lambda kv: -kv[1])[:25]:
-            print(f"{ns:7.0f}  {key[1][:110]}")
+        for side, shown, note in [("user", 25, "; a function\ninlined differently in the two binaries shows on one side only"), ("kernel", 12, "")]:
+            print(f"\napm's {side} functions costing more than the floor's (ns per request{note})")
+            names = {k for run in runs["apm"] for k in run if k[0] == side}
+            extra = {k: statistics.median(r.get(k, 0) for r in runs["apm"]) - statistics.median(r.get(k, 0) for r in runs["floor"]) for k in names}
+            for key, ns in sorted(extra.items(), key=lambda kv: -kv[1])[:shown]:
+                print(f"{ns:7.0f}  {key[1][:110]}")
     finally:
         tear_down(apm, env, procs, root)
 

@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 
 use apm_compiler::values::{ListenAddr, Scheme, ServerUrl};
 use bytes::Bytes;
@@ -587,52 +588,35 @@ impl Connection {
         }
     }
 
-    /// When the connection has been idle for `keep_alive` (never, for 0):
-    /// no request answered in that time, whatever the client sent meanwhile
-    /// (a client that never finishes a request's head included). Meanwhile,
-    /// a connection to an instance that an idle client will not use again
-    /// is closed; with `served_from` (when hyper began serving the client),
-    /// the lull after a request is reported once it has lasted as long, so
-    /// that hyper's buffers can be let go. One timer per connection that
-    /// fires once a second (or each `keep_alive`, if shorter): hyper's own
-    /// head timeout armed one per request, and woke the runtime's driver
-    /// through a syscall for some of them.
-    async fn idle_for(&self, keep_alive: std::time::Duration, served_from: Option<u64>) -> Lapse {
+    /// Whether the connection has been idle for `keep_alive` (never, for
+    /// 0): no request answered in that time, whatever the client sent
+    /// meanwhile (a client that never finishes a request's head included).
+    /// Meanwhile, a connection to an instance that an idle client will not
+    /// use again is closed; with `served_from` (when hyper began serving
+    /// the client), the lull after a request is reported once it has
+    /// lasted as long, so that hyper's buffers can be let go. Looked at on
+    /// each tick of the connection's `IdleTicks`.
+    fn lapse(&self, keep_alive: std::time::Duration, served_from: Option<u64>) -> Option<Lapse> {
         let closes = !keep_alive.is_zero();
-        let tick = if closes {
-            upstream::IDLE_LIMIT.min(keep_alive)
-        } else {
-            upstream::IDLE_LIMIT
-        };
-        let mut ticks = tokio::time::interval(tick);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await; // the first tick is at once
-        loop {
-            ticks.tick().await;
-            if closes
-                && self
-                    .activity
-                    .body_stalled_since()
-                    .is_some_and(|since| since.elapsed() >= keep_alive)
-            {
-                return Lapse::Expired;
-            }
-            let Some(idle_since) = self.activity.idle_since() else {
-                continue;
-            };
-            if closes && idle_since.elapsed() >= keep_alive {
-                return Lapse::Expired;
-            }
-            self.upstream.lock().expect("upstream").close_if_stale();
-            // A client that sent part of a request (a slow one) keeps
-            // hyper, which holds that part.
-            if idle_since.elapsed() >= upstream::IDLE_LIMIT
-                && self.held.is_empty()
-                && served_from.is_some_and(|from| self.activity.between_requests(from))
-            {
-                return Lapse::Lull;
-            }
+        if closes
+            && self
+                .activity
+                .body_stalled_since()
+                .is_some_and(|since| since.elapsed() >= keep_alive)
+        {
+            return Some(Lapse::Expired);
         }
+        let idle_since = self.activity.idle_since()?;
+        if closes && idle_since.elapsed() >= keep_alive {
+            return Some(Lapse::Expired);
+        }
+        self.upstream.lock().expect("upstream").close_if_stale();
+        // A client that sent part of a request (a slow one) keeps
+        // hyper, which holds that part.
+        (idle_since.elapsed() >= upstream::IDLE_LIMIT
+            && self.held.is_empty()
+            && served_from.is_some_and(|from| self.activity.between_requests(from)))
+        .then_some(Lapse::Lull)
     }
 
     /// When the idle connection is closed, if its client sends nothing.
@@ -685,7 +669,7 @@ enum Waited {
     Quiet,
 }
 
-/// Why `idle_for` returned.
+/// Why a served connection's `lapse` ends its serving.
 enum Lapse {
     /// The connection has been idle for `keep_alive`: it closes.
     Expired,
@@ -1007,17 +991,26 @@ async fn serve_http(mut client: Client<impl Pick>) {
                 .with_upgrades(),
         );
         let mut lull = Some(served_from);
+        let mut ticks = IdleTicks::new(keep_alive);
         let served = loop {
-            tokio::select! {
-                served = &mut *serving => break served,
-                lapse = client.connection.idle_for(keep_alive, lull) => match lapse {
-                    Lapse::Expired => return,
-                    Lapse::Lull => {
-                        activity.parking.store(true, Ordering::Release);
-                        std::pin::Pin::new(&mut *serving).graceful_shutdown();
-                        lull = None;
-                    }
-                },
+            let served = std::future::poll_fn(|cx| {
+                if let Poll::Ready(served) = std::pin::Pin::new(&mut *serving).poll(cx) {
+                    return Poll::Ready(Some(served));
+                }
+                ticks.poll_tick(cx).map(|()| None)
+            })
+            .await;
+            if let Some(served) = served {
+                break served;
+            }
+            match client.connection.lapse(keep_alive, lull) {
+                None => {}
+                Some(Lapse::Expired) => return,
+                Some(Lapse::Lull) => {
+                    activity.parking.store(true, Ordering::Release);
+                    std::pin::Pin::new(&mut *serving).graceful_shutdown();
+                    lull = None;
+                }
             }
         };
         // Else hyper is done: the client closed, broke HTTP, asked to close,
@@ -1031,6 +1024,56 @@ async fn serve_http(mut client: Client<impl Pick>) {
         client.io = parts.io.into_inner();
         client.io.read_ahead(&parts.read_buf);
         quiet_after = Some(std::time::Duration::ZERO);
+    }
+}
+
+/// When a served connection's `lapse` is looked at: once a second (or each
+/// `keep_alive`, if shorter), one timer per connection (hyper's own head
+/// timeout armed one per request, and woke the runtime's driver through a
+/// syscall for some of them).
+struct IdleTicks {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    every: std::time::Duration,
+    /// The timer holds the task's waker for its deadline.
+    armed: bool,
+}
+
+impl IdleTicks {
+    fn new(keep_alive: std::time::Duration) -> IdleTicks {
+        let every = if keep_alive.is_zero() {
+            upstream::IDLE_LIMIT
+        } else {
+            upstream::IDLE_LIMIT.min(keep_alive)
+        };
+        IdleTicks {
+            sleep: Box::pin(tokio::time::sleep(every)),
+            every,
+            armed: false,
+        }
+    }
+
+    /// Ready once a tick, the next one counted from then. The connection's
+    /// task wakes for each of its client's and its instance's reads; the
+    /// timer is polled only once it has fired, since each poll registers
+    /// the task's waker with it anew (a few per request), and a task's
+    /// waker stays the same.
+    fn poll_tick(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.armed && !self.sleep.is_elapsed() {
+            return Poll::Pending;
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Pending => {
+                self.armed = true;
+                Poll::Pending
+            }
+            Poll::Ready(()) => {
+                // Fired, the timer let go of the waker: polled again next time.
+                self.armed = false;
+                let next = tokio::time::Instant::now() + self.every;
+                self.sleep.as_mut().reset(next);
+                Poll::Ready(())
+            }
+        }
     }
 }
 

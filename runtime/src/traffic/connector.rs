@@ -12,11 +12,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::traffic::inflight::Entered;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+use crate::traffic::inflight::Entered;
 
 pub const PROTOCOL: u64 = 1;
 /// The largest payload of one frame.

@@ -667,6 +667,39 @@ fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_client
     assert_eq!((status, body.as_str()), (200, "instance\n"));
 }
 
+#[test]
+fn an_instance_whose_port_another_user_took_before_its_bind_starts_again_at_once_uncounted() {
+    if !can_be_nobody() {
+        return;
+    }
+    let d = Daemon::new("port-retake");
+    d.write("app.py", &format!("{AWAIT_GO}{PORT_APP}"));
+    let front = free_port();
+    d.load(&format!(
+        "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \
+         err_delay 30000; server http://127.0.0.1:{front}; }}\n"
+    ));
+    let port = late_binders_port(&d, None);
+    let squatter = Squatter::run(PORT_SQUATTER, &[&port.to_string()]);
+    d.wait_daemon_log(&format!("late#0: port {port} is listened on by uid 65534"));
+    // Its bind fails; with `err_delay 30000`, a counted restart would come
+    // only after the test's patience.
+    d.write("go", "");
+    d.wait_daemon_log(&format!(
+        "late#0: port {port} was taken by another listener before the instance bound it; \
+         started again at once on another port"
+    ));
+    let second = late_binders_port(&d, Some(port));
+    assert_ne!(second, port);
+    d.wait_serving("late");
+    let (status, body) = http_get(front).expect("an answer from the proxy");
+    assert_eq!((status, body.as_str()), (200, "instance\n"));
+    let worker = d.worker("late").unwrap();
+    assert_eq!(worker["instances"][0]["restarts"], 0, "{worker}");
+    squatter.drain();
+    assert_eq!(squatter.accepted_within(Duration::from_millis(300)), 0);
+}
+
 /// An `upstream port` app that answers `instance` on its port.
 const PORT_APP: &str = r#"
 import http.server, os

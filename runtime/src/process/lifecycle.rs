@@ -196,6 +196,12 @@ pub enum Event {
     Drained {
         pid: u32,
     },
+    /// The process ended before it bound its `upstream port`, which another
+    /// listener had taken: it is started again at once (on another port),
+    /// neither a restart nor an attempt of its own. `status` is how it ended.
+    PortTaken {
+        status: ExitStatus,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +365,11 @@ impl Lifecycle {
             }
             (Starting { since, .. } | Running { since, .. }, Event::Exited { status }) => {
                 self.ended(status, now - since, now, policy)
+            }
+            (Starting { .. } | Running { .. }, Event::PortTaken { .. }) => {
+                self.attempts = self.attempts.saturating_sub(1);
+                self.phase = Stopped;
+                vec![Effect::Spawn]
             }
             // A spawn that failed ends an attempt that never ran.
             (
@@ -856,5 +867,33 @@ mod tests {
         assert_eq!(sim.send(failed), vec![]);
         assert_eq!(sim.life.phase.name(), "errored");
         assert_eq!(sim.life.attempts, 2);
+    }
+
+    #[test]
+    fn a_process_whose_port_was_taken_starts_again_at_once_uncounted() {
+        let mut sim = Sim::new(Policy {
+            restart_err: true,
+            max_err_restarts: 1,
+            ..policy()
+        });
+        let taken = Event::PortTaken {
+            status: ExitStatus::Code(1),
+        };
+        sim.send(Event::Start);
+        sim.spawn();
+        assert_eq!(sim.send(taken), vec![Effect::Spawn]);
+        sim.spawn();
+        sim.advance(2000);
+        sim.send(Event::Wake);
+        assert_eq!(sim.life.phase.name(), "running");
+        assert_eq!(sim.send(taken), vec![Effect::Spawn]);
+        assert_eq!(
+            (sim.life.restarts, sim.life.err_restarts, sim.life.attempts),
+            (0, 0, 0),
+            "neither a restart nor an attempt"
+        );
+        // Anywhere else it is stale.
+        sim.send(Event::Stop);
+        assert_eq!(sim.send(taken), vec![]);
     }
 }

@@ -363,6 +363,9 @@ struct Instance {
     targets: Option<(watch::Sender<Target>, watch::Sender<Target>)>,
     /// The loopback port of the current process, with `upstream port`.
     port: Option<Port>,
+    /// Its processes in a row that ended before they bound their port,
+    /// which another listener had taken (bounded by `port::RETAKES`).
+    retaken: u8,
     /// The current process's connector channel, with `upstream connector`.
     link: Option<Arc<crate::traffic::connector::Link>>,
     /// The current process's health check, with `health_check`.
@@ -376,6 +379,33 @@ struct Instance {
 /// An instance's loopback port with `upstream port`. It gets traffic once
 /// the process accepts connections on it.
 impl Instance {
+    /// `PortTaken`, for a process that ended before it ever served on its
+    /// port while something else listens there, a few times in a row
+    /// (`port::RETAKES`); said in the daemon log.
+    fn port_taken(&mut self, name: &str, status: ExitStatus) -> Option<Event> {
+        let port = self.port.as_ref()?;
+        if port.accepting() {
+            self.retaken = 0;
+            return None;
+        }
+        if !matches!(
+            self.life.phase,
+            Phase::Starting { .. } | Phase::Running { .. }
+        ) || self.retaken >= port::RETAKES
+            || !port.listened()
+        {
+            return None;
+        }
+        self.retaken += 1;
+        crate::log(format_args!(
+            "{name}#{}: port {} was taken by another listener before the instance bound it; \
+             started again at once on another port",
+            self.index,
+            port.address.port()
+        ));
+        Some(Event::PortTaken { status })
+    }
+
     /// The process's CPU use and memory, as the sampler last saw them (CPU
     /// over its last round, or since the start for a process it did not
     /// follow yet). With `stats_interval`, the figures change at most once
@@ -852,6 +882,7 @@ impl Supervisor {
             usage: None,
             targets: None,
             port: None,
+            retaken: 0,
             link: None,
             health: None,
             healthy: false,
@@ -952,7 +983,13 @@ impl Supervisor {
             let Some(instance) = worker.instances.get_mut(index) else {
                 return;
             };
-            if let Event::Exited { status } = event {
+            // Looked at before the group is ended below, which frees
+            // whatever its processes held.
+            let event = match event {
+                Event::Exited { status } => instance.port_taken(name, status).unwrap_or(event),
+                event => event,
+            };
+            if let Event::Exited { status } | Event::PortTaken { status } = event {
                 // The leader is gone; end whatever it left in its group.
                 if let Some(pid) = instance.life.phase.pid() {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);

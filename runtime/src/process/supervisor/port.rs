@@ -86,13 +86,8 @@ enum Listening {
 /// squatting many ports makes the daemon read no other process's
 /// descriptors.
 fn listening(port: u16, owner: u32, pid: u32) -> Listening {
-    use crate::process::sock_diag::{self, Listening as Socket};
-    // /proc/net/tcp where the kernel's socket diagnostics are not to be had.
-    let sockets = sock_diag::listeners(port).unwrap_or_else(|_| {
-        let sockets = procfs::tcp_listening_sockets(port);
-        let socket = |(inode, uid)| Socket { uid, inode };
-        sockets.into_iter().map(socket).collect()
-    });
+    use crate::process::sock_diag::Listening as Socket;
+    let sockets = listeners(port);
     // Walked once, for the first socket of another uid.
     let tree = std::cell::OnceCell::new();
     let instances = |socket: &Socket| {
@@ -108,6 +103,22 @@ fn listening(port: u16, owner: u32, pid: u32) -> Listening {
         None => Listening::Owner,
     }
 }
+
+/// The sockets listening on `port`: from the kernel's socket diagnostics,
+/// or /proc/net/tcp where those are not to be had.
+fn listeners(port: u16) -> Vec<crate::process::sock_diag::Listening> {
+    use crate::process::sock_diag::{self, Listening as Socket};
+    sock_diag::listeners(port).unwrap_or_else(|_| {
+        let sockets = procfs::tcp_listening_sockets(port);
+        let socket = |(inode, uid)| Socket { uid, inode };
+        sockets.into_iter().map(socket).collect()
+    })
+}
+
+/// How many times in a row an instance is started again at once because
+/// its port was taken before it bound it; past that, its exits count as
+/// any other's (`max_err_restarts`, `err_delay`).
+pub(super) const RETAKES: u8 = 3;
 
 pub(super) struct Port {
     pub(super) address: std::net::SocketAddr,
@@ -126,6 +137,14 @@ impl Port {
 
     pub(super) fn accepting(&self) -> bool {
         self.accepting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether something listens on the port. Asked once the instance's
+    /// process has ended without ever serving on it: another process then
+    /// took it between its choice and the instance's bind (another user's,
+    /// or another daemon's instance), and the bind most likely failed.
+    pub(super) fn listened(&self) -> bool {
+        !listeners(self.address.port()).is_empty()
     }
 
     /// Tries to connect until the process accepts and the port's listener

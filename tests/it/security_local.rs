@@ -592,19 +592,27 @@ fn late_binders_port(d: &Daemon, before: Option<u16>) -> u16 {
     })
 }
 
+/// A daemon whose worker `late` (with `settings`) binds its port only once
+/// the test writes `go`: the daemon, the worker's front port and the
+/// instance's port.
+fn late_binder(name: &str, settings: &str) -> (Daemon, u16, u16) {
+    let d = Daemon::new(name);
+    d.write("app.py", &format!("{AWAIT_GO}{PORT_APP}"));
+    let front = free_port();
+    d.load(&format!(
+        "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \
+         {settings} server http://127.0.0.1:{front}; }}\n"
+    ));
+    let port = late_binders_port(&d, None);
+    (d, front, port)
+}
+
 #[test]
 fn another_user_listening_on_an_instances_port_before_it_gets_none_of_its_clients() {
     if !can_be_nobody() {
         return;
     }
-    let d = Daemon::new("port-squat");
-    d.write("app.py", &format!("{AWAIT_GO}{PORT_APP}"));
-    let front = free_port();
-    d.load(&format!(
-        "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \
-         server http://127.0.0.1:{front}; }}\n"
-    ));
-    let port = late_binders_port(&d, None);
+    let (d, front, port) = late_binder("port-squat", "");
     // The port the daemon chose is where no outgoing connection lands.
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let last: u16 = range.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -672,14 +680,7 @@ fn an_instance_whose_port_another_user_took_before_its_bind_starts_again_at_once
     if !can_be_nobody() {
         return;
     }
-    let d = Daemon::new("port-retake");
-    d.write("app.py", &format!("{AWAIT_GO}{PORT_APP}"));
-    let front = free_port();
-    d.load(&format!(
-        "worker {{ name late; exec python3; params app.py; upstream port; startup_grace 60; \
-         err_delay 30000; server http://127.0.0.1:{front}; }}\n"
-    ));
-    let port = late_binders_port(&d, None);
+    let (d, front, port) = late_binder("port-retake", "err_delay 30000;");
     let squatter = Squatter::run(PORT_SQUATTER, &[&port.to_string()]);
     d.wait_daemon_log(&format!("late#0: port {port} is listened on by uid 65534"));
     // Its bind fails; with `err_delay 30000`, a counted restart would come

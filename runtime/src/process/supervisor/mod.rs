@@ -376,8 +376,6 @@ struct Instance {
     healthy: bool,
 }
 
-/// An instance's loopback port with `upstream port`. It gets traffic once
-/// the process accepts connections on it.
 impl Instance {
     /// `PortTaken`, for a process that ended before it ever served on its
     /// port while something else listens there, a few times in a row

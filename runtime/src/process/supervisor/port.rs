@@ -120,6 +120,8 @@ fn listeners(port: u16) -> Vec<crate::process::sock_diag::Listening> {
 /// any other's (`max_err_restarts`, `err_delay`).
 pub(super) const RETAKES: u8 = 3;
 
+/// An instance's loopback port with `upstream port`. It gets traffic once
+/// the process accepts connections on it.
 pub(super) struct Port {
     pub(super) address: std::net::SocketAddr,
     pub(super) accepting: Arc<std::sync::atomic::AtomicBool>,

@@ -52,10 +52,18 @@ def ensure(tool, package):
 
 def wrk(port, scheme, pids, duration="10s"):
     """req/s, p50 and p99 in ms, the CPU time the processes `pids` (proxy
-    and app) spent per request, in µs, and the requests that failed (socket
-    errors and timeouts, answers other than 2xx/3xx)."""
+    and app) spent per request, in µs, the requests that failed (socket
+    errors and timeouts, answers other than 2xx/3xx), and the CPU time wrk
+    itself spent per request, in µs (on a shared machine, what a slower
+    server costs its client: waiting, it sleeps and is woken more often)."""
     before = cpu_ticks(pids)
-    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{duration}", "--latency", f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    load = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{duration}", "--latency", f"{scheme}://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True)
+    out = load.stdout.read()
+    # Reaped here, not by communicate(), for its resource usage.
+    _, status, usage = os.wait4(load.pid, 0)
+    load.returncode = os.waitstatus_to_exitcode(status)
+    if status != 0:
+        raise subprocess.CalledProcessError(status, load.args, out)
     ticks = cpu_ticks(pids) - before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -66,7 +74,8 @@ def wrk(port, scheme, pids, duration="10s"):
 
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     errors += int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
-    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests, errors
+    client = (usage.ru_utime + usage.ru_stime) * 1e6 / requests
+    return rps, latency(50), latency(99), ticks * 1e6 / os.sysconf("SC_CLK_TCK") / requests, errors, client
 
 
 def cpu_ticks(pids):

@@ -5,11 +5,18 @@ run and in interleaved rounds:
   - the tiny hyper backend behind apm with `proxy_threads 1`,
   - the same behind apm with `proxy_threads 2` (a daemon of its own),
   - the same behind nginx with `worker_processes 2`, forwarding what apm
-    forwards (the client's Host and X-Forwarded-For/-Proto/-Host).
-Prints the medians of req/s, p50, p99 and the CPU time the proxy and the
-backend spent per request, the ratios 2 threads / 1 thread (targets: CPU
-per request no more than 5 % above) and apm 2 threads / nginx 2 workers
-(target: req/s at least nginx's); then the p99 and the maximum of `apm ls`
+    forwards (the client's Host and X-Forwarded-For/-Proto/-Host),
+  - the same behind hyper's floor on 2 threads (runtime/examples/floor.rs,
+    `THREADS=2`: the least a hyper proxy does, per thread a runtime and a
+    `SO_REUSEPORT` listener): what apm's machinery could reach with 2
+    threads if it added nothing per request.
+Prints the medians of req/s, p50, p99, the CPU time the proxy and the
+backend spent per request and the CPU time wrk spent per request (on two
+shared cores, a costlier proxy also costs its client: waiting for it, wrk
+sleeps and is woken more often), the ratios 2 threads / 1 thread
+(targets: CPU per request no more than 5 % above) and apm 2 threads /
+nginx 2 workers (target: req/s at least nginx's), and the floor / nginx;
+then the p99 and the maximum of `apm ls`
 with the 2-thread daemon idle and with its proxy saturated by wrk (target:
 p99 <= 10 ms), beside those of `/bin/true` run in alternation (what the
 machine adds to starting any process) and of the daemon's own answer to
@@ -92,6 +99,7 @@ def main():
     duration = int(os.environ.get("DURATION", "3" if short else "10"))
     ls_calls = 20 if short else 200
     hello = os.path.abspath("target/release/examples/hello")
+    floor = os.path.abspath("target/release/examples/floor")
     apm = os.path.abspath(os.environ.get("APM_BIN", "target/release/apm"))
     root = tempfile.mkdtemp(prefix="apm-bench-scale-")
     procs, envs = [], []
@@ -103,6 +111,9 @@ def main():
         conf = nginx_conf(root, backend, [f"listen 127.0.0.1:{nginx_port}; location / {{ {FORWARDED} }}"], workers=2)
         procs.append(subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"]))
         wait_port(nginx_port)
+        floor_port = free_port()
+        procs.append(subprocess.Popen([floor], env=dict(os.environ, PORT=str(floor_port), UPSTREAM=str(backend), THREADS="2")))
+        wait_port(floor_port)
 
         targets = {}
         for threads in (1, 2):
@@ -111,21 +122,23 @@ def main():
             targets[f"apm t{threads}"] = (port, pids)
         # nginx's workers and the backend, as apm's daemon and its instance.
         targets["nginx w2"] = (nginx_port, [*children(procs[1].pid), procs[0].pid])
+        targets["floor t2"] = (floor_port, [procs[2].pid, procs[0].pid])
 
         runs = {name: [] for name in targets}
         for _ in range(rounds):
             for name, (port, pids) in targets.items():
                 runs[name].append(wrk(port, "http", pids, f"{duration}s"))
-        results = {name: [statistics.median(run[i] for run in measured) for i in range(4)] for name, measured in runs.items()}
+        results = {name: [statistics.median(run[i] for run in measured) for i in (0, 1, 2, 3, 5)] for name, measured in runs.items()}
         print(f"medians of {rounds} interleaved runs of wrk -t2 -c64 -d{duration}s")
-        print("CPU: what the proxy and the backend spent per request, in µs")
-        print(f"{'setup':<9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>6}   req/s of each run")
-        for name, (rps, p50, p99_ms, cpu) in results.items():
-            print(f"{name:<9} {rps:>10.0f} {p50:>8.2f} {p99_ms:>8.2f} {cpu:>6.1f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
-        one, two, nginx = results["apm t1"], results["apm t2"], results["nginx w2"]
+        print("CPU: what the proxy and the backend spent per request, in µs; wrk: what wrk spent per request")
+        print(f"{'setup':<9} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>6} {'wrk':>6}   req/s of each run")
+        for name, (rps, p50, p99_ms, cpu, client) in results.items():
+            print(f"{name:<9} {rps:>10.0f} {p50:>8.2f} {p99_ms:>8.2f} {cpu:>6.1f} {client:>6.1f}   " + " ".join(f"{run[0]:.0f}" for run in runs[name]))
+        one, two, nginx, floor_t2 = results["apm t1"], results["apm t2"], results["nginx w2"], results["floor t2"]
         print(f"CPU per request, 2 threads / 1 thread: {two[3] / one[3]:.2f} (target <= 1.05)")
         print(f"req/s, 2 threads / 1 thread: {two[0] / one[0]:.2f}")
         print(f"req/s, apm 2 threads / nginx 2 workers: {two[0] / nginx[0]:.2f} (target >= 1.0)")
+        print(f"req/s, hyper's floor 2 threads / nginx 2 workers: {floor_t2[0] / nginx[0]:.2f}; apm 2 threads / the floor: {two[0] / floor_t2[0]:.2f}")
 
         # The control socket with the proxy idle, then saturated.
         env, (port, _) = envs[1], targets["apm t2"]

@@ -25,6 +25,31 @@ def apm_env(root, name):
     return dict(os.environ, APM_HOME=os.path.join(root, "home"), APM_SOCKET=f"apm-bench-{name}-{os.getpid()}", NO_COLOR="1")
 
 
+def daemon_in_foreground(apm, env, deadline=10):
+    """Starts the daemon of `env` in the foreground, in this script's
+    session, and waits until it answers on its control socket; `apm load`
+    then uses it. Benchmarks that compare apm's proxy with servers run in
+    the foreground here (nginx `daemon off`, hyper's floor) start it so
+    (`proxy.py` does not: it also compares with PM2, whose daemon detaches
+    as apm's does by default): with the kernel's autogroups
+    (`/proc/sys/kernel/sched_autogroup_enabled`), a daemon that detaches
+    into a session of its own is scheduled as a group apart from wrk, and
+    every wake-up between the two crosses groups (measured with `scale.py`:
+    0.87 of nginx's req/s so, 0.95 in one session). Its instances are in
+    its session either way, as a foreground server's backend is here."""
+    daemon = subprocess.Popen([apm, "daemon", "--foreground"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.time() + deadline
+    while True:
+        with socket.socket(socket.AF_UNIX) as control:
+            try:
+                control.connect("\0" + env["APM_SOCKET"])
+                return daemon
+            except OSError:
+                if daemon.poll() is not None or time.time() > end:
+                    raise RuntimeError(f"apm daemon --foreground did not answer (exit status {daemon.poll()})")
+        time.sleep(0.02)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 
-from common import apm_env, free_port, nginx_conf, tear_down, wait_port
+from common import apm_env, daemon_in_foreground, free_port, nginx_conf, tear_down, wait_port
 
 # Linux's IP_BIND_ADDRESS_NO_PORT: the port is chosen at connect(), so one
 # source address serves every destination's own range of ports.
@@ -181,6 +181,7 @@ def main():
         apm_conf = os.path.join(root, "apm.conf")
         with open(apm_conf, "w") as f:
             f.write(f"worker {{ name hello; exec {hello}; upstream port; server http://127.0.0.1:{apm_port}; keep_alive {KEEP_ALIVE_S * 1000}; startup_grace 200; }}\n")
+        daemon_in_foreground(apm, env)
         subprocess.run([apm, "load", apm_conf], env=env, check=True, capture_output=True)
         wait_port(apm_port)
         listing = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)

@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import tempfile
 
-from common import apm_env, free_port, wait_port
+from common import apm_env, daemon_in_foreground, free_port, wait_port
 from proxy import apm_pids, children, ensure, wait_instances, wrk
 
 PHP_APP = """<?php
@@ -111,6 +111,7 @@ def main():
         apm_conf = write(root, "apm.conf", "".join(
             f"worker {{ name {name}; exec {exec}; params {app}; instances 2; server http://127.0.0.1:{ports[name]}; startup_grace 200; }}\n"
             for name, exec, app in [("php", "php", php_app), ("perl", "perl", perl_app), ("lua", "lua5.4", lua_app)]))
+        daemon_in_foreground(apm, env)
         subprocess.run([apm, "load", apm_conf], env=env, check=True, capture_output=True)
         for name in ["php", "perl", "lua"]:
             wait_port(ports[name])

@@ -14,7 +14,9 @@ perf samples the proxy process alone (4 kHz, no call graphs), while `wrk
 (default 3), and the figures are medians. The apm binary needs its symbols:
 build it with `cargo build --profile sizeprobe` (the release profile,
 unstripped); the floor and the backend come from the same profile's
-examples. The daemon serves on one proxy thread, as the floor does.
+examples. The daemon serves on one proxy thread, as the floor does, and
+nginx on one worker; THREADS=2 profiles two of each (what `scale.py`
+compares), where what the threads share shows.
 
 Needs wrk, perf and nginx (`apt-get install wrk linux-perf nginx-light`).
 
@@ -30,7 +32,7 @@ import statistics
 import subprocess
 import tempfile
 
-from common import apm_env, free_port, nginx_conf, tear_down, wait_port
+from common import apm_env, daemon_in_foreground, free_port, nginx_conf, tear_down, wait_port
 from proxy import children
 from scale import FORWARDED
 
@@ -40,15 +42,15 @@ SAMPLES_PER_SECOND = 4000
 NS_PER_SAMPLE = 1e9 / SAMPLES_PER_SECOND
 
 
-def profile(pid, port, seconds=6):
-    """perf samples of `pid` while wrk loads `port`: (samples by
+def profile(pids, port, seconds=6):
+    """perf samples of the processes `pids` while wrk loads `port`: (samples by
     (kernel or user, symbol), requests served meanwhile)."""
     data = tempfile.mktemp(suffix=".perf")
     load = subprocess.Popen(["wrk", "-t2", "-c64", f"-d{seconds + 3}s", f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True)
     try:
         # The first second warms up; perf then samples while wrk still runs.
         subprocess.run(["sleep", "1"], check=True)
-        subprocess.run(["perf", "record", "-q", "-F", str(SAMPLES_PER_SECOND), "-p", str(pid), "-o", data, "--", "sleep", str(seconds)], check=True, capture_output=True)
+        subprocess.run(["perf", "record", "-q", "-F", str(SAMPLES_PER_SECOND), "-p", ",".join(map(str, pids)), "-o", data, "--", "sleep", str(seconds)], check=True, capture_output=True)
         out = load.communicate()[0]
     finally:
         load.kill()
@@ -75,20 +77,22 @@ def main():
     floor = os.path.abspath(f"{PROFILE}/examples/floor")
     apm = os.path.abspath(os.environ.get("APM_BIN", f"{PROFILE}/apm"))
     root = tempfile.mkdtemp(prefix="apm-bench-profile-")
-    env = dict(apm_env(root, "profile"), APM_PROXY_THREADS="1")
+    threads = os.environ.get("THREADS", "1")
+    env = dict(apm_env(root, "profile"), APM_PROXY_THREADS=threads)
     procs = []
     try:
         backend, floor_port, apm_port, nginx_port = free_port(), free_port(), free_port(), free_port()
         procs.append(subprocess.Popen([hello], env=dict(os.environ, PORT=str(backend))))
         wait_port(backend)
-        procs.append(subprocess.Popen([floor], env=dict(os.environ, PORT=str(floor_port), UPSTREAM=str(backend))))
+        procs.append(subprocess.Popen([floor], env=dict(os.environ, PORT=str(floor_port), UPSTREAM=str(backend), THREADS=threads)))
         wait_port(floor_port)
-        procs.append(subprocess.Popen(["nginx", "-c", nginx_conf(root, backend, [f"listen 127.0.0.1:{nginx_port}; location / {{ {FORWARDED} }}"]), "-g", "daemon off;"]))
+        procs.append(subprocess.Popen(["nginx", "-c", nginx_conf(root, backend, [f"listen 127.0.0.1:{nginx_port}; location / {{ {FORWARDED} }}"], workers=int(threads)), "-g", "daemon off;"]))
         wait_port(nginx_port)
-        [nginx_worker] = children(procs[2].pid)
+        nginx_workers = children(procs[2].pid)
         conf = os.path.join(root, "apm.conf")
         with open(conf, "w") as f:
             f.write(f"worker {{ name hello; exec {hello}; upstream port; server http://127.0.0.1:{apm_port}; startup_grace 200; }}\n")
+        daemon_in_foreground(apm, env)
         subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
         wait_port(apm_port)
         daemon = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)["daemon"]["pid"]
@@ -96,13 +100,13 @@ def main():
         rounds = int(os.environ.get("ROUNDS", "3"))
         runs = {"apm": [], "floor": [], "nginx": []}
         for _ in range(rounds):
-            for name, pid, port in [("apm", daemon, apm_port), ("floor", procs[1].pid, floor_port), ("nginx", nginx_worker, nginx_port)]:
-                runs[name].append(per_request(*profile(pid, port)))
+            for name, pids, port in [("apm", [daemon], apm_port), ("floor", [procs[1].pid], floor_port), ("nginx", nginx_workers, nginx_port)]:
+                runs[name].append(per_request(*profile(pids, port)))
 
         def median(name, pick):
             return statistics.median(sum(v for k, v in run.items() if pick(k)) for run in runs[name])
 
-        print(f"medians of {rounds} interleaved rounds, the proxy process's CPU per request (ns)")
+        print(f"medians of {rounds} interleaved rounds, {threads} thread(s) or worker(s) each, the proxy's CPU per request (ns)")
         print(f"{'proxy':8} {'total':>7} {'kernel':>7} {'user':>7}")
         for name in runs:
             total = median(name, lambda k: True)

@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import time
 
-from common import apm_env, free_port, nginx_conf, tear_down, wait_port
+from common import apm_env, daemon_in_foreground, free_port, nginx_conf, tear_down, wait_port
 from proxy import apm_pids, children, ensure, wrk
 
 FORWARDED = ('proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";'
@@ -47,13 +47,15 @@ FORWARDED = ('proxy_pass http://backend; proxy_http_version 1.1; proxy_set_heade
 def start_daemon(apm, root, threads, backend_exe):
     """A daemon of its own whose proxy has `threads` threads, with the
     hello backend as its one worker; its environment, port and the pids
-    that serve it (daemon, instance)."""
+    that serve it (daemon, instance). The daemon runs in the foreground,
+    in this script's session, as nginx (`daemon off`) and the floor do."""
     env = apm_env(os.path.join(root, f"t{threads}"), f"scale-t{threads}")
     port = free_port()
     conf = os.path.join(root, f"t{threads}.conf")
     with open(conf, "w") as f:
         f.write(f"daemon {{ proxy_threads {threads}; }}\n"
                 f"worker {{ name hello; exec {backend_exe}; upstream port; server http://127.0.0.1:{port}; startup_grace 200; }}\n")
+    daemon_in_foreground(apm, env)
     subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
     wait_port(port)
     daemon, instances = apm_pids(apm, env, "hello")

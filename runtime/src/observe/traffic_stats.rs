@@ -139,29 +139,19 @@ impl ListenerStats {
 
     fn snapshot(&self) -> Snapshot {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let sum = |counter: fn(&Shard) -> &AtomicU64| -> u64 {
+        let sum = |counter: &dyn Fn(&Shard) -> &AtomicU64| -> u64 {
             self.shards.iter().map(|shard| read(counter(shard))).sum()
         };
         Snapshot {
             worker: self.worker.clone(),
             listener: self.listener.clone(),
-            requests: std::array::from_fn(|i| {
-                self.shards
-                    .iter()
-                    .map(|shard| read(&shard.classes[i]))
-                    .sum()
-            }),
-            buckets: std::array::from_fn(|i| {
-                self.shards
-                    .iter()
-                    .map(|shard| read(&shard.buckets[i]))
-                    .sum()
-            }),
-            seconds: sum(|shard| &shard.micros) as f64 / 1e6,
+            requests: std::array::from_fn(|i| sum(&|shard| &shard.classes[i])),
+            buckets: std::array::from_fn(|i| sum(&|shard| &shard.buckets[i])),
+            seconds: sum(&|shard| &shard.micros) as f64 / 1e6,
             open: read(&self.open),
             accepted: read(&self.accepted),
-            received: sum(|shard| &shard.received),
-            sent: sum(|shard| &shard.sent),
+            received: sum(&|shard| &shard.received),
+            sent: sum(&|shard| &shard.sent),
         }
     }
 }

@@ -38,16 +38,9 @@ def daemon_in_foreground(apm, env, deadline=10):
     0.87 of nginx's req/s so, 0.95 in one session). Its instances are in
     its session either way, as a foreground server's backend is here."""
     daemon = subprocess.Popen([apm, "daemon", "--foreground"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.time() + deadline
-    while True:
-        with socket.socket(socket.AF_UNIX) as control:
-            try:
-                control.connect("\0" + env["APM_SOCKET"])
-                return daemon
-            except OSError:
-                if daemon.poll() is not None or time.time() > end:
-                    raise RuntimeError(f"apm daemon --foreground did not answer (exit status {daemon.poll()})")
-        time.sleep(0.02)
+    if not accepts(socket.AF_UNIX, "\0" + env["APM_SOCKET"], deadline):
+        raise RuntimeError(f"apm daemon --foreground did not answer (exit status {daemon.poll()})")
+    return daemon
 
 
 def free_port():
@@ -56,15 +49,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, deadline=10):
+def accepts(family, address, deadline=10):
+    """Whether something accepts connections on `address` (of socket
+    `family`) within `deadline` seconds."""
     end = time.time() + deadline
     while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listens on {port}")
+        with socket.socket(family) as probe:
+            probe.settimeout(0.2)
+            try:
+                probe.connect(address)
+                return True
+            except OSError:
+                time.sleep(0.02)
+    return False
+
+
+def wait_port(port, deadline=10):
+    if not accepts(socket.AF_INET, ("127.0.0.1", port), deadline):
+        raise SystemExit(f"nothing listens on {port}")
 
 
 def nginx_conf(root, backend, servers, workers=1, connections=1024):

@@ -14,8 +14,10 @@
 //!
 //! What threads share stays exact because it is one object behind atomics
 //! or a lock: Vanguard's buckets and bans, a listener's slots and
-//! round-robin counter, the held-bytes budget, the traffic figures, each
-//! instance's in-flight count and each connector's `Link`.
+//! round-robin counter, each instance's in-flight count and each
+//! connector's `Link`. The traffic figures are counted per thread and
+//! summed when read; the held-bytes budget holds to within 64 KiB per
+//! thread (`held`).
 
 use std::cell::Cell;
 use std::future::Future;

@@ -51,19 +51,21 @@ thread_local! {
 /// Changes what the daemon holds by `delta` bytes; the total as this
 /// thread knows it (off by at most `SLACK` per other thread).
 fn change(delta: isize) -> isize {
-    UNREPORTED
+    let (added, kept) = UNREPORTED
         .try_with(|unreported| {
             let count = unreported.0.get() + delta;
-            if count.abs() < SLACK {
-                unreported.0.set(count);
-                HELD.load(Ordering::Relaxed) + count
-            } else {
-                unreported.0.set(0);
-                HELD.fetch_add(count, Ordering::Relaxed) + count
-            }
+            let kept = if count.abs() < SLACK { count } else { 0 };
+            unreported.0.set(kept);
+            (count - kept, kept)
         })
         // A thread that is ending adds its bytes at once.
-        .unwrap_or_else(|_| HELD.fetch_add(delta, Ordering::Relaxed) + delta)
+        .unwrap_or((delta, 0));
+    let reported = if added == 0 {
+        HELD.load(Ordering::Relaxed)
+    } else {
+        HELD.fetch_add(added, Ordering::Relaxed) + added
+    };
+    reported + kept
 }
 
 /// What the daemon holds for its clients, as this thread knows it.
@@ -113,10 +115,7 @@ impl Held {
     /// What was read so far has been passed on (a whole head, a body
     /// chunk, a WebSocket message).
     pub(crate) fn passed_on(&self) {
-        let bytes = self.bytes.swap(0, Ordering::Relaxed);
-        if bytes > 0 {
-            change(-signed(bytes));
-        }
+        change(-signed(self.bytes.swap(0, Ordering::Relaxed)));
     }
 
     /// Whether everything read so far has been passed on.
@@ -217,16 +216,26 @@ mod tests {
         let _alone = ONE_AT_A_TIME.lock();
         let start = total();
         let held = Held::new();
+        assert!(held.is_empty());
         held.read(1000).unwrap();
+        assert!(!held.is_empty());
         assert_eq!(total(), start + 1000);
         held.passed_on();
+        assert!(held.is_empty());
         assert_eq!(total(), start);
         held.read(500).unwrap();
         drop(held);
         assert_eq!(total(), start);
         let greedy = Held::new();
-        assert!(greedy.read(BUDGET + 1).is_err(), "past the budget");
-        assert!(nearly_spent());
+        let room = usize::try_from(signed(BUDGET) - start).unwrap();
+        let message = crate::traffic::connector::MAX_MESSAGE;
+        greedy.read(room - message).unwrap();
+        assert!(!nearly_spent(), "one message's room is left");
+        greedy.read(1).unwrap();
+        assert!(nearly_spent(), "less than one message's room is left");
+        greedy.read(message - 1).unwrap();
+        assert_eq!(total(), signed(BUDGET), "the whole budget may be held");
+        assert!(greedy.read(1).is_err(), "past the budget");
         drop(greedy);
         assert_eq!(total(), start);
         assert!(!nearly_spent());
@@ -250,18 +259,44 @@ mod tests {
             held
         });
         counted.1.recv().unwrap();
-        let seen = total() - start;
-        assert!((0..SLACK).contains(&seen), "{seen}");
-        // Past the slack: added to the total at once.
+        assert_eq!(total(), start, "within the slack, the thread's own");
+        // A slack's worth: added to the total at once.
         let large = Held::new();
         large.read(usize::try_from(SLACK).unwrap()).unwrap();
-        assert_eq!(total() - start, seen + SLACK);
+        large.read(1000).unwrap();
+        assert_eq!(HELD.load(Ordering::Relaxed) - start, SLACK);
+        assert_eq!(total() - start, SLACK + 1000);
         drop(large);
         ended.0.send(()).unwrap();
         let held = holder.join().unwrap();
         assert_eq!(total(), start + 1000, "added as the thread ended");
         // Passed on from another thread than the one that read it.
         drop(held);
+        assert_eq!(total(), start);
+    }
+
+    #[tokio::test]
+    async fn a_metered_stream_counts_what_it_reads_and_passes_writes_through() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _alone = ONE_AT_A_TIME.lock();
+        let start = total();
+        let (near, mut far) = tokio::net::UnixStream::pair().unwrap();
+        let held = Held::new();
+        let mut metered = Metered::new(near, held.clone());
+        far.write_all(b"hello").await.unwrap();
+        let mut read = [0u8; 16];
+        assert_eq!(metered.read(&mut read).await.unwrap(), 5);
+        assert_eq!(total(), start + 5);
+        metered.write_all(b"abc").await.unwrap();
+        let slices = [std::io::IoSlice::new(b"de"), std::io::IoSlice::new(b"f")];
+        let written = metered.write_vectored(&slices).await.unwrap();
+        assert!(metered.is_write_vectored(), "as a socket is");
+        metered.flush().await.unwrap();
+        metered.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        far.read_to_end(&mut echoed).await.unwrap();
+        assert_eq!(echoed, &b"abcdef"[..3 + written]);
+        held.passed_on();
         assert_eq!(total(), start);
     }
 }

@@ -211,9 +211,30 @@ mod tests {
     /// The total is the process's: each test sees the other's changes.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// A test's turn at the total; its thread's count is added in before
+    /// the next test's turn, not whenever the thread ends.
+    struct Alone {
+        _turn: std::sync::MutexGuard<'static, ()>,
+    }
+
+    fn alone() -> Alone {
+        Alone {
+            _turn: ONE_AT_A_TIME
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        }
+    }
+
+    impl Drop for Alone {
+        fn drop(&mut self) {
+            let count = UNREPORTED.with(|unreported| unreported.0.replace(0));
+            HELD.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
     #[test]
     fn what_a_connection_holds_counts_until_passed_on_or_dropped() {
-        let _alone = ONE_AT_A_TIME.lock();
+        let _alone = alone();
         let start = total();
         let held = Held::new();
         assert!(held.is_empty());
@@ -247,7 +268,7 @@ mod tests {
 
     #[test]
     fn what_other_threads_hold_reaches_the_total_within_the_slack_and_whole_as_they_end() {
-        let _alone = ONE_AT_A_TIME.lock();
+        let _alone = alone();
         let start = total();
         let (counted, ended) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
         let holder = std::thread::spawn(move || {
@@ -278,7 +299,7 @@ mod tests {
     #[tokio::test]
     async fn a_metered_stream_counts_what_it_reads_and_passes_writes_through() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let _alone = ONE_AT_A_TIME.lock();
+        let _alone = alone();
         let start = total();
         let (near, mut far) = tokio::net::UnixStream::pair().unwrap();
         let held = Held::new();

@@ -257,6 +257,11 @@ mod tests {
         greedy.read(message - 1).unwrap();
         assert_eq!(total(), signed(BUDGET), "the whole budget may be held");
         assert!(greedy.read(1).is_err(), "past the budget");
+        let slack = usize::try_from(SLACK).unwrap();
+        assert!(
+            greedy.read(slack).is_err(),
+            "past the budget, added at once"
+        );
         drop(greedy);
         assert_eq!(total(), start);
         assert!(!nearly_spent());
@@ -305,8 +310,14 @@ mod tests {
         let held = Held::new();
         let mut metered = Metered::new(near, held.clone());
         far.write_all(b"hello").await.unwrap();
-        let mut read = [0u8; 16];
-        assert_eq!(metered.read(&mut read).await.unwrap(), 5);
+        // Into a buffer that holds something already: only the read counts.
+        let mut storage = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut storage);
+        buf.put_slice(b"ab");
+        std::future::poll_fn(|cx| Pin::new(&mut metered).poll_read(cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(buf.filled(), b"abhello");
         assert_eq!(total(), start + 5);
         metered.write_all(b"abc").await.unwrap();
         let slices = [std::io::IoSlice::new(b"de"), std::io::IoSlice::new(b"f")];

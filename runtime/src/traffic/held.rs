@@ -10,10 +10,10 @@
 //! Each thread adds what its connections read and pass on to a count of
 //! its own, and to the daemon's total once its count is `SLACK` away from
 //! what it last added: every request changes the total twice, and one
-//! atomic written by every proxy thread would cost each request two
-//! contended adds (measured with `bench/scale.py`'s setup, together with
-//! the route's: 3.6 % of the proxy's CPU per request on 2 threads). The
-//! budget so holds to within `SLACK` per thread: 1 MiB of its 256 with 16.
+//! atomic written by every proxy thread cost each request two contended
+//! adds (1.2 % of the daemon's CPU per request on 2 threads, measured with
+//! `bench/scale.py`'s setup; `bench/README.md`). The budget so holds to
+//! within `SLACK` per thread: 1 MiB of its 256 with 16 threads.
 
 use std::cell::Cell;
 use std::pin::Pin;

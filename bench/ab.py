@@ -5,8 +5,8 @@ rounds interleaved (the order flips each round) and medians taken, so a
 change of a percent or two shows through the machine's drift. This is how
 `bench/README.md`'s per-change figures (the held-bytes count, the route's
 copies, decision 16's share) were measured. Each daemon runs in the
-foreground in this script's session (`common.daemon_in_foreground`), with
-the hello backend as its one worker.
+foreground in this script's session, with the hello backend as its one
+worker (`scale.start_daemon`).
 
 A and B name each side: a binary, optionally followed by `:` and what to
 add to the worker's block (`A=target/release/apm:"lowercase_hdrs true;"`).
@@ -15,36 +15,19 @@ Build the backend with `cargo build --release --examples -p apm-runtime`.
 Usage: A=/tmp/apm-before B=target/release/apm [THREADS=2] [ROUNDS=8] [DURATION=6] python3 bench/ab.py
 """
 
-import json
 import os
 import statistics
-import subprocess
 import tempfile
 
-from common import apm_env, daemon_in_foreground, free_port, tear_down, wait_port
+from common import tear_down
 from proxy import wrk
+from scale import start_daemon
 
 
 def side(spec):
     """(binary, worker settings) of a side's spec `binary[:settings]`."""
     binary, _, settings = spec.partition(":")
     return os.path.abspath(binary), settings
-
-
-def start(apm, settings, root, name, threads, hello):
-    """A daemon of the side `name`, serving hello on a port of its own: its
-    environment, port and pid."""
-    env = apm_env(os.path.join(root, name), f"ab-{name}")
-    port = free_port()
-    conf = os.path.join(root, f"{name}.conf")
-    with open(conf, "w") as f:
-        f.write(f"daemon {{ proxy_threads {threads}; }}\n"
-                f"worker {{ name hello; exec {hello}; upstream port; server http://127.0.0.1:{port}; startup_grace 200; {settings} }}\n")
-    daemon_in_foreground(apm, env)
-    subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
-    wait_port(port)
-    table = json.loads(subprocess.run([apm, "ls", "--json"], env=env, capture_output=True, text=True, check=True).stdout)
-    return env, port, table["daemon"]["pid"]
 
 
 def main():
@@ -57,7 +40,8 @@ def main():
     started = {}
     try:
         for name, (apm, settings) in sides.items():
-            started[name] = start(apm, settings, root, name, threads, hello)
+            env, port, pids = start_daemon(apm, root, threads, hello, name, settings)
+            started[name] = (env, port, pids[0])
         runs = {name: [] for name in sides}
         for round_number in range(rounds):
             order = list(sides) if round_number % 2 == 0 else list(reversed(sides))

@@ -44,17 +44,20 @@ FORWARDED = ('proxy_pass http://backend; proxy_http_version 1.1; proxy_set_heade
              " proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;")
 
 
-def start_daemon(apm, root, threads, backend_exe):
-    """A daemon of its own whose proxy has `threads` threads, with the
-    hello backend as its one worker; its environment, port and the pids
-    that serve it (daemon, instance). The daemon runs in the foreground,
-    in this script's session, as nginx (`daemon off`) and the floor do."""
-    env = apm_env(os.path.join(root, f"t{threads}"), f"scale-t{threads}")
+def start_daemon(apm, root, threads, backend_exe, name=None, settings=""):
+    """A daemon of its own (`name`, by default after its thread count)
+    whose proxy has `threads` threads, with the hello backend as its one
+    worker, with `settings` added to the worker's block; its environment,
+    port and the pids that serve it (daemon, instance). The daemon runs in
+    the foreground, in this script's session, as nginx (`daemon off`) and
+    the floor do."""
+    name = name or f"t{threads}"
+    env = apm_env(os.path.join(root, name), f"scale-{name}")
     port = free_port()
-    conf = os.path.join(root, f"t{threads}.conf")
+    conf = os.path.join(root, f"{name}.conf")
     with open(conf, "w") as f:
         f.write(f"daemon {{ proxy_threads {threads}; }}\n"
-                f"worker {{ name hello; exec {backend_exe}; upstream port; server http://127.0.0.1:{port}; startup_grace 200; }}\n")
+                f"worker {{ name hello; exec {backend_exe}; upstream port; server http://127.0.0.1:{port}; startup_grace 200; {settings} }}\n")
     daemon_in_foreground(apm, env)
     subprocess.run([apm, "load", conf], env=env, check=True, capture_output=True)
     wait_port(port)

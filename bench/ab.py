@@ -16,6 +16,7 @@ Usage: A=/tmp/apm-before B=target/release/apm [THREADS=2] [ROUNDS=8] [DURATION=6
 """
 
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -60,8 +61,11 @@ def main():
         (rps_a, cpu_a), (rps_b, cpu_b) = medians["A"], medians["B"]
         print(f"B / A: req/s {rps_b / rps_a:.3f}, daemon CPU per request {cpu_b / cpu_a:.3f}")
     finally:
+        # Each daemon's own directory goes with it; the other's stays
+        # until that daemon has stopped.
         for name, (env, _, _) in started.items():
-            tear_down(sides[name][0], env, [], root)
+            tear_down(sides[name][0], env, [], os.path.join(root, name))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

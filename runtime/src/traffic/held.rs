@@ -27,8 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const BUDGET: usize = 256 << 20;
 
 /// How far a thread's own count runs before it is added to the total: a
-/// request's head comes and goes many times within it, a WebSocket
-/// message's bytes at once past it.
+/// request's head comes and goes many times within it; a WebSocket
+/// message still arriving, read 8 KiB at a time, passes it within eight
+/// reads.
 const SLACK: isize = 64 << 10;
 
 /// What all threads have added so far. Signed: bytes read on one thread

@@ -322,10 +322,7 @@ async fn serve(
     ));
 
     match apm_runtime::sys::raise_open_files_limit() {
-        Ok((soft, raised)) if raised > soft => log(format_args!(
-            "open files limit raised from {soft} to {raised} (children get {soft})"
-        )),
-        Ok(_) => {}
+        Ok((soft, hard)) => log(format_args!("{}", open_files_note(soft, hard))),
         Err(e) => log(format_args!("cannot raise the open files limit: {e}")),
     }
     let marker = (
@@ -529,6 +526,28 @@ async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
 /// The config the daemon loads as it starts: `APM_CONFIG` (the service
 /// `apm install` registers sets `/etc/apm/apm.conf`), else
 /// `$APM_HOME/config.conf` (docs/cli.md, decision 85).
+/// The daemon's open-files limit, for its log: how many proxied clients it
+/// leaves room for (each holds its own descriptor and its instance's),
+/// and, below what apm's service scripts and systemd give a service, how
+/// to have more.
+fn open_files_note(soft: u64, hard: u64) -> String {
+    let limit = if hard > soft {
+        format!("open files limit raised from {soft} to {hard} (children get {soft})")
+    } else {
+        format!("open files limit {hard}")
+    };
+    let room = format!("room for about {} proxied clients", hard / 2);
+    if hard < crate::install::SERVICE_OPEN_FILES {
+        format!(
+            "{limit}: {room}; a higher hard limit holds more (as root `ulimit -H -n {}` before \
+             starting the daemon, or LimitNOFILE= in its systemd unit)",
+            crate::install::SERVICE_OPEN_FILES
+        )
+    } else {
+        format!("{limit}: {room}")
+    }
+}
+
 fn boot_config(home: &Path) -> PathBuf {
     std::env::var_os("APM_CONFIG")
         .filter(|path| !path.is_empty())
@@ -1973,4 +1992,27 @@ async fn load(
     let mut response = Response::data(outcomes).noting(notes.into_iter().chain(unenforced));
     response.notices.extend(warnings);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_files_note;
+
+    #[test]
+    fn the_open_files_note_says_what_the_limit_allows_and_how_to_have_more_below_a_services() {
+        assert_eq!(
+            open_files_note(1024, 524_288),
+            "open files limit raised from 1024 to 524288 (children get 1024): room for about 262144 proxied clients"
+        );
+        assert_eq!(
+            open_files_note(1_048_576, 1_048_576),
+            "open files limit 1048576: room for about 524288 proxied clients"
+        );
+        assert_eq!(
+            open_files_note(4096, 524_287),
+            "open files limit raised from 4096 to 524287 (children get 4096): room for about 262143 proxied clients; \
+             a higher hard limit holds more (as root `ulimit -H -n 524288` before starting the daemon, or \
+             LimitNOFILE= in its systemd unit)"
+        );
+    }
 }

@@ -472,6 +472,26 @@ fn systemd_unit(layout: &Layout, user: bool) -> String {
     )
 }
 
+/// The hard limit of open files that systemd (240 and later) gives every
+/// service, which the SysV and OpenRC scripts raise the daemon's to: each
+/// proxied client holds two descriptors, so about 260,000 clients. An
+/// init script otherwise passes on the kernel's 4,096, about 2,000.
+pub(crate) const SERVICE_OPEN_FILES: u64 = 524_288;
+
+/// Shell lines, for a script run as root, that raise the hard limit of
+/// open files to `SERVICE_OPEN_FILES` and never lower it. The daemon takes
+/// its hard limit as it starts and logs what that allows; its workers get
+/// the soft limit the script had.
+fn raise_open_files() -> String {
+    format!(
+        "\t# Each proxied client holds two open files: the daemon takes the hard limit\n\
+         \t# (its workers keep the soft one), raised where lower to systemd's for services.\n\
+         \topen_files=$(ulimit -H -n)\n\
+         \t[ \"$open_files\" = unlimited ] || [ \"$open_files\" -ge {SERVICE_OPEN_FILES} ] ||\n\
+         \t\tulimit -H -n {SERVICE_OPEN_FILES} 2>/dev/null\n"
+    )
+}
+
 fn shell_environment(layout: &Layout) -> String {
     format!(
         "export APM_HOME=/{} APM_CONFIG=/{} APM_LOG=/{}\n",
@@ -500,6 +520,11 @@ fn openrc_script(layout: &Layout) -> String {
          \tafter net\n\
          }}\n\
          \n\
+         start_pre() {{\n\
+         {raise_open_files}\
+         \treturn 0\n\
+         }}\n\
+         \n\
          reload() {{\n\
          \tebegin \"Reloading apm's config files\"\n\
          \tstart-stop-daemon --signal HUP --pidfile \"$pidfile\"\n\
@@ -508,6 +533,7 @@ fn openrc_script(layout: &Layout) -> String {
         binary = layout.binary,
         log = layout.log,
         environment = shell_environment(layout),
+        raise_open_files = raise_open_files(),
     )
 }
 
@@ -537,6 +563,7 @@ fn sysv_script(layout: &Layout) -> String {
          case \"$1\" in\n\
          start)\n\
          \trunning && exit 0\n\
+         {raise_open_files}\
          \t\"$DAEMON\" daemon --foreground --detach >>\"$LOG\" 2>&1 </dev/null &\n\
          \t;;\n\
          stop)\n\
@@ -567,6 +594,7 @@ fn sysv_script(layout: &Layout) -> String {
         config = layout.config,
         log = layout.log,
         environment = shell_environment(layout),
+        raise_open_files = raise_open_files(),
     )
 }
 

@@ -2247,6 +2247,10 @@ fn the_daemon_raises_its_open_files_limit_and_children_get_the_one_it_had() {
     d.start_with_ulimit("-S -n 256");
     let (soft, hard) = open_files_limits(d.daemon_pid().unwrap());
     assert_eq!(soft, hard, "the daemon takes its hard limit");
+    let room = hard.parse::<u64>().unwrap() / 2;
+    d.wait_daemon_log(&format!(
+        "open files limit raised from 256 to {hard} (children get 256): room for about {room} proxied clients"
+    ));
     d.run_sh("child", "exec sleep 600", &["-startup_grace", "100"]);
     let child = pids(&d.worker("child").unwrap())[0];
     assert_eq!(open_files_limits(child), ("256".to_owned(), hard));
@@ -2255,8 +2259,11 @@ fn the_daemon_raises_its_open_files_limit_and_children_get_the_one_it_had() {
 #[test]
 fn a_daemon_out_of_descriptors_waits_for_them_instead_of_spinning() {
     let d = Daemon::new("emfile");
-    // A hard limit of 64: the daemon cannot raise it.
+    // A hard limit of 64: the daemon cannot raise it, and says what it allows.
     d.start_with_ulimit("-n 64");
+    d.wait_daemon_log(
+        "open files limit 64: room for about 32 proxied clients; a higher hard limit holds more (as root `ulimit -H -n 524288`",
+    );
     let (port, _) = load_headers_worker(&d, "e", "http", "");
     let pid = d.daemon_pid().unwrap();
     // Idle clients, more than the daemon has descriptors for; those

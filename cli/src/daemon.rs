@@ -523,9 +523,6 @@ async fn shutdown(daemon: &Daemon, why: &str, keep_desired: bool) {
     }
 }
 
-/// The config the daemon loads as it starts: `APM_CONFIG` (the service
-/// `apm install` registers sets `/etc/apm/apm.conf`), else
-/// `$APM_HOME/config.conf` (docs/cli.md, decision 85).
 /// The daemon's open-files limit, for its log: how many proxied clients it
 /// leaves room for (each holds its own descriptor and its instance's),
 /// and, below what apm's service scripts and systemd give a service, how
@@ -548,6 +545,9 @@ fn open_files_note(soft: u64, hard: u64) -> String {
     }
 }
 
+/// The config the daemon loads as it starts: `APM_CONFIG` (the service
+/// `apm install` registers sets `/etc/apm/apm.conf`), else
+/// `$APM_HOME/config.conf` (docs/cli.md, decision 85).
 fn boot_config(home: &Path) -> PathBuf {
     std::env::var_os("APM_CONFIG")
         .filter(|path| !path.is_empty())
@@ -1999,7 +1999,7 @@ mod tests {
     use super::open_files_note;
 
     #[test]
-    fn the_open_files_note_says_what_the_limit_allows_and_how_to_have_more_below_a_services() {
+    fn the_open_files_note_says_what_the_limit_allows_and_below_a_services_how_to_have_more() {
         assert_eq!(
             open_files_note(1024, 524_288),
             "open files limit raised from 1024 to 524288 (children get 1024): room for about 262144 proxied clients"
